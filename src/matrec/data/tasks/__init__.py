@@ -1,0 +1,4 @@
+"""Tasks: every source of training batches, behind one interface (:class:`Task`) and one registry."""
+from .base import TASKS, Task, build_task
+
+__all__ = ["TASKS", "Task", "build_task"]

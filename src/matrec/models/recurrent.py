@@ -1,0 +1,62 @@
+"""Classic recurrent sequence models: input encoder -> stacked RNN -> linear read-out.
+
+This is the setup of the long-memory literature (no norms, no MLPs), used for the torch baselines
+and for MORNN.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from .registry import MODELS
+
+
+class RecurrentModel(nn.Module):
+    """Encoder (embedding or linear) -> ``rnn`` (batch_first) -> linear head.
+
+    Args:
+        rnn: a module with ``nn.RNN``'s calling convention, built with ``batch_first=True``.
+        vocab_size / input_size: exactly one; token ids ``[B, T]`` or features ``[B, T, input_size]``.
+        output_size: width of the output ``[B, T, output_size]``.
+    """
+
+    def __init__(self, rnn: nn.Module, *, hidden_size: int, output_size: int,
+                 vocab_size: int | None = None, input_size: int | None = None,
+                 embed_dim: int | None = None) -> None:
+        super().__init__()
+        if vocab_size is not None:
+            self.encoder: nn.Module = nn.Embedding(vocab_size, embed_dim or rnn.input_size)
+        else:
+            self.encoder = nn.Identity()
+        self.rnn = rnn
+        num_directions = 2 if getattr(rnn, "bidirectional", False) else 1
+        self.head = nn.Linear(hidden_size * num_directions, output_size)
+
+    def forward(self, x: Tensor, state=None):
+        h, new_state = self.rnn(self.encoder(x), state)  # [B, T, H * directions]
+        return self.head(h), new_state
+
+
+def _encoder_width(vocab_size, input_size, embed_dim):
+    return input_size if vocab_size is None else (embed_dim or 32)
+
+
+def recurrent_factory(rnn_cls: Callable[..., nn.Module], default_hidden: int = 128, **rnn_defaults):
+    """A ``build_model`` factory for an ``nn.RNN``-like class."""
+
+    def build(*, vocab_size=None, input_size=None, output_size, hidden_size=default_hidden,
+              num_layers=1, embed_dim=None, **rnn_kwargs):
+        width = _encoder_width(vocab_size, input_size, embed_dim)
+        rnn = rnn_cls(width, hidden_size, num_layers=num_layers, batch_first=True,
+                      **{**rnn_defaults, **rnn_kwargs})
+        return RecurrentModel(rnn, hidden_size=hidden_size, output_size=output_size,
+                              vocab_size=vocab_size, input_size=input_size, embed_dim=width)
+
+    return build
+
+
+MODELS.register("rnn", recurrent_factory(nn.RNN))
+MODELS.register("lstm", recurrent_factory(nn.LSTM))
+MODELS.register("gru", recurrent_factory(nn.GRU))

@@ -1,0 +1,1 @@
+"""Functions on tensors: scans, orthogonal maps, state-matrix constructions, fused recurrences."""
