@@ -1,0 +1,55 @@
+"""The copy task (SPEC section 3): remember 10 symbols across a delay of ``T`` blanks."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .base import TASKS, Task
+
+BLANK, MARKER = 0, 9
+
+
+@TASKS.register("copy")
+class Copy(Task):
+    """Input: ``n`` symbols from 1..8, ``delay - 1`` blanks, the marker 9, ``n`` blanks
+    (length ``delay + 2n``). Target: blanks, then the ``n`` symbols in the last ``n`` positions.
+
+    The loss is cross-entropy over every position; a memoryless model reaches
+    ``n ln 8 / (delay + 2n)`` (``baseline``), i.e. chance on the recall. ``recall`` is the accuracy
+    on the last ``n`` positions (chance 1/8).
+    """
+
+    name = "copy"
+    vocab_size = 10
+    output_size = 9  # blank + 8 symbols
+
+    def __init__(self, delay: int = 100, n_symbols: int = 10, alphabet: int = 8) -> None:
+        if not isinstance(delay, int) or delay < 1:
+            raise ValueError(f"delay must be an int >= 1, got {delay!r}")
+        if not isinstance(n_symbols, int) or n_symbols < 1:
+            raise ValueError(f"n_symbols must be an int >= 1, got {n_symbols!r}")
+        if alphabet != 8:
+            raise ValueError(f"alphabet must be 8 (symbols 1..8, blank 0, marker 9), got {alphabet!r}")
+        self.delay, self.n = delay, n_symbols
+        self.length = delay + 2 * n_symbols
+        self.baseline = n_symbols * math.log(alphabet) / self.length
+
+    def get_batch(self, split: str, batch_size: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        n, L = self.n, self.length
+        symbols = torch.randint(1, 9, (batch_size, n), generator=generator)
+        x = torch.full((batch_size, L), BLANK, dtype=torch.long)
+        x[:, :n] = symbols
+        x[:, L - n - 1] = MARKER
+        y = torch.full((batch_size, L), BLANK, dtype=torch.long)
+        y[:, L - n:] = symbols
+        return x, y
+
+    def loss(self, output: Tensor, target: Tensor) -> Tensor:
+        return F.cross_entropy(output.reshape(-1, output.shape[-1]).float(), target.reshape(-1))
+
+    def metrics(self, output: Tensor, target: Tensor) -> dict[str, float]:
+        recall = (output[:, -self.n:].argmax(-1) == target[:, -self.n:]).float().mean()
+        return {"loss": float(self.loss(output, target)), "recall": float(recall)}
