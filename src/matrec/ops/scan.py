@@ -254,9 +254,11 @@ def _triton_available(device: torch.device) -> tuple[bool, str]:
 
 SCAN_BACKENDS.register("triton", ScanBackend(function=_triton_function, available=_triton_available))
 
-# auto on CPU (measured, see docs/mru.md): the sequential loop only wins for very short sequences,
-# where the chunked pattern's extra fix-up pass costs more than it saves.
+# auto off CUDA (measured on CPU with benchmarks/scan.py, see docs/mru.md): the plain loop wins for
+# very short sequences; Brent-Kung (~2T products in ~2 log2 T steps) up to about a thousand steps;
+# beyond that the chunked pattern (one pass over contiguous chunks) is fastest.
 AUTO_SEQUENTIAL_MAX_T = 8
+AUTO_BRENT_KUNG_MAX_T = 1024
 # auto on CUDA without Triton: fewest dependent steps (ceil(log2 T)), since launches dominate there.
 AUTO_CUDA_FALLBACK = "sklansky"
 
@@ -266,7 +268,8 @@ def auto_backend(device: torch.device, T: int) -> str:
 
     CUDA: ``"triton"`` when :func:`matrec.ops.triton_scan.triton_available` says so, else
     ``"sklansky"`` with a warning naming the reason. Elsewhere: ``"sequential"`` for
-    ``T <= 8``, else ``"chunked"`` (the fastest on CPU in ``benchmarks/scan.py``).
+    ``T <= 8``, ``"brent_kung"`` for ``T <= 1024``, else ``"chunked"`` (the fastest on CPU in
+    ``benchmarks/scan.py``).
     """
     if device.type == "cuda":
         ok, reason = _triton_available(device)
@@ -279,7 +282,9 @@ def auto_backend(device: torch.device, T: int) -> str:
             stacklevel=3,
         )
         return AUTO_CUDA_FALLBACK
-    return "sequential" if T <= AUTO_SEQUENTIAL_MAX_T else "chunked"
+    if T <= AUTO_SEQUENTIAL_MAX_T:
+        return "sequential"
+    return "brent_kung" if T <= AUTO_BRENT_KUNG_MAX_T else "chunked"
 
 
 # ---------------------------------------------------------------------------------------------
