@@ -6,7 +6,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from ..ops.scan import mru_scan
+from ..ops.scan import SCAN_BACKENDS, mru_scan
 from ..ops.state_matrix import STATE_MATRICES, state_matrix, state_matrix_numel
 
 
@@ -85,6 +85,8 @@ class MRU(nn.Module):
                 f"got embed_dim={embed_dim} (state_size={num_heads * d * d})"
             )
         STATE_MATRICES.get(state_matrix)  # unknown name -> ValueError naming state_matrix
+        if backend != "auto" and backend not in SCAN_BACKENDS:
+            raise ValueError(f"backend must be one of {['auto'] + SCAN_BACKENDS.names()}, got {backend!r}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
 
