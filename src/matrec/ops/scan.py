@@ -71,6 +71,21 @@ def _combine(a: Tensor, b: Tensor) -> Tensor:
     return out
 
 
+def _extend_prefix(a: Tensor, b: Tensor) -> None:
+    """``b <- a o b`` in place, where ``a`` is a complete prefix (it starts at position 0).
+
+    In the backward the scan starts from ``X_0 = 0``, so of a complete prefix ``[U; L]`` only ``L``
+    is ever read again (it *is* ``X_t``). Computing just that row block halves the work of every
+    step whose left operand is a complete prefix; the ``U`` rows left in ``b`` are then stale and
+    must not be read (no pattern reads the ``U`` of a complete prefix).
+    """
+    d = b.shape[-1]
+    if b.shape[-2] > d:
+        b[..., d:, :] += a[..., d:, :] @ b[..., :d, :]
+    else:
+        b.copy_(a @ b)
+
+
 def _identity_elements(x: Tensor, n: int) -> Tensor:
     """``n`` identity elements ``[I; 0]`` shaped like ``x [N, T, r, d]`` along dim 1."""
     N, _, r, d = x.shape
@@ -87,7 +102,7 @@ def _identity_elements(x: Tensor, n: int) -> Tensor:
 def _sequential_scan(x: Tensor, chunk_size: int | None = None) -> Tensor:
     """T - 1 combines one after another: the definition."""
     for t in range(1, x.shape[1]):
-        x[:, t] = _combine(x[:, t - 1], x[:, t])
+        _extend_prefix(x[:, t - 1], x[:, t])
     return x
 
 
@@ -126,8 +141,8 @@ def _brent_kung_scan(x: Tensor, chunk_size: int | None = None) -> Tensor:
     s //= 2
     while s >= 2:  # down-sweep: fill the middles of the blocks from the left totals
         first = s + s // 2 - 1
-        if first < T:
-            x[:, first::s] = _combine(x[:, s - 1 : T - s // 2 : s], x[:, first::s])
+        if first < T:  # left operands are complete prefixes by now
+            _extend_prefix(x[:, s - 1 : T - s // 2 : s], x[:, first::s])
         s //= 2
     return x
 
@@ -149,8 +164,10 @@ def _chunked_scan(x: Tensor, chunk_size: int | None = None) -> Tensor:
         xv[:, :, j] = _combine(xv[:, :, j - 1], xv[:, :, j])
     if nc > 1:
         carry = xv[:, :-1, C - 1].clone()  # [N, nc-1, r, d]: chunk totals (clone: fixed up below)
+        # carry[c] becomes the complete prefix up to the end of chunk c
+        # many chunks (explicit small chunk_size on a long T): chunk the totals too, else a loop
         carry = _chunked_scan(carry) if nc - 1 > 64 else _sequential_scan(carry)
-        xv[:, 1:] = _combine(carry.unsqueeze(2), xv[:, 1:])
+        _extend_prefix(carry.unsqueeze(2), xv[:, 1:])
     return x[:, :T]
 
 
