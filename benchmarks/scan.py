@@ -4,7 +4,7 @@
     PYTHONPATH=src python benchmarks/scan.py --device cpu --batch-scale 0.125
     PYTHONPATH=src python benchmarks/scan.py --quick               # small smoke run
 
-Shapes are ``batch,heads,T,d``. Each backend is first run on the first batch element of the shape
+Shapes are ``batch,heads,T,d``. Each backend is first run on one sequence of the shape
 and compared (outputs and gradients) with the float64 autograd-through-loop reference; a backend that
 fails is reported as FAILED, never timed. On CUDA the table also gives the fraction of the copy
 bandwidth floor (bytes of reading M and writing H for the forward; plus reading M, H, dH and
@@ -61,8 +61,12 @@ def timeit(fn, device, repeats: int) -> float:
 
 
 def check(backend: str, states, tol: float = 1e-4) -> str | None:
-    """None if ``backend`` matches the float64 loop on one batch element (output and gradient)."""
-    M = states[:1].detach()
+    """None if ``backend`` matches the float64 loop on one sequence (output and gradient).
+
+    One (batch, head) sequence at the full T and d: the reference loop is slow, and the backends
+    treat every sequence alike.
+    """
+    M = states[:1, :1].detach()
     G = torch.randn(M.shape, generator=torch.Generator().manual_seed(1)).to(M)
     ref_in = M.double().requires_grad_()
     ref = naive_mru_scan(ref_in)
