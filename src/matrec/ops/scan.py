@@ -271,22 +271,24 @@ def _triton_available(device: torch.device) -> tuple[bool, str]:
 
 SCAN_BACKENDS.register("triton", ScanBackend(function=_triton_function, available=_triton_available))
 
-# auto off CUDA (measured on CPU with benchmarks/scan.py, see docs/mru.md): the plain loop wins for
-# very short sequences; Brent-Kung (~2T products in ~2 log2 T steps) up to about a thousand steps;
-# beyond that the chunked pattern (one pass over contiguous chunks) is fastest.
+# auto off CUDA (measured on CPU with benchmarks/scan.py, see docs/mru.md). Every parallel pattern
+# does at least 2T products against the loop's T, so it only pays where the loop is bound by per-step
+# overhead, not arithmetic: short-T or large per-step work (batch * d^3) -> the loop; otherwise
+# Brent-Kung (~2T products in ~2 log2 T steps) up to about a thousand steps, the chunked pattern
+# (one pass over contiguous chunks) beyond.
 AUTO_SEQUENTIAL_MAX_T = 8
+AUTO_SEQUENTIAL_MIN_WORK = 20000  # batch * d^3 per step
 AUTO_BRENT_KUNG_MAX_T = 1024
 # auto on CUDA without Triton: fewest dependent steps (ceil(log2 T)), since launches dominate there.
 AUTO_CUDA_FALLBACK = "sklansky"
 
 
-def auto_backend(device: torch.device, T: int) -> str:
-    """The backend ``backend="auto"`` uses for sequences of length ``T`` on ``device``.
+def auto_backend(device: torch.device, T: int, batch: int = 1, d: int = 1) -> str:
+    """The backend ``backend="auto"`` uses for ``batch`` sequences of length ``T`` and order ``d``.
 
     CUDA: ``"triton"`` when :func:`matrec.ops.triton_scan.triton_available` says so, else
-    ``"sklansky"`` with a warning naming the reason. Elsewhere: ``"sequential"`` for
-    ``T <= 8``, ``"brent_kung"`` for ``T <= 1024``, else ``"chunked"`` (the fastest on CPU in
-    ``benchmarks/scan.py``).
+    ``"sklansky"`` with a warning naming the reason. Elsewhere: ``"sequential"`` for ``T <= 8`` or
+    ``batch * d**3 >= 20000``; else ``"brent_kung"`` for ``T <= 1024`` and ``"chunked"`` above.
     """
     if device.type == "cuda":
         ok, reason = _triton_available(device)
@@ -299,7 +301,7 @@ def auto_backend(device: torch.device, T: int) -> str:
             stacklevel=3,
         )
         return AUTO_CUDA_FALLBACK
-    if T <= AUTO_SEQUENTIAL_MAX_T:
+    if T <= AUTO_SEQUENTIAL_MAX_T or batch * d**3 >= AUTO_SEQUENTIAL_MIN_WORK:
         return "sequential"
     return "brent_kung" if T <= AUTO_BRENT_KUNG_MAX_T else "chunked"
 
@@ -351,9 +353,9 @@ def _validate(states, initial_state, chunk_size) -> None:
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
 
 
-def _resolve(backend, device: torch.device, T: int) -> tuple[str, ScanBackend]:
+def _resolve(backend, device: torch.device, T: int, batch: int, d: int) -> tuple[str, ScanBackend]:
     if backend == "auto":
-        backend = auto_backend(device, T)
+        backend = auto_backend(device, T, batch, d)
     elif backend not in SCAN_BACKENDS:
         raise ValueError(f"backend must be one of {['auto'] + SCAN_BACKENDS.names()}, got {backend!r}")
     spec = SCAN_BACKENDS.get(backend)
@@ -386,13 +388,13 @@ def mru_scan(
     """
     _validate(states, initial_state, chunk_size)
     *lead, T, d, _ = states.shape
-    name, spec = _resolve(backend, states.device, T)
+    N = math.prod(lead)
+    name, spec = _resolve(backend, states.device, T, N, d)
     if chunk_size is not None and not spec.uses_chunk_size:
         raise ValueError(f"chunk_size applies to backends with chunks only, not backend {name!r}")
 
     dtype = states.dtype
     compute = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-    N = math.prod(lead)
     x = states.reshape(N, T, d, d).to(compute).contiguous()  # [N, T, d, d]
     h0 = None
     if initial_state is not None:
