@@ -43,14 +43,14 @@ def load_sklearn_digits(path: str | None = None):
     return x[train], y[train], x[val], y[val]
 
 
-def _read_idx(raw: bytes, name: str, magic: int, count: int, item_shape: tuple[int, ...]) -> np.ndarray:
-    """Parse an IDX file (big-endian header: magic, dimensions) and check it holds what MNIST does."""
-    header = 4 * (1 + 1 + len(item_shape))
-    dims = np.frombuffer(raw[:header], dtype=">u4")
-    expected = np.array([magic, count, *item_shape])
-    if len(raw) != header + count * int(np.prod(item_shape)) or not np.array_equal(dims, expected):
-        raise DataFileError(f"{name} is not a valid MNIST IDX file: header {dims.tolist()} and "
-                            f"{len(raw):,} bytes, expected header {expected.tolist()}; "
+def _read_idx(raw: bytes, name: str, magic: int, item_shape: tuple[int, ...]) -> np.ndarray:
+    """Parse an IDX file (big-endian header: magic, count, item dimensions) holding uint8 items."""
+    header = 4 * (2 + len(item_shape))
+    dims = np.frombuffer(raw[:header], dtype=">u4").tolist() if len(raw) >= header else []
+    count = dims[1] if len(dims) > 1 else 0
+    if dims[:1] != [magic] or dims[2:] != list(item_shape) or len(raw) != header + count * int(np.prod(item_shape)):
+        raise DataFileError(f"{name} is not a valid MNIST IDX file (header {dims}, {len(raw):,} bytes; "
+                            f"expected magic {magic}, items of shape {list(item_shape)}); "
                             f"replace it with the original file")
     return np.frombuffer(raw[header:], dtype=np.uint8).reshape(count, *item_shape)
 
@@ -58,7 +58,11 @@ def _read_idx(raw: bytes, name: str, magic: int, count: int, item_shape: tuple[i
 def _mnist_bytes(key: str, folder: Path | None) -> tuple[bytes, str]:
     spec = MNIST[key]
     if folder is None:
-        path = fetch(spec)
+        try:
+            path = fetch(spec)
+        except DataFileError as err:
+            raise DataFileError(f"{err} Or set MATREC_MNIST (or pass path=) to a folder holding the "
+                                f"four MNIST IDX files, .gz or unpacked.") from None
     else:
         packed, unpacked = folder / spec.name, folder / spec.name.removesuffix(".gz")
         if packed.is_file():
@@ -72,18 +76,24 @@ def _mnist_bytes(key: str, folder: Path | None) -> tuple[bytes, str]:
 
 
 @DIGIT_SOURCES.register("mnist")
-@functools.lru_cache(maxsize=1)
 def load_mnist(path: str | None = None):
     folder = path or os.environ.get("MATREC_MNIST")
     folder = Path(folder).expanduser() if folder else None
     if folder is not None and not folder.is_dir():
         raise DataFileError(f"MNIST folder {folder} (from {'path' if path else '$MATREC_MNIST'}) "
                             f"does not exist; point it at the folder holding the four IDX files")
+    return _load_mnist(folder)
+
+
+@functools.lru_cache(maxsize=1)
+def _load_mnist(folder: Path | None):
     out = []
-    for split, count in (("train", 60_000), ("test", 10_000)):
-        images = _read_idx(*_mnist_bytes(f"{split}_images", folder), magic=2051, count=count, item_shape=(28, 28))
-        labels = _read_idx(*_mnist_bytes(f"{split}_labels", folder), magic=2049, count=count, item_shape=())
-        out += [torch.from_numpy(images.reshape(count, 784).astype(np.float32) / 255.0),
+    for split in ("train", "test"):
+        images = _read_idx(*_mnist_bytes(f"{split}_images", folder), magic=2051, item_shape=(28, 28))
+        labels = _read_idx(*_mnist_bytes(f"{split}_labels", folder), magic=2049, item_shape=())
+        if len(images) != len(labels):
+            raise DataFileError(f"MNIST {split} files disagree: {len(images)} images, {len(labels)} labels")
+        out += [torch.from_numpy(images.reshape(len(images), 784).astype(np.float32) / 255.0),
                 torch.from_numpy(labels.astype(np.int64))]
     return tuple(out)
 
