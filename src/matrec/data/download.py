@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import sys
 import tempfile
 import urllib.error
 import urllib.request
@@ -149,6 +150,8 @@ def fetch(spec: DataFile, path: str | os.PathLike | None = None, *, directory: P
         fd, tmp_name = tempfile.mkstemp(prefix=f".{spec.name}.", suffix=".part", dir=target.parent)
         tmp = Path(tmp_name)
         try:
+            print(f"matrec: downloading {spec.name} ({spec.size:,} bytes) from {url} to {target}",
+                  file=sys.stderr)
             with os.fdopen(fd, "wb") as out, _urlopen(url) as response:
                 shutil.copyfileobj(response, out)
             verify(tmp, spec, "The download was corrupted or the file at the address changed; "

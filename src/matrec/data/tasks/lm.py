@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import math
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -196,11 +198,13 @@ class TextLM(TokenLM):
             if cut <= 0 or cut >= size:
                 raise ValueError(f"{file} has too few lines to split {1 - val_fraction:.0%} / "
                                  f"{val_fraction:.0%} at a line boundary")
+            print(f"matrec: training a {vocab_size}-token BPE tokenizer on {file} (cached in {folder})",
+                  file=sys.stderr)
             self.tokenizer = _bpe_tokenizer((line for b in _lines(file, 0, cut) for line in b), vocab_size)
             dtype = np.uint16 if self.tokenizer.get_vocab_size() <= 1 << 16 else np.int32
-            train, val = (np.concatenate([np.array([t for e in self.tokenizer.encode_batch(b) for t in e.ids],
-                                                   dtype=dtype) for b in _lines(file, lo, hi)])
-                          for lo, hi in ((0, cut), (cut, size)))
+            train, val = (np.fromiter(itertools.chain.from_iterable(
+                e.ids for b in _lines(file, lo, hi) for e in self.tokenizer.encode_batch(b)), dtype=dtype)
+                for lo, hi in ((0, cut), (cut, size)))
             atomic_write_bytes(tok_file, self.tokenizer.to_str().encode())
             buffer = io.BytesIO()
             np.savez(buffer, train=train, val=val)
