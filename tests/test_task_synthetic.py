@@ -102,3 +102,17 @@ def test_describe_lists_docstring_and_options():
         assert f"{name}:" in text
     help_ = TASKS.get("assoc_recall").describe()
     assert "associative recall" in help_ and "n_pairs=8" in help_ and "gap=0" in help_
+
+
+def test_parse_task_options_converts_command_line_strings():
+    from matrec.data.tasks import parse_task_options
+    opts = parse_task_options("forecast", {"seq_len": "64", "echo": "0.5", "periods": "20, 300"})
+    assert opts == {"seq_len": 64, "echo": 0.5, "periods": (20, 300)}
+    assert parse_task_options("text", {"path": "a.txt", "vocab_size": "512"}) == {"path": "a.txt", "vocab_size": 512}
+    assert parse_task_options("copy", {"delay": 7}) == {"delay": 7}          # already typed: kept
+    with pytest.raises(ValueError, match=r"delay must be int \(like 100\), got .ten."):
+        parse_task_options("copy", {"delay": "ten"})
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['dealy'\]"):
+        parse_task_options("copy", {"dealy": "3"})
+    with pytest.raises(TypeError, match="echo must be a number, got '0.5'"):
+        build_task("forecast", echo="0.5")

@@ -120,3 +120,42 @@ def check_int(argument: str, value, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{argument} must be an int >= {minimum}, got {value!r}")
     return value
+
+
+def check_number(argument: str, value) -> float:
+    """``value`` as a float if it is a real number (bools rejected), else a TypeError naming it."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{argument} must be a number, got {value!r}")
+    return float(value)
+
+
+def _parse_value(argument: str, text: str, default):
+    """Convert the command-line string ``text`` to the type of ``default``."""
+    try:
+        if isinstance(default, bool):
+            if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError
+            return text.lower() in ("true", "1", "yes")
+        if isinstance(default, int):
+            return int(text)
+        if isinstance(default, float):
+            return float(text)
+        if isinstance(default, tuple):
+            kind = type(default[0]) if default else str
+            return tuple(kind(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise ValueError(f"{argument} must be {type(default).__name__} (like {default!r}), "
+                         f"got {text!r}") from None
+    return None if text.lower() == "none" else text
+
+
+def parse_task_options(name: str, options: dict[str, str]) -> dict:
+    """Turn command-line strings (e.g. ``{"delay": "200", "periods": "50,400"}``) into the task's
+    option types, taken from the defaults of its ``__init__`` (ints, floats, bools, tuples, str)."""
+    params = inspect.signature(TASKS.get(name).__init__).parameters
+    unknown = sorted(set(options) - set(params) - {"self"})
+    if unknown:
+        raise ValueError(f"task {name!r} got unknown option(s) {unknown}; its options are "
+                         f"{sorted(k for k in params if k != 'self')}")
+    return {key: _parse_value(key, text, params[key].default) if isinstance(text, str) else text
+            for key, text in options.items()}

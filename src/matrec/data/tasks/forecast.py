@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import TASKS, Task, check_int
+from .base import TASKS, Task, check_int, check_number
 from .stream import StreamMixin
 
 
@@ -60,9 +60,9 @@ class Forecast(StreamMixin, Task):
         check_int("seed", seed, 0)
         if check_int("length", length, 2) < 4 * lag:
             raise ValueError(f"length must be >= 4 * lag ({4 * lag}) so the echo recurs, got {length}")
-        if not 0 <= echo < 1:
+        if not 0 <= check_number("echo", echo) < 1:
             raise ValueError(f"echo must be in [0, 1), got {echo!r}")
-        if not 0 <= noise_share <= 1:
+        if not 0 <= check_number("noise_share", noise_share) <= 1:
             raise ValueError(f"noise_share must be in [0, 1], got {noise_share!r}")
         periods = tuple(periods)
         if not periods or any(isinstance(p, bool) or not isinstance(p, int) or p < 2 for p in periods):

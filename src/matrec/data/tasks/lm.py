@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..download import SHAKESPEARE, DataFileError, atomic_write_bytes, cache_dir, fetch, sha256_of
-from .base import TASKS, Task, check_int, check_split
+from .base import TASKS, Task, check_int, check_number, check_split
 from .stream import StreamMixin
 
 
@@ -170,7 +170,7 @@ class TextLM(TokenLM):
                  val_fraction: float = 0.1) -> None:
         self.seq_len = check_int("seq_len", seq_len)
         check_int("vocab_size", vocab_size, 257)
-        if not isinstance(val_fraction, (int, float)) or not 0 < val_fraction < 1:
+        if not 0 < check_number("val_fraction", val_fraction) < 1:
             raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
         source = path or os.environ.get("MATREC_TEXT")
         if not source:
