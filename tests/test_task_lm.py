@@ -29,6 +29,7 @@ def test_shakespeare_layout_split_and_baseline():
     x, y = task.get_batch("train", 8, torch.Generator().manual_seed(0))
     assert x.shape == y.shape == (8, 32) and x.dtype == torch.long
     assert torch.equal(x[:, 1:], y[:, :-1])
+    assert torch.equal(task.get_batch("train", 8, torch.Generator().manual_seed(0))[0], x)   # deterministic
     for row in range(8):
         assert task.decode(x[row].tolist() + [y[row, -1].item()]) in text[:1_003_854]
     assert torch.equal(task.encode("To be"), torch.tensor([task.stoi[c] for c in "To be"]))
@@ -80,6 +81,7 @@ def test_text_bpe_task_trains_caches_and_round_trips(tmp_path, monkeypatch):
     assert task.decode(task.encode("the cat sat é")) == "the cat sat é"
     x, y = task.get_batch("val", 4, torch.Generator().manual_seed(0))
     assert x.shape == y.shape == (4, 16) and torch.equal(x[:, 1:], y[:, :-1])
+    assert torch.equal(task.get_batch("val", 4, torch.Generator().manual_seed(0))[0], x)   # deterministic
     # A second build reuses the cached tokenizer and ids instead of training again.
     monkeypatch.setattr(lm, "_bpe_tokenizer", lambda *a: pytest.fail("tokenizer retrained"))
     again = build_task("text", path=str(tmp_path / "stories.txt"), vocab_size=300, seq_len=16)

@@ -61,7 +61,8 @@ def test_assoc_recall_layout_target_and_baseline():
 
 
 @pytest.mark.parametrize("name, kwargs", [("adding", {"length": 9}), ("selective_copy", {"length": 20}),
-                                          ("assoc_recall", {}), ("copy", {"delay": 5})])
+                                          ("assoc_recall", {}), ("copy", {"delay": 5}),
+                                          ("seq_digits", {}), ("perm_digits", {})])
 def test_batches_are_a_function_of_the_generator(name, kwargs):
     task = build_task(name, **kwargs)
     a = task.get_batch("train", 8, _gen(3))

@@ -6,6 +6,10 @@ where batch ``index`` stopped, so the trainer carries the model's state across b
 is a pure function of ``(split, batch_size, index)`` (:meth:`StreamMixin.batch_at`); ``get_batch``
 reads the next index from a per-split cursor, which ``state_dict``/``load_state_dict`` checkpoint.
 After the last whole chunk of a segment the cursor wraps to its start (one discontinuity per pass).
+
+With several processes (DistributedDataParallel) every rank should ask for the global batch and
+keep its own rows (e.g. ``x[rank::world]``): the cursors then advance alike on every rank and each
+row stays one continuous stream, whatever the number of processes.
 """
 from __future__ import annotations
 
