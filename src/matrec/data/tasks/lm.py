@@ -112,11 +112,18 @@ class CharStream(StreamMixin, CharLM):
     name = "shakespeare_stream"
 
 
-def _bpe_tokenizer(train_lines, vocab_size: int):
+def _tokenizers():
     try:
-        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+        import tokenizers
     except ImportError as err:
         raise ImportError("the text task needs the tokenizers library: pip install 'matrec[workbench]'") from err
+    return tokenizers
+
+
+def _bpe_tokenizer(train_lines, vocab_size: int):
+    tk = _tokenizers()
+    Tokenizer, decoders, models, pre_tokenizers, trainers = (
+        tk.Tokenizer, tk.decoders, tk.models, tk.pre_tokenizers, tk.trainers)
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -153,6 +160,41 @@ def _line_boundary(path: Path, byte: int) -> int:
         return f.tell()
 
 
+def _tokenize_cached(file: Path, vocab_size: int, val_fraction: float):
+    """(tokenizer, train ids, val ids) of ``file``, from the cache or trained, encoded and cached."""
+    key = hashlib.sha256(f"{sha256_of(file)}|{vocab_size}|{val_fraction}".encode()).hexdigest()[:20]
+    folder = cache_dir() / "text"
+    tok_file, ids_file = folder / f"{key}.tokenizer.json", folder / f"{key}.ids.npz"
+    Tokenizer = _tokenizers().Tokenizer
+
+    if tok_file.exists() and ids_file.exists():
+        try:
+            tokenizer = Tokenizer.from_file(str(tok_file))
+            with np.load(ids_file) as cached:
+                train, val = cached["train"], cached["val"]
+        except Exception as err:
+            raise DataFileError(f"the cached tokenizer {tok_file} or ids {ids_file} are unreadable "
+                                f"({err}); delete them and they will be rebuilt") from err
+    else:
+        size = file.stat().st_size
+        cut = _line_boundary(file, int(size * (1 - val_fraction)))
+        if cut <= 0 or cut >= size:
+            raise ValueError(f"{file} has too few lines to split {1 - val_fraction:.0%} / "
+                             f"{val_fraction:.0%} at a line boundary")
+        print(f"matrec: training a {vocab_size}-token BPE tokenizer on {file} (cached in {folder})",
+              file=sys.stderr)
+        tokenizer = _bpe_tokenizer((line for b in _lines(file, 0, cut) for line in b), vocab_size)
+        dtype = np.uint16 if tokenizer.get_vocab_size() <= 1 << 16 else np.int32
+        train, val = (np.fromiter(itertools.chain.from_iterable(
+            e.ids for b in _lines(file, lo, hi) for e in tokenizer.encode_batch(b)), dtype=dtype)
+            for lo, hi in ((0, cut), (cut, size)))
+        atomic_write_bytes(tok_file, tokenizer.to_str().encode())
+        buffer = io.BytesIO()
+        np.savez(buffer, train=train, val=val)
+        atomic_write_bytes(ids_file, buffer.getvalue())
+    return tokenizer, train, val
+
+
 @TASKS.register("text")
 class TextLM(TokenLM):
     """LM on any UTF-8 text file (e.g. TinyStories' .txt as is) with a byte-level BPE tokenizer
@@ -174,41 +216,11 @@ class TextLM(TokenLM):
             raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
         source = path or os.environ.get("MATREC_TEXT")
         if not source:
-            raise ValueError("the text task needs a text file: pass path=... (--task-arg path=...) or "
-                             "set MATREC_TEXT=/path/to/file.txt")
+            raise ValueError("the text task needs a text file: pass path=... or set MATREC_TEXT=/path/to/file.txt")
         file = Path(source).expanduser()
         if not file.is_file():
             raise DataFileError(f"text file {file} (from {'path' if path else '$MATREC_TEXT'}) does not exist")
-        key = hashlib.sha256(f"{sha256_of(file)}|{vocab_size}|{val_fraction}".encode()).hexdigest()[:20]
-        folder = cache_dir() / "text"
-        tok_file, ids_file = folder / f"{key}.tokenizer.json", folder / f"{key}.ids.npz"
-        from tokenizers import Tokenizer
-
-        if tok_file.exists() and ids_file.exists():
-            try:
-                self.tokenizer = Tokenizer.from_file(str(tok_file))
-                with np.load(ids_file) as cached:
-                    train, val = cached["train"], cached["val"]
-            except Exception as err:
-                raise DataFileError(f"the cached tokenizer {tok_file} or ids {ids_file} are unreadable "
-                                    f"({err}); delete them and they will be rebuilt") from err
-        else:
-            size = file.stat().st_size
-            cut = _line_boundary(file, int(size * (1 - val_fraction)))
-            if cut <= 0 or cut >= size:
-                raise ValueError(f"{file} has too few lines to split {1 - val_fraction:.0%} / "
-                                 f"{val_fraction:.0%} at a line boundary")
-            print(f"matrec: training a {vocab_size}-token BPE tokenizer on {file} (cached in {folder})",
-                  file=sys.stderr)
-            self.tokenizer = _bpe_tokenizer((line for b in _lines(file, 0, cut) for line in b), vocab_size)
-            dtype = np.uint16 if self.tokenizer.get_vocab_size() <= 1 << 16 else np.int32
-            train, val = (np.fromiter(itertools.chain.from_iterable(
-                e.ids for b in _lines(file, lo, hi) for e in self.tokenizer.encode_batch(b)), dtype=dtype)
-                for lo, hi in ((0, cut), (cut, size)))
-            atomic_write_bytes(tok_file, self.tokenizer.to_str().encode())
-            buffer = io.BytesIO()
-            np.savez(buffer, train=train, val=val)
-            atomic_write_bytes(ids_file, buffer.getvalue())
+        self.tokenizer, train, val = _tokenize_cached(file, vocab_size, val_fraction)
         self.source = str(file)
         self._set_ids(train, val, self.tokenizer.get_vocab_size())
 
