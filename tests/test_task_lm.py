@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 
-from matrec.data import download
 from matrec.data.download import DataFileError
 from matrec.data.tasks import build_task
 from matrec.data.tasks import lm
@@ -102,3 +101,16 @@ def test_text_task_bad_arguments(tmp_path, monkeypatch):
         build_task("text", path=str(tmp_path), vocab_size=100)
     with pytest.raises(ValueError, match=r"val_fraction must be in \(0, 1\)"):
         build_task("text", path=str(tmp_path), val_fraction=1.5)
+
+
+@needs_shakespeare
+def test_shakespeare_downloads_into_the_cache_when_missing(tmp_path, monkeypatch):
+    from matrec.data import download
+    monkeypatch.delenv("MATREC_SHAKESPEARE", raising=False)
+    monkeypatch.delenv("MATREC_OFFLINE", raising=False)
+    monkeypatch.setenv("MATREC_CACHE", str(tmp_path))
+    urls = []
+    monkeypatch.setattr(download, "_urlopen", lambda url: urls.append(url) or open(SHAKESPEARE_FILE, "rb"))
+    task = build_task("shakespeare", seq_len=8)
+    assert urls == [download.SHAKESPEARE.urls[0]] and task.vocab_size == 65
+    assert (tmp_path / "tinyshakespeare.txt").read_bytes() == SHAKESPEARE_FILE.read_bytes()
