@@ -112,6 +112,23 @@ def test_gradcheck(backend, T):
     assert torch.autograd.gradcheck(lambda m: mru_scan(m, backend=backend), (states,))
 
 
+@pytest.mark.parametrize("backend", PATTERNS)
+def test_gradient_for_one_input_only(backend):
+    states = near_identity((3, 9, 2, 2))
+    h0 = near_identity((3, 2, 2)).requires_grad_()
+    (got,) = torch.autograd.grad(mru_scan(states, h0, backend=backend).sum(), h0)
+    (want,) = torch.autograd.grad(naive_mru_scan(states, h0).sum(), h0)
+    torch.testing.assert_close(got, want)
+    states.requires_grad_()
+    (got,) = torch.autograd.grad(mru_scan(states, h0.detach(), backend=backend).sum(), states)
+    (want,) = torch.autograd.grad(naive_mru_scan(states, h0.detach()).sum(), states)
+    torch.testing.assert_close(got, want)
+
+
+def test_empty_batch():
+    assert mru_scan(torch.zeros(0, 4, 2, 2)).shape == (0, 4, 2, 2)
+
+
 def test_float32_close_to_float64():
     states = near_identity((2, 200, 4, 4))
     ref = mru_scan(states, backend="sequential")

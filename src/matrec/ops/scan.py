@@ -205,10 +205,11 @@ class _PatternScan(torch.autograd.Function):
             E[:, 1:, :d] = states[:, 1:].flip(1).mT
             E[:, :, d:] = G.flip(1)
             B = ctx.pattern(E, ctx.chunk_size)[:, :, d:].flip(1)  # [N, T, d, d]: total adjoints B_t
-            dM = torch.empty_like(states)  # dL/dM_t = H_{t-1}^T @ B_t
-            dM[:, 1:] = H[:, :-1].mT @ B[:, 1:]
-            dM[:, 0] = B[:, 0] if H0 is None else H0.mT @ B[:, 0]
-            dH0 = None
+            dM = dH0 = None
+            if ctx.needs_input_grad[0]:
+                dM = torch.empty_like(states)  # dL/dM_t = H_{t-1}^T @ B_t
+                dM[:, 1:] = H[:, :-1].mT @ B[:, 1:]
+                dM[:, 0] = B[:, 0] if H0 is None else H0.mT @ B[:, 0]
             if H0 is not None and ctx.needs_input_grad[1]:
                 dH0 = B[:, 0] @ states[:, 0].mT  # dL/dH_0 = B_1 @ M_1^T
         return dM, dH0, None, None
