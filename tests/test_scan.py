@@ -192,6 +192,8 @@ def test_auto_rule_cuda(monkeypatch):
     monkeypatch.setattr(scan_mod, "_triton_available", lambda device: (False, "no triton here"))
     with pytest.warns(RuntimeWarning, match="no triton here"):
         assert auto_backend(cuda, 100) == scan_mod.AUTO_CUDA_FALLBACK
+    monkeypatch.setattr(scan_mod, "_triton_available", lambda device: (True, "ok"))
+    assert auto_backend(cuda, 100, dtype=torch.float64) == scan_mod.AUTO_CUDA_FALLBACK
 
 
 def test_triton_backend_available_or_explained():

@@ -284,14 +284,20 @@ AUTO_BRENT_KUNG_MAX_T = 1024
 AUTO_CUDA_FALLBACK = "sklansky"
 
 
-def auto_backend(device: torch.device, T: int, batch: int = 1, d: int = 1) -> str:
+def auto_backend(
+    device: torch.device, T: int, batch: int = 1, d: int = 1, dtype: torch.dtype = torch.float32
+) -> str:
     """The backend ``backend="auto"`` uses for ``batch`` sequences of length ``T`` and order ``d``.
 
-    CUDA: ``"triton"`` when :func:`matrec.ops.triton_scan.triton_available` says so, else
-    ``"sklansky"`` with a warning naming the reason. Elsewhere: ``"sequential"`` for ``T <= 8`` or
+    ``dtype`` is the compute dtype (float32 for bf16/fp16 inputs). CUDA: ``"triton"`` for float32
+    when :func:`matrec.ops.triton_scan.triton_available` says so, else ``"sklansky"`` (with a
+    warning naming the reason when Triton is what is missing; float64 goes to ``"sklansky"``
+    silently, the fused kernel being a float32 kernel). Elsewhere: ``"sequential"`` for ``T <= 8`` or
     ``batch * d**3 >= 20000``; else ``"brent_kung"`` for ``T <= 1024`` and ``"chunked"`` above.
     """
     if device.type == "cuda":
+        if dtype != torch.float32:
+            return AUTO_CUDA_FALLBACK
         ok, reason = _triton_available(device)
         if ok:
             return "triton"
@@ -354,9 +360,12 @@ def _validate(states, initial_state, chunk_size) -> None:
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
 
 
-def _resolve(backend, device: torch.device, T: int, batch: int, d: int) -> tuple[str, ScanBackend]:
+def _resolve(backend, states: Tensor) -> tuple[str, ScanBackend]:
+    *lead, T, d, _ = states.shape
+    device = states.device
     if backend == "auto":
-        backend = auto_backend(device, T, batch, d)
+        compute = torch.float32 if states.dtype in (torch.float16, torch.bfloat16) else states.dtype
+        backend = auto_backend(device, T, math.prod(lead), d, compute)
     elif backend not in SCAN_BACKENDS:
         raise ValueError(f"backend must be one of {['auto'] + SCAN_BACKENDS.names()}, got {backend!r}")
     spec = SCAN_BACKENDS.get(backend)
@@ -390,7 +399,7 @@ def mru_scan(
     _validate(states, initial_state, chunk_size)
     *lead, T, d, _ = states.shape
     N = math.prod(lead)
-    name, spec = _resolve(backend, states.device, T, N, d)
+    name, spec = _resolve(backend, states)
     if chunk_size is not None and not spec.uses_chunk_size:
         raise ValueError(f"chunk_size applies to backends with chunks only, not backend {name!r}")
 
