@@ -60,3 +60,15 @@ def recurrent_factory(rnn_cls: Callable[..., nn.Module], default_hidden: int = 1
 MODELS.register("rnn", recurrent_factory(nn.RNN))
 MODELS.register("lstm", recurrent_factory(nn.LSTM))
 MODELS.register("gru", recurrent_factory(nn.GRU))
+
+
+def mornn(*args, **kwargs) -> nn.Module:
+    """``matrec.MORNN(*args, **kwargs)``, imported on first use so models load without it."""
+    import matrec
+
+    return matrec.MORNN(*args, **kwargs)
+
+
+# The memory-task recipe of SPEC section 2: modReLU and Henaff init (override by keyword).
+MORNN_RECIPE = {"nonlinearity": "modrelu", "init": "henaff"}
+MODELS.register("mornn", recurrent_factory(mornn, **MORNN_RECIPE))
