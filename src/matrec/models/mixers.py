@@ -10,7 +10,8 @@ along equals one call on the whole sequence. Every mixer is causal.
 
 Mixers are built by name as ``MIXERS.get(name)(d_model, n_heads=..., dropout=..., **options)``.
 Mixers written here may define ``init_weights(std, residual_std)``; the sequence model calls it for
-GPT-2-style initialisation. Wrapped modules (the MRU, torch RNNs, MORNN) keep their own init.
+GPT-2-style initialisation. Wrapped modules (the MRU, torch RNNs, MORNN) keep their own init,
+except that an ``out_proj`` linear layer (the MRU's output projection) gets the residual init.
 
 This file holds the MLP, the MRU and the RNN mixers; attention-like mixers live in
 ``attention.py``, ``linear_attention.py`` and ``transformer_xl.py``.
@@ -58,10 +59,13 @@ class MLP(nn.Module):
 @MIXERS.register("mru")
 def mru_mixer(d_model: int, *, n_heads: int = 1, dropout: float = 0.0, **options) -> nn.Module:
     """:class:`matrec.MRU` (it already follows the mixer convention). ``options`` go to the MRU:
-    ``state_size``, ``state_matrix`` (construction, default "ldu"), ``backend``."""
+    ``state_size``, ``state_matrix`` (construction, default "ldu"), ``backend``.
+
+    The MRU's own output dropout stays off: the residual wrapper applies ``dropout`` to every mixer.
+    """
     import matrec  # the MRU lives in matrec.nn; imported here so models load without it
 
-    return matrec.MRU(d_model, num_heads=n_heads, dropout=dropout, **options)
+    return matrec.MRU(d_model, num_heads=n_heads, **options)
 
 
 class RNNMixer(nn.Module):

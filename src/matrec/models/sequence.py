@@ -50,7 +50,8 @@ class SequenceModel(nn.Module):
 
     ``forward(x, state=None) -> (out, new_state)``; ``state`` is a list with one entry per sublayer
     (None for stateless ones). Weights follow GPT-2: N(0, 0.02), residual projections
-    N(0, 0.02 / sqrt(len(pattern))); wrapped modules (MRU, RNNs) keep their own initialisation.
+    N(0, 0.02 / sqrt(len(pattern))); wrapped modules (MRU, RNNs) keep their own initialisation apart
+    from an ``out_proj`` output projection, which is a residual projection too.
     """
 
     def __init__(self, pattern: Sequence[str], *, output_size: int, vocab_size: int | None = None,
@@ -95,8 +96,14 @@ class SequenceModel(nn.Module):
         if self.head.bias is not None:
             nn.init.zeros_(self.head.bias)
         for layer in self.layers:
-            if hasattr(layer.mixer, "init_weights"):
-                layer.mixer.init_weights(std, residual_std)
+            mixer = layer.mixer
+            if hasattr(mixer, "init_weights"):
+                mixer.init_weights(std, residual_std)
+            elif isinstance(getattr(mixer, "out_proj", None), nn.Linear):
+                # a wrapped module (the MRU) keeps its init but its output projection is a residual one
+                nn.init.normal_(mixer.out_proj.weight, std=residual_std)
+                if mixer.out_proj.bias is not None:
+                    nn.init.zeros_(mixer.out_proj.bias)
 
     def forward(self, x: Tensor, state: list | None = None) -> tuple[Tensor, list]:
         if self.vocab_size is not None:
