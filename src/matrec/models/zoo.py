@@ -93,3 +93,9 @@ def list_presets(vocab_size: int = 65) -> list[dict]:
         rows.append({"name": name, "description": preset["description"],
                      "parameters": num_parameters(model)})
     return rows
+
+
+if __name__ == "__main__":  # python -m matrec.models.zoo: the presets table of docs/models.md
+    print("| preset | architecture | parameters (vocab 65) |\n|---|---|---|")
+    for row in list_presets(65):
+        print(f"| `{row['name']}` | {row['description'].split(': ', 1)[1]} | {row['parameters']:,} |")
