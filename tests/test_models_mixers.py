@@ -171,5 +171,30 @@ def test_mixer_errors():
         MIXERS.get("attn")(16, n_heads=2, pos="alibi")
     with pytest.raises(ValueError, match="form must be one of"):
         MIXERS.get("linear_attn")(16, n_heads=2, form="fast")
+    with pytest.raises(ValueError, match="window must be a positive int or None"):
+        MIXERS.get("attn")(16, n_heads=2, window=0)
     with pytest.raises(ValueError, match="mem_len must be a non-negative int"):
         MIXERS.get("txl")(16, n_heads=2, mem_len=-1)
+
+
+@pytest.mark.parametrize("name", ["attn", "mru_rotary"])
+def test_sliding_window_chunked_equals_one_call_and_bounds_the_cache(name):
+    mixer = make(name, window=4)
+    x = torch.randn(2, 13, E, dtype=torch.float64)
+    y_full, _ = mixer(x)
+    ys, state = [], None
+    for a, b in ((0, 5), (5, 6), (6, 13)):
+        y, state = mixer(x[:, a:b], state)
+        ys.append(y)
+        assert state[0].shape[-2] <= 4 and int(state[2]) == b
+    torch.testing.assert_close(torch.cat(ys, 1), y_full, rtol=1e-9, atol=1e-9)
+
+
+def test_sliding_window_equals_attention_over_the_last_window_tokens():
+    windowed, full = make("attn", window=4), make("attn")  # same seed: same weights
+    x = torch.randn(2, 10, E, dtype=torch.float64)
+    y, _ = windowed(x)
+    for t in (2, 6, 9):  # RoPE is relative, so the window's absolute offset does not matter
+        ref, _ = full(x[:, max(0, t - 3):t + 1])
+        torch.testing.assert_close(y[:, t], ref[:, -1])
+    assert not torch.allclose(y[:, 9], full(x)[0][:, 9])

@@ -116,3 +116,18 @@ def test_sequence_model_errors():
     feats = SequenceModel(["mlp"], input_size=3, output_size=1)
     with pytest.raises(ValueError, match=r"x must be features \[B, T, 3\]"):
         feats(torch.randn(2, 3, 4))
+
+
+def test_hybrid_pattern_streams_like_one_call_and_generates_identically():
+    torch.manual_seed(0)
+    model = build_model("sequence", pattern=["attn", "mlp", "linear_attn", "txl", "mru_rotary", "lstm"],
+                        vocab_size=V, output_size=V, d_model=16, n_heads=2,
+                        mixer_options={"attn": {"pos": "xpos", "window": 5}, "mru_rotary": {"chunk_size": 4}})
+    model = model.double().eval()
+    x = torch.randint(0, V, (2, 11))
+    a, state = model(x[:, :4])
+    b, _ = model(x[:, 4:], state)
+    torch.testing.assert_close(torch.cat((a, b), 1), model(x)[0], rtol=1e-9, atol=1e-9)
+    prompt = x[:, :3]
+    torch.testing.assert_close(generate(model, prompt, 8, temperature=0),
+                               generate(model, prompt, 8, temperature=0, use_state=False))

@@ -1,8 +1,9 @@
 """Causal softmax self-attention with a KV cache, and MRU-rotary attention (SPEC section 1.4).
 
-State (cache) of ``attn``: ``(k, v)``, each ``[B, H, S, head_dim]``, keys already position-encoded.
-The cache length is the absolute position of the next token. MRU-rotary adds the running product
-of rotations: ``(k, v, P)`` with ``P [B, H, C, d, d]``.
+State (cache) of ``attn``: ``(k, v, position)``: keys and values ``[B, H, S, head_dim]`` of the
+``S`` most recent tokens (all of them, or the last ``window``), keys already position-encoded, and
+``position``, a 0-dim int64 tensor, the absolute position of the next token. MRU-rotary adds the
+running product of rotations: ``(k, v, position, P)`` with ``P [B, H, C, d, d]``.
 """
 from __future__ import annotations
 
@@ -17,16 +18,23 @@ from .mixers import MIXERS, init_linear
 from .positional import POSITIONS
 
 
-def causal_attention(q: Tensor, k: Tensor, v: Tensor, offset: int, dropout_p: float = 0.0) -> Tensor:
-    """SDPA where query row ``i`` (absolute position ``offset + i``) sees keys ``0 .. offset + i``.
+def causal_attention(q: Tensor, k: Tensor, v: Tensor, offset: int, window: int | None = None,
+                     dropout_p: float = 0.0) -> Tensor:
+    """SDPA where query row ``i`` (absolute position ``offset + i``) sees the keys at positions
+    ``<= offset + i`` and, with a ``window``, ``> offset + i - window``.
 
-    ``q [B, H, T, D]``, ``k, v [B, H, offset + T, D]`` -> ``[B, H, T, D]``.
+    ``q [B, H, T, D]``; ``k, v [B, H, S, D]`` hold the ``S`` most recent positions, the last being
+    ``offset + T - 1``. Returns ``[B, H, T, D]``.
     """
     T, S = q.shape[-2], k.shape[-2]
-    if offset == 0:
+    if offset == 0 and S == T and window is None:
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=T > 1)
     # SDPA's is_causal aligns the mask top-left; with a cache it must align bottom-right.
-    mask = torch.arange(S, device=q.device)[None, :] <= torch.arange(offset, offset + T, device=q.device)[:, None]
+    q_pos = torch.arange(offset, offset + T, device=q.device)[:, None]  # [T, 1]
+    k_pos = torch.arange(offset + T - S, offset + T, device=q.device)[None, :]  # [1, S]
+    mask = k_pos <= q_pos
+    if window is not None:
+        mask &= k_pos > q_pos - window
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
 
 
@@ -38,16 +46,21 @@ class CausalSelfAttention(nn.Module):
         d_model: width ``E``; ``n_heads`` must divide it.
         pos: positional encoding, one of ``POSITIONS`` ("rope", "xpos", "none").
         pos_options: keyword options of the encoding (``base``, ``scale_base``).
+        window: if set, each token attends to itself and the ``window - 1`` tokens before it
+            (sliding-window attention); the cache then stays at ``window`` tokens, which bounds
+            memory when the state is carried across the batches of a long stream.
         dropout: attention-probability dropout (training only).
     """
 
     def __init__(self, d_model: int, *, n_heads: int = 1, dropout: float = 0.0, pos: str = "rope",
-                 pos_options: dict | None = None, bias: bool = False) -> None:
+                 pos_options: dict | None = None, window: int | None = None, bias: bool = False) -> None:
         super().__init__()
         if d_model % n_heads:
             raise ValueError(f"n_heads must divide d_model, got d_model={d_model}, n_heads={n_heads}")
+        if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+            raise ValueError(f"window must be a positive int or None, got {window!r}")
         self.d_model, self.n_heads, self.head_dim = d_model, n_heads, d_model // n_heads
-        self.dropout = dropout
+        self.dropout, self.window = dropout, window
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=bias)
         self.residual_proj = nn.Linear(d_model, d_model, bias=bias)
         self.position = POSITIONS.get(pos)(self.head_dim, **(pos_options or {}))
@@ -69,16 +82,20 @@ class CausalSelfAttention(nn.Module):
         B, T, E = x.shape
         q, k, v = (self._heads(t) for t in self.qkv(x).split(E, dim=-1))  # [B, H, T, D] each
         past_k = past_v = None
-        extra: tuple = ()
+        offset, extra = 0, ()
         if state is not None:
-            past_k, past_v, *extra = state
-        offset = 0 if past_k is None else past_k.shape[-2]
+            past_k, past_v, position, *extra = state
+            offset = int(position)
         q, k, extra = self.encode_positions(x, q, k, offset, tuple(extra))
         if past_k is not None:
             k, v = torch.cat((past_k, k), dim=-2), torch.cat((past_v, v), dim=-2)
-        y = causal_attention(q, k, v, offset, self.dropout if self.training else 0.0)  # [B, H, T, D]
-        y = y.transpose(1, 2).reshape(B, T, E)
-        return self.residual_proj(y), (k, v, *extra)
+        y = causal_attention(q, k, v, offset, self.window,
+                             self.dropout if self.training else 0.0)  # [B, H, T, D]
+        y = self.residual_proj(y.transpose(1, 2).reshape(B, T, E))
+        if self.window is not None:  # older keys can never be seen again
+            k, v = k[..., -self.window:, :], v[..., -self.window:, :]
+        position = torch.tensor(offset + T, device=x.device)
+        return y, (k, v, position, *extra)
 
 
 def rotate_chunks(x: Tensor, P: Tensor) -> Tensor:
@@ -111,11 +128,13 @@ class MRURotaryAttention(CausalSelfAttention):
         chunk_size: ``d``, must divide the head size.
         construction: an orthogonal map of ``matrec.ORTHOGONAL_MAPS`` ("cayley", "expm", "householder").
         backend: the ``matrec.mru_scan`` backend.
+        window: sliding-window attention, as in :class:`CausalSelfAttention`.
     """
 
     def __init__(self, d_model: int, *, n_heads: int = 1, dropout: float = 0.0, chunk_size: int = 8,
-                 construction: str = "cayley", backend: str = "auto", bias: bool = False) -> None:
-        super().__init__(d_model, n_heads=n_heads, dropout=dropout, pos="none", bias=bias)
+                 construction: str = "cayley", backend: str = "auto", window: int | None = None,
+                 bias: bool = False) -> None:
+        super().__init__(d_model, n_heads=n_heads, dropout=dropout, pos="none", window=window, bias=bias)
         if self.head_dim % chunk_size:
             raise ValueError(
                 f"chunk_size must divide the head size {self.head_dim}, got chunk_size={chunk_size}")
