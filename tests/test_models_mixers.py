@@ -198,3 +198,15 @@ def test_sliding_window_equals_attention_over_the_last_window_tokens():
         ref, _ = full(x[:, max(0, t - 3):t + 1])
         torch.testing.assert_close(y[:, t], ref[:, -1])
     assert not torch.allclose(y[:, 9], full(x)[0][:, 9])
+
+
+@pytest.mark.parametrize("name", ["linear_attn", "mru_rotary"])
+def test_running_sums_and_products_stay_fp32_under_bf16_autocast(name):
+    mixer = make(name).float()
+    x = torch.randn(2, 9, E)
+    ref, _ = mixer(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, state = mixer(x)
+    carried = state[-1]  # z for linear attention, the running product P for MRU-rotary
+    assert carried.dtype == torch.float32
+    torch.testing.assert_close(y.float(), ref, rtol=0.05, atol=0.05)

@@ -7,8 +7,6 @@ running product of rotations: ``(k, v, position, P)`` with ``P [B, H, C, d, d]``
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -152,19 +150,21 @@ class MRURotaryAttention(CausalSelfAttention):
             self.rotation.bias.copy_(bias.flatten())
 
     def rotations(self, x: Tensor) -> Tensor:
-        """Per-token orthogonal ``M_t``: ``x [B, T, E]`` -> ``[B, H, C, T, d, d]``."""
+        """Per-token orthogonal ``M_t``: ``x [B, T, E]`` -> ``[B, H, C, T, d, d]`` (float32 or wider)."""
         B, T, _ = x.shape
         a = self.rotation(x).view(B, T, self.n_heads, self.n_chunks, -1).permute(0, 2, 3, 1, 4)
-        return orthogonal_from(lower_to_square(a, self.chunk_size), self.construction)
+        a = a.to(torch.promote_types(a.dtype, torch.float32))  # [B, H, C, T, d(d-1)/2]
+        # the maps (solve, matrix_exp) and the running product stay in fp32 under autocast (SPEC 1.3)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return orthogonal_from(lower_to_square(a, self.chunk_size), self.construction)
 
     def encode_positions(self, x, q, k, offset, extra):
         import matrec  # mru_scan is matrec's multi-backend scan
 
-        # products in at least fp32, even under autocast (SPEC 1.3)
-        M = self.rotations(x)
-        M = M.to(torch.promote_types(M.dtype, torch.float32))  # [B, H, C, T, d, d]
-        P0 = extra[0] if extra else None  # [B, H, C, d, d]
-        P = matrec.mru_scan(M, P0, backend=self.backend)  # [B, H, C, T, d, d]
+        M = self.rotations(x)  # [B, H, C, T, d, d], at least fp32
+        P0 = extra[0].to(M.dtype) if extra else None  # [B, H, C, d, d]
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            P = matrec.mru_scan(M, P0, backend=self.backend)  # [B, H, C, T, d, d]
         q = rotate_chunks(q, P.to(q.dtype))
         k = rotate_chunks(k, P.to(k.dtype))
         return q, k, (P[..., -1, :, :],)

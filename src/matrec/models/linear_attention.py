@@ -92,12 +92,17 @@ class LinearAttention(nn.Module):
         B, T, E = x.shape
         q, k, v = (t.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
                    for t in self.qkv(x).split(E, dim=-1))  # [B, H, T, D] each
-        q, k = F.elu(q) + 1, F.elu(k) + 1
+        # running sums over the whole sequence: kept in at least fp32 under bf16/fp16 autocast
+        dtype = torch.promote_types(q.dtype, torch.float32)
+        q, k, v = (t.to(dtype) for t in (q, k, v))
         if state is None:
-            S = x.new_zeros(B, self.n_heads, self.head_dim, self.head_dim)
-            z = x.new_zeros(B, self.n_heads, self.head_dim)
+            S = q.new_zeros(B, self.n_heads, self.head_dim, self.head_dim)
+            z = q.new_zeros(B, self.n_heads, self.head_dim)
         else:
-            S, z = state
+            S, z = (t.to(dtype) for t in state)
         form = self.form if self.form != "auto" else ("recurrent" if T == 1 else "chunked")
-        y, S, z = LINEAR_ATTENTION_FORMS.get(form)(q, k, v, S, z, self.eps, self.chunk_size)
-        return self.residual_proj(y.transpose(1, 2).reshape(B, T, E)), (S, z)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            q, k = F.elu(q) + 1, F.elu(k) + 1
+            y, S, z = LINEAR_ATTENTION_FORMS.get(form)(q, k, v, S, z, self.eps, self.chunk_size)
+        y = y.to(x.dtype).transpose(1, 2).reshape(B, T, E)
+        return self.residual_proj(y), (S, z)
