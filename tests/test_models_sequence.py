@@ -97,6 +97,8 @@ def test_generate_method_sampling_and_errors():
     model.train()
     generate(model, one, 1)
     assert model.training is True  # mode restored
+    lstm = tiny("lstm")
+    torch.testing.assert_close(lstm.generate(one, 5, temperature=0), generate(lstm, one, 5, temperature=0))
 
 
 def test_sequence_model_errors():
