@@ -50,3 +50,12 @@ def test_list_presets_reports_parameter_counts():
 def test_preset_overrides():
     model = build_model("shakespeare-attn", vocab_size=V, output_size=V, d_model=64, n_heads=2, dropout=0.0)
     assert model.d_model == 64 and len(model.layers) == 12
+
+
+def test_mru_keeps_its_init_but_out_proj_is_a_residual_projection():
+    torch.manual_seed(0)
+    model = build_model("shakespeare-mru", vocab_size=V, output_size=V)
+    mru = model.layers[0].mixer
+    assert torch.count_nonzero(mru.in_proj.weight) == 0  # every M_t starts at the identity
+    std = mru.out_proj.weight.std().item()  # 0.02 / sqrt(12 sublayers) = 0.0058
+    assert 0.0050 < std < 0.0066
