@@ -1,0 +1,207 @@
+"""The Triton MRU scan against the sequential reference, on CPU (Triton's interpreter) and CUDA.
+
+``matrec.ops.triton_scan`` picks compiled or interpreted kernels per call from the tensors' device and
+``TRITON_INTERPRET`` at that moment, so the order in which test modules import triton does not matter:
+each CPU test sets the variable with ``monkeypatch`` (restored afterwards), each CUDA test clears it
+so the real compiled kernel runs. Shapes are tiny because the interpreter is slow.
+"""
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from matrec.ops import triton_scan  # noqa: E402
+from matrec.ops.scan import naive_mru_scan  # noqa: E402
+from matrec.ops.triton_scan import mru_scan_triton, triton_available  # noqa: E402
+
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")),
+]
+TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}  # relative to the max entry
+
+
+@pytest.fixture
+def device(request, monkeypatch):
+    if request.param == "cpu":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    else:
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    # every buffer the kernels write starts as NaN: an element left unwritten shows up
+    monkeypatch.setattr(triton_scan, "_empty", lambda shape, like, dtype=None: torch.full(
+        shape, math.nan, device=like.device, dtype=dtype or like.dtype))
+    return torch.device(request.param)
+
+
+def _states(N, T, d, dtype, device, gen):
+    """Near-identity ``[N, T, d, d]``: products over 100 steps stay O(1), so a relative bound is fair."""
+    noise = torch.randn(N, T, d, d, generator=gen) * (0.3 / math.sqrt(d))
+    return (torch.eye(d) + noise).to(device=device, dtype=dtype)
+
+
+def _assert_close(got, want, dtype, what):
+    assert got.dtype == dtype, f"{what}: dtype {got.dtype}, expected {dtype}"
+    assert torch.isfinite(got).all(), f"{what}: non-finite entries (unwritten output?)"
+    err = (got.double() - want.double()).abs().max().item()
+    scale = want.double().abs().max().item()
+    assert err <= TOL[dtype] * max(scale, 1.0), f"{what}: max error {err:.3g} at scale {scale:.3g}"
+
+
+def _check(N, T, d, dtype, with_h0, chunk_size, device, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    M = _states(N, T, d, dtype, device, gen).requires_grad_()
+    H0 = None
+    if with_h0:
+        H0 = (torch.randn(N, d, d, generator=gen) / math.sqrt(d)).to(device, dtype).requires_grad_()
+    grad = torch.randn(N, T, d, d, generator=gen).to(device, dtype)
+
+    out = mru_scan_triton(M, H0, chunk_size=chunk_size)
+    inputs = [M] + ([H0] if with_h0 else [])
+    got = torch.autograd.grad(out, inputs, grad)
+
+    # reference in float64 from the very same (rounded) inputs: fp32 arithmetic is what is tested
+    ref_inputs = [x.detach().double().requires_grad_() for x in inputs]
+    ref = naive_mru_scan(ref_inputs[0], ref_inputs[1] if with_h0 else None)
+    want = torch.autograd.grad(ref, ref_inputs, grad.double())
+
+    assert out.shape == (N, T, d, d)
+    _assert_close(out, ref, dtype, "H")
+    _assert_close(got[0], want[0], dtype, "dL/dstates")
+    if with_h0:
+        _assert_close(got[1], want[1], dtype, "dL/dinitial_state")
+
+
+# (N, T, d, chunk_size): odd T, several orders, single chunk (None on CPU) and chunk sizes that do not
+# divide T, so both the one-pass path and the three-phase path run.
+CASES = [
+    (2, 1, 2, None),
+    (3, 7, 3, None),
+    (2, 7, 3, 3),
+    (2, 33, 8, 4),
+    (1, 33, 16, 10),
+    (1, 100, 2, 7),
+    (1, 100, 16, None),
+    (1, 9, 32, 4),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+@pytest.mark.parametrize("with_h0", [False, True])
+@pytest.mark.parametrize("N,T,d,chunk_size", CASES)
+def test_matches_reference_fp32(N, T, d, chunk_size, with_h0, device):
+    _check(N, T, d, torch.float32, with_h0, chunk_size, device)
+
+
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+@pytest.mark.parametrize("dtype,with_h0,N,T,d,chunk_size", [
+    (torch.bfloat16, True, 2, 7, 3, 2),
+    (torch.bfloat16, False, 1, 33, 16, None),
+    (torch.bfloat16, True, 1, 100, 8, 16),
+    (torch.float16, True, 2, 33, 5, 8),
+])
+def test_matches_reference_half(dtype, with_h0, N, T, d, chunk_size, device):
+    _check(N, T, d, dtype, with_h0, chunk_size, device)
+
+
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+def test_chunk_size_does_not_change_result(device):
+    gen = torch.Generator().manual_seed(1)
+    M = _states(2, 20, 4, torch.float32, device, gen)
+    outs = [mru_scan_triton(M, chunk_size=c) for c in (1, 3, 20, 64)]
+    for o in outs[1:]:
+        torch.testing.assert_close(o, outs[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+def test_non_contiguous_inputs(device):
+    gen = torch.Generator().manual_seed(2)
+    M = _states(2, 5, 3, torch.float32, device, gen).transpose(-1, -2)  # a view, not contiguous
+    H0 = torch.randn(3, 3, 2, generator=gen).to(device).permute(2, 0, 1)
+    torch.testing.assert_close(mru_scan_triton(M, H0), naive_mru_scan(M, H0), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+def test_empty_sequence(device):
+    M = torch.zeros(2, 0, 3, 3, device=device, requires_grad=True)
+    H0 = torch.randn(2, 3, 3, device=device, requires_grad=True)
+    out = mru_scan_triton(M, H0)
+    assert out.shape == (2, 0, 3, 3)
+    out.sum().backward()
+    assert torch.equal(H0.grad, torch.zeros_like(H0))
+
+
+def test_opcheck(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    gen = torch.Generator().manual_seed(3)
+    M = _states(2, 3, 2, torch.float32, "cpu", gen).requires_grad_()
+    H0 = torch.randn(2, 2, 2, generator=gen, requires_grad=True)
+    torch.library.opcheck(torch.ops.matrec.triton_mru_scan_fwd, (M, H0, 2))
+    torch.library.opcheck(torch.ops.matrec.triton_mru_scan_fwd, (M, None, 0))
+    H = mru_scan_triton(M.detach(), H0.detach())
+    G = torch.randn_like(H)
+    torch.library.opcheck(torch.ops.matrec.triton_mru_scan_bwd, (G, M.detach(), H, H0.detach(), 2))
+    torch.library.opcheck(torch.ops.matrec.triton_mru_scan_bwd, (G, M.detach(), H, None, 0))
+
+
+class _TinyMixer(torch.nn.Module):
+    """x [B, T, d*d] -> identity + linear -> MRU scan -> read-out, the way a model uses the kernel."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.d = d
+        self.proj = torch.nn.Linear(d * d, d * d)
+
+    def forward(self, x):  # x: [B, T, d*d]
+        B, T, _ = x.shape
+        M = torch.eye(self.d) + 0.1 * self.proj(x).view(B, T, self.d, self.d)  # [B, T, d, d]
+        H = mru_scan_triton(M)  # [B, T, d, d]
+        return H.flatten(-2).sum(-1)  # [B, T]
+
+
+def test_torch_compile_fullgraph(monkeypatch):
+    """The op is opaque to dynamo and inductor: fullgraph compiles and gradients match eager."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    torch._dynamo.reset()
+    model = _TinyMixer(3)
+    x = torch.randn(2, 5, 9, generator=torch.Generator().manual_seed(4))
+    eager = model(x)
+    eager.sum().backward()
+    want = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    out = compiled(x)
+    out.sum().backward()
+    torch.testing.assert_close(out, eager)
+    for p, w in zip(model.parameters(), want):
+        torch.testing.assert_close(p.grad, w)
+
+
+def test_triton_available_reports_why(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    ok, reason = triton_available("cpu")
+    assert not ok and "TRITON_INTERPRET" in reason
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        mru_scan_triton(torch.eye(2).expand(1, 3, 2, 2))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert triton_available(torch.device("cpu"))[0]
+    ok, reason = triton_available("meta")
+    assert not ok and "meta" in reason
+    if not torch.cuda.is_available():
+        ok, reason = triton_available("cuda")
+        assert not ok and "CUDA" in reason
+
+
+@pytest.mark.parametrize("states,initial_state,chunk_size,error,match", [
+    (torch.zeros(3, 2, 2), None, None, ValueError, "states must be a \\[N, T, d, d\\]"),
+    (torch.zeros(1, 3, 2, 3), None, None, ValueError, "square"),
+    (torch.zeros(1, 3, 2, 2, dtype=torch.float64), None, None, TypeError, "float32, bfloat16"),
+    (torch.zeros(1, 3, 65, 65), None, None, ValueError, "order 1..64"),
+    (torch.zeros(1, 3, 2, 2), torch.zeros(2, 2, 2), None, ValueError, "initial_state must be"),
+    (torch.zeros(1, 3, 2, 2), torch.zeros(1, 2, 2, dtype=torch.int32), None, TypeError, "initial_state"),
+    (torch.zeros(1, 3, 2, 2), None, 0, ValueError, "chunk_size"),
+])
+def test_bad_input_is_named(states, initial_state, chunk_size, error, match):
+    with pytest.raises(error, match=match):
+        mru_scan_triton(states, initial_state, chunk_size=chunk_size)
