@@ -145,6 +145,29 @@ def test_opcheck(monkeypatch):
     torch.library.opcheck(torch.ops.matrec.triton_mru_scan_bwd, (G, M.detach(), H, None, 0))
 
 
+KERNEL_LAUNCHES = [  # every body with each constexpr branch its launches use
+    ("mru_fwd_chunk_total", {}),
+    ("mru_fwd_chunk_carry", {"HAS_H0": False}),
+    ("mru_fwd_apply", {"CARRY": 0}),
+    ("mru_fwd_apply", {"CARRY": 1}),
+    ("mru_fwd_apply", {"CARRY": 2}),
+    ("mru_bwd_chunk_affine", {}),
+    ("mru_bwd_chunk_carry", {}),
+    ("mru_bwd_apply", {"FROM_CARRY": False, "HAS_H0": True}),
+    ("mru_bwd_apply", {"FROM_CARRY": True, "HAS_H0": False}),
+]
+
+
+@pytest.mark.parametrize("io_dtype,d", [("fp32", 16), ("bf16", 5)])
+@pytest.mark.parametrize("name,flags", KERNEL_LAUNCHES)
+def test_kernels_compile_for_h100(name, flags, io_dtype, d):
+    """The interpreter runs Python, so it accepts code Triton's compiler rejects; compiling each body
+    to a cubin for sm_90 (no GPU needed) checks the GPU path. No TF32 may appear: fp32 means fp32."""
+    kernel = triton_scan.compile_for_target(name, d=d, io_dtype=io_dtype, arch=90, **flags)
+    assert kernel.asm["cubin"]
+    assert "tf32" not in kernel.asm["ptx"]
+
+
 class _TinyMixer(torch.nn.Module):
     """x [B, T, d*d] -> identity + linear -> MRU scan -> read-out, the way a model uses the kernel."""
 

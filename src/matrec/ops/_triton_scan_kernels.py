@@ -5,8 +5,9 @@ each one itself, compiled for a GPU or interpreted for CPU tensors, whatever ``T
 when this module was imported. They call only ``tl.*`` builtins (``tl.full``, never ``tl.zeros``):
 Triton's interpreter runs a body's callees as they are, and the ``@jit`` helpers of
 ``triton.language.standard`` (``zeros``, ``sum``, ...) were compiled-or-interpreted once, when triton
-was first imported, so they fail in an interpreted body if triton came in without TRITON_INTERPRET. Scalar conditions in load masks are broadcast to a block first
-(``r[:, None] * 0 + t > 0``): the interpreter mistypes ``block_mask & scalar_mask``.
+was first imported, so they fail in an interpreted body if triton came in without TRITON_INTERPRET.
+Scalar conditions in load masks are broadcast to a block first (``r[:, None] * 0 + t > 0``): the
+interpreter mistypes ``block_mask & scalar_mask``.
 
 Layout: ``M``, ``H``, ``G`` (= dL/dH), ``dM`` are contiguous ``[N, T, DIM, DIM]`` in their I/O dtype;
 ``H0``/``dH0`` are ``[N, DIM, DIM]``. Every matrix is held in registers as a ``[D, D]`` fp32 block,
@@ -104,7 +105,8 @@ def mru_bwd_chunk_affine(M, G, U, L, T, n_chunks, CHUNK, DIM: tl.constexpr, D: t
     m_seq = M + n * T * DIM * DIM
     g_seq = G + n * T * DIM * DIM
     # M_e^T (zero past the end: nothing flows back from beyond T)
-    u = tl.load(m_seq + end * DIM * DIM + offs_t, mask=inside & (r[:, None] * 0 + end < T), other=0.0).to(tl.float32)
+    u = tl.load(m_seq + end * DIM * DIM + offs_t, mask=inside & (r[:, None] * 0 + end < T),
+                other=0.0).to(tl.float32)
     l = tl.load(g_seq + (end - 1) * DIM * DIM + offs, mask=inside, other=0.0).to(tl.float32)
     for k in range(1, end - start):
         t = end - k  # (l, u) describe B_t; step to B_{t-1} = G_{t-1} + B_t @ M_t^T

@@ -43,7 +43,8 @@ def triton_available(device) -> tuple[bool, str]:
     if device.type == "cuda":
         if not torch.cuda.is_available():
             return False, "no CUDA device is visible to torch (torch.cuda.is_available() is False)"
-        return True, "triton on CUDA" + (" (interpreted: TRITON_INTERPRET=1)" if _interpret_requested() else "")
+        mode = " (interpreted: TRITON_INTERPRET=1)" if _interpret_requested() else ""
+        return True, "triton on CUDA" + mode
     if device.type == "cpu":
         if _interpret_requested():
             return True, "triton interpreter on CPU (TRITON_INTERPRET=1)"
@@ -80,6 +81,38 @@ def _kernel(name: str, device: torch.device):
     return _KERNELS[key]
 
 
+def compile_for_target(name: str, *, d: int, io_dtype: str = "fp32", arch: int = 90,
+                       **flags):
+    """Compile kernel body ``name`` ahead of time for ``sm_<arch>``, with no GPU needed.
+
+    The launches above specialise the same way: pointers to ``io_dtype`` (``"fp32"``, ``"bf16"``,
+    ``"fp16"``), chunk buffers fp32, ``DIM=d``, padded ``D``, this module's ``num_warps``; ``flags``
+    are the remaining constexprs (``CARRY``, ``HAS_H0``, ``FROM_CARRY``). Used by the tests to catch
+    what Triton's interpreter accepts but its compiler would not, and to read register counts.
+    """
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime.jit import JITFunction
+
+    from matrec.ops import _triton_scan_kernels as bodies
+
+    fn = JITFunction(getattr(bodies, name))
+    D = _padded(d)
+    signature, constexprs = {}, {}
+    for arg in fn.arg_names:
+        if arg in ("T", "n_chunks", "CHUNK"):
+            signature[arg] = "i32"
+        elif arg in ("DIM", "D") or arg in flags:
+            constexprs[arg] = {"DIM": d, "D": D}.get(arg, flags.get(arg))
+            signature[arg] = "constexpr"
+        else:
+            signature[arg] = "*fp32" if arg in ("P", "S", "U", "L", "BC") else "*" + io_dtype
+    source = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+    warps = _num_warps(D, backward=name.startswith("mru_bwd"))
+    options = {"num_warps": warps, "enable_fp_fusion": True}
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+
+
 def _check_runnable(device: torch.device) -> None:
     ok, reason = triton_available(device)
     if not ok:
@@ -95,8 +128,12 @@ def _padded(d: int) -> int:
     return max(16, 1 << (d - 1).bit_length())  # tl.dot wants power-of-two blocks of at least 16
 
 
-def _num_warps(D: int) -> int:
-    # untuned guess: one [D, D] fp32 block is D*D/32/num_warps registers per thread
+def _num_warps(D: int, backward: bool = False) -> int:
+    """Warps per program. Untimed: chosen from ptxas's static register counts for sm_90
+    (``benchmarks/triton_scan_ptxas.py``); the backward holds more live blocks, so it gets more
+    warps where fewer would need > 200 registers per thread or spill."""
+    if backward:
+        return {16: 2, 32: 8}.get(D, 16)
     return {16: 2, 32: 4}.get(D, 8)
 
 
@@ -130,19 +167,19 @@ def _forward(states: Tensor, initial_state: Optional[Tensor], chunk_size: int) -
     D = _padded(d)
     C = _chunk_size(N, T, states.device, chunk_size)
     n_chunks = math.ceil(T / C)
-    w = _num_warps(D)
+    launch = dict(num_warps=_num_warps(D), enable_fp_fusion=True)  # FMAs, as in the products
     dev = states.device
     if n_chunks == 1:
         carry, S = (1 if initial_state is not None else 0), M
     else:
         P = _empty((N, n_chunks, D, D), states, torch.float32)
         S = _empty(P.shape, P)
-        _kernel("mru_fwd_chunk_total", dev)[(N, n_chunks)](M, P, T, n_chunks, C, DIM=d, D=D, num_warps=w)
+        _kernel("mru_fwd_chunk_total", dev)[(N, n_chunks)](M, P, T, n_chunks, C, DIM=d, D=D, **launch)
         _kernel("mru_fwd_chunk_carry", dev)[(N,)](P, S, H0, n_chunks, DIM=d, D=D,
-                                                  HAS_H0=initial_state is not None, num_warps=w)
+                                                  HAS_H0=initial_state is not None, **launch)
         carry = 2
     _kernel("mru_fwd_apply", dev)[(N, n_chunks)](M, out, S, H0, T, n_chunks, C, DIM=d, D=D,
-                                                 CARRY=carry, num_warps=w)
+                                                 CARRY=carry, **launch)
     return out
 
 
@@ -163,7 +200,7 @@ def _backward(grad: Tensor, states: Tensor, output: Tensor, initial_state: Optio
     D = _padded(d)
     C = _chunk_size(N, T, states.device, chunk_size)
     n_chunks = math.ceil(T / C)
-    w = _num_warps(D)
+    launch = dict(num_warps=_num_warps(D, backward=True), enable_fp_fusion=True)
     dev = states.device
     BC = M  # placeholder when a sequence is one chunk
     if n_chunks > 1:
@@ -171,11 +208,11 @@ def _backward(grad: Tensor, states: Tensor, output: Tensor, initial_state: Optio
         L = _empty(U.shape, U)
         BC = _empty(U.shape, U)
         _kernel("mru_bwd_chunk_affine", dev)[(N, n_chunks)](M, G, U, L, T, n_chunks, C, DIM=d, D=D,
-                                                            num_warps=w)
-        _kernel("mru_bwd_chunk_carry", dev)[(N,)](U, L, BC, n_chunks, D=D, num_warps=w)
+                                                            **launch)
+        _kernel("mru_bwd_chunk_carry", dev)[(N,)](U, L, BC, n_chunks, D=D, **launch)
     _kernel("mru_bwd_apply", dev)[(N, n_chunks)](M, H, G, H0, BC, d_states, DH0, T, n_chunks, C,
                                                  DIM=d, D=D, FROM_CARRY=n_chunks > 1, HAS_H0=has_h0,
-                                                 num_warps=w)
+                                                 **launch)
     return d_states, d_init
 
 
@@ -200,7 +237,7 @@ def triton_mru_scan_bwd(grad: Tensor, states: Tensor, output: Tensor, initial_st
 
 @triton_mru_scan_bwd.register_fake
 def _(grad, states, output, initial_state, chunk_size):
-    d_init = initial_state.new_empty(initial_state.shape) if initial_state is not None else states.new_empty(0)
+    d_init = states.new_empty(0) if initial_state is None else initial_state.new_empty(initial_state.shape)
     return states.new_empty(states.shape), d_init
 
 
