@@ -13,6 +13,7 @@ Registered with ``torch.library`` (``matrec::triton_mru_scan_fwd`` / ``_bwd``, f
 so ``torch.compile(fullgraph=True)`` sees one opaque op. ``triton`` is imported lazily: this module
 imports without it and ``triton_available`` says why the kernel cannot run.
 """
+import contextlib
 import math
 import os
 from typing import Optional
@@ -20,7 +21,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-MAX_DIM = 64  # registers hold a few [D, D] fp32 blocks per program; beyond 64 they spill
+MAX_DIM = 64  # a few [D, D] fp32 blocks live in registers; the backward already spills at 64
 _IO_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _MAX_GRID_Y = 65535  # CUDA's limit on the second grid dimension (chunks per sequence)
 
@@ -156,6 +157,11 @@ def _chunk_size(N: int, T: int, device: torch.device, chunk_size: int) -> int:
     return max(C, math.ceil(T / _MAX_GRID_Y))
 
 
+def _on(device: torch.device):
+    """Triton launches on the current CUDA device: make it the tensors' one (cuda:1 etc.)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def _forward(states: Tensor, initial_state: Optional[Tensor], chunk_size: int) -> Tensor:
     N, T, d, _ = states.shape
     out = _empty(states.shape, states)
@@ -219,7 +225,8 @@ def _backward(grad: Tensor, states: Tensor, output: Tensor, initial_state: Optio
 @torch.library.custom_op("matrec::triton_mru_scan_fwd", mutates_args=())
 def triton_mru_scan_fwd(states: Tensor, initial_state: Optional[Tensor], chunk_size: int) -> Tensor:
     """``H [N, T, d, d]`` from ``states [N, T, d, d]`` and ``initial_state [N, d, d]`` or None."""
-    return _forward(states, initial_state, chunk_size)
+    with _on(states.device):
+        return _forward(states, initial_state, chunk_size)
 
 
 @triton_mru_scan_fwd.register_fake
@@ -232,7 +239,8 @@ def triton_mru_scan_bwd(grad: Tensor, states: Tensor, output: Tensor, initial_st
                         chunk_size: int) -> tuple[Tensor, Tensor]:
     """``(dL/dstates [N, T, d, d], dL/dinitial_state [N, d, d] or [0] when None)`` from
     ``grad = dL/dH``, the forward's inputs and its output ``H``."""
-    return _backward(grad, states, output, initial_state, chunk_size)
+    with _on(states.device):
+        return _backward(grad, states, output, initial_state, chunk_size)
 
 
 @triton_mru_scan_bwd.register_fake
