@@ -145,6 +145,40 @@ def test_opcheck(monkeypatch):
     torch.library.opcheck(torch.ops.matrec.triton_mru_scan_bwd, (G, M.detach(), H, None, 0))
 
 
+def test_default_chunking_on_a_gpu(monkeypatch):
+    """The CUDA heuristic, with the SM count of an H100 (132) faked: enough sequences -> one chunk
+    each; few sequences -> chunks of >= 32 steps, at most ~2 sqrt(T) of them; never > 65535 chunks."""
+    props = type("Props", (), {"multi_processor_count": 132})()
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
+    cuda = torch.device("cuda")
+    assert triton_scan._chunk_size(4 * 132, 512, cuda, 0) == 512
+    assert triton_scan._chunk_size(240, 512, cuda, 0) == 171  # (80, 3, 512, 16): 3 chunks
+    assert triton_scan._chunk_size(1, 65536, cuda, 0) == 128  # 512 chunks
+    assert triton_scan._chunk_size(1, 40, cuda, 0) == 40  # too short to split into >= 32 steps
+    assert triton_scan._chunk_size(1, 10**8, cuda, 1) == math.ceil(10**8 / 65535)
+    assert triton_scan._chunk_size(2, 100, torch.device("cpu"), 0) == 100
+    assert triton_scan._chunk_size(2, 100, torch.device("cpu"), 7) == 7
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_long_orthogonal_sequence_cuda(monkeypatch):
+    """T = 65536 with orthogonal states (no overflow) and one sequence: the default chunking splits it;
+    outputs and gradients match the PyTorch chunked scan."""
+    from matrec.ops.scan import mru_scan
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    gen = torch.Generator().manual_seed(7)
+    Q, _ = torch.linalg.qr(torch.randn(1, 65536, 8, 8, generator=gen, dtype=torch.float64))
+    M = Q.float().cuda().requires_grad_()
+    grad = torch.randn(1, 65536, 8, 8, generator=gen).cuda()
+    out = mru_scan_triton(M)
+    (got,) = torch.autograd.grad(out, M, grad)
+    ref = mru_scan(M, backend="chunked")
+    (want,) = torch.autograd.grad(ref, M, grad)
+    torch.testing.assert_close(out, ref, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-2)
+
+
 KERNEL_LAUNCHES = [  # every body with each constexpr branch its launches use
     ("mru_fwd_chunk_total", {}),
     ("mru_fwd_chunk_carry", {"HAS_H0": False}),
