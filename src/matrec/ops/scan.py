@@ -232,14 +232,18 @@ class ScanBackend:
             :func:`_combine`; gets the shared autograd (forward and SPEC 1.2 backward both use it).
         function: ``(states [N, T, d, d], initial_state [N, d, d] | None) -> H [N, T, d, d]``,
             differentiable on its own (a fused kernel with its own backward).
-        uses_chunk_size: whether ``chunk_size`` means something to this backend.
+        uses_chunk_size: whether ``chunk_size`` means something to this backend (a ``function``
+            backend then also gets ``chunk_size=`` as a keyword).
         available: ``device -> (ok, reason)``.
+        low_precision_io: a ``function`` backend that takes bf16/fp16 tensors as they are (and
+            computes in float32 itself), saving the up-cast copy; otherwise it gets float32.
     """
 
     pattern: Optional[Callable[[Tensor, Optional[int]], Tensor]] = None
-    function: Optional[Callable[[Tensor, Optional[Tensor]], Tensor]] = None
+    function: Optional[Callable[..., Tensor]] = None
     uses_chunk_size: bool = False
     available: Callable[[torch.device], tuple[bool, str]] = _always
+    low_precision_io: bool = False
 
     def __post_init__(self):
         if (self.pattern is None) == (self.function is None):
@@ -258,8 +262,8 @@ def _triton_module():
     return importlib.import_module("matrec.ops.triton_scan")
 
 
-def _triton_function(states: Tensor, initial_state: Tensor | None) -> Tensor:
-    return _triton_module().mru_scan_triton(states, initial_state)
+def _triton_function(states: Tensor, initial_state: Tensor | None, chunk_size: int | None = None) -> Tensor:
+    return _triton_module().mru_scan_triton(states, initial_state, chunk_size=chunk_size)
 
 
 def _triton_available(device: torch.device) -> tuple[bool, str]:
@@ -270,7 +274,15 @@ def _triton_available(device: torch.device) -> tuple[bool, str]:
     return module.triton_available(device)
 
 
-SCAN_BACKENDS.register("triton", ScanBackend(function=_triton_function, available=_triton_available))
+SCAN_BACKENDS.register(
+    "triton",
+    ScanBackend(
+        function=_triton_function,
+        uses_chunk_size=True,
+        available=_triton_available,
+        low_precision_io=True,
+    ),
+)
 
 # auto off CUDA (measured on CPU with benchmarks/scan.py, see docs/mru.md). Every parallel pattern
 # does at least 2T products against the loop's T, so it only pays where the loop is bound by per-step
@@ -290,9 +302,9 @@ def auto_backend(
     """The backend ``backend="auto"`` uses for ``batch`` sequences of length ``T`` and order ``d``.
 
     ``dtype`` is the compute dtype (float32 for bf16/fp16 inputs). CUDA: ``"triton"`` for float32
-    when :func:`matrec.ops.triton_scan.triton_available` says so, else ``"sklansky"`` (with a
-    warning naming the reason when Triton is what is missing; float64 goes to ``"sklansky"``
-    silently, the fused kernel being a float32 kernel). Elsewhere: ``"sequential"`` for ``T <= 8`` or
+    and ``d <= 64`` when :func:`matrec.ops.triton_scan.triton_available` says so, else
+    ``"sklansky"`` (with a warning naming the reason when Triton is what is missing; float64 and
+    larger d go to ``"sklansky"`` silently: the fused kernel is a float32 kernel for ``d <= 64``). Elsewhere: ``"sequential"`` for ``T <= 8`` or
     ``batch * d**3 >= 20000``; else ``"brent_kung"`` for ``T <= 1024`` and ``"chunked"`` above.
     """
     if device.type == "cuda":
@@ -300,7 +312,7 @@ def auto_backend(
             return AUTO_CUDA_FALLBACK
         ok, reason = _triton_available(device)
         if ok:
-            return "triton"
+            return "triton" if d <= getattr(_triton_module(), "MAX_DIM", 64) else AUTO_CUDA_FALLBACK
         warnings.warn(
             f"mru_scan(backend='auto'): Triton kernel unavailable on {device} ({reason}); "
             f"using the PyTorch '{AUTO_CUDA_FALLBACK}' backend",
@@ -405,13 +417,16 @@ def mru_scan(
 
     dtype = states.dtype
     compute = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    if spec.function is not None and spec.low_precision_io:
+        compute = dtype
     x = states.reshape(N, T, d, d).to(compute).contiguous()  # [N, T, d, d]
     h0 = None
     if initial_state is not None:
         h0 = initial_state.reshape(N, d, d).to(compute).contiguous()  # [N, d, d]
     with torch.autocast(device_type=states.device.type, enabled=False):
         if spec.function is not None:
-            H = spec.function(x, h0)
+            kw = {"chunk_size": chunk_size} if spec.uses_chunk_size else {}
+            H = spec.function(x, h0, **kw)
         else:
             H = _PatternScan.apply(x, h0, spec.pattern, chunk_size)
     return H.reshape(*lead, T, d, d).to(dtype)
