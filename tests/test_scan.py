@@ -182,8 +182,8 @@ def test_auto_rule_cpu():
     assert auto_backend(cpu, 9) == "brent_kung"
     assert auto_backend(cpu, 1024) == "brent_kung"
     assert auto_backend(cpu, 1025) == "chunked"
-    assert auto_backend(cpu, 4096, batch=5, d=16) == "sequential"  # arithmetic-bound: the loop
-    assert auto_backend(cpu, 4096, batch=4, d=16) == "chunked"
+    assert auto_backend(cpu, 4096, batch=16, d=16) == "sequential"  # arithmetic-bound: the loop
+    assert auto_backend(cpu, 4096, batch=15, d=16) == "chunked"
 
 
 def test_auto_rule_cuda(monkeypatch):

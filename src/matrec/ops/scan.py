@@ -290,7 +290,7 @@ SCAN_BACKENDS.register(
 # Brent-Kung (~2T products in ~2 log2 T steps) up to about a thousand steps, the chunked pattern
 # (one pass over contiguous chunks) beyond.
 AUTO_SEQUENTIAL_MAX_T = 8
-AUTO_SEQUENTIAL_MIN_WORK = 20000  # batch * d^3 per step
+AUTO_SEQUENTIAL_MIN_WORK = 65536  # batch * d^3 per step
 AUTO_BRENT_KUNG_MAX_T = 1024
 # auto on CUDA without Triton: fewest dependent steps (ceil(log2 T)), since launches dominate there.
 AUTO_CUDA_FALLBACK = "sklansky"
@@ -305,7 +305,7 @@ def auto_backend(
     and ``d <= 64`` when :func:`matrec.ops.triton_scan.triton_available` says so, else
     ``"sklansky"`` (with a warning naming the reason when Triton is what is missing; float64 and
     larger d go to ``"sklansky"`` silently: the fused kernel is a float32 kernel for ``d <= 64``). Elsewhere: ``"sequential"`` for ``T <= 8`` or
-    ``batch * d**3 >= 20000``; else ``"brent_kung"`` for ``T <= 1024`` and ``"chunked"`` above.
+    ``batch * d**3 >= 65536``; else ``"brent_kung"`` for ``T <= 1024`` and ``"chunked"`` above.
     """
     if device.type == "cuda":
         if dtype != torch.float32:
