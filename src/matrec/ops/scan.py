@@ -18,7 +18,7 @@ imported lazily). Users may register their own of either kind.
 
 Numerics: the scan runs in float32 for bf16/fp16 inputs (and with autocast disabled), and in the
 input precision for float32/float64. Products of many unconstrained matrices can overflow to inf/NaN
-(SPEC 1.3: random near-identity 8x8 inputs overflow float32 around T = 65536); nothing here masks
+(SPEC 1.3: the seed's kernels returned NaN at T = 65536 on random near-identity 8x8 inputs); nothing here masks
 that -- use a norm-preserving construction (``matrec.ops.state_matrix``: cayley, expm, householder,
 or the det-1 ones) or shorter chunks with a carried state for very long sequences.
 """
