@@ -233,7 +233,8 @@ def cmd_sample(args) -> int:
                    "top_k": args.top_k, "generator": gen}
         with torch.no_grad():
             out = model.generate(torch.as_tensor(ids)[None],
-                                 **{k: v for k, v in options.items() if k in accepted})
+                                 **{k: v for k, v in options.items() if k in accepted or any(
+                                     a.kind is a.VAR_KEYWORD for a in accepted.values())})
         new = out[0, len(ids):] if out.dim() == 2 else out[len(ids):]
         sys.stdout.write(task.decode(new.tolist()))
     else:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import importlib
-import inspect
 import math
 
 import torch
@@ -36,26 +35,16 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
     """Parameter groups, each with its own ``lr``: MORNN's orthogonal parameters at
     ``lr * orthogonal_lr_scale`` (via ``matrec.mornn_param_groups``), everything else at ``lr``.
 
-    Models without orthogonal parameters get one group. Each group also records ``base_lr``, the
-    peak the schedule scales.
+    Models without orthogonal parameters (or builds without MORNN) get one group. Each group also
+    records ``base_lr``, the peak the schedule scales.
     """
-    groups = None
     fn = _mornn_groups_fn()
     if fn is not None:
-        params = inspect.signature(fn).parameters
-        kwargs = {}
-        for name in ("orthogonal_lr_scale", "lr_scale", "scale"):
-            if name in params:
-                kwargs[name] = cfg.orthogonal_lr_scale
-                break
-        else:
-            if "orthogonal_lr" in params:
-                kwargs["orthogonal_lr"] = cfg.lr * cfg.orthogonal_lr_scale
-        groups = [dict(g) for g in fn(model, cfg.lr, **kwargs)]
-    if not groups:
-        groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
+        groups = [dict(g) for g in fn(model, cfg.lr, orthogonal_lr=cfg.lr * cfg.orthogonal_lr_scale,
+                                      weight_decay=cfg.weight_decay)]
+    else:
+        groups = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": cfg.lr}]
     for g in groups:
-        g.setdefault("lr", cfg.lr)
         g["base_lr"] = g["lr"]
     return groups
 

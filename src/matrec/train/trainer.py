@@ -64,15 +64,15 @@ def layer_of(param_name: str) -> str:
 
 
 def orthogonality_errors(model: nn.Module) -> dict[str, float]:
-    """``matrec.orthogonality_report(model)`` (max |W^T W - I| per MORNN layer) when MORNN is
-    installed and the model has such layers; else empty."""
+    """``matrec.orthogonality_report(model)`` under ``mornn/`` (per MORNN layer: max |W^T W - I|
+    and gradient norms) when MORNN is installed and the model has such layers; else empty."""
     try:
         report = getattr(importlib.import_module("matrec.nn.mornn"), "orthogonality_report")
     except (ImportError, AttributeError):
         return {}
     result = report(model)
     if isinstance(result, dict):
-        return {f"orth_err/{k}": float(v) for k, v in result.items()}
+        return {f"mornn/{k}": float(v) for k, v in result.items()}
     return {}
 
 
