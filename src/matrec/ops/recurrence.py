@@ -1,0 +1,212 @@
+"""Fused single-layer RNN recurrence ``h_t = phi(xproj_t + h_{t-1} @ W^T)`` with its own backward.
+
+PyTorch's fused RNN kernels know only tanh and relu; MORNN's memory recipe needs modReLU (and offers
+identity). Autograd through a Python loop over time records ~5 graph nodes per step and replays them
+all backwards; here the forward runs without a graph, saves the pre-activations ``z_t``, and the
+backward runs the reverse recurrence with ``W`` (``dL/dh_{t-1} = dL/dz_t @ W``) in two ops per step,
+then gets ``dL/dW`` as ONE ``[H, T*B] x [T*B, H]`` product instead of T small ones.
+
+Conventions (nn.RNN's): time-major ``xproj [T, B, H]`` (the input projection with both biases
+already added), ``W [H, H]`` acts on row vectors as ``h @ W^T``, ``h0 [B, H]``. The state is carried
+in float32 whatever the I/O dtype (float64 stays float64); the output has ``xproj``'s dtype.
+
+The op is registered with ``torch.library`` (``matrec::rnn_recurrence``: custom op, fake kernel,
+autograd), so modules using it trace under ``torch.compile(fullgraph=True)``. ``recurrence_reference``
+is the plain autograd loop every test compares against.
+"""
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import torch
+from torch import Tensor
+
+from ..registry import Registry
+
+
+class Phi(NamedTuple):
+    """A nonlinearity with what its backward needs.
+
+    ``forward(z, b) -> h``; ``slope(z, h, b) -> dh/dz`` (elementwise); ``bias_slope(z, h, b) -> dh/db``
+    (elementwise, only for nonlinearities with a learned bias ``b [H]``).
+    """
+
+    forward: Callable[[Tensor, Tensor | None], Tensor]
+    slope: Callable[[Tensor, Tensor, Tensor | None], Tensor]
+    bias_slope: Callable[[Tensor, Tensor, Tensor | None], Tensor] | None = None
+
+
+NONLINEARITIES: Registry[Phi] = Registry("recurrence nonlinearity", argument="nonlinearity")
+
+
+def modrelu(z: Tensor, b: Tensor) -> Tensor:
+    """modReLU ``sign(z) * relu(|z| + b)`` (b ``[H]`` learned; b < 0 gives a dead zone around 0)."""
+    return torch.sign(z) * torch.relu(z.abs() + b)
+
+
+def _modrelu_slope(z, h, b):
+    # d/dz sign(z)(|z|+b) = sign(z)^2 on the live side; autograd's convention (0 at z = 0) kept.
+    s = torch.sign(z)
+    return s * s * ((z.abs() + b) > 0).to(z.dtype)
+
+
+def _modrelu_bias_slope(z, h, b):
+    return torch.sign(z) * ((z.abs() + b) > 0).to(z.dtype)
+
+
+NONLINEARITIES.register("tanh", Phi(lambda z, b: torch.tanh(z), lambda z, h, b: 1 - h * h))
+NONLINEARITIES.register("relu", Phi(lambda z, b: torch.relu(z), lambda z, h, b: (z > 0).to(z.dtype)))
+NONLINEARITIES.register("modrelu", Phi(modrelu, _modrelu_slope, _modrelu_bias_slope))
+NONLINEARITIES.register("identity", Phi(lambda z, b: z, lambda z, h, b: torch.ones_like(z)))
+
+
+def _state_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _check(xproj: Tensor, weight: Tensor, h0: Tensor | None, bias: Tensor | None, nonlinearity: str):
+    phi = NONLINEARITIES.get(nonlinearity)
+    if not isinstance(xproj, Tensor) or xproj.dim() != 3 or not xproj.is_floating_point():
+        raise ValueError(f"xproj must be a floating tensor [T, B, H], got "
+                         f"{getattr(xproj, 'shape', type(xproj).__name__)}")
+    T, B, H = xproj.shape
+    if weight.shape != (H, H):
+        raise ValueError(f"weight must be [H, H] = [{H}, {H}], got {list(weight.shape)}")
+    if h0 is not None and h0.shape != (B, H):
+        raise ValueError(f"h0 must be [B, H] = [{B}, {H}], got {list(h0.shape)}")
+    if (phi.bias_slope is None) != (bias is None):
+        raise ValueError(f"bias must be given exactly when nonlinearity has a learned bias "
+                         f"(modrelu); got nonlinearity={nonlinearity!r}, bias={'set' if bias is not None else None}")
+    if bias is not None and bias.shape != (H,):
+        raise ValueError(f"bias must be [H] = [{H}], got {list(bias.shape)}")
+    return phi
+
+
+def recurrence_reference(xproj: Tensor, weight: Tensor, h0: Tensor | None = None,
+                         bias: Tensor | None = None, nonlinearity: str = "modrelu") -> Tensor:
+    """The definition, as a plain autograd loop over time. Same arguments as :func:`recurrence`."""
+    phi = _check(xproj, weight, h0, bias, nonlinearity)
+    sdt = _state_dtype(xproj.dtype)
+    T, B, H = xproj.shape
+    W = weight.to(sdt)
+    b = None if bias is None else bias.to(sdt)
+    h = xproj.new_zeros(B, H, dtype=sdt) if h0 is None else h0.to(sdt)
+    out = []
+    for t in range(T):
+        h = phi.forward(xproj[t].to(sdt) + h @ W.t(), b)  # [B, H]
+        out.append(h)
+    return torch.stack(out).to(xproj.dtype)  # [T, B, H]
+
+
+# ---------------------------------------------------------------------------------------------
+# The op: forward loop without a graph, backward as the reverse recurrence.
+# ---------------------------------------------------------------------------------------------
+
+def _forward_impl(xproj, weight, h0, bias, nonlinearity):
+    phi = NONLINEARITIES.get(nonlinearity)
+    sdt = _state_dtype(xproj.dtype)
+    T, B, H = xproj.shape
+    x = xproj.to(sdt)
+    Wt = weight.to(sdt).t()
+    b = None if bias is None else bias.to(sdt)
+    h = x.new_zeros(B, H) if h0 is None else h0.to(sdt)
+    z = torch.empty_like(x)    # [T, B, H] pre-activations, saved for backward
+    out = torch.empty_like(x)  # [T, B, H]
+    for t in range(T):
+        torch.addmm(x[t], h, Wt, out=z[t])
+        out[t] = phi.forward(z[t], b)
+        h = out[t]
+    return out, z
+
+
+@torch.library.custom_op("matrec::rnn_recurrence", mutates_args=())
+def _rnn_recurrence(xproj: Tensor, weight: Tensor, h0: Tensor | None, bias: Tensor | None,
+                    nonlinearity: str) -> tuple[Tensor, Tensor]:
+    # Both outputs in the state dtype: the backward needs the unrounded states.
+    return _forward_impl(xproj, weight, h0, bias, nonlinearity)
+
+
+@_rnn_recurrence.register_fake
+def _(xproj, weight, h0, bias, nonlinearity):
+    sdt = _state_dtype(xproj.dtype)
+    return torch.empty_like(xproj, dtype=sdt), torch.empty_like(xproj, dtype=sdt)
+
+
+@torch.library.custom_op("matrec::rnn_recurrence_backward", mutates_args=())
+def _rnn_recurrence_backward(grad_out: Tensor, z: Tensor, out: Tensor, weight: Tensor,
+                             h0: Tensor | None, bias: Tensor | None, nonlinearity: str
+                             ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Returns (d xproj [T,B,H], d W [H,H], d h0 [B,H], d bias [H]) in the state dtype."""
+    phi = NONLINEARITIES.get(nonlinearity)
+    sdt = z.dtype
+    T, B, H = z.shape
+    W = weight.to(sdt)
+    b = None if bias is None else bias.to(sdt)
+    g = grad_out.to(sdt)                                  # [T, B, H] dL/dh_t from outside
+    h = out                                               # [T, B, H] states, state dtype
+    slope = phi.slope(z, h, b)                            # [T, B, H] dh_t/dz_t, all steps at once
+    gz = torch.empty_like(z)                              # [T, B, H] dL/dz_t
+    gh = g[T - 1].clone()                                 # total dL/dh_t, starts at the last step
+    keep_gh = phi.bias_slope is not None
+    gh_all = torch.empty_like(z) if keep_gh else None
+    for t in range(T - 1, -1, -1):
+        if keep_gh:
+            gh_all[t] = gh
+        torch.mul(gh, slope[t], out=gz[t])
+        if t > 0:
+            gh = torch.addmm(g[t - 1], gz[t], W)          # dL/dh_{t-1} = g_{t-1} + dL/dz_t @ W
+    grad_h0 = gz[0] @ W                                   # [B, H]
+    h0s = h.new_zeros(B, H) if h0 is None else h0.to(sdt)
+    h_prev = torch.cat([h0s[None], h[:-1]])               # [T, B, H]
+    grad_W = gz.reshape(-1, H).t() @ h_prev.reshape(-1, H)  # [H, H]: one GEMM over all steps
+    if keep_gh:
+        grad_b = (gh_all * phi.bias_slope(z, h, b)).sum(dim=(0, 1))  # [H]
+    else:
+        grad_b = z.new_zeros(H)
+    return gz, grad_W, grad_h0, grad_b
+
+
+@_rnn_recurrence_backward.register_fake
+def _(grad_out, z, out, weight, h0, bias, nonlinearity):
+    T, B, H = z.shape
+    return (torch.empty_like(z), z.new_empty(H, H), z.new_empty(B, H), z.new_empty(H))
+
+
+def _setup_context(ctx, inputs, output):
+    xproj, weight, h0, bias, nonlinearity = inputs
+    out, z = output
+    ctx.save_for_backward(z, out, weight, h0, bias)
+    ctx.nonlinearity = nonlinearity
+    ctx.dtypes = (xproj.dtype, weight.dtype,
+                  None if h0 is None else h0.dtype, None if bias is None else bias.dtype)
+
+
+def _backward(ctx, grad_out, grad_z):
+    z, out, weight, h0, bias = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    gx, gW, gh0, gb = _rnn_recurrence_backward(grad_out, z, out, weight, h0, bias, ctx.nonlinearity)
+    dx, dW, dh0, db = ctx.dtypes
+    return (gx.to(dx), gW.to(dW), None if h0 is None else gh0.to(dh0),
+            None if bias is None else gb.to(db), None)
+
+
+_rnn_recurrence.register_autograd(_backward, setup_context=_setup_context)
+
+
+def recurrence(xproj: Tensor, weight: Tensor, h0: Tensor | None = None, bias: Tensor | None = None,
+               nonlinearity: str = "modrelu") -> Tensor:
+    """Run ``h_t = phi(xproj_t + h_{t-1} @ weight^T (; bias))`` over time, fused forward and backward.
+
+    Args:
+        xproj: ``[T, B, H]`` input projection ``x_t @ W_ih^T + b_ih + b_hh``.
+        weight: ``[H, H]`` recurrent matrix.
+        h0: ``[B, H]`` initial state, zeros when None.
+        bias: ``[H]`` modReLU bias; required for ``"modrelu"``, must be None otherwise.
+        nonlinearity: one of ``NONLINEARITIES`` (tanh, relu, modrelu, identity).
+
+    Returns:
+        ``[T, B, H]`` all states ``h_1..h_T``, in ``xproj``'s dtype.
+    """
+    _check(xproj, weight, h0, bias, nonlinearity)
+    return _rnn_recurrence(xproj, weight, h0, bias, nonlinearity)[0].to(xproj.dtype)
