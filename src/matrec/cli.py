@@ -20,8 +20,8 @@ from pathlib import Path
 # task with a delay long enough that a model must carry 10 symbols through many steps, MORNN with its
 # recipe (RMSprop, orthogonal weights at 1/10 lr, clipping, modReLU, Henaff init) against an LSTM
 # of the usual setup on the same batches and the same number of steps.
-DEFAULT_BASE = dict(task="copy", task_args={"delay": 50}, steps=600, batch_size=32, eval_every=50,
-                    eval_batches=4, log_every=10, ckpt_every=100, warmup_steps=0)
+DEFAULT_BASE = dict(task="copy", task_args={"delay": 300}, steps=400, batch_size=32, eval_every=25,
+                    eval_batches=4, log_every=10, ckpt_every=100, warmup_steps=0, threads=1)
 DEFAULT_VARIANTS = [
     {"label": "mornn", "model": "mornn",
      "model_args": {"hidden_size": 128, "nonlinearity": "modrelu", "init": "henaff"},
