@@ -185,3 +185,11 @@ def test_mornn_groups_monitoring_and_exact_resume_across_refolds(tmp_path):
     Trainer(tiny(tmp_path, "killed", **kw)).train(until=5)
     Trainer.resume(tmp_path / "killed").train()
     assert (tmp_path / "full" / "metrics.jsonl").read_bytes() == (tmp_path / "killed" / "metrics.jsonl").read_bytes()
+
+
+def test_compiled_run_checkpoints_the_bare_model(tmp_path):
+    trainer = Trainer(tiny(tmp_path, "compiled", steps=2, compile=True, model="rnn"))
+    assert trainer.train()["status"] == "completed"
+    again = Trainer.resume(tmp_path / "compiled")      # keys load into an uncompiled model
+    for (name, a), (_, b) in zip(trainer.model.state_dict().items(), again.model.state_dict().items()):
+        assert not name.startswith("_orig_mod") and torch.equal(a, b)
