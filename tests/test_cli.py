@@ -147,7 +147,7 @@ def test_sample_needs_a_text_task(tmp_path, capsys):
 def test_bench_runs_scripts_and_errors_clearly(tmp_path, capsys, monkeypatch):
     bench = tmp_path / "benchmarks"
     bench.mkdir()
-    (bench / "hello.py").write_text("import sys\nprint('hello bench', sys.argv[1:])\n")
+    (bench / "hello.py").write_text("import sys  # --quick\nprint('hello bench', sys.argv[1:])\n")
     code = cli.main(["bench", "--dir", str(bench), "--quick"])
     assert code == 0
     code = cli.main(["bench", "--dir", str(bench), "--list"])
@@ -166,9 +166,12 @@ def test_bench_runs_scripts_and_errors_clearly(tmp_path, capsys, monkeypatch):
 def test_bench_passes_quick_to_the_scripts(tmp_path, capfd):
     bench = tmp_path / "benchmarks"
     bench.mkdir()
-    (bench / "echo.py").write_text("import sys\nprint('args', sys.argv[1:])\n")
+    (bench / "echo.py").write_text("import sys  # accepts --quick\nprint('args', sys.argv[1:])\n")
+    (bench / "full_only.py").write_text("print('full size ran')\n")
     assert cli.main(["bench", "--dir", str(bench), "--quick"]) == 0
-    assert "args ['--quick']" in capfd.readouterr().out
+    out = capfd.readouterr().out
+    assert "args ['--quick']" in out
+    assert "full_only: skipped" in out and "full size ran" not in out
 
 
 def test_default_experiment_wiring(tmp_path, capsys):

@@ -274,8 +274,12 @@ def cmd_bench(args) -> int:
     env = {**os.environ}
     src = Path(__file__).resolve().parents[1]
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(src), env.get("PYTHONPATH")]))
-    failed = []
+    failed, skipped = [], []
     for name in args.names or list(scripts):
+        if args.quick and "--quick" not in scripts[name].read_text():
+            skipped.append(name)   # a full-size run is not what --quick asked for
+            print(f"== {name}: skipped (the script has no --quick option)", flush=True)
+            continue
         cmd = [sys.executable, str(scripts[name])] + (["--quick"] if args.quick else [])
         print(f"== {name}: {' '.join(cmd[1:])}", flush=True)
         if subprocess.run(cmd, env=env).returncode != 0:
@@ -336,7 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run the repository's benchmark scripts (benchmarks/*.py); each "
                        "prints its own table.")
     p.add_argument("names", nargs="*", help="scripts to run (default all; see --list)")
-    p.add_argument("--quick", action="store_true", help="pass --quick to each script (small sizes)")
+    p.add_argument("--quick", action="store_true", help="pass --quick to each script (small sizes); "
+                   "scripts without a --quick option are skipped")
     p.add_argument("--list", action="store_true", help="list the scripts and exit")
     p.add_argument("--dir", default=None, help="benchmarks folder (default: found automatically)")
     p.set_defaults(func=cmd_bench)
