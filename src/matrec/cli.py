@@ -238,10 +238,19 @@ def cmd_sample(args) -> int:
         new = out[0, len(ids):] if out.dim() == 2 else out[len(ids):]
         sys.stdout.write(task.decode(new.tolist()))
     else:
+        # Tokens are decoded together and only the new text is printed: a byte-level BPE token
+        # alone can be half a character, and decoders join tokens with the right spacing.
+        new, shown = [], ""
         for token in generate(model, torch.as_tensor(ids), args.tokens, temperature=args.temperature,
                               top_k=args.top_k, generator=gen):
-            sys.stdout.write(task.decode([token]))
-            sys.stdout.flush()
+            new.append(token)
+            text = task.decode(new)
+            if not text.endswith("\ufffd") and text.startswith(shown):
+                sys.stdout.write(text[len(shown):])
+                sys.stdout.flush()
+                shown = text
+        text = task.decode(new)
+        sys.stdout.write(text[len(shown):] if text.startswith(shown) else "\n" + text)
     sys.stdout.write("\n")
     return 0
 
