@@ -23,7 +23,7 @@ from typing import Callable
 class MetricsLog:
     """Appends records to ``metrics.jsonl`` and mirrors them to TensorBoard."""
 
-    def __init__(self, run_dir: Path, tensorboard: bool = True) -> None:
+    def __init__(self, run_dir: Path, tensorboard: bool = True, purge_step: int | None = None) -> None:
         self.path = Path(run_dir) / "metrics.jsonl"
         self.writer = None
         if tensorboard:
@@ -33,7 +33,8 @@ class MetricsLog:
                 warnings.warn("tensorboard is not installed; metrics go to metrics.jsonl only "
                               "(pip install 'matrec[workbench]')")
             else:
-                self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tb"))
+                # purge_step: on resume, TensorBoard hides what the killed run logged after it
+                self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tb"), purge_step=purge_step)
 
     def truncate(self, keep: Callable[[dict], bool]) -> None:
         """Drop the records ``keep`` rejects (on resume: those written after the checkpoint)."""

@@ -172,7 +172,8 @@ class Trainer:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=1))
-        self.log = MetricsLog(self.run_dir, tensorboard=self.cfg.tensorboard)
+        self.log = MetricsLog(self.run_dir, tensorboard=self.cfg.tensorboard,
+                              purge_step=self.step + 1 if self.step else None)
         # A resumed run drops what the killed run logged after its checkpoint, and any record the
         # continued run would not write itself (the end-of-run evaluation of a shorter run).
         self.log.truncate(lambda r: r["step"] <= self.step and self._logs_at(r["kind"], r["step"]))
