@@ -31,13 +31,13 @@ DEFAULT_VARIANTS = [
 ]
 
 HELP = {
-    "task": "task name (copy, adding, ... see the error for the full list); default copy",
+    "task": "task name (default copy)",
     "task_args": "task option KEY=VALUE, repeatable (e.g. --task-arg delay=100); values are JSON",
-    "model": "model name (rnn, lstm, gru, mornn, ...); default lstm",
+    "model": "model name (default lstm)",
     "model_args": "model option KEY=VALUE, repeatable (e.g. --model-arg num_layers=2); values are JSON",
     "steps": "optimiser steps in total (default 1000)",
     "batch_size": "global batch size, split across torchrun processes (default 64)",
-    "optimizer": "adamw or rmsprop (default adamw)",
+    "optimizer": "optimiser (default adamw)",
     "lr": "peak learning rate (default 1e-3)",
     "weight_decay": "weight decay (default 0)",
     "orthogonal_lr_scale": "MORNN's orthogonal parameters train at lr times this (default 0.1)",
@@ -73,6 +73,10 @@ def _key_value(text: str) -> tuple[str, object]:
 
 def _add_config_options(p: argparse.ArgumentParser) -> None:
     """One option per TrainConfig field (defaults None: only what the user gives overrides)."""
+    from .data.tasks import TASKS
+    from .models import MODELS
+    from .train.optim import OPTIMIZERS
+    names = {"task": TASKS.names(), "model": MODELS.names(), "optimizer": OPTIMIZERS.names()}
     p.add_argument("--config", metavar="FILE", help="JSON file of TrainConfig fields; options given "
                    "on the command line override it")
     p.add_argument("--hidden-size", type=int, metavar="N", help="shortcut for --model-arg hidden_size=N")
@@ -87,8 +91,9 @@ def _add_config_options(p: argparse.ArgumentParser) -> None:
                            help=HELP[f.name])
         else:
             kind = {"int": int, "float": float}.get(str(f.type), str)
+            text = HELP[f.name] + (f"; one of {', '.join(names[f.name])}" if f.name in names else "")
             p.add_argument(flag, dest=f.name, type=kind, metavar=f.name.upper().split("_")[-1],
-                           help=HELP[f.name])
+                           help=text)
 
 
 def TrainConfigRef():
@@ -302,6 +307,11 @@ def cmd_bench(args) -> int:
 # ------------------------------------------------------------------------------------ parser
 
 
+def _describe_tasks() -> str:
+    from .data.tasks import describe_tasks
+    return describe_tasks()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="matrec", description="Train, evaluate, sample, compare and benchmark matrix "
@@ -313,7 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train one model on one task into a run directory (config.json, "
                        "metrics.jsonl, tb/, plot.png, checkpoints/, summary.json). With no arguments "
                        "at all, runs the default experiment (MORNN vs LSTM on copy). Under torchrun "
-                       "the same command trains with DistributedDataParallel.")
+                       "the same command trains with DistributedDataParallel.",
+                       epilog="Tasks and their --task-arg options:\n\n" + _describe_tasks(),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_config_options(p)
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest "
                    "checkpoint, exactly (its config is used; --steps may extend it)")
