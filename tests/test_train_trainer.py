@@ -193,3 +193,20 @@ def test_compiled_run_checkpoints_the_bare_model(tmp_path):
     again = Trainer.resume(tmp_path / "compiled")      # keys load into an uncompiled model
     for (name, a), (_, b) in zip(trainer.model.state_dict().items(), again.model.state_dict().items()):
         assert not name.startswith("_orig_mod") and torch.equal(a, b)
+
+
+@pytest.mark.parametrize("task, args", [
+    ("adding", {"length": 20}), ("selective_copy", {}), ("assoc_recall", {}), ("seq_digits", {}),
+    ("forecast", {"seq_len": 16, "length": 8192, "lag": 20}),
+    ("text_stream", {"vocab_size": 300, "seq_len": 16}),
+])
+def test_every_kind_of_task_trains_checkpoints_and_resumes(tmp_path, task, args):
+    if task.startswith("text"):
+        words = "the cat sat on a mat and a dog ran far away".split()
+        lines = [" ".join(words[(i * 7 + j) % len(words)] for j in range(9)) for i in range(400)]
+        (tmp_path / "t.txt").write_text("\n".join(lines))
+        args = {**args, "path": str(tmp_path / "t.txt")}
+    cfg = tiny(tmp_path, task, task=task, task_args=args, model="gru", steps=4, batch_size=4)
+    summary = Trainer(cfg).train()
+    assert summary["status"] == "completed" and all(math.isfinite(v) for v in summary["eval"].values())
+    assert Trainer.resume(tmp_path / task).step == 4
