@@ -124,6 +124,12 @@ def _config_from_args(args) -> "TrainConfig":
 def cmd_train(args) -> int:
     from .train import Trainer
     if args.resume:
+        given = [f.name for f in dataclasses.fields(TrainConfigRef())
+                 if f.name != "steps" and getattr(args, f.name, None) is not None]
+        given += [n for n in ("config", "hidden_size", "num_layers") if getattr(args, n, None) is not None]
+        if given:
+            raise ValueError(f"--resume continues the run with its saved config; only --steps may be "
+                             f"given with it, got {['--' + g.replace('_', '-') for g in given]}")
         trainer = Trainer.resume(args.resume, steps=args.steps)
     else:
         trainer = Trainer(_config_from_args(args))
