@@ -144,7 +144,8 @@ class Trainer:
         data = dict(meta["config"])
         if steps is not None:
             data["steps"] = steps
-        trainer = cls(TrainConfig.from_dict(data), run_dir=Path(run_dir))
+        # the run directory holds checkpoints/step-*/ (whichever of the three paths was given)
+        trainer = cls(TrainConfig.from_dict(data), run_dir=ckpt_dir.parent.parent)
         trainer._load(meta, ckpt_dir, tensors)
         return trainer
 
