@@ -1,0 +1,395 @@
+"""The ``matrec`` command: train, eval, sample, compare, bench.
+
+``matrec train`` with no arguments runs the embedded default experiment (MORNN vs LSTM on the copy
+task); every other use is ``matrec <command> --help``.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as _dt
+import inspect
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+# The default experiment (``matrec train`` with no arguments, the README's ``make demo``): the copy
+# task with a delay long enough that a model must carry 10 symbols through many steps, MORNN with its
+# recipe (RMSprop, orthogonal weights at 1/10 lr, clipping, modReLU, Henaff init) against an LSTM
+# of the usual setup on the same batches and the same number of steps.
+DEFAULT_BASE = dict(task="copy", task_args={"delay": 300}, steps=400, batch_size=32, eval_every=25,
+                    eval_batches=4, log_every=10, ckpt_every=100, warmup_steps=0, threads=1)
+DEFAULT_VARIANTS = [
+    {"label": "mornn", "model": "mornn",
+     "model_args": {"hidden_size": 128, "nonlinearity": "modrelu", "init": "henaff"},
+     "optimizer": "rmsprop", "lr": 1e-3, "orthogonal_lr_scale": 0.1, "grad_clip": 1.0},
+    {"label": "lstm", "model": "lstm", "model_args": {"hidden_size": 128},
+     "optimizer": "rmsprop", "lr": 1e-3, "grad_clip": 1.0},
+]
+
+HELP = {
+    "task": "task name (default copy)",
+    "task_args": "task option KEY=VALUE, repeatable (e.g. --task-arg delay=100); values are JSON",
+    "model": "model name (default lstm)",
+    "model_args": "model option KEY=VALUE, repeatable (e.g. --model-arg num_layers=2); values are JSON",
+    "steps": "optimiser steps in total (default 1000)",
+    "batch_size": "global batch size, split across torchrun processes (default 64)",
+    "optimizer": "optimiser (default adamw)",
+    "lr": "peak learning rate (default 1e-3)",
+    "weight_decay": "weight decay (default 0)",
+    "orthogonal_lr_scale": "MORNN's orthogonal parameters train at lr times this (default 0.1)",
+    "warmup_steps": "linear warm-up steps before the cosine decay (default 0)",
+    "min_lr_ratio": "the cosine ends at lr times this (default 0.1)",
+    "grad_clip": "clip the global gradient norm to this; 0 turns clipping off (default 1.0)",
+    "eval_every": "evaluate every N steps and at the end (default 100)",
+    "eval_batches": "validation batches per evaluation (default 4)",
+    "log_every": "log training metrics every N steps (default 10)",
+    "ckpt_every": "checkpoint every N steps and at the end (default 100)",
+    "seed": "random seed for initialisation and data (default 0)",
+    "device": "auto (CUDA when present), cpu, cuda or cuda:N (default auto)",
+    "amp": "bf16 autocast on CUDA (default on; CPU always runs fp32)",
+    "compile": "torch.compile the model (default off)",
+    "threads": "CPU threads for torch; 0 keeps torch's default (default 0)",
+    "out_dir": "parent folder of run directories (default runs)",
+    "run_name": "run directory name (default <task>-<model>-<timestamp>)",
+    "tensorboard": "write TensorBoard events to <run>/tb (default on)",
+    "plot": "write <run>/plot.png at the end (default on)",
+    "progress": "show a progress bar (default on)",
+}
+
+
+def _key_value(text: str) -> tuple[str, object]:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    key, value = text.split("=", 1)
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value   # a bare string such as a path
+
+
+def _add_config_options(p: argparse.ArgumentParser) -> None:
+    """One option per TrainConfig field (defaults None: only what the user gives overrides)."""
+    from .data.tasks import TASKS
+    from .models import MODELS
+    from .train.optim import OPTIMIZERS
+    names = {"task": TASKS.names(), "model": MODELS.names(), "optimizer": OPTIMIZERS.names()}
+    p.add_argument("--config", metavar="FILE", help="JSON file of TrainConfig fields; options given "
+                   "on the command line override it")
+    p.add_argument("--hidden-size", type=int, metavar="N", help="shortcut for --model-arg hidden_size=N")
+    p.add_argument("--num-layers", type=int, metavar="N", help="shortcut for --model-arg num_layers=N")
+    for f in dataclasses.fields(TrainConfigRef()):
+        flag = "--" + f.name.replace("_", "-")
+        if f.name in ("task_args", "model_args"):
+            p.add_argument("--" + f.name[:-1].replace("_", "-"), dest=f.name, action="append",
+                           type=_key_value, metavar="KEY=VALUE", help=HELP[f.name])
+        elif f.type in ("bool", bool):
+            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
+                           help=HELP[f.name])
+        else:
+            kind = {"int": int, "float": float}.get(str(f.type), str)
+            text = HELP[f.name] + (f"; one of {', '.join(names[f.name])}" if f.name in names else "")
+            p.add_argument(flag, dest=f.name, type=kind, metavar=f.name.upper().split("_")[-1],
+                           help=text)
+
+
+def TrainConfigRef():
+    from .train.config import TrainConfig
+    return TrainConfig
+
+
+def _config_from_args(args) -> "TrainConfig":
+    TrainConfig = TrainConfigRef()
+    data = TrainConfig.from_json(args.config).to_dict() if args.config else {}
+    for f in dataclasses.fields(TrainConfig):
+        value = getattr(args, f.name, None)
+        if value is None:
+            continue
+        if f.name in ("task_args", "model_args"):
+            data[f.name] = {**data.get(f.name, {}), **dict(value)}
+        else:
+            data[f.name] = value
+    for flag in ("hidden_size", "num_layers"):
+        if getattr(args, flag, None) is not None:
+            data.setdefault("model_args", {})[flag] = getattr(args, flag)
+    return TrainConfig.from_dict(data)
+
+
+# ------------------------------------------------------------------------------------ commands
+
+
+def cmd_train(args) -> int:
+    from .train import Trainer
+    if args.resume:
+        given = [f.name for f in dataclasses.fields(TrainConfigRef())
+                 if f.name != "steps" and getattr(args, f.name, None) is not None]
+        given += [n for n in ("config", "hidden_size", "num_layers") if getattr(args, n, None) is not None]
+        if given:
+            raise ValueError(f"--resume continues the run with its saved config; only --steps may be "
+                             f"given with it, got {['--' + g.replace('_', '-') for g in given]}")
+        trainer = Trainer.resume(args.resume, steps=args.steps)
+    else:
+        trainer = Trainer(_config_from_args(args))
+    summary = trainer.train()
+    if trainer.dist.is_main:
+        print(json.dumps({k: summary[k] for k in ("status", "step", "eval", "train_seconds", "run_dir")}))
+    return 0
+
+
+def default_experiment(out_dir: str = "runs", steps: int | None = None) -> int:
+    """``matrec train`` with no arguments: MORNN vs LSTM on the copy task, table + plot."""
+    from .models import MODELS
+    from .train import TrainConfig
+    from .train.compare import format_table, run_compare
+
+    variants = [dict(v) for v in DEFAULT_VARIANTS]
+    if "mornn" not in MODELS:   # MORNN not installed in this build: a plain RNN takes its place
+        variants[0] = {**variants[0], "label": "rnn", "model": "rnn",
+                       "model_args": {"hidden_size": 128}}
+    base = TrainConfig.from_dict({**DEFAULT_BASE, **({"steps": steps} if steps else {})})
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    out = Path(out_dir) / f"default-{stamp}"
+    print(f"matrec default experiment: {' vs '.join(v['label'] for v in variants)} on copy "
+          f"(delay {base.task_args['delay']}), {base.steps} steps of batch {base.batch_size} "
+          f"-> {out}", flush=True)
+    t0 = time.perf_counter()
+    results = run_compare(base, variants, out)
+    print(format_table(results))
+    print(f"plot: {out / 'compare.png'}   table: {out / 'results.md'}   "
+          f"wall time: {time.perf_counter() - t0:.0f} s")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from .train.compare import format_table, run_compare
+    base = _config_from_args(args)
+    models = [m for m in args.models.split(",") if m]
+    if not models:
+        raise ValueError("--models must name at least one model, e.g. --models lstm,gru")
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    out = Path(args.out or Path(base.out_dir) / f"compare-{base.task}-{stamp}")
+    results = run_compare(base, [{"model": m} for m in models], out)
+    print(format_table(results))
+    print(f"plot: {out / 'compare.png'}   results: {out / 'results.json'}, {out / 'results.md'}")
+    return 0
+
+
+def _load_for_inference(path):
+    from .data.tasks import build_task
+    from .models import build_model
+    from .train.checkpoint import load_checkpoint, load_model_weights
+    from .train.config import TrainConfig
+    meta, ckpt_dir, _ = load_checkpoint(path)
+    cfg = TrainConfig.from_dict(meta["config"])
+    task = build_task(cfg.task, **cfg.task_args)
+    model = build_model(cfg.model, **task.model_io(), **cfg.model_args)
+    load_model_weights(model, ckpt_dir)
+    return cfg, task, model.eval(), meta
+
+
+def cmd_eval(args) -> int:
+    from .train import Trainer
+    from .train.checkpoint import load_checkpoint
+    meta, ckpt_dir, tensors = load_checkpoint(args.checkpoint)
+    cfg = TrainConfigRef().from_dict({**meta["config"], "progress": False,
+                                      **({"device": args.device} if args.device else {})})
+    trainer = Trainer(cfg, run_dir=Path(args.checkpoint))
+    trainer._load(meta, ckpt_dir, tensors)
+    metrics = trainer.evaluate(args.batches)
+    print(json.dumps({"step": meta["step"], "task": cfg.task, "model": cfg.model, **metrics}))
+    return 0
+
+
+def generate(model, prompt, tokens: int, *, temperature: float = 1.0, top_k: int | None = None,
+             generator=None):
+    """Yield ``tokens`` sampled token ids after ``prompt [T]``, streaming the model's state: the
+    prompt is read once, then one token per forward call, so memory does not grow with length.
+    A model whose state is None (stateless) is re-fed its whole context instead."""
+    import torch
+    with torch.no_grad():
+        context = prompt[None]                     # [1, T]
+        out, state = model(context, None)
+        for _ in range(tokens):
+            logits = out[0, -1].float() / max(temperature, 1e-6)   # [V]
+            if top_k:
+                kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            nxt = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)  # [1]
+            yield int(nxt)
+            if state is None:
+                context = torch.cat([context, nxt[None]], 1)
+                out, state = model(context, None)
+            else:
+                out, state = model(nxt[None], state)
+
+
+def cmd_sample(args) -> int:
+    import torch
+    cfg, task, model, _ = _load_for_inference(args.checkpoint)
+    try:
+        ids = task.encode(args.prompt)
+    except (NotImplementedError, AttributeError):
+        raise ValueError(f"sample needs a text task (one with a vocabulary to decode); this checkpoint "
+                         f"was trained on {cfg.task!r}") from None
+    if len(ids) == 0:
+        raise ValueError("--prompt must encode to at least one token")
+    gen = torch.Generator().manual_seed(args.seed)
+    sys.stdout.write(args.prompt)
+    if hasattr(model, "generate"):
+        accepted = inspect.signature(model.generate).parameters
+        options = {"max_new_tokens": args.tokens, "temperature": args.temperature,
+                   "top_k": args.top_k, "generator": gen}
+        with torch.no_grad():
+            out = model.generate(torch.as_tensor(ids)[None],
+                                 **{k: v for k, v in options.items() if k in accepted or any(
+                                     a.kind is a.VAR_KEYWORD for a in accepted.values())})
+        new = out[0, len(ids):] if out.dim() == 2 else out[len(ids):]
+        sys.stdout.write(task.decode(new.tolist()))
+    else:
+        # Tokens are decoded together and only the new text is printed: a byte-level BPE token
+        # alone can be half a character, and decoders join tokens with the right spacing.
+        new, shown = [], ""
+        for token in generate(model, torch.as_tensor(ids), args.tokens, temperature=args.temperature,
+                              top_k=args.top_k, generator=gen):
+            new.append(token)
+            text = task.decode(new)
+            if not text.endswith("\ufffd") and text.startswith(shown):
+                sys.stdout.write(text[len(shown):])
+                sys.stdout.flush()
+                shown = text
+        text = task.decode(new)
+        sys.stdout.write(text[len(shown):] if text.startswith(shown) else "\n" + text)
+    sys.stdout.write("\n")
+    return 0
+
+
+def find_benchmarks(path: str | None = None) -> Path:
+    """The benchmarks/ folder: ``--dir``, ``$MATREC_BENCHMARKS``, ./benchmarks, or the source
+    checkout this package was installed from (editable installs)."""
+    candidates = [path, os.environ.get("MATREC_BENCHMARKS"), Path.cwd() / "benchmarks",
+                  Path(__file__).resolve().parents[2] / "benchmarks"]
+    for c in candidates:
+        if c and Path(c).is_dir():
+            return Path(c)
+    raise FileNotFoundError(
+        "no benchmarks/ folder found (looked at --dir, $MATREC_BENCHMARKS, ./benchmarks and "
+        f"{Path(__file__).resolve().parents[2] / 'benchmarks'}); the benchmark scripts ship with the "
+        "source checkout: run `matrec bench` from the repository root or pass --dir")
+
+
+def cmd_bench(args) -> int:
+    folder = find_benchmarks(args.dir)
+    scripts = {p.stem: p for p in sorted(folder.glob("*.py")) if not p.name.startswith("_")}
+    if args.list:
+        print("\n".join(scripts) or f"(no scripts in {folder})")
+        return 0
+    unknown = [n for n in args.names if n not in scripts]
+    if unknown:
+        raise ValueError(f"benchmark must be one of {sorted(scripts)}, got {unknown}")
+    if not scripts:
+        raise FileNotFoundError(f"no benchmark scripts (*.py) in {folder}")
+    env = {**os.environ}
+    src = Path(__file__).resolve().parents[1]
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(src), env.get("PYTHONPATH")]))
+    failed, skipped = [], []
+    for name in args.names or list(scripts):
+        if args.quick and "--quick" not in scripts[name].read_text():
+            skipped.append(name)   # a full-size run is not what --quick asked for
+            print(f"== {name}: skipped (the script has no --quick option)", flush=True)
+            continue
+        cmd = [sys.executable, str(scripts[name])] + (["--quick"] if args.quick else [])
+        print(f"== {name}: {' '.join(cmd[1:])}", flush=True)
+        if subprocess.run(cmd, env=env).returncode != 0:
+            failed.append(name)
+    if failed:
+        print(f"benchmarks failed: {failed}", file=sys.stderr)
+        return 1
+    return 0
+
+
+# ------------------------------------------------------------------------------------ parser
+
+
+def _describe_tasks() -> str:
+    from .data.tasks import describe_tasks
+    return describe_tasks()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="matrec", description="Train, evaluate, sample, compare and benchmark matrix "
+        "recurrences (MORNN, MRU) against LSTM/GRU/transformers. `matrec train` with no arguments "
+        "runs the default experiment: MORNN vs LSTM on the copy task (a table and a plot).")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("train", help="train one model on one task (no arguments: the default experiment)",
+                       description="Train one model on one task into a run directory (config.json, "
+                       "metrics.jsonl, tb/, plot.png, checkpoints/, summary.json). With no arguments "
+                       "at all, runs the default experiment (MORNN vs LSTM on copy). Under torchrun "
+                       "the same command trains with DistributedDataParallel.",
+                       epilog="Tasks and their --task-arg options:\n\n" + _describe_tasks(),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_config_options(p)
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest "
+                   "checkpoint, exactly (its config is used; --steps may extend it)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a checkpoint", description="Evaluate a checkpoint "
+                       "on its task's validation batches and print the metrics as JSON.")
+    p.add_argument("checkpoint", help="run directory, its checkpoints/ folder, or a step-* folder")
+    p.add_argument("--batches", type=int, default=None, help="validation batches (default: the run's eval_batches)")
+    p.add_argument("--device", default=None, help="device to evaluate on (default: the run's)")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("sample", help="generate text from a checkpoint of a text task",
+                       description="Generate text from a language-model checkpoint, streaming the "
+                       "recurrent state token by token (memory stays constant).")
+    p.add_argument("checkpoint", help="run directory, its checkpoints/ folder, or a step-* folder")
+    p.add_argument("--prompt", default="\n", help="text to start from (default a newline)")
+    p.add_argument("--tokens", type=int, default=200, help="tokens to generate (default 200)")
+    p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (default 1.0)")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest tokens only")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("compare", help="train several models on one task: one table and one plot",
+                       description="Train each of --models with the same settings and data, then "
+                       "print one table and write compare.png, results.json and results.md.")
+    p.add_argument("--models", required=True, help="comma-separated model names, e.g. lstm,gru,mornn")
+    p.add_argument("--out", default=None, help="output folder (default <out-dir>/compare-<task>-<time>)")
+    _add_config_options(p)
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("bench", help="run the benchmark scripts in benchmarks/",
+                       description="Run the repository's benchmark scripts (benchmarks/*.py); each "
+                       "prints its own table.")
+    p.add_argument("names", nargs="*", help="scripts to run (default all; see --list)")
+    p.add_argument("--quick", action="store_true", help="pass --quick to each script (small sizes); "
+                   "scripts without a --quick option are skipped")
+    p.add_argument("--list", action="store_true", help="list the scripts and exit")
+    p.add_argument("--dir", default=None, help="benchmarks folder (default: found automatically)")
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv == ["train"]:
+        return default_experiment()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from .train import CheckpointError, NonFiniteError
+    try:
+        return args.func(args)
+    except NonFiniteError as e:
+        print(f"matrec: {e}", file=sys.stderr)
+        return 1
+    except (ValueError, TypeError, FileNotFoundError, CheckpointError) as e:
+        parser.exit(2, f"matrec {args.command}: error: {e}\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,226 @@
+"""Checkpoints: safetensors for tensors, JSON for everything else, committed atomically.
+
+Layout of ``<run>/checkpoints/``::
+
+    latest.json               {"step": 200, "dir": "step-00000200"}   (replaced atomically)
+    step-00000200/
+        model.safetensors     the model's weights (loadable on their own)
+        state.safetensors     optimiser tensors, RNG states, the carried stream state
+        state.json            step, config, optimiser/schedule settings, task cursor, file hashes
+
+A checkpoint directory is written under a temporary name and renamed into place, then
+``latest.json`` is swapped with ``os.replace``: a run killed at any moment leaves the previous
+checkpoint complete and pointed to. ``state.json`` records the SHA-256 of both tensor files, so a
+truncated or altered file is reported as corrupt instead of loading garbage.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+FORMAT = "matrec-checkpoint"
+VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, incomplete or corrupt."""
+
+
+# ---------------------------------------------------------------------------------------------
+# nested tensors (an LSTM's (h, c), a list of per-layer states, ...) <-> flat dict + JSON spec
+
+
+def flatten_tensors(obj, prefix: str, out: dict[str, Tensor]):
+    """Move every tensor in a nested tuple/list/dict ``obj`` into ``out`` under ``prefix.<path>``
+    and return a JSON-able spec that :func:`unflatten_tensors` turns back into ``obj``."""
+    if obj is None:
+        return None
+    if isinstance(obj, Tensor):
+        out[prefix] = obj.detach().to("cpu").contiguous().clone()
+        return {"tensor": prefix}
+    if isinstance(obj, (tuple, list)):
+        return {"seq": [flatten_tensors(v, f"{prefix}.{i}", out) for i, v in enumerate(obj)],
+                "tuple": isinstance(obj, tuple)}
+    if isinstance(obj, dict):
+        return {"map": {str(k): flatten_tensors(v, f"{prefix}.{k}", out) for k, v in obj.items()}}
+    if isinstance(obj, (bool, int, float, str)):
+        return {"value": obj}
+    raise TypeError(f"cannot checkpoint a value of type {type(obj).__name__} at {prefix!r}")
+
+
+def unflatten_tensors(spec, tensors: dict[str, Tensor], device=None):
+    if spec is None:
+        return None
+    if "tensor" in spec:
+        t = tensors[spec["tensor"]]
+        return t if device is None else t.to(device)
+    if "seq" in spec:
+        items = [unflatten_tensors(s, tensors, device) for s in spec["seq"]]
+        return tuple(items) if spec["tuple"] else items
+    if "map" in spec:
+        return {k: unflatten_tensors(s, tensors, device) for k, s in spec["map"].items()}
+    return spec["value"]
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_checkpoint(root: str | Path, *, model: nn.Module, tensors: dict[str, Tensor], meta: dict,
+                    keep: int = 1) -> Path:
+    """Write one checkpoint under ``root`` atomically and point ``latest.json`` at it.
+
+    Args:
+        model: the bare module (not DDP/compiled wrappers); its weights go to model.safetensors.
+        tensors: every other tensor (optimiser, RNG, stream state), flat names -> tensors.
+        meta: JSON-able state; must hold ``step``.
+        keep: how many step directories to keep (older ones are removed after the switch).
+    """
+    from safetensors.torch import save_file, save_model
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    step = int(meta["step"])
+    name = f"step-{step:08d}"
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}.", suffix=".tmp"))
+    try:
+        save_model(model, str(tmp / "model.safetensors"))
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "state.safetensors"))
+        files = {f: _sha256(tmp / f) for f in ("model.safetensors", "state.safetensors")}
+        (tmp / "state.json").write_text(json.dumps({"format": FORMAT, "version": VERSION, **meta,
+                                                    "files": files}, indent=1))
+        for f in ("model.safetensors", "state.safetensors", "state.json"):
+            _fsync(tmp / f)
+        final = root / name
+        if final.exists():  # re-saving a step (e.g. after a resume): move the old one out of the way
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _write_json_atomic(root / "latest.json", {"step": step, "dir": name})
+    steps = sorted(p for p in root.glob("step-*") if p.is_dir())
+    for old in steps[:-keep] if keep > 0 else []:
+        if old.name != name:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """The checkpoint directory that ``path`` names: a run directory, its ``checkpoints/`` folder
+    (both via ``latest.json``), or one ``step-*`` directory."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint path {str(path)!r} does not exist")
+    for root in (path, path / "checkpoints"):
+        latest = root / "latest.json"
+        if latest.is_file():
+            try:
+                return root / json.loads(latest.read_text())["dir"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise CheckpointError(f"corrupt checkpoint pointer {str(latest)!r}: {e}") from None
+    if (path / "state.json").is_file():
+        return path
+    raise CheckpointError(f"no checkpoint found at {str(path)!r}: expected a run directory, its "
+                          f"checkpoints/ folder, or a step-* directory holding state.json")
+
+
+def load_checkpoint(path: str | Path) -> tuple[dict, Path, dict[str, Tensor]]:
+    """Read and verify a checkpoint: ``(meta, checkpoint_dir, other_tensors)`` (tensors on CPU).
+
+    Load the weights with :func:`load_model_weights`. Raises :class:`CheckpointError` naming the
+    file when anything is missing or corrupt.
+    """
+    from safetensors.torch import load_file
+
+    ckpt = resolve_checkpoint(path)
+    state_json = ckpt / "state.json"
+    if not state_json.is_file():
+        raise CheckpointError(f"checkpoint {str(ckpt)!r} is incomplete: state.json is missing")
+    try:
+        meta = json.loads(state_json.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"checkpoint {str(ckpt)!r} is corrupt: state.json is not valid JSON ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"{str(state_json)!r} is not a matrec checkpoint (format {FORMAT!r} expected)")
+    for name in ("model.safetensors", "state.safetensors"):
+        f = ckpt / name
+        if not f.is_file():
+            raise CheckpointError(f"checkpoint {str(ckpt)!r} is incomplete: {name} is missing")
+        if _sha256(f) != meta.get("files", {}).get(name):
+            raise CheckpointError(f"checkpoint {str(ckpt)!r} is corrupt: {name} does not match the "
+                                  f"SHA-256 recorded in state.json (truncated or modified file)")
+    try:
+        tensors = load_file(str(ckpt / "state.safetensors"))
+    except Exception as e:  # safetensors raises its own error types
+        raise CheckpointError(f"checkpoint {str(ckpt)!r} is corrupt: cannot read state.safetensors ({e})") from None
+    return meta, ckpt, tensors
+
+
+def load_model_weights(model: nn.Module, ckpt_dir: str | Path, *, exact: bool = False) -> None:
+    """Load ``<ckpt_dir>/model.safetensors`` into ``model`` strictly (tied weights restored).
+
+    ``exact=True`` (resume) then copies every stored tensor over once more, bypassing load hooks,
+    so the model holds exactly the saved bits (e.g. MORNN re-projects its orthogonal bases on
+    load, which is right for a hand-edited file but would perturb a resumed run in the last bit).
+    """
+    from safetensors.torch import load_file, load_model
+
+    path = str(Path(ckpt_dir) / "model.safetensors")
+    try:
+        load_model(model, path, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"checkpoint weights in {str(ckpt_dir)!r} do not fit the model: {e}") from None
+    if exact:
+        targets = dict(model.named_parameters(remove_duplicate=False))
+        targets.update(model.named_buffers(remove_duplicate=False))
+        with torch.no_grad():
+            for name, value in load_file(path).items():
+                if name in targets:
+                    targets[name].copy_(value)
+
+
+# ---------------------------------------------------------------------------------------------
+# optimiser state: tensors to safetensors, the rest to JSON
+
+
+def optimizer_to_flat(optimizer: torch.optim.Optimizer, out: dict[str, Tensor]) -> dict:
+    sd = optimizer.state_dict()
+    state_spec = {str(idx): flatten_tensors(s, f"optim.{idx}", out) for idx, s in sd["state"].items()}
+    return {"state": state_spec, "param_groups": sd["param_groups"]}
+
+
+def optimizer_from_flat(optimizer: torch.optim.Optimizer, spec: dict, tensors: dict[str, Tensor]) -> None:
+    state = {int(idx): unflatten_tensors(s, tensors) for idx, s in spec["state"].items()}
+    optimizer.load_state_dict({"state": state, "param_groups": spec["param_groups"]})

@@ -1,0 +1,62 @@
+"""Optimisers (by name), parameter groups with per-group learning rates, and the lr schedule."""
+from __future__ import annotations
+
+import importlib
+import math
+
+import torch
+from torch import nn
+
+from ..registry import Registry
+from .config import TrainConfig
+
+OPTIMIZERS: Registry = Registry("optimizer", argument="optimizer")
+
+
+@OPTIMIZERS.register("adamw")
+def _adamw(groups, cfg: TrainConfig) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+@OPTIMIZERS.register("rmsprop")
+def _rmsprop(groups, cfg: TrainConfig) -> torch.optim.Optimizer:
+    return torch.optim.RMSprop(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def _mornn_groups_fn():
+    """``matrec.mornn_param_groups`` when the MORNN module is installed, else None."""
+    try:
+        return getattr(importlib.import_module("matrec.nn.mornn"), "mornn_param_groups")
+    except (ImportError, AttributeError):
+        return None
+
+
+def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
+    """Parameter groups, each with its own ``lr``: MORNN's orthogonal parameters at
+    ``lr * orthogonal_lr_scale`` (via ``matrec.mornn_param_groups``), everything else at ``lr``.
+
+    Models without orthogonal parameters (or builds without MORNN) get one group. Each group also
+    records ``base_lr``, the peak the schedule scales.
+    """
+    fn = _mornn_groups_fn()
+    if fn is not None:
+        groups = [dict(g) for g in fn(model, cfg.lr, orthogonal_lr=cfg.lr * cfg.orthogonal_lr_scale,
+                                      weight_decay=cfg.weight_decay)]
+    else:
+        groups = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": cfg.lr}]
+    for g in groups:
+        g["base_lr"] = g["lr"]
+    return groups
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Multiplier of each group's ``base_lr`` at ``step`` (0-based): linear warm-up over
+    ``warmup_steps``, then cosine from 1 down to ``min_lr_ratio`` at the last step.
+
+    A pure function of the step, so resuming needs no scheduler state.
+    """
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    decay_steps = max(cfg.steps - cfg.warmup_steps - 1, 1)
+    progress = min((step - cfg.warmup_steps) / decay_steps, 1.0)
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))

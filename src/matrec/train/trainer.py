@@ -1,0 +1,354 @@
+"""The training loop (nanoGPT-style: one readable loop, no callbacks).
+
+    trainer = Trainer(TrainConfig(task="copy", model="lstm", steps=500))
+    summary = trainer.train()          # -> dict; writes the run directory
+    Trainer.resume("runs/copy-lstm-...").train()   # continue a killed run exactly
+
+Per step: lr from the schedule -> batch (this process's rows of the global batch) -> forward under
+bf16 autocast on CUDA -> NaN/Inf guard on the loss -> backward -> per-layer grad norms (log steps) ->
+clip -> NaN/Inf guard on the grad norm -> optimiser step. Periodic evaluation and checkpoints; on a
+stream task the model's state is carried (detached) from one batch to the next.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import importlib
+import json
+import math
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from ..data.tasks import build_task
+from ..models import build_model
+from .checkpoint import (flatten_tensors, load_checkpoint, load_model_weights, optimizer_from_flat,
+                         optimizer_to_flat, save_checkpoint, unflatten_tensors)
+from .config import TrainConfig
+from .distributed import DistInfo, all_mean, barrier, init_distributed
+from .optim import OPTIMIZERS, lr_factor, param_groups
+from .rundir import MetricsLog, plot_metrics, read_metrics
+
+
+class NonFiniteError(RuntimeError):
+    """Training produced a NaN/Inf loss or gradient; the run stopped, its last checkpoint is good."""
+
+
+def resolve_device(name: str, info: DistInfo | None = None) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and info is not None and info.enabled:
+        name = f"cuda:{info.local_rank}"
+    return torch.device(name)
+
+
+def detach_state(state):
+    """The carried recurrent state without its graph (truncated back-propagation)."""
+    if isinstance(state, Tensor):
+        return state.detach()
+    if isinstance(state, (tuple, list)):
+        return type(state)(detach_state(s) for s in state)
+    if isinstance(state, dict):
+        return {k: detach_state(v) for k, v in state.items()}
+    return state
+
+
+def layer_of(param_name: str) -> str:
+    """The layer a parameter belongs to, for grad-norm monitoring: its module path cut to two
+    levels (``rnn.weight_hh_l0`` -> ``rnn``; ``blocks.3.attn.qkv.weight`` -> ``blocks.3``)."""
+    parts = param_name.split(".")[:-1] or [param_name]
+    return ".".join(parts[:2])
+
+
+def orthogonality_errors(model: nn.Module) -> dict[str, float]:
+    """``matrec.orthogonality_report(model)`` under ``mornn/`` (per MORNN layer: max |W^T W - I|
+    and gradient norms) when MORNN is installed and the model has such layers; else empty."""
+    try:
+        report = getattr(importlib.import_module("matrec.nn.mornn"), "orthogonality_report")
+    except (ImportError, AttributeError):
+        return {}
+    result = report(model)
+    if isinstance(result, dict):
+        return {f"mornn/{k}": float(v) for k, v in result.items()}
+    return {}
+
+
+def module_counters(model: nn.Module) -> dict[str, int]:
+    """Training-forward counters kept as plain Python ints outside the state dict (MORNN's
+    ``_forwards``, which schedules its refolds): checkpointed so a resumed run refolds at the
+    same steps as an uninterrupted one."""
+    return {name: m._forwards for name, m in model.named_modules()
+            if type(getattr(m, "_forwards", None)) is int}
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+class Trainer:
+    """Trains ``config.model`` on ``config.task`` and writes a run directory (rank 0 only).
+
+    Args:
+        config: the run's settings.
+        run_dir: where to write; default ``<out_dir>/<run_name or task-model-timestamp>``.
+    """
+
+    def __init__(self, config: TrainConfig, run_dir: str | Path | None = None) -> None:
+        self.cfg = cfg = config
+        self.dist = init_distributed("cuda" if resolve_device(cfg.device).type == "cuda" else "cpu")
+        self.device = resolve_device(cfg.device, self.dist)
+        if cfg.batch_size % self.dist.world_size:
+            raise ValueError(f"batch_size ({cfg.batch_size}) must be divisible by the number of "
+                             f"processes ({self.dist.world_size})")
+        self.local_batch = cfg.batch_size // self.dist.world_size
+
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        torch.manual_seed(cfg.seed)  # model init and anything stochastic in training
+        self.task = build_task(cfg.task, **cfg.task_args)
+        self.model = build_model(cfg.model, **self.task.model_io(), **cfg.model_args).to(self.device)
+        self.optimizer = OPTIMIZERS.get(cfg.optimizer)(param_groups(self.model, cfg), cfg)
+        self.data_gen = torch.Generator().manual_seed(cfg.seed)
+        self.step = 0
+        self.stream_state = None   # carried across batches on stream tasks
+        self.last_eval: dict[str, float] = {}
+        self.elapsed = 0.0         # training seconds, summed over resumes
+
+        if run_dir is None:
+            stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+            run_dir = Path(cfg.out_dir) / (cfg.run_name or f"{cfg.task}-{cfg.model}-{stamp}")
+        self.run_dir = Path(run_dir)
+        self.ckpt_root = self.run_dir / "checkpoints"
+        self.log: MetricsLog | None = None
+
+        self.forward_module: nn.Module = self.model
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.forward_module = DDP(self.model, device_ids=ids)
+        if cfg.compile:
+            self.forward_module = torch.compile(self.forward_module)
+
+    # ------------------------------------------------------------------ setup / resume
+
+    @classmethod
+    def resume(cls, run_dir: str | Path, steps: int | None = None) -> "Trainer":
+        """Re-open ``run_dir`` at its latest checkpoint; ``steps`` extends (or sets) the total.
+
+        The config comes from the checkpoint, so the continued run is the same run.
+        """
+        meta, ckpt_dir, tensors = load_checkpoint(run_dir)
+        data = dict(meta["config"])
+        if steps is not None:
+            data["steps"] = steps
+        # the run directory holds checkpoints/step-*/ (whichever of the three paths was given)
+        trainer = cls(TrainConfig.from_dict(data), run_dir=ckpt_dir.parent.parent)
+        trainer._load(meta, ckpt_dir, tensors)
+        return trainer
+
+    def _load(self, meta: dict, ckpt_dir: Path, tensors: dict[str, Tensor]) -> None:
+        load_model_weights(self.model, ckpt_dir, exact=True)
+        optimizer_from_flat(self.optimizer, meta["optimizer"], tensors)
+        self.step = int(meta["step"])
+        self.elapsed = float(meta.get("elapsed", 0.0))
+        self.last_eval = dict(meta.get("last_eval", {}))
+        self.data_gen.set_state(tensors["rng.data"])
+        torch.set_rng_state(tensors["rng.torch"])
+        if torch.cuda.is_available():
+            cuda = [tensors[k] for k in sorted(t for t in tensors if t.startswith("rng.cuda."))]
+            if cuda:
+                torch.cuda.set_rng_state_all(cuda)
+        if hasattr(self.task, "load_state_dict"):
+            self.task.load_state_dict(meta.get("task_state", {}))
+        self.stream_state = unflatten_tensors(meta.get("stream_state"), tensors, self.device)
+        modules = dict(self.model.named_modules())
+        for name, count in meta.get("module_counters", {}).items():
+            modules[name]._forwards = count
+
+    def _open_log(self) -> None:
+        if self.log is not None or not self.dist.is_main:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=1))
+        self.log = MetricsLog(self.run_dir, tensorboard=self.cfg.tensorboard,
+                              purge_step=self.step + 1 if self.step else None)
+        # A resumed run drops what the killed run logged after its checkpoint, and any record the
+        # continued run would not write itself (the end-of-run evaluation of a shorter run).
+        self.log.truncate(lambda r: r["step"] <= self.step and self._logs_at(r["kind"], r["step"]))
+
+    def _logs_at(self, kind: str, step: int) -> bool:
+        every = self.cfg.log_every if kind == "train" else self.cfg.eval_every
+        return step % every == 0 or step == self.cfg.steps
+
+    # ------------------------------------------------------------------ pieces of a step
+
+    def _autocast(self):
+        if self.cfg.amp and self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _batch(self, split: str, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """This process's rows of the global batch (every process draws the same global batch)."""
+        x, y = self.task.get_batch(split, self.cfg.batch_size, generator)
+        lo = self.dist.rank * self.local_batch
+        return (x[lo:lo + self.local_batch].to(self.device, non_blocking=True),
+                y[lo:lo + self.local_batch].to(self.device, non_blocking=True))
+
+    def _layer_grad_norms(self) -> dict[str, float]:
+        sq = defaultdict(float)
+        for name, p in self.model.named_parameters():
+            if p.grad is not None:
+                sq[layer_of(name)] += float(p.grad.detach().float().pow(2).sum())
+        return {f"grad_norm/{k}": math.sqrt(v) for k, v in sq.items()}
+
+    def _stop(self, what: str, value: float) -> None:
+        good = f"step {self._ckpt_step}" if self._ckpt_step is not None else "none written yet"
+        message = (f"{what} is {value} at step {self.step + 1}; training stopped. The last good "
+                   f"checkpoint ({good}) in {self.ckpt_root} is intact. Lower the learning rate, "
+                   f"tighten grad_clip, or check the data.")
+        self._finish(status="non-finite", message=message)
+        raise NonFiniteError(message)
+
+    # ------------------------------------------------------------------ evaluation / checkpoints
+
+    @torch.no_grad()
+    def evaluate(self, batches: int | None = None) -> dict[str, float]:
+        """Mean task metrics over ``batches`` validation batches (a fixed set: the same every call).
+
+        Stream tasks are read from the start of the validation stream with the state carried.
+        """
+        batches = batches or self.cfg.eval_batches
+        gen = torch.Generator().manual_seed(self.cfg.seed + 1)
+        if getattr(self.task, "stream", False) and hasattr(self.task, "state_dict"):
+            saved = self.task.state_dict()
+            if hasattr(self.task, "reset"):
+                self.task.reset("val")
+        was_training = self.model.training
+        self.model.eval()
+        totals: dict[str, float] = defaultdict(float)
+        state = None
+        for _ in range(batches):
+            x, y = self.task.get_batch("val", self.cfg.batch_size, gen)  # full batch on every rank
+            x, y = x.to(self.device), y.to(self.device)
+            with self._autocast():
+                out, new_state = self.model(x, state)
+            if getattr(self.task, "stream", False):
+                state = new_state
+            for k, v in self.task.metrics(out.float(), y).items():
+                totals[k] += v / batches
+        if getattr(self.task, "stream", False) and hasattr(self.task, "load_state_dict"):
+            self.task.load_state_dict(saved)
+        self.model.train(was_training)
+        return dict(totals)
+
+    def save(self) -> Path | None:
+        """Checkpoint the current step (rank 0 writes; every rank waits for it)."""
+        path = None
+        if self.dist.is_main:
+            tensors: dict[str, Tensor] = {
+                "rng.torch": torch.get_rng_state(), "rng.data": self.data_gen.get_state()}
+            if torch.cuda.is_available() and self.device.type == "cuda":
+                for i, s in enumerate(torch.cuda.get_rng_state_all()):
+                    tensors[f"rng.cuda.{i:03d}"] = s
+            meta = {
+                "step": self.step,
+                "config": self.cfg.to_dict(),
+                "optimizer": optimizer_to_flat(self.optimizer, tensors),
+                "task_state": self.task.state_dict() if hasattr(self.task, "state_dict") else {},
+                "stream_state": flatten_tensors(self.stream_state, "stream", tensors),
+                "module_counters": module_counters(self.model),
+                "last_eval": self.last_eval,
+                "elapsed": self.elapsed,
+                "lr_factor": lr_factor(max(self.step - 1, 0), self.cfg),
+            }
+            path = save_checkpoint(self.ckpt_root, model=self.model, tensors=tensors, meta=meta)
+        self._ckpt_step = self.step
+        barrier(self.dist)
+        return path
+
+    # ------------------------------------------------------------------ the loop
+
+    def train(self, until: int | None = None) -> dict:
+        """Train to ``until`` (default ``config.steps``); returns the summary.
+
+        Raises :class:`NonFiniteError` on a NaN/Inf loss or gradient, after writing the summary;
+        the last checkpoint is left as it was.
+        """
+        cfg = self.cfg
+        until = cfg.steps if until is None else min(until, cfg.steps)
+        self._ckpt_step = getattr(self, "_ckpt_step", self.step if self.step else None)
+        self._open_log()
+        self.model.train()
+        stream = getattr(self.task, "stream", False)
+        bar = None
+        if cfg.progress and self.dist.is_main and until > self.step:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=until, initial=self.step, desc=f"{cfg.model} on {cfg.task}",
+                       dynamic_ncols=True, leave=False)
+        t0 = time.perf_counter()
+        try:
+            while self.step < until:
+                factor = lr_factor(self.step, cfg)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = group["base_lr"] * factor
+                x, y = self._batch("train", self.data_gen)
+                with self._autocast():
+                    out, state = self.forward_module(x, self.stream_state if stream else None)
+                    loss = self.task.loss(out, y)
+                if stream:
+                    self.stream_state = detach_state(state)
+                loss_value = float(all_mean(loss.detach().float(), self.dist))
+                if not math.isfinite(loss_value):
+                    self._stop("the training loss", loss_value)
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                record_step = self.step + 1
+                logging = self._logs_at("train", record_step)
+                layer_norms = self._layer_grad_norms() if logging else {}
+                max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
+                if not math.isfinite(grad_norm):
+                    self._stop("the gradient norm", grad_norm)
+                self.optimizer.step()
+                self.step = record_step
+
+                if logging and self.log is not None:
+                    self.log.write({"kind": "train", "step": self.step, "loss": loss_value,
+                                    "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": grad_norm,
+                                    **layer_norms, **orthogonality_errors(self.model)})
+                if self._logs_at("eval", self.step):
+                    self.last_eval = self.evaluate()
+                    if self.log is not None:
+                        self.log.write({"kind": "eval", "step": self.step, **self.last_eval})
+                if self.step % cfg.ckpt_every == 0 or self.step == until:
+                    self.elapsed += time.perf_counter() - t0
+                    t0 = time.perf_counter()
+                    self.save()
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
+        finally:
+            if bar is not None:
+                bar.close()
+        self.elapsed += time.perf_counter() - t0
+        return self._finish(status="completed" if self.step >= cfg.steps else "paused")
+
+    def _finish(self, status: str, message: str = "") -> dict:
+        summary = {
+            "status": status, "message": message, "step": self.step, "steps": self.cfg.steps,
+            "task": self.cfg.task, "model": self.cfg.model, "parameters": count_parameters(self.model),
+            "baseline": getattr(self.task, "baseline", None), "eval": self.last_eval,
+            "train_seconds": round(self.elapsed, 3), "device": str(self.device),
+            "world_size": self.dist.world_size, "run_dir": str(self.run_dir),
+        }
+        if self.dist.is_main and self.log is not None:
+            self.log.close()
+            self.log = None
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+            if self.cfg.plot:
+                plot_metrics(read_metrics(self.run_dir / "metrics.jsonl"), self.run_dir / "plot.png",
+                             title=f"{self.cfg.model} on {self.cfg.task}", baseline=summary["baseline"])
+        return summary

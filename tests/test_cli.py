@@ -1,0 +1,185 @@
+"""The `matrec` command end to end on tiny settings."""
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from matrec import cli
+from matrec.data.tasks.base import TASKS, Task
+
+TINY = ["--task-arg", "delay=4", "--hidden-size", "8", "--steps", "4", "--batch-size", "4",
+        "--eval-every", "2", "--eval-batches", "1", "--log-every", "2", "--ckpt-every", "2",
+        "--threads", "1", "--no-progress", "--no-tensorboard"]
+
+
+class ToyText(Task):
+    """Strings over 'ab\\n' where 'a' is always followed by 'b' (a text task for `sample`)."""
+
+    name = "toy_text"
+    vocab_size = output_size = 3
+    chars = "ab\n"
+
+    def get_batch(self, split, batch_size, generator):
+        ids = torch.randint(0, 3, (batch_size, 9), generator=generator)
+        ids[:, 1:][ids[:, :-1] == 0] = 1
+        return ids[:, :-1], ids[:, 1:]
+
+    def loss(self, output, target):
+        return F.cross_entropy(output.reshape(-1, 3).float(), target.reshape(-1))
+
+    def encode(self, text):
+        return torch.tensor([self.chars.index(c) for c in text], dtype=torch.long)
+
+    def decode(self, ids):
+        return "".join(self.chars[i] for i in ids)
+
+
+TASKS.register("toy_text", ToyText, overwrite=True)
+
+
+def run(capsys, *argv):
+    code = cli.main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.mark.parametrize("command", [[], ["train"], ["eval"], ["sample"], ["compare"], ["bench"]])
+def test_help_explains_every_option(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(command + ["--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    assert "usage: matrec" in text
+    if command == ["train"]:
+        for flag in ("--task", "--model", "--steps", "--lr", "--optimizer", "--grad-clip", "--resume",
+                     "--config", "--compile", "--threads", "--warmup-steps"):
+            assert flag in text
+        # every option has a help text (argparse prints none when help is missing)
+        parser = cli.build_parser()
+        train = parser._subparsers._group_actions[0].choices["train"]
+        assert all(a.help for a in train._actions)
+
+
+def test_train_eval_resume_end_to_end(tmp_path, capsys):
+    code, out, _ = run(capsys, "train", "--model", "gru", "--out-dir", str(tmp_path), "--run-name", "r", *TINY)
+    assert code == 0 and json.loads(out.splitlines()[-1])["status"] == "completed"
+    run_dir = tmp_path / "r"
+    assert {"config.json", "metrics.jsonl", "plot.png", "summary.json", "checkpoints"} <= {p.name for p in run_dir.iterdir()}
+    code, out, _ = run(capsys, "eval", str(run_dir), "--batches", "2")
+    metrics = json.loads(out)
+    assert code == 0 and metrics["step"] == 4 and {"loss", "recall"} <= set(metrics)
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--resume", str(run_dir), "--lr", "0.1"])
+    assert "only --steps may be given with it, got ['--lr']" in capsys.readouterr().err
+    code, out, _ = run(capsys, "train", "--resume", str(run_dir), "--steps", "6")
+    assert code == 0 and json.loads(out.splitlines()[-1])["step"] == 6
+
+
+def test_train_from_config_file_with_overrides(tmp_path, capsys):
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"task": "copy", "task_args": {"delay": 3}, "model": "rnn", "steps": 3,
+                               "batch_size": 2, "out_dir": str(tmp_path), "run_name": "fromfile"}))
+    code, _, _ = run(capsys, "train", "--config", str(cfg), "--steps", "2", "--no-progress",
+                     "--no-tensorboard", "--no-plot", "--threads", "1")
+    resolved = json.loads((tmp_path / "fromfile" / "config.json").read_text())
+    assert code == 0 and resolved["steps"] == 2 and resolved["model"] == "rnn" and resolved["task_args"] == {"delay": 3}
+
+
+def test_unknown_names_list_the_valid_ones(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train", "--model", "lstmm", "--out-dir", str(tmp_path), *TINY])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "model must be one of" in err and "'lstm'" in err and "lstmm" in err
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--task", "nope", "--out-dir", str(tmp_path), *TINY])
+    assert "task must be one of" in capsys.readouterr().err
+
+
+def test_eval_of_a_corrupt_checkpoint_is_a_clear_error(tmp_path, capsys):
+    run(capsys, "train", "--model", "rnn", "--out-dir", str(tmp_path), "--run-name", "c", *TINY)
+    latest = json.loads((tmp_path / "c" / "checkpoints" / "latest.json").read_text())["dir"]
+    (tmp_path / "c" / "checkpoints" / latest / "state.safetensors").write_bytes(b"garbage")
+    with pytest.raises(SystemExit) as e:
+        cli.main(["eval", str(tmp_path / "c")])
+    assert e.value.code == 2
+    assert "is corrupt: state.safetensors" in capsys.readouterr().err
+
+
+def test_compare_writes_one_table_and_one_plot(tmp_path, capsys):
+    code, out, _ = run(capsys, "compare", "--models", "rnn,gru", "--out", str(tmp_path / "cmp"), *TINY)
+    assert code == 0
+    assert "| rnn |" in out and "| gru |" in out and "recall" in out
+    results = json.loads((tmp_path / "cmp" / "results.json").read_text())
+    assert [r["label"] for r in results] == ["rnn", "gru"]
+    assert (tmp_path / "cmp" / "compare.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "cmp" / "results.md").read_text().startswith("| model |")
+
+
+def test_sample_streams_text_from_a_text_checkpoint(tmp_path, capsys):
+    code, _, _ = run(capsys, "train", "--task", "toy_text", "--model", "lstm", "--out-dir", str(tmp_path),
+                     "--run-name", "t", *TINY[2:])
+    assert code == 0
+    code, out, _ = run(capsys, "sample", str(tmp_path / "t"), "--prompt", "ab", "--tokens", "12", "--seed", "3")
+    text = out[:-1]   # the trailing newline
+    assert code == 0 and text.startswith("ab") and len(text) == 14 and set(text) <= set("ab\n")
+
+
+def test_streaming_generation_matches_full_context_recompute():
+    from matrec.models import build_model
+    model = build_model("gru", vocab_size=3, output_size=3, hidden_size=8).eval()
+    prompt = torch.tensor([0, 1, 2])
+    streamed = list(cli.generate(model, prompt, 6, generator=torch.Generator().manual_seed(0)))
+
+    class Stateless(torch.nn.Module):   # the same model, forced down the re-feed path
+        def forward(self, x, state=None):
+            return model(x)[0], None
+
+    refed = list(cli.generate(Stateless(), prompt, 6, generator=torch.Generator().manual_seed(0)))
+    assert streamed == refed
+
+
+def test_sample_needs_a_text_task(tmp_path, capsys):
+    run(capsys, "train", "--model", "rnn", "--out-dir", str(tmp_path), "--run-name", "s", *TINY)
+    with pytest.raises(SystemExit) as e:
+        cli.main(["sample", str(tmp_path / "s")])
+    assert e.value.code == 2 and "sample needs a text task" in capsys.readouterr().err
+
+
+def test_bench_runs_scripts_and_errors_clearly(tmp_path, capsys, monkeypatch):
+    bench = tmp_path / "benchmarks"
+    bench.mkdir()
+    (bench / "hello.py").write_text("import sys  # --quick\nprint('hello bench', sys.argv[1:])\n")
+    code = cli.main(["bench", "--dir", str(bench), "--quick"])
+    assert code == 0
+    code = cli.main(["bench", "--dir", str(bench), "--list"])
+    assert code == 0 and "hello" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--dir", str(bench), "nope"])
+    assert "benchmark must be one of ['hello']" in capsys.readouterr().err
+    monkeypatch.chdir(tmp_path / "benchmarks")
+    monkeypatch.setenv("MATREC_BENCHMARKS", str(tmp_path / "missing"))
+    monkeypatch.setattr(cli, "__file__", str(tmp_path / "x" / "a" / "b" / "cli.py"))
+    with pytest.raises(SystemExit):
+        cli.main(["bench"])
+    assert "no benchmarks/ folder found" in capsys.readouterr().err
+
+
+def test_bench_passes_quick_to_the_scripts(tmp_path, capfd):
+    bench = tmp_path / "benchmarks"
+    bench.mkdir()
+    (bench / "echo.py").write_text("import sys  # accepts --quick\nprint('args', sys.argv[1:])\n")
+    (bench / "full_only.py").write_text("print('full size ran')\n")
+    assert cli.main(["bench", "--dir", str(bench), "--quick"]) == 0
+    out = capfd.readouterr().out
+    assert "args ['--quick']" in out
+    assert "full_only: skipped" in out and "full size ran" not in out
+
+
+def test_default_experiment_wiring(tmp_path, capsys):
+    assert cli.default_experiment(out_dir=str(tmp_path), steps=2) == 0
+    out = capsys.readouterr().out
+    assert "| lstm |" in out and "wall time" in out
+    (folder,) = tmp_path.iterdir()
+    assert (folder / "compare.png").exists() and len(json.loads((folder / "results.json").read_text())) == 2

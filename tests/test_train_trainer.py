@@ -1,0 +1,212 @@
+"""The trainer: exact resume, NaN guard, corrupt checkpoints, schedule, run directory."""
+import json
+import math
+
+import pytest
+import torch
+
+from matrec.train import CheckpointError, NonFiniteError, Trainer, TrainConfig, load_checkpoint, lr_factor
+from matrec.train.checkpoint import flatten_tensors, unflatten_tensors
+
+
+def tiny(tmp_path, name, **kw):
+    base = dict(task="copy", task_args={"delay": 5}, model="lstm", model_args={"hidden_size": 16},
+                steps=12, batch_size=8, eval_every=4, eval_batches=2, log_every=2, ckpt_every=4,
+                out_dir=str(tmp_path), run_name=name, progress=False, tensorboard=False, plot=False,
+                threads=1)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_kill_and_resume_reproduces_the_uninterrupted_run_exactly(tmp_path):
+    full = Trainer(tiny(tmp_path, "full")).train()
+    # The "kill": an interrupt while drawing the 7th training batch. Steps 5 and 6 were logged but
+    # not checkpointed, so the resume restarts from step 4 and must drop them before redoing them.
+    killed = Trainer(tiny(tmp_path, "killed"))
+    draw, calls = killed.task.get_batch, []
+
+    def dies_at_seventh(split, *args):
+        calls.append(split)
+        if calls.count("train") == 7:
+            raise KeyboardInterrupt
+        return draw(split, *args)
+
+    killed.task.get_batch = dies_at_seventh
+    with pytest.raises(KeyboardInterrupt):
+        killed.train()
+    logged = [json.loads(l)["step"] for l in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
+    assert max(logged) == 6
+    resumed = Trainer.resume(tmp_path / "killed")
+    assert resumed.step == 4
+    summary = resumed.train()
+    assert summary["status"] == full["status"] == "completed"
+    a = (tmp_path / "full" / "metrics.jsonl").read_bytes()
+    b = (tmp_path / "killed" / "metrics.jsonl").read_bytes()
+    assert a == b
+    assert summary["eval"] == full["eval"]
+
+
+def test_resume_of_a_finished_shorter_run_extends_it_exactly(tmp_path):
+    Trainer(tiny(tmp_path, "full", steps=10, optimizer="rmsprop", warmup_steps=3)).train()
+    paused = Trainer(tiny(tmp_path, "short", steps=10, optimizer="rmsprop", warmup_steps=3))
+    assert paused.train(until=6)["status"] == "paused"     # checkpoints at the pause
+    Trainer.resume(tmp_path / "short").train()
+    assert (tmp_path / "full" / "metrics.jsonl").read_bytes() == (tmp_path / "short" / "metrics.jsonl").read_bytes()
+
+
+def test_nan_stops_cleanly_and_keeps_the_last_good_checkpoint(tmp_path):
+    trainer = Trainer(tiny(tmp_path, "nan"))
+    trainer.train(until=4)                       # checkpoint at step 4
+    before, ckpt_dir, _ = load_checkpoint(tmp_path / "nan")
+    files = {p.name: p.read_bytes() for p in ckpt_dir.iterdir()}
+    with torch.no_grad():
+        trainer.model.head.weight[0, 0] = float("nan")   # poison: the next loss is NaN
+    with pytest.raises(NonFiniteError, match=r"training loss is nan at step 5.*last good checkpoint \(step 4\)"):
+        trainer.train()
+    meta, ckpt_dir2, _ = load_checkpoint(tmp_path / "nan")
+    assert meta["step"] == 4 and ckpt_dir2 == ckpt_dir
+    assert {p.name: p.read_bytes() for p in ckpt_dir.iterdir()} == files
+    summary = json.loads((tmp_path / "nan" / "summary.json").read_text())
+    assert summary["status"] == "non-finite"
+    again = Trainer.resume(tmp_path / "nan")          # loadable, finite, trains on
+    assert all(torch.isfinite(p).all() for p in again.model.parameters())
+    assert again.train(until=6)["step"] == 6
+
+
+def test_corrupt_checkpoint_gives_a_clear_error(tmp_path):
+    Trainer(tiny(tmp_path, "c", steps=4)).train()
+    _, ckpt_dir, _ = load_checkpoint(tmp_path / "c")
+    weights = ckpt_dir / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-7])
+    with pytest.raises(CheckpointError, match="model.safetensors does not match the SHA-256"):
+        Trainer.resume(tmp_path / "c")
+    (ckpt_dir / "state.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="state.json is not valid JSON"):
+        load_checkpoint(tmp_path / "c")
+    with pytest.raises(CheckpointError, match="no checkpoint found"):
+        load_checkpoint(tmp_path)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "missing")
+
+
+def test_run_directory_layout(tmp_path):
+    cfg = tiny(tmp_path, "layout", steps=4, tensorboard=True, plot=True)
+    summary = Trainer(cfg).train()
+    run = tmp_path / "layout"
+    assert json.loads((run / "config.json").read_text()) == cfg.to_dict()
+    records = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "train"] == [2, 4]
+    assert [r["step"] for r in records if r["kind"] == "eval"] == [4]
+    assert {"grad_norm/rnn", "grad_norm/head", "lr", "loss"} <= set(records[0])
+    assert set(records[-1]) == {"kind", "step", "loss", "recall"}
+    assert any((run / "tb").iterdir())
+    assert (run / "plot.png").read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((run / "summary.json").read_text()) == summary
+    assert (run / "checkpoints" / "latest.json").exists()
+
+
+def test_loss_falls(tmp_path):
+    summary = Trainer(tiny(tmp_path, "learn", steps=60, lr=1e-2, eval_every=60)).train()
+    first = json.loads((tmp_path / "learn" / "metrics.jsonl").read_text().splitlines()[0])
+    assert summary["eval"]["loss"] < 0.8 * first["loss"]
+
+
+def test_schedule_warmup_then_cosine_to_min_ratio():
+    cfg = TrainConfig(steps=110, warmup_steps=10, min_lr_ratio=0.1)
+    assert lr_factor(0, cfg) == pytest.approx(0.1) and lr_factor(9, cfg) == pytest.approx(1.0)
+    assert lr_factor(10, cfg) == pytest.approx(1.0) and lr_factor(109, cfg) == pytest.approx(0.1)
+    mid = lr_factor(10 + 99 // 2, cfg)
+    assert 0.1 < mid < 1.0
+    values = [lr_factor(s, cfg) for s in range(10, 110)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+def test_config_rejects_unknown_keys_and_bad_values(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown config key\(s\) \['stpes'\]"):
+        TrainConfig.from_dict({"stpes": 3})
+    with pytest.raises(ValueError, match="steps must be an int >= 1"):
+        TrainConfig(steps=0)
+    with pytest.raises(ValueError, match="optimizer must be one of"):
+        Trainer(tiny(tmp_path, "x", optimizer="sgdd"))
+    with pytest.raises(ValueError, match="batch_size"):
+        TrainConfig(batch_size=-1)
+
+
+def test_nested_state_round_trips_through_flat_tensors():
+    state = (torch.randn(1, 2, 3), [torch.randn(4), {"c": torch.randn(2, 2)}], None)
+    flat = {}
+    spec = json.loads(json.dumps(flatten_tensors(state, "stream", flat)))
+    back = unflatten_tensors(spec, flat)
+    assert isinstance(back, tuple) and back[2] is None
+    assert torch.equal(back[0], state[0]) and torch.equal(back[1][1]["c"], state[1][1]["c"])
+
+
+def test_stream_task_carries_state_and_resumes_exactly(tmp_path):
+    """TBPTT on a stream task: the state is carried (detached) and checkpointed with the cursor."""
+    kw = dict(task="forecast", task_args={"seq_len": 8, "length": 4096, "lag": 20}, model="gru",
+              model_args={"hidden_size": 8}, batch_size=4, steps=8)
+    full = Trainer(tiny(tmp_path, "full", **kw))
+    full.train()
+    assert full.stream_state is not None and not full.stream_state.requires_grad
+    assert full.task.state_dict()["cursor"]["train"] == 8
+    killed = Trainer(tiny(tmp_path, "killed", **kw))
+    killed.train(until=6)
+    resumed = Trainer.resume(tmp_path / "killed")
+    assert resumed.task.state_dict()["cursor"]["train"] == 6
+    assert torch.equal(resumed.stream_state, killed.stream_state)
+    resumed.train()
+    assert (tmp_path / "full" / "metrics.jsonl").read_bytes() == (tmp_path / "killed" / "metrics.jsonl").read_bytes()
+    # carrying matters: a run that starts every batch from a zero state computes other losses
+    fresh = Trainer(tiny(tmp_path, "fresh", **kw))
+    fresh.task.stream = False
+    fresh.train()
+    assert (tmp_path / "fresh" / "metrics.jsonl").read_bytes() != (tmp_path / "full" / "metrics.jsonl").read_bytes()
+
+
+def _mornn_model():
+    import matrec
+    from matrec.models import MODELS
+    from matrec.models.recurrent import recurrent_factory
+    if "mornn" not in MODELS:   # the model zoo registers it; the layer itself is matrec.MORNN
+        MODELS.register("mornn", recurrent_factory(matrec.MORNN, nonlinearity="modrelu", init="henaff"))
+
+
+def test_mornn_groups_monitoring_and_exact_resume_across_refolds(tmp_path):
+    _mornn_model()
+    kw = dict(model="mornn", model_args={"hidden_size": 8, "refold_every": 3}, optimizer="rmsprop",
+              lr=2e-3, orthogonal_lr_scale=0.1, log_every=1)
+    full = Trainer(tiny(tmp_path, "full", **kw))
+    groups = {g.get("name"): g for g in full.optimizer.param_groups}
+    assert groups["orthogonal"]["base_lr"] == pytest.approx(2e-4) and groups["other"]["base_lr"] == 2e-3
+    full.train()
+    record = json.loads((tmp_path / "full" / "metrics.jsonl").read_text().splitlines()[0])
+    assert 0 <= record["mornn/rnn.weight_hh_l0/orth_error"] < 1e-5
+    # stop at step 5 (between refolds at 3 and 6) and resume: the same bits as the full run
+    Trainer(tiny(tmp_path, "killed", **kw)).train(until=5)
+    Trainer.resume(tmp_path / "killed").train()
+    assert (tmp_path / "full" / "metrics.jsonl").read_bytes() == (tmp_path / "killed" / "metrics.jsonl").read_bytes()
+
+
+def test_compiled_run_checkpoints_the_bare_model(tmp_path):
+    trainer = Trainer(tiny(tmp_path, "compiled", steps=2, compile=True, model="rnn"))
+    assert trainer.train()["status"] == "completed"
+    again = Trainer.resume(tmp_path / "compiled")      # keys load into an uncompiled model
+    for (name, a), (_, b) in zip(trainer.model.state_dict().items(), again.model.state_dict().items()):
+        assert not name.startswith("_orig_mod") and torch.equal(a, b)
+
+
+@pytest.mark.parametrize("task, args", [
+    ("adding", {"length": 20}), ("selective_copy", {}), ("assoc_recall", {}), ("seq_digits", {}),
+    ("forecast", {"seq_len": 16, "length": 8192, "lag": 20}),
+    ("text_stream", {"vocab_size": 300, "seq_len": 16}),
+])
+def test_every_kind_of_task_trains_checkpoints_and_resumes(tmp_path, task, args):
+    if task.startswith("text"):
+        words = "the cat sat on a mat and a dog ran far away".split()
+        lines = [" ".join(words[(i * 7 + j) % len(words)] for j in range(9)) for i in range(400)]
+        (tmp_path / "t.txt").write_text("\n".join(lines))
+        args = {**args, "path": str(tmp_path / "t.txt")}
+    cfg = tiny(tmp_path, task, task=task, task_args=args, model="gru", steps=4, batch_size=4)
+    summary = Trainer(cfg).train()
+    assert summary["status"] == "completed" and all(math.isfinite(v) for v in summary["eval"].values())
+    assert Trainer.resume(tmp_path / task).step == 4
