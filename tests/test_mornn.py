@@ -372,3 +372,16 @@ def _copy_contrast():
         n_lstm, lstm_recall = _train_copy(nn.LSTM(10, 23, batch_first=True), 23, lr)
         assert abs(n_lstm - n_mornn) / n_mornn < 0.01  # equal parameter count (3536 vs 3533)
         assert lstm_recall < 0.5
+
+
+@pytest.mark.parametrize("nonlinearity", ["tanh", "modrelu"])
+def test_compiles_fullgraph(nonlinearity):
+    torch.manual_seed(15)
+    m = MORNN(3, 6, nonlinearity=nonlinearity, batch_first=True)
+    x = torch.randn(2, 5, 3)
+    compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
+    out, h = compiled(x)
+    ref, href = m(x)
+    torch.testing.assert_close(out, ref)
+    g = torch.autograd.grad(out.sum(), [m.weight_hh_l0_A])[0]
+    torch.testing.assert_close(g, torch.autograd.grad(ref.sum(), [m.weight_hh_l0_A])[0])

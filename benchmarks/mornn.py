@@ -1,0 +1,111 @@
+"""Forward+backward time of MORNN (each nonlinearity) against nn.RNN / nn.LSTM / nn.GRU.
+
+    PYTHONPATH=src python benchmarks/mornn.py                       # (128, 1000, 256) and (128, 1000, 512), cuda if available
+    PYTHONPATH=src python benchmarks/mornn.py --device cpu --batch 32 --seq 200 --hidden 128 --large-hidden 256
+
+Rows "modrelu (autograd loop)" time the plain Python loop that ops.recurrence replaces (the
+reference), so the fused op's gain is measured, not claimed. Prints a markdown table (milliseconds,
+median of --repeats after --warmup).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from torch import nn
+
+from matrec.nn.mornn import MORNN
+from matrec.ops import recurrence as rec
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_fwd_bwd(module, x, repeats, warmup):
+    device = x.device
+    times = []
+    for i in range(warmup + repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        out, _ = module(x)
+        out.sum().backward()
+        _sync(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+        module.zero_grad(set_to_none=True)
+    return 1e3 * statistics.median(times)
+
+
+class _LoopReference(nn.Module):
+    """MORNN with the recurrence swapped for the autograd loop (what the fused op replaces)."""
+
+    def __init__(self, mornn):
+        super().__init__()
+        self.m = mornn
+
+    def forward(self, x):
+        real = rec.recurrence
+        import matrec.nn.mornn as mm
+        mm.recurrence = rec.recurrence_reference
+        try:
+            return self.m(x)
+        finally:
+            mm.recurrence = real
+
+
+def rows(B, T, H, device, repeats, warmup, skip_loop):
+    x = torch.randn(T, B, H, device=device)
+    candidates = {
+        "nn.RNN tanh": nn.RNN(H, H),
+        "nn.LSTM": nn.LSTM(H, H),
+        "nn.GRU": nn.GRU(H, H),
+    }
+    for nl in ("tanh", "relu", "modrelu", "identity"):
+        candidates[f"MORNN {nl}"] = MORNN(H, H, nonlinearity=nl)
+    if not skip_loop:
+        candidates["MORNN modrelu (autograd loop)"] = _LoopReference(MORNN(H, H, nonlinearity="modrelu"))
+    out = []
+    for name, mod in candidates.items():
+        mod = mod.to(device)
+        out.append((name, time_fwd_bwd(mod, x, repeats, warmup)))
+    return out
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--seq", type=int, default=1000)
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--large-hidden", type=int, default=512, help="hidden size of the second shape (0: skip)")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--skip-loop", action="store_true", help="skip the slow autograd-loop reference row")
+    a = p.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    device = torch.device(a.device)
+    shapes = [(a.batch, a.seq, a.hidden)] + ([(a.batch, a.seq, a.large_hidden)] if a.large_hidden else [])
+    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+    print(f"device: {dev_name}; torch {torch.__version__}; forward+backward, ms (median of {a.repeats})\n")
+    results = {s: dict(rows(*s, device, a.repeats, a.warmup, a.skip_loop)) for s in shapes}
+    names = list(next(iter(results.values())))
+    header = "| model | " + " | ".join(f"B={b}, T={t}, H={h}" for b, t, h in shapes) + " |"
+    print(header)
+    print("|" + "---|" * (len(shapes) + 1))
+    for n in names:
+        cells = []
+        for s in shapes:
+            ms = results[s][n]
+            cells.append(f"{ms:.1f} ({ms / results[s]['nn.RNN tanh']:.2f}x)")
+        print(f"| {n} | " + " | ".join(cells) + " |")
+    print("\n(x: relative to nn.RNN tanh on the same shape)")
+
+
+if __name__ == "__main__":
+    main()
