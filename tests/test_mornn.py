@@ -385,3 +385,18 @@ def test_compiles_fullgraph(nonlinearity):
     torch.testing.assert_close(out, ref)
     g = torch.autograd.grad(out.sum(), [m.weight_hh_l0_A])[0]
     torch.testing.assert_close(g, torch.autograd.grad(ref.sum(), [m.weight_hh_l0_A])[0])
+
+
+def test_triton_recurrence_backend_in_mornn():
+    import os
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    torch.manual_seed(16)
+    m = MORNN(3, 5, num_layers=2, nonlinearity="modrelu", bidirectional=True)
+    t = copy.deepcopy(m)
+    t.recurrence_backend = "triton"
+    x = torch.randn(4, 2, 3)
+    torch.testing.assert_close(t(x), m(x), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        MORNN(3, 5, nonlinearity="modrelu", recurrence_backend="cuda")

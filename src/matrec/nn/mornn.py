@@ -30,7 +30,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 
 from ..ops.orthogonal import (ORTHOGONAL_MAPS, lower_numel, lower_to_square, orthogonal_from,
                               orthogonality_error, project_orthogonal)
-from ..ops.recurrence import NONLINEARITIES, recurrence
+from ..ops.recurrence import NONLINEARITIES, RECURRENCE_BACKENDS, recurrence
 from ..registry import Registry
 
 __all__ = ["MORNN", "MORNNCell", "MORNN_INITS", "mornn_param_groups", "orthogonality_report"]
@@ -188,6 +188,8 @@ class MORNN(_OrthogonalRecurrent):
         init: initial recurrent matrices, one of ``MORNN_INITS``: "henaff" (default), "cayley",
             "random", "identity".
         refold_every: fold ``A`` into the base every this many training forwards (0: never).
+        recurrence_backend: for modrelu/identity, ``matrec.ops.recurrence.RECURRENCE_BACKENDS``
+            ("auto", "torch", "triton"); tanh/relu always use PyTorch's fused kernel.
 
     Parameters: ``weight_ih_l{k}[_reverse]``, ``bias_ih_l{k}``, ``bias_hh_l{k}`` exactly as nn.RNN;
     ``weight_hh_l{k}_A`` (``[H(H-1)/2]``) replaces the trainable ``weight_hh_l{k}``, which is read-only
@@ -202,9 +204,13 @@ class MORNN(_OrthogonalRecurrent):
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1,
                  nonlinearity: str = "tanh", bias: bool = True, batch_first: bool = False,
                  dropout: float = 0.0, bidirectional: bool = False, device=None, dtype=None, *,
-                 orthogonal_map: str = "cayley", init: str = "henaff", refold_every: int = 100) -> None:
+                 orthogonal_map: str = "cayley", init: str = "henaff", refold_every: int = 100,
+                 recurrence_backend: str = "auto") -> None:
         super().__init__()
         NONLINEARITIES.get(nonlinearity)  # ValueError naming nonlinearity
+        if recurrence_backend != "auto":
+            RECURRENCE_BACKENDS.get(recurrence_backend)
+        self.recurrence_backend = recurrence_backend
         _check_sizes(input_size, hidden_size, bias, batch_first)
         if not isinstance(num_layers, int) or num_layers <= 0:
             raise ValueError(f"num_layers must be an int greater than zero, got {num_layers!r}")
@@ -363,7 +369,8 @@ class MORNN(_OrthogonalRecurrent):
                 x, lengths = (input.transpose(0, 1) if self.batch_first else input), None
             out, h_n = rnn_layers(x, hx, weights, self._modrelu_biases(), self.nonlinearity,
                                   num_layers=self.num_layers, bidirectional=self.bidirectional,
-                                  dropout=self.dropout if self.training else 0.0, lengths=lengths)
+                                  dropout=self.dropout if self.training else 0.0, lengths=lengths,
+                                  backend=self.recurrence_backend)
             if packed:
                 if sorted_indices is not None:
                     out, lengths = out.index_select(1, sorted_indices), lengths[sorted_indices]
@@ -400,7 +407,7 @@ def _reverse_padded(x: Tensor, lengths: Tensor | None) -> Tensor:
 
 def rnn_layers(x: Tensor, hx: Tensor, weights: list[list[Tensor]], modrelu_biases: list[Tensor | None],
                nonlinearity: str, *, num_layers: int, bidirectional: bool, dropout: float = 0.0,
-               lengths: Tensor | None = None) -> tuple[Tensor, Tensor]:
+               lengths: Tensor | None = None, backend: str = "auto") -> tuple[Tensor, Tensor]:
     """Stacked (bi)directional RNN on padded time-major ``x [T, B, I]`` via :func:`recurrence`.
 
     ``weights[layer * D + d] = [w_ih, W_hh, (b_ih, b_hh)]``; ``hx [L * D, B, H]``; ``lengths [B]``
@@ -420,7 +427,7 @@ def rnn_layers(x: Tensor, hx: Tensor, weights: list[list[Tensor]], modrelu_biase
             xp = F.linear(layer_in, w_ih, b)                 # [T, B, H]
             if d == 1:
                 xp = _reverse_padded(xp, lengths)
-            h = recurrence(xp, W, hx[k], modrelu_biases[k], nonlinearity)  # [T, B, H]
+            h = recurrence(xp, W, hx[k], modrelu_biases[k], nonlinearity, backend=backend)  # [T, B, H]
             last = h[-1] if lengths is None else h[lengths.to(h.device) - 1, torch.arange(B, device=h.device)]
             h_n.append(last)
             outs.append(_reverse_padded(h, lengths) if d == 1 else h)

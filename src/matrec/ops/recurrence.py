@@ -192,8 +192,23 @@ def _backward(ctx, grad_out, grad_z):
 _rnn_recurrence.register_autograd(_backward, setup_context=_setup_context)
 
 
+RECURRENCE_BACKENDS: Registry[Callable] = Registry("recurrence backend", argument="backend")
+
+
+@RECURRENCE_BACKENDS.register("torch")
+def _torch_backend(xproj, weight, h0, bias, nonlinearity):
+    return _rnn_recurrence(xproj, weight, h0, bias, nonlinearity)[0].to(xproj.dtype)
+
+
+@RECURRENCE_BACKENDS.register("triton")
+def _triton_backend(xproj, weight, h0, bias, nonlinearity):
+    from .triton_recurrence import triton_recurrence  # Triton is an optional dependency
+
+    return triton_recurrence(xproj, weight, h0, bias, nonlinearity)
+
+
 def recurrence(xproj: Tensor, weight: Tensor, h0: Tensor | None = None, bias: Tensor | None = None,
-               nonlinearity: str = "modrelu") -> Tensor:
+               nonlinearity: str = "modrelu", *, backend: str = "auto") -> Tensor:
     """Run ``h_t = phi(xproj_t + h_{t-1} @ weight^T (; bias))`` over time, fused forward and backward.
 
     Args:
@@ -202,9 +217,14 @@ def recurrence(xproj: Tensor, weight: Tensor, h0: Tensor | None = None, bias: Te
         h0: ``[B, H]`` initial state, zeros when None.
         bias: ``[H]`` modReLU bias; required for ``"modrelu"``, must be None otherwise.
         nonlinearity: one of ``NONLINEARITIES`` (tanh, relu, modrelu, identity).
+        backend: "torch" (the op above, any device), "triton" (the persistent kernel of
+            :mod:`matrec.ops.triton_recurrence`, H <= 256, float32 state) or "auto" = "torch": the
+            Triton kernel is verified under the interpreter only and stays opt-in until it is
+            measured on a GPU.
 
     Returns:
         ``[T, B, H]`` all states ``h_1..h_T``, in ``xproj``'s dtype.
     """
     _check(xproj, weight, h0, bias, nonlinearity)
-    return _rnn_recurrence(xproj, weight, h0, bias, nonlinearity)[0].to(xproj.dtype)
+    return RECURRENCE_BACKENDS.get("torch" if backend == "auto" else backend)(
+        xproj, weight, h0, bias, nonlinearity)
