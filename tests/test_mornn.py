@@ -14,6 +14,15 @@ from matrec.nn.mornn import MORNN, MORNN_INITS, MORNNCell, mornn_param_groups, o
 from matrec.ops.orthogonal import ORTHOGONAL_MAPS, orthogonality_error, project_orthogonal
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: extra threads only add contention on a shared machine (and make timings noisy)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def orthogonal_rnn(*args, **kwargs) -> nn.RNN:
     """An nn.RNN whose recurrent matrices are made orthogonal."""
     rnn = nn.RNN(*args, **kwargs)
@@ -144,19 +153,18 @@ def test_dropout_train_vs_eval():
 @pytest.mark.parametrize("orthogonal_map", ["expm", "cayley", "householder"])
 def test_orthogonal_after_500_adam_steps(dtype, tol, orthogonal_map):
     torch.manual_seed(5)
-    m = MORNN(3, 8, num_layers=1, bidirectional=True, nonlinearity="modrelu", dtype=dtype,
-              orthogonal_map=orthogonal_map, init="random")
+    m = MORNN(3, 8, nonlinearity="modrelu", dtype=dtype, orthogonal_map=orthogonal_map,
+              init="random")
     opt = torch.optim.Adam(m.parameters(), lr=1e-2)
     x = torch.randn(4, 2, 3, dtype=dtype)
-    target = torch.randn(4, 2, 16, dtype=dtype)
+    target = torch.randn(4, 2, 8, dtype=dtype)
     for _ in range(500):
         opt.zero_grad()
         ((m(x)[0] - target) ** 2).mean().backward()
         opt.step()
-    for name in ("weight_hh_l0", "weight_hh_l0_reverse"):
-        assert orthogonality_error(getattr(m, name)) <= tol
+    assert orthogonality_error(m.weight_hh_l0) <= tol
     # the weights really moved (the test would be empty otherwise)
-    assert ((m(x)[0] - target) ** 2).mean() < ((MORNN(3, 8, bidirectional=True, dtype=dtype)(x)[0] - target) ** 2).mean()
+    assert ((m(x)[0] - target) ** 2).mean() < ((MORNN(3, 8, dtype=dtype)(x)[0] - target) ** 2).mean()
 
 
 def test_orthogonal_under_bf16_autocast_and_after_load():
@@ -355,15 +363,6 @@ def test_copy_task_mornn_remembers_where_lstm_of_equal_size_does_not():
     """Copy task, delay 30 (length 50), 300 RMSprop steps of batch 32, clip 1: MORNN (modrelu,
     Henaff, orthogonal lr / 10) reaches recall >= 0.95; an LSTM with the same parameter count stays
     far below at either learning rate in the same budget."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matmuls: threads only add contention on a shared machine
-    try:
-        _copy_contrast()
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _copy_contrast():
     torch.manual_seed(0)
     n_mornn, recall = _train_copy(MORNN(10, 64, batch_first=True, nonlinearity="modrelu"), 64, 1e-3)
     assert recall >= 0.95
