@@ -17,7 +17,6 @@ import torch
 from torch import nn
 
 from matrec.nn.mornn import MORNN
-from matrec.ops import recurrence as rec
 
 
 def _sync(device):
@@ -40,23 +39,6 @@ def time_fwd_bwd(module, x, repeats, warmup):
     return 1e3 * statistics.median(times)
 
 
-class _LoopReference(nn.Module):
-    """MORNN with the recurrence swapped for the autograd loop (what the fused op replaces)."""
-
-    def __init__(self, mornn):
-        super().__init__()
-        self.m = mornn
-
-    def forward(self, x):
-        real = rec.recurrence
-        import matrec.nn.mornn as mm
-        mm.recurrence = rec.recurrence_reference
-        try:
-            return self.m(x)
-        finally:
-            mm.recurrence = real
-
-
 def rows(B, T, H, device, repeats, warmup, skip_loop):
     x = torch.randn(T, B, H, device=device)
     candidates = {
@@ -67,7 +49,7 @@ def rows(B, T, H, device, repeats, warmup, skip_loop):
     for nl in ("tanh", "relu", "modrelu", "identity"):
         candidates[f"MORNN {nl}"] = MORNN(H, H, nonlinearity=nl)
     if not skip_loop:
-        candidates["MORNN modrelu (autograd loop)"] = _LoopReference(MORNN(H, H, nonlinearity="modrelu"))
+        candidates["MORNN modrelu (autograd loop)"] = MORNN(H, H, nonlinearity="modrelu", recurrence_backend="loop")
     out = []
     for name, mod in candidates.items():
         mod = mod.to(device)

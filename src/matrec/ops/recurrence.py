@@ -200,6 +200,12 @@ def _torch_backend(xproj, weight, h0, bias, nonlinearity):
     return _rnn_recurrence(xproj, weight, h0, bias, nonlinearity)[0].to(xproj.dtype)
 
 
+@RECURRENCE_BACKENDS.register("loop")
+def _loop_backend(xproj, weight, h0, bias, nonlinearity):
+    # the autograd loop: the reference, selectable so benchmarks time what the op replaces
+    return recurrence_reference(xproj, weight, h0, bias, nonlinearity)
+
+
 @RECURRENCE_BACKENDS.register("triton")
 def _triton_backend(xproj, weight, h0, bias, nonlinearity):
     from .triton_recurrence import triton_recurrence  # Triton is an optional dependency
@@ -217,7 +223,7 @@ def recurrence(xproj: Tensor, weight: Tensor, h0: Tensor | None = None, bias: Te
         h0: ``[B, H]`` initial state, zeros when None.
         bias: ``[H]`` modReLU bias; required for ``"modrelu"``, must be None otherwise.
         nonlinearity: one of ``NONLINEARITIES`` (tanh, relu, modrelu, identity).
-        backend: "torch" (the op above, any device), "triton" (the persistent kernel of
+        backend: "torch" (the op above, any device), "loop" (the autograd reference), "triton" (the persistent kernel of
             :mod:`matrec.ops.triton_recurrence`, H <= 256, float32 state) or "auto" = "torch": the
             Triton kernel is verified under the interpreter only and stays opt-in until it is
             measured on a GPU.
