@@ -1,11 +1,42 @@
-"""MRU prefix-product scan: ``H_t = H_{t-1} @ M_t`` (SPEC section 1.1).
+"""MRU prefix-product scan: ``H_t = H_{t-1} @ M_t`` (SPEC sections 1.1 and 1.2).
 
-Bootstrap version: only the sequential reference exists here so far.
+One associative-scan machinery serves both directions:
+
+* forward: the elements are the matrices ``M_t`` (``H_0`` folded into the first one) and the
+  operator is the matrix product;
+* backward: the reverse recurrence ``B_t = G_t + B_{t+1} @ M_{t+1}^T`` is a chain of affine maps
+  ``X -> X @ U + L``. An affine map is stored as the ``2d x d`` stack ``[U; L]`` (the first block
+  column of ``[[U, 0], [L, I]]``) and two of them compose as ``[U1; L1] @ U2 + [0; L2]`` -- the same
+  ``a @ b`` product as the forward plus one add. So every scan *pattern* below (sequential,
+  Hillis-Steele, Brent-Kung, Sklansky, chunked) is written once over "stacked elements"
+  ``[N, T, r, d]`` with ``r = d`` (forward) or ``r = 2d`` (backward), and one
+  :class:`torch.autograd.Function` uses the chosen pattern for both passes.
+
+Backends live in :data:`SCAN_BACKENDS`. A backend is either a *pattern* (gets the shared autograd
+above) or a *self-differentiating function* (e.g. the Triton kernel in ``matrec.ops.triton_scan``,
+imported lazily). Users may register their own of either kind.
+
+Numerics: the scan runs in float32 for bf16/fp16 inputs (and with autocast disabled), and in the
+input precision for float32/float64. Products of many unconstrained matrices can overflow to inf/NaN
+(SPEC 1.3: random near-identity 8x8 inputs overflow float32 around T = 65536); nothing here masks
+that -- use a norm-preserving construction (``matrec.ops.state_matrix``: cayley, expm, householder,
+or the det-1 ones) or shorter chunks with a carried state for very long sequences.
 """
 from __future__ import annotations
 
+import importlib
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Optional
+
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from ..registry import Registry
+
+__all__ = ["mru_scan", "naive_mru_scan", "SCAN_BACKENDS", "ScanBackend", "auto_backend"]
 
 
 def naive_mru_scan(states: Tensor, initial_state: Tensor | None = None) -> Tensor:
@@ -27,5 +58,331 @@ def naive_mru_scan(states: Tensor, initial_state: Tensor | None = None) -> Tenso
     return torch.stack(out, dim=-3)
 
 
-def mru_scan(states: Tensor, initial_state: Tensor | None = None, *, backend: str = "auto") -> Tensor:
-    return naive_mru_scan(states, initial_state)
+# ---------------------------------------------------------------------------------------------
+# The associative operator on stacked elements [..., r, d] (r = d: matrix; r = 2d: affine [U; L]).
+
+
+def _combine(a: Tensor, b: Tensor) -> Tensor:
+    """``a`` then ``b`` (``a`` is the earlier element): ``a @ b_U`` plus ``[0; b_L]`` when affine."""
+    d = b.shape[-1]
+    out = a @ b[..., :d, :]
+    if b.shape[-2] > d:  # affine: (U1, L1) then (U2, L2) = (U1 U2, L1 U2 + L2)
+        out[..., d:, :] += b[..., d:, :]
+    return out
+
+
+def _identity_elements(x: Tensor, n: int) -> Tensor:
+    """``n`` identity elements ``[I; 0]`` shaped like ``x [N, T, r, d]`` along dim 1."""
+    N, _, r, d = x.shape
+    e = x.new_zeros(r, d)
+    e[:d].fill_diagonal_(1)
+    return e.expand(N, n, r, d)
+
+
+# ---------------------------------------------------------------------------------------------
+# Scan patterns. Each takes ownership of x [N, T, r, d] (contiguous), scans along dim 1 (in place
+# where convenient) and returns the inclusive prefix x_1, x_1 o x_2, ... of the same shape.
+
+
+def _sequential_scan(x: Tensor, chunk_size: int | None = None) -> Tensor:
+    """T - 1 combines one after another: the definition."""
+    for t in range(1, x.shape[1]):
+        x[:, t] = _combine(x[:, t - 1], x[:, t])
+    return x
+
+
+def _hillis_steele_scan(x: Tensor, chunk_size: int | None = None) -> Tensor:
+    """ceil(log2 T) steps; step k combines every element with the one 2^k before it."""
+    T = x.shape[1]
+    k = 1
+    while k < T:
+        x[:, k:] = _combine(x[:, :-k], x[:, k:])  # right side is materialised before the write
+        k *= 2
+    return x
+
+
+def _sklansky_scan(x: Tensor, chunk_size: int | None = None) -> Tensor:
+    """ceil(log2 T) steps; step k: the second half of every 2^(k+1)-block takes its first half's last."""
+    N, T, r, d = x.shape
+    h = 1
+    while h < T:
+        full = (T // (2 * h)) * (2 * h)
+        if full:
+            xv = x[:, :full].view(N, full // (2 * h), 2 * h, r, d)  # [N, blocks, 2h, r, d]
+            xv[:, :, h:] = _combine(xv[:, :, h - 1 : h], xv[:, :, h:])
+        if T - full > h:  # a partial last block that reaches its second half
+            x[:, full + h :] = _combine(x[:, full + h - 1 : full + h], x[:, full + h :])
+        h *= 2
+    return x
+
+
+def _brent_kung_scan(x: Tensor, chunk_size: int | None = None) -> Tensor:
+    """Up-sweep (tree of partial totals) then down-sweep; ~2T combines in ~2 log2 T steps."""
+    T = x.shape[1]
+    s = 2
+    while s <= T:  # up-sweep: x[i] for (i + 1) % s == 0 becomes the total of its s-block
+        x[:, s - 1 :: s] = _combine(x[:, s // 2 - 1 : T - s // 2 : s], x[:, s - 1 :: s])
+        s *= 2
+    s //= 2
+    while s >= 2:  # down-sweep: fill the middles of the blocks from the left totals
+        first = s + s // 2 - 1
+        if first < T:
+            x[:, first::s] = _combine(x[:, s - 1 : T - s // 2 : s], x[:, first::s])
+        s //= 2
+    return x
+
+
+def default_chunk_size(T: int) -> int:
+    """``ceil(sqrt(T))``: balances the in-chunk steps (C) against the steps over chunk totals (T/C)."""
+    return max(1, math.isqrt(T - 1) + 1) if T > 1 else 1
+
+
+def _chunked_scan(x: Tensor, chunk_size: int | None = None) -> Tensor:
+    """Prefix inside every chunk (all chunks at once), a scan over chunk totals, one fix-up each."""
+    N, T, r, d = x.shape
+    C = min(chunk_size or default_chunk_size(T), T)
+    nc = -(-T // C)
+    if nc * C != T:  # pad the last chunk with identities; they never reach the output
+        x = torch.cat([x, _identity_elements(x, nc * C - T)], dim=1)
+    xv = x.view(N, nc, C, r, d)  # [N, chunks, C, r, d]
+    for j in range(1, C):
+        xv[:, :, j] = _combine(xv[:, :, j - 1], xv[:, :, j])
+    if nc > 1:
+        carry = xv[:, :-1, C - 1].clone()  # [N, nc-1, r, d]: chunk totals (clone: fixed up below)
+        carry = _chunked_scan(carry) if nc - 1 > 64 else _sequential_scan(carry)
+        xv[:, 1:] = _combine(carry.unsqueeze(2), xv[:, 1:])
+    return x[:, :T]
+
+
+# ---------------------------------------------------------------------------------------------
+# The one autograd implementation (SPEC 1.2) shared by every pattern backend.
+
+
+class _PatternScan(torch.autograd.Function):
+    """Forward and backward of ``H_t = H_{t-1} @ M_t`` with one scan pattern for both passes.
+
+    Inputs are flat: ``states [N, T, d, d]``, ``initial_state [N, d, d]`` or None.
+    """
+
+    @staticmethod
+    def forward(ctx, states, initial_state, pattern, chunk_size):
+        with torch.autocast(device_type=states.device.type, enabled=False):
+            x = states.clone()  # [N, T, d, d]; the pattern scans it in place
+            if initial_state is not None:
+                x[:, 0] = initial_state @ states[:, 0]  # fold H_0 into the first element
+            H = pattern(x, chunk_size)  # [N, T, d, d]
+        ctx.save_for_backward(states, initial_state, H)
+        ctx.pattern, ctx.chunk_size = pattern, chunk_size
+        return H
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, G):  # G: [N, T, d, d] = dL/dH_t from outside the scan
+        states, H0, H = ctx.saved_tensors
+        N, T, d, _ = states.shape
+        with torch.autocast(device_type=states.device.type, enabled=False):
+            # Reverse time so the reverse recurrence becomes a forward scan over affine maps:
+            # X_s = X_{s-1} @ U_s + L_s, X_0 = 0, U_s = M^T of the step after, L_s = G (reversed).
+            E = G.new_empty(N, T, 2 * d, d)  # [N, T, 2d, d]: stacked [U; L]
+            E[:, 0, :d] = 0  # acts on X_0 = 0: never matters
+            E[:, 1:, :d] = states[:, 1:].flip(1).mT
+            E[:, :, d:] = G.flip(1)
+            B = ctx.pattern(E, ctx.chunk_size)[:, :, d:].flip(1)  # [N, T, d, d]: total adjoints B_t
+            dM = torch.empty_like(states)  # dL/dM_t = H_{t-1}^T @ B_t
+            dM[:, 1:] = H[:, :-1].mT @ B[:, 1:]
+            dM[:, 0] = B[:, 0] if H0 is None else H0.mT @ B[:, 0]
+            dH0 = None
+            if H0 is not None and ctx.needs_input_grad[1]:
+                dH0 = B[:, 0] @ states[:, 0].mT  # dL/dH_0 = B_1 @ M_1^T
+        return dM, dH0, None, None
+
+
+# ---------------------------------------------------------------------------------------------
+# Backends.
+
+
+def _always(device: torch.device) -> tuple[bool, str]:
+    return True, "pure PyTorch"
+
+
+@dataclass(frozen=True)
+class ScanBackend:
+    """A way to compute the scan. Exactly one of ``pattern`` / ``function`` is set.
+
+    Attributes:
+        pattern: ``(x [N, T, r, d], chunk_size) -> prefix [N, T, r, d]`` over the stacked elements of
+            :func:`_combine`; gets the shared autograd (forward and SPEC 1.2 backward both use it).
+        function: ``(states [N, T, d, d], initial_state [N, d, d] | None) -> H [N, T, d, d]``,
+            differentiable on its own (a fused kernel with its own backward).
+        uses_chunk_size: whether ``chunk_size`` means something to this backend.
+        available: ``device -> (ok, reason)``.
+    """
+
+    pattern: Optional[Callable[[Tensor, Optional[int]], Tensor]] = None
+    function: Optional[Callable[[Tensor, Optional[Tensor]], Tensor]] = None
+    uses_chunk_size: bool = False
+    available: Callable[[torch.device], tuple[bool, str]] = _always
+
+    def __post_init__(self):
+        if (self.pattern is None) == (self.function is None):
+            raise ValueError("ScanBackend needs exactly one of pattern= or function=")
+
+
+SCAN_BACKENDS: Registry = Registry("scan backend", argument="backend")
+SCAN_BACKENDS.register("sequential", ScanBackend(pattern=_sequential_scan))
+SCAN_BACKENDS.register("hillis_steele", ScanBackend(pattern=_hillis_steele_scan))
+SCAN_BACKENDS.register("brent_kung", ScanBackend(pattern=_brent_kung_scan))
+SCAN_BACKENDS.register("sklansky", ScanBackend(pattern=_sklansky_scan))
+SCAN_BACKENDS.register("chunked", ScanBackend(pattern=_chunked_scan, uses_chunk_size=True))
+
+
+def _triton_module():
+    return importlib.import_module("matrec.ops.triton_scan")
+
+
+def _triton_function(states: Tensor, initial_state: Tensor | None) -> Tensor:
+    return _triton_module().mru_scan_triton(states, initial_state)
+
+
+def _triton_available(device: torch.device) -> tuple[bool, str]:
+    try:
+        module = _triton_module()
+    except ImportError as e:  # triton itself, or the kernel module, is missing
+        return False, f"matrec.ops.triton_scan could not be imported ({e})"
+    return module.triton_available(device)
+
+
+SCAN_BACKENDS.register("triton", ScanBackend(function=_triton_function, available=_triton_available))
+
+# auto off CUDA (measured on CPU with benchmarks/scan.py, see docs/mru.md): the plain loop wins for
+# very short sequences; Brent-Kung (~2T products in ~2 log2 T steps) up to about a thousand steps;
+# beyond that the chunked pattern (one pass over contiguous chunks) is fastest.
+AUTO_SEQUENTIAL_MAX_T = 8
+AUTO_BRENT_KUNG_MAX_T = 1024
+# auto on CUDA without Triton: fewest dependent steps (ceil(log2 T)), since launches dominate there.
+AUTO_CUDA_FALLBACK = "sklansky"
+
+
+def auto_backend(device: torch.device, T: int) -> str:
+    """The backend ``backend="auto"`` uses for sequences of length ``T`` on ``device``.
+
+    CUDA: ``"triton"`` when :func:`matrec.ops.triton_scan.triton_available` says so, else
+    ``"sklansky"`` with a warning naming the reason. Elsewhere: ``"sequential"`` for
+    ``T <= 8``, ``"brent_kung"`` for ``T <= 1024``, else ``"chunked"`` (the fastest on CPU in
+    ``benchmarks/scan.py``).
+    """
+    if device.type == "cuda":
+        ok, reason = _triton_available(device)
+        if ok:
+            return "triton"
+        warnings.warn(
+            f"mru_scan(backend='auto'): Triton kernel unavailable on {device} ({reason}); "
+            f"using the PyTorch '{AUTO_CUDA_FALLBACK}' backend",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return AUTO_CUDA_FALLBACK
+    if T <= AUTO_SEQUENTIAL_MAX_T:
+        return "sequential"
+    return "brent_kung" if T <= AUTO_BRENT_KUNG_MAX_T else "chunked"
+
+
+# ---------------------------------------------------------------------------------------------
+# Public entry point.
+
+
+def _validate(states, initial_state, chunk_size) -> None:
+    if not isinstance(states, Tensor):
+        raise TypeError(f"states must be a torch.Tensor, got {type(states).__name__}")
+    if not states.is_floating_point():
+        raise TypeError(f"states must have a floating-point dtype, got {states.dtype}")
+    if states.dim() < 3:
+        raise ValueError(
+            f"states must have shape [..., T, d, d] (at least 3 dims), got {tuple(states.shape)}"
+        )
+    if states.shape[-1] != states.shape[-2]:
+        raise ValueError(
+            f"states must hold square matrices [..., T, d, d], got {tuple(states.shape)}"
+        )
+    if states.shape[-1] < 1:
+        raise ValueError(f"states must have matrix order d >= 1, got {tuple(states.shape)}")
+    if states.shape[-3] < 1:
+        raise ValueError(f"states must have sequence length T >= 1, got {tuple(states.shape)}")
+    if initial_state is not None:
+        if not isinstance(initial_state, Tensor):
+            raise TypeError(
+                f"initial_state must be a torch.Tensor or None, got {type(initial_state).__name__}"
+            )
+        want = states.shape[:-3] + states.shape[-2:]
+        if initial_state.shape != want:
+            raise ValueError(
+                f"initial_state must have shape {tuple(want)} (states' batch dims + [d, d]), "
+                f"got {tuple(initial_state.shape)}"
+            )
+        if initial_state.dtype != states.dtype:
+            raise TypeError(
+                f"initial_state must have the dtype of states ({states.dtype}), got {initial_state.dtype}"
+            )
+        if initial_state.device != states.device:
+            raise ValueError(
+                f"initial_state must be on the device of states ({states.device}), "
+                f"got {initial_state.device}"
+            )
+    if chunk_size is not None and (
+        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+    ):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+
+
+def _resolve(backend, device: torch.device, T: int) -> tuple[str, ScanBackend]:
+    if backend == "auto":
+        backend = auto_backend(device, T)
+    elif backend not in SCAN_BACKENDS:
+        raise ValueError(f"backend must be one of {['auto'] + SCAN_BACKENDS.names()}, got {backend!r}")
+    spec = SCAN_BACKENDS.get(backend)
+    ok, reason = spec.available(device)
+    if not ok:
+        raise RuntimeError(f"backend {backend!r} is not available on {device}: {reason}")
+    return backend, spec
+
+
+def mru_scan(
+    states: Tensor,
+    initial_state: Tensor | None = None,
+    *,
+    backend: str = "auto",
+    chunk_size: int | None = None,
+) -> Tensor:
+    """All prefix products ``H_t = H_{t-1} @ M_t`` (``H_0 = initial_state``, identity if None).
+
+    Args:
+        states: ``[..., T, d, d]`` the input state matrices ``M_t``; any leading batch dims, any
+            ``T >= 1``, any ``d >= 1``; float32/float64 (bf16/fp16 are computed in float32).
+        initial_state: ``[..., d, d]`` (same batch dims, dtype and device) or None.
+        backend: ``"auto"`` or a name in :data:`SCAN_BACKENDS` (``sequential``, ``hillis_steele``,
+            ``brent_kung``, ``sklansky``, ``chunked``, ``triton``).
+        chunk_size: chunk length for the ``chunked`` backend (default ``ceil(sqrt(T))``); an error
+            for backends that have no chunks.
+    Returns:
+        ``[..., T, d, d]``: every ``H_t``, in the dtype of ``states``. Differentiable wrt ``states``
+        and ``initial_state`` (first order; the backward is itself an associative scan).
+    """
+    _validate(states, initial_state, chunk_size)
+    *lead, T, d, _ = states.shape
+    name, spec = _resolve(backend, states.device, T)
+    if chunk_size is not None and not spec.uses_chunk_size:
+        raise ValueError(f"chunk_size applies to backends with chunks only, not backend {name!r}")
+
+    dtype = states.dtype
+    compute = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    N = math.prod(lead)
+    x = states.reshape(N, T, d, d).to(compute).contiguous()  # [N, T, d, d]
+    h0 = None
+    if initial_state is not None:
+        h0 = initial_state.reshape(N, d, d).to(compute).contiguous()  # [N, d, d]
+    with torch.autocast(device_type=states.device.type, enabled=False):
+        if spec.function is not None:
+            H = spec.function(x, h0)
+        else:
+            H = _PatternScan.apply(x, h0, spec.pattern, chunk_size)
+    return H.reshape(*lead, T, d, d).to(dtype)

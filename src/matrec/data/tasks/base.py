@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import abc
+import inspect
 
 import torch
 from torch import Tensor
@@ -25,6 +26,15 @@ class Task(abc.ABC):
         baseline: the loss of the best memoryless predictor, when known (None otherwise).
         stream: True when consecutive training batches continue the same sequences, so the trainer
             carries the model's recurrent state across them (truncated back-propagation).
+
+    Determinism (the trainer's bit-exact resume depends on it): ``get_batch`` draws every random
+    number from ``generator`` and from nothing else, so restoring the generator's state restores the
+    batches. A stream task (``stream = True``) instead reads its sequences in order: it keeps a
+    cursor per split, returned by ``state_dict()`` and restored by ``load_state_dict()``, which the
+    trainer checkpoints with the generator; ``batch_at(split, batch_size, index)`` is the pure
+    function behind it. Non-stream tasks have an empty state.
+
+    Text tasks also provide ``encode(str) -> LongTensor`` and ``decode(ids) -> str`` (for sampling).
     """
 
     name: str = "task"
@@ -46,6 +56,32 @@ class Task(abc.ABC):
         """Named evaluation numbers (loss always; accuracy-like ones where they make sense)."""
         return {"loss": float(self.loss(output, target))}
 
+    def state_dict(self) -> dict:
+        """Position state to checkpoint (stream tasks: the per-split cursors; others: empty)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        if state:
+            raise ValueError(f"task {self.name!r} has no state to load, got keys {sorted(state)}")
+
+    def encode(self, text: str) -> Tensor:
+        """Token ids ``[len]`` (int64) of ``text``; only text tasks have a vocabulary."""
+        raise NotImplementedError(f"task {self.name!r} has no text vocabulary")
+
+    def decode(self, ids) -> str:
+        """The text of token ids (a sequence of ints or a 1-D tensor); text tasks only."""
+        raise NotImplementedError(f"task {self.name!r} has no text vocabulary")
+
+    @classmethod
+    def describe(cls) -> str:
+        """Help text: the class docstring and its keyword options with defaults (for ``--help``)."""
+        doc = inspect.cleandoc(cls.__doc__ or "")
+        options = [f"  {p.name}={p.default!r}" if p.default is not p.empty else f"  {p.name} (required)"
+                   for p in inspect.signature(cls.__init__).parameters.values()
+                   if p.name != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        return doc + ("\n\nOptions:\n" + "\n".join(options) if options else "\n\nOptions: none")
+
     def model_io(self) -> dict[str, int | None]:
         """Keyword arguments that size a model for this task (for ``matrec.build_model``)."""
         return {"vocab_size": self.vocab_size, "input_size": self.input_size,
@@ -54,4 +90,72 @@ class Task(abc.ABC):
 
 def build_task(name: str, **kwargs) -> Task:
     """Build the registered task ``name`` with its keyword options."""
-    return TASKS.get(name)(**kwargs)
+    cls = TASKS.get(name)
+    accepted = inspect.signature(cls.__init__).parameters
+    unknown = sorted(set(kwargs) - set(accepted) - {"self"})
+    if unknown and not any(p.kind is p.VAR_KEYWORD for p in accepted.values()):
+        valid = sorted(k for k in accepted if k != "self")
+        raise ValueError(f"task {name!r} got unknown option(s) {unknown}; its options are {valid}")
+    return cls(**kwargs)
+
+
+def describe_tasks() -> str:
+    """Every registered task's help text, for the CLI's ``--help``."""
+    return "\n\n".join(f"{name}:\n" + "\n".join("  " + line for line in TASKS.get(name).describe().splitlines())
+                       for name in TASKS.names())
+
+
+SPLITS = ("train", "val")
+
+
+def check_split(split: str) -> str:
+    """``split`` if it is "train" or "val", else a ValueError naming the argument."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
+    return split
+
+
+def check_int(argument: str, value, minimum: int = 1) -> int:
+    """``value`` if it is an int >= ``minimum`` (bools rejected), else a ValueError naming ``argument``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{argument} must be an int >= {minimum}, got {value!r}")
+    return value
+
+
+def check_number(argument: str, value) -> float:
+    """``value`` as a float if it is a real number (bools rejected), else a TypeError naming it."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{argument} must be a number, got {value!r}")
+    return float(value)
+
+
+def _parse_value(argument: str, text: str, default):
+    """Convert the command-line string ``text`` to the type of ``default``."""
+    try:
+        if isinstance(default, bool):
+            if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError
+            return text.lower() in ("true", "1", "yes")
+        if isinstance(default, int):
+            return int(text)
+        if isinstance(default, float):
+            return float(text)
+        if isinstance(default, tuple):
+            kind = type(default[0]) if default else str
+            return tuple(kind(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise ValueError(f"{argument} must be {type(default).__name__} (like {default!r}), "
+                         f"got {text!r}") from None
+    return None if text.lower() == "none" else text
+
+
+def parse_task_options(name: str, options: dict[str, str]) -> dict:
+    """Turn command-line strings (e.g. ``{"delay": "200", "periods": "50,400"}``) into the task's
+    option types, taken from the defaults of its ``__init__`` (ints, floats, bools, tuples, str)."""
+    params = inspect.signature(TASKS.get(name).__init__).parameters
+    unknown = sorted(set(options) - set(params) - {"self"})
+    if unknown:
+        raise ValueError(f"task {name!r} got unknown option(s) {unknown}; its options are "
+                         f"{sorted(k for k in params if k != 'self')}")
+    return {key: _parse_value(key, text, params[key].default) if isinstance(text, str) else text
+            for key, text in options.items()}

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import TASKS, Task
+from .base import TASKS, Task, check_int, check_split
 
 BLANK, MARKER = 0, 9
 
@@ -38,7 +38,8 @@ class Copy(Task):
         self.baseline = n_symbols * math.log(alphabet) / self.length
 
     def get_batch(self, split: str, batch_size: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-        n, L = self.n, self.length
+        check_split(split)
+        n, L, batch_size = self.n, self.length, check_int("batch_size", batch_size)
         symbols = torch.randint(1, 9, (batch_size, n), generator=generator)
         x = torch.full((batch_size, L), BLANK, dtype=torch.long)
         x[:, :n] = symbols

@@ -1,0 +1,141 @@
+"""The Matrix Recurrent Unit layer (SPEC section 1): a causal sequence mixer, linear in T."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from ..ops.scan import SCAN_BACKENDS, mru_scan
+from ..ops.state_matrix import STATE_MATRICES, state_matrix, state_matrix_numel
+
+
+def default_order(embed_dim: int, num_heads: int) -> int:
+    """Default matrix order ``d``: the largest divisor of ``E / h`` that is at most ``sqrt(E / h)``.
+
+    So ``state_size = h d^2 <= E``, equal to ``E`` when ``E / h`` is a perfect square (e.g. E = 384,
+    h = 6 gives d = 8, the SPEC's configuration), and the read-out width ``E / (h d)`` is an integer.
+    """
+    per_head = embed_dim // num_heads
+    d = math.isqrt(per_head)
+    while per_head % d:
+        d -= 1
+    return d
+
+
+class MRU(nn.Module):
+    """Matrix Recurrent Unit: per head, ``H_t = H_{t-1} @ M_t`` with ``M_t`` built from ``x_t``.
+
+    ``W_in: E -> h * n`` gives each head's raw elements (``n = state_matrix_numel(state_matrix, d)``),
+    a construction of :data:`matrec.ops.state_matrix.STATE_MATRICES` turns them into ``M_t [d, d]``,
+    :func:`matrec.mru_scan` forms all ``H_t``, the read-out ``H_t @ W_down[head]`` (``d x E/(h d)``)
+    is flattened back to ``E`` and an output projection ``E -> E`` follows. ``W_in`` starts at zero, so
+    every ``M_t`` starts as the identity. The scan runs in float32 for bf16/fp16 activations (also
+    under autocast).
+
+    Args:
+        embed_dim: ``E``, input and output width.
+        num_heads: ``h``; must divide ``E``.
+        state_size: ``S = h d^2`` (``S / h`` a perfect square, ``h d`` dividing ``E``); default
+            ``h * default_order(E, h)^2`` (see :func:`default_order`).
+        state_matrix: construction name (default ``"ldu"``: det 1, can shear).
+        dropout: dropout on the output.
+        backend: :func:`matrec.mru_scan` backend.
+
+    Shapes:
+        ``forward(x [B, T, E], state [B, h, d, d] | None) -> (y [B, T, E], new_state [B, h, d, d])``.
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        *,
+        num_heads: int = 1,
+        state_size: int | None = None,
+        state_matrix: str = "ldu",
+        dropout: float = 0.0,
+        backend: str = "auto",
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        for arg, value in (("embed_dim", embed_dim), ("num_heads", num_heads)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{arg} must be a positive int, got {value!r}")
+        if embed_dim % num_heads:
+            raise ValueError(f"num_heads must divide embed_dim={embed_dim}, got {num_heads}")
+        if state_size is None:
+            d = default_order(embed_dim, num_heads)
+        else:
+            if isinstance(state_size, bool) or not isinstance(state_size, int) or state_size < 1:
+                raise ValueError(f"state_size must be a positive int or None, got {state_size!r}")
+            if state_size % num_heads:
+                raise ValueError(
+                    f"state_size must be divisible by num_heads={num_heads}, got {state_size}"
+                )
+            d = math.isqrt(state_size // num_heads)
+            if d * d != state_size // num_heads:
+                raise ValueError(
+                    f"state_size / num_heads must be a perfect square (the head's d x d state), "
+                    f"got {state_size} / {num_heads} = {state_size // num_heads}"
+                )
+        if embed_dim % (num_heads * d):
+            raise ValueError(
+                f"embed_dim must be divisible by num_heads * d = {num_heads * d} for the read-out, "
+                f"got embed_dim={embed_dim} (state_size={num_heads * d * d})"
+            )
+        STATE_MATRICES.get(state_matrix)  # unknown name -> ValueError naming state_matrix
+        if backend != "auto" and backend not in SCAN_BACKENDS:
+            raise ValueError(f"backend must be one of {['auto'] + SCAN_BACKENDS.names()}, got {backend!r}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+
+        factory = {"device": device, "dtype": dtype}
+        self.embed_dim, self.num_heads, self.order = embed_dim, num_heads, d
+        self.state_size = num_heads * d * d
+        self.state_matrix, self.backend = state_matrix, backend
+        self.numel = state_matrix_numel(state_matrix, d)
+        self.in_proj = nn.Linear(embed_dim, num_heads * self.numel, **factory)  # W_in
+        self.down = nn.Parameter(torch.empty(num_heads, d, embed_dim // (num_heads * d), **factory))
+        self.out_proj = nn.Linear(embed_dim, embed_dim, **factory)
+        self.dropout = nn.Dropout(dropout)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.zeros_(self.in_proj.weight)  # every M_t = identity at step 0
+        nn.init.zeros_(self.in_proj.bias)
+        # H_t is near-orthogonal-scale at init, so W_down like a Linear with fan-in d
+        nn.init.uniform_(self.down, -1 / math.sqrt(self.order), 1 / math.sqrt(self.order))
+        self.out_proj.reset_parameters()
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.embed_dim}, num_heads={self.num_heads}, state_size={self.state_size} "
+            f"(d={self.order}), state_matrix={self.state_matrix!r}, backend={self.backend!r}"
+        )
+
+    def forward(self, x: Tensor, state: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``x [B, T, E]``, ``state [B, h, d, d]`` or None (identity) -> ``(y [B, T, E], H_T [B, h, d, d])``.
+
+        ``H_T`` (the state after the last step) is in the scan's dtype (float32 for bf16/fp16 input);
+        pass it back as ``state`` to continue the sequence.
+        """
+        if x.dim() != 3 or x.shape[-1] != self.embed_dim:
+            raise ValueError(f"x must have shape [B, T, {self.embed_dim}], got {tuple(x.shape)}")
+        B, T, E = x.shape
+        h, d = self.num_heads, self.order
+        if state is not None and state.shape != (B, h, d, d):
+            raise ValueError(f"state must have shape {(B, h, d, d)}, got {tuple(state.shape)}")
+        raw = self.in_proj(x).view(B, T, h, self.numel).transpose(1, 2)  # [B, h, T, n]
+        low = raw.dtype in (torch.float16, torch.bfloat16)
+        compute = torch.float32 if low else raw.dtype
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            M = state_matrix(self.state_matrix, raw.to(compute), d)  # [B, h, T, d, d]
+            h0 = None if state is None else state.to(compute)
+            H = mru_scan(M, h0, backend=self.backend)  # [B, h, T, d, d]
+        # read-out per head: [B, h, T, d, d] @ [h, 1, d, E/(h d)] -> [B, h, T, d, E/(h d)]
+        # (in the parameters' dtype; under autocast the matmul itself drops to bf16/fp16 as usual)
+        y = H.to(self.down.dtype) @ self.down.unsqueeze(1)
+        y = y.flatten(-2).transpose(1, 2).reshape(B, T, E)  # [B, T, E]
+        y = self.dropout(self.out_proj(y))
+        return y, H[:, :, -1]

@@ -1,0 +1,160 @@
+"""Input-state constructions of the MRU (SPEC section 1.3): raw elements ``x [..., n]`` -> ``M [..., d, d]``.
+
+Every construction gives exactly the identity at ``x = 0`` (so a zero-initialised input projection
+starts the MRU as the identity recurrence). The orthogonal ones reuse :mod:`matrec.ops.orthogonal`.
+
+| name        | n (elements) | guarantee                               |
+|-------------|--------------|-----------------------------------------|
+| identity    | d^2          | none                                    |
+| scaled      | d^2          | abs(det) = 1                            |
+| cayley      | d(d-1)/2     | orthogonal                              |
+| expm        | d(d-1)/2     | orthogonal, det 1                       |
+| householder | d(d-1)/2     | orthogonal                              |
+| cayley_qr   | d^2          | det 1 (rotation times unit-det shear)   |
+| ldu         | d^2          | det 1 (default)                         |
+| ldu_ns      | d^2          | det 1 up to rounding, closer to orthogonal |
+
+Extend with ``STATE_MATRICES.register("mine", StateMatrix(build=fn, numel=lambda d: ...))`` where
+``fn(x [..., n], d) -> [..., d, d]``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from ..registry import Registry
+from .orthogonal import lower_numel, lower_to_square, orthogonal_from
+
+__all__ = ["STATE_MATRICES", "StateMatrix", "state_matrix", "state_matrix_numel"]
+
+
+@dataclass(frozen=True)
+class StateMatrix:
+    """A construction: ``build(x [..., numel(d)], d) -> [..., d, d]``, identity at ``x = 0``."""
+
+    build: Callable[[Tensor, int], Tensor]
+    numel: Callable[[int], int]
+    guarantee: str = "none"
+
+
+STATE_MATRICES: Registry = Registry("state matrix construction", argument="state_matrix")
+
+
+def _square(d: int) -> int:
+    return d * d
+
+
+def _eye(x: Tensor, d: int) -> Tensor:
+    return torch.eye(d, dtype=x.dtype, device=x.device)
+
+
+def _block(x: Tensor, d: int) -> Tensor:
+    return x.reshape(*x.shape[:-1], d, d)  # [..., d, d]
+
+
+def _unit_det(A: Tensor) -> Tensor:
+    """``A / |det A|^(1/d)``: same matrix up to a positive scale, with ``|det| = 1``."""
+    d = A.shape[-1]
+    logabsdet = torch.linalg.slogdet(A).logabsdet  # [...]; -inf when A is singular (not masked)
+    return A * torch.exp(-logabsdet / d)[..., None, None]
+
+
+def _identity(x: Tensor, d: int) -> Tensor:
+    return _block(x, d) + _eye(x, d)
+
+
+def _scaled(x: Tensor, d: int) -> Tensor:
+    return _unit_det(_block(x, d) + _eye(x, d))
+
+
+def _orthogonal(name: str) -> Callable[[Tensor, int], Tensor]:
+    def build(x: Tensor, d: int) -> Tensor:
+        return orthogonal_from(lower_to_square(x, d), name)
+
+    build.__name__ = f"_{name}"
+    return build
+
+
+def _unit_diag(X: Tensor) -> Tensor:
+    """``exp(diag(X) - mean(diag(X)))`` as ``[..., d]``: positive, product exactly 1 in exact math."""
+    diag = X.diagonal(dim1=-2, dim2=-1)
+    return torch.exp(diag - diag.mean(dim=-1, keepdim=True))
+
+
+def _cayley_qr(x: Tensor, d: int) -> Tensor:
+    """Cayley rotation of the strict-lower block times ``R`` (strict-upper block, diag ``exp(x - mean)``)."""
+    X = _block(x, d)
+    Q = orthogonal_from(X, "cayley")  # reads the strictly lower triangle only
+    R = X.triu(1) + torch.diag_embed(_unit_diag(X))
+    return Q @ R
+
+
+def _ldu(x: Tensor, d: int) -> Tensor:
+    """``(L + D^1/2)(U + D^1/2)``: triangular factors with positive diagonals whose product is 1."""
+    X = _block(x, d)
+    half = torch.diag_embed(_unit_diag(X).sqrt())  # D^1/2
+    return (X.tril(-1) + half) @ (X.triu(1) + half)
+
+
+def _ldu_ns(x: Tensor, d: int) -> Tensor:
+    """ldu, then one damped Newton-Schulz step toward orthogonality, rescaled to ``|det| = 1``.
+
+    The step is ``A (I + a/2 (I - A^T A))`` with ``a = 1 / max(1, ||A^T A - I||_F)``: plain
+    Newton-Schulz near orthogonal matrices, damped far from them so the factor's eigenvalues stay in
+    ``[1/2, 3/2]`` (never singular). At ``A = I`` the correction is exactly zero.
+    """
+    A = _ldu(x, d)
+    E = _eye(A, d) - A.mT @ A  # [..., d, d], symmetric
+    # sqrt of a clamped square (not a norm) so the gradient is finite at E = 0
+    damp = torch.rsqrt((E * E).sum(dim=(-2, -1)).clamp(min=1.0))[..., None, None]
+    return _unit_det(A + 0.5 * damp * (A @ E))
+
+
+STATE_MATRICES.register("identity", StateMatrix(_identity, _square, "none"))
+STATE_MATRICES.register("scaled", StateMatrix(_scaled, _square, "|det| = 1"))
+STATE_MATRICES.register("cayley", StateMatrix(_orthogonal("cayley"), lower_numel, "orthogonal"))
+STATE_MATRICES.register("expm", StateMatrix(_orthogonal("expm"), lower_numel, "orthogonal, det 1"))
+STATE_MATRICES.register(
+    "householder", StateMatrix(_orthogonal("householder"), lower_numel, "orthogonal")
+)
+STATE_MATRICES.register("cayley_qr", StateMatrix(_cayley_qr, _square, "det 1"))
+STATE_MATRICES.register("ldu", StateMatrix(_ldu, _square, "det 1"))
+STATE_MATRICES.register("ldu_ns", StateMatrix(_ldu_ns, _square, "det 1, near orthogonal"))
+
+
+def _check_order(d) -> None:
+    if isinstance(d, bool) or not isinstance(d, int) or d < 1:
+        raise ValueError(f"d must be a positive int (the matrix order), got {d!r}")
+
+
+def state_matrix_numel(name: str, d: int) -> int:
+    """How many raw elements construction ``name`` needs for order ``d`` (the last dim of ``x``)."""
+    _check_order(d)
+    return STATE_MATRICES.get(name).numel(d)
+
+
+def state_matrix(name: str, x: Tensor, d: int) -> Tensor:
+    """Build input state matrices from raw elements.
+
+    Args:
+        name: a construction in :data:`STATE_MATRICES` (see the module table).
+        x: ``[..., n]`` raw elements, ``n = state_matrix_numel(name, d)``; floating point.
+        d: matrix order.
+    Returns:
+        ``[..., d, d]`` in the dtype of ``x``; exactly the identity where ``x`` is zero.
+    """
+    _check_order(d)
+    spec = STATE_MATRICES.get(name)
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"x must have a floating-point dtype, got {x.dtype}")
+    n = spec.numel(d)
+    if x.dim() < 1 or x.shape[-1] != n:
+        raise ValueError(
+            f"x must have shape [..., {n}] for state_matrix={name!r} and d={d}, got {tuple(x.shape)}"
+        )
+    return spec.build(x, d)

@@ -1,0 +1,147 @@
+"""The MRU layer: shapes, identity init, streaming == whole, causality, autocast, gradients, errors."""
+import pytest
+import torch
+
+import matrec
+from matrec.nn import mru as mru_mod
+from matrec.nn.mru import MRU, default_order
+from matrec.ops.state_matrix import STATE_MATRICES
+
+
+def trained_like(mru, scale=0.3, seed=0):
+    """Give W_in random weights (it starts at zero) so the recurrence actually mixes."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        w = mru.in_proj.weight
+        w.copy_(torch.randn(w.shape, generator=g, dtype=w.dtype) * scale / w.shape[1] ** 0.5)
+    return mru
+
+
+def test_shapes_and_defaults():
+    m = MRU(384, num_heads=6)
+    assert m.order == 8 and m.state_size == 384  # the SPEC configuration
+    assert MRU(128).order == 8 and MRU(128).state_size == 64
+    assert MRU(12, num_heads=3).order == 2
+    m = MRU(16, num_heads=2, state_size=8)
+    y, s = m(torch.randn(3, 5, 16))
+    assert y.shape == (3, 5, 16) and s.shape == (3, 2, 2, 2)
+    assert default_order(100, 4) == 5
+    assert matrec.MRU is MRU
+
+
+def test_identity_at_init():
+    m = MRU(16, num_heads=2)
+    x = torch.randn(2, 7, 16)
+    y, s = m(x)
+    assert torch.equal(s, torch.eye(m.order).expand_as(s))
+    # every H_t = I, so the output is the same at every step and for every input
+    torch.testing.assert_close(y, y[:1, :1].expand_as(y), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("backend", ["auto", "sequential", "chunked"])
+@pytest.mark.parametrize("name", ["ldu", "cayley", "scaled"])
+def test_streaming_equals_whole(backend, name):
+    m = trained_like(MRU(24, num_heads=2, state_size=18, state_matrix=name, backend=backend, dtype=torch.float64))
+    x = torch.randn(2, 40, 24, dtype=torch.float64)
+    y, s = m(x)
+    ys, state = [], None
+    for lo, hi in [(0, 1), (1, 8), (8, 9), (9, 30), (30, 40)]:
+        yi, state = m(x[:, lo:hi], state)
+        ys.append(yi)
+    torch.testing.assert_close(torch.cat(ys, 1), y, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(state, s, atol=1e-10, rtol=1e-10)
+
+
+def test_causal():
+    m = trained_like(MRU(16, num_heads=1, dtype=torch.float64))
+    x = torch.randn(2, 30, 16, dtype=torch.float64, requires_grad=True)
+    y, _ = m(x)
+    (g,) = torch.autograd.grad(y[:, 12].sum(), x)
+    assert g[:, 13:].abs().max() == 0 and g[:, :13].abs().max() > 0
+    x2 = x.detach().clone()
+    x2[:, 20:] += 1.0
+    y2, _ = m(x2)
+    assert torch.equal(y2[:, :20], y[:, :20].detach()) and not torch.allclose(y2[:, 20:], y[:, 20:])
+
+
+def test_backends_agree_with_gradients():
+    x = torch.randn(2, 33, 16, dtype=torch.float64)
+    results = []
+    for backend in ["sequential", "hillis_steele", "brent_kung", "sklansky", "chunked"]:
+        torch.manual_seed(0)
+        m = trained_like(MRU(16, num_heads=4, state_size=16, backend=backend, dtype=torch.float64))
+        y, s = m(x)
+        (y.square().sum() + s.sum()).backward()
+        results.append([y, s] + [p.grad for p in m.parameters()])
+    for other in results[1:]:
+        for a, b in zip(other, results[0]):
+            torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+
+
+def test_gradcheck_small():
+    m = trained_like(MRU(4, num_heads=1, state_size=4, dtype=torch.float64))
+    x = torch.randn(1, 5, 4, dtype=torch.float64, requires_grad=True)
+    s0 = torch.linalg.matrix_exp(torch.randn(1, 1, 2, 2, dtype=torch.float64) * 0.3).requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, b: m(a, b)[0], (x, s0))
+
+
+@pytest.mark.parametrize("name", STATE_MATRICES.names())
+def test_every_construction_trains(name):
+    m = trained_like(MRU(8, num_heads=2, state_size=8, state_matrix=name))
+    y, _ = m(torch.randn(2, 6, 8))
+    y.square().mean().backward()
+    assert torch.isfinite(m.in_proj.weight.grad).all() and m.in_proj.weight.grad.abs().sum() > 0
+
+
+def test_bf16_autocast_scan_in_float32(monkeypatch):
+    seen = []
+    real = mru_mod.mru_scan
+
+    def spy(states, initial_state=None, **kw):
+        seen.append((states.dtype, torch.is_autocast_enabled("cpu")))
+        return real(states, initial_state, **kw)
+
+    monkeypatch.setattr(mru_mod, "mru_scan", spy)
+    m = trained_like(MRU(16, num_heads=1))
+    x = torch.randn(2, 10, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, s = m(x)
+        y2, s2 = m(x, s)
+    assert seen == [(torch.float32, False)] * 2
+    assert y.dtype == torch.bfloat16 and s.dtype == torch.float32
+    y.float().sum().backward()
+    assert torch.isfinite(m.in_proj.weight.grad).all()
+
+
+def test_bf16_module():
+    m = trained_like(MRU(16, num_heads=2, dtype=torch.bfloat16))
+    y, s = m(torch.randn(2, 9, 16, dtype=torch.bfloat16))
+    assert y.dtype == torch.bfloat16 and s.dtype == torch.float32 and torch.isfinite(y).all()
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"embed_dim": 16, "num_heads": 3}, "num_heads must divide embed_dim"),
+        ({"embed_dim": 16, "num_heads": 2, "state_size": 12}, "state_size / num_heads must be a perfect square"),
+        ({"embed_dim": 16, "num_heads": 2, "state_size": 9}, "state_size must be divisible by num_heads"),
+        ({"embed_dim": 18, "num_heads": 2, "state_size": 32}, "embed_dim must be divisible by num_heads \\* d"),
+        ({"embed_dim": 16, "state_matrix": "nope"}, "state_matrix must be one of"),
+        ({"embed_dim": 16, "backend": "nope"}, "backend must be one of"),
+        ({"embed_dim": 0}, "embed_dim must be a positive int"),
+        ({"embed_dim": 16, "dropout": 1.0}, "dropout must be in"),
+    ],
+)
+def test_bad_config(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        MRU(**kwargs)
+
+
+def test_bad_forward_input():
+    m = MRU(16, num_heads=2)
+    with pytest.raises(ValueError, match=r"x must have shape \[B, T, 16\]"):
+        m(torch.randn(2, 5, 8))
+    with pytest.raises(ValueError, match="state must have shape"):
+        m(torch.randn(2, 5, 16), torch.zeros(2, 1, 2, 2))
+    with pytest.raises(ValueError, match="T >= 1"):
+        m(torch.randn(2, 0, 16))
