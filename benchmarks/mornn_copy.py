@@ -61,6 +61,7 @@ def main():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--models", default="mornn,lstm", help="comma-separated subset of mornn,lstm")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -78,8 +79,11 @@ def main():
           f"MORNN H={a.hidden} ({n} params) vs LSTM H={H} "
           f"({sum(p.numel() for p in lstm.parameters())} params), batch {a.batch}, RMSprop lr {a.lr}\n")
     print("| model | step | seconds | val loss | recall |\n|---|---|---|---|---|")
-    train("MORNN modrelu", mornn.to(a.device), task, a.steps, a.lr, a.batch, a.every, a.seed)
-    train("LSTM", lstm.to(a.device), task, a.steps, a.lr, a.batch, a.every, a.seed)
+    models = a.models.split(",")
+    if "mornn" in models:
+        train("MORNN modrelu", mornn.to(a.device), task, a.steps, a.lr, a.batch, a.every, a.seed)
+    if "lstm" in models:
+        train("LSTM", lstm.to(a.device), task, a.steps, a.lr, a.batch, a.every, a.seed)
 
 
 if __name__ == "__main__":

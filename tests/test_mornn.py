@@ -399,3 +399,21 @@ def test_triton_recurrence_backend_in_mornn():
     torch.testing.assert_close(t(x), m(x), rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="backend must be one of"):
         MORNN(3, 5, nonlinearity="modrelu", recurrence_backend="cuda")
+
+
+@pytest.mark.parametrize("nonlinearity", ["modrelu", "identity"])
+def test_layouts_agree_for_the_fused_recurrence(nonlinearity):
+    """batch_first, time-major and unbatched inputs give the same numbers on the ops.recurrence path."""
+    torch.manual_seed(17)
+    tm = MORNN(3, 5, num_layers=2, nonlinearity=nonlinearity, bidirectional=True, dtype=torch.float64)
+    bf = copy.deepcopy(tm)
+    bf.batch_first = True
+    x = torch.randn(6, 2, 3, dtype=torch.float64)
+    hx = torch.randn(4, 2, 5, dtype=torch.float64)
+    o_tm, h_tm = tm(x, hx)
+    o_bf, h_bf = bf(x.transpose(0, 1), hx)
+    torch.testing.assert_close(o_bf.transpose(0, 1), o_tm)
+    torch.testing.assert_close(h_bf, h_tm)
+    o_u, h_u = tm(x[:, 1], hx[:, 1])
+    torch.testing.assert_close(o_u, o_tm[:, 1])
+    torch.testing.assert_close(h_u, h_tm[:, 1])

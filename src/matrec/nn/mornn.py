@@ -121,7 +121,9 @@ class _OrthogonalRecurrent(nn.Module):
         # Built once per forward, in float32/64 whatever autocast says: bf16 would break orthogonality.
         with torch.autocast(A.device.type, enabled=False):
             W = base.to(cdt) @ orthogonal_from(lower_to_square(A.to(cdt), n), self.orthogonal_map)
-        return W.to(A.dtype) if A.dtype == torch.float64 or A.dtype == torch.float32 else W
+        # A half-precision module gets a rounded W (its kernels need one dtype); under autocast the
+        # parameters stay float32 and so does W.
+        return W.to(A.dtype)
 
     @torch.no_grad()
     def refold(self) -> None:
