@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from matrec.nn.mornn import MORNN
+from matrec.ops.orthogonal import ORTHOGONAL_MAPS
 
 
 def _sync(device):
@@ -57,6 +58,23 @@ def rows(B, T, H, device, repeats, warmup, skip_loop):
     return out
 
 
+def map_rows(H, device, repeats, warmup):
+    """Building W_hh = base @ f(A) and back-propagating through it, per orthogonal map."""
+    out = []
+    for name in ORTHOGONAL_MAPS.names():
+        m = MORNN(H, H, orthogonal_map=name).to(device)
+        times = []
+        for i in range(warmup + repeats):
+            _sync(device)
+            t0 = time.perf_counter()
+            m.weight_hh_l0.sum().backward()
+            _sync(device)
+            if i >= warmup:
+                times.append(time.perf_counter() - t0)
+        out.append((name, 1e3 * statistics.median(times)))
+    return out
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -86,7 +104,12 @@ def main():
             ms = results[s][n]
             cells.append(f"{ms:.1f} ({ms / results[s]['nn.RNN tanh']:.2f}x)")
         print(f"| {n} | " + " | ".join(cells) + " |")
-    print("\n(x: relative to nn.RNN tanh on the same shape)")
+    print("\n(x: relative to nn.RNN tanh on the same shape)\n")
+    print("| orthogonal map | " + " | ".join(f"W_hh fwd+bwd, H={h}" for _, _, h in shapes) + " |")
+    print("|" + "---|" * (len(shapes) + 1))
+    maps = {s: dict(map_rows(s[2], device, a.repeats, a.warmup)) for s in shapes}
+    for name in ORTHOGONAL_MAPS.names():
+        print(f"| {name} | " + " | ".join(f"{maps[s][name]:.1f}" for s in shapes) + " |")
 
 
 if __name__ == "__main__":

@@ -62,12 +62,13 @@ def main():
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--models", default="mornn,lstm", help="comma-separated subset of mornn,lstm")
+    p.add_argument("--nonlinearity", default="modrelu", help="MORNN's (the recipe: modrelu)")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
     task = build_task("copy", delay=a.delay)
     torch.manual_seed(a.seed)
-    mornn = RecurrentModel(MORNN(a.embed, a.hidden, batch_first=True, nonlinearity="modrelu"),
+    mornn = RecurrentModel(MORNN(a.embed, a.hidden, batch_first=True, nonlinearity=a.nonlinearity),
                            hidden_size=a.hidden, output_size=task.output_size,
                            vocab_size=task.vocab_size, embed_dim=a.embed)
     n = sum(p.numel() for p in mornn.parameters())
@@ -81,7 +82,7 @@ def main():
     print("| model | step | seconds | val loss | recall |\n|---|---|---|---|---|")
     models = a.models.split(",")
     if "mornn" in models:
-        train("MORNN modrelu", mornn.to(a.device), task, a.steps, a.lr, a.batch, a.every, a.seed)
+        train(f"MORNN {a.nonlinearity}", mornn.to(a.device), task, a.steps, a.lr, a.batch, a.every, a.seed)
     if "lstm" in models:
         train("LSTM", lstm.to(a.device), task, a.steps, a.lr, a.batch, a.every, a.seed)
 

@@ -33,11 +33,6 @@ def orthogonal_rnn(*args, **kwargs) -> nn.RNN:
     return rnn
 
 
-def run(module, x, hx):
-    out = module(x, hx)
-    return out
-
-
 CONFIGS = list(itertools.product([1, 2], [False, True], [False, True], ["tanh", "relu"], [True, False]))
 
 

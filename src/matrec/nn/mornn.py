@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import re
 import warnings
 
 import torch
