@@ -5,12 +5,11 @@
 
 Rows "modrelu (autograd loop)" time the plain Python loop that ops.recurrence replaces (the
 reference), so the fused op's gain is measured, not claimed. Prints a markdown table (milliseconds,
-median of --repeats after --warmup).
+best of --repeats, models interleaved, after --warmup).
 """
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import torch
@@ -25,19 +24,14 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def time_fwd_bwd(module, x, repeats, warmup):
-    device = x.device
-    times = []
-    for i in range(warmup + repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        out, _ = module(x)
-        out.sum().backward()
-        _sync(device)
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-        module.zero_grad(set_to_none=True)
-    return 1e3 * statistics.median(times)
+def fwd_bwd_once(module, x):
+    _sync(x.device)
+    t0 = time.perf_counter()
+    out, _ = module(x)
+    out.sum().backward()
+    _sync(x.device)
+    module.zero_grad(set_to_none=True)
+    return time.perf_counter() - t0
 
 
 def rows(B, T, H, device, repeats, warmup, skip_loop):
@@ -51,11 +45,17 @@ def rows(B, T, H, device, repeats, warmup, skip_loop):
         candidates[f"MORNN {nl}"] = MORNN(H, H, nonlinearity=nl)
     if not skip_loop:
         candidates["MORNN modrelu (autograd loop)"] = MORNN(H, H, nonlinearity="modrelu", recurrence_backend="loop")
-    out = []
-    for name, mod in candidates.items():
-        mod = mod.to(device)
-        out.append((name, time_fwd_bwd(mod, x, repeats, warmup)))
-    return out
+    mods = {name: mod.to(device) for name, mod in candidates.items()}
+    for _ in range(warmup):
+        for mod in mods.values():
+            fwd_bwd_once(mod, x)
+    # Round-robin, best of `repeats`: on a shared machine, load bursts then hit every row alike and
+    # the minimum is the least disturbed run.
+    times = {name: [] for name in mods}
+    for _ in range(repeats):
+        for name, mod in mods.items():
+            times[name].append(fwd_bwd_once(mod, x))
+    return [(name, 1e3 * min(t)) for name, t in times.items()]
 
 
 def map_rows(H, device, repeats, warmup):
@@ -71,7 +71,7 @@ def map_rows(H, device, repeats, warmup):
             _sync(device)
             if i >= warmup:
                 times.append(time.perf_counter() - t0)
-        out.append((name, 1e3 * statistics.median(times)))
+        out.append((name, 1e3 * min(times)))
     return out
 
 
@@ -92,7 +92,7 @@ def main():
     device = torch.device(a.device)
     shapes = [(a.batch, a.seq, a.hidden)] + ([(a.batch, a.seq, a.large_hidden)] if a.large_hidden else [])
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
-    print(f"device: {dev_name}; torch {torch.__version__}; forward+backward, ms (median of {a.repeats})\n")
+    print(f"device: {dev_name}; torch {torch.__version__}; forward+backward, ms (best of {a.repeats}, round-robin)\n")
     results = {s: dict(rows(*s, device, a.repeats, a.warmup, a.skip_loop)) for s in shapes}
     names = list(next(iter(results.values())))
     header = "| model | " + " | ".join(f"B={b}, T={t}, H={h}" for b, t, h in shapes) + " |"
