@@ -1,6 +1,7 @@
 """mru_scan: every backend against the sequential-loop reference (outputs and both gradients)."""
 import functools
 import math
+import types
 
 import pytest
 import torch
@@ -112,6 +113,23 @@ def test_gradcheck(backend, T):
     assert torch.autograd.gradcheck(lambda m: mru_scan(m, backend=backend), (states,))
 
 
+@pytest.mark.parametrize("backend", PATTERNS)
+def test_gradient_for_one_input_only(backend):
+    states = near_identity((3, 9, 2, 2))
+    h0 = near_identity((3, 2, 2)).requires_grad_()
+    (got,) = torch.autograd.grad(mru_scan(states, h0, backend=backend).sum(), h0)
+    (want,) = torch.autograd.grad(naive_mru_scan(states, h0).sum(), h0)
+    torch.testing.assert_close(got, want)
+    states.requires_grad_()
+    (got,) = torch.autograd.grad(mru_scan(states, h0.detach(), backend=backend).sum(), states)
+    (want,) = torch.autograd.grad(naive_mru_scan(states, h0.detach()).sum(), states)
+    torch.testing.assert_close(got, want)
+
+
+def test_empty_batch():
+    assert mru_scan(torch.zeros(0, 4, 2, 2)).shape == (0, 4, 2, 2)
+
+
 def test_float32_close_to_float64():
     states = near_identity((2, 200, 4, 4))
     ref = mru_scan(states, backend="sequential")
@@ -164,15 +182,21 @@ def test_auto_rule_cpu():
     assert auto_backend(cpu, 9) == "brent_kung"
     assert auto_backend(cpu, 1024) == "brent_kung"
     assert auto_backend(cpu, 1025) == "chunked"
+    assert auto_backend(cpu, 4096, batch=16, d=16) == "sequential"  # arithmetic-bound: the loop
+    assert auto_backend(cpu, 4096, batch=15, d=16) == "chunked"
 
 
 def test_auto_rule_cuda(monkeypatch):
     cuda = torch.device("cuda")
     monkeypatch.setattr(scan_mod, "_triton_available", lambda device: (True, "ok"))
-    assert auto_backend(cuda, 100) == "triton"
+    monkeypatch.setattr(scan_mod, "_triton_module", lambda: types.SimpleNamespace(MAX_DIM=64))
+    assert auto_backend(cuda, 100, d=64) == "triton"
+    assert auto_backend(cuda, 100, d=65) == scan_mod.AUTO_CUDA_FALLBACK
     monkeypatch.setattr(scan_mod, "_triton_available", lambda device: (False, "no triton here"))
     with pytest.warns(RuntimeWarning, match="no triton here"):
         assert auto_backend(cuda, 100) == scan_mod.AUTO_CUDA_FALLBACK
+    monkeypatch.setattr(scan_mod, "_triton_available", lambda device: (True, "ok"))
+    assert auto_backend(cuda, 100, dtype=torch.float64) == scan_mod.AUTO_CUDA_FALLBACK
 
 
 def test_triton_backend_available_or_explained():
@@ -183,6 +207,23 @@ def test_triton_backend_available_or_explained():
     else:
         with pytest.raises(RuntimeError, match="triton"):
             mru_scan(states, backend="triton")
+
+
+def test_triton_backend_through_mru_scan(monkeypatch):
+    """The registered kernel under Triton's CPU interpreter: outputs, both gradients, bf16 I/O."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    g = torch.Generator().manual_seed(3)
+    states = near_identity((2, 7, 3, 3), dtype=torch.float32, generator=g)
+    h0 = near_identity((2, 3, 3), dtype=torch.float32, generator=g)
+    G = torch.randn(states.shape, generator=g)
+    want = reference(states.double(), h0.double(), G.double())
+    for chunk_size in [None, 3]:
+        out, grads = run(states, h0, G, backend="triton", chunk_size=chunk_size)
+        assert_matches((out.double(), [x.double() for x in grads]), want, atol=1e-5, rtol=1e-5)
+    low = mru_scan(states.bfloat16(), backend="triton")
+    assert low.dtype == torch.bfloat16
+    torch.testing.assert_close(low.float(), naive_mru_scan(states.bfloat16().float()), atol=2e-2, rtol=2e-2)
 
 
 def test_user_backends(monkeypatch):

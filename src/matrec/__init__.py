@@ -28,6 +28,10 @@ _EXPORTS = {
     # models
     "build_model": "matrec.models",
     "MODELS": "matrec.models",
+    "MIXERS": "matrec.models",
+    "SequenceModel": "matrec.models",
+    "generate": "matrec.models",
+    "list_presets": "matrec.models",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -38,6 +38,13 @@ class RecurrentModel(nn.Module):
         h, new_state = self.rnn(self.encoder(x), state)  # [B, T, H * directions]
         return self.head(h), new_state
 
+    def generate(self, prompt: Tensor, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: int | None = None, **kwargs) -> Tensor:
+        """See :func:`matrec.models.generate` (streams the RNN state: constant memory)."""
+        from .generate import generate
+
+        return generate(self, prompt, max_new_tokens, temperature, top_k, **kwargs)
+
 
 def _encoder_width(vocab_size, input_size, embed_dim):
     return input_size if vocab_size is None else (embed_dim or 32)
@@ -60,3 +67,15 @@ def recurrent_factory(rnn_cls: Callable[..., nn.Module], default_hidden: int = 1
 MODELS.register("rnn", recurrent_factory(nn.RNN))
 MODELS.register("lstm", recurrent_factory(nn.LSTM))
 MODELS.register("gru", recurrent_factory(nn.GRU))
+
+
+def mornn(*args, **kwargs) -> nn.Module:
+    """``matrec.MORNN(*args, **kwargs)``, imported on first use so models load without it."""
+    import matrec
+
+    return matrec.MORNN(*args, **kwargs)
+
+
+# The memory-task recipe of SPEC section 2: modReLU and Henaff init (override by keyword).
+MORNN_RECIPE = {"nonlinearity": "modrelu", "init": "henaff"}
+MODELS.register("mornn", recurrent_factory(mornn, **MORNN_RECIPE))

@@ -18,7 +18,7 @@ imported lazily). Users may register their own of either kind.
 
 Numerics: the scan runs in float32 for bf16/fp16 inputs (and with autocast disabled), and in the
 input precision for float32/float64. Products of many unconstrained matrices can overflow to inf/NaN
-(SPEC 1.3: random near-identity 8x8 inputs overflow float32 around T = 65536); nothing here masks
+(SPEC 1.3: the seed's kernels returned NaN at T = 65536 on random near-identity 8x8 inputs); nothing here masks
 that -- use a norm-preserving construction (``matrec.ops.state_matrix``: cayley, expm, householder,
 or the det-1 ones) or shorter chunks with a carried state for very long sequences.
 """
@@ -71,6 +71,21 @@ def _combine(a: Tensor, b: Tensor) -> Tensor:
     return out
 
 
+def _extend_prefix(a: Tensor, b: Tensor) -> None:
+    """``b <- a o b`` in place, where ``a`` is a complete prefix (it starts at position 0).
+
+    In the backward the scan starts from ``X_0 = 0``, so of a complete prefix ``[U; L]`` only ``L``
+    is ever read again (it *is* ``X_t``). Computing just that row block halves the work of every
+    step whose left operand is a complete prefix; the ``U`` rows left in ``b`` are then stale and
+    must not be read (no pattern reads the ``U`` of a complete prefix).
+    """
+    d = b.shape[-1]
+    if b.shape[-2] > d:
+        b[..., d:, :] += a[..., d:, :] @ b[..., :d, :]
+    else:
+        b.copy_(a @ b)
+
+
 def _identity_elements(x: Tensor, n: int) -> Tensor:
     """``n`` identity elements ``[I; 0]`` shaped like ``x [N, T, r, d]`` along dim 1."""
     N, _, r, d = x.shape
@@ -87,7 +102,7 @@ def _identity_elements(x: Tensor, n: int) -> Tensor:
 def _sequential_scan(x: Tensor, chunk_size: int | None = None) -> Tensor:
     """T - 1 combines one after another: the definition."""
     for t in range(1, x.shape[1]):
-        x[:, t] = _combine(x[:, t - 1], x[:, t])
+        _extend_prefix(x[:, t - 1], x[:, t])
     return x
 
 
@@ -126,8 +141,8 @@ def _brent_kung_scan(x: Tensor, chunk_size: int | None = None) -> Tensor:
     s //= 2
     while s >= 2:  # down-sweep: fill the middles of the blocks from the left totals
         first = s + s // 2 - 1
-        if first < T:
-            x[:, first::s] = _combine(x[:, s - 1 : T - s // 2 : s], x[:, first::s])
+        if first < T:  # left operands are complete prefixes by now
+            _extend_prefix(x[:, s - 1 : T - s // 2 : s], x[:, first::s])
         s //= 2
     return x
 
@@ -149,8 +164,10 @@ def _chunked_scan(x: Tensor, chunk_size: int | None = None) -> Tensor:
         xv[:, :, j] = _combine(xv[:, :, j - 1], xv[:, :, j])
     if nc > 1:
         carry = xv[:, :-1, C - 1].clone()  # [N, nc-1, r, d]: chunk totals (clone: fixed up below)
+        # carry[c] becomes the complete prefix up to the end of chunk c
+        # many chunks (explicit small chunk_size on a long T): chunk the totals too, else a loop
         carry = _chunked_scan(carry) if nc - 1 > 64 else _sequential_scan(carry)
-        xv[:, 1:] = _combine(carry.unsqueeze(2), xv[:, 1:])
+        _extend_prefix(carry.unsqueeze(2), xv[:, 1:])
     return x[:, :T]
 
 
@@ -188,10 +205,11 @@ class _PatternScan(torch.autograd.Function):
             E[:, 1:, :d] = states[:, 1:].flip(1).mT
             E[:, :, d:] = G.flip(1)
             B = ctx.pattern(E, ctx.chunk_size)[:, :, d:].flip(1)  # [N, T, d, d]: total adjoints B_t
-            dM = torch.empty_like(states)  # dL/dM_t = H_{t-1}^T @ B_t
-            dM[:, 1:] = H[:, :-1].mT @ B[:, 1:]
-            dM[:, 0] = B[:, 0] if H0 is None else H0.mT @ B[:, 0]
-            dH0 = None
+            dM = dH0 = None
+            if ctx.needs_input_grad[0]:
+                dM = torch.empty_like(states)  # dL/dM_t = H_{t-1}^T @ B_t
+                dM[:, 1:] = H[:, :-1].mT @ B[:, 1:]
+                dM[:, 0] = B[:, 0] if H0 is None else H0.mT @ B[:, 0]
             if H0 is not None and ctx.needs_input_grad[1]:
                 dH0 = B[:, 0] @ states[:, 0].mT  # dL/dH_0 = B_1 @ M_1^T
         return dM, dH0, None, None
@@ -214,14 +232,18 @@ class ScanBackend:
             :func:`_combine`; gets the shared autograd (forward and SPEC 1.2 backward both use it).
         function: ``(states [N, T, d, d], initial_state [N, d, d] | None) -> H [N, T, d, d]``,
             differentiable on its own (a fused kernel with its own backward).
-        uses_chunk_size: whether ``chunk_size`` means something to this backend.
+        uses_chunk_size: whether ``chunk_size`` means something to this backend (a ``function``
+            backend then also gets ``chunk_size=`` as a keyword).
         available: ``device -> (ok, reason)``.
+        low_precision_io: a ``function`` backend that takes bf16/fp16 tensors as they are (and
+            computes in float32 itself), saving the up-cast copy; otherwise it gets float32.
     """
 
     pattern: Optional[Callable[[Tensor, Optional[int]], Tensor]] = None
-    function: Optional[Callable[[Tensor, Optional[Tensor]], Tensor]] = None
+    function: Optional[Callable[..., Tensor]] = None
     uses_chunk_size: bool = False
     available: Callable[[torch.device], tuple[bool, str]] = _always
+    low_precision_io: bool = False
 
     def __post_init__(self):
         if (self.pattern is None) == (self.function is None):
@@ -240,8 +262,8 @@ def _triton_module():
     return importlib.import_module("matrec.ops.triton_scan")
 
 
-def _triton_function(states: Tensor, initial_state: Tensor | None) -> Tensor:
-    return _triton_module().mru_scan_triton(states, initial_state)
+def _triton_function(states: Tensor, initial_state: Tensor | None, chunk_size: int | None = None) -> Tensor:
+    return _triton_module().mru_scan_triton(states, initial_state, chunk_size=chunk_size)
 
 
 def _triton_available(device: torch.device) -> tuple[bool, str]:
@@ -252,29 +274,45 @@ def _triton_available(device: torch.device) -> tuple[bool, str]:
     return module.triton_available(device)
 
 
-SCAN_BACKENDS.register("triton", ScanBackend(function=_triton_function, available=_triton_available))
+SCAN_BACKENDS.register(
+    "triton",
+    ScanBackend(
+        function=_triton_function,
+        uses_chunk_size=True,
+        available=_triton_available,
+        low_precision_io=True,
+    ),
+)
 
-# auto off CUDA (measured on CPU with benchmarks/scan.py, see docs/mru.md): the plain loop wins for
-# very short sequences; Brent-Kung (~2T products in ~2 log2 T steps) up to about a thousand steps;
-# beyond that the chunked pattern (one pass over contiguous chunks) is fastest.
+# auto off CUDA (measured on CPU with benchmarks/scan.py, see docs/mru.md). Every parallel pattern
+# does at least 2T products against the loop's T, so it only pays where the loop is bound by per-step
+# overhead, not arithmetic: short-T or large per-step work (batch * d^3) -> the loop; otherwise
+# Brent-Kung (~2T products in ~2 log2 T steps) up to about a thousand steps, the chunked pattern
+# (one pass over contiguous chunks) beyond.
 AUTO_SEQUENTIAL_MAX_T = 8
+AUTO_SEQUENTIAL_MIN_WORK = 65536  # batch * d^3 per step
 AUTO_BRENT_KUNG_MAX_T = 1024
 # auto on CUDA without Triton: fewest dependent steps (ceil(log2 T)), since launches dominate there.
 AUTO_CUDA_FALLBACK = "sklansky"
 
 
-def auto_backend(device: torch.device, T: int) -> str:
-    """The backend ``backend="auto"`` uses for sequences of length ``T`` on ``device``.
+def auto_backend(
+    device: torch.device, T: int, batch: int = 1, d: int = 1, dtype: torch.dtype = torch.float32
+) -> str:
+    """The backend ``backend="auto"`` uses for ``batch`` sequences of length ``T`` and order ``d``.
 
-    CUDA: ``"triton"`` when :func:`matrec.ops.triton_scan.triton_available` says so, else
-    ``"sklansky"`` with a warning naming the reason. Elsewhere: ``"sequential"`` for
-    ``T <= 8``, ``"brent_kung"`` for ``T <= 1024``, else ``"chunked"`` (the fastest on CPU in
-    ``benchmarks/scan.py``).
+    ``dtype`` is the compute dtype (float32 for bf16/fp16 inputs). CUDA: ``"triton"`` for float32
+    and ``d <= 64`` when :func:`matrec.ops.triton_scan.triton_available` says so, else
+    ``"sklansky"`` (with a warning naming the reason when Triton is what is missing; float64 and
+    larger d go to ``"sklansky"`` silently: the fused kernel is a float32 kernel for ``d <= 64``). Elsewhere: ``"sequential"`` for ``T <= 8`` or
+    ``batch * d**3 >= 65536``; else ``"brent_kung"`` for ``T <= 1024`` and ``"chunked"`` above.
     """
     if device.type == "cuda":
+        if dtype != torch.float32:
+            return AUTO_CUDA_FALLBACK
         ok, reason = _triton_available(device)
         if ok:
-            return "triton"
+            return "triton" if d <= getattr(_triton_module(), "MAX_DIM", 64) else AUTO_CUDA_FALLBACK
         warnings.warn(
             f"mru_scan(backend='auto'): Triton kernel unavailable on {device} ({reason}); "
             f"using the PyTorch '{AUTO_CUDA_FALLBACK}' backend",
@@ -282,7 +320,7 @@ def auto_backend(device: torch.device, T: int) -> str:
             stacklevel=3,
         )
         return AUTO_CUDA_FALLBACK
-    if T <= AUTO_SEQUENTIAL_MAX_T:
+    if T <= AUTO_SEQUENTIAL_MAX_T or batch * d**3 >= AUTO_SEQUENTIAL_MIN_WORK:
         return "sequential"
     return "brent_kung" if T <= AUTO_BRENT_KUNG_MAX_T else "chunked"
 
@@ -334,9 +372,12 @@ def _validate(states, initial_state, chunk_size) -> None:
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
 
 
-def _resolve(backend, device: torch.device, T: int) -> tuple[str, ScanBackend]:
+def _resolve(backend, states: Tensor) -> tuple[str, ScanBackend]:
+    *lead, T, d, _ = states.shape
+    device = states.device
     if backend == "auto":
-        backend = auto_backend(device, T)
+        compute = torch.float32 if states.dtype in (torch.float16, torch.bfloat16) else states.dtype
+        backend = auto_backend(device, T, math.prod(lead), d, compute)
     elif backend not in SCAN_BACKENDS:
         raise ValueError(f"backend must be one of {['auto'] + SCAN_BACKENDS.names()}, got {backend!r}")
     spec = SCAN_BACKENDS.get(backend)
@@ -369,20 +410,23 @@ def mru_scan(
     """
     _validate(states, initial_state, chunk_size)
     *lead, T, d, _ = states.shape
-    name, spec = _resolve(backend, states.device, T)
+    N = math.prod(lead)
+    name, spec = _resolve(backend, states)
     if chunk_size is not None and not spec.uses_chunk_size:
         raise ValueError(f"chunk_size applies to backends with chunks only, not backend {name!r}")
 
     dtype = states.dtype
     compute = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-    N = math.prod(lead)
+    if spec.function is not None and spec.low_precision_io:
+        compute = dtype
     x = states.reshape(N, T, d, d).to(compute).contiguous()  # [N, T, d, d]
     h0 = None
     if initial_state is not None:
         h0 = initial_state.reshape(N, d, d).to(compute).contiguous()  # [N, d, d]
     with torch.autocast(device_type=states.device.type, enabled=False):
         if spec.function is not None:
-            H = spec.function(x, h0)
+            kw = {"chunk_size": chunk_size} if spec.uses_chunk_size else {}
+            H = spec.function(x, h0, **kw)
         else:
             H = _PatternScan.apply(x, h0, spec.pattern, chunk_size)
     return H.reshape(*lead, T, d, d).to(dtype)

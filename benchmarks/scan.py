@@ -1,0 +1,167 @@
+"""Time every mru_scan backend, forward and forward+backward, after checking it against the reference.
+
+    PYTHONPATH=src python benchmarks/scan.py                       # SPEC 5 shapes + T >= 1024, auto device
+    PYTHONPATH=src python benchmarks/scan.py --device cpu --batch-scale 0.125
+    PYTHONPATH=src python benchmarks/scan.py --quick               # small smoke run
+
+Shapes are ``batch,heads,T,d``. Each backend is first run on one sequence of the shape
+and compared (outputs and gradients) with the float64 autograd-through-loop reference; a backend that
+fails is reported as FAILED, never timed. On CUDA the table also gives the fraction of the copy
+bandwidth floor (bytes of reading M and writing H for the forward; plus reading M, H, dH and
+writing dM for the backward), with the device copy bandwidth measured here.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from matrec.ops.orthogonal import skew
+from matrec.ops.scan import SCAN_BACKENDS, mru_scan, naive_mru_scan
+
+SPEC_SHAPES = ["64,6,256,8", "80,3,512,16", "8,4,4096,16", "8,6,1024,8"]
+QUICK_SHAPES = ["4,2,64,4", "2,2,1024,8"]
+
+
+def parse_shape(text: str) -> tuple[int, int, int, int]:
+    parts = tuple(int(p) for p in text.split(","))
+    if len(parts) != 4 or min(parts) < 1:
+        raise argparse.ArgumentTypeError(f"shape must be batch,heads,T,d (positive ints), got {text!r}")
+    return parts
+
+
+def make_states(shape, device, dtype=torch.float32, seed=0):
+    """Random rotations near the identity: products of thousands stay bounded (no overflow)."""
+    g = torch.Generator().manual_seed(seed)
+    B, h, T, d = shape
+    A = skew(torch.randn(B, h, T, d, d, generator=g, dtype=torch.float64)) * (0.3 / d**0.5)
+    return torch.linalg.matrix_exp(A).to(device=device, dtype=dtype)  # [B, h, T, d, d]
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timeit(fn, device, repeats: int) -> float:
+    """Best wall time of ``fn`` in milliseconds, after one warm-up call.
+
+    The minimum, not the median: on a shared machine the other processes only ever add time.
+    """
+    fn()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return min(times)
+
+
+def check(backend: str, states, tol: float = 1e-4) -> str | None:
+    """None if ``backend`` matches the float64 loop on one sequence (output and gradient).
+
+    One (batch, head) sequence at the full T and d: the reference loop is slow, and the backends
+    treat every sequence alike.
+    """
+    M = states[:1, :1].detach()
+    G = torch.randn(M.shape, generator=torch.Generator().manual_seed(1)).to(M)
+    ref_in = M.double().requires_grad_()
+    ref = naive_mru_scan(ref_in)
+    (ref_grad,) = torch.autograd.grad(ref, ref_in, G.double())
+    x = M.clone().requires_grad_()
+    out = mru_scan(x, backend=backend)
+    (grad,) = torch.autograd.grad(out, x, G)
+    for name, a, b in (("output", out, ref), ("gradient", grad, ref_grad)):
+        err = ((a.double() - b).abs().max() / b.abs().max().clamp(min=1e-30)).item()
+        if not err < tol:
+            return f"{name} relative error {err:.2e} > {tol:.0e}"
+    return None
+
+
+def copy_bandwidth(device) -> float:
+    """Bytes per second of a large device-to-device copy (read + write)."""
+    x = torch.empty(256 * 2**20, dtype=torch.float32, device=device)  # 1 GiB
+    y = torch.empty_like(x)
+    ms = timeit(lambda: y.copy_(x), device, repeats=10)
+    return 2 * x.numel() * 4 / (ms / 1e3)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shapes", nargs="+", type=parse_shape, help="batch,heads,T,d (default: SPEC 5 + T=1024)")
+    p.add_argument("--backends", nargs="+", default=None, help="default: every registered backend")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch-scale", type=float, default=1.0, help="multiply every batch (CPU runs)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads on CPU")
+    p.add_argument("--quick", action="store_true", help="small shapes, 2 repeats")
+    args = p.parse_args(argv)
+
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    shapes = args.shapes or [parse_shape(s) for s in (QUICK_SHAPES if args.quick else SPEC_SHAPES)]
+    repeats = 2 if args.quick else args.repeats
+    shapes = [(max(1, round(B * args.batch_scale)), h, T, d) for B, h, T, d in shapes]
+    backends = args.backends or SCAN_BACKENDS.names()
+    for b in backends:
+        SCAN_BACKENDS.get(b)  # unknown name -> ValueError listing the choices
+
+    bw = copy_bandwidth(device) if device.type == "cuda" else None
+    title = f"mru_scan on {device}"
+    if device.type == "cuda":
+        title += f" ({torch.cuda.get_device_name(device)}, copy bandwidth {bw / 1e12:.2f} TB/s)"
+    else:
+        title += f" ({torch.get_num_threads()} threads)"
+    if args.batch_scale != 1.0:
+        title += f", batch scaled by {args.batch_scale:g} from the named shapes"
+    print(f"### {title}, float32, best of {repeats}, milliseconds\n")
+    head = "| batch, heads, T, d | backend | forward | fwd+bwd | fwd+bwd vs sequential |"
+    rule = "|---|---|---|---|---|"
+    if bw:
+        head += " fwd % of floor | fwd+bwd % of floor |"
+        rule += "---|---|"
+    print(head)
+    print(rule)
+    for shape in shapes:
+        states = make_states(shape, device)
+        nbytes = states.numel() * states.element_size()
+        seq_ms = None
+        for b in backends:
+            ok, reason = SCAN_BACKENDS.get(b).available(device)
+            label = f"| {', '.join(map(str, shape))} | {b} |"
+            if not ok:
+                print(f"{label} unavailable: {reason} | | |" + (" | |" if bw else ""))
+                continue
+            failure = check(b, states)
+            if failure:
+                print(f"{label} FAILED check: {failure} | | |" + (" | |" if bw else ""))
+                continue
+            G = torch.randn_like(states)
+            x = states.clone().requires_grad_()
+
+            def fwd():
+                with torch.no_grad():
+                    mru_scan(states, backend=b)
+
+            def fwd_bwd():
+                mru_scan(x, backend=b).backward(G)
+                x.grad = None
+
+            f_ms, fb_ms = timeit(fwd, device, repeats), timeit(fwd_bwd, device, repeats)
+            if b == "sequential":
+                seq_ms = fb_ms
+            speed = f"{seq_ms / fb_ms:.2f}x" if seq_ms else "-"
+            row = f"{label} {f_ms:.2f} | {fb_ms:.2f} | {speed} |"
+            if bw:
+                floor_f, floor_fb = 2 * nbytes / bw * 1e3, 6 * nbytes / bw * 1e3
+                row += f" {100 * floor_f / f_ms:.1f}% | {100 * floor_fb / fb_ms:.1f}% |"
+            print(row, flush=True)
+        del states
+
+
+if __name__ == "__main__":
+    main()

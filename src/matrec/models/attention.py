@@ -1,0 +1,170 @@
+"""Causal softmax self-attention with a KV cache, and MRU-rotary attention (SPEC section 1.4).
+
+State (cache) of ``attn``: ``(k, v, position)``: keys and values ``[B, H, S, head_dim]`` of the
+``S`` most recent tokens (all of them, or the last ``window``), keys already position-encoded, and
+``position``, a 0-dim int64 tensor, the absolute position of the next token. MRU-rotary adds the
+running product of rotations: ``(k, v, position, P)`` with ``P [B, H, C, d, d]``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..ops.orthogonal import ORTHOGONAL_MAPS, lower_numel, lower_to_square, orthogonal_from
+from .mixers import MIXERS, init_linear
+from .positional import POSITIONS
+
+
+def causal_attention(q: Tensor, k: Tensor, v: Tensor, offset: int, window: int | None = None,
+                     dropout_p: float = 0.0) -> Tensor:
+    """SDPA where query row ``i`` (absolute position ``offset + i``) sees the keys at positions
+    ``<= offset + i`` and, with a ``window``, ``> offset + i - window``.
+
+    ``q [B, H, T, D]``; ``k, v [B, H, S, D]`` hold the ``S`` most recent positions, the last being
+    ``offset + T - 1``. Returns ``[B, H, T, D]``.
+    """
+    T, S = q.shape[-2], k.shape[-2]
+    if offset == 0 and S == T and window is None:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=T > 1)
+    # SDPA's is_causal aligns the mask top-left; with a cache it must align bottom-right.
+    q_pos = torch.arange(offset, offset + T, device=q.device)[:, None]  # [T, 1]
+    k_pos = torch.arange(offset + T - S, offset + T, device=q.device)[None, :]  # [1, S]
+    mask = k_pos <= q_pos
+    if window is not None:
+        mask &= k_pos > q_pos - window
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+
+
+@MIXERS.register("attn")
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention (GPT-2 style) with RoPE / xPos / no positions and a KV cache.
+
+    Args:
+        d_model: width ``E``; ``n_heads`` must divide it.
+        pos: positional encoding, one of ``POSITIONS`` ("rope", "xpos", "none").
+        pos_options: keyword options of the encoding (``base``, ``scale_base``).
+        window: if set, each token attends to itself and the ``window - 1`` tokens before it
+            (sliding-window attention); the cache then stays at ``window`` tokens, which bounds
+            memory when the state is carried across the batches of a long stream.
+        dropout: attention-probability dropout (training only).
+    """
+
+    def __init__(self, d_model: int, *, n_heads: int = 1, dropout: float = 0.0, pos: str = "rope",
+                 pos_options: dict | None = None, window: int | None = None, bias: bool = False) -> None:
+        super().__init__()
+        if d_model % n_heads:
+            raise ValueError(f"n_heads must divide d_model, got d_model={d_model}, n_heads={n_heads}")
+        if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+            raise ValueError(f"window must be a positive int or None, got {window!r}")
+        self.d_model, self.n_heads, self.head_dim = d_model, n_heads, d_model // n_heads
+        self.dropout, self.window = dropout, window
+        self.qkv = nn.Linear(d_model, 3 * d_model, bias=bias)
+        self.residual_proj = nn.Linear(d_model, d_model, bias=bias)
+        self.position = POSITIONS.get(pos)(self.head_dim, **(pos_options or {}))
+
+    def init_weights(self, std: float, residual_std: float) -> None:
+        init_linear(self.qkv, std)
+        init_linear(self.residual_proj, residual_std)
+
+    def _heads(self, x: Tensor) -> Tensor:
+        B, T, _ = x.shape
+        return x.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
+
+    def encode_positions(self, x: Tensor, q: Tensor, k: Tensor, offset: int, extra: tuple):
+        """Position-encode ``q, k [B, H, T, D]``; returns ``(q, k, extra_state)``."""
+        q, k = self.position(q, k, offset)
+        return q, k, ()
+
+    def forward(self, x: Tensor, state: tuple | None = None) -> tuple[Tensor, tuple]:
+        B, T, E = x.shape
+        q, k, v = (self._heads(t) for t in self.qkv(x).split(E, dim=-1))  # [B, H, T, D] each
+        past_k = past_v = None
+        offset, extra = 0, ()
+        if state is not None:
+            past_k, past_v, position, *extra = state
+            offset = int(position)
+        q, k, extra = self.encode_positions(x, q, k, offset, tuple(extra))
+        if past_k is not None:
+            k, v = torch.cat((past_k, k), dim=-2), torch.cat((past_v, v), dim=-2)
+        y = causal_attention(q, k, v, offset, self.window,
+                             self.dropout if self.training else 0.0)  # [B, H, T, D]
+        y = self.residual_proj(y.transpose(1, 2).reshape(B, T, E))
+        if self.window is not None:  # older keys can never be seen again
+            k, v = k[..., -self.window:, :], v[..., -self.window:, :]
+        position = torch.tensor(offset + T, device=x.device)
+        return y, (k, v, position, *extra)
+
+
+def rotate_chunks(x: Tensor, P: Tensor) -> Tensor:
+    """Apply ``P [B, H, C, T, d, d]`` to the ``C`` chunks of size ``d`` of ``x [B, H, T, C*d]``.
+
+    Each chunk ``u`` (a column vector) becomes ``P u``.
+    """
+    B, H, T, D = x.shape
+    C, d = P.shape[2], P.shape[-1]
+    u = x.view(B, H, T, C, d).transpose(2, 3)  # [B, H, C, T, d]
+    out = (P @ u.unsqueeze(-1)).squeeze(-1)  # [B, H, C, T, d]
+    return out.transpose(2, 3).reshape(B, H, T, D)
+
+
+@MIXERS.register("mru_rotary")
+class MRURotaryAttention(CausalSelfAttention):
+    """Causal attention whose q and k are rotated chunk-wise by MRU running products (SPEC 1.4).
+
+    Every token emits, per head and per chunk ``c`` of ``d = chunk_size`` dimensions, an orthogonal
+    ``M_t = construction(W x_t + b)``; the running product ``P_t = P_{t-1} M_t`` (an MRU scan) rotates
+    the chunk: ``q_c -> P_t q_c``, ``k_c -> P_t k_c``. For orthogonal ``P``,
+    ``(P_i q)^T (P_j k) = q^T (M_{j+1} ... M_i)^T k``: like RoPE the score depends on what lies
+    between the two tokens, but through data-dependent, non-commuting d-dimensional rotations.
+    Norms of q and k are unchanged. No other positional encoding is used.
+
+    The bias ``b`` starts random with a scale falling geometrically over chunks (``10^(-4c/C)``), so
+    at initialisation the model is a RoPE-like multi-scale rotation even before ``W`` learns.
+
+    Args:
+        chunk_size: ``d``, must divide the head size.
+        construction: an orthogonal map of ``matrec.ORTHOGONAL_MAPS`` ("cayley", "expm", "householder").
+        backend: the ``matrec.mru_scan`` backend.
+        window: sliding-window attention, as in :class:`CausalSelfAttention`.
+    """
+
+    def __init__(self, d_model: int, *, n_heads: int = 1, dropout: float = 0.0, chunk_size: int = 8,
+                 construction: str = "cayley", backend: str = "auto", window: int | None = None,
+                 bias: bool = False) -> None:
+        super().__init__(d_model, n_heads=n_heads, dropout=dropout, pos="none", window=window, bias=bias)
+        if self.head_dim % chunk_size:
+            raise ValueError(
+                f"chunk_size must divide the head size {self.head_dim}, got chunk_size={chunk_size}")
+        ORTHOGONAL_MAPS.get(construction)  # fail early with the list of valid names
+        self.construction, self.backend, self.chunk_size = construction, backend, chunk_size
+        self.n_chunks = self.head_dim // chunk_size
+        self.rotation = nn.Linear(d_model, n_heads * self.n_chunks * lower_numel(chunk_size))
+
+    def init_weights(self, std: float, residual_std: float) -> None:
+        super().init_weights(std, residual_std)
+        nn.init.normal_(self.rotation.weight, std=std)
+        scale = 10.0 ** (-4.0 * torch.arange(self.n_chunks, dtype=torch.float32) / self.n_chunks)
+        bias = torch.randn(self.n_heads, self.n_chunks, lower_numel(self.chunk_size)) * scale[:, None]
+        with torch.no_grad():
+            self.rotation.bias.copy_(bias.flatten())
+
+    def rotations(self, x: Tensor) -> Tensor:
+        """Per-token orthogonal ``M_t``: ``x [B, T, E]`` -> ``[B, H, C, T, d, d]`` (float32 or wider)."""
+        B, T, _ = x.shape
+        a = self.rotation(x).view(B, T, self.n_heads, self.n_chunks, -1).permute(0, 2, 3, 1, 4)
+        a = a.to(torch.promote_types(a.dtype, torch.float32))  # [B, H, C, T, d(d-1)/2]
+        # the maps (solve, matrix_exp) and the running product stay in fp32 under autocast (SPEC 1.3)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return orthogonal_from(lower_to_square(a, self.chunk_size), self.construction)
+
+    def encode_positions(self, x, q, k, offset, extra):
+        import matrec  # mru_scan is matrec's multi-backend scan
+
+        M = self.rotations(x)  # [B, H, C, T, d, d], at least fp32
+        P0 = extra[0].to(M.dtype) if extra else None  # [B, H, C, d, d]
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            P = matrec.mru_scan(M, P0, backend=self.backend)  # [B, H, C, T, d, d]
+        q = rotate_chunks(q, P.to(q.dtype))
+        k = rotate_chunks(k, P.to(k.dtype))
+        return q, k, (P[..., -1, :, :],)

@@ -1,0 +1,65 @@
+"""Autoregressive sampling for every model that follows the ``forward(x, state) -> (out, state)``
+contract with token inputs."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+def sample_next(logits: Tensor, temperature: float = 1.0, top_k: int | None = None,
+                generator: torch.Generator | None = None) -> Tensor:
+    """One token per row from ``logits [B, V]`` -> ``[B, 1]``; ``temperature == 0`` is greedy."""
+    if temperature == 0:
+        return logits.argmax(-1, keepdim=True)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]  # [B, 1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator)
+
+
+@torch.no_grad()
+def generate(model: nn.Module, prompt: Tensor, max_new_tokens: int, temperature: float = 1.0,
+             top_k: int | None = None, *, generator: torch.Generator | None = None,
+             use_state: bool = True) -> Tensor:
+    """Continue ``prompt [B, T0]`` (token ids; 1-D is one sequence) by ``max_new_tokens`` tokens.
+
+    With ``use_state`` (the default) the prompt is read once and each new token is one step that
+    passes the model's state along: recurrent mixers stream their state (memory constant in the
+    generated length), attention extends its KV cache. ``use_state=False`` re-runs the whole
+    sequence for every token: the reference the streamed path equals.
+
+    Args:
+        temperature: softmax temperature; 0 picks the most likely token.
+        top_k: sample only among the ``top_k`` most likely tokens.
+        generator: a ``torch.Generator`` (on the logits' device) for reproducible sampling.
+    Returns:
+        ``[B, T0 + max_new_tokens]``: the prompt followed by the new tokens.
+    """
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be a non-negative int, got {max_new_tokens!r}")
+    if not isinstance(temperature, (int, float)) or temperature < 0:
+        raise ValueError(f"temperature must be a number >= 0, got {temperature!r}")
+    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
+    if prompt.is_floating_point() or prompt.dim() not in (1, 2) or prompt.shape[-1] < 1:
+        raise ValueError(f"prompt must be token ids [B, T0] or [T0] with T0 >= 1, got "
+                         f"{tuple(prompt.shape)} {prompt.dtype}")
+    squeeze = prompt.dim() == 1
+    tokens = prompt[None] if squeeze else prompt
+    was_training = model.training
+    model.eval()
+    try:
+        logits, state = model(tokens)
+        for i in range(max_new_tokens):
+            nxt = sample_next(logits[:, -1], temperature, top_k, generator)  # [B, 1]
+            tokens = torch.cat((tokens, nxt.to(tokens.dtype)), dim=1)
+            if i + 1 == max_new_tokens:
+                break
+            if use_state:
+                logits, state = model(nxt.to(tokens.dtype), state)
+            else:
+                logits, _ = model(tokens)
+    finally:
+        model.train(was_training)
+    return tokens[0] if squeeze else tokens

@@ -1,0 +1,78 @@
+"""Transformer-XL attention (Dai et al. 2019): segment-level memory and relative positions.
+
+Each call attends over ``[memory; x]`` where ``memory [B, M, E]`` holds the (detached) inputs of
+this layer for the previous ``mem_len`` tokens. Scores use relative positions::
+
+    score(i, j) = (q_i + u) . k_j  +  (q_i + v) . W_r R_(i - j)
+
+with sinusoidal ``R`` and learned ``u, v`` per head. The new memory is the last ``mem_len`` rows of
+``[memory; x]``, detached: gradients never cross a segment boundary (the stop-gradient of the
+paper), which is what lets training run segment by segment in constant memory.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from .mixers import MIXERS, init_linear
+
+
+def sinusoid(n: int, dim: int, device, dtype) -> Tensor:
+    """Sinusoidal embeddings of distances ``0 .. n-1``: ``[n, dim]``."""
+    inv_freq = 10000.0 ** (-torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim)
+    pos = torch.arange(n, device=device, dtype=torch.float32)[:, None] * inv_freq[None, :]
+    return torch.cat((pos.sin(), pos.cos()), dim=-1).to(dtype)
+
+
+@MIXERS.register("txl")
+class TransformerXLAttention(nn.Module):
+    """Relative multi-head attention with segment memory. State: memory ``[B, <=mem_len, E]``.
+
+    Args:
+        mem_len: how many past layer inputs to keep (0: no memory).
+    """
+
+    def __init__(self, d_model: int, *, n_heads: int = 1, dropout: float = 0.0, mem_len: int = 256,
+                 bias: bool = False) -> None:
+        super().__init__()
+        if d_model % n_heads:
+            raise ValueError(f"n_heads must divide d_model, got d_model={d_model}, n_heads={n_heads}")
+        if not isinstance(mem_len, int) or mem_len < 0:
+            raise ValueError(f"mem_len must be a non-negative int, got {mem_len!r}")
+        self.n_heads, self.head_dim, self.mem_len = n_heads, d_model // n_heads, mem_len
+        self.q = nn.Linear(d_model, d_model, bias=bias)
+        self.kv = nn.Linear(d_model, 2 * d_model, bias=bias)
+        self.r = nn.Linear(d_model, d_model, bias=False)
+        self.u = nn.Parameter(torch.zeros(n_heads, self.head_dim))
+        self.v = nn.Parameter(torch.zeros(n_heads, self.head_dim))
+        self.attn_dropout = nn.Dropout(dropout)
+        self.residual_proj = nn.Linear(d_model, d_model, bias=bias)
+
+    def init_weights(self, std: float, residual_std: float) -> None:
+        for lin in (self.q, self.kv, self.r):
+            init_linear(lin, std)
+        init_linear(self.residual_proj, residual_std)
+        nn.init.zeros_(self.u)
+        nn.init.zeros_(self.v)
+
+    def forward(self, x: Tensor, state: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        B, T, E = x.shape
+        H, D = self.n_heads, self.head_dim
+        h = x if state is None else torch.cat((state.to(x.dtype), x), dim=1)  # [B, K, E]
+        K = h.shape[1]
+        M = K - T
+        q = self.q(x).view(B, T, H, D).transpose(1, 2)  # [B, H, T, D]
+        k, v = (t.view(B, K, H, D).transpose(1, 2) for t in self.kv(h).split(E, dim=-1))  # [B, H, K, D]
+        r = self.r(sinusoid(K, E, x.device, x.dtype)).view(K, H, D).transpose(0, 1)  # [H, K, D]: by distance
+        content = (q + self.u[:, None, :]) @ k.transpose(-1, -2)  # [B, H, T, K]
+        by_dist = (q + self.v[:, None, :]) @ r.transpose(-1, -2)  # [B, H, T, K]: column = distance
+        dist = (M + torch.arange(T, device=x.device))[:, None] - torch.arange(K, device=x.device)[None, :]
+        position = by_dist.gather(-1, dist.clamp(min=0).expand(B, H, T, K))  # [B, H, T, K]
+        scores = (content + position) / math.sqrt(D)
+        scores = scores.masked_fill(dist < 0, float("-inf"))  # causal: no key after the query
+        y = self.attn_dropout(scores.softmax(-1)) @ v  # [B, H, T, D]
+        y = self.residual_proj(y.transpose(1, 2).reshape(B, T, E))
+        new_memory = h[:, -self.mem_len:].detach() if self.mem_len > 0 else None
+        return y, new_memory

@@ -1,0 +1,101 @@
+"""Registered sequence models and the presets named after the seed's experiments.
+
+Plain models (small defaults, every size overridable): ``mru``, ``attn``, ``linear_attn``, ``txl``,
+``mru_rotary`` — ``n_layers`` x (mixer + MLP) — and ``mlp`` (``n_layers`` MLP sublayers). Extra
+keyword arguments go to the mixer (e.g. ``state_matrix="cayley"`` for ``mru``, ``pos="xpos"`` for
+``attn``, ``mem_len=128`` for ``txl``). ``sequence`` takes an explicit ``pattern``.
+
+Presets fix the architecture of an experiment (vocab/input/output sizes still come from the task):
+- ``shakespeare-{mru,attn,linear_attn}``: 6 x (mixer + MLP), width 384, 6 heads, T 256.
+- ``ablation-<mixer>``: one mixer + 4 MLPs, width 256 (4 heads), T 256, for every MRU
+  construction (``ablation-mru-ldu`` ...), ``attn``, ``linear_attn``; ``ablation-mlp`` is the 4 MLPs
+  alone.
+"""
+from __future__ import annotations
+
+from .registry import MODELS
+from .sequence import SequenceModel, num_parameters
+
+# the state-matrix constructions of SPEC section 1.3 (matrec.STATE_MATRICES)
+MRU_CONSTRUCTIONS = ("identity", "scaled", "cayley", "expm", "householder", "cayley_qr", "ldu", "ldu_ns")
+
+PRESETS: dict[str, dict] = {}
+
+
+def _sequence(*, vocab_size=None, input_size=None, output_size, pattern, mixer_options=None, **kwargs):
+    return SequenceModel(pattern, vocab_size=vocab_size, input_size=input_size,
+                         output_size=output_size, mixer_options=mixer_options, **kwargs)
+
+
+MODELS.register("sequence", _sequence)
+
+
+def _plain(mixer: str | None):
+    def build(*, vocab_size=None, input_size=None, output_size, d_model=128, n_layers=2, n_heads=4,
+              dropout=0.0, tie_embeddings=True, context_length=None, **mixer_kwargs):
+        pattern = [mixer, "mlp"] * n_layers if mixer else ["mlp"] * n_layers
+        options = {mixer or "mlp": mixer_kwargs} if mixer_kwargs else None
+        return SequenceModel(pattern, vocab_size=vocab_size, input_size=input_size,
+                             output_size=output_size, d_model=d_model, n_heads=n_heads,
+                             dropout=dropout, tie_embeddings=tie_embeddings, mixer_options=options,
+                             context_length=context_length)
+
+    build.__doc__ = (f"``n_layers`` x ({mixer} + MLP) sequence model." if mixer
+                     else "``n_layers`` MLP sublayers: no sequence mixing at all.")
+    return build
+
+
+for _mixer in ("mru", "attn", "linear_attn", "txl", "mru_rotary"):
+    MODELS.register(_mixer, _plain(_mixer))
+MODELS.register("mlp", _plain(None))
+
+
+def register_preset(name: str, pattern: list[str], *, d_model: int, n_heads: int, context_length: int,
+                    description: str, mixer_options: dict | None = None, dropout: float = 0.0) -> None:
+    """Register ``name`` in ``MODELS`` as a fixed SequenceModel architecture."""
+    config = dict(pattern=list(pattern), d_model=d_model, n_heads=n_heads,
+                  context_length=context_length, mixer_options=mixer_options or {}, dropout=dropout)
+    PRESETS[name] = dict(config, description=description)
+
+    def build(*, vocab_size=None, input_size=None, output_size, **overrides):
+        cfg = {**config, **overrides}
+        return SequenceModel(cfg.pop("pattern"), vocab_size=vocab_size, input_size=input_size,
+                             output_size=output_size, **cfg)
+
+    build.__doc__ = description
+    MODELS.register(name, build)
+
+
+for _mixer in ("mru", "attn", "linear_attn"):
+    register_preset(f"shakespeare-{_mixer}", [_mixer, "mlp"] * 6, d_model=384, n_heads=6,
+                    context_length=256, dropout=0.2,
+                    description=f"shakespeare-char: 6 x ({_mixer} + MLP), width 384, 6 heads, T 256")
+
+for _c in MRU_CONSTRUCTIONS:
+    register_preset(f"ablation-mru-{_c}", ["mru"] + ["mlp"] * 4, d_model=256, n_heads=4,
+                    context_length=256, mixer_options={"mru": {"state_matrix": _c}},
+                    description=f"ablation: one MRU ({_c}) + 4 MLPs, width 256")
+for _mixer in ("attn", "linear_attn"):
+    register_preset(f"ablation-{_mixer}", [_mixer] + ["mlp"] * 4, d_model=256, n_heads=4,
+                    context_length=256, description=f"ablation: one {_mixer} + 4 MLPs, width 256")
+register_preset("ablation-mlp", ["mlp"] * 4, d_model=256, n_heads=4, context_length=256,
+                description="ablation: the 4 MLPs alone (no sequence mixing)")
+
+
+def list_presets(vocab_size: int = 65) -> list[dict]:
+    """Every preset with its description and parameter count for a ``vocab_size``-token LM
+    (65 = tiny-shakespeare characters)."""
+    from .registry import build_model
+
+    rows = []
+    for name, preset in PRESETS.items():
+        model = build_model(name, vocab_size=vocab_size, output_size=vocab_size)
+        rows.append({"name": name, "description": preset["description"],
+                     "parameters": num_parameters(model)})
+    return rows
+
+
+if __name__ == "__main__":  # python -m matrec.models.zoo: the presets table of docs/models.md
+    print("| preset | architecture | parameters (vocab 65) |\n|---|---|---|")
+    for row in list_presets(65):
+        print(f"| `{row['name']}` | {row['description'].split(': ', 1)[1]} | {row['parameters']:,} |")

@@ -1,0 +1,54 @@
+"""benchmarks/scan.py runs, checks before timing, and refuses a backend that disagrees with the loop."""
+import importlib.util
+from pathlib import Path
+
+import torch
+
+from matrec.ops.scan import SCAN_BACKENDS, ScanBackend, naive_mru_scan
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "scan.py"
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("bench_scan", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_reports_good_and_refuses_bad(monkeypatch, capsys):
+    def wrong(states, initial_state):  # off by a factor: must never be timed
+        return 2 * naive_mru_scan(states, initial_state)
+
+    monkeypatch.setitem(SCAN_BACKENDS._items, "wrong", ScanBackend(function=wrong))
+    load_bench().main(
+        ["--device", "cpu", "--shapes", "2,1,9,2", "--backends", "sequential", "chunked", "wrong", "--repeats", "1"]
+    )
+    out = capsys.readouterr().out
+    rows = {line.split("|")[2].strip(): line for line in out.splitlines() if line.startswith("| 2, 1, 9, 2")}
+    assert set(rows) == {"sequential", "chunked", "wrong"}
+    assert "FAILED check" in rows["wrong"] and "FAILED" not in rows["chunked"]
+    assert float(rows["chunked"].split("|")[3]) > 0  # a forward time was reported
+
+
+def graph_nodes(tensor):
+    seen, stack = set(), [tensor.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is not None and node not in seen:
+            seen.add(node)
+            stack.extend(n for n, _ in node.next_functions)
+    return {type(n).__name__ for n in seen}
+
+
+def test_outputs_come_from_the_one_autograd_function():
+    from matrec import mru_scan
+
+    states = torch.eye(3).repeat(2, 5, 1, 1).requires_grad_()
+    h0 = torch.eye(3).repeat(2, 1, 1).requires_grad_()
+    for name in ["sequential", "hillis_steele", "brent_kung", "sklansky", "chunked"]:
+        nodes = graph_nodes(mru_scan(states, h0, backend=name))
+        assert any("PatternScan" in n for n in nodes), nodes
+        # no autograd through the scan's products: no matmul or stack nodes in the graph
+        assert not any(k in n for n in nodes for k in ("Mm", "Matmul", "Stack")), nodes
+    assert any("Bmm" in n or "Mm" in n for n in graph_nodes(naive_mru_scan(states, h0)))

@@ -1,0 +1,212 @@
+"""Every mixer: causal, chunked-with-state == one call; mixer-specific properties."""
+import pytest
+import torch
+
+import matrec
+from matrec.models import MIXERS
+from matrec.models.attention import MRURotaryAttention
+from matrec.models.linear_attention import chunked_form, recurrent_form
+
+E, H = 16, 2
+ALL_MIXERS = ["mlp", "mru", "attn", "linear_attn", "txl", "mru_rotary", "lstm", "gru", "rnn", "mornn"]
+OPTIONS = {"txl": {"mem_len": 64}, "mru_rotary": {"chunk_size": 4}}
+
+
+def make(name, seed=0, **extra):
+    torch.manual_seed(seed)
+    mixer = MIXERS.get(name)(E, n_heads=H, dropout=0.0, **{**OPTIONS.get(name, {}), **extra})
+    if hasattr(mixer, "init_weights"):
+        mixer.init_weights(0.02, 0.01)
+    with torch.no_grad():  # move off the identity-like init so every mixer really mixes
+        for p in mixer.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    return mixer.double().eval()
+
+
+def test_registry_lists_every_mixer():
+    assert set(ALL_MIXERS) <= set(MIXERS.names())
+
+
+@pytest.mark.parametrize("name", ALL_MIXERS)
+def test_mixer_is_causal(name):
+    mixer = make(name)
+    x = torch.randn(2, 9, E, dtype=torch.float64)
+    y, _ = mixer(x)
+    assert y.shape == x.shape
+    x2 = x.clone()
+    x2[:, 5:] = torch.randn(2, 4, E, dtype=torch.float64)
+    y2, _ = mixer(x2)
+    torch.testing.assert_close(y2[:, :5], y[:, :5], rtol=1e-10, atol=1e-10)
+    assert not torch.allclose(y2[:, 5:], y[:, 5:])  # the perturbed steps did change
+
+
+@pytest.mark.parametrize("name", [n for n in ALL_MIXERS if n != "mlp"])
+@pytest.mark.parametrize("chunks", [(1,), (3, 1, 7), (5, 6)])
+def test_chunked_calls_with_state_equal_one_call(name, chunks):
+    mixer = make(name)
+    T = sum(chunks)
+    x = torch.randn(3, T, E, dtype=torch.float64)
+    y_full, _ = mixer(x)
+    ys, state, t = [], None, 0
+    for c in chunks:
+        y, state = mixer(x[:, t:t + c], state)
+        ys.append(y)
+        t += c
+    torch.testing.assert_close(torch.cat(ys, dim=1), y_full, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("T", [1, 7, 100])
+def test_linear_attention_chunked_equals_recurrent_outputs_and_grads(T):
+    torch.manual_seed(T)
+    B, Hh, D = 2, 3, 5
+    q, k = (torch.rand(B, Hh, T, D, dtype=torch.float64) + 0.1 for _ in range(2))
+    v = torch.randn(B, Hh, T, D, dtype=torch.float64)
+    S = torch.rand(B, Hh, D, D, dtype=torch.float64)
+    z = torch.rand(B, Hh, D, dtype=torch.float64)
+    inputs = [t.requires_grad_() for t in (q, k, v, S, z)]
+    outs_ref = recurrent_form(*inputs, 1e-6)
+    outs = chunked_form(*inputs, 1e-6, chunk_size=16)
+    cot = [torch.randn_like(o) for o in outs_ref]
+    g_ref = torch.autograd.grad(outs_ref, inputs, cot)
+    g = torch.autograd.grad(outs, inputs, cot)
+    for a, b in zip(outs, outs_ref):
+        torch.testing.assert_close(a, b)
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a, b)
+
+
+def test_linear_attention_forms_agree_in_the_mixer():
+    x = torch.randn(2, 13, E, dtype=torch.float64)
+    y_chunked, s1 = make("linear_attn", form="chunked", chunk_size=4)(x)
+    y_rec, s2 = make("linear_attn", form="recurrent")(x)
+    torch.testing.assert_close(y_chunked, y_rec)
+    torch.testing.assert_close(s1[0], s2[0])
+
+
+@pytest.mark.parametrize("pos", ["rope", "xpos"])
+def test_rotary_scores_depend_on_relative_position_only(pos):
+    enc = matrec.models.POSITIONS.get(pos)(8)
+    q, k = torch.randn(1, 1, 6, 8, dtype=torch.float64), torch.randn(1, 1, 6, 8, dtype=torch.float64)
+    q0, k0 = enc(q, k, 0)
+    q1, k1 = enc(q, k, 37)
+    torch.testing.assert_close(q0 @ k0.transpose(-1, -2), q1 @ k1.transpose(-1, -2))
+    assert not torch.allclose(q0, q1)
+
+
+def test_attention_positions_matter():
+    x = torch.randn(1, 6, E, dtype=torch.float64)
+    x_rev = x.clone()
+    x_rev[:, :5] = x[:, :5].flip(1)  # same set of earlier tokens, other order
+    for pos in ("rope", "xpos"):
+        mixer = make("attn", pos=pos)
+        assert not torch.allclose(mixer(x)[0][:, -1], mixer(x_rev)[0][:, -1])
+    mixer = make("attn", pos="none")  # without positions the last output ignores order
+    torch.testing.assert_close(mixer(x)[0][:, -1], mixer(x_rev)[0][:, -1])
+
+
+@pytest.mark.parametrize("construction", ["cayley", "expm", "householder"])
+def test_mru_rotary_keeps_query_and_key_norms(construction):
+    mixer = make("mru_rotary", construction=construction)
+    x = torch.randn(2, 11, E, dtype=torch.float64)
+    q, k = torch.randn(2, H, 11, E // H, dtype=torch.float64), torch.randn(2, H, 11, E // H, dtype=torch.float64)
+    q2, k2, (P,) = mixer.encode_positions(x, q, k, 0, ())
+    assert not torch.allclose(q2, q)  # it did rotate
+    for a, b in ((q, q2), (k, k2)):
+        torch.testing.assert_close(b.norm(dim=-1), a.norm(dim=-1))
+        # chunk by chunk too: each d-sized piece is rotated on its own
+        torch.testing.assert_close(b.unflatten(-1, (-1, 4)).norm(dim=-1), a.unflatten(-1, (-1, 4)).norm(dim=-1))
+    eye = torch.eye(4, dtype=torch.float64)
+    torch.testing.assert_close(P.transpose(-1, -2) @ P, eye.expand_as(P))
+
+
+def test_mru_rotary_scores_depend_on_tokens_in_between():
+    """(P_i q)^T (P_j k) = q^T (M_(j+1)..M_i)^T k: shifting the prefix before j changes nothing."""
+    mixer = make("mru_rotary")
+    x = torch.randn(1, 8, E, dtype=torch.float64)
+    q, k = torch.randn(1, H, 8, E // H, dtype=torch.float64), torch.randn(1, H, 8, E // H, dtype=torch.float64)
+    qa, ka, _ = mixer.encode_positions(x, q, k, 0, ())
+    x2 = x.clone()
+    x2[:, :3] = torch.randn(1, 3, E, dtype=torch.float64)  # other tokens before position 3
+    qb, kb, _ = mixer.encode_positions(x2, q, k, 0, ())
+    s_a, s_b = qa @ ka.transpose(-1, -2), qb @ kb.transpose(-1, -2)  # [1, H, 8, 8]
+    torch.testing.assert_close(s_b[..., 3:, 3:], s_a[..., 3:, 3:])
+    assert not torch.allclose(s_b[..., 3:, :3], s_a[..., 3:, :3])
+
+
+def test_txl_memory_changes_outputs_and_is_detached():
+    mixer = make("txl", mem_len=5)
+    mixer.train()  # dropout is 0: train mode only matters for the graph
+    x1 = torch.randn(2, 6, E, dtype=torch.float64, requires_grad=True)
+    x2 = torch.randn(2, 4, E, dtype=torch.float64)
+    y1, mem = mixer(x1)
+    assert mem.shape == (2, 5, E) and not mem.requires_grad
+    torch.testing.assert_close(mem, x1[:, -5:].detach())
+    y2_mem, mem2 = mixer(x2, mem)
+    y2_none, _ = mixer(x2)
+    assert not torch.allclose(y2_mem, y2_none)
+    torch.testing.assert_close(mem2, torch.cat((x1[:, -1:].detach(), x2), 1))
+    y2_mem.sum().backward()  # gradients stop at the segment boundary
+    assert x1.grad is None
+    assert mixer.q.weight.grad is not None
+
+
+def test_txl_memory_is_bounded_and_zero_means_none():
+    mixer = make("txl", mem_len=3)
+    _, mem = mixer(torch.randn(1, 10, E, dtype=torch.float64))
+    assert mem.shape == (1, 3, E)
+    _, mem = make("txl", mem_len=0)(torch.randn(1, 10, E, dtype=torch.float64))
+    assert mem is None
+
+
+def test_mixer_errors():
+    with pytest.raises(ValueError, match="mixer must be one of"):
+        MIXERS.get("nope")
+    with pytest.raises(ValueError, match="n_heads must divide d_model"):
+        MIXERS.get("attn")(10, n_heads=3)
+    with pytest.raises(ValueError, match="chunk_size must divide the head size"):
+        MRURotaryAttention(16, n_heads=2, chunk_size=3)
+    with pytest.raises(ValueError, match="orthogonal_map must be one of"):
+        MRURotaryAttention(16, n_heads=2, construction="ldu")
+    with pytest.raises(ValueError, match="pos must be one of"):
+        MIXERS.get("attn")(16, n_heads=2, pos="alibi")
+    with pytest.raises(ValueError, match="form must be one of"):
+        MIXERS.get("linear_attn")(16, n_heads=2, form="fast")
+    with pytest.raises(ValueError, match="window must be a positive int or None"):
+        MIXERS.get("attn")(16, n_heads=2, window=0)
+    with pytest.raises(ValueError, match="mem_len must be a non-negative int"):
+        MIXERS.get("txl")(16, n_heads=2, mem_len=-1)
+
+
+@pytest.mark.parametrize("name", ["attn", "mru_rotary"])
+def test_sliding_window_chunked_equals_one_call_and_bounds_the_cache(name):
+    mixer = make(name, window=4)
+    x = torch.randn(2, 13, E, dtype=torch.float64)
+    y_full, _ = mixer(x)
+    ys, state = [], None
+    for a, b in ((0, 5), (5, 6), (6, 13)):
+        y, state = mixer(x[:, a:b], state)
+        ys.append(y)
+        assert state[0].shape[-2] <= 4 and int(state[2]) == b
+    torch.testing.assert_close(torch.cat(ys, 1), y_full, rtol=1e-9, atol=1e-9)
+
+
+def test_sliding_window_equals_attention_over_the_last_window_tokens():
+    windowed, full = make("attn", window=4), make("attn")  # same seed: same weights
+    x = torch.randn(2, 10, E, dtype=torch.float64)
+    y, _ = windowed(x)
+    for t in (2, 6, 9):  # RoPE is relative, so the window's absolute offset does not matter
+        ref, _ = full(x[:, max(0, t - 3):t + 1])
+        torch.testing.assert_close(y[:, t], ref[:, -1])
+    assert not torch.allclose(y[:, 9], full(x)[0][:, 9])
+
+
+@pytest.mark.parametrize("name", ["linear_attn", "mru_rotary"])
+def test_running_sums_and_products_stay_fp32_under_bf16_autocast(name):
+    mixer = make(name).float()
+    x = torch.randn(2, 9, E)
+    ref, _ = mixer(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, state = mixer(x)
+    carried = state[-1]  # z for linear attention, the running product P for MRU-rotary
+    assert carried.dtype == torch.float32
+    torch.testing.assert_close(y.float(), ref, rtol=0.05, atol=0.05)
