@@ -1,11 +1,6 @@
 """The fused recurrence ops (PyTorch and Triton) against the plain autograd loop."""
-import os
-
 import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before any Triton kernel is defined
 
 from matrec.ops import recurrence as rec
 from matrec.ops.orthogonal import project_orthogonal

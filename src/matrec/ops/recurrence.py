@@ -224,7 +224,7 @@ def recurrence(xproj: Tensor, weight: Tensor, h0: Tensor | None = None, bias: Te
         bias: ``[H]`` modReLU bias; required for ``"modrelu"``, must be None otherwise.
         nonlinearity: one of ``NONLINEARITIES`` (tanh, relu, modrelu, identity).
         backend: "torch" (the op above, any device), "loop" (the autograd reference), "triton" (the persistent kernel of
-            :mod:`matrec.ops.triton_recurrence`, H <= 256, float32 state) or "auto" = "torch": the
+            :mod:`matrec.ops.triton_recurrence`, H <= 128, float32 state) or "auto" = "torch": the
             Triton kernel is verified under the interpreter only and stays opt-in until it is
             measured on a GPU.
 

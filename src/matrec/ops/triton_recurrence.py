@@ -7,11 +7,13 @@ recurrence ``dL/dh_{t-1} = g_{t-1} + (dL/dh_t * phi'(z_t)) @ W`` from the saved 
 ``dL/dW`` and the modReLU bias gradient are then one GEMM and one reduction in PyTorch, exactly as
 in :mod:`matrec.ops.recurrence` (the reference for this kernel).
 
-Registered as ``matrec::rnn_recurrence_triton`` (custom op, fake kernel, autograd). Runs on CPU
-tensors under ``TRITON_INTERPRET=1`` (how the tests check it). The whole ``W`` tile lives in one
+Registered as ``matrec::rnn_recurrence_triton`` (custom op, fake kernel, autograd). CPU tensors run
+in Triton's interpreter (slow: how the tests check it), CUDA tensors compiled. The whole ``W`` tile lives in one
 program, so hidden sizes are limited to ``MAX_HIDDEN``; larger ones belong to the PyTorch op.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -20,39 +22,10 @@ from torch import Tensor
 
 from .recurrence import NONLINEARITIES, _check
 
-MAX_HIDDEN = 256
+MAX_HIDDEN = 128  # ptxas for sm_90: H = 256 needs 272-336 KiB shared memory, over the 228 KiB limit
 _CODES = {"tanh": 0, "relu": 1, "modrelu": 2, "identity": 3}
 
 
-@triton.jit
-def _phi(z, b, NL: tl.constexpr):
-    if NL == 0:
-        h = 2.0 * tl.sigmoid(2.0 * z) - 1.0
-    elif NL == 1:
-        h = tl.maximum(z, 0.0)
-    elif NL == 2:
-        s = tl.where(z > 0, 1.0, tl.where(z < 0, -1.0, 0.0))
-        h = s * tl.maximum(tl.abs(z) + b[None, :], 0.0)
-    else:
-        h = z
-    return h
-
-
-@triton.jit
-def _slope(z, h, b, NL: tl.constexpr):
-    if NL == 0:
-        d = 1.0 - h * h
-    elif NL == 1:
-        d = tl.where(z > 0, 1.0, 0.0)
-    elif NL == 2:
-        s = tl.where(z > 0, 1.0, tl.where(z < 0, -1.0, 0.0))
-        d = tl.where(tl.abs(z) + b[None, :] > 0, s * s, 0.0)
-    else:
-        d = tl.full(z.shape, 1.0, tl.float32)
-    return d
-
-
-@triton.jit
 def _fwd_kernel(X, W, H0, BIAS, OUT, Z, T, B, H,
                 HAS_H0: tl.constexpr, NL: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
     rb = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -65,17 +38,24 @@ def _fwd_kernel(X, W, H0, BIAS, OUT, Z, T, B, H,
     if HAS_H0:
         h = tl.load(H0 + rb[:, None] * H + rh[None, :], mask=m2, other=0.0)
     else:
-        h = tl.zeros((BLOCK_B, BLOCK_H), tl.float32)
+        h = tl.full((BLOCK_B, BLOCK_H), 0.0, tl.float32)
     for t in range(T):
         off = t * B * H + rb[:, None] * H + rh[None, :]
         z = tl.load(X + off, mask=m2, other=0.0) + tl.dot(h, wt, input_precision="ieee")
-        h = _phi(z, b, NL)
+        if NL == 0:
+            h = 1.0 - 2.0 / (1.0 + tl.exp(2.0 * z))  # tanh; saturates cleanly at +-1
+        elif NL == 1:
+            h = tl.maximum(z, 0.0)
+        elif NL == 2:
+            s = tl.where(z > 0, 1.0, tl.where(z < 0, -1.0, 0.0))
+            h = s * tl.maximum(tl.abs(z) + b[None, :], 0.0)
+        else:
+            h = z
         h = tl.where(m2, h, 0.0)
         tl.store(Z + off, z, mask=m2)
         tl.store(OUT + off, h, mask=m2)
 
 
-@triton.jit
 def _bwd_kernel(G, Z, OUT, W, BIAS, GZ, GH0, T, B, H,
                 NL: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
     rb = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -84,22 +64,55 @@ def _bwd_kernel(G, Z, OUT, W, BIAS, GZ, GH0, T, B, H,
     m2 = mb[:, None] & mh[None, :]
     w = tl.load(W + rh[:, None] * H + rh[None, :], mask=mh[:, None] & mh[None, :], other=0.0)  # [j, k]
     b = tl.load(BIAS + rh, mask=mh, other=0.0)
-    carry = tl.zeros((BLOCK_B, BLOCK_H), tl.float32)  # dL/dh_t flowing back through W
+    carry = tl.full((BLOCK_B, BLOCK_H), 0.0, tl.float32)  # dL/dh_t flowing back through W
     for i in range(T):
         t = T - 1 - i
         off = t * B * H + rb[:, None] * H + rh[None, :]
         gh = tl.load(G + off, mask=m2, other=0.0) + carry
         z = tl.load(Z + off, mask=m2, other=0.0)
         h = tl.load(OUT + off, mask=m2, other=0.0)
-        gz = tl.where(m2, gh * _slope(z, h, b, NL), 0.0)
+        if NL == 0:
+            d = 1.0 - h * h
+        elif NL == 1:
+            d = tl.where(z > 0, 1.0, 0.0)
+        elif NL == 2:
+            s = tl.where(z > 0, 1.0, tl.where(z < 0, -1.0, 0.0))
+            d = tl.where(tl.abs(z) + b[None, :] > 0, s * s, 0.0)
+        else:
+            d = tl.full(z.shape, 1.0, tl.float32)
+        gz = tl.where(m2, gh * d, 0.0)
         tl.store(GZ + off, gz, mask=m2)
         carry = tl.dot(gz, w, input_precision="ieee")
     tl.store(GH0 + rb[:, None] * H + rh[None, :], carry, mask=m2)
 
 
+_KERNELS: dict = {}
+
+
+def _launcher(fn, device: torch.device):
+    """``fn`` compiled for the GPU, or interpreted for CPU tensors, chosen per call: decorating with
+    ``@triton.jit`` at import would freeze whatever ``TRITON_INTERPRET`` held at that moment."""
+    interpret = device.type != "cuda" or os.environ.get("TRITON_INTERPRET", "0") == "1"
+    key = (fn.__name__, interpret)
+    if key not in _KERNELS:
+        if interpret:
+            from triton.runtime.interpreter import InterpretedFunction
+
+            _KERNELS[key] = InterpretedFunction(fn)
+        else:
+            from triton.runtime.jit import JITFunction
+
+            _KERNELS[key] = JITFunction(fn)
+    return _KERNELS[key]
+
+
 def _blocks(B: int, H: int) -> tuple[int, int]:
     # tl.dot needs every dimension >= 16
     return 16, max(16, triton.next_power_of_2(H))
+
+
+# Kernel bodies are plain functions wrapped per call (see _launcher), so they use only tl.* builtins:
+# triton.language.standard helpers (tl.zeros, tl.sigmoid, ...) are frozen in one mode at import.
 
 
 @torch.library.custom_op("matrec::rnn_recurrence_triton", mutates_args=())
@@ -113,7 +126,7 @@ def _triton_recurrence(xproj: Tensor, weight: Tensor, h0: Tensor | None, bias: T
     out = torch.full_like(x, float("nan"))  # NaN-poisoned: an element the kernel skips shows up
     z = torch.full_like(x, float("nan"))
     BB, BH = _blocks(B, H)
-    _fwd_kernel[(triton.cdiv(B, BB),)](x, W, h0c, b, out, z, T, B, H, HAS_H0=h0 is not None,
+    _launcher(_fwd_kernel, x.device)[(triton.cdiv(B, BB),)](x, W, h0c, b, out, z, T, B, H, HAS_H0=h0 is not None,
                                        NL=_CODES[nonlinearity], BLOCK_B=BB, BLOCK_H=BH)
     return out, z
 
@@ -134,7 +147,7 @@ def _triton_recurrence_backward(grad_out: Tensor, z: Tensor, out: Tensor, weight
     gz = torch.full_like(z, float("nan"))
     gh0 = z.new_full((B, H), float("nan"))
     BB, BH = _blocks(B, H)
-    _bwd_kernel[(triton.cdiv(B, BB),)](g, z, out, W, b, gz, gh0, T, B, H,
+    _launcher(_bwd_kernel, z.device)[(triton.cdiv(B, BB),)](g, z, out, W, b, gz, gh0, T, B, H,
                                        NL=_CODES[nonlinearity], BLOCK_B=BB, BLOCK_H=BH)
     h0s = z.new_zeros(B, H) if h0 is None else h0.float()
     h_prev = torch.cat([h0s[None], out[:-1]])                 # [T, B, H]
