@@ -41,6 +41,13 @@ class MRU(nn.Module):
         state_matrix: construction name (default ``"ldu"``: det 1, can shear).
         dropout: dropout on the output.
         backend: :func:`matrec.mru_scan` backend.
+        element_scale: factor on ``W_in``'s output before the construction; default
+            ``1 / E``. Why: ``W_in`` starts at zero and Adam's first steps move all of its
+            entries by about the learning rate *with the same sign*, so without the factor every
+            ``M_t`` receives a shear of order ``lr * E`` at once and the product of a few hundred of
+            them overflows (measured: ``ldu`` reached ``|H| ~ 1e21`` and NaN loss within 10 AdamW steps
+            at lr 1e-3, T 256, E 128; ``1 / sqrt(E)`` still let ``|H|`` reach 1e4 on a recall task). With
+            ``1 / E`` the same runs train with ``|H| < 10`` and reach the same loss as with ``1/16``.
 
     Shapes:
         ``forward(x [B, T, E], state [B, h, d, d] | None) -> (y [B, T, E], new_state [B, h, d, d])``.
@@ -55,6 +62,7 @@ class MRU(nn.Module):
         state_matrix: str = "ldu",
         dropout: float = 0.0,
         backend: str = "auto",
+        element_scale: float | None = None,
         device=None,
         dtype=None,
     ) -> None:
@@ -87,6 +95,11 @@ class MRU(nn.Module):
         STATE_MATRICES.get(state_matrix)  # unknown name -> ValueError naming state_matrix
         if backend != "auto" and backend not in SCAN_BACKENDS:
             raise ValueError(f"backend must be one of {['auto'] + SCAN_BACKENDS.names()}, got {backend!r}")
+        if element_scale is None:
+            element_scale = 1.0 / embed_dim
+        if isinstance(element_scale, bool) or not isinstance(element_scale, (int, float)) or not element_scale > 0:
+            raise ValueError(f"element_scale must be a positive number or None, got {element_scale!r}")
+        self.element_scale = float(element_scale)
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
 
@@ -111,7 +124,8 @@ class MRU(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"{self.embed_dim}, num_heads={self.num_heads}, state_size={self.state_size} "
-            f"(d={self.order}), state_matrix={self.state_matrix!r}, backend={self.backend!r}"
+            f"(d={self.order}), state_matrix={self.state_matrix!r}, backend={self.backend!r}, "
+            f"element_scale={self.element_scale:.4g}"
         )
 
     def forward(self, x: Tensor, state: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -126,7 +140,8 @@ class MRU(nn.Module):
         h, d = self.num_heads, self.order
         if state is not None and state.shape != (B, h, d, d):
             raise ValueError(f"state must have shape {(B, h, d, d)}, got {tuple(state.shape)}")
-        raw = self.in_proj(x).view(B, T, h, self.numel).transpose(1, 2)  # [B, h, T, n]
+        raw = self.in_proj(x) * self.element_scale
+        raw = raw.view(B, T, h, self.numel).transpose(1, 2)  # [B, h, T, n]
         low = raw.dtype in (torch.float16, torch.bfloat16)
         compute = torch.float32 if low else raw.dtype
         with torch.autocast(device_type=x.device.type, enabled=False):
