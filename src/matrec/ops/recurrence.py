@@ -27,13 +27,13 @@ from ..registry import Registry
 class Phi(NamedTuple):
     """A nonlinearity with what its backward needs.
 
-    ``forward(z, b) -> h``; ``slope(z, h, b) -> dh/dz`` (elementwise); ``bias_slope(z, h, b) -> dh/db``
-    (elementwise, only for nonlinearities with a learned bias ``b [H]``).
+    ``forward(z, b) -> h``; ``slope(z, h, b) -> dh/dz`` (elementwise); ``bias_grad(z, gz) ->
+    dL/db`` per element, from ``gz = dL/dz`` (only for nonlinearities with a learned bias ``b [H]``).
     """
 
     forward: Callable[[Tensor, Tensor | None], Tensor]
     slope: Callable[[Tensor, Tensor, Tensor | None], Tensor]
-    bias_slope: Callable[[Tensor, Tensor, Tensor | None], Tensor] | None = None
+    bias_grad: Callable[[Tensor, Tensor], Tensor] | None = None
 
 
 NONLINEARITIES: Registry[Phi] = Registry("recurrence nonlinearity", argument="nonlinearity")
@@ -50,13 +50,15 @@ def _modrelu_slope(z, h, b):
     return s * s * ((z.abs() + b) > 0).to(z.dtype)
 
 
-def _modrelu_bias_slope(z, h, b):
-    return torch.sign(z) * ((z.abs() + b) > 0).to(z.dtype)
+def _modrelu_bias_grad(z, gz):
+    # dh/db = sign(z) on the live side = slope * sign(z) (sign^3 = sign), so dL/db = gz * sign(z):
+    # the backward needs no extra saved tensor for b.
+    return gz * torch.sign(z)
 
 
 NONLINEARITIES.register("tanh", Phi(lambda z, b: torch.tanh(z), lambda z, h, b: 1 - h * h))
 NONLINEARITIES.register("relu", Phi(lambda z, b: torch.relu(z), lambda z, h, b: (z > 0).to(z.dtype)))
-NONLINEARITIES.register("modrelu", Phi(modrelu, _modrelu_slope, _modrelu_bias_slope))
+NONLINEARITIES.register("modrelu", Phi(modrelu, _modrelu_slope, _modrelu_bias_grad))
 NONLINEARITIES.register("identity", Phi(lambda z, b: z, lambda z, h, b: torch.ones_like(z)))
 
 
@@ -74,7 +76,7 @@ def _check(xproj: Tensor, weight: Tensor, h0: Tensor | None, bias: Tensor | None
         raise ValueError(f"weight must be [H, H] = [{H}, {H}], got {list(weight.shape)}")
     if h0 is not None and h0.shape != (B, H):
         raise ValueError(f"h0 must be [B, H] = [{B}, {H}], got {list(h0.shape)}")
-    if (phi.bias_slope is None) != (bias is None):
+    if (phi.bias_grad is None) != (bias is None):
         raise ValueError(f"bias must be given exactly when nonlinearity has a learned bias "
                          f"(modrelu); got nonlinearity={nonlinearity!r}, bias={'set' if bias is not None else None}")
     if bias is not None and bias.shape != (H,):
@@ -146,12 +148,8 @@ def _rnn_recurrence_backward(grad_out: Tensor, z: Tensor, out: Tensor, weight: T
     h = out                                               # [T, B, H] states, state dtype
     slope = phi.slope(z, h, b)                            # [T, B, H] dh_t/dz_t, all steps at once
     gz = torch.empty_like(z)                              # [T, B, H] dL/dz_t
-    gh = g[T - 1].clone()                                 # total dL/dh_t, starts at the last step
-    keep_gh = phi.bias_slope is not None
-    gh_all = torch.empty_like(z) if keep_gh else None
+    gh = g[T - 1]                                         # total dL/dh_t, starts at the last step
     for t in range(T - 1, -1, -1):
-        if keep_gh:
-            gh_all[t] = gh
         torch.mul(gh, slope[t], out=gz[t])
         if t > 0:
             gh = torch.addmm(g[t - 1], gz[t], W)          # dL/dh_{t-1} = g_{t-1} + dL/dz_t @ W
@@ -159,8 +157,8 @@ def _rnn_recurrence_backward(grad_out: Tensor, z: Tensor, out: Tensor, weight: T
     h0s = h.new_zeros(B, H) if h0 is None else h0.to(sdt)
     h_prev = torch.cat([h0s[None], h[:-1]])               # [T, B, H]
     grad_W = gz.reshape(-1, H).t() @ h_prev.reshape(-1, H)  # [H, H]: one GEMM over all steps
-    if keep_gh:
-        grad_b = (gh_all * phi.bias_slope(z, h, b)).sum(dim=(0, 1))  # [H]
+    if phi.bias_grad is not None:
+        grad_b = phi.bias_grad(z, gz).sum(dim=(0, 1))     # [H]
     else:
         grad_b = z.new_zeros(H)
     return gz, grad_W, grad_h0, grad_b
@@ -194,8 +192,29 @@ def _backward(ctx, grad_out, grad_z):
 _rnn_recurrence.register_autograd(_backward, setup_context=_setup_context)
 
 
+RECURRENCE_BACKENDS: Registry[Callable] = Registry("recurrence backend", argument="backend")
+
+
+@RECURRENCE_BACKENDS.register("torch")
+def _torch_backend(xproj, weight, h0, bias, nonlinearity):
+    return _rnn_recurrence(xproj, weight, h0, bias, nonlinearity)[0].to(xproj.dtype)
+
+
+@RECURRENCE_BACKENDS.register("loop")
+def _loop_backend(xproj, weight, h0, bias, nonlinearity):
+    # the autograd loop: the reference, selectable so benchmarks time what the op replaces
+    return recurrence_reference(xproj, weight, h0, bias, nonlinearity)
+
+
+@RECURRENCE_BACKENDS.register("triton")
+def _triton_backend(xproj, weight, h0, bias, nonlinearity):
+    from .triton_recurrence import triton_recurrence  # Triton is an optional dependency
+
+    return triton_recurrence(xproj, weight, h0, bias, nonlinearity)
+
+
 def recurrence(xproj: Tensor, weight: Tensor, h0: Tensor | None = None, bias: Tensor | None = None,
-               nonlinearity: str = "modrelu") -> Tensor:
+               nonlinearity: str = "modrelu", *, backend: str = "auto") -> Tensor:
     """Run ``h_t = phi(xproj_t + h_{t-1} @ weight^T (; bias))`` over time, fused forward and backward.
 
     Args:
@@ -204,9 +223,14 @@ def recurrence(xproj: Tensor, weight: Tensor, h0: Tensor | None = None, bias: Te
         h0: ``[B, H]`` initial state, zeros when None.
         bias: ``[H]`` modReLU bias; required for ``"modrelu"``, must be None otherwise.
         nonlinearity: one of ``NONLINEARITIES`` (tanh, relu, modrelu, identity).
+        backend: "torch" (the op above, any device), "loop" (the autograd reference), "triton" (the persistent kernel of
+            :mod:`matrec.ops.triton_recurrence`, H <= 128, float32 state) or "auto" = "torch": the
+            Triton kernel is verified under the interpreter only and stays opt-in until it is
+            measured on a GPU.
 
     Returns:
         ``[T, B, H]`` all states ``h_1..h_T``, in ``xproj``'s dtype.
     """
     _check(xproj, weight, h0, bias, nonlinearity)
-    return _rnn_recurrence(xproj, weight, h0, bias, nonlinearity)[0].to(xproj.dtype)
+    return RECURRENCE_BACKENDS.get("torch" if backend == "auto" else backend)(
+        xproj, weight, h0, bias, nonlinearity)
