@@ -38,7 +38,9 @@ SETTINGS = {
 
 
 def test_every_registered_task_has_a_training_setting():
-    assert sorted(SETTINGS) == sorted(TASKS.names())
+    # tasks that matrec itself ships (other test modules register toy tasks of their own)
+    shipped = [n for n in TASKS.names() if TASKS.get(n).__module__.startswith("matrec.")]
+    assert sorted(SETTINGS) == sorted(shipped)
 
 
 @pytest.fixture(autouse=True)
