@@ -14,14 +14,6 @@ from matrec.nn.mornn import MORNN, MORNN_INITS, MORNNCell, mornn_param_groups, o
 from matrec.ops.orthogonal import ORTHOGONAL_MAPS, orthogonality_error, project_orthogonal
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: extra threads only add contention on a shared machine (and make timings noisy)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def orthogonal_rnn(*args, **kwargs) -> nn.RNN:
     """An nn.RNN whose recurrent matrices are made orthogonal."""

@@ -7,14 +7,6 @@ from matrec.ops.orthogonal import project_orthogonal
 from matrec.ops.recurrence import NONLINEARITIES, recurrence, recurrence_reference
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: extra threads only add contention on a shared machine (and make timings noisy)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def make(T, B, H, nonlinearity, dtype, with_h0, seed=0):
     g = torch.Generator().manual_seed(seed)

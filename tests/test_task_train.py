@@ -43,14 +43,6 @@ def test_every_registered_task_has_a_training_setting():
     assert sorted(SETTINGS) == sorted(shipped)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models run far faster on one thread than on cores shared with other work.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _detach(state):
     if state is None:

@@ -170,26 +170,32 @@ def _(grad_out, z, out, weight, h0, bias, nonlinearity):
     return (torch.empty_like(z), z.new_empty(H, H), z.new_empty(B, H), z.new_empty(H))
 
 
-def _setup_context(ctx, inputs, output):
-    xproj, weight, h0, bias, nonlinearity = inputs
-    out, z = output
-    ctx.save_for_backward(z, out, weight, h0, bias)
-    ctx.nonlinearity = nonlinearity
-    ctx.dtypes = (xproj.dtype, weight.dtype,
-                  None if h0 is None else h0.dtype, None if bias is None else bias.dtype)
+def register_recurrence_autograd(op, backward_op) -> None:
+    """Give a recurrence op ``(xproj, weight, h0, bias, nonlinearity) -> (out, z)`` its autograd:
+    ``backward_op(grad_out, z, out, weight, h0, bias, nonlinearity) -> (gx, gW, gh0, gb)`` runs the
+    reverse recurrence from the saved pre-activations ``z``. Shared by every backend's op."""
+
+    def setup_context(ctx, inputs, output):
+        xproj, weight, h0, bias, nonlinearity = inputs
+        out, z = output
+        ctx.save_for_backward(z, out, weight, h0, bias)
+        ctx.nonlinearity = nonlinearity
+        ctx.dtypes = (xproj.dtype, weight.dtype,
+                      None if h0 is None else h0.dtype, None if bias is None else bias.dtype)
+
+    def backward(ctx, grad_out, grad_z):
+        z, out, weight, h0, bias = ctx.saved_tensors
+        if grad_out is None:
+            grad_out = torch.zeros_like(out)
+        gx, gW, gh0, gb = backward_op(grad_out, z, out, weight, h0, bias, ctx.nonlinearity)
+        dx, dW, dh0, db = ctx.dtypes
+        return (gx.to(dx), gW.to(dW), None if h0 is None else gh0.to(dh0),
+                None if bias is None else gb.to(db), None)
+
+    op.register_autograd(backward, setup_context=setup_context)
 
 
-def _backward(ctx, grad_out, grad_z):
-    z, out, weight, h0, bias = ctx.saved_tensors
-    if grad_out is None:
-        grad_out = torch.zeros_like(out)
-    gx, gW, gh0, gb = _rnn_recurrence_backward(grad_out, z, out, weight, h0, bias, ctx.nonlinearity)
-    dx, dW, dh0, db = ctx.dtypes
-    return (gx.to(dx), gW.to(dW), None if h0 is None else gh0.to(dh0),
-            None if bias is None else gb.to(db), None)
-
-
-_rnn_recurrence.register_autograd(_backward, setup_context=_setup_context)
+register_recurrence_autograd(_rnn_recurrence, _rnn_recurrence_backward)
 
 
 RECURRENCE_BACKENDS: Registry[Callable] = Registry("recurrence backend", argument="backend")

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .recurrence import NONLINEARITIES, _check
+from .recurrence import NONLINEARITIES, _check, register_recurrence_autograd
 
 MAX_HIDDEN = 128  # ptxas for sm_90: H = 256 needs 272-336 KiB shared memory, over the 228 KiB limit
 _CODES = {"tanh": 0, "relu": 1, "modrelu": 2, "identity": 3}
@@ -163,26 +163,7 @@ def _(grad_out, z, out, weight, h0, bias, nonlinearity):
     return torch.empty_like(z), z.new_empty(H, H), z.new_empty(B, H), z.new_empty(H)
 
 
-def _setup_context(ctx, inputs, output):
-    xproj, weight, h0, bias, nonlinearity = inputs
-    out, z = output
-    ctx.save_for_backward(z, out, weight, h0, bias)
-    ctx.nonlinearity = nonlinearity
-    ctx.dtypes = (xproj.dtype, weight.dtype, None if h0 is None else h0.dtype,
-                  None if bias is None else bias.dtype)
-
-
-def _backward(ctx, grad_out, grad_z):
-    z, out, weight, h0, bias = ctx.saved_tensors
-    if grad_out is None:
-        grad_out = torch.zeros_like(out)
-    gx, gW, gh0, gb = _triton_recurrence_backward(grad_out, z, out, weight, h0, bias, ctx.nonlinearity)
-    dx, dW, dh0, db = ctx.dtypes
-    return (gx.to(dx), gW.to(dW), None if h0 is None else gh0.to(dh0),
-            None if bias is None else gb.to(db), None)
-
-
-_triton_recurrence.register_autograd(_backward, setup_context=_setup_context)
+register_recurrence_autograd(_triton_recurrence, _triton_recurrence_backward)
 
 
 def triton_recurrence(xproj: Tensor, weight: Tensor, h0: Tensor | None = None,
