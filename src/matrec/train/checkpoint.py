@@ -188,27 +188,15 @@ def load_checkpoint(path: str | Path) -> tuple[dict, Path, dict[str, Tensor]]:
     return meta, ckpt, tensors
 
 
-def load_model_weights(model: nn.Module, ckpt_dir: str | Path, *, exact: bool = False) -> None:
-    """Load ``<ckpt_dir>/model.safetensors`` into ``model`` strictly (tied weights restored).
-
-    ``exact=True`` (resume) then copies every stored tensor over once more, bypassing load hooks,
-    so the model holds exactly the saved bits (e.g. MORNN re-projects its orthogonal bases on
-    load, which is right for a hand-edited file but would perturb a resumed run in the last bit).
-    """
-    from safetensors.torch import load_file, load_model
+def load_model_weights(model: nn.Module, ckpt_dir: str | Path) -> None:
+    """Load ``<ckpt_dir>/model.safetensors`` into ``model`` strictly (tied weights restored)."""
+    from safetensors.torch import load_model
 
     path = str(Path(ckpt_dir) / "model.safetensors")
     try:
         load_model(model, path, strict=True)
     except RuntimeError as e:
         raise CheckpointError(f"checkpoint weights in {str(ckpt_dir)!r} do not fit the model: {e}") from None
-    if exact:
-        targets = dict(model.named_parameters(remove_duplicate=False))
-        targets.update(model.named_buffers(remove_duplicate=False))
-        with torch.no_grad():
-            for name, value in load_file(path).items():
-                if name in targets:
-                    targets[name].copy_(value)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -76,14 +76,6 @@ def orthogonality_errors(model: nn.Module) -> dict[str, float]:
     return {}
 
 
-def module_counters(model: nn.Module) -> dict[str, int]:
-    """Training-forward counters kept as plain Python ints outside the state dict (MORNN's
-    ``_forwards``, which schedules its refolds): checkpointed so a resumed run refolds at the
-    same steps as an uninterrupted one."""
-    return {name: m._forwards for name, m in model.named_modules()
-            if type(getattr(m, "_forwards", None)) is int}
-
-
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -150,7 +142,7 @@ class Trainer:
         return trainer
 
     def _load(self, meta: dict, ckpt_dir: Path, tensors: dict[str, Tensor]) -> None:
-        load_model_weights(self.model, ckpt_dir, exact=True)
+        load_model_weights(self.model, ckpt_dir)
         optimizer_from_flat(self.optimizer, meta["optimizer"], tensors)
         self.step = int(meta["step"])
         self.elapsed = float(meta.get("elapsed", 0.0))
@@ -164,9 +156,6 @@ class Trainer:
         if hasattr(self.task, "load_state_dict"):
             self.task.load_state_dict(meta.get("task_state", {}))
         self.stream_state = unflatten_tensors(meta.get("stream_state"), tensors, self.device)
-        modules = dict(self.model.named_modules())
-        for name, count in meta.get("module_counters", {}).items():
-            modules[name]._forwards = count
 
     def _open_log(self) -> None:
         if self.log is not None or not self.dist.is_main:
@@ -259,7 +248,6 @@ class Trainer:
                 "optimizer": optimizer_to_flat(self.optimizer, tensors),
                 "task_state": self.task.state_dict() if hasattr(self.task, "state_dict") else {},
                 "stream_state": flatten_tensors(self.stream_state, "stream", tensors),
-                "module_counters": module_counters(self.model),
                 "last_eval": self.last_eval,
                 "elapsed": self.elapsed,
                 "lr_factor": lr_factor(max(self.step - 1, 0), self.cfg),
