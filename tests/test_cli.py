@@ -128,15 +128,16 @@ def test_sample_streams_text_from_a_text_checkpoint(tmp_path, capsys):
 
 def test_streaming_generation_matches_full_context_recompute():
     from matrec.models import build_model
+    from matrec.models.generate import generate_stream
     model = build_model("gru", vocab_size=3, output_size=3, hidden_size=8).eval()
     prompt = torch.tensor([0, 1, 2])
-    streamed = list(cli.generate(model, prompt, 6, generator=torch.Generator().manual_seed(0)))
+    streamed = [int(t) for t in generate_stream(model, prompt, 6, generator=torch.Generator().manual_seed(0))]
 
     class Stateless(torch.nn.Module):   # the same model, forced down the re-feed path
         def forward(self, x, state=None):
             return model(x)[0], None
 
-    refed = list(cli.generate(Stateless(), prompt, 6, generator=torch.Generator().manual_seed(0)))
+    refed = [int(t) for t in generate_stream(Stateless(), prompt, 6, generator=torch.Generator().manual_seed(0))]
     assert streamed == refed
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as _dt
-import inspect
 import json
 import os
 import subprocess
@@ -203,29 +202,6 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def generate(model, prompt, tokens: int, *, temperature: float = 1.0, top_k: int | None = None,
-             generator=None):
-    """Yield ``tokens`` sampled token ids after ``prompt [T]``, streaming the model's state: the
-    prompt is read once, then one token per forward call, so memory does not grow with length.
-    A model whose state is None (stateless) is re-fed its whole context instead."""
-    import torch
-    with torch.no_grad():
-        context = prompt[None]                     # [1, T]
-        out, state = model(context, None)
-        for _ in range(tokens):
-            logits = out[0, -1].float() / max(temperature, 1e-6)   # [V]
-            if top_k:
-                kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
-                logits = logits.masked_fill(logits < kth, float("-inf"))
-            nxt = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)  # [1]
-            yield int(nxt)
-            if state is None:
-                context = torch.cat([context, nxt[None]], 1)
-                out, state = model(context, None)
-            else:
-                out, state = model(nxt[None], state)
-
-
 def cmd_sample(args) -> int:
     import torch
     cfg, task, model, _ = _load_for_inference(args.checkpoint)
@@ -238,30 +214,21 @@ def cmd_sample(args) -> int:
         raise ValueError("--prompt must encode to at least one token")
     gen = torch.Generator().manual_seed(args.seed)
     sys.stdout.write(args.prompt)
-    if hasattr(model, "generate"):
-        accepted = inspect.signature(model.generate).parameters
-        options = {"max_new_tokens": args.tokens, "temperature": args.temperature,
-                   "top_k": args.top_k, "generator": gen}
-        with torch.no_grad():
-            out = model.generate(torch.as_tensor(ids)[None],
-                                 **{k: v for k, v in options.items() if k in accepted or any(
-                                     a.kind is a.VAR_KEYWORD for a in accepted.values())})
-        new = out[0, len(ids):] if out.dim() == 2 else out[len(ids):]
-        sys.stdout.write(task.decode(new.tolist()))
-    else:
-        # Tokens are decoded together and only the new text is printed: a byte-level BPE token
-        # alone can be half a character, and decoders join tokens with the right spacing.
-        new, shown = [], ""
-        for token in generate(model, torch.as_tensor(ids), args.tokens, temperature=args.temperature,
-                              top_k=args.top_k, generator=gen):
-            new.append(token)
-            text = task.decode(new)
-            if not text.endswith("\ufffd") and text.startswith(shown):
-                sys.stdout.write(text[len(shown):])
-                sys.stdout.flush()
-                shown = text
+    from .models.generate import generate_stream
+
+    # Tokens are decoded together and only the new text is printed: a byte-level BPE token alone
+    # can be half a character, and decoders join tokens with the right spacing.
+    new, shown = [], ""
+    for token in generate_stream(model, torch.as_tensor(ids), args.tokens, args.temperature,
+                                 args.top_k, generator=gen):
+        new.append(int(token))
         text = task.decode(new)
-        sys.stdout.write(text[len(shown):] if text.startswith(shown) else "\n" + text)
+        if not text.endswith("\ufffd") and text.startswith(shown):
+            sys.stdout.write(text[len(shown):])
+            sys.stdout.flush()
+            shown = text
+    text = task.decode(new)
+    sys.stdout.write(text[len(shown):] if text.startswith(shown) else "\n" + text)
     sys.stdout.write("\n")
     return 0
 

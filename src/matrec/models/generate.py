@@ -2,6 +2,8 @@
 contract with token inputs."""
 from __future__ import annotations
 
+from typing import Iterator
+
 import torch
 from torch import Tensor, nn
 
@@ -18,7 +20,49 @@ def sample_next(logits: Tensor, temperature: float = 1.0, top_k: int | None = No
     return torch.multinomial(logits.softmax(-1), 1, generator=generator)
 
 
+def _check(prompt, max_new_tokens, temperature, top_k) -> None:
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be a non-negative int, got {max_new_tokens!r}")
+    if not isinstance(temperature, (int, float)) or temperature < 0:
+        raise ValueError(f"temperature must be a number >= 0, got {temperature!r}")
+    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
+    if prompt.is_floating_point() or prompt.dim() not in (1, 2) or prompt.shape[-1] < 1:
+        raise ValueError(f"prompt must be token ids [B, T0] or [T0] with T0 >= 1, got "
+                         f"{tuple(prompt.shape)} {prompt.dtype}")
+
+
 @torch.no_grad()
+def generate_stream(model: nn.Module, prompt: Tensor, max_new_tokens: int, temperature: float = 1.0,
+                    top_k: int | None = None, *, generator: torch.Generator | None = None,
+                    use_state: bool = True) -> Iterator[Tensor]:
+    """Yield the ``max_new_tokens`` new tokens of :func:`generate` one at a time, each ``[B, 1]``
+    (``[1]`` for a 1-D prompt), as soon as it is sampled (for live printing).
+
+    A model that returns no state (``None``) is re-fed its whole context for every token, which is
+    always correct, just slower.
+    """
+    _check(prompt, max_new_tokens, temperature, top_k)
+    squeeze = prompt.dim() == 1
+    tokens = prompt[None] if squeeze else prompt  # [B, T]
+    was_training = model.training
+    model.eval()
+    try:
+        logits, state = model(tokens)
+        for i in range(max_new_tokens):
+            nxt = sample_next(logits[:, -1], temperature, top_k, generator).to(tokens.dtype)  # [B, 1]
+            yield nxt[0] if squeeze else nxt
+            if i + 1 == max_new_tokens:
+                break
+            tokens = torch.cat((tokens, nxt), dim=1)
+            if use_state and state is not None:
+                logits, state = model(nxt, state)
+            else:
+                logits, _ = model(tokens)
+    finally:
+        model.train(was_training)
+
+
 def generate(model: nn.Module, prompt: Tensor, max_new_tokens: int, temperature: float = 1.0,
              top_k: int | None = None, *, generator: torch.Generator | None = None,
              use_state: bool = True) -> Tensor:
@@ -36,30 +80,6 @@ def generate(model: nn.Module, prompt: Tensor, max_new_tokens: int, temperature:
     Returns:
         ``[B, T0 + max_new_tokens]``: the prompt followed by the new tokens.
     """
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be a non-negative int, got {max_new_tokens!r}")
-    if not isinstance(temperature, (int, float)) or temperature < 0:
-        raise ValueError(f"temperature must be a number >= 0, got {temperature!r}")
-    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
-        raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
-    if prompt.is_floating_point() or prompt.dim() not in (1, 2) or prompt.shape[-1] < 1:
-        raise ValueError(f"prompt must be token ids [B, T0] or [T0] with T0 >= 1, got "
-                         f"{tuple(prompt.shape)} {prompt.dtype}")
-    squeeze = prompt.dim() == 1
-    tokens = prompt[None] if squeeze else prompt
-    was_training = model.training
-    model.eval()
-    try:
-        logits, state = model(tokens)
-        for i in range(max_new_tokens):
-            nxt = sample_next(logits[:, -1], temperature, top_k, generator)  # [B, 1]
-            tokens = torch.cat((tokens, nxt.to(tokens.dtype)), dim=1)
-            if i + 1 == max_new_tokens:
-                break
-            if use_state:
-                logits, state = model(nxt.to(tokens.dtype), state)
-            else:
-                logits, _ = model(tokens)
-    finally:
-        model.train(was_training)
-    return tokens[0] if squeeze else tokens
+    new = list(generate_stream(model, prompt, max_new_tokens, temperature, top_k,
+                               generator=generator, use_state=use_state))
+    return torch.cat([prompt, *new], dim=-1)
