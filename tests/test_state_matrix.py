@@ -107,3 +107,46 @@ def test_user_construction(monkeypatch):
 def test_bad_input(call, err, match):
     with pytest.raises(err, match=match):
         call()
+
+
+def _spec_formula(name, x, d):
+    """SPEC 1.3's table, written out independently of the library (explicit inverses and loops)."""
+    eye = torch.eye(d, dtype=x.dtype)
+    if name in ORTHOGONAL:
+        L = torch.zeros(d, d, dtype=x.dtype)
+        L[tuple(torch.tril_indices(d, d, -1))] = x
+        A = L - L.T
+        if name == "cayley":
+            return torch.linalg.inv(eye - A) @ (eye + A)
+        if name == "expm":
+            return torch.linalg.matrix_exp(A)
+        Q = eye  # householder: reflections from the unit-lower-triangular columns, tau = 2/|v|^2
+        for k in range(d):
+            v = (L + eye)[:, k]
+            Q = Q @ (eye - 2.0 / v.dot(v) * torch.outer(v, v))
+        return Q * (-1) ** d  # the sign that makes x = 0 give I (a product of d reflections is (-1)^d I)
+    X = x.reshape(d, d)
+    if name == "identity":
+        return X + eye
+    if name == "scaled":
+        return (X + eye) / torch.linalg.det(X + eye).abs() ** (1 / d)
+    diag = torch.diagonal(X)
+    D = torch.diag(torch.exp(diag - diag.mean()))
+    if name == "cayley_qr":
+        A = X.tril(-1) - X.tril(-1).T
+        return torch.linalg.inv(eye - A) @ (eye + A) @ (X.triu(1) + D)
+    ldu = (X.tril(-1) + D.sqrt()) @ (X.triu(1) + D.sqrt())
+    if name == "ldu":
+        return ldu
+    # ldu_ns: one Newton-Schulz step A (3I - A^T A) / 2, damped by 1/max(1, |A^T A - I|_F), det rescaled
+    E = eye - ldu.T @ ldu
+    step = ldu @ (eye + 0.5 / max(1.0, float(torch.linalg.norm(E))) * E)
+    return step / torch.linalg.det(step).abs() ** (1 / d)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("d", [1, 3, 5])
+def test_matches_spec_formula(name, d):
+    for seed, scale in ((0, 0.3), (1, 1.5)):  # 1.5: far enough from I that ldu_ns's damping engages
+        x = raw(name, d, batch=(), scale=scale, dtype=torch.float64, seed=seed)
+        torch.testing.assert_close(state_matrix(name, x, d), _spec_formula(name, x, d), rtol=1e-10, atol=1e-10)
