@@ -50,6 +50,11 @@ def test_matches_nn_rnn(num_layers, bidirectional, batch_first, nonlinearity, bi
     for name, p in rnn.named_parameters():
         if not name.startswith("weight_hh"):
             torch.testing.assert_close(getattr(m, name).grad, p.grad)
+        else:  # dL/dA is nn.RNN's dL/dW_hh chained through W = base @ f(A)
+            A = getattr(m, f"{name}_A")
+            (want,) = torch.autograd.grad(m.orthogonal_weight(name), A, p.grad)
+            torch.testing.assert_close(A.grad, want)
+            assert A.grad.abs().max() > 0
     # unbatched
     xu = x[0] if batch_first else x[:, 0]
     (o1, h1), (o2, h2) = m(xu, hx[:, 0]), rnn(xu, hx[:, 0])
