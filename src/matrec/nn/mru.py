@@ -45,9 +45,9 @@ class MRU(nn.Module):
             ``1 / E``. Why: ``W_in`` starts at zero and Adam's first steps move all of its
             entries by about the learning rate *with the same sign*, so without the factor every
             ``M_t`` receives a shear of order ``lr * E`` at once and the product of a few hundred of
-            them overflows (measured: ``ldu`` reached ``|H| ~ 1e21`` and NaN loss within 10 AdamW steps
-            at lr 1e-3, T 256, E 128; ``1 / sqrt(E)`` still let ``|H|`` reach 1e4 on a recall task). With
-            ``1 / E`` the same runs train with ``|H| < 10`` and reach the same loss as with ``1/16``.
+            them overflows. Unscaled, the ablation presets' ``H_T`` reached ~1e21 and a NaN loss within
+            a few AdamW steps; with ``1 / E`` it stayed below 10 (docs/models.md, "State growth", from
+            ``benchmarks/mru_stability.py``; regression test in tests/test_mru.py).
 
     Shapes:
         ``forward(x [B, T, E], state [B, h, d, d] | None) -> (y [B, T, E], new_state [B, h, d, d])``.
