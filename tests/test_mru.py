@@ -40,6 +40,32 @@ def test_identity_at_init():
     torch.testing.assert_close(y, y[:1, :1].expand_as(y), atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("name", ["ldu", "cayley"])
+def test_matches_the_definition_head_by_head(name):
+    """SPEC 1: per head and token, M_t from that head's slice of element_scale * W_in x_t, H_t = H_{t-1} M_t
+    by a plain loop, read-out H_t @ W_down[head] flattened, heads side by side, then the output projection."""
+    from matrec.ops.state_matrix import state_matrix
+
+    m = trained_like(MRU(24, num_heads=2, state_size=18, state_matrix=name, dtype=torch.float64), scale=3.0)
+    with torch.no_grad():
+        m.in_proj.bias.normal_()
+    x = torch.randn(2, 6, 24, dtype=torch.float64)
+    h0 = torch.linalg.matrix_exp(0.3 * torch.randn(2, 2, 3, 3, dtype=torch.float64))
+    y, s = m(x, h0)
+    raw = m.element_scale * (x @ m.in_proj.weight.T + m.in_proj.bias)  # [B, T, heads * n]
+    n = m.numel
+    want_y = torch.empty(2, 6, 24, dtype=torch.float64)
+    for b in range(2):
+        for head in range(2):
+            H = h0[b, head]
+            for t in range(6):
+                H = H @ state_matrix(name, raw[b, t, head * n:(head + 1) * n], 3)
+                want_y[b, t, head * 12:(head + 1) * 12] = (H @ m.down[head]).reshape(-1)
+            torch.testing.assert_close(s[b, head], H, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(y, m.out_proj(want_y), rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(s, h0)  # the inputs really moved the state
+
+
 @pytest.mark.parametrize("backend", ["auto", "sequential", "chunked"])
 @pytest.mark.parametrize("name", ["ldu", "cayley", "scaled"])
 def test_streaming_equals_whole(backend, name):
