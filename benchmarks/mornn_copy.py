@@ -21,11 +21,16 @@ from matrec.nn.mornn import MORNN, mornn_param_groups
 
 
 def lstm_hidden_for(n_params: int, embed: int, vocab: int, out: int) -> int:
-    """Largest LSTM hidden size whose model has at most ``n_params`` parameters."""
+    """LSTM hidden size whose model (embedding, LSTM with both biases, linear head) has the parameter
+    count closest to ``n_params``."""
+
+    def count(H: int) -> int:
+        return vocab * embed + 4 * H * (embed + H + 2) + H * out + out
+
     H = 1
-    while vocab * embed + 4 * (H + 1) * (embed + H + 2) + (H + 1) * out + out <= n_params:
+    while count(H + 1) <= n_params:
         H += 1
-    return H
+    return min(H, H + 1, key=lambda h: abs(count(h) - n_params))
 
 
 def train(name, model, task, steps, lr, batch, every, seed):
