@@ -13,14 +13,13 @@ program, so hidden sizes are limited to ``MAX_HIDDEN``; larger ones belong to th
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
 from .recurrence import NONLINEARITIES, _check, register_recurrence_autograd
+from .triton_scan import launchable as _launcher  # interpreted for CPU tensors, compiled for CUDA
 
 MAX_HIDDEN = 128  # ptxas for sm_90: H = 256 needs 272-336 KiB shared memory, over the 228 KiB limit
 _CODES = {"tanh": 0, "relu": 1, "modrelu": 2, "identity": 3}
@@ -86,32 +85,12 @@ def _bwd_kernel(G, Z, OUT, W, BIAS, GZ, GH0, T, B, H,
     tl.store(GH0 + rb[:, None] * H + rh[None, :], carry, mask=m2)
 
 
-_KERNELS: dict = {}
-
-
-def _launcher(fn, device: torch.device):
-    """``fn`` compiled for the GPU, or interpreted for CPU tensors, chosen per call: decorating with
-    ``@triton.jit`` at import would freeze whatever ``TRITON_INTERPRET`` held at that moment."""
-    interpret = device.type != "cuda" or os.environ.get("TRITON_INTERPRET", "0") == "1"
-    key = (fn.__name__, interpret)
-    if key not in _KERNELS:
-        if interpret:
-            from triton.runtime.interpreter import InterpretedFunction
-
-            _KERNELS[key] = InterpretedFunction(fn)
-        else:
-            from triton.runtime.jit import JITFunction
-
-            _KERNELS[key] = JITFunction(fn)
-    return _KERNELS[key]
-
-
 def _blocks(B: int, H: int) -> tuple[int, int]:
     # tl.dot needs every dimension >= 16
     return 16, max(16, triton.next_power_of_2(H))
 
 
-# Kernel bodies are plain functions wrapped per call (see _launcher), so they use only tl.* builtins:
+# Kernel bodies are plain functions wrapped per call (see matrec.ops.triton_scan.launchable), so they use only tl.* builtins:
 # triton.language.standard helpers (tl.zeros, tl.sigmoid, ...) are frozen in one mode at import.
 
 

@@ -54,23 +54,22 @@ def triton_available(device) -> tuple[bool, str]:
     return False, f"the Triton kernel supports CUDA (or CPU with TRITON_INTERPRET=1), not {device.type!r}"
 
 
-# (kernel name, interpreted) -> launchable kernel
+# (kernel body, interpreted) -> launchable kernel
 _KERNELS: dict = {}
 
 
-def _kernel(name: str, device: torch.device):
-    """The kernel body ``name`` compiled for the GPU, or interpreted for CPU tensors.
+def launchable(fn, device: torch.device):
+    """Kernel body ``fn`` (a plain function of ``tl.*`` calls) compiled for the GPU, or interpreted
+    for CPU tensors (and for any tensor under ``TRITON_INTERPRET=1``).
 
     Wrapping here, not with ``@triton.jit`` at import, makes the choice per call: Triton reads
     ``TRITON_INTERPRET`` when a kernel is decorated, so a decorator would freeze whatever the
-    environment held when this module happened to be imported first.
+    environment held when the module happened to be imported first. Shared with
+    :mod:`matrec.ops.triton_recurrence`.
     """
     interpret = device.type != "cuda" or _interpret_requested()
-    key = (name, interpret)
+    key = (fn, interpret)
     if key not in _KERNELS:
-        from matrec.ops import _triton_scan_kernels as bodies
-
-        fn = getattr(bodies, name)
         if interpret:
             from triton.runtime.interpreter import InterpretedFunction
 
@@ -80,6 +79,13 @@ def _kernel(name: str, device: torch.device):
 
             _KERNELS[key] = JITFunction(fn)
     return _KERNELS[key]
+
+
+def _kernel(name: str, device: torch.device):
+    """The scan kernel body ``name`` of :mod:`matrec.ops._triton_scan_kernels`, see :func:`launchable`."""
+    from matrec.ops import _triton_scan_kernels as bodies
+
+    return launchable(getattr(bodies, name), device)
 
 
 def compile_for_target(name: str, *, d: int, io_dtype: str = "fp32", arch: int = 90,
