@@ -62,6 +62,13 @@ def test_project_orthogonal_is_nearest_and_idempotent():
     Q = project_orthogonal(W)
     assert orthogonality_error(Q) < 1e-5
     assert torch.allclose(project_orthogonal(Q), Q, atol=1e-6)
+    # the polar factor: W = Q S with S = Q^T W symmetric positive semi-definite ...
+    S = Q.double().T @ W.double()
+    torch.testing.assert_close(S, S.T, atol=1e-5, rtol=0)
+    assert torch.linalg.eigvalsh(S).min() > -1e-5
+    # ... hence no orthogonal matrix is nearer to W
+    for R in orthogonal_from(torch.randn(50, 8, 8), "expm"):
+        assert torch.linalg.norm(W - Q) <= torch.linalg.norm(W - R) + 1e-5
 
 
 def test_unknown_map_names_argument_and_choices():
