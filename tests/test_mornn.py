@@ -190,6 +190,24 @@ def test_refold_keeps_the_function():
     torch.testing.assert_close(m(x)[0], before)
 
 
+def test_refold_between_forward_and_backward():
+    """Two forwards before one backward (gradient accumulation, a model calling the RNN twice) with a
+    refold in between: the first graph keeps its own base, so its gradient is unchanged."""
+    torch.manual_seed(7)
+    m = MORNN(3, 5, nonlinearity="tanh", refold_every=2)
+    with torch.no_grad():
+        m.weight_hh_l0_A.normal_()
+    still = copy.deepcopy(m)
+    still.refold_every = 0
+    x = torch.randn(4, 2, 3)
+    first = m(x)[0].square().sum()
+    m(x)  # the second training forward refolds A into the base, in place
+    assert torch.count_nonzero(m.weight_hh_l0_A) == 0
+    (got,) = torch.autograd.grad(first, m.weight_hh_l0_A)
+    (want,) = torch.autograd.grad(still(x)[0].square().sum(), still.weight_hh_l0_A)
+    torch.testing.assert_close(got, want)
+
+
 def test_state_dict_round_trip_and_pickle():
     torch.manual_seed(8)
     m = MORNN(3, 6, num_layers=2, nonlinearity="modrelu", bidirectional=True)

@@ -119,7 +119,9 @@ class _OrthogonalRecurrent(nn.Module):
         cdt = _compute_dtype(A.dtype)
         # Built once per forward, in float32/64 whatever autocast says: bf16 would break orthogonality.
         with torch.autocast(A.device.type, enabled=False):
-            W = base.to(cdt) @ orthogonal_from(lower_to_square(A.to(cdt), n), self.orthogonal_map)
+            # a copy of the base, so a refold (in place) while this graph is alive cannot invalidate it
+            W = base.to(cdt, copy=True) @ orthogonal_from(lower_to_square(A.to(cdt), n),
+                                                          self.orthogonal_map)
         # A half-precision module gets a rounded W (its kernels need one dtype); under autocast the
         # parameters stay float32 and so does W.
         return W.to(A.dtype)
