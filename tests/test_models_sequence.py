@@ -2,7 +2,6 @@
 import pytest
 import torch
 
-import matrec
 from matrec.models import MODELS, SequenceModel, build_model, generate, num_parameters
 
 V = 13
