@@ -43,6 +43,8 @@ def generate_stream(model: nn.Module, prompt: Tensor, max_new_tokens: int, tempe
     always correct, just slower.
     """
     _check(prompt, max_new_tokens, temperature, top_k)
+    if max_new_tokens == 0:  # nothing to sample: do not run the model on the prompt
+        return
     squeeze = prompt.dim() == 1
     tokens = prompt[None] if squeeze else prompt  # [B, T]
     was_training = model.training
