@@ -97,3 +97,24 @@ def test_path_and_env_override_cache_and_are_verified(tmp_path, monkeypatch):
 def test_shakespeare_spec_matches_the_reference_file():
     assert SHAKESPEARE_FILE.stat().st_size == download.SHAKESPEARE.size
     assert fetch(download.SHAKESPEARE, SHAKESPEARE_FILE) == SHAKESPEARE_FILE
+
+
+def test_connection_dropped_mid_download_tries_the_next_address(tmp_path, monkeypatch):
+    import http.client
+
+    monkeypatch.setenv("MATREC_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("MATREC_OFFLINE", raising=False)
+    good = _spec(tmp_path, b"intact payload\n")
+    spec = DataFile(name=good.name, urls=("https://broken.example/data.txt", good.urls[0]),
+                    sha256=good.sha256, size=good.size)
+
+    class Dropped(io.BytesIO):
+        def read(self, *args):
+            raise http.client.IncompleteRead(b"intact")
+
+    real = download._urlopen
+    monkeypatch.setattr(download, "_urlopen",
+                        lambda url: Dropped() if url.startswith("https://broken") else real(url))
+    path = fetch(spec)
+    assert path.read_bytes() == b"intact payload\n"
+    assert [p.name for p in path.parent.iterdir()] == ["data.txt"]

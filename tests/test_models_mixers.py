@@ -150,6 +150,22 @@ def test_txl_memory_changes_outputs_and_is_detached():
     assert mixer.q.weight.grad is not None
 
 
+def test_txl_steps_beyond_the_memory_equal_a_call_on_the_last_mem_len_tokens():
+    # relative positions + bounded memory: a step sees exactly its mem_len predecessors
+    M = 3
+    mixer = make("txl", mem_len=M)
+    x = torch.randn(2, 10, E, dtype=torch.float64)
+    state, steps = None, []
+    for t in range(10):
+        y, state = mixer(x[:, t:t + 1], state)
+        steps.append(y)
+    for t in range(10):
+        window, _ = mixer(x[:, max(0, t - M):t + 1])
+        torch.testing.assert_close(steps[t][:, 0], window[:, -1], rtol=1e-10, atol=1e-10)
+    full, _ = mixer(x)  # a full call sees the whole past, so later steps differ from it
+    assert not torch.allclose(torch.cat(steps, 1)[:, M + 1:], full[:, M + 1:])
+
+
 def test_txl_memory_is_bounded_and_zero_means_none():
     mixer = make("txl", mem_len=3)
     _, mem = mixer(torch.randn(1, 10, E, dtype=torch.float64))

@@ -2,7 +2,6 @@
 import pytest
 import torch
 
-import matrec
 from matrec.models import MODELS, SequenceModel, build_model, generate, num_parameters
 
 V = 13
@@ -85,6 +84,7 @@ def test_generate_method_sampling_and_errors():
     torch.testing.assert_close(one, generate(model, torch.tensor([[1, 2, 3]]), 4, temperature=0)[0])
     g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
     assert torch.equal(generate(model, one[None], 20, generator=g()), generate(model, one[None], 20, generator=g()))
+    assert torch.equal(generate(model, one, 0), one)
     with pytest.raises(ValueError, match="max_new_tokens"):
         generate(model, one, -1)
     with pytest.raises(ValueError, match="temperature"):

@@ -30,3 +30,5 @@ def test_copy_baseline_is_what_a_memoryless_predictor_scores():
 def test_copy_rejects_bad_delay():
     with pytest.raises(ValueError, match="delay must be an int >= 1"):
         build_task("copy", delay=0)
+    with pytest.raises(ValueError, match="n_symbols must be an int >= 1, got True"):
+        build_task("copy", n_symbols=True)

@@ -43,7 +43,6 @@ def test_every_registered_task_has_a_training_setting():
     assert sorted(SETTINGS) == sorted(shipped)
 
 
-
 def _detach(state):
     if state is None:
         return None

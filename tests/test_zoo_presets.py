@@ -59,3 +59,19 @@ def test_mru_keeps_its_init_but_out_proj_is_a_residual_projection():
     assert torch.count_nonzero(mru.in_proj.weight) == 0  # every M_t starts at the identity
     std = mru.out_proj.weight.std().item()  # 0.02 / sqrt(12 sublayers) = 0.0058
     assert 0.0050 < std < 0.0066
+
+
+def test_zoo_module_prints_the_presets_table():
+    # `python -m matrec.models.zoo` (the command behind docs/models.md) used to re-register every model
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    proc = subprocess.run([sys.executable, "-m", "matrec.models.zoo"], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "PYTHONPATH": src})
+    assert proc.returncode == 0, proc.stderr
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| `")]
+    assert len(rows) == len(PRESETS)
+    assert "| `shakespeare-mru` | 6 x (mru + MLP), width 384, 6 heads, T 256 | 8,900,736 |" in rows

@@ -16,6 +16,7 @@ file is missing and cannot be downloaded the error says where to put it or which
 from __future__ import annotations
 
 import hashlib
+import http.client
 import os
 import shutil
 import sys
@@ -158,7 +159,8 @@ def fetch(spec: DataFile, path: str | os.PathLike | None = None, *, directory: P
                               "nothing was written to the cache. " + _supply_hint(spec, target))
             os.replace(tmp, target)
             return target
-        except (urllib.error.URLError, OSError, ValueError) as err:
+        # a connection dropped mid-body raises http.client.IncompleteRead, an HTTPException, not an OSError
+        except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as err:
             errors.append(f"{url}: {err}")
         finally:
             tmp.unlink(missing_ok=True)

@@ -43,6 +43,8 @@ def generate_stream(model: nn.Module, prompt: Tensor, max_new_tokens: int, tempe
     always correct, just slower.
     """
     _check(prompt, max_new_tokens, temperature, top_k)
+    if max_new_tokens == 0:  # nothing to sample: do not run the model on the prompt
+        return
     squeeze = prompt.dim() == 1
     tokens = prompt[None] if squeeze else prompt  # [B, T]
     was_training = model.training
@@ -71,7 +73,8 @@ def generate(model: nn.Module, prompt: Tensor, max_new_tokens: int, temperature:
     With ``use_state`` (the default) the prompt is read once and each new token is one step that
     passes the model's state along: recurrent mixers stream their state (memory constant in the
     generated length), attention extends its KV cache. ``use_state=False`` re-runs the whole
-    sequence for every token: the reference the streamed path equals.
+    sequence for every token: the reference the streamed path equals, except for Transformer-XL
+    layers, whose streamed steps see only their last ``mem_len`` tokens (none with ``mem_len=0``).
 
     Args:
         temperature: softmax temperature; 0 picks the most likely token.

@@ -13,6 +13,14 @@ Presets fix the architecture of an experiment (vocab/input/output sizes still co
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # python -m matrec.models.zoo: the presets table of docs/models.md
+    # The package import has already run this file as matrec.models.zoo, registering every model;
+    # running the body a second time as __main__ would register them twice (an error).
+    from matrec.models.zoo import print_presets_table
+
+    print_presets_table()
+    raise SystemExit(0)
+
 from .registry import MODELS
 from .sequence import SequenceModel, num_parameters
 
@@ -95,7 +103,8 @@ def list_presets(vocab_size: int = 65) -> list[dict]:
     return rows
 
 
-if __name__ == "__main__":  # python -m matrec.models.zoo: the presets table of docs/models.md
-    print("| preset | architecture | parameters (vocab 65) |\n|---|---|---|")
-    for row in list_presets(65):
+def print_presets_table(vocab_size: int = 65) -> None:
+    """Print the presets table of docs/models.md (``python -m matrec.models.zoo``)."""
+    print(f"| preset | architecture | parameters (vocab {vocab_size}) |\n|---|---|---|")
+    for row in list_presets(vocab_size):
         print(f"| `{row['name']}` | {row['description'].split(': ', 1)[1]} | {row['parameters']:,} |")

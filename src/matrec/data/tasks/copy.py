@@ -27,13 +27,9 @@ class Copy(Task):
     output_size = 9  # blank + 8 symbols
 
     def __init__(self, delay: int = 100, n_symbols: int = 10, alphabet: int = 8) -> None:
-        if not isinstance(delay, int) or delay < 1:
-            raise ValueError(f"delay must be an int >= 1, got {delay!r}")
-        if not isinstance(n_symbols, int) or n_symbols < 1:
-            raise ValueError(f"n_symbols must be an int >= 1, got {n_symbols!r}")
         if alphabet != 8:
             raise ValueError(f"alphabet must be 8 (symbols 1..8, blank 0, marker 9), got {alphabet!r}")
-        self.delay, self.n = delay, n_symbols
+        self.delay, self.n = check_int("delay", delay), check_int("n_symbols", n_symbols)
         self.length = delay + 2 * n_symbols
         self.baseline = n_symbols * math.log(alphabet) / self.length
 
