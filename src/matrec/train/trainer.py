@@ -149,10 +149,8 @@ class Trainer:
         self.last_eval = dict(meta.get("last_eval", {}))
         self.data_gen.set_state(tensors["rng.data"])
         torch.set_rng_state(tensors["rng.torch"])
-        if torch.cuda.is_available():
-            cuda = [tensors[k] for k in sorted(t for t in tensors if t.startswith("rng.cuda."))]
-            if cuda:
-                torch.cuda.set_rng_state_all(cuda)
+        if "rng.cuda" in tensors and self.device.type == "cuda":
+            torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)
         if hasattr(self.task, "load_state_dict"):
             self.task.load_state_dict(meta.get("task_state", {}))
         self.stream_state = unflatten_tensors(meta.get("stream_state"), tensors, self.device)
@@ -239,9 +237,11 @@ class Trainer:
         if self.dist.is_main:
             tensors: dict[str, Tensor] = {
                 "rng.torch": torch.get_rng_state(), "rng.data": self.data_gen.get_state()}
-            if torch.cuda.is_available() and self.device.type == "cuda":
-                for i, s in enumerate(torch.cuda.get_rng_state_all()):
-                    tensors[f"rng.cuda.{i:03d}"] = s
+            if self.device.type == "cuda":
+                # this process's device only: every rank seeds and steps its own device alike, so
+                # rank 0's state is every rank's (get_rng_state_all would open a CUDA context on
+                # every GPU from rank 0 and hand rank r a device it never used)
+                tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
             meta = {
                 "step": self.step,
                 "config": self.cfg.to_dict(),
