@@ -210,3 +210,30 @@ def test_every_kind_of_task_trains_checkpoints_and_resumes(tmp_path, task, args)
     summary = Trainer(cfg).train()
     assert summary["status"] == "completed" and all(math.isfinite(v) for v in summary["eval"].values())
     assert Trainer.resume(tmp_path / task).step == 4
+
+
+def test_a_save_killed_midway_leaves_the_previous_checkpoint_pointed_to(tmp_path, monkeypatch):
+    import safetensors.torch
+    trainer = Trainer(tiny(tmp_path, "k"))
+    trainer.train(until=4)
+    root = tmp_path / "k" / "checkpoints"
+    real = safetensors.torch.save_file
+
+    def dies(*args, **kwargs):
+        raise KeyboardInterrupt   # a kill while the state tensors are being written
+
+    monkeypatch.setattr(safetensors.torch, "save_file", dies)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train(until=8)
+    meta, ckpt_dir, _ = load_checkpoint(root)
+    assert meta["step"] == 4 and ckpt_dir.name == "step-00000004"
+    assert sorted(p.name for p in root.iterdir()) == ["latest.json", "step-00000004"]
+    # debris of a harder kill (no cleanup ran) and a step folder that latest.json never pointed
+    # to are both cleared by the next save, which then points at its own complete folder
+    (root / ".step-00000008.abc.tmp").mkdir()
+    (root / "step-00000008").mkdir()
+    monkeypatch.setattr(safetensors.torch, "save_file", real)
+    resumed = Trainer.resume(tmp_path / "k")
+    resumed.train(until=8)
+    assert sorted(p.name for p in root.iterdir()) == ["latest.json", "step-00000008"]
+    assert load_checkpoint(root)[0]["step"] == 8
