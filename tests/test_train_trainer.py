@@ -163,16 +163,7 @@ def test_stream_task_carries_state_and_resumes_exactly(tmp_path):
     assert (tmp_path / "fresh" / "metrics.jsonl").read_bytes() != (tmp_path / "full" / "metrics.jsonl").read_bytes()
 
 
-def _mornn_model():
-    import matrec
-    from matrec.models import MODELS
-    from matrec.models.recurrent import recurrent_factory
-    if "mornn" not in MODELS:   # the model zoo registers it; the layer itself is matrec.MORNN
-        MODELS.register("mornn", recurrent_factory(matrec.MORNN, nonlinearity="modrelu", init="henaff"))
-
-
 def test_mornn_groups_monitoring_and_exact_resume_across_refolds(tmp_path):
-    _mornn_model()
     kw = dict(model="mornn", model_args={"hidden_size": 8, "refold_every": 3}, optimizer="rmsprop",
               lr=2e-3, orthogonal_lr_scale=0.1, log_every=1)
     full = Trainer(tiny(tmp_path, "full", **kw))

@@ -140,14 +140,10 @@ def cmd_train(args) -> int:
 
 def default_experiment(out_dir: str = "runs", steps: int | None = None) -> int:
     """``matrec train`` with no arguments: MORNN vs LSTM on the copy task, table + plot."""
-    from .models import MODELS
     from .train import TrainConfig
     from .train.compare import format_table, run_compare
 
     variants = [dict(v) for v in DEFAULT_VARIANTS]
-    if "mornn" not in MODELS:   # MORNN not installed in this build: a plain RNN takes its place
-        variants[0] = {**variants[0], "label": "rnn", "model": "rnn",
-                       "model_args": {"hidden_size": 128}}
     base = TrainConfig.from_dict({**DEFAULT_BASE, **({"steps": steps} if steps else {})})
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     out = Path(out_dir) / f"default-{stamp}"

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import importlib
 import json
 import math
 import time
@@ -25,6 +24,7 @@ from torch import Tensor, nn
 
 from ..data.tasks import build_task
 from ..models import build_model
+from ..nn.mornn import orthogonality_report
 from .checkpoint import (flatten_tensors, load_checkpoint, load_model_weights, optimizer_from_flat,
                          optimizer_to_flat, save_checkpoint, unflatten_tensors)
 from .config import TrainConfig
@@ -65,15 +65,8 @@ def layer_of(param_name: str) -> str:
 
 def orthogonality_errors(model: nn.Module) -> dict[str, float]:
     """``matrec.orthogonality_report(model)`` under ``mornn/`` (per MORNN layer: max |W^T W - I|
-    and gradient norms) when MORNN is installed and the model has such layers; else empty."""
-    try:
-        report = getattr(importlib.import_module("matrec.nn.mornn"), "orthogonality_report")
-    except (ImportError, AttributeError):
-        return {}
-    result = report(model)
-    if isinstance(result, dict):
-        return {f"mornn/{k}": float(v) for k, v in result.items()}
-    return {}
+    and gradient norms); empty for a model without MORNN layers."""
+    return {f"mornn/{k}": float(v) for k, v in orthogonality_report(model).items()}
 
 
 def count_parameters(model: nn.Module) -> int:
