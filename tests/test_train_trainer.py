@@ -73,6 +73,18 @@ def test_nan_stops_cleanly_and_keeps_the_last_good_checkpoint(tmp_path):
     assert again.train(until=6)["step"] == 6
 
 
+def test_inf_gradient_with_a_finite_loss_stops_before_the_optimiser_step(tmp_path):
+    trainer = Trainer(tiny(tmp_path, "inf"))
+    trainer.train(until=4)
+    weights = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    trainer.model.head.weight.register_hook(lambda g: torch.full_like(g, float("inf")))
+    with pytest.raises(NonFiniteError, match=r"gradient norm is inf at step 5.*\(step 4\)"):
+        trainer.train()
+    assert trainer.step == 4      # no optimiser step was taken with the bad gradient
+    assert all(torch.equal(v, weights[k]) for k, v in trainer.model.state_dict().items())
+    assert load_checkpoint(tmp_path / "inf")[0]["step"] == 4
+
+
 def test_corrupt_checkpoint_gives_a_clear_error(tmp_path):
     Trainer(tiny(tmp_path, "c", steps=4)).train()
     _, ckpt_dir, _ = load_checkpoint(tmp_path / "c")

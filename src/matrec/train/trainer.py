@@ -42,7 +42,13 @@ def resolve_device(name: str, info: DistInfo | None = None) -> torch.device:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and info is not None and info.enabled:
         name = f"cuda:{info.local_rank}"
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {name!r} ({e})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for, but CUDA is not available here (use cpu or auto)")
+    return device
 
 
 def detach_state(state):
@@ -101,6 +107,7 @@ class Trainer:
         self.stream_state = None   # carried across batches on stream tasks
         self.last_eval: dict[str, float] = {}
         self.elapsed = 0.0         # training seconds, summed over resumes
+        self._ckpt_step: int | None = None   # the last good checkpoint, named by the NaN/Inf guard
 
         if run_dir is None:
             stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -137,7 +144,7 @@ class Trainer:
     def _load(self, meta: dict, ckpt_dir: Path, tensors: dict[str, Tensor]) -> None:
         load_model_weights(self.model, ckpt_dir)
         optimizer_from_flat(self.optimizer, meta["optimizer"], tensors)
-        self.step = int(meta["step"])
+        self.step = self._ckpt_step = int(meta["step"])
         self.elapsed = float(meta.get("elapsed", 0.0))
         self.last_eval = dict(meta.get("last_eval", {}))
         self.data_gen.set_state(tensors["rng.data"])
@@ -200,7 +207,9 @@ class Trainer:
 
         Stream tasks are read from the start of the validation stream with the state carried.
         """
-        batches = batches or self.cfg.eval_batches
+        batches = self.cfg.eval_batches if batches is None else batches
+        if isinstance(batches, bool) or not isinstance(batches, int) or batches < 1:
+            raise ValueError(f"batches must be an int >= 1, got {batches!r}")
         gen = torch.Generator().manual_seed(self.cfg.seed + 1)
         if getattr(self.task, "stream", False) and hasattr(self.task, "state_dict"):
             saved = self.task.state_dict()
@@ -260,7 +269,6 @@ class Trainer:
         """
         cfg = self.cfg
         until = cfg.steps if until is None else min(until, cfg.steps)
-        self._ckpt_step = getattr(self, "_ckpt_step", self.step if self.step else None)
         self._open_log()
         self.model.train()
         stream = getattr(self.task, "stream", False)
