@@ -73,6 +73,9 @@ def test_train_eval_resume_end_to_end(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.main(["train", "--resume", str(run_dir), "--lr", "0.1"])
     assert "only --steps may be given with it, got ['--lr']" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--resume", str(run_dir), "--steps", "3"])
+    assert "steps (3) is below the checkpoint's step (4)" in capsys.readouterr().err
     code, out, _ = run(capsys, "train", "--resume", str(run_dir), "--steps", "6")
     assert code == 0 and json.loads(out.splitlines()[-1])["step"] == 6
 

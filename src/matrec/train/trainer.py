@@ -135,6 +135,9 @@ class Trainer:
         meta, ckpt_dir, tensors = load_checkpoint(run_dir)
         data = dict(meta["config"])
         if steps is not None:
+            if isinstance(steps, int) and steps < int(meta["step"]):
+                raise ValueError(f"steps ({steps}) is below the checkpoint's step ({meta['step']}); a "
+                                 f"resumed run can only go on (its metrics after step {steps} would be lost)")
             data["steps"] = steps
         # the run directory holds checkpoints/step-*/ (whichever of the three paths was given)
         trainer = cls(TrainConfig.from_dict(data), run_dir=ckpt_dir.parent.parent)
