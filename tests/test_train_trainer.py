@@ -85,6 +85,26 @@ def test_inf_gradient_with_a_finite_loss_stops_before_the_optimiser_step(tmp_pat
     assert load_checkpoint(tmp_path / "inf")[0]["step"] == 4
 
 
+def test_weights_made_non_finite_by_a_step_are_never_checkpointed(tmp_path):
+    trainer = Trainer(tiny(tmp_path, "w"))
+    trainer.train(until=4)
+    files = {p.name: p.read_bytes() for p in load_checkpoint(tmp_path / "w")[1].iterdir()}
+    step = trainer.optimizer.step
+
+    def overflows(*args, **kwargs):    # finite loss and gradient, but the update overflows
+        step(*args, **kwargs)
+        if trainer.step == 7:           # the update that leads to step 8, a checkpoint step
+            with torch.no_grad():
+                trainer.model.head.bias.fill_(float("inf"))
+
+    trainer.optimizer.step = overflows
+    with pytest.raises(NonFiniteError, match=r"parameter 'head.bias' after the optimiser step is "
+                                              r"non-finite at step 8.*\(step 4\)"):
+        trainer.train()
+    meta, ckpt_dir, _ = load_checkpoint(tmp_path / "w")
+    assert meta["step"] == 4 and {p.name: p.read_bytes() for p in ckpt_dir.iterdir()} == files
+
+
 def test_corrupt_checkpoint_gives_a_clear_error(tmp_path):
     Trainer(tiny(tmp_path, "c", steps=4)).train()
     _, ckpt_dir, _ = load_checkpoint(tmp_path / "c")

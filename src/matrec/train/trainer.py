@@ -6,7 +6,8 @@
 
 Per step: lr from the schedule -> batch (this process's rows of the global batch) -> forward under
 bf16 autocast on CUDA -> NaN/Inf guard on the loss -> backward -> per-layer grad norms (log steps) ->
-clip -> NaN/Inf guard on the grad norm -> optimiser step. Periodic evaluation and checkpoints; on a
+clip -> NaN/Inf guard on the grad norm -> optimiser step. Periodic evaluation and checkpoints (never of
+non-finite weights); on a
 stream task the model's state is carried (detached) from one batch to the next.
 """
 from __future__ import annotations
@@ -34,7 +35,8 @@ from .rundir import MetricsLog, plot_metrics, read_metrics
 
 
 class NonFiniteError(RuntimeError):
-    """Training produced a NaN/Inf loss or gradient; the run stopped, its last checkpoint is good."""
+    """Training produced a NaN/Inf loss, gradient or weight; the run stopped, its last checkpoint
+    is good."""
 
 
 def resolve_device(name: str, info: DistInfo | None = None) -> torch.device:
@@ -194,9 +196,9 @@ class Trainer:
                 sq[layer_of(name)] += float(p.grad.detach().float().pow(2).sum())
         return {f"grad_norm/{k}": math.sqrt(v) for k, v in sq.items()}
 
-    def _stop(self, what: str, value: float) -> None:
+    def _stop(self, what: str, value: float | str, step: int | None = None) -> None:
         good = f"step {self._ckpt_step}" if self._ckpt_step is not None else "none written yet"
-        message = (f"{what} is {value} at step {self.step + 1}; training stopped. The last good "
+        message = (f"{what} is {value} at step {step or self.step + 1}; training stopped. The last good "
                    f"checkpoint ({good}) in {self.ckpt_root} is intact. Lower the learning rate, "
                    f"tighten grad_clip, or check the data.")
         self._finish(status="non-finite", message=message)
@@ -316,6 +318,12 @@ class Trainer:
                     if self.log is not None:
                         self.log.write({"kind": "eval", "step": self.step, **self.last_eval})
                 if self.step % cfg.ckpt_every == 0 or self.step == until:
+                    # a finite loss and gradient can still step the weights to Inf/NaN (a huge lr):
+                    # such weights must not replace the last good checkpoint
+                    bad = next((n for n, p in self.model.named_parameters()
+                                if not bool(torch.isfinite(p).all())), None)
+                    if bad is not None:
+                        self._stop(f"parameter {bad!r} after the optimiser step", "non-finite", self.step)
                     self.elapsed += time.perf_counter() - t0
                     t0 = time.perf_counter()
                     self.save()
