@@ -7,8 +7,8 @@
 Per step: lr from the schedule -> batch (this process's rows of the global batch) -> forward under
 bf16 autocast on CUDA -> NaN/Inf guard on the loss -> backward -> per-layer grad norms (log steps) ->
 clip -> NaN/Inf guard on the grad norm -> optimiser step. Periodic evaluation and checkpoints (never of
-non-finite weights); on a
-stream task the model's state is carried (detached) from one batch to the next.
+non-finite weights); on a stream task the model's state is carried (detached) from one batch to the
+next.
 """
 from __future__ import annotations
 
