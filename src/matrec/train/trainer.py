@@ -29,7 +29,7 @@ from ..nn.mornn import orthogonality_report
 from .checkpoint import (flatten_tensors, load_checkpoint, load_model_weights, optimizer_from_flat,
                          optimizer_to_flat, save_checkpoint, unflatten_tensors)
 from .config import TrainConfig
-from .distributed import DistInfo, all_mean, barrier, init_distributed
+from .distributed import DistInfo, all_gather_object, all_mean, barrier, init_distributed
 from .optim import OPTIMIZERS, lr_factor, param_groups
 from .rundir import MetricsLog, plot_metrics, read_metrics
 
@@ -53,14 +53,15 @@ def resolve_device(name: str, info: DistInfo | None = None) -> torch.device:
     return device
 
 
-def detach_state(state):
-    """The carried recurrent state without its graph (truncated back-propagation)."""
+def detach_state(state, device=None):
+    """The carried recurrent state without its graph (truncated back-propagation), optionally
+    moved to ``device``."""
     if isinstance(state, Tensor):
-        return state.detach()
+        return state.detach() if device is None else state.detach().to(device)
     if isinstance(state, (tuple, list)):
-        return type(state)(detach_state(s) for s in state)
+        return type(state)(detach_state(s, device) for s in state)
     if isinstance(state, dict):
-        return {k: detach_state(v) for k, v in state.items()}
+        return {k: detach_state(v, device) for k, v in state.items()}
     return state
 
 
@@ -158,7 +159,12 @@ class Trainer:
             torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)
         if hasattr(self.task, "load_state_dict"):
             self.task.load_state_dict(meta.get("task_state", {}))
-        self.stream_state = unflatten_tensors(meta.get("stream_state"), tensors, self.device)
+        # one carried state per process (each holds the state of its own rows of the batch)
+        states = unflatten_tensors(meta["stream_states"], tensors, self.device)
+        if len(states) != self.dist.world_size:
+            raise ValueError(f"this checkpoint carries the stream state of {len(states)} process(es); "
+                             f"resume it with the same number of processes, not {self.dist.world_size}")
+        self.stream_state = states[self.dist.rank]
 
     def _open_log(self) -> None:
         if self.log is not None or not self.dist.is_main:
@@ -241,6 +247,7 @@ class Trainer:
     def save(self) -> Path | None:
         """Checkpoint the current step (rank 0 writes; every rank waits for it)."""
         path = None
+        states = all_gather_object(detach_state(self.stream_state, "cpu"), self.dist)
         if self.dist.is_main:
             tensors: dict[str, Tensor] = {
                 "rng.torch": torch.get_rng_state(), "rng.data": self.data_gen.get_state()}
@@ -254,7 +261,7 @@ class Trainer:
                 "config": self.cfg.to_dict(),
                 "optimizer": optimizer_to_flat(self.optimizer, tensors),
                 "task_state": self.task.state_dict() if hasattr(self.task, "state_dict") else {},
-                "stream_state": flatten_tensors(self.stream_state, "stream", tensors),
+                "stream_states": flatten_tensors(states, "stream", tensors),
                 "last_eval": self.last_eval,
                 "elapsed": self.elapsed,
                 "lr_factor": lr_factor(max(self.step - 1, 0), self.cfg),
