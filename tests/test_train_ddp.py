@@ -76,3 +76,5 @@ def test_two_process_stream_run_resumes_with_each_rank_its_own_state(tmp_path):
     assert losses("paused") == losses("full") and len(losses("full")) == 10
     with pytest.raises(ValueError, match="stream state of 2 process"):
         Trainer.resume(tmp_path / "paused")     # this test process is a world of one
+    from matrec import cli                      # evaluation needs the weights only: any world size
+    assert cli.main(["eval", str(tmp_path / "paused"), "--batches", "1"]) == 0

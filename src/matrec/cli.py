@@ -187,12 +187,12 @@ def _load_for_inference(path):
 
 def cmd_eval(args) -> int:
     from .train import Trainer
-    from .train.checkpoint import load_checkpoint
-    meta, ckpt_dir, tensors = load_checkpoint(args.checkpoint)
+    from .train.checkpoint import load_checkpoint, load_model_weights
+    meta, ckpt_dir, _ = load_checkpoint(args.checkpoint)
     cfg = TrainConfigRef().from_dict({**meta["config"], "progress": False,
                                       **({"device": args.device} if args.device else {})})
     trainer = Trainer(cfg, run_dir=Path(args.checkpoint))
-    trainer._load(meta, ckpt_dir, tensors)
+    load_model_weights(trainer.model, ckpt_dir)   # evaluation needs the weights only
     metrics = trainer.evaluate(args.batches)
     print(json.dumps({"step": meta["step"], "task": cfg.task, "model": cfg.model, **metrics}))
     return 0
