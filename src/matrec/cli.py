@@ -138,6 +138,12 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _is_main() -> bool:
+    """Rank 0 under torchrun (after the trainer joined the process group), else True."""
+    import torch.distributed as dist
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
 def default_experiment(out_dir: str = "runs", steps: int | None = None) -> int:
     """``matrec train`` with no arguments: MORNN vs LSTM on the copy task, table + plot."""
     from .train import TrainConfig
@@ -152,6 +158,8 @@ def default_experiment(out_dir: str = "runs", steps: int | None = None) -> int:
           f"-> {out}", flush=True)
     t0 = time.perf_counter()
     results = run_compare(base, variants, out)
+    if not _is_main():
+        return 0
     print(format_table(results))
     print(f"plot: {out / 'compare.png'}   table: {out / 'results.md'}   "
           f"wall time: {time.perf_counter() - t0:.0f} s")
@@ -167,6 +175,8 @@ def cmd_compare(args) -> int:
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     out = Path(args.out or Path(base.out_dir) / f"compare-{base.task}-{stamp}")
     results = run_compare(base, [{"model": m} for m in models], out)
+    if not _is_main():
+        return 0
     print(format_table(results))
     print(f"plot: {out / 'compare.png'}   results: {out / 'results.json'}, {out / 'results.md'}")
     return 0
