@@ -218,15 +218,19 @@ def cmd_sample(args) -> int:
                          f"was trained on {cfg.task!r}") from None
     if len(ids) == 0:
         raise ValueError("--prompt must encode to at least one token")
-    gen = torch.Generator().manual_seed(args.seed)
-    sys.stdout.write(args.prompt)
+    import itertools
+
     from .models.generate import generate_stream
+    gen = torch.Generator().manual_seed(args.seed)
+    tokens = generate_stream(model, torch.as_tensor(ids), args.tokens, args.temperature, args.top_k,
+                             generator=gen)
+    first = next(tokens, None)   # bad --tokens/--temperature/--top-k fail here, before any output
+    sys.stdout.write(args.prompt)
 
     # Tokens are decoded together and only the new text is printed: a byte-level BPE token alone
     # can be half a character, and decoders join tokens with the right spacing.
     new, shown = [], ""
-    for token in generate_stream(model, torch.as_tensor(ids), args.tokens, args.temperature,
-                                 args.top_k, generator=gen):
+    for token in itertools.chain([first] if first is not None else [], tokens):
         new.append(int(token))
         text = task.decode(new)
         if not text.endswith("\ufffd") and text.startswith(shown):
