@@ -308,7 +308,7 @@ class Trainer:
                 loss.backward()
                 record_step = self.step + 1
                 logging = self._logs_at("train", record_step)
-                layer_norms = self._layer_grad_norms() if logging else {}
+                layer_norms = self._layer_grad_norms() if logging and self.dist.is_main else {}
                 max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
                 if not math.isfinite(grad_norm):
