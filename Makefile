@@ -4,7 +4,7 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-# Pinned so pip takes the CPU build where one is provided instead of gigabytes of CUDA wheels.
+# The one torch the suite is tested with; never an unpinned torch (override: make TORCH=...).
 TORCH  ?= torch==2.13.0
 
 .PHONY: install demo test bench clean

@@ -1,4 +1,5 @@
 """The `matrec` command end to end on tiny settings."""
+import argparse
 import json
 
 import pytest
@@ -55,10 +56,10 @@ def test_help_explains_every_option(command, capsys):
         for flag in ("--task", "--model", "--steps", "--lr", "--optimizer", "--grad-clip", "--resume",
                      "--config", "--compile", "--threads", "--warmup-steps"):
             assert flag in text
-        # every option has a help text (argparse prints none when help is missing)
-        parser = cli.build_parser()
-        train = parser._subparsers._group_actions[0].choices["train"]
-        assert all(a.help for a in train._actions)
+    # every option of every command has a help text (argparse prints none when help is missing)
+    parser = cli.build_parser()
+    sub = parser._subparsers._group_actions[0].choices[command[0]] if command else parser
+    assert all(a.help for a in sub._actions if not isinstance(a, argparse._SubParsersAction))
 
 
 def test_train_eval_resume_end_to_end(tmp_path, capsys):
@@ -72,6 +73,9 @@ def test_train_eval_resume_end_to_end(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.main(["train", "--resume", str(run_dir), "--lr", "0.1"])
     assert "only --steps may be given with it, got ['--lr']" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--resume", str(run_dir), "--steps", "3"])
+    assert "steps (3) is below the checkpoint's step (4)" in capsys.readouterr().err
     code, out, _ = run(capsys, "train", "--resume", str(run_dir), "--steps", "6")
     assert code == 0 and json.loads(out.splitlines()[-1])["step"] == 6
 
@@ -95,6 +99,20 @@ def test_unknown_names_list_the_valid_ones(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.main(["train", "--task", "nope", "--out-dir", str(tmp_path), *TINY])
     assert "task must be one of" in capsys.readouterr().err
+
+
+def test_bad_device_and_eval_batches_are_clear_errors(tmp_path, capsys):
+    devices = [("gpu", "device must be auto, cpu, cuda or cuda:N, got 'gpu'")]
+    if not torch.cuda.is_available():
+        devices.append(("cuda", "CUDA is not available here"))
+    for device, message in devices:
+        with pytest.raises(SystemExit) as e:
+            cli.main(["train", "--device", device, "--out-dir", str(tmp_path), *TINY])
+        assert e.value.code == 2 and message in capsys.readouterr().err
+    run(capsys, "train", "--model", "rnn", "--out-dir", str(tmp_path), "--run-name", "b", *TINY)
+    with pytest.raises(SystemExit) as e:
+        cli.main(["eval", str(tmp_path / "b"), "--batches", "0"])
+    assert e.value.code == 2 and "batches must be an int >= 1, got 0" in capsys.readouterr().err
 
 
 def test_eval_of_a_corrupt_checkpoint_is_a_clear_error(tmp_path, capsys):
@@ -124,6 +142,10 @@ def test_sample_streams_text_from_a_text_checkpoint(tmp_path, capsys):
     code, out, _ = run(capsys, "sample", str(tmp_path / "t"), "--prompt", "ab", "--tokens", "12", "--seed", "3")
     text = out[:-1]   # the trailing newline
     assert code == 0 and text.startswith("ab") and len(text) == 14 and set(text) <= set("ab\n")
+    with pytest.raises(SystemExit) as e:   # a bad option fails before the prompt is printed
+        cli.main(["sample", str(tmp_path / "t"), "--prompt", "ab", "--tokens", "-1"])
+    out = capsys.readouterr()
+    assert e.value.code == 2 and out.out == "" and "must be a non-negative int" in out.err
 
 
 def test_streaming_generation_matches_full_context_recompute():

@@ -73,6 +73,38 @@ def test_nan_stops_cleanly_and_keeps_the_last_good_checkpoint(tmp_path):
     assert again.train(until=6)["step"] == 6
 
 
+def test_inf_gradient_with_a_finite_loss_stops_before_the_optimiser_step(tmp_path):
+    trainer = Trainer(tiny(tmp_path, "inf"))
+    trainer.train(until=4)
+    weights = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    trainer.model.head.weight.register_hook(lambda g: torch.full_like(g, float("inf")))
+    with pytest.raises(NonFiniteError, match=r"gradient norm is inf at step 5.*\(step 4\)"):
+        trainer.train()
+    assert trainer.step == 4      # no optimiser step was taken with the bad gradient
+    assert all(torch.equal(v, weights[k]) for k, v in trainer.model.state_dict().items())
+    assert load_checkpoint(tmp_path / "inf")[0]["step"] == 4
+
+
+def test_weights_made_non_finite_by_a_step_are_never_checkpointed(tmp_path):
+    trainer = Trainer(tiny(tmp_path, "w"))
+    trainer.train(until=4)
+    files = {p.name: p.read_bytes() for p in load_checkpoint(tmp_path / "w")[1].iterdir()}
+    step = trainer.optimizer.step
+
+    def overflows(*args, **kwargs):    # finite loss and gradient, but the update overflows
+        step(*args, **kwargs)
+        if trainer.step == 7:           # the update that leads to step 8, a checkpoint step
+            with torch.no_grad():
+                trainer.model.head.bias.fill_(float("inf"))
+
+    trainer.optimizer.step = overflows
+    with pytest.raises(NonFiniteError, match=r"parameter 'head.bias' after the optimiser step is "
+                                              r"non-finite at step 8.*\(step 4\)"):
+        trainer.train()
+    meta, ckpt_dir, _ = load_checkpoint(tmp_path / "w")
+    assert meta["step"] == 4 and {p.name: p.read_bytes() for p in ckpt_dir.iterdir()} == files
+
+
 def test_corrupt_checkpoint_gives_a_clear_error(tmp_path):
     Trainer(tiny(tmp_path, "c", steps=4)).train()
     _, ckpt_dir, _ = load_checkpoint(tmp_path / "c")
@@ -163,16 +195,7 @@ def test_stream_task_carries_state_and_resumes_exactly(tmp_path):
     assert (tmp_path / "fresh" / "metrics.jsonl").read_bytes() != (tmp_path / "full" / "metrics.jsonl").read_bytes()
 
 
-def _mornn_model():
-    import matrec
-    from matrec.models import MODELS
-    from matrec.models.recurrent import recurrent_factory
-    if "mornn" not in MODELS:   # the model zoo registers it; the layer itself is matrec.MORNN
-        MODELS.register("mornn", recurrent_factory(matrec.MORNN, nonlinearity="modrelu", init="henaff"))
-
-
 def test_mornn_groups_monitoring_and_exact_resume_across_refolds(tmp_path):
-    _mornn_model()
     kw = dict(model="mornn", model_args={"hidden_size": 8, "refold_every": 3}, optimizer="rmsprop",
               lr=2e-3, orthogonal_lr_scale=0.1, log_every=1)
     full = Trainer(tiny(tmp_path, "full", **kw))
@@ -210,3 +233,30 @@ def test_every_kind_of_task_trains_checkpoints_and_resumes(tmp_path, task, args)
     summary = Trainer(cfg).train()
     assert summary["status"] == "completed" and all(math.isfinite(v) for v in summary["eval"].values())
     assert Trainer.resume(tmp_path / task).step == 4
+
+
+def test_a_save_killed_midway_leaves_the_previous_checkpoint_pointed_to(tmp_path, monkeypatch):
+    import safetensors.torch
+    trainer = Trainer(tiny(tmp_path, "k"))
+    trainer.train(until=4)
+    root = tmp_path / "k" / "checkpoints"
+    real = safetensors.torch.save_file
+
+    def dies(*args, **kwargs):
+        raise KeyboardInterrupt   # a kill while the state tensors are being written
+
+    monkeypatch.setattr(safetensors.torch, "save_file", dies)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train(until=8)
+    meta, ckpt_dir, _ = load_checkpoint(root)
+    assert meta["step"] == 4 and ckpt_dir.name == "step-00000004"
+    assert sorted(p.name for p in root.iterdir()) == ["latest.json", "step-00000004"]
+    # debris of a harder kill (no cleanup ran) and a step folder that latest.json never pointed
+    # to are both cleared by the next save, which then points at its own complete folder
+    (root / ".step-00000008.abc.tmp").mkdir()
+    (root / "step-00000008").mkdir()
+    monkeypatch.setattr(safetensors.torch, "save_file", real)
+    resumed = Trainer.resume(tmp_path / "k")
+    resumed.train(until=8)
+    assert sorted(p.name for p in root.iterdir()) == ["latest.json", "step-00000008"]
+    assert load_checkpoint(root)[0]["step"] == 8

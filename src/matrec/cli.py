@@ -138,16 +138,18 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _is_main() -> bool:
+    """Rank 0 under torchrun (after the trainer joined the process group), else True."""
+    import torch.distributed as dist
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
 def default_experiment(out_dir: str = "runs", steps: int | None = None) -> int:
     """``matrec train`` with no arguments: MORNN vs LSTM on the copy task, table + plot."""
-    from .models import MODELS
     from .train import TrainConfig
     from .train.compare import format_table, run_compare
 
     variants = [dict(v) for v in DEFAULT_VARIANTS]
-    if "mornn" not in MODELS:   # MORNN not installed in this build: a plain RNN takes its place
-        variants[0] = {**variants[0], "label": "rnn", "model": "rnn",
-                       "model_args": {"hidden_size": 128}}
     base = TrainConfig.from_dict({**DEFAULT_BASE, **({"steps": steps} if steps else {})})
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     out = Path(out_dir) / f"default-{stamp}"
@@ -156,6 +158,8 @@ def default_experiment(out_dir: str = "runs", steps: int | None = None) -> int:
           f"-> {out}", flush=True)
     t0 = time.perf_counter()
     results = run_compare(base, variants, out)
+    if not _is_main():
+        return 0
     print(format_table(results))
     print(f"plot: {out / 'compare.png'}   table: {out / 'results.md'}   "
           f"wall time: {time.perf_counter() - t0:.0f} s")
@@ -171,6 +175,8 @@ def cmd_compare(args) -> int:
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     out = Path(args.out or Path(base.out_dir) / f"compare-{base.task}-{stamp}")
     results = run_compare(base, [{"model": m} for m in models], out)
+    if not _is_main():
+        return 0
     print(format_table(results))
     print(f"plot: {out / 'compare.png'}   results: {out / 'results.json'}, {out / 'results.md'}")
     return 0
@@ -191,12 +197,12 @@ def _load_for_inference(path):
 
 def cmd_eval(args) -> int:
     from .train import Trainer
-    from .train.checkpoint import load_checkpoint
-    meta, ckpt_dir, tensors = load_checkpoint(args.checkpoint)
+    from .train.checkpoint import load_checkpoint, load_model_weights
+    meta, ckpt_dir, _ = load_checkpoint(args.checkpoint)
     cfg = TrainConfigRef().from_dict({**meta["config"], "progress": False,
                                       **({"device": args.device} if args.device else {})})
     trainer = Trainer(cfg, run_dir=Path(args.checkpoint))
-    trainer._load(meta, ckpt_dir, tensors)
+    load_model_weights(trainer.model, ckpt_dir)   # evaluation needs the weights only
     metrics = trainer.evaluate(args.batches)
     print(json.dumps({"step": meta["step"], "task": cfg.task, "model": cfg.model, **metrics}))
     return 0
@@ -212,15 +218,19 @@ def cmd_sample(args) -> int:
                          f"was trained on {cfg.task!r}") from None
     if len(ids) == 0:
         raise ValueError("--prompt must encode to at least one token")
-    gen = torch.Generator().manual_seed(args.seed)
-    sys.stdout.write(args.prompt)
+    import itertools
+
     from .models.generate import generate_stream
+    gen = torch.Generator().manual_seed(args.seed)
+    tokens = generate_stream(model, torch.as_tensor(ids), args.tokens, args.temperature, args.top_k,
+                             generator=gen)
+    first = next(tokens, None)   # bad --tokens/--temperature/--top-k fail here, before any output
+    sys.stdout.write(args.prompt)
 
     # Tokens are decoded together and only the new text is printed: a byte-level BPE token alone
     # can be half a character, and decoders join tokens with the right spacing.
     new, shown = [], ""
-    for token in generate_stream(model, torch.as_tensor(ids), args.tokens, args.temperature,
-                                 args.top_k, generator=gen):
+    for token in itertools.chain([first] if first is not None else [], tokens):
         new.append(int(token))
         text = task.decode(new)
         if not text.endswith("\ufffd") and text.startswith(shown):

@@ -90,11 +90,15 @@ def _fsync(path: Path) -> None:
 
 def _write_json_atomic(path: Path, data: dict) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def save_checkpoint(root: str | Path, *, model: nn.Module, tensors: dict[str, Tensor], meta: dict,
@@ -123,13 +127,18 @@ def save_checkpoint(root: str | Path, *, model: nn.Module, tensors: dict[str, Te
         for f in ("model.safetensors", "state.safetensors", "state.json"):
             _fsync(tmp / f)
         final = root / name
-        if final.exists():  # re-saving a step (e.g. after a resume): move the old one out of the way
-            shutil.rmtree(final)
+        if final.exists():  # left by a run killed before it could point latest.json at it
+            os.replace(final, Path(tempfile.mkdtemp(dir=root, prefix=f".{name}.", suffix=".old")) / name)
         os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _fsync(root)  # the rename itself must survive a crash before latest.json points at it
     _write_json_atomic(root / "latest.json", {"step": step, "dir": name})
+    _fsync(root)
+    # one writer (rank 0): any hidden .step-* folder left now is debris of a killed save
+    for debris in root.glob(".step-*"):
+        shutil.rmtree(debris, ignore_errors=True)
     steps = sorted(p for p in root.glob("step-*") if p.is_dir())
     for old in steps[:-keep] if keep > 0 else []:
         if old.name != name:

@@ -12,10 +12,9 @@ from .trainer import Trainer
 def run_compare(base: TrainConfig, variants: list[dict], out_dir: str | Path) -> list[dict]:
     """Train ``base`` updated by each dict in ``variants`` (e.g. ``{"model": "gru"}``; an optional
     ``"label"`` names the row) into ``out_dir/<label>/``; write ``results.json``, ``results.md`` and
-    ``compare.png`` there and return one summary per variant."""
+    ``compare.png`` there (rank 0 alone under torchrun) and return one summary per variant."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    results, labels = [], []
+    results, labels, main = [], [], True
     for variant in variants:
         variant = dict(variant)
         label = variant.pop("label", None) or variant.get("model", base.model)
@@ -24,9 +23,14 @@ def run_compare(base: TrainConfig, variants: list[dict], out_dir: str | Path) ->
         labels.append(label)
         cfg = TrainConfig.from_dict({**base.to_dict(), **variant, "run_name": label,
                                      "out_dir": str(out_dir)})
-        summary = Trainer(cfg, run_dir=out_dir / label).train()
+        trainer = Trainer(cfg, run_dir=out_dir / label)
+        main = trainer.dist.is_main
+        summary = trainer.train()
         summary["label"] = label
         results.append(summary)
+    if not main:   # under torchrun only rank 0 writes
+        return results
+    out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.json").write_text(json.dumps(results, indent=1))
     (out_dir / "results.md").write_text(format_table(results) + "\n")
     plot_compare(out_dir, results)

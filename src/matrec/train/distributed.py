@@ -47,6 +47,15 @@ def all_mean(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return value / info.world_size
 
 
+def all_gather_object(obj, info: DistInfo) -> list:
+    """``[obj of rank 0, obj of rank 1, ...]`` on every process (``[obj]`` in a world of one)."""
+    if not info.enabled:
+        return [obj]
+    out = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()

@@ -1,12 +1,12 @@
 """Optimisers (by name), parameter groups with per-group learning rates, and the lr schedule."""
 from __future__ import annotations
 
-import importlib
 import math
 
 import torch
 from torch import nn
 
+from ..nn.mornn import mornn_param_groups
 from ..registry import Registry
 from .config import TrainConfig
 
@@ -23,27 +23,15 @@ def _rmsprop(groups, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.RMSprop(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def _mornn_groups_fn():
-    """``matrec.mornn_param_groups`` when the MORNN module is installed, else None."""
-    try:
-        return getattr(importlib.import_module("matrec.nn.mornn"), "mornn_param_groups")
-    except (ImportError, AttributeError):
-        return None
-
-
 def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
     """Parameter groups, each with its own ``lr``: MORNN's orthogonal parameters at
     ``lr * orthogonal_lr_scale`` (via ``matrec.mornn_param_groups``), everything else at ``lr``.
 
-    Models without orthogonal parameters (or builds without MORNN) get one group. Each group also
-    records ``base_lr``, the peak the schedule scales.
+    Models without orthogonal parameters get one group. Each group also records ``base_lr``, the
+    peak the schedule scales.
     """
-    fn = _mornn_groups_fn()
-    if fn is not None:
-        groups = [dict(g) for g in fn(model, cfg.lr, orthogonal_lr=cfg.lr * cfg.orthogonal_lr_scale,
-                                      weight_decay=cfg.weight_decay)]
-    else:
-        groups = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": cfg.lr}]
+    groups = [dict(g) for g in mornn_param_groups(model, cfg.lr, orthogonal_lr=cfg.lr * cfg.orthogonal_lr_scale,
+                                                 weight_decay=cfg.weight_decay)]
     for g in groups:
         g["base_lr"] = g["lr"]
     return groups

@@ -15,6 +15,7 @@ writes exactly the file an uninterrupted one would.
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from pathlib import Path
 from typing import Callable
@@ -40,7 +41,10 @@ class MetricsLog:
         """Drop the records ``keep`` rejects (on resume: those written after the checkpoint)."""
         if self.path.exists():
             records = read_metrics(self.path)
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in records if keep(r)))
+            # written aside and swapped in: a run killed here keeps its whole log
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in records if keep(r)))
+            os.replace(tmp, self.path)
 
     def write(self, record: dict) -> None:
         with open(self.path, "a") as f:

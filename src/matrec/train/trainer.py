@@ -6,14 +6,14 @@
 
 Per step: lr from the schedule -> batch (this process's rows of the global batch) -> forward under
 bf16 autocast on CUDA -> NaN/Inf guard on the loss -> backward -> per-layer grad norms (log steps) ->
-clip -> NaN/Inf guard on the grad norm -> optimiser step. Periodic evaluation and checkpoints; on a
-stream task the model's state is carried (detached) from one batch to the next.
+clip -> NaN/Inf guard on the grad norm -> optimiser step. Periodic evaluation and checkpoints (never of
+non-finite weights); on a stream task the model's state is carried (detached) from one batch to the
+next.
 """
 from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import importlib
 import json
 import math
 import time
@@ -25,16 +25,18 @@ from torch import Tensor, nn
 
 from ..data.tasks import build_task
 from ..models import build_model
+from ..nn.mornn import orthogonality_report
 from .checkpoint import (flatten_tensors, load_checkpoint, load_model_weights, optimizer_from_flat,
                          optimizer_to_flat, save_checkpoint, unflatten_tensors)
 from .config import TrainConfig
-from .distributed import DistInfo, all_mean, barrier, init_distributed
+from .distributed import DistInfo, all_gather_object, all_mean, barrier, init_distributed
 from .optim import OPTIMIZERS, lr_factor, param_groups
 from .rundir import MetricsLog, plot_metrics, read_metrics
 
 
 class NonFiniteError(RuntimeError):
-    """Training produced a NaN/Inf loss or gradient; the run stopped, its last checkpoint is good."""
+    """Training produced a NaN/Inf loss, gradient or weight; the run stopped, its last checkpoint
+    is good."""
 
 
 def resolve_device(name: str, info: DistInfo | None = None) -> torch.device:
@@ -42,17 +44,24 @@ def resolve_device(name: str, info: DistInfo | None = None) -> torch.device:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and info is not None and info.enabled:
         name = f"cuda:{info.local_rank}"
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {name!r} ({e})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for, but CUDA is not available here (use cpu or auto)")
+    return device
 
 
-def detach_state(state):
-    """The carried recurrent state without its graph (truncated back-propagation)."""
+def detach_state(state, device=None):
+    """The carried recurrent state without its graph (truncated back-propagation), optionally
+    moved to ``device``."""
     if isinstance(state, Tensor):
-        return state.detach()
+        return state.detach() if device is None else state.detach().to(device)
     if isinstance(state, (tuple, list)):
-        return type(state)(detach_state(s) for s in state)
+        return type(state)(detach_state(s, device) for s in state)
     if isinstance(state, dict):
-        return {k: detach_state(v) for k, v in state.items()}
+        return {k: detach_state(v, device) for k, v in state.items()}
     return state
 
 
@@ -65,15 +74,8 @@ def layer_of(param_name: str) -> str:
 
 def orthogonality_errors(model: nn.Module) -> dict[str, float]:
     """``matrec.orthogonality_report(model)`` under ``mornn/`` (per MORNN layer: max |W^T W - I|
-    and gradient norms) when MORNN is installed and the model has such layers; else empty."""
-    try:
-        report = getattr(importlib.import_module("matrec.nn.mornn"), "orthogonality_report")
-    except (ImportError, AttributeError):
-        return {}
-    result = report(model)
-    if isinstance(result, dict):
-        return {f"mornn/{k}": float(v) for k, v in result.items()}
-    return {}
+    and gradient norms); empty for a model without MORNN layers."""
+    return {f"mornn/{k}": float(v) for k, v in orthogonality_report(model).items()}
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -108,6 +110,7 @@ class Trainer:
         self.stream_state = None   # carried across batches on stream tasks
         self.last_eval: dict[str, float] = {}
         self.elapsed = 0.0         # training seconds, summed over resumes
+        self._ckpt_step: int | None = None   # the last good checkpoint, named by the NaN/Inf guard
 
         if run_dir is None:
             stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -135,6 +138,9 @@ class Trainer:
         meta, ckpt_dir, tensors = load_checkpoint(run_dir)
         data = dict(meta["config"])
         if steps is not None:
+            if isinstance(steps, int) and steps < int(meta["step"]):
+                raise ValueError(f"steps ({steps}) is below the checkpoint's step ({meta['step']}); a "
+                                 f"resumed run can only go on (its metrics after step {steps} would be lost)")
             data["steps"] = steps
         # the run directory holds checkpoints/step-*/ (whichever of the three paths was given)
         trainer = cls(TrainConfig.from_dict(data), run_dir=ckpt_dir.parent.parent)
@@ -144,18 +150,21 @@ class Trainer:
     def _load(self, meta: dict, ckpt_dir: Path, tensors: dict[str, Tensor]) -> None:
         load_model_weights(self.model, ckpt_dir)
         optimizer_from_flat(self.optimizer, meta["optimizer"], tensors)
-        self.step = int(meta["step"])
+        self.step = self._ckpt_step = int(meta["step"])
         self.elapsed = float(meta.get("elapsed", 0.0))
         self.last_eval = dict(meta.get("last_eval", {}))
         self.data_gen.set_state(tensors["rng.data"])
         torch.set_rng_state(tensors["rng.torch"])
-        if torch.cuda.is_available():
-            cuda = [tensors[k] for k in sorted(t for t in tensors if t.startswith("rng.cuda."))]
-            if cuda:
-                torch.cuda.set_rng_state_all(cuda)
+        if "rng.cuda" in tensors and self.device.type == "cuda":
+            torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)
         if hasattr(self.task, "load_state_dict"):
             self.task.load_state_dict(meta.get("task_state", {}))
-        self.stream_state = unflatten_tensors(meta.get("stream_state"), tensors, self.device)
+        # one carried state per process (each holds the state of its own rows of the batch)
+        states = unflatten_tensors(meta["stream_states"], tensors, self.device)
+        if len(states) != self.dist.world_size:
+            raise ValueError(f"this checkpoint carries the stream state of {len(states)} process(es); "
+                             f"resume it with the same number of processes, not {self.dist.world_size}")
+        self.stream_state = states[self.dist.rank]
 
     def _open_log(self) -> None:
         if self.log is not None or not self.dist.is_main:
@@ -193,9 +202,9 @@ class Trainer:
                 sq[layer_of(name)] += float(p.grad.detach().float().pow(2).sum())
         return {f"grad_norm/{k}": math.sqrt(v) for k, v in sq.items()}
 
-    def _stop(self, what: str, value: float) -> None:
+    def _stop(self, what: str, value: float | str, step: int | None = None) -> None:
         good = f"step {self._ckpt_step}" if self._ckpt_step is not None else "none written yet"
-        message = (f"{what} is {value} at step {self.step + 1}; training stopped. The last good "
+        message = (f"{what} is {value} at step {step or self.step + 1}; training stopped. The last good "
                    f"checkpoint ({good}) in {self.ckpt_root} is intact. Lower the learning rate, "
                    f"tighten grad_clip, or check the data.")
         self._finish(status="non-finite", message=message)
@@ -209,7 +218,9 @@ class Trainer:
 
         Stream tasks are read from the start of the validation stream with the state carried.
         """
-        batches = batches or self.cfg.eval_batches
+        batches = self.cfg.eval_batches if batches is None else batches
+        if isinstance(batches, bool) or not isinstance(batches, int) or batches < 1:
+            raise ValueError(f"batches must be an int >= 1, got {batches!r}")
         gen = torch.Generator().manual_seed(self.cfg.seed + 1)
         if getattr(self.task, "stream", False) and hasattr(self.task, "state_dict"):
             saved = self.task.state_dict()
@@ -236,18 +247,21 @@ class Trainer:
     def save(self) -> Path | None:
         """Checkpoint the current step (rank 0 writes; every rank waits for it)."""
         path = None
+        states = all_gather_object(detach_state(self.stream_state, "cpu"), self.dist)
         if self.dist.is_main:
             tensors: dict[str, Tensor] = {
                 "rng.torch": torch.get_rng_state(), "rng.data": self.data_gen.get_state()}
-            if torch.cuda.is_available() and self.device.type == "cuda":
-                for i, s in enumerate(torch.cuda.get_rng_state_all()):
-                    tensors[f"rng.cuda.{i:03d}"] = s
+            if self.device.type == "cuda":
+                # this process's device only: every rank seeds and steps its own device alike, so
+                # rank 0's state is every rank's (get_rng_state_all would open a CUDA context on
+                # every GPU from rank 0 and hand rank r a device it never used)
+                tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
             meta = {
                 "step": self.step,
                 "config": self.cfg.to_dict(),
                 "optimizer": optimizer_to_flat(self.optimizer, tensors),
                 "task_state": self.task.state_dict() if hasattr(self.task, "state_dict") else {},
-                "stream_state": flatten_tensors(self.stream_state, "stream", tensors),
+                "stream_states": flatten_tensors(states, "stream", tensors),
                 "last_eval": self.last_eval,
                 "elapsed": self.elapsed,
                 "lr_factor": lr_factor(max(self.step - 1, 0), self.cfg),
@@ -267,7 +281,6 @@ class Trainer:
         """
         cfg = self.cfg
         until = cfg.steps if until is None else min(until, cfg.steps)
-        self._ckpt_step = getattr(self, "_ckpt_step", self.step if self.step else None)
         self._open_log()
         self.model.train()
         stream = getattr(self.task, "stream", False)
@@ -295,7 +308,7 @@ class Trainer:
                 loss.backward()
                 record_step = self.step + 1
                 logging = self._logs_at("train", record_step)
-                layer_norms = self._layer_grad_norms() if logging else {}
+                layer_norms = self._layer_grad_norms() if logging and self.dist.is_main else {}
                 max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
                 if not math.isfinite(grad_norm):
@@ -312,6 +325,12 @@ class Trainer:
                     if self.log is not None:
                         self.log.write({"kind": "eval", "step": self.step, **self.last_eval})
                 if self.step % cfg.ckpt_every == 0 or self.step == until:
+                    # a finite loss and gradient can still step the weights to Inf/NaN (a huge lr):
+                    # such weights must not replace the last good checkpoint
+                    bad = next((n for n, p in self.model.named_parameters()
+                                if not bool(torch.isfinite(p).all())), None)
+                    if bad is not None:
+                        self._stop(f"parameter {bad!r} after the optimiser step", "non-finite", self.step)
                     self.elapsed += time.perf_counter() - t0
                     t0 = time.perf_counter()
                     self.save()
