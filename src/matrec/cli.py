@@ -211,11 +211,10 @@ def cmd_eval(args) -> int:
 def cmd_sample(args) -> int:
     import torch
     cfg, task, model, _ = _load_for_inference(args.checkpoint)
-    try:
-        ids = task.encode(args.prompt)
-    except (NotImplementedError, AttributeError):
+    if not (hasattr(task, "encode") and hasattr(task, "decode")):
         raise ValueError(f"sample needs a text task (one with a vocabulary to decode); this checkpoint "
-                         f"was trained on {cfg.task!r}") from None
+                         f"was trained on {cfg.task!r}")
+    ids = task.encode(args.prompt)
     if len(ids) == 0:
         raise ValueError("--prompt must encode to at least one token")
     import itertools

@@ -34,7 +34,8 @@ class Task(abc.ABC):
     trainer checkpoints with the generator; ``batch_at(split, batch_size, index)`` is the pure
     function behind it. Non-stream tasks have an empty state.
 
-    Text tasks also provide ``encode(str) -> LongTensor`` and ``decode(ids) -> str`` (for sampling).
+    Text tasks also provide ``encode(str) -> LongTensor`` and ``decode(ids) -> str`` (for sampling);
+    other tasks do not have them, so ``hasattr(task, "decode")`` tells whether a task is text.
     """
 
     name: str = "task"
@@ -64,14 +65,6 @@ class Task(abc.ABC):
         """Restore what :meth:`state_dict` returned."""
         if state:
             raise ValueError(f"task {self.name!r} has no state to load, got keys {sorted(state)}")
-
-    def encode(self, text: str) -> Tensor:
-        """Token ids ``[len]`` (int64) of ``text``; only text tasks have a vocabulary."""
-        raise NotImplementedError(f"task {self.name!r} has no text vocabulary")
-
-    def decode(self, ids) -> str:
-        """The text of token ids (a sequence of ints or a 1-D tensor); text tasks only."""
-        raise NotImplementedError(f"task {self.name!r} has no text vocabulary")
 
     @classmethod
     def describe(cls) -> str:
