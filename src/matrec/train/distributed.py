@@ -1,7 +1,9 @@
 """torchrun support: the same command runs on one process or many (DDP), nothing to change."""
 from __future__ import annotations
 
+import atexit
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -35,7 +37,31 @@ def init_distributed(device: str) -> DistInfo:
         if backend == "nccl":
             torch.cuda.set_device(info.local_rank)
         dist.init_process_group(backend=backend)
+        _destroy_at_exit()
     return info
+
+
+def _destroy_at_exit() -> None:
+    """Destroy the group we created before the interpreter tears down.
+
+    Left to interpreter finalization, gloo's worker threads can still hold tensors whose release
+    needs the GIL, and the process dies with SIGABRT ("terminate called without an active
+    exception") after a run that succeeded. After an uncaught exception we leave the group alone:
+    destroying it while the other ranks wait in a collective can deadlock, and torchrun stops them.
+    """
+    failed = []
+    previous_hook = sys.excepthook
+
+    def hook(*exc_info):
+        failed.append(True)
+        previous_hook(*exc_info)
+
+    def destroy():
+        if not failed and dist.is_initialized():
+            dist.destroy_process_group()
+
+    sys.excepthook = hook
+    atexit.register(destroy)
 
 
 def all_mean(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
