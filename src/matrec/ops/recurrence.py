@@ -198,6 +198,149 @@ def register_recurrence_autograd(op, backward_op) -> None:
 register_recurrence_autograd(_rnn_recurrence, _rnn_recurrence_backward)
 
 
+# ---------------------------------------------------------------------------------------------
+# Identity nonlinearity: the linear recurrence in chunked parallel form.
+# ---------------------------------------------------------------------------------------------
+# h_t = x_t + h_{t-1} A^T unrolled inside a chunk of C steps (h_{c,0} = the state entering chunk c):
+#     h_{c,j} = h_{c,0} (A^T)^j + sum_{i<=j} x_{c,i} (A^T)^(j-i)
+#             = (h_{c,0} + sum_{i<=j} x_{c,i} (A^T)^-i) (A^T)^j.
+# So a chunk costs a batched GEMM with the C matrices (A^T)^-i, a cumsum over the chunk and a batched
+# GEMM with (A^T)^j; only the T/C chunk-entry states are carried sequentially. Powers never go past C,
+# so nothing like A^-T grows. This is the eigen form y_t = u_t + lam * y_{t-1} (y = h V^-T) with the
+# scalings lam^-i, lam^j folded into the two projections: it needs no eigendecomposition, hence no
+# conditioning problem with repeated eigenvalues (W = I, Henaff's blocks), and it measured faster
+# than the eigenbasis form at every shape tried (docs/mornn.md, "Speed").
+
+CHUNK_SIZE = 16
+# Rounding in the chunked sums is amplified by at most max_i ||W^i|| ||W^-i||: 1 for orthogonal W.
+MAX_POWER_CONDITION = 10.0
+
+
+def chunk_powers(weight: Tensor, chunk_size: int, dtype: torch.dtype) -> tuple[Tensor, float]:
+    """``[2, C, H, H]`` = (W^1..W^C, W^-1..W^-C) in ``dtype`` and the power condition
+    ``max_i ||W^i||_F ||W^-i||_F / H`` (1 for orthogonal ``W``; inf when ``W`` is singular).
+
+    The inverse is taken in float64, the C-step powers in ``dtype`` (the state dtype): their
+    rounding (~log2(C) products) is that of the sequential loop's own ``h @ W^T``."""
+    W = weight.detach().double()
+    H = W.shape[-1]
+    W_inv, info = torch.linalg.inv_ex(W)
+    if info.item() != 0:
+        return W.new_full((2, chunk_size, H, H), float("nan"), dtype=dtype), float("inf")
+    P = torch.stack([W, W_inv]).to(dtype)[:, None]        # [2, 1, H, H]
+    while P.shape[1] < chunk_size:                        # doubling: W^(k+1..2k) = W^(1..k) W^k
+        P = torch.cat([P, P @ P[:, -1:]], dim=1)
+    P = P[:, :chunk_size]                                 # [2, C, H, H]
+    norms = P.flatten(2).norm(dim=2)                      # [2, C]
+    condition = (norms[0] * norms[1]).max().item() / H
+    return P, condition if condition == condition else float("inf")  # NaN (overflow) -> inf
+
+
+def _chunk_size(T: int, H: int) -> int:
+    return max(1, min(CHUNK_SIZE if H <= 64 else CHUNK_SIZE // 2, T))
+
+
+def chunked_linear_recurrence(x: Tensor, h0: Tensor | None, P_in: Tensor, P_out: Tensor) -> Tensor:
+    """``h_t = x_t + h_{t-1} A^T`` for ``x [T, B, H]``, given ``P_in [C, H, H]`` = (A^T)^-1..(A^T)^-C
+    and ``P_out [C, H, H]`` = (A^T)^1..(A^T)^C in ``x``'s dtype. Returns ``h [T, B, H]``."""
+    T, B, H = x.shape
+    C = P_in.shape[0]
+    N, full = -(-T // C), T // C                          # chunks, of which full ones
+    # position-major [C, N, B, H]: the batched GEMMs run over the in-chunk position i
+    xc = x.new_empty(C, N, B, H)
+    xc.transpose(0, 1)[:full] = x[:full * C].view(full, C, B, H)
+    if full < N:
+        rest = T - full * C
+        xc[:rest, full] = x[full * C:]
+        xc[rest:, full] = 0
+    S = torch.bmm(xc.view(C, N * B, H), P_in).view(C, N, B, H)  # x_{c,i} (A^T)^-i
+    for i in range(1, C):                                 # cumsum over i; C adds beat torch.cumsum's
+        S[i] += S[i - 1]                                  # slow path (7 ms vs 0.3 at B*H >= 1024)
+    carries = x.new_empty(N, B, H)                        # [N, B, H] state entering each chunk
+    carry = x.new_zeros(B, H) if h0 is None else h0
+    for c in range(N):                                    # T/C sequential steps instead of T
+        carries[c] = carry
+        carry = (carry + S[-1, c]) @ P_out[-1]
+    S += carries
+    hc = torch.bmm(S.view(C, N * B, H), P_out).view(C, N, B, H)  # [C, N, B, H]
+    h = x.new_empty(T, B, H)
+    h[:full * C].view(full, C, B, H).copy_(hc.transpose(0, 1)[:full])
+    if full < N:
+        h[full * C:] = hc[:T - full * C, full]
+    return h
+
+
+def _chunked_forward(xproj, weight, h0, strict):
+    sdt = _state_dtype(xproj.dtype)
+    T, B, H = xproj.shape
+    P, condition = chunk_powers(weight, _chunk_size(T, H), sdt)
+    if not condition <= MAX_POWER_CONDITION:
+        if strict:
+            raise ValueError(
+                f"weight must have well-conditioned powers for backend='chunked' (an orthogonal W): "
+                f"max_i ||W^i|| ||W^-i|| / H = {condition:.3g} over a chunk of {P.shape[1]} steps, "
+                f"above {MAX_POWER_CONDITION}; use backend='torch'")
+        # auto's open fallback: the sequential op; NaN powers tell the backward which path ran
+        return _forward_impl(xproj, weight, h0, None, "identity")[0], P.fill_(float("nan"))
+    x = xproj.to(sdt)
+    out = chunked_linear_recurrence(x, None if h0 is None else h0.to(sdt),
+                                    P[1].transpose(1, 2), P[0].transpose(1, 2))
+    return out, P
+
+
+def _chunked_fake(xproj, weight, h0, bias, nonlinearity):
+    sdt = _state_dtype(xproj.dtype)
+    T, B, H = xproj.shape
+    return torch.empty_like(xproj, dtype=sdt), xproj.new_empty(2, _chunk_size(T, H), H, H, dtype=sdt)
+
+
+# Two forward ops (same backward): "chunked" raises on a W it cannot handle, auto's falls back to the
+# sequential loop. The second output is not z (z == out for the identity) but the saved powers of W.
+@torch.library.custom_op("matrec::rnn_recurrence_chunked", mutates_args=())
+def _rnn_recurrence_chunked(xproj: Tensor, weight: Tensor, h0: Tensor | None, bias: Tensor | None,
+                            nonlinearity: str) -> tuple[Tensor, Tensor]:
+    return _chunked_forward(xproj, weight, h0, strict=True)
+
+
+@torch.library.custom_op("matrec::rnn_recurrence_chunked_or_loop", mutates_args=())
+def _rnn_recurrence_chunked_or_loop(xproj: Tensor, weight: Tensor, h0: Tensor | None,
+                                    bias: Tensor | None, nonlinearity: str) -> tuple[Tensor, Tensor]:
+    return _chunked_forward(xproj, weight, h0, strict=False)
+
+
+_rnn_recurrence_chunked.register_fake(_chunked_fake)
+_rnn_recurrence_chunked_or_loop.register_fake(_chunked_fake)
+
+
+@torch.library.custom_op("matrec::rnn_recurrence_chunked_backward", mutates_args=())
+def _rnn_recurrence_chunked_backward(grad_out: Tensor, powers: Tensor, out: Tensor, weight: Tensor,
+                                     h0: Tensor | None, bias: Tensor | None, nonlinearity: str
+                                     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Returns (d xproj [T,B,H], d W [H,H], d h0 [B,H], d bias [H] = 0) in the state dtype."""
+    if torch.isnan(powers[0, 0, 0, 0]):                   # the forward fell back to the loop
+        return _rnn_recurrence_backward(grad_out, out, out, weight, h0, None, "identity")
+    sdt = out.dtype
+    T, B, H = out.shape
+    W = weight.to(sdt)
+    # dL/dz_t = g_t + dL/dz_{t+1} W: the forward form with A = W^T, run backwards in time
+    gz = chunked_linear_recurrence(grad_out.to(sdt).flip(0), None, powers[1], powers[0]).flip(0)
+    grad_h0 = gz[0] @ W                                   # [B, H]
+    grad_W = gz[1:].reshape(-1, H).t() @ out[:-1].reshape(-1, H)  # [H, H]: one GEMM over all steps
+    if h0 is not None:
+        grad_W.addmm_(gz[0].t(), h0.to(sdt))
+    return gz, grad_W, grad_h0, out.new_zeros(H)
+
+
+@_rnn_recurrence_chunked_backward.register_fake
+def _(grad_out, powers, out, weight, h0, bias, nonlinearity):
+    T, B, H = out.shape
+    return (torch.empty_like(out), out.new_empty(H, H), out.new_empty(B, H), out.new_empty(H))
+
+
+register_recurrence_autograd(_rnn_recurrence_chunked, _rnn_recurrence_chunked_backward)
+register_recurrence_autograd(_rnn_recurrence_chunked_or_loop, _rnn_recurrence_chunked_backward)
+
+
 RECURRENCE_BACKENDS: Registry[Callable] = Registry("recurrence backend", argument="backend")
 
 
@@ -212,11 +355,37 @@ def _loop_backend(xproj, weight, h0, bias, nonlinearity):
     return recurrence_reference(xproj, weight, h0, bias, nonlinearity)
 
 
+@RECURRENCE_BACKENDS.register("chunked")
+def _chunked_backend(xproj, weight, h0, bias, nonlinearity):
+    if nonlinearity != "identity":
+        raise ValueError(f"nonlinearity must be 'identity' for backend='chunked' (the parallel form "
+                         f"of a linear recurrence), got {nonlinearity!r}")
+    return _rnn_recurrence_chunked(xproj, weight, h0, bias, nonlinearity)[0].to(xproj.dtype)
+
+
 @RECURRENCE_BACKENDS.register("triton")
 def _triton_backend(xproj, weight, h0, bias, nonlinearity):
     from .triton_recurrence import triton_recurrence  # Triton is an optional dependency
 
     return triton_recurrence(xproj, weight, h0, bias, nonlinearity)
+
+
+# auto's rule for the chunked form, from benchmarks/recurrence_crossover.py (docs/mornn.md, "Speed"):
+# CPU only (nothing measured on CUDA); per-step work B * H^2 at most AUTO_CHUNKED_MAX_WORK (above it
+# the form's doubled GEMM work costs more than the per-step overhead it saves); H <= 128 and
+# T >= max(64, 2 H), enough steps to repay the ~H^3 set-up (powers of W; at H = 256 it is ~15 ms and
+# the best measured gain, B = 1 and T = 1000, was 7%).
+AUTO_CHUNKED_MAX_WORK = 16 * 64 * 64
+AUTO_CHUNKED_MAX_HIDDEN = 128
+
+
+def _auto_backend(xproj: Tensor, nonlinearity: str) -> str:
+    """The backend "auto" runs: "chunked" (falling back to the loop on an unsuitable W) or "torch"."""
+    T, B, H = xproj.shape
+    if (nonlinearity == "identity" and xproj.device.type == "cpu" and H <= AUTO_CHUNKED_MAX_HIDDEN
+            and T >= max(64, 2 * H) and B * H * H <= AUTO_CHUNKED_MAX_WORK):
+        return "chunked"
+    return "torch"
 
 
 def recurrence(xproj: Tensor, weight: Tensor, h0: Tensor | None = None, bias: Tensor | None = None,
@@ -238,5 +407,9 @@ def recurrence(xproj: Tensor, weight: Tensor, h0: Tensor | None = None, bias: Te
         ``[T, B, H]`` all states ``h_1..h_T``, in ``xproj``'s dtype.
     """
     _check(xproj, weight, h0, bias, nonlinearity)
-    return RECURRENCE_BACKENDS.get("torch" if backend == "auto" else backend)(
-        xproj, weight, h0, bias, nonlinearity)
+    if backend == "auto":
+        if _auto_backend(xproj, nonlinearity) == "chunked":
+            out = _rnn_recurrence_chunked_or_loop(xproj, weight, h0, bias, nonlinearity)[0]
+            return out.to(xproj.dtype)
+        backend = "torch"
+    return RECURRENCE_BACKENDS.get(backend)(xproj, weight, h0, bias, nonlinearity)
