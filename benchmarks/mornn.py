@@ -4,7 +4,9 @@
     PYTHONPATH=src python benchmarks/mornn.py --device cpu --batch 32 --seq 200 --hidden 128 --large-hidden 256
 
 Rows "modrelu (autograd loop)" time the plain Python loop that ops.recurrence replaces (the
-reference), so the fused op's gain is measured, not claimed. Prints a markdown table (milliseconds,
+reference), so the fused op's gain is measured, not claimed. "MORNN identity" runs what
+recurrence_backend="auto" picks; the "(torch op)" and "(chunked)" rows force each identity backend
+(benchmarks/recurrence_crossover.py maps where each wins). Prints a markdown table (milliseconds,
 best of --repeats, models interleaved, after --warmup).
 """
 from __future__ import annotations
@@ -43,6 +45,9 @@ def rows(B, T, H, device, repeats, warmup, skip_loop):
     }
     for nl in ("tanh", "relu", "modrelu", "identity"):
         candidates[f"MORNN {nl}"] = MORNN(H, H, nonlinearity=nl)
+    # identity's two forms, each forced ("MORNN identity" above is auto's choice between them)
+    candidates["MORNN identity (torch op)"] = MORNN(H, H, nonlinearity="identity", recurrence_backend="torch")
+    candidates["MORNN identity (chunked)"] = MORNN(H, H, nonlinearity="identity", recurrence_backend="chunked")
     if not skip_loop:
         candidates["MORNN modrelu (autograd loop)"] = MORNN(H, H, nonlinearity="modrelu", recurrence_backend="loop")
     mods = {name: mod.to(device) for name, mod in candidates.items()}

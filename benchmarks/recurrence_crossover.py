@@ -67,7 +67,7 @@ def ints(s):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--batch", type=ints, default=[1, 2, 4, 8, 16, 32, 64])
+    p.add_argument("--batch", type=ints, default=[1, 2, 4, 8, 16, 32, 64, 128])
     p.add_argument("--hidden", type=ints, default=[16, 32, 64, 128, 256])
     p.add_argument("--seq", type=ints, default=[1000])
     p.add_argument("--repeats", type=int, default=3)

@@ -127,10 +127,12 @@ def test_power_condition():
 
 def test_auto_rule_and_open_fallback():
     pick = rec._auto_backend
-    assert pick(torch.empty(1000, 16, 64), "identity") == "chunked"
-    assert pick(torch.empty(1000, 17, 64), "identity") == "torch"     # B H^2 above the measured crossover
+    assert pick(torch.empty(1000, 8, 64), "identity") == "chunked"
+    assert pick(torch.empty(64, 128, 16), "identity") == "chunked"
+    assert pick(torch.empty(1000, 9, 64), "identity") == "torch"      # B H^2 above the measured crossover
     assert pick(torch.empty(1000, 1, 256), "identity") == "torch"     # H above 128
-    assert pick(torch.empty(127, 1, 64), "identity") == "torch"       # too few steps to repay W's powers
+    assert pick(torch.empty(255, 1, 64), "identity") == "torch"       # too few steps to repay W's powers
+    assert pick(torch.empty(256, 1, 64), "identity") == "chunked"
     assert pick(torch.empty(1000, 1, 64), "modrelu") == "torch"
     assert pick(torch.empty(1000, 1, 64, device="meta"), "identity") == "torch"  # CPU only
     # auto on a W the form cannot take: the sequential loop runs instead, with its exact gradients

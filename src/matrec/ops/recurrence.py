@@ -13,6 +13,9 @@ in float32 whatever the I/O dtype (float64 stays float64); the output has ``xpro
 The op is registered with ``torch.library`` (``matrec::rnn_recurrence``: custom op, fake kernel,
 autograd), so modules using it trace under ``torch.compile(fullgraph=True)``. ``recurrence_reference``
 is the plain autograd loop every test compares against.
+
+For the identity nonlinearity the recurrence is linear, and ``matrec::rnn_recurrence_chunked`` runs
+it in parallel over time (backend "chunked"; see the section below and docs/mornn.md, "Speed").
 """
 from __future__ import annotations
 
@@ -229,10 +232,14 @@ def chunk_powers(weight: Tensor, chunk_size: int, dtype: torch.dtype) -> tuple[T
     W_inv, info = torch.linalg.inv_ex(W)
     if info.item() != 0:
         return W.new_full((2, chunk_size, H, H), float("nan"), dtype=dtype), float("inf")
-    P = torch.stack([W, W_inv])[:, None]                  # [2, 1, H, H]
-    while P.shape[1] < chunk_size:                        # doubling: W^(k+1..2k) = W^(1..k) W^k
-        P = torch.cat([P, P @ P[:, -1:]], dim=1)
-    P = P[:, :chunk_size].contiguous()                    # [2, C, H, H]
+    P = W.new_empty(2, chunk_size, H, H)                  # [2, C, H, H]
+    P[0, 0], P[1, 0] = W, W_inv
+    k = 1
+    while k < chunk_size:  # doubling: W^(k+1..2k) = W^(1..k) W^k, the k products as ONE [k*H, H] GEMM
+        n = min(k, chunk_size - k)                        # (a broadcast float64 matmul was 10x slower)
+        for s in range(2):
+            torch.mm(P[s, :n].reshape(n * H, H), P[s, k - 1], out=P[s, k:k + n].view(n * H, H))
+        k += n
     norms = P.flatten(2).norm(dim=2)                      # [2, C]
     condition = (norms[0] * norms[1]).max().item() / H
     return P.to(dtype), condition if condition == condition else float("inf")  # NaN (overflow) -> inf
@@ -372,12 +379,12 @@ def _triton_backend(xproj, weight, h0, bias, nonlinearity):
     return triton_recurrence(xproj, weight, h0, bias, nonlinearity)
 
 
-# auto's rule for the chunked form, from benchmarks/recurrence_crossover.py (docs/mornn.md, "Speed"):
-# CPU only (nothing measured on CUDA); per-step work B * H^2 at most AUTO_CHUNKED_MAX_WORK (above it
-# the form's doubled GEMM work costs more than the per-step overhead it saves); H <= 128 and
-# T >= max(64, 2 H), enough steps to repay the ~H^3 set-up (powers of W; at H = 256 it is ~15 ms and
-# the best measured gain, B = 1 and T = 1000, was 7%).
-AUTO_CHUNKED_MAX_WORK = 16 * 64 * 64
+# auto's rule for the chunked form, from benchmarks/recurrence_crossover.py (docs/mornn.md, "Speed";
+# every shape it picks measured >= 1.2x faster than "torch" there, 1 thread): CPU only (nothing
+# measured on CUDA); per-step work B * H^2 <= AUTO_CHUNKED_MAX_WORK (above it the form's doubled GEMM
+# work outweighs the per-step overhead it saves); H <= 128 and T >= max(64, 4 H), enough steps to
+# repay the ~H^3 set-up (W's powers; at H = 256, ~20 ms, it never won by more than noise).
+AUTO_CHUNKED_MAX_WORK = 8 * 64 * 64
 AUTO_CHUNKED_MAX_HIDDEN = 128
 
 
@@ -385,7 +392,7 @@ def _auto_backend(xproj: Tensor, nonlinearity: str) -> str:
     """The backend "auto" runs: "chunked" (falling back to the loop on an unsuitable W) or "torch"."""
     T, B, H = xproj.shape
     if (nonlinearity == "identity" and xproj.device.type == "cpu" and H <= AUTO_CHUNKED_MAX_HIDDEN
-            and T >= max(64, 2 * H) and B * H * H <= AUTO_CHUNKED_MAX_WORK):
+            and T >= max(64, 4 * H) and B * H * H <= AUTO_CHUNKED_MAX_WORK):
         return "chunked"
     return "torch"
 
@@ -400,10 +407,18 @@ def recurrence(xproj: Tensor, weight: Tensor, h0: Tensor | None = None, bias: Te
         h0: ``[B, H]`` initial state, zeros when None.
         bias: ``[H]`` modReLU bias; required for ``"modrelu"``, must be None otherwise.
         nonlinearity: one of ``NONLINEARITIES`` (tanh, relu, modrelu, identity).
-        backend: "torch" (the op above, any device), "loop" (the autograd reference), "triton" (the persistent kernel of
-            :mod:`matrec.ops.triton_recurrence`, H <= 128, float32 state) or "auto" = "torch": the
-            Triton kernel is verified under the interpreter only and stays opt-in until it is
-            measured on a GPU.
+        backend: one of ``RECURRENCE_BACKENDS`` or "auto":
+
+            - "torch": the op above (a step per time step, any device, any nonlinearity);
+            - "loop": the autograd reference;
+            - "chunked": identity only, the parallel form (chunks of C steps through W's powers,
+              sequential over T/C chunk states); needs W with well-conditioned powers (orthogonal)
+              and raises ValueError otherwise;
+            - "triton": the persistent kernel of :mod:`matrec.ops.triton_recurrence` (hidden-size
+              limit and dtypes: see there); opt-in, measured on no GPU yet;
+            - "auto": "chunked" where measured faster than "torch" (:func:`_auto_backend`: identity,
+              CPU, H <= 128, T >= max(64, 4H), B*H^2 <= 32768; on a W the chunked form cannot take
+              it falls back to the sequential loop inside the op, with no error), else "torch".
 
     Returns:
         ``[T, B, H]`` all states ``h_1..h_T``, in ``xproj``'s dtype.
