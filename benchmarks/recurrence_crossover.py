@@ -3,12 +3,14 @@
     PYTHONPATH=src python benchmarks/recurrence_crossover.py                      # B x H grid, T=1000
     PYTHONPATH=src python benchmarks/recurrence_crossover.py --seq 30,100,300 --batch 1,4 --hidden 64
     PYTHONPATH=src python benchmarks/recurrence_crossover.py --eigenbasis --batch 1,16 --hidden 64,256
+    PYTHONPATH=src python benchmarks/recurrence_crossover.py --accuracy
 
 Times ``recurrence(..., "identity", backend=b)`` forward+backward (ms, best of --repeats with the
 backends interleaved, after one warm-up) for b = "torch" (a step per time step) and "chunked" (the
 parallel form), and what "auto" picks. ``--eigenbasis`` instead times the forward alone of both and of
 the eigenbasis form (``torch.linalg.eig`` per call, complex64 GEMMs, chunks of 64: the form the
-chunked backend replaced), to show why it was not kept. Prints markdown tables.
+chunked backend replaced), to show why it was not kept. ``--accuracy`` prints both backends' float32
+error against float64 arithmetic instead. Prints markdown tables.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import time
 
 import torch
 
+from matrec.nn.mornn import _rotation_blocks
 from matrec.ops.orthogonal import project_orthogonal
 from matrec.ops.recurrence import _auto_backend, _forward_impl, _rnn_recurrence_chunked, recurrence
 
@@ -40,6 +43,27 @@ def eigenbasis_forward(x, W, h0, C=64):
         carry = u[c, -1] * lam_C
     u.mul_(lam_j.to(torch.complex64)[None, :, None])
     return (u.view(-1, H)[:T * B] @ V.t().to(torch.complex64)).real.view(T, B, H)
+
+
+def accuracy(T=1000, B=3, hidden=(33, 128)):
+    """Relative error of each float32 backend against float64 arithmetic on the same float32 inputs."""
+    print(f"float32 forward vs float64 truth (same float32 W, x, h0), T = {T}, B = {B}\n")
+    print("| W | H | torch | chunked |")
+    print("|---|---|---|---|")
+    g = torch.Generator().manual_seed(0)
+    for kind in ("random orthogonal", "repeated angle"):
+        for H in hidden:
+            W = project_orthogonal(torch.randn(H, H, generator=g, dtype=torch.float64))
+            if kind == "repeated angle":  # eigenvalues e^{+-0.7i}, each of multiplicity H/2, in a random basis
+                R = _rotation_blocks(torch.full((H // 2,), 0.7, dtype=torch.float64), H)
+                W = W @ R @ W.t()
+            W = W.float()
+            x, h0 = torch.randn(T, B, H, generator=g), torch.randn(B, H, generator=g)
+            truth = recurrence(x.double(), W.double(), h0.double(), None, "identity", backend="torch")
+            errs = [((recurrence(x, W, h0, None, "identity", backend=b).double() - truth).norm()
+                     / truth.norm()).item() for b in ("torch", "chunked")]
+            print(f"| {kind} | {H} | {errs[0]:.1e} | {errs[1]:.1e} |")
+    print()
 
 
 def best_ms(fns, repeats):
@@ -73,8 +97,11 @@ def main():
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--eigenbasis", action="store_true", help="forward only, with the eigenbasis form")
+    p.add_argument("--accuracy", action="store_true", help="only the float32 accuracy table")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
+    if a.accuracy:
+        return accuracy()
     g = torch.Generator().manual_seed(0)
     mode = "forward only" if a.eigenbasis else "forward+backward"
     print(f"cpu, {torch.get_num_threads()} thread(s); torch {torch.__version__}; {mode}, float32, "

@@ -223,10 +223,11 @@ def chunk_powers(weight: Tensor, chunk_size: int, dtype: torch.dtype) -> tuple[T
     """``[2, C, H, H]`` = (W^1..W^C, W^-1..W^-C) in ``dtype`` and the power condition
     ``max_i ||W^i||_F ||W^-i||_F / H`` (1 for orthogonal ``W``; inf when ``W`` is singular).
 
-    Computed in float64 and rounded once to ``dtype``: so the float32 result is as close to float64
-    truth as the loop's (T = 1000: 5e-7..1.1e-6 vs 8e-7..2.2e-6); float32 powers (rounded at each of
-    ~log2(C) products, W^-1 rounded first) made it 3-15x worse, worst on repeated eigenvalues, whose
-    per-chunk errors add up coherently over the chunks."""
+    Computed in float64 and rounded once to ``dtype``, so the float32 result is at least as close to
+    float64 arithmetic as the loop's (T = 1000: 4e-7..1.1e-6 vs 1.5e-6..2.3e-6, ``python
+    benchmarks/recurrence_crossover.py --accuracy``); powers taken in float32 (rounded at each of
+    ~log2(C) products, W^-1 rounded first) were 3-15x worse than the loop, worst on repeated
+    eigenvalues, whose per-chunk errors add up coherently over the chunks."""
     W = weight.detach().double()
     H = W.shape[-1]
     W_inv, info = torch.linalg.inv_ex(W)
