@@ -171,3 +171,18 @@ def test_mornn_compiles_fullgraph():
     m.recurrence_backend = "loop"  # the autograd reference through the same weights
     lout, _ = m(x)
     assert rel_err(out, lout) < TOL[torch.float32]
+
+
+def test_mornn_auto_compiles_fullgraph():
+    """"auto" picks the chunked op (with its loop fallback) at this shape, and it traces too."""
+    torch.manual_seed(0)
+    m = MORNN(4, 6, nonlinearity="identity")
+    x = torch.randn(64, 2, 4)  # time-major: T = 64 >= max(64, 4 H), B H^2 = 72
+    assert rec._auto_backend(torch.empty(64, 2, 6), "identity") == "chunked"
+    out, h = m(x)
+    cout, ch = torch.compile(m, fullgraph=True, backend="aot_eager")(x)
+    torch.testing.assert_close(cout, out)
+    torch.testing.assert_close(ch, h)
+    m.recurrence_backend = "loop"
+    assert rel_err(out, m(x)[0]) < TOL[torch.float32]
+

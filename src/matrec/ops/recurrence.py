@@ -384,7 +384,7 @@ def _triton_backend(xproj, weight, h0, bias, nonlinearity):
 # every shape it picks measured >= 1.2x faster than "torch" there, 1 thread): CPU only (nothing
 # measured on CUDA); per-step work B * H^2 <= AUTO_CHUNKED_MAX_WORK (above it the form's doubled GEMM
 # work outweighs the per-step overhead it saves); H <= 128 and T >= max(64, 4 H), enough steps to
-# repay the ~H^3 set-up (W's powers; at H = 256, ~20 ms, it never won by more than noise).
+# repay the ~H^3 set-up (W's powers; at H = 256 it lost at every B measured).
 AUTO_CHUNKED_MAX_WORK = 8 * 64 * 64
 AUTO_CHUNKED_MAX_HIDDEN = 128
 
