@@ -262,7 +262,7 @@ def _forward(xproj, weight, h0, bias, nonlinearity, weight_dtype):
     z = torch.full_like(x, float("nan"))
     fn, consts, warps = kernel_plan(H, weight_dtype, False, nonlinearity, h0 is not None)
     _launcher(fn, x.device)[(triton.cdiv(B, consts["BLOCK_B"]),)](x, W, h0c, b, out, z, T, B, H, **consts,
-                                                                  num_warps=warps)
+                                                                  num_warps=warps, enable_fp_fusion=True)
     return out, z
 
 
@@ -275,7 +275,7 @@ def _backward(grad_out, z, out, weight, h0, bias, nonlinearity, weight_dtype):
     gh0 = z.new_full((B, H), float("nan"))
     fn, consts, warps = kernel_plan(H, weight_dtype, True, nonlinearity)
     _launcher(fn, z.device)[(triton.cdiv(B, consts["BLOCK_B"]),)](g, z, out, W, b, gz, gh0, T, B, H, **consts,
-                                                                  num_warps=warps)
+                                                                  num_warps=warps, enable_fp_fusion=True)
     h0s = z.new_zeros(B, H) if h0 is None else h0.float()
     h_prev = torch.cat([h0s[None], out[:-1]])                 # [T, B, H]
     grad_W = gz.reshape(-1, H).t() @ h_prev.reshape(-1, H)    # [H, H], float32 whatever weight_dtype
@@ -357,7 +357,7 @@ def compile_report(hidden: int, weight_dtype: torch.dtype = torch.float32, backw
     sig = {arg: "constexpr" if arg in consts else "i32" if arg in ("T", "B", "H") else wtype if arg == "W"
            else "*fp32" for arg in jf.arg_names}
     source = triton.compiler.ASTSource(fn=jf, signature=sig, constexprs=consts)
-    kernel = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
+    kernel = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "enable_fp_fusion": True})
     with tempfile.TemporaryDirectory() as tmp:
         ptx = os.path.join(tmp, "k.ptx")
         with open(ptx, "w") as f:
