@@ -47,7 +47,8 @@ def main():
                 configs = [chosen] + ([other] if H <= a.compare_up_to else [])
                 for cfg in configs:
                     r = tr.compile_report(H, wdt, backward, a.nonlinearity, config=cfg, arch=a.arch)
-                    print(f"| {H} | {wname} | {'bwd' if backward else 'fwd'} | {describe(r['constexprs'], r['num_warps'])} "
+                    kernel = describe(r["constexprs"], r["num_warps"])
+                    print(f"| {H} | {wname} | {'bwd' if backward else 'fwd'} | {kernel} "
                           f"| {'yes' if cfg is chosen else 'no'} | {r['registers']} | {r['spills']} | "
                           f"{r['shared_kib']:.0f} |", flush=True)
 

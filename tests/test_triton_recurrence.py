@@ -137,6 +137,9 @@ def test_bad_arguments():
         tr.triton_recurrence(x, W, h0, b, weight_dtype=torch.float16)
     with pytest.raises(ValueError, match="nonlinearity must be one of"):
         tr.triton_recurrence(x, W, h0, b, "gelu")
+    huge = torch.zeros(1).expand(2**13, 2**9, 2**9)  # 2**31 elements, no memory
+    with pytest.raises(ValueError, match="fewer than 2\\*\\*31 elements"):
+        tr.triton_recurrence(huge, torch.eye(2**9), None, None, "tanh")
 
 
 @pytest.mark.parametrize("H,weight_dtype", [(64, F32), (512, F32), (512, BF16)])

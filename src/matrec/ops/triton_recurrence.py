@@ -39,7 +39,9 @@ from torch import Tensor
 from .recurrence import NONLINEARITIES, _check, register_recurrence_autograd
 from .triton_scan import launchable as _launcher  # interpreted for CPU tensors, compiled for CUDA
 
-MAX_HIDDEN = 512  # the largest H tested (interpreter) and checked with ptxas; the tiled kernel's footprint is H-independent
+# The largest H tested (interpreter) and checked with ptxas. The tiled kernel's on-chip footprint does not
+# depend on H, so the limit is what was verified, not what would compile.
+MAX_HIDDEN = 512
 _CODES = {"tanh": 0, "relu": 1, "modrelu": 2, "identity": 3}
 WEIGHT_DTYPES = (torch.float32, torch.bfloat16)
 
@@ -254,12 +256,12 @@ def kernel_plan(hidden: int, weight_dtype: torch.dtype, backward: bool, nonlinea
 
 def _forward(xproj, weight, h0, bias, nonlinearity, weight_dtype):
     T, B, H = xproj.shape
-    x = xproj.float().contiguous()
-    W = weight.to(weight_dtype).contiguous()
-    b = bias.float().contiguous() if bias is not None else x.new_zeros(H)
-    h0c = h0.float().contiguous() if h0 is not None else x.new_zeros(1)
-    out = torch.full_like(x, float("nan"))  # NaN-poisoned: an element the kernel skips shows up
-    z = torch.full_like(x, float("nan"))
+    x = xproj.float().contiguous()                                         # [T, B, H]
+    W = weight.to(weight_dtype).contiguous()                               # [H, H]
+    b = bias.float().contiguous() if bias is not None else x.new_zeros(H)  # [H]
+    h0c = h0.float().contiguous() if h0 is not None else x.new_zeros(1)    # [B, H], unread without h0
+    out = torch.full_like(x, float("nan"))  # [T, B, H]; NaN-poisoned: an element the kernel skips shows up
+    z = torch.full_like(x, float("nan"))    # [T, B, H] pre-activations
     fn, consts, warps = kernel_plan(H, weight_dtype, False, nonlinearity, h0 is not None)
     _launcher(fn, x.device)[(triton.cdiv(B, consts["BLOCK_B"]),)](x, W, h0c, b, out, z, T, B, H, **consts,
                                                                   num_warps=warps, enable_fp_fusion=True)
@@ -268,11 +270,11 @@ def _forward(xproj, weight, h0, bias, nonlinearity, weight_dtype):
 
 def _backward(grad_out, z, out, weight, h0, bias, nonlinearity, weight_dtype):
     T, B, H = z.shape
-    g = grad_out.float().contiguous()
-    W = weight.to(weight_dtype).contiguous()
-    b = bias.float().contiguous() if bias is not None else z.new_zeros(H)
-    gz = torch.full_like(z, float("nan"))
-    gh0 = z.new_full((B, H), float("nan"))
+    g = grad_out.float().contiguous()                                      # [T, B, H]
+    W = weight.to(weight_dtype).contiguous()                               # [H, H]
+    b = bias.float().contiguous() if bias is not None else z.new_zeros(H)  # [H]
+    gz = torch.full_like(z, float("nan"))   # [T, B, H] dL/dz_t, NaN-poisoned
+    gh0 = z.new_full((B, H), float("nan"))  # [B, H] dL/dh0
     fn, consts, warps = kernel_plan(H, weight_dtype, True, nonlinearity)
     _launcher(fn, z.device)[(triton.cdiv(B, consts["BLOCK_B"]),)](g, z, out, W, b, gz, gh0, T, B, H, **consts,
                                                                   num_warps=warps, enable_fp_fusion=True)
@@ -333,6 +335,9 @@ def triton_recurrence(xproj: Tensor, weight: Tensor, h0: Tensor | None = None,
     if not 1 <= xproj.shape[-1] <= MAX_HIDDEN:
         raise ValueError(f"hidden size must be in [1, {MAX_HIDDEN}] for the Triton recurrence, "
                          f"got {xproj.shape[-1]}")
+    if xproj.numel() >= 2**31:  # the kernels index with 32-bit offsets
+        raise ValueError(f"xproj must have fewer than 2**31 elements for the Triton recurrence, "
+                         f"got {list(xproj.shape)}")
     return _OPS[weight_dtype](xproj, weight, h0, bias, nonlinearity)[0].to(xproj.dtype)
 
 
@@ -357,7 +362,8 @@ def compile_report(hidden: int, weight_dtype: torch.dtype = torch.float32, backw
     sig = {arg: "constexpr" if arg in consts else "i32" if arg in ("T", "B", "H") else wtype if arg == "W"
            else "*fp32" for arg in jf.arg_names}
     source = triton.compiler.ASTSource(fn=jf, signature=sig, constexprs=consts)
-    kernel = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "enable_fp_fusion": True})
+    options = {"num_warps": warps, "enable_fp_fusion": True}  # as launched
+    kernel = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
     with tempfile.TemporaryDirectory() as tmp:
         ptx = os.path.join(tmp, "k.ptx")
         with open(ptx, "w") as f:
