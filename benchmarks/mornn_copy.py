@@ -47,7 +47,9 @@ def train(name, model, task, steps, lr, batch, every, seed):
         opt.step()
         if step % every == 0 or step == steps:
             with torch.no_grad():
-                xv, yv = task.get_batch("val", 256, gen)
+                # the same held-out batch at every evaluation, from its own generator: drawing it
+                # from `gen` would make the training data depend on how often we evaluate
+                xv, yv = task.get_batch("val", 256, torch.Generator().manual_seed(seed + 1))
                 m = task.metrics(model(xv)[0], yv)
             rows.append((name, step, time.perf_counter() - t0, m["loss"], m["recall"]))
             print(f"| {name} | {step} | {rows[-1][2]:.1f} | {m['loss']:.4f} | {m['recall']:.3f} |", flush=True)

@@ -142,10 +142,11 @@ def test_sample_streams_text_from_a_text_checkpoint(tmp_path, capsys):
     code, out, _ = run(capsys, "sample", str(tmp_path / "t"), "--prompt", "ab", "--tokens", "12", "--seed", "3")
     text = out[:-1]   # the trailing newline
     assert code == 0 and text.startswith("ab") and len(text) == 14 and set(text) <= set("ab\n")
-    with pytest.raises(SystemExit) as e:   # a bad option fails before the prompt is printed
-        cli.main(["sample", str(tmp_path / "t"), "--prompt", "ab", "--tokens", "-1"])
-    out = capsys.readouterr()
-    assert e.value.code == 2 and out.out == "" and "must be a non-negative int" in out.err
+    for flag, value in (("--tokens", "-1"), ("--temperature", "-0.5"), ("--top-k", "0")):
+        with pytest.raises(SystemExit) as e:   # a bad option fails before the prompt is printed
+            cli.main(["sample", str(tmp_path / "t"), "--prompt", "ab", flag, value])
+        out = capsys.readouterr()
+        assert e.value.code == 2 and out.out == "" and f"{flag} must be" in out.err, (flag, out.err)
 
 
 def test_streaming_generation_matches_full_context_recompute():

@@ -210,6 +210,13 @@ def cmd_eval(args) -> int:
 
 def cmd_sample(args) -> int:
     import torch
+    # checked here so errors name the flags the user typed, not generate()'s keywords
+    if args.tokens < 0:
+        raise ValueError(f"--tokens must be >= 0, got {args.tokens}")
+    if args.temperature < 0:
+        raise ValueError(f"--temperature must be >= 0, got {args.temperature}")
+    if args.top_k is not None and args.top_k < 1:
+        raise ValueError(f"--top-k must be >= 1, got {args.top_k}")
     cfg, task, model, _ = _load_for_inference(args.checkpoint)
     if not (hasattr(task, "encode") and hasattr(task, "decode")):
         raise ValueError(f"sample needs a text task (one with a vocabulary to decode); this checkpoint "
@@ -223,7 +230,7 @@ def cmd_sample(args) -> int:
     gen = torch.Generator().manual_seed(args.seed)
     tokens = generate_stream(model, torch.as_tensor(ids), args.tokens, args.temperature, args.top_k,
                              generator=gen)
-    first = next(tokens, None)   # bad --tokens/--temperature/--top-k fail here, before any output
+    first = next(tokens, None)   # the first token before any output: a failing model prints nothing
     sys.stdout.write(args.prompt)
 
     # Tokens are decoded together and only the new text is printed: a byte-level BPE token alone
