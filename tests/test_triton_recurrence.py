@@ -158,6 +158,11 @@ def test_every_nonlinearity_compiles(nonlinearity):
         assert tr.compile_report(200, F32, backward, nonlinearity)["spills"] == 0
 
 
+@pytest.mark.parametrize("H", [20, 200])
+def test_forward_without_h0_compiles(H):
+    assert tr.compile_report(H, F32, False, "tanh", has_h0=False)["spills"] == 0
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("nonlinearity", NLS)
 @pytest.mark.parametrize("T,B,H,dtype,with_h0", [(100, 33, 5, F32, True), (100, 33, 64, BF16, False),

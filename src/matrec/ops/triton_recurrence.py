@@ -342,7 +342,8 @@ def triton_recurrence(xproj: Tensor, weight: Tensor, h0: Tensor | None = None,
 
 
 def compile_report(hidden: int, weight_dtype: torch.dtype = torch.float32, backward: bool = False,
-                   nonlinearity: str = "modrelu", *, config: Config | None = None, arch: int = 90) -> dict:
+                   nonlinearity: str = "modrelu", *, has_h0: bool = True, config: Config | None = None,
+                   arch: int = 90) -> dict:
     """Compile the kernel a launch at ``hidden`` would use for ``sm_<arch>`` (no GPU needed) and return
     ptxas's verdict: ``registers`` per thread, ``spills`` (spill-store bytes), ``shared_kib`` per program,
     and the ``ptx`` text. What the interpreter cannot show; used by the tests and
@@ -356,7 +357,7 @@ def compile_report(hidden: int, weight_dtype: torch.dtype = torch.float32, backw
     from triton.backends.nvidia.compiler import get_ptxas
     from triton.runtime.jit import JITFunction
 
-    fn, consts, warps = kernel_plan(hidden, weight_dtype, backward, nonlinearity, config=config)
+    fn, consts, warps = kernel_plan(hidden, weight_dtype, backward, nonlinearity, has_h0, config=config)
     jf = JITFunction(fn)
     wtype = "*bf16" if weight_dtype == torch.bfloat16 else "*fp32"
     sig = {arg: "constexpr" if arg in consts else "i32" if arg in ("T", "B", "H") else wtype if arg == "W"
