@@ -128,7 +128,7 @@ def test_config_table_covers_every_size():
                 assert isinstance(tr.config_for(H, wdt, backward), tr.Config)
 
 
-def test_bad_arguments():
+def test_bad_arguments(monkeypatch):
     x, W, h0, b = make(3, 2, 4, "modrelu", F32, True)
     with pytest.raises(ValueError, match=r"hidden size must be in \[1, 512\]"):
         H = tr.MAX_HIDDEN + 1
@@ -137,6 +137,9 @@ def test_bad_arguments():
         tr.triton_recurrence(x, W, h0, b, weight_dtype=torch.float16)
     with pytest.raises(ValueError, match="nonlinearity must be one of"):
         tr.triton_recurrence(x, W, h0, b, "gelu")
+    monkeypatch.setattr(tr, "_CODES", {k: v for k, v in tr._CODES.items() if k != "identity"})
+    with pytest.raises(ValueError, match="for the Triton recurrence, got 'identity'"):
+        tr.triton_recurrence(x, W, h0, None, "identity")
     huge = torch.zeros(1).expand(2**13, 2**9, 2**9)  # 2**31 elements, no memory
     with pytest.raises(ValueError, match="fewer than 2\\*\\*31 elements"):
         tr.triton_recurrence(huge, torch.eye(2**9), None, None, "tanh")

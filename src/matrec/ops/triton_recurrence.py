@@ -330,6 +330,8 @@ def triton_recurrence(xproj: Tensor, weight: Tensor, h0: Tensor | None = None,
     ``weight`` in its own dtype.
     """
     _check(xproj, weight, h0, bias, nonlinearity)
+    if nonlinearity not in _CODES:  # registered after this kernel was written
+        raise ValueError(f"nonlinearity must be one of {list(_CODES)} for the Triton recurrence, got {nonlinearity!r}")
     if weight_dtype not in _OPS:
         raise ValueError(f"weight_dtype must be one of {list(WEIGHT_DTYPES)}, got {weight_dtype}")
     if not 1 <= xproj.shape[-1] <= MAX_HIDDEN:
