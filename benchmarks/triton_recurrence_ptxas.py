@@ -1,61 +1,56 @@
 """Compile the Triton recurrence kernels for a GPU target without a GPU and print ptxas's report.
 
-    PYTHONPATH=src python benchmarks/triton_recurrence_ptxas.py --hidden 64,128,256
+    PYTHONPATH=src python benchmarks/triton_recurrence_ptxas.py --hidden 64,128,256,384,512
 
-Shows what the interpreter cannot: registers per thread, spill stores and shared memory per
-program for each hidden size (an H100 allows 228 KiB of shared memory per block).
+For each hidden size and weight dtype, the kernels the module picks (``config_for``: on-chip or
+tiled, block sizes, warps), forward and backward; ``--compare-up-to`` H adds the module's
+configuration of the other kernel shape at the same H. Shows what the interpreter cannot: registers per thread, spill
+stores and shared memory per program (an H100 allows 228 KiB of shared memory per block).
 """
 from __future__ import annotations
 
 import argparse
 import os
-import re
-import subprocess
-import tempfile
 import warnings
+
+import torch
+
+
+def describe(consts: dict, num_warps: int) -> str:
+    if "BLOCK_N" in consts:
+        return f"tiled B{consts['BLOCK_B']} N{consts['BLOCK_N']} K{consts['BLOCK_K']}, {num_warps} warps"
+    return f"on-chip B{consts['BLOCK_B']} H{consts['BLOCK_H']}, {num_warps} warps"
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--arch", type=int, default=90)
-    p.add_argument("--hidden", default="64,128,256")
+    p.add_argument("--hidden", default="64,128,256,384,512")
+    p.add_argument("--weight-dtypes", default="float32,bfloat16")
     p.add_argument("--nonlinearity", default="modrelu")
+    p.add_argument("--compare-up-to", type=int, default=256,
+                   help="also compile the kernel shape not chosen for H up to this (on-chip at H=512 takes minutes)")
     a = p.parse_args()
     os.environ.pop("TRITON_INTERPRET", None)  # compile, never interpret
-    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     warnings.filterwarnings("ignore")
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.backends.nvidia.compiler import get_ptxas
-    from triton.runtime.jit import JITFunction
-
     from matrec.ops import triton_recurrence as tr
 
-    ptxas = get_ptxas(a.arch).path
-    print(f"sm_{a.arch}, nonlinearity {a.nonlinearity}, BLOCK_B 16, num_warps 4\n")
-    print("| H | kernel | registers/thread | spill stores (bytes) | shared memory (KiB) |")
-    print("|---|---|---|---|---|")
+    print(f"sm_{a.arch}, nonlinearity {a.nonlinearity}; chosen: the configuration `config_for` picks\n")
+    print("| H | W dtype | pass | kernel | chosen | registers/thread | spill stores (bytes) | shared memory (KiB) |")
+    print("|---|---|---|---|---|---|---|---|")
     for H in map(int, a.hidden.split(",")):
-        BB, BH = tr._blocks(16, H)
-        for fn in (tr._fwd_kernel, tr._bwd_kernel):
-            jf = JITFunction(fn)
-            consts = {"NL": tr._CODES[a.nonlinearity], "BLOCK_B": BB, "BLOCK_H": BH, "HAS_H0": True}
-            sig = {arg: "constexpr" if arg in consts else "i32" if arg in ("T", "B", "H") else "*fp32"
-                   for arg in jf.arg_names}
-            source = triton.compiler.ASTSource(fn=jf, signature=sig,
-                                               constexprs={k: v for k, v in consts.items() if k in sig})
-            kernel = triton.compile(source, target=GPUTarget("cuda", a.arch, 32), options={"num_warps": 4})
-            with tempfile.TemporaryDirectory() as tmp:
-                ptx = os.path.join(tmp, "k.ptx")
-                with open(ptx, "w") as f:
-                    f.write(kernel.asm["ptx"])
-                sm = f"sm_{a.arch}a" if a.arch >= 90 else f"sm_{a.arch}"
-                run = subprocess.run([ptxas, "--gpu-name", sm, "-v", ptx, "-o", os.path.join(tmp, "k.cubin")],
-                                     capture_output=True, text=True, check=True)
-            report = run.stdout + run.stderr
-            regs = re.search(r"Used (\d+) registers", report).group(1)
-            spills = re.search(r"(\d+) bytes spill stores", report).group(1)
-            print(f"| {H} | {fn.__name__} | {regs} | {spills} | {kernel.metadata.shared / 1024:.0f} |")
+        for wname in a.weight_dtypes.split(","):
+            wdt = getattr(torch, wname)
+            for backward in (False, True):
+                chosen = tr.config_for(H, wdt, backward)
+                other = tr.ON_CHIP_CONFIG if chosen.tiled else tr.TILED_CONFIG
+                configs = [chosen] + ([other] if H <= a.compare_up_to else [])
+                for cfg in configs:
+                    r = tr.compile_report(H, wdt, backward, a.nonlinearity, config=cfg, arch=a.arch)
+                    kernel = describe(r["constexprs"], r["num_warps"])
+                    print(f"| {H} | {wname} | {'bwd' if backward else 'fwd'} | {kernel} "
+                          f"| {'yes' if cfg is chosen else 'no'} | {r['registers']} | {r['spills']} | "
+                          f"{r['shared_kib']:.0f} |", flush=True)
 
 
 if __name__ == "__main__":

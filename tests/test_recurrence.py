@@ -1,4 +1,4 @@
-"""The fused recurrence ops (PyTorch and Triton) against the plain autograd loop."""
+"""The fused PyTorch recurrence op against the plain autograd loop (the Triton kernels: test_triton_recurrence.py)."""
 import pytest
 import torch
 
@@ -89,33 +89,3 @@ def test_bad_arguments():
         recurrence(x[0], W, h0, b)
     with pytest.raises(ValueError, match="xproj must be"):
         recurrence(x.long(), W, h0, b)
-
-
-@pytest.mark.parametrize("nonlinearity", NONLINEARITIES.names())
-@pytest.mark.parametrize("T,B,H", [(1, 1, 1), (7, 17, 5), (13, 3, 20)])
-@pytest.mark.parametrize("dtype,with_h0", [(torch.float32, True), (torch.bfloat16, False)])
-def test_triton_kernel_matches_reference(nonlinearity, T, B, H, dtype, with_h0):
-    from matrec.ops.triton_recurrence import triton_recurrence
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    x, W, h0, b = (None if t is None else t.detach().to(device).requires_grad_()
-                   for t in make(T, B, H, nonlinearity, dtype, with_h0))
-    inputs = [t for t in (x, W, h0, b) if t is not None]
-    out = triton_recurrence(x, W, h0, b, nonlinearity)
-    ref = recurrence_reference(x, W, h0, b, nonlinearity)
-    assert out.dtype == dtype and torch.isfinite(out).all()  # outputs start NaN-poisoned
-    torch.testing.assert_close(out, ref, **({} if dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-4)))
-    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(device, dtype)
-    for a, r, t in zip(torch.autograd.grad(out, inputs, grad), torch.autograd.grad(ref, inputs, grad), inputs):
-        assert torch.isfinite(a).all() and a.dtype == t.dtype
-        torch.testing.assert_close(a, r, **({} if t.dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-4)))
-
-
-def test_triton_op_registration_and_limits():
-    from matrec.ops import triton_recurrence as tr
-
-    x, W, h0, b = make(3, 2, 4, "modrelu", torch.float32, True)
-    torch.library.opcheck(tr._triton_recurrence, (x, W, h0, b, "modrelu"))
-    big = torch.zeros(1, 1, tr.MAX_HIDDEN + 1)
-    with pytest.raises(ValueError, match="hidden size must be <="):
-        tr.triton_recurrence(big, torch.eye(tr.MAX_HIDDEN + 1), None, None, "tanh")
