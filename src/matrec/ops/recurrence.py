@@ -381,8 +381,8 @@ def _triton_backend(xproj, weight, h0, bias, nonlinearity):
 
 
 # auto's rule for the chunked form, from benchmarks/recurrence_crossover.py (docs/mornn.md, "Speed";
-# every shape it picks measured >= 1.2x faster than "torch" there, 1 thread): CPU only (nothing
-# measured on CUDA); per-step work B * H^2 <= AUTO_CHUNKED_MAX_WORK (above it the form's doubled GEMM
+# 1 thread: every shape it picks there ran 1.3-10.7x faster than "torch", one edge case 1.04x):
+# CPU only (nothing measured on CUDA); per-step work B * H^2 <= AUTO_CHUNKED_MAX_WORK (above it the form's doubled GEMM
 # work outweighs the per-step overhead it saves); H <= 128 and T >= max(64, 4 H), enough steps to
 # repay the ~H^3 set-up (W's powers; at H = 256 it lost at every B measured).
 AUTO_CHUNKED_MAX_WORK = 8 * 64 * 64
