@@ -115,6 +115,14 @@ def test_refuses_what_it_cannot_do():
             recurrence(x, bad, h0, None, "identity", backend="chunked")
 
 
+def test_empty_sequence_refused_by_every_backend():
+    """T = 0 is refused up front (as nn.RNN does); it used to pass the forward and crash in the backward."""
+    x, W = torch.zeros(0, 2, 4, requires_grad=True), torch.eye(4)
+    for backend in [*rec.RECURRENCE_BACKENDS.names(), "auto"]:
+        with pytest.raises(ValueError, match="at least one time step"):
+            recurrence(x, W, None, None, "identity", backend=backend)
+
+
 def test_power_condition():
     g = torch.Generator().manual_seed(0)
     W = orthogonal("repeated", 8, g)

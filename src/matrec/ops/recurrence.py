@@ -75,6 +75,8 @@ def _check(xproj: Tensor, weight: Tensor, h0: Tensor | None, bias: Tensor | None
         raise ValueError(f"xproj must be a floating tensor [T, B, H], got "
                          f"{getattr(xproj, 'shape', type(xproj).__name__)}")
     T, B, H = xproj.shape
+    if T < 1:  # as nn.RNN; every backward here needs a step (the loop's g[T-1], torch.stack)
+        raise ValueError(f"xproj must have at least one time step, got shape {list(xproj.shape)}")
     if weight.shape != (H, H):
         raise ValueError(f"weight must be [H, H] = [{H}, {H}], got {list(weight.shape)}")
     if h0 is not None and h0.shape != (B, H):
