@@ -227,9 +227,9 @@ def chunk_powers(weight: Tensor, chunk_size: int, dtype: torch.dtype) -> tuple[T
 
     Computed in float64 and rounded once to ``dtype``, so the float32 result is at least as close to
     float64 arithmetic as the loop's (T = 1000: 4e-7..1.1e-6 vs 1.5e-6..2.3e-6, ``python
-    benchmarks/recurrence_crossover.py --accuracy``); powers taken in float32 (rounded at each of
-    ~log2(C) products, W^-1 rounded first) were 3-15x worse than the loop, worst on repeated
-    eigenvalues, whose per-chunk errors add up coherently over the chunks."""
+    benchmarks/recurrence_crossover.py --accuracy``). Powers taken in float32 would be rounded at
+    each of ~log2(C) products, ``W^-1`` first, and on repeated eigenvalues the per-chunk errors add
+    up coherently over the chunks."""
     W = weight.detach().double()
     H = W.shape[-1]
     W_inv, info = torch.linalg.inv_ex(W)
@@ -239,7 +239,7 @@ def chunk_powers(weight: Tensor, chunk_size: int, dtype: torch.dtype) -> tuple[T
     P[0, 0], P[1, 0] = W, W_inv
     k = 1
     while k < chunk_size:  # doubling: W^(k+1..2k) = W^(1..k) W^k, the k products as ONE [k*H, H] GEMM
-        n = min(k, chunk_size - k)                        # (a broadcast float64 matmul was 10x slower)
+        n = min(k, chunk_size - k)
         for s in range(2):
             torch.mm(P[s, :n].reshape(n * H, H), P[s, k - 1], out=P[s, k:k + n].view(n * H, H))
         k += n
@@ -266,8 +266,8 @@ def chunked_linear_recurrence(x: Tensor, h0: Tensor | None, P_in: Tensor, P_out:
         xc[:rest, full] = x[full * C:]
         xc[rest:, full] = 0
     S = torch.bmm(xc.view(C, N * B, H), P_in).view(C, N, B, H)  # x_{c,i} (A^T)^-i
-    for i in range(1, C):                                 # cumsum over i; C adds beat torch.cumsum's
-        S[i] += S[i - 1]                                  # slow path (7 ms vs 0.3 at B*H >= 1024)
+    for i in range(1, C):                                 # cumsum over i: C in-place adds, faster than
+        S[i] += S[i - 1]                                  # torch.cumsum over dim 0 (a slow path) here
     carries = x.new_empty(N, B, H)                        # [N, B, H] state entering each chunk
     carry = x.new_zeros(B, H) if h0 is None else h0
     for c in range(N):                                    # T/C sequential steps instead of T
@@ -383,10 +383,11 @@ def _triton_backend(xproj, weight, h0, bias, nonlinearity):
 
 
 # auto's rule for the chunked form, from benchmarks/recurrence_crossover.py (docs/mornn.md, "Speed";
-# 1 thread: every shape it picks there ran 1.3-10.7x faster than "torch", one edge case 1.04x):
-# CPU only (nothing measured on CUDA); per-step work B * H^2 <= AUTO_CHUNKED_MAX_WORK (above it the form's doubled GEMM
-# work outweighs the per-step overhead it saves); H <= 128 and T >= max(64, 4 H), enough steps to
-# repay the ~H^3 set-up (W's powers; at H = 256 it lost at every B measured).
+# benchmarks/results/recurrence_crossover_cpu.md, 1 thread: every shape it picks there ran faster
+# than "torch", 1.04x at the weakest): CPU only (nothing measured on CUDA); per-step work
+# B * H^2 <= AUTO_CHUNKED_MAX_WORK (above it the form's doubled GEMM work outweighs the per-step
+# overhead it saves); H <= 128 and T >= max(64, 4 H), enough steps to repay the ~H^3 set-up (W's
+# powers; at H = 256 it lost at every B measured).
 AUTO_CHUNKED_MAX_WORK = 8 * 64 * 64
 AUTO_CHUNKED_MAX_HIDDEN = 128
 
