@@ -216,7 +216,8 @@ class Config(NamedTuple):
 # weight dtype -> rows (largest H, forward config, backward config); the first row with H <= largest H wins.
 # Chosen from ptxas for sm_90 (benchmarks/triton_recurrence_ptxas.py, table in docs/mornn.md): no spills and
 # shared memory under the H100's 228 KiB for H in {64, 128, 256, 384, 512}.
-ON_CHIP_CONFIG = Config(False, num_warps=8)  # 4 warps spill 212 bytes in the H = 64 forward
+# 4 warps spill 212 bytes in the H = 64 forward: compile_report(64, config=Config(False, num_warps=4))
+ON_CHIP_CONFIG = Config(False, num_warps=8)
 TILED_CONFIG = Config(True, block_b=16, block_n=64, block_k=64, num_warps=8)
 _CONFIGS: dict[torch.dtype, tuple[tuple[int, Config, Config], ...]] = {
     torch.float32: ((64, ON_CHIP_CONFIG, ON_CHIP_CONFIG), (MAX_HIDDEN, TILED_CONFIG, TILED_CONFIG)),
@@ -315,7 +316,6 @@ def _define_ops(name: str, weight_dtype: torch.dtype):
 
 _OPS = {torch.float32: _define_ops("rnn_recurrence_triton", torch.float32),
         torch.bfloat16: _define_ops("rnn_recurrence_triton_bf16w", torch.bfloat16)}
-_triton_recurrence = _OPS[torch.float32]
 
 
 def triton_recurrence(xproj: Tensor, weight: Tensor, h0: Tensor | None = None,
