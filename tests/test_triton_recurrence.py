@@ -117,7 +117,8 @@ def test_torch_compile_fullgraph():
     out = fn(x, W, h0, b)
     want = tr.triton_recurrence(x, W, h0, b, "modrelu", weight_dtype=BF16)
     torch.testing.assert_close(out, want)
-    got, want_g = torch.autograd.grad(out.sum(), [W]), torch.autograd.grad(want.sum(), [W])
+    inputs = [x, W, h0, b]
+    got, want_g = torch.autograd.grad(out.sum(), inputs), torch.autograd.grad(want.sum(), inputs)
     torch.testing.assert_close(got, want_g)
 
 
@@ -140,6 +141,8 @@ def test_bad_arguments(monkeypatch):
     monkeypatch.setattr(tr, "_CODES", {k: v for k, v in tr._CODES.items() if k != "identity"})
     with pytest.raises(ValueError, match="for the Triton recurrence, got 'identity'"):
         tr.triton_recurrence(x, W, h0, None, "identity")
+    with pytest.raises(ValueError, match="at least one time step"):
+        tr.triton_recurrence(x[:0], W, h0, b)
     huge = torch.zeros(1).expand(2**13, 2**9, 2**9)  # 2**31 elements, no memory
     with pytest.raises(ValueError, match="fewer than 2\\*\\*31 elements"):
         tr.triton_recurrence(huge, torch.eye(2**9), None, None, "tanh")
