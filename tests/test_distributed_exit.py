@@ -1,0 +1,40 @@
+"""The process group matrec creates is destroyed at a normal exit and left alone after an uncaught
+exception (in-process: the atexit hook and sys.excepthook are captured, no group is created)."""
+import sys
+
+import pytest
+
+from matrec.train import distributed
+
+
+@pytest.fixture
+def exit_hooks(monkeypatch):
+    """Run ``_destroy_at_exit`` with atexit, the excepthook chain and the group faked; returns
+    ``(run_atexit, destroyed, previous_calls)``."""
+    registered, destroyed, previous_calls = [], [], []
+    monkeypatch.setattr(distributed.atexit, "register", registered.append)
+    monkeypatch.setattr(sys, "excepthook", lambda *exc: previous_calls.append(exc))
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(distributed.dist, "destroy_process_group", lambda: destroyed.append(True))
+    distributed._destroy_at_exit()
+    assert len(registered) == 1
+
+    def run_atexit():
+        registered[0]()
+
+    return run_atexit, destroyed, previous_calls
+
+
+def test_normal_exit_destroys_the_group(exit_hooks):
+    run_atexit, destroyed, previous_calls = exit_hooks
+    run_atexit()
+    assert destroyed == [True] and previous_calls == []
+
+
+def test_uncaught_exception_leaves_the_group_and_still_reports(exit_hooks):
+    run_atexit, destroyed, previous_calls = exit_hooks
+    exc = RuntimeError("rank failed")
+    sys.excepthook(RuntimeError, exc, None)
+    run_atexit()
+    assert destroyed == []
+    assert previous_calls == [(RuntimeError, exc, None)]  # the traceback is still printed
