@@ -4,7 +4,7 @@ PyTorch's fused RNN kernels know only tanh and relu; MORNN's memory recipe needs
 identity). Autograd through a Python loop over time records ~5 graph nodes per step and replays them
 all backwards; here the forward runs without a graph, saves the pre-activations ``z_t``, and the
 backward runs the reverse recurrence with ``W`` (``dL/dh_{t-1} = dL/dz_t @ W``) in two ops per step,
-then gets ``dL/dW`` as ONE ``[H, T*B] x [T*B, H]`` product instead of T small ones.
+then gets ``dL/dW`` from one GEMM over all steps (plus one for ``h0``; :func:`parameter_grads`), not T small ones.
 
 Conventions (nn.RNN's): time-major ``xproj [T, B, H]`` (the input projection with both biases
 already added), ``W [H, H]`` acts on row vectors as ``h @ W^T``, ``h0 [B, H]``. The state is carried
@@ -139,6 +139,21 @@ def _(xproj, weight, h0, bias, nonlinearity):
     return torch.empty_like(xproj, dtype=sdt), torch.empty_like(xproj, dtype=sdt)
 
 
+def parameter_grads(gz: Tensor, z: Tensor, out: Tensor, h0: Tensor | None,
+                    nonlinearity: str) -> tuple[Tensor, Tensor]:
+    """``(dL/dW [H, H], dL/db [H])`` from ``gz = dL/dz [T, B, H]`` and the states ``out`` (all in the
+    state dtype): ``dL/dW = sum_t gz_t^T h_{t-1}`` as one GEMM over all steps (``h_{-1} = h0``, zeros
+    when None); ``dL/db`` from the nonlinearity's ``bias_grad`` (zeros without a learned bias).
+    Shared by every backend's backward."""
+    H = gz.shape[-1]
+    grad_W = gz[1:].reshape(-1, H).t() @ out[:-1].reshape(-1, H)  # [H, H]
+    if h0 is not None:
+        grad_W.addmm_(gz[0].t(), h0.to(gz.dtype))
+    phi = NONLINEARITIES.get(nonlinearity)
+    grad_b = phi.bias_grad(z, gz).sum(dim=(0, 1)) if phi.bias_grad is not None else gz.new_zeros(H)
+    return grad_W, grad_b
+
+
 @torch.library.custom_op("matrec::rnn_recurrence_backward", mutates_args=())
 def _rnn_recurrence_backward(grad_out: Tensor, z: Tensor, out: Tensor, weight: Tensor,
                              h0: Tensor | None, bias: Tensor | None, nonlinearity: str
@@ -146,7 +161,7 @@ def _rnn_recurrence_backward(grad_out: Tensor, z: Tensor, out: Tensor, weight: T
     """Returns (d xproj [T,B,H], d W [H,H], d h0 [B,H], d bias [H]) in the state dtype."""
     phi = NONLINEARITIES.get(nonlinearity)
     sdt = z.dtype
-    T, B, H = z.shape
+    T = z.shape[0]
     W = weight.to(sdt)
     b = None if bias is None else bias.to(sdt)
     g = grad_out.to(sdt)                                  # [T, B, H] dL/dh_t from outside
@@ -159,13 +174,7 @@ def _rnn_recurrence_backward(grad_out: Tensor, z: Tensor, out: Tensor, weight: T
         if t > 0:
             gh = torch.addmm(g[t - 1], gz[t], W)          # dL/dh_{t-1} = g_{t-1} + dL/dz_t @ W
     grad_h0 = gz[0] @ W                                   # [B, H]
-    h0s = h.new_zeros(B, H) if h0 is None else h0.to(sdt)
-    h_prev = torch.cat([h0s[None], h[:-1]])               # [T, B, H]
-    grad_W = gz.reshape(-1, H).t() @ h_prev.reshape(-1, H)  # [H, H]: one GEMM over all steps
-    if phi.bias_grad is not None:
-        grad_b = phi.bias_grad(z, gz).sum(dim=(0, 1))     # [H]
-    else:
-        grad_b = z.new_zeros(H)
+    grad_W, grad_b = parameter_grads(gz, z, h, h0, nonlinearity)
     return gz, grad_W, grad_h0, grad_b
 
 
@@ -332,15 +341,12 @@ def _rnn_recurrence_chunked_backward(grad_out: Tensor, powers: Tensor, out: Tens
     if torch.isnan(powers[0, 0, 0, 0]):                   # the forward fell back to the loop
         return _rnn_recurrence_backward(grad_out, out, out, weight, h0, None, "identity")
     sdt = out.dtype
-    T, B, H = out.shape
     W = weight.to(sdt)
     # dL/dz_t = g_t + dL/dz_{t+1} W: the forward form with A = W^T, run backwards in time
     gz = chunked_linear_recurrence(grad_out.to(sdt).flip(0), None, powers[1], powers[0]).flip(0)
     grad_h0 = gz[0] @ W                                   # [B, H]
-    grad_W = gz[1:].reshape(-1, H).t() @ out[:-1].reshape(-1, H)  # [H, H]: one GEMM over all steps
-    if h0 is not None:
-        grad_W.addmm_(gz[0].t(), h0.to(sdt))
-    return gz, grad_W, grad_h0, out.new_zeros(H)
+    grad_W, grad_b = parameter_grads(gz, out, out, h0, "identity")
+    return gz, grad_W, grad_h0, grad_b
 
 
 @_rnn_recurrence_chunked_backward.register_fake

@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .recurrence import NONLINEARITIES, _check, register_recurrence_autograd
+from .recurrence import _check, parameter_grads, register_recurrence_autograd
 from .triton_scan import launchable as _launcher  # interpreted for CPU tensors, compiled for CUDA
 
 # The largest H tested (interpreter) and checked with ptxas. The tiled kernel's on-chip footprint does not
@@ -279,11 +279,7 @@ def _backward(grad_out, z, out, weight, h0, bias, nonlinearity, weight_dtype):
     fn, consts, warps = kernel_plan(H, weight_dtype, True, nonlinearity)
     _launcher(fn, z.device)[(triton.cdiv(B, consts["BLOCK_B"]),)](g, z, out, W, b, gz, gh0, T, B, H, **consts,
                                                                   num_warps=warps, enable_fp_fusion=True)
-    h0s = z.new_zeros(B, H) if h0 is None else h0.float()
-    h_prev = torch.cat([h0s[None], out[:-1]])                 # [T, B, H]
-    grad_W = gz.reshape(-1, H).t() @ h_prev.reshape(-1, H)    # [H, H], float32 whatever weight_dtype
-    phi = NONLINEARITIES.get(nonlinearity)
-    grad_b = phi.bias_grad(z, gz).sum(dim=(0, 1)) if phi.bias_grad is not None else z.new_zeros(H)
+    grad_W, grad_b = parameter_grads(gz, z, out, h0, nonlinearity)  # float32 whatever weight_dtype
     return gz, grad_W, gh0, grad_b
 
 
