@@ -328,11 +328,7 @@ def triton_recurrence(xproj: Tensor, weight: Tensor, h0: Tensor | None = None,
     _check(xproj, weight, h0, bias, nonlinearity)
     if nonlinearity not in _CODES:  # registered after this kernel was written
         raise ValueError(f"nonlinearity must be one of {list(_CODES)} for the Triton recurrence, got {nonlinearity!r}")
-    if weight_dtype not in _OPS:
-        raise ValueError(f"weight_dtype must be one of {list(WEIGHT_DTYPES)}, got {weight_dtype}")
-    if not 1 <= xproj.shape[-1] <= MAX_HIDDEN:
-        raise ValueError(f"hidden size must be in [1, {MAX_HIDDEN}] for the Triton recurrence, "
-                         f"got {xproj.shape[-1]}")
+    config_for(xproj.shape[-1], weight_dtype)  # ValueError on a hidden size or weight dtype without kernels
     if xproj.numel() >= 2**31:  # the kernels index with 32-bit offsets
         raise ValueError(f"xproj must have fewer than 2**31 elements for the Triton recurrence, "
                          f"got {list(xproj.shape)}")
