@@ -226,7 +226,7 @@ register_recurrence_autograd(_rnn_recurrence, _rnn_recurrence_backward)
 # than the eigenbasis form at every shape tried (docs/mornn.md, "Speed").
 
 CHUNK_SIZE = 16
-# Rounding in the chunked sums is amplified by at most max_i ||W^i|| ||W^-i||: 1 for orthogonal W.
+# Rounding in the chunked sums grows with max_i ||W^i|| ||W^-i|| / H (1 for orthogonal W); refused above this.
 MAX_POWER_CONDITION = 10.0
 
 
