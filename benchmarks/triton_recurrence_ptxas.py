@@ -5,7 +5,7 @@
 For each hidden size and weight dtype, the kernels the module picks (``config_for``: on-chip or
 tiled, block sizes, warps), forward and backward; ``--compare-up-to`` H adds the module's
 configuration of the other kernel shape at the same H. Shows what the interpreter cannot: registers per thread, spill
-stores and shared memory per program (an H100 allows 228 KiB of shared memory per block).
+stores and shared memory per program (an H100 allows 227 KiB of shared memory per block, 228 per SM).
 """
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ in float32. Two kernel shapes, picked per hidden size by ``_CONFIGS`` (see :func
 
 - **on-chip** (small H): a program loads all of ``W`` once and keeps ``h`` in registers; the step
   is one ``[BLOCK_B, H] x [H, H]`` ``tl.dot``. Its ``W`` lives in registers/shared memory, which
-  runs out (spills, then over the 228 KiB of an H100) as H grows.
+  runs out (spills, then over the 227 KiB an H100 gives one block) as H grows.
 - **tiled** (large H): per step a program loops over ``BLOCK_N`` output columns and ``BLOCK_K``
   reduction tiles, streaming ``W^T`` tiles from global memory (L2-resident on a GPU: every program
   reads the same ``W``) and reading ``h_{t-1}`` back from the output buffer it wrote the step before
@@ -215,7 +215,7 @@ class Config(NamedTuple):
 
 # weight dtype -> rows (largest H, forward config, backward config); the first row with H <= largest H wins.
 # Chosen from ptxas for sm_90 (benchmarks/triton_recurrence_ptxas.py, table in docs/mornn.md): no spills and
-# shared memory under the H100's 228 KiB for H in {64, 128, 256, 384, 512}.
+# shared memory under the 227 KiB an H100 gives one block for H in {64, 128, 256, 384, 512}.
 # 4 warps spill 212 bytes in the H = 64 forward: compile_report(64, config=Config(False, num_warps=4))
 ON_CHIP_CONFIG = Config(False, num_warps=8)
 TILED_CONFIG = Config(True, block_b=16, block_n=64, block_k=64, num_warps=8)
