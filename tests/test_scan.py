@@ -167,6 +167,22 @@ def test_autocast_keeps_scan_float32(backend):
     torch.testing.assert_close(grad, want_grad, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("backend", PATTERNS + ["auto"])
+def test_compiles_fullgraph(backend):
+    """torch.compile(fullgraph=True) traces every backend (odd T: the chunked pattern pads), grads as eager."""
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(11)
+    states = near_identity((2, 7, 3, 3), dtype=torch.float32, generator=g)
+    h0 = near_identity((2, 3, 3), dtype=torch.float32, generator=g)
+    G = torch.randn(states.shape, generator=g)
+    compiled = torch.compile(functools.partial(mru_scan, backend=backend), fullgraph=True, backend="aot_eager")
+    states_, h0_ = states.clone().requires_grad_(), h0.clone().requires_grad_()
+    out = compiled(states_, h0_)
+    got = torch.autograd.grad(out, [states_, h0_], G)
+    want = reference(states, h0, G)
+    assert_matches((out.detach(), got), want, atol=1e-5, rtol=1e-5)
+
+
 def test_overflow_is_not_masked():
     states = torch.eye(2).mul(10.0).expand(400, 2, 2).contiguous()  # 10^400 overflows float32
     for backend in PATTERNS:

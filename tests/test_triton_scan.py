@@ -236,6 +236,34 @@ def test_torch_compile_fullgraph(monkeypatch):
         torch.testing.assert_close(p.grad, w)
 
 
+def test_mru_layer_compiles_fullgraph_with_the_kernel(monkeypatch):
+    """The public path a model takes (MRU -> mru_scan(backend="triton") -> the op), not the op alone:
+    backend lookup and availability check must trace without a graph break; grads match eager."""
+    from matrec.nn.mru import MRU
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    layer = MRU(16, num_heads=2, state_size=32, backend="triton")  # d = 4
+    with torch.no_grad():
+        layer.in_proj.weight.normal_()  # zero at init: give the states something to mix
+    x = torch.randn(2, 7, 16, generator=torch.Generator().manual_seed(8))
+    s0 = torch.linalg.matrix_exp(0.3 * torch.randn(2, 2, 4, 4, generator=torch.Generator().manual_seed(9)))
+    y, s = layer(x, s0)
+    (y.square().sum() + s.sum()).backward()
+    want = [p.grad.clone() for p in layer.parameters()]
+    layer.zero_grad()
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    y2, s2 = compiled(x, s0)
+    (y2.square().sum() + s2.sum()).backward()
+    torch.testing.assert_close(y2, y)
+    torch.testing.assert_close(s2, s)
+    for p, w in zip(layer.parameters(), want):
+        torch.testing.assert_close(p.grad, w)
+    exported = torch.export.export(layer, (x, s0))
+    torch.testing.assert_close(exported.module()(x, s0)[0], y.detach())
+
+
 def test_torch_export_keeps_the_op(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     model = _TinyMixer(2)

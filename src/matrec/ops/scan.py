@@ -24,7 +24,6 @@ or the det-1 ones) or shorter chunks with a carried state for very long sequence
 """
 from __future__ import annotations
 
-import importlib
 import math
 import warnings
 from dataclasses import dataclass
@@ -89,8 +88,8 @@ def _extend_prefix(a: Tensor, b: Tensor) -> None:
 def _identity_elements(x: Tensor, n: int) -> Tensor:
     """``n`` identity elements ``[I; 0]`` shaped like ``x [N, T, r, d]`` along dim 1."""
     N, _, r, d = x.shape
-    e = x.new_zeros(r, d)
-    e[:d].fill_diagonal_(1)
+    # built without in-place writes into a view: torch.compile cannot functionalise those
+    e = torch.eye(r, d, dtype=x.dtype, device=x.device)  # [r, d] = [I; 0]
     return e.expand(N, n, r, d)
 
 
@@ -259,7 +258,9 @@ SCAN_BACKENDS.register("chunked", ScanBackend(pattern=_chunked_scan, uses_chunk_
 
 
 def _triton_module():
-    return importlib.import_module("matrec.ops.triton_scan")
+    from . import triton_scan  # an import statement, not importlib: torch.compile traces it
+
+    return triton_scan
 
 
 def _triton_function(states: Tensor, initial_state: Tensor | None, chunk_size: int | None = None) -> Tensor:
