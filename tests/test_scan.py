@@ -267,21 +267,25 @@ def test_public_export():
     assert matrec.mru_scan is mru_scan and matrec.SCAN_BACKENDS is SCAN_BACKENDS
 
 
+# Issue 2's bad-input list, one case each (the id says which); every message names the argument.
 @pytest.mark.parametrize(
     "states,h0,kw,err,match",
     [
-        (torch.zeros(4, 3), None, {}, ValueError, r"states must have shape \[\.\.\., T, d, d\]"),
-        (torch.zeros(2, 4, 3, 2), None, {}, ValueError, "states must hold square matrices"),
-        (torch.zeros(2, 0, 3, 3), None, {}, ValueError, "T >= 1"),
-        (torch.zeros(2, 4, 3, 3, dtype=torch.int64), None, {}, TypeError, "floating-point"),
-        ([[[1.0]]], None, {}, TypeError, "states must be a torch.Tensor"),
-        (torch.zeros(2, 4, 3, 3), torch.zeros(3, 3), {}, ValueError, r"initial_state must have shape \(2, 3, 3\)"),
-        (torch.zeros(2, 4, 3, 3), torch.zeros(2, 3, 3, dtype=torch.float64), {}, TypeError, "initial_state must have the dtype"),
-        (torch.zeros(2, 4, 3, 3), torch.zeros(2, 3, 3, device="meta"), {}, ValueError, "initial_state must be on the device"),
-        (torch.zeros(2, 4, 3, 3), None, {"backend": "nope"}, ValueError, r"backend must be one of \['auto', 'sequential'"),
-        (torch.zeros(2, 4, 3, 3), None, {"backend": "chunked", "chunk_size": 0}, ValueError, "chunk_size must be a positive int"),
-        (torch.zeros(2, 4, 3, 3), None, {"backend": "chunked", "chunk_size": 2.0}, ValueError, "chunk_size must be a positive int"),
-        (torch.zeros(2, 4, 3, 3), None, {"backend": "sklansky", "chunk_size": 2}, ValueError, "chunk_size applies"),
+        pytest.param(torch.zeros(4, 3), None, {}, ValueError, r"states must have shape \[\.\.\., T, d, d\] \(at least 3 dims\), got \(4, 3\)", id="wrong-rank"),
+        pytest.param(torch.zeros(2, 4, 3, 2), None, {}, ValueError, r"states must hold square matrices \[\.\.\., T, d, d\], got \(2, 4, 3, 2\)", id="non-square"),
+        pytest.param(torch.zeros(2, 4, 0, 0), None, {}, ValueError, "states must have matrix order d >= 1", id="d-zero"),
+        pytest.param(torch.zeros(2, 0, 3, 3), None, {}, ValueError, r"states must have sequence length T >= 1, got \(2, 0, 3, 3\)", id="T-zero"),
+        pytest.param(torch.zeros(2, 4, 3, 3, dtype=torch.int64), None, {}, TypeError, "states must have a floating-point dtype, got torch.int64", id="integer-dtype"),
+        pytest.param([[[1.0]]], None, {}, TypeError, "states must be a torch.Tensor", id="not-a-tensor"),
+        pytest.param(torch.zeros(2, 4, 3, 3), torch.zeros(3, 3), {}, ValueError, r"initial_state must have shape \(2, 3, 3\) .*got \(3, 3\)", id="initial-state-batch-mismatch"),
+        pytest.param(torch.zeros(2, 4, 3, 3), torch.zeros(2, 2, 2), {}, ValueError, r"initial_state must have shape \(2, 3, 3\) .*got \(2, 2, 2\)", id="initial-state-order-mismatch"),
+        pytest.param(torch.zeros(2, 4, 3, 3), torch.zeros(2, 3, 3, dtype=torch.float64), {}, TypeError, "initial_state must have the dtype of states", id="initial-state-dtype-mismatch"),
+        pytest.param(torch.zeros(2, 4, 3, 3), torch.zeros(2, 3, 3, dtype=torch.int64), {}, TypeError, "initial_state must have the dtype of states", id="initial-state-integer"),
+        pytest.param(torch.zeros(2, 4, 3, 3), torch.zeros(2, 3, 3, device="meta"), {}, ValueError, "initial_state must be on the device", id="initial-state-device-mismatch"),
+        pytest.param(torch.zeros(2, 4, 3, 3), None, {"backend": "nope"}, ValueError, r"backend must be one of \['auto', 'sequential'.*got 'nope'", id="unknown-backend"),
+        pytest.param(torch.zeros(2, 4, 3, 3), None, {"backend": "chunked", "chunk_size": 0}, ValueError, "chunk_size must be a positive int", id="chunk-size-zero"),
+        pytest.param(torch.zeros(2, 4, 3, 3), None, {"backend": "chunked", "chunk_size": 2.0}, ValueError, "chunk_size must be a positive int", id="chunk-size-float"),
+        pytest.param(torch.zeros(2, 4, 3, 3), None, {"backend": "sklansky", "chunk_size": 2}, ValueError, "chunk_size applies to backends with chunks only", id="chunk-size-without-chunks"),
     ],
 )
 def test_bad_input(states, h0, kw, err, match):
