@@ -1,6 +1,7 @@
 """mru_scan: every backend against the sequential-loop reference (outputs and both gradients)."""
 import functools
 import math
+import sys
 import types
 
 import pytest
@@ -215,14 +216,17 @@ def test_auto_rule_cuda(monkeypatch):
     assert auto_backend(cuda, 100, dtype=torch.float64) == scan_mod.AUTO_CUDA_FALLBACK
 
 
-def test_triton_backend_available_or_explained():
-    ok, reason = SCAN_BACKENDS.get("triton").available(torch.device("cpu"))
+def test_triton_backend_refuses_openly(monkeypatch):
+    """backend="triton" where the kernel cannot run is an error with the reason, never a slow fallback."""
     states = near_identity((2, 9, 4, 4), dtype=torch.float32)
-    if ok:
-        torch.testing.assert_close(mru_scan(states, backend="triton"), naive_mru_scan(states))
-    else:
-        with pytest.raises(RuntimeError, match="triton"):
-            mru_scan(states, backend="triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(RuntimeError, match="backend 'triton' is not available on cpu: .*TRITON_INTERPRET=1"):
+        mru_scan(states, backend="triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setitem(sys.modules, "triton", None)  # as if triton were not installed
+    with pytest.raises(RuntimeError, match="backend 'triton' is not available on cpu: triton is not importable"):
+        mru_scan(states, backend="triton")
+    assert auto_backend(torch.device("cpu"), 9) != "triton"  # auto never picks it off CUDA
 
 
 def test_triton_backend_through_mru_scan(monkeypatch):
