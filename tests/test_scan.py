@@ -241,6 +241,11 @@ def test_triton_backend_through_mru_scan(monkeypatch):
     for chunk_size in [None, 3]:
         out, grads = run(states, h0, G, backend="triton", chunk_size=chunk_size)
         assert_matches((out.double(), [x.double() for x in grads]), want, atol=1e-5, rtol=1e-5)
+    # what the kernel does not take is refused by name, not computed some other way
+    with pytest.raises(TypeError, match="states must be float32, bfloat16 or float16, got torch.float64"):
+        mru_scan(states.double(), backend="triton")
+    with pytest.raises(ValueError, match="states must hold matrices of order 1..64, got d=65"):
+        mru_scan(torch.eye(65).expand(1, 2, 65, 65), backend="triton")
     low = mru_scan(states.bfloat16(), backend="triton")
     assert low.dtype == torch.bfloat16
     torch.testing.assert_close(low.float(), naive_mru_scan(states.bfloat16().float()), atol=2e-2, rtol=2e-2)

@@ -326,12 +326,13 @@ def test_triton_available_reports_why(monkeypatch):
 
 @pytest.mark.parametrize("states,initial_state,chunk_size,error,match", [
     (torch.zeros(3, 2, 2), None, None, ValueError, "states must be a \\[N, T, d, d\\]"),
-    (torch.zeros(1, 3, 2, 3), None, None, ValueError, "square"),
-    (torch.zeros(1, 3, 2, 2, dtype=torch.float64), None, None, TypeError, "float32, bfloat16"),
-    (torch.zeros(1, 3, 65, 65), None, None, ValueError, "order 1..64"),
+    (torch.zeros(1, 3, 2, 3), None, None, ValueError, "states must be a .* square matrices"),
+    (torch.zeros(1, 3, 2, 2, dtype=torch.float64), None, None, TypeError, "states must be float32, bfloat16"),
+    (torch.zeros(1, 3, 65, 65), None, None, ValueError, "states must hold matrices of order 1..64"),
     (torch.zeros(1, 3, 2, 2), torch.zeros(2, 2, 2), None, ValueError, "initial_state must be"),
-    (torch.zeros(1, 3, 2, 2), torch.zeros(1, 2, 2, dtype=torch.int32), None, TypeError, "initial_state"),
-    (torch.zeros(1, 3, 2, 2), None, 0, ValueError, "chunk_size"),
+    (torch.zeros(1, 3, 2, 2), torch.zeros(1, 2, 2, dtype=torch.int32), None, TypeError, "initial_state must be float32"),
+    (torch.zeros(1, 3, 2, 2), None, 0, ValueError, "chunk_size must be None or a positive int"),
+    (torch.zeros(1, 3, 2, 2), None, True, ValueError, "chunk_size must be None or a positive int"),
 ])
 def test_bad_input_is_named(states, initial_state, chunk_size, error, match):
     with pytest.raises(error, match=match):
