@@ -219,3 +219,18 @@ def test_default_element_scale_keeps_ldu_training_finite():
 def test_element_scale_is_validated():
     with pytest.raises(ValueError, match="element_scale must be a positive number"):
         MRU(16, element_scale=0.0)
+
+
+def test_quickstart_example_prints_true_claims():
+    """examples/quickstart.py (the README's runnable MRU example) runs and what it prints holds."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    run = subprocess.run([sys.executable, str(root / "examples" / "quickstart.py")], capture_output=True,
+                         text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(root / "src")})
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "matches the loop: True" in run.stdout and "stream == whole: True" in run.stdout, run.stdout
+    assert "layer: (2, 50, 64) (2, 4, 4, 4)" in run.stdout, run.stdout
