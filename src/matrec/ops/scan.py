@@ -305,8 +305,9 @@ def auto_backend(
     ``dtype`` is the compute dtype (float32 for bf16/fp16 inputs). CUDA: ``"triton"`` for float32
     and ``d <= 64`` when :func:`matrec.ops.triton_scan.triton_available` says so, else
     ``"sklansky"`` (with a warning naming the reason when Triton is what is missing; float64 and
-    larger d go to ``"sklansky"`` silently: the fused kernel is a float32 kernel for ``d <= 64``). Elsewhere: ``"sequential"`` for ``T <= 8`` or
-    ``batch * d**3 >= 65536``; else ``"brent_kung"`` for ``T <= 1024`` and ``"chunked"`` above.
+    larger d go to ``"sklansky"`` silently: the fused kernel computes in float32 and takes
+    ``d <= 64`` only). Elsewhere: ``"sequential"`` for ``T <= 8`` or ``batch * d**3 >= 65536``;
+    else ``"brent_kung"`` for ``T <= 1024`` and ``"chunked"`` above.
     """
     if device.type == "cuda":
         if dtype != torch.float32:
