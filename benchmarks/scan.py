@@ -28,6 +28,13 @@ CUDA_EXTRA_SHAPES = ["1,1,65536,16", "1,1,8192,16"]
 QUICK_SHAPES = ["4,2,64,4", "2,2,1024,8"]
 
 
+def default_shapes(device: torch.device, quick: bool = False) -> list[str]:
+    """The shapes timed when ``--shapes`` is not given: SPEC 5 (+ the kernel records on CUDA)."""
+    if quick:
+        return QUICK_SHAPES
+    return SPEC_SHAPES + (CUDA_EXTRA_SHAPES if device.type == "cuda" else [])
+
+
 def parse_shape(text: str) -> tuple[int, int, int, int]:
     parts = tuple(int(p) for p in text.split(","))
     if len(parts) != 4 or min(parts) < 1:
@@ -116,8 +123,7 @@ def main(argv=None) -> None:
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    default = QUICK_SHAPES if args.quick else SPEC_SHAPES + (CUDA_EXTRA_SHAPES if device.type == "cuda" else [])
-    shapes = args.shapes or [parse_shape(s) for s in default]
+    shapes = args.shapes or [parse_shape(s) for s in default_shapes(device, args.quick)]
     repeats = 2 if args.quick else args.repeats
     shapes = [(max(1, round(B * args.batch_scale)), h, T, d) for B, h, T, d in shapes]
     backends = args.backends or SCAN_BACKENDS.names()
