@@ -1,10 +1,13 @@
 """Time every mru_scan backend, forward and forward+backward, after checking it against the reference.
 
-    PYTHONPATH=src python benchmarks/scan.py                       # SPEC 5 shapes + T >= 1024, auto device
+    PYTHONPATH=src python benchmarks/scan.py                       # SPEC 5 shapes + T = 1024, auto device
     PYTHONPATH=src python benchmarks/scan.py --device cpu --batch-scale 0.125
     PYTHONPATH=src python benchmarks/scan.py --quick               # small smoke run
 
-Shapes are ``batch,heads,T,d``. Each backend is first run on one sequence of the shape
+Shapes are ``batch,heads,T,d``. On CUDA the default shapes add the kernel issue's two extra
+records: a very long sequence (T = 65536) and a small batch x heads (1 x 1, T = 8192), where the
+parallelism has to come from the sequence. Inputs are rotations (``make_states``), so even T = 65536
+products stay bounded. Each backend is first run on one sequence of the shape
 and compared (outputs and gradients) with the float64 autograd-through-loop reference; a backend that
 fails is reported as FAILED, never timed. On CUDA the table also gives the fraction of the copy
 bandwidth floor (bytes of reading M and writing H for the forward; plus reading M, H, dH and
@@ -21,7 +24,15 @@ from matrec.ops.orthogonal import skew
 from matrec.ops.scan import SCAN_BACKENDS, mru_scan, naive_mru_scan
 
 SPEC_SHAPES = ["64,6,256,8", "80,3,512,16", "8,4,4096,16", "8,6,1024,8"]
+CUDA_EXTRA_SHAPES = ["1,1,65536,16", "1,1,8192,16"]
 QUICK_SHAPES = ["4,2,64,4", "2,2,1024,8"]
+
+
+def default_shapes(device: torch.device, quick: bool = False) -> list[str]:
+    """The shapes timed when ``--shapes`` is not given: SPEC 5 (+ the kernel records on CUDA)."""
+    if quick:
+        return QUICK_SHAPES
+    return SPEC_SHAPES + (CUDA_EXTRA_SHAPES if device.type == "cuda" else [])
 
 
 def parse_shape(text: str) -> tuple[int, int, int, int]:
@@ -60,8 +71,8 @@ def timeit(fn, device, repeats: int) -> float:
     return min(times)
 
 
-def check(backend: str, states, tol: float = 1e-4) -> str | None:
-    """None if ``backend`` matches the float64 loop on one sequence (output and gradient).
+def reference(states):
+    """``(M, G, H, dL/dM)`` of one sequence from the float64 autograd-through-loop definition.
 
     One (batch, head) sequence at the full T and d: the reference loop is slow, and the backends
     treat every sequence alike.
@@ -71,6 +82,15 @@ def check(backend: str, states, tol: float = 1e-4) -> str | None:
     ref_in = M.double().requires_grad_()
     ref = naive_mru_scan(ref_in)
     (ref_grad,) = torch.autograd.grad(ref, ref_in, G.double())
+    return M, G, ref.detach(), ref_grad
+
+
+def check(backend: str, states, tol: float = 1e-4, ref=None) -> str | None:
+    """None if ``backend`` matches the float64 loop on one sequence (output and gradient).
+
+    ``ref``: :func:`reference` of ``states``, computed here when not given (once per shape in main).
+    """
+    M, G, ref, ref_grad = ref if ref is not None else reference(states)
     x = M.clone().requires_grad_()
     out = mru_scan(x, backend=backend)
     (grad,) = torch.autograd.grad(out, x, G)
@@ -103,7 +123,7 @@ def main(argv=None) -> None:
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    shapes = args.shapes or [parse_shape(s) for s in (QUICK_SHAPES if args.quick else SPEC_SHAPES)]
+    shapes = args.shapes or [parse_shape(s) for s in default_shapes(device, args.quick)]
     repeats = 2 if args.quick else args.repeats
     shapes = [(max(1, round(B * args.batch_scale)), h, T, d) for B, h, T, d in shapes]
     backends = args.backends or SCAN_BACKENDS.names()
@@ -129,14 +149,15 @@ def main(argv=None) -> None:
     for shape in shapes:
         states = make_states(shape, device)
         nbytes = states.numel() * states.element_size()
-        seq_ms = None
+        seq_ms, ref = None, None
         for b in backends:
             ok, reason = SCAN_BACKENDS.get(b).available(device)
             label = f"| {', '.join(map(str, shape))} | {b} |"
             if not ok:
                 print(f"{label} unavailable: {reason} | | |" + (" | |" if bw else ""))
                 continue
-            failure = check(b, states)
+            ref = ref if ref is not None else reference(states)
+            failure = check(b, states, ref=ref)
             if failure:
                 print(f"{label} FAILED check: {failure} | | |" + (" | |" if bw else ""))
                 continue
@@ -160,7 +181,7 @@ def main(argv=None) -> None:
                 floor_f, floor_fb = 2 * nbytes / bw * 1e3, 6 * nbytes / bw * 1e3
                 row += f" {100 * floor_f / f_ms:.1f}% | {100 * floor_fb / fb_ms:.1f}% |"
             print(row, flush=True)
-        del states
+        del states, ref
 
 
 if __name__ == "__main__":

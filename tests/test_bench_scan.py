@@ -31,6 +31,18 @@ def test_bench_reports_good_and_refuses_bad(monkeypatch, capsys):
     assert float(rows["chunked"].split("|")[3]) > 0  # a forward time was reported
 
 
+def test_default_shapes_cover_the_records():
+    """SPEC 5 shapes everywhere; on CUDA also the kernel issue's T >= 65536 and small batch x heads."""
+    bench = load_bench()
+    spec = {"64,6,256,8", "80,3,512,16", "8,4,4096,16"}
+    cpu = [bench.parse_shape(s) for s in bench.default_shapes(torch.device("cpu"))]
+    cuda = [bench.parse_shape(s) for s in bench.default_shapes(torch.device("cuda"))]
+    assert spec <= set(bench.default_shapes(torch.device("cpu"))) and max(T for _, _, T, _ in cpu) < 65536
+    assert spec <= set(bench.default_shapes(torch.device("cuda")))
+    assert any(T >= 65536 for _, _, T, _ in cuda)
+    assert any(B * h <= 2 for B, h, T, _ in cuda if T < 65536)
+
+
 def graph_nodes(tensor):
     seen, stack = set(), [tensor.grad_fn]
     while stack:

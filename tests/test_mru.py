@@ -151,11 +151,11 @@ def test_bf16_module():
     "kwargs,match",
     [
         ({"embed_dim": 16, "num_heads": 3}, "num_heads must divide embed_dim"),
-        ({"embed_dim": 16, "num_heads": 2, "state_size": 12}, "state_size / num_heads must be a perfect square"),
+        ({"embed_dim": 16, "num_heads": 2, "state_size": 12}, r"state_size / num_heads must be a perfect square .*got 12 / 2 = 6"),
         ({"embed_dim": 16, "num_heads": 2, "state_size": 9}, "state_size must be divisible by num_heads"),
         ({"embed_dim": 18, "num_heads": 2, "state_size": 32}, "embed_dim must be divisible by num_heads \\* d"),
-        ({"embed_dim": 16, "state_matrix": "nope"}, "state_matrix must be one of"),
-        ({"embed_dim": 16, "backend": "nope"}, "backend must be one of"),
+        ({"embed_dim": 16, "state_matrix": "nope"}, r"state_matrix must be one of \['identity'.*got 'nope'"),
+        ({"embed_dim": 16, "backend": "nope"}, r"backend must be one of \['auto', 'sequential'.*got 'nope'"),
         ({"embed_dim": 0}, "embed_dim must be a positive int"),
         ({"embed_dim": 16, "dropout": 1.0}, "dropout must be in"),
     ],
@@ -169,9 +169,11 @@ def test_bad_forward_input():
     m = MRU(16, num_heads=2)
     with pytest.raises(ValueError, match=r"x must have shape \[B, T, 16\]"):
         m(torch.randn(2, 5, 8))
-    with pytest.raises(ValueError, match="state must have shape"):
+    with pytest.raises(ValueError, match=r"state must be None or a tensor of shape \(2, 2, 2, 2\)"):
         m(torch.randn(2, 5, 16), torch.zeros(2, 1, 2, 2))
-    with pytest.raises(ValueError, match="T >= 1"):
+    with pytest.raises(ValueError, match="state must be None or a tensor"):
+        m(torch.randn(2, 5, 16), [[1.0]])
+    with pytest.raises(ValueError, match=r"x must have sequence length T >= 1, got \(2, 0, 16\)"):
         m(torch.randn(2, 0, 16))
 
 
@@ -217,3 +219,18 @@ def test_default_element_scale_keeps_ldu_training_finite():
 def test_element_scale_is_validated():
     with pytest.raises(ValueError, match="element_scale must be a positive number"):
         MRU(16, element_scale=0.0)
+
+
+def test_quickstart_example_prints_true_claims():
+    """examples/quickstart.py (the README's runnable MRU example) runs and what it prints holds."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    run = subprocess.run([sys.executable, str(root / "examples" / "quickstart.py")], capture_output=True,
+                         text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(root / "src")})
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "matches the loop: True" in run.stdout and "stream == whole: True" in run.stdout, run.stdout
+    assert "layer: (2, 50, 64) (2, 4, 4, 4)" in run.stdout, run.stdout

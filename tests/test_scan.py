@@ -1,6 +1,7 @@
 """mru_scan: every backend against the sequential-loop reference (outputs and both gradients)."""
 import functools
 import math
+import sys
 import types
 
 import pytest
@@ -167,6 +168,22 @@ def test_autocast_keeps_scan_float32(backend):
     torch.testing.assert_close(grad, want_grad, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("backend", PATTERNS + ["auto"])
+def test_compiles_fullgraph(backend):
+    """torch.compile(fullgraph=True) traces every backend (odd T: the chunked pattern pads), grads as eager."""
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(11)
+    states = near_identity((2, 7, 3, 3), dtype=torch.float32, generator=g)
+    h0 = near_identity((2, 3, 3), dtype=torch.float32, generator=g)
+    G = torch.randn(states.shape, generator=g)
+    compiled = torch.compile(functools.partial(mru_scan, backend=backend), fullgraph=True, backend="aot_eager")
+    states_, h0_ = states.clone().requires_grad_(), h0.clone().requires_grad_()
+    out = compiled(states_, h0_)
+    got = torch.autograd.grad(out, [states_, h0_], G)
+    want = reference(states, h0, G)
+    assert_matches((out.detach(), got), want, atol=1e-5, rtol=1e-5)
+
+
 def test_overflow_is_not_masked():
     states = torch.eye(2).mul(10.0).expand(400, 2, 2).contiguous()  # 10^400 overflows float32
     for backend in PATTERNS:
@@ -199,14 +216,17 @@ def test_auto_rule_cuda(monkeypatch):
     assert auto_backend(cuda, 100, dtype=torch.float64) == scan_mod.AUTO_CUDA_FALLBACK
 
 
-def test_triton_backend_available_or_explained():
-    ok, reason = SCAN_BACKENDS.get("triton").available(torch.device("cpu"))
+def test_triton_backend_refuses_openly(monkeypatch):
+    """backend="triton" where the kernel cannot run is an error with the reason, never a slow fallback."""
     states = near_identity((2, 9, 4, 4), dtype=torch.float32)
-    if ok:
-        torch.testing.assert_close(mru_scan(states, backend="triton"), naive_mru_scan(states))
-    else:
-        with pytest.raises(RuntimeError, match="triton"):
-            mru_scan(states, backend="triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(RuntimeError, match="backend 'triton' is not available on cpu: .*TRITON_INTERPRET=1"):
+        mru_scan(states, backend="triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setitem(sys.modules, "triton", None)  # as if triton were not installed
+    with pytest.raises(RuntimeError, match="backend 'triton' is not available on cpu: triton is not importable"):
+        mru_scan(states, backend="triton")
+    assert auto_backend(torch.device("cpu"), 9) != "triton"  # auto never picks it off CUDA
 
 
 def test_triton_backend_through_mru_scan(monkeypatch):
@@ -221,6 +241,11 @@ def test_triton_backend_through_mru_scan(monkeypatch):
     for chunk_size in [None, 3]:
         out, grads = run(states, h0, G, backend="triton", chunk_size=chunk_size)
         assert_matches((out.double(), [x.double() for x in grads]), want, atol=1e-5, rtol=1e-5)
+    # what the kernel does not take is refused by name, not computed some other way
+    with pytest.raises(TypeError, match="states must be float32, bfloat16 or float16, got torch.float64"):
+        mru_scan(states.double(), backend="triton")
+    with pytest.raises(ValueError, match="states must hold matrices of order 1..64, got d=65"):
+        mru_scan(torch.eye(65).expand(1, 2, 65, 65), backend="triton")
     low = mru_scan(states.bfloat16(), backend="triton")
     assert low.dtype == torch.bfloat16
     torch.testing.assert_close(low.float(), naive_mru_scan(states.bfloat16().float()), atol=2e-2, rtol=2e-2)
@@ -251,23 +276,59 @@ def test_public_export():
     assert matrec.mru_scan is mru_scan and matrec.SCAN_BACKENDS is SCAN_BACKENDS
 
 
+# Issue 2's bad-input list, one case each (the id says which); every message names the argument.
 @pytest.mark.parametrize(
     "states,h0,kw,err,match",
     [
-        (torch.zeros(4, 3), None, {}, ValueError, r"states must have shape \[\.\.\., T, d, d\]"),
-        (torch.zeros(2, 4, 3, 2), None, {}, ValueError, "states must hold square matrices"),
-        (torch.zeros(2, 0, 3, 3), None, {}, ValueError, "T >= 1"),
-        (torch.zeros(2, 4, 3, 3, dtype=torch.int64), None, {}, TypeError, "floating-point"),
-        ([[[1.0]]], None, {}, TypeError, "states must be a torch.Tensor"),
-        (torch.zeros(2, 4, 3, 3), torch.zeros(3, 3), {}, ValueError, r"initial_state must have shape \(2, 3, 3\)"),
-        (torch.zeros(2, 4, 3, 3), torch.zeros(2, 3, 3, dtype=torch.float64), {}, TypeError, "initial_state must have the dtype"),
-        (torch.zeros(2, 4, 3, 3), torch.zeros(2, 3, 3, device="meta"), {}, ValueError, "initial_state must be on the device"),
-        (torch.zeros(2, 4, 3, 3), None, {"backend": "nope"}, ValueError, r"backend must be one of \['auto', 'sequential'"),
-        (torch.zeros(2, 4, 3, 3), None, {"backend": "chunked", "chunk_size": 0}, ValueError, "chunk_size must be a positive int"),
-        (torch.zeros(2, 4, 3, 3), None, {"backend": "chunked", "chunk_size": 2.0}, ValueError, "chunk_size must be a positive int"),
-        (torch.zeros(2, 4, 3, 3), None, {"backend": "sklansky", "chunk_size": 2}, ValueError, "chunk_size applies"),
+        pytest.param(torch.zeros(4, 3), None, {}, ValueError, r"states must have shape \[\.\.\., T, d, d\] \(at least 3 dims\), got \(4, 3\)", id="wrong-rank"),
+        pytest.param(torch.zeros(2, 4, 3, 2), None, {}, ValueError, r"states must hold square matrices \[\.\.\., T, d, d\], got \(2, 4, 3, 2\)", id="non-square"),
+        pytest.param(torch.zeros(2, 4, 0, 0), None, {}, ValueError, "states must have matrix order d >= 1", id="d-zero"),
+        pytest.param(torch.zeros(2, 0, 3, 3), None, {}, ValueError, r"states must have sequence length T >= 1, got \(2, 0, 3, 3\)", id="T-zero"),
+        pytest.param(torch.zeros(2, 4, 3, 3, dtype=torch.int64), None, {}, TypeError, "states must have a floating-point dtype, got torch.int64", id="integer-dtype"),
+        pytest.param([[[1.0]]], None, {}, TypeError, "states must be a torch.Tensor", id="not-a-tensor"),
+        pytest.param(torch.zeros(2, 4, 3, 3), torch.zeros(3, 3), {}, ValueError, r"initial_state must have shape \(2, 3, 3\) .*got \(3, 3\)", id="initial-state-batch-mismatch"),
+        pytest.param(torch.zeros(2, 4, 3, 3), torch.zeros(2, 2, 2), {}, ValueError, r"initial_state must have shape \(2, 3, 3\) .*got \(2, 2, 2\)", id="initial-state-order-mismatch"),
+        pytest.param(torch.zeros(2, 4, 3, 3), torch.zeros(2, 3, 3, dtype=torch.float64), {}, TypeError, "initial_state must have the dtype of states", id="initial-state-dtype-mismatch"),
+        pytest.param(torch.zeros(2, 4, 3, 3), torch.zeros(2, 3, 3, dtype=torch.int64), {}, TypeError, "initial_state must have the dtype of states", id="initial-state-integer"),
+        pytest.param(torch.zeros(2, 4, 3, 3), torch.zeros(2, 3, 3, device="meta"), {}, ValueError, "initial_state must be on the device", id="initial-state-device-mismatch"),
+        pytest.param(torch.zeros(2, 4, 3, 3), None, {"backend": "nope"}, ValueError, r"backend must be one of \['auto', 'sequential'.*got 'nope'", id="unknown-backend"),
+        pytest.param(torch.zeros(2, 4, 3, 3), None, {"backend": "chunked", "chunk_size": 0}, ValueError, "chunk_size must be a positive int", id="chunk-size-zero"),
+        pytest.param(torch.zeros(2, 4, 3, 3), None, {"backend": "chunked", "chunk_size": 2.0}, ValueError, "chunk_size must be a positive int", id="chunk-size-float"),
+        pytest.param(torch.zeros(2, 4, 3, 3), None, {"backend": "sklansky", "chunk_size": 2}, ValueError, "chunk_size applies to backends with chunks only", id="chunk-size-without-chunks"),
     ],
 )
 def test_bad_input(states, h0, kw, err, match):
     with pytest.raises(err, match=match):
         mru_scan(states, h0, **kw)
+
+
+def test_core_needs_only_torch_and_numpy():
+    """Issue 2: torch and numpy are the only core dependencies. With every optional package made
+    unimportable, the scan (every PyTorch backend and auto), the constructions and the MRU layer
+    still run, and asking for the Triton backend fails with the reason."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    src = Path(__file__).resolve().parents[1] / "src"
+    code = """
+import sys
+for name in ("triton", "safetensors", "tokenizers", "tensorboard", "matplotlib", "sklearn", "hypothesis", "onnx"):
+    sys.modules[name] = None  # import raises ImportError
+import torch, matrec
+M = torch.linalg.matrix_exp(0.1 * torch.randn(2, 30, 4, 4))
+for b in ("auto", "sequential", "hillis_steele", "brent_kung", "sklansky", "chunked"):
+    matrec.mru_scan(M, backend=b)
+matrec.state_matrix("ldu", torch.zeros(3, 16), 4)
+y, s = matrec.MRU(16, num_heads=1)(torch.randn(2, 5, 16))
+try:
+    matrec.mru_scan(M, backend="triton")
+except RuntimeError as e:
+    assert "triton" in str(e), e
+else:
+    raise AssertionError("triton backend ran without triton")
+print("core ok")
+"""
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(src)})
+    assert run.returncode == 0 and "core ok" in run.stdout, run.stderr[-2000:]

@@ -84,6 +84,8 @@ CASES = [
     (1, 100, 2, 7),
     (1, 100, 16, None),
     (1, 9, 32, 4),
+    (2, 5, 1, 2),  # d = 1 and d = 64: the ends of the documented 1 <= d <= 64
+    (1, 5, 64, 2),
 ]
 
 
@@ -236,6 +238,34 @@ def test_torch_compile_fullgraph(monkeypatch):
         torch.testing.assert_close(p.grad, w)
 
 
+def test_mru_layer_compiles_fullgraph_with_the_kernel(monkeypatch):
+    """The public path a model takes (MRU -> mru_scan(backend="triton") -> the op), not the op alone:
+    backend lookup and availability check must trace without a graph break; grads match eager."""
+    from matrec.nn.mru import MRU
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    layer = MRU(16, num_heads=2, state_size=32, backend="triton")  # d = 4
+    with torch.no_grad():
+        layer.in_proj.weight.normal_()  # zero at init: give the states something to mix
+    x = torch.randn(2, 7, 16, generator=torch.Generator().manual_seed(8))
+    s0 = torch.linalg.matrix_exp(0.3 * torch.randn(2, 2, 4, 4, generator=torch.Generator().manual_seed(9)))
+    y, s = layer(x, s0)
+    (y.square().sum() + s.sum()).backward()
+    want = [p.grad.clone() for p in layer.parameters()]
+    layer.zero_grad()
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    y2, s2 = compiled(x, s0)
+    (y2.square().sum() + s2.sum()).backward()
+    torch.testing.assert_close(y2, y)
+    torch.testing.assert_close(s2, s)
+    for p, w in zip(layer.parameters(), want):
+        torch.testing.assert_close(p.grad, w)
+    exported = torch.export.export(layer, (x, s0))
+    torch.testing.assert_close(exported.module()(x, s0)[0], y.detach())
+
+
 def test_torch_export_keeps_the_op(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     model = _TinyMixer(2)
@@ -296,12 +326,13 @@ def test_triton_available_reports_why(monkeypatch):
 
 @pytest.mark.parametrize("states,initial_state,chunk_size,error,match", [
     (torch.zeros(3, 2, 2), None, None, ValueError, "states must be a \\[N, T, d, d\\]"),
-    (torch.zeros(1, 3, 2, 3), None, None, ValueError, "square"),
-    (torch.zeros(1, 3, 2, 2, dtype=torch.float64), None, None, TypeError, "float32, bfloat16"),
-    (torch.zeros(1, 3, 65, 65), None, None, ValueError, "order 1..64"),
+    (torch.zeros(1, 3, 2, 3), None, None, ValueError, "states must be a .* square matrices"),
+    (torch.zeros(1, 3, 2, 2, dtype=torch.float64), None, None, TypeError, "states must be float32, bfloat16"),
+    (torch.zeros(1, 3, 65, 65), None, None, ValueError, "states must hold matrices of order 1..64"),
     (torch.zeros(1, 3, 2, 2), torch.zeros(2, 2, 2), None, ValueError, "initial_state must be"),
-    (torch.zeros(1, 3, 2, 2), torch.zeros(1, 2, 2, dtype=torch.int32), None, TypeError, "initial_state"),
-    (torch.zeros(1, 3, 2, 2), None, 0, ValueError, "chunk_size"),
+    (torch.zeros(1, 3, 2, 2), torch.zeros(1, 2, 2, dtype=torch.int32), None, TypeError, "initial_state must be float32"),
+    (torch.zeros(1, 3, 2, 2), None, 0, ValueError, "chunk_size must be None or a positive int"),
+    (torch.zeros(1, 3, 2, 2), None, True, ValueError, "chunk_size must be None or a positive int"),
 ])
 def test_bad_input_is_named(states, initial_state, chunk_size, error, match):
     with pytest.raises(error, match=match):

@@ -137,9 +137,12 @@ class MRU(nn.Module):
         if x.dim() != 3 or x.shape[-1] != self.embed_dim:
             raise ValueError(f"x must have shape [B, T, {self.embed_dim}], got {tuple(x.shape)}")
         B, T, E = x.shape
+        if T < 1:
+            raise ValueError(f"x must have sequence length T >= 1, got {tuple(x.shape)}")
         h, d = self.num_heads, self.order
-        if state is not None and state.shape != (B, h, d, d):
-            raise ValueError(f"state must have shape {(B, h, d, d)}, got {tuple(state.shape)}")
+        if state is not None and (not isinstance(state, Tensor) or state.shape != (B, h, d, d)):
+            got = tuple(state.shape) if isinstance(state, Tensor) else type(state).__name__
+            raise ValueError(f"state must be None or a tensor of shape {(B, h, d, d)}, got {got}")
         raw = self.in_proj(x) * self.element_scale
         raw = raw.view(B, T, h, self.numel).transpose(1, 2)  # [B, h, T, n]
         low = raw.dtype in (torch.float16, torch.bfloat16)

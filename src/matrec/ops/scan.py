@@ -24,7 +24,6 @@ or the det-1 ones) or shorter chunks with a carried state for very long sequence
 """
 from __future__ import annotations
 
-import importlib
 import math
 import warnings
 from dataclasses import dataclass
@@ -89,8 +88,8 @@ def _extend_prefix(a: Tensor, b: Tensor) -> None:
 def _identity_elements(x: Tensor, n: int) -> Tensor:
     """``n`` identity elements ``[I; 0]`` shaped like ``x [N, T, r, d]`` along dim 1."""
     N, _, r, d = x.shape
-    e = x.new_zeros(r, d)
-    e[:d].fill_diagonal_(1)
+    # built without in-place writes into a view: torch.compile cannot functionalise those
+    e = torch.eye(r, d, dtype=x.dtype, device=x.device)  # [r, d] = [I; 0]
     return e.expand(N, n, r, d)
 
 
@@ -259,7 +258,9 @@ SCAN_BACKENDS.register("chunked", ScanBackend(pattern=_chunked_scan, uses_chunk_
 
 
 def _triton_module():
-    return importlib.import_module("matrec.ops.triton_scan")
+    from . import triton_scan  # an import statement, not importlib: torch.compile traces it
+
+    return triton_scan
 
 
 def _triton_function(states: Tensor, initial_state: Tensor | None, chunk_size: int | None = None) -> Tensor:
@@ -304,8 +305,9 @@ def auto_backend(
     ``dtype`` is the compute dtype (float32 for bf16/fp16 inputs). CUDA: ``"triton"`` for float32
     and ``d <= 64`` when :func:`matrec.ops.triton_scan.triton_available` says so, else
     ``"sklansky"`` (with a warning naming the reason when Triton is what is missing; float64 and
-    larger d go to ``"sklansky"`` silently: the fused kernel is a float32 kernel for ``d <= 64``). Elsewhere: ``"sequential"`` for ``T <= 8`` or
-    ``batch * d**3 >= 65536``; else ``"brent_kung"`` for ``T <= 1024`` and ``"chunked"`` above.
+    larger d go to ``"sklansky"`` silently: the fused kernel computes in float32 and takes
+    ``d <= 64`` only). Elsewhere: ``"sequential"`` for ``T <= 8`` or ``batch * d**3 >= 65536``;
+    else ``"brent_kung"`` for ``T <= 1024`` and ``"chunked"`` above.
     """
     if device.type == "cuda":
         if dtype != torch.float32:

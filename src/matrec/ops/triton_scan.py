@@ -300,6 +300,6 @@ def mru_scan_triton(states: Tensor, initial_state: Optional[Tensor] = None, *,
             raise TypeError(f"initial_state must be float32, bfloat16 or float16, got {initial_state.dtype}")
         if initial_state.device != states.device:
             raise ValueError(f"initial_state is on {initial_state.device}, states on {states.device}")
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be None or a positive int, got {chunk_size!r}")
     return triton_mru_scan_fwd(states, initial_state, chunk_size or 0)
