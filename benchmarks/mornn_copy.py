@@ -56,7 +56,7 @@ def train(name, model, task, steps, lr, batch, every, seed):
     return rows
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--delay", type=int, default=100)
     p.add_argument("--steps", type=int, default=600)
@@ -70,7 +70,7 @@ def main():
     p.add_argument("--device", default="cpu")
     p.add_argument("--models", default="mornn,lstm", help="comma-separated subset of mornn,lstm")
     p.add_argument("--nonlinearity", default="modrelu", help="MORNN's (the recipe: modrelu)")
-    a = p.parse_args()
+    a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
     task = build_task("copy", delay=a.delay)

@@ -134,6 +134,10 @@ class _OrthogonalRecurrent(nn.Module):
             base = self._buffers[f"{name}_base"]
             W = base.double() @ orthogonal_from(lower_to_square(A.double(), base.shape[0]),
                                                 self.orthogonal_map)
+            if not torch.isfinite(W).all():
+                # else the SVD below fails with a message that names neither the cause nor the tensor
+                raise RuntimeError(f"cannot refold {name}: {name}_A holds non-finite values (a diverged "
+                                   f"optimiser step?); the base is left unchanged")
             base.copy_(project_orthogonal(W))
             A.zero_()
 
@@ -226,8 +230,10 @@ class MORNN(_OrthogonalRecurrent):
             RECURRENCE_BACKENDS.get(recurrence_backend)
         self.recurrence_backend = recurrence_backend
         _check_sizes(input_size, hidden_size, bias, batch_first)
-        if not isinstance(num_layers, int) or num_layers <= 0:
-            raise ValueError(f"num_layers must be an int greater than zero, got {num_layers!r}")
+        if not isinstance(num_layers, int) or isinstance(num_layers, bool):
+            raise TypeError(f"num_layers should be of type int, got: {type(num_layers).__name__}")
+        if num_layers <= 0:
+            raise ValueError("num_layers must be greater than zero")
         if not isinstance(dropout, numbers.Number) or isinstance(dropout, bool) or not 0 <= dropout <= 1:
             raise ValueError("dropout should be a number in range [0, 1] representing the probability "
                              "of an element being zeroed")
