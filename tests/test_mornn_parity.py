@@ -1,6 +1,8 @@
 """MORNN against nn.RNN where test_mornn.py does not reach: packed sequences, dropout masks and bad
 input compared call for call; orthogonality of every layer and direction under several optimisers,
 bf16 autocast and loading; the recurrent matrix built once per forward, on the fast paths."""
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -177,6 +179,7 @@ def test_bf16_autocast_with_bf16_inputs_keeps_every_matrix_orthogonal(nonlineari
             W = m.weight_hh_l1_reverse
             out, h_n = m(xi)
         assert W.dtype == torch.float32 and m.weight_hh_l0_A.dtype == torch.float32
+        assert orthogonality_error(W.detach()) <= 1e-5  # as built inside autocast, not only after
         (out.float().square().mean() + h_n.float().mean()).backward()
         opt.step()
     assert max_orth_error(m) <= 1e-5
@@ -230,3 +233,66 @@ def test_refold_of_a_diverged_parameter_names_it():
     with pytest.raises(RuntimeError, match="weight_hh_l1_A holds non-finite values"):
         m(torch.randn(2, 1, 3))
     assert torch.equal(m.weight_hh_l1_base, base)
+
+
+def test_refold_reprojects_a_drifted_base():
+    """The refold is what keeps rounding from accumulating in the base over long training: a base
+    that has drifted from orthogonal comes out of it orthogonal again, next to the same matrix."""
+    torch.manual_seed(27)
+    m = MORNN(3, 7, bidirectional=True, dtype=torch.float64, refold_every=0)
+    with torch.no_grad():
+        m.weight_hh_l0_A.normal_(std=0.3)
+        m.weight_hh_l0_reverse_base.add_(1e-4 * torch.randn(7, 7, dtype=torch.float64))
+    before = m.weight_hh_l0_reverse.detach()
+    assert orthogonality_error(before) > 1e-5
+    m.refold()
+    assert max_orth_error(m) <= 1e-12
+    torch.testing.assert_close(m.weight_hh_l0_reverse, before, atol=1e-3, rtol=0)
+
+
+@pytest.mark.parametrize("nonlinearity,backend", [("modrelu", "torch"), ("identity", "torch"),
+                                                  ("identity", "chunked")])
+@pytest.mark.parametrize("packed", [False, True])
+def test_fast_recurrence_matches_the_autograd_loop_with_every_gradient(nonlinearity, backend, packed):
+    """modrelu/identity: MORNN on the fused op (or identity's chunked form) against the same module on
+    the plain autograd loop, on odd sizes: outputs, h_n, and the gradient of every parameter, of the
+    input and of hx."""
+    torch.manual_seed(28)
+    fast = MORNN(3, 5, num_layers=2, bidirectional=True, nonlinearity=nonlinearity, init="random",
+                 dtype=torch.float64, recurrence_backend=backend)
+    with torch.no_grad():
+        for p in fast.parameters():
+            p.add_(0.1 * torch.randn_like(p))  # A != 0, modReLU biases of both signs
+    ref = copy.deepcopy(fast)
+    ref.recurrence_backend = "loop"
+    x = torch.randn(19, 3, 3, dtype=torch.float64)
+    hx = torch.randn(4, 3, 5, dtype=torch.float64)
+    lengths = torch.tensor([11, 19, 6])
+    grads = []
+    for m in (fast, ref):
+        xi, hi = x.clone().requires_grad_(), hx.clone().requires_grad_()
+        inp = pack_padded_sequence(xi, lengths, enforce_sorted=False) if packed else xi
+        out, h_n = m(inp, hi)
+        data = out.data if packed else out
+        (data.square().sum() + (h_n * torch.arange(5)).sum()).backward()
+        grads.append((data, h_n, xi.grad, hi.grad, {n: p.grad for n, p in m.named_parameters()}))
+    (o1, h1, gx1, gh1, gp1), (o2, h2, gx2, gh2, gp2) = grads
+    torch.testing.assert_close(o1, o2)
+    torch.testing.assert_close(h1, h2)
+    torch.testing.assert_close(gx1, gx2)
+    torch.testing.assert_close(gh1, gh2)
+    assert set(gp1) == set(gp2)
+    for name in gp1:
+        torch.testing.assert_close(gp1[name], gp2[name], msg=name)
+        assert gp1[name].abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_all_weights_as_nn_rnn(bias):
+    torch.manual_seed(29)
+    rnn = orthogonal_rnn(3, 4, num_layers=2, bidirectional=True, bias=bias, dtype=torch.float64)
+    got, want = MORNN.from_rnn(rnn).all_weights, rnn.all_weights
+    assert [len(ws) for ws in got] == [len(ws) for ws in want] == [4 if bias else 2] * 4
+    for ws_got, ws_want in zip(got, want):
+        for a, b in zip(ws_got, ws_want):
+            torch.testing.assert_close(a, b)

@@ -207,7 +207,8 @@ class MORNN(_OrthogonalRecurrent):
             "random", "identity".
         refold_every: fold ``A`` into the base every this many training forwards (0: never).
         recurrence_backend: for modrelu/identity, ``matrec.ops.recurrence.RECURRENCE_BACKENDS``
-            ("auto", "torch", "triton"); tanh/relu always use PyTorch's fused kernel.
+            ("auto", "torch", "loop", "chunked", "triton"; "loop" is the autograd reference,
+            "chunked" identity only); tanh/relu always use PyTorch's fused kernel.
 
     Parameters: ``weight_ih_l{k}[_reverse]``, ``bias_ih_l{k}``, ``bias_hh_l{k}`` exactly as nn.RNN;
     ``weight_hh_l{k}_A`` (``[H(H-1)/2]``) replaces the trainable ``weight_hh_l{k}``, which is read-only
@@ -308,6 +309,12 @@ class MORNN(_OrthogonalRecurrent):
             for name, p in rnn.named_parameters():
                 p.copy_(getattr(self, name))
         return rnn.train(self.training)
+
+    @property
+    def all_weights(self) -> list[list[Tensor]]:
+        """As ``nn.RNN.all_weights``: per (layer, direction) ``[w_ih, w_hh, (b_ih, b_hh)]``, ``w_hh``
+        the current orthogonal matrix."""
+        return self._weights()
 
     def _weights(self) -> list[list[Tensor]]:
         """Per (layer, direction): [w_ih, W_hh, (b_ih, b_hh)] with W_hh materialised once."""
