@@ -296,3 +296,47 @@ def test_all_weights_as_nn_rnn(bias):
     for ws_got, ws_want in zip(got, want):
         for a, b in zip(ws_got, ws_want):
             torch.testing.assert_close(a, b)
+
+
+def test_resumed_module_refolds_at_the_same_step():
+    """The refold counter travels in the state dict, so a resumed run refolds where the original does."""
+    torch.manual_seed(30)
+    m = MORNN(3, 4, refold_every=4)
+    x = torch.randn(3, 2, 3)
+    for _ in range(3):
+        m(x)
+        with torch.no_grad():
+            m.weight_hh_l0_A.add_(0.1)
+    resumed = MORNN(3, 4, refold_every=4)
+    resumed.load_state_dict(m.state_dict())
+    for mod in (m, resumed):
+        assert torch.count_nonzero(mod.weight_hh_l0_A) > 0
+        mod(x)  # the 4th training forward of both
+        assert torch.count_nonzero(mod.weight_hh_l0_A) == 0
+    torch.testing.assert_close(resumed.weight_hh_l0_base, m.weight_hh_l0_base)
+
+
+@pytest.mark.parametrize("nonlinearity", ["tanh", "relu"])
+def test_cell_gradients_match_nn_rnncell(nonlinearity):
+    torch.manual_seed(31)
+    rc = nn.RNNCell(3, 5, nonlinearity=nonlinearity, dtype=torch.float64)
+    with torch.no_grad():
+        rc.weight_hh.copy_(project_orthogonal(rc.weight_hh))
+    cell = MORNNCell(3, 5, nonlinearity=nonlinearity, dtype=torch.float64)
+    with torch.no_grad():
+        for n in ("weight_ih", "bias_ih", "bias_hh"):
+            getattr(cell, n).copy_(getattr(rc, n))
+        cell.weight_hh_base.copy_(rc.weight_hh)
+    x, h = torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 5, dtype=torch.float64)
+    ins = []
+    for mod in (cell, rc):
+        xi, hi = x.clone().requires_grad_(), h.clone().requires_grad_()
+        out = mod(xi, mod(xi, hi))  # two steps, so W_hh's gradient sees a state it made
+        out.square().sum().backward()
+        ins.append((out, xi.grad, hi.grad))
+    torch.testing.assert_close(ins[0], ins[1])
+    for n in ("weight_ih", "bias_ih", "bias_hh"):
+        torch.testing.assert_close(getattr(cell, n).grad, getattr(rc, n).grad)
+    (want,) = torch.autograd.grad(cell.weight_hh, cell.weight_hh_A, rc.weight_hh.grad)
+    torch.testing.assert_close(cell.weight_hh_A.grad, want)
+    assert want.abs().sum() > 0
