@@ -340,3 +340,17 @@ def test_cell_gradients_match_nn_rnncell(nonlinearity):
     (want,) = torch.autograd.grad(cell.weight_hh, cell.weight_hh_A, rc.weight_hh.grad)
     torch.testing.assert_close(cell.weight_hh_A.grad, want)
     assert want.abs().sum() > 0
+
+
+@pytest.mark.parametrize("value", [torch.zeros(4, 4), nn.Parameter(torch.zeros(4, 4))])
+def test_assigning_the_computed_matrix_is_refused(value):
+    """nn.RNN code may assign weight_hh_l0; here that would shadow the orthogonal matrix."""
+    m = MORNN(3, 4, bidirectional=True)
+    cell = MORNNCell(3, 4)
+    with pytest.raises(AttributeError, match="weight_hh_l0_reverse is computed"):
+        m.weight_hh_l0_reverse = value
+    with pytest.raises(AttributeError, match="weight_hh is computed"):
+        cell.weight_hh = value
+    assert orthogonality_error(m.weight_hh_l0_reverse.detach()) < 1e-5
+    m.weight_ih_l0 = nn.Parameter(torch.zeros(4, 3))  # other attributes assign as usual
+    assert m.weight_ih_l0.abs().sum() == 0

@@ -165,6 +165,15 @@ class _OrthogonalRecurrent(nn.Module):
             return self.orthogonal_weight(name)
         return super().__getattr__(name)
 
+    def __setattr__(self, name: str, value) -> None:
+        # Assigning would store a plain attribute that shadows the computed matrix, and the forward
+        # would then run with a matrix that need not be orthogonal.
+        if name in self.__dict__.get("_orthogonal_names", ()):
+            raise AttributeError(f"{name} is computed as {name}_base @ f({name}_A) and cannot be assigned; "
+                                 f"to set it to an orthogonal W: {name}_base.copy_(W), {name}_A.zero_() "
+                                 f"(under torch.no_grad), or build the module with MORNN.from_rnn")
+        super().__setattr__(name, value)
+
 
 def _reproject_after_load(module: _OrthogonalRecurrent, incompatible_keys) -> None:
     # A loaded base may come from another precision or a hand-edited file: make it exactly orthogonal.
