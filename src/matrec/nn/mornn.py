@@ -478,7 +478,9 @@ class MORNNCell(_OrthogonalRecurrent):
     :class:`torch.nn.RNNCell` (input ``[B, I]`` or ``[I]``, hx ``[B, H]`` or ``[H]`` -> ``h'``).
 
     Keyword-only extras and parameter naming as :class:`MORNN` (``weight_hh`` reads as the matrix,
-    ``weight_hh_A`` / ``weight_hh_base`` store it, ``modrelu_bias`` for modrelu).
+    ``weight_hh_A`` / ``weight_hh_base`` store it, ``modrelu_bias`` for modrelu). ``refold_every``
+    counts training calls, i.e. time steps when the cell is driven in a loop; a refold keeps the
+    function, so one in mid-sequence changes nothing but rounding.
     """
 
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True, nonlinearity: str = "tanh",
