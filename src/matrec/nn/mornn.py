@@ -479,8 +479,10 @@ class MORNNCell(_OrthogonalRecurrent):
 
     Keyword-only extras and parameter naming as :class:`MORNN` (``weight_hh`` reads as the matrix,
     ``weight_hh_A`` / ``weight_hh_base`` store it, ``modrelu_bias`` for modrelu). ``refold_every``
-    counts training calls, i.e. time steps when the cell is driven in a loop; a refold keeps the
-    function, so one in mid-sequence changes nothing but rounding.
+    counts calls, i.e. time steps when the cell is driven in a loop. A refold in mid-sequence keeps
+    the outputs (to rounding), but the gradient then sums terms taken before and after it, w.r.t.
+    two parametrisations of ``W`` (they agree only to first order in ``A``'s size): for the exact
+    gradient, pass ``refold_every=0`` and call :meth:`refold` between optimiser steps.
     """
 
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True, nonlinearity: str = "tanh",
