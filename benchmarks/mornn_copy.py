@@ -35,11 +35,12 @@ def lstm_hidden_for(n_params: int, embed: int, vocab: int, out: int) -> int:
 
 def train(name, model, task, steps, lr, batch, every, seed):
     gen = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device  # batches are drawn on the CPU, then moved
     opt = torch.optim.RMSprop(mornn_param_groups(model, lr))
     t0 = time.perf_counter()
     rows = []
     for step in range(1, steps + 1):
-        x, y = task.get_batch("train", batch, gen)
+        x, y = (t.to(device) for t in task.get_batch("train", batch, gen))
         loss = task.loss(model(x)[0], y)
         opt.zero_grad()
         loss.backward()
@@ -49,14 +50,14 @@ def train(name, model, task, steps, lr, batch, every, seed):
             with torch.no_grad():
                 # the same held-out batch at every evaluation, from its own generator: drawing it
                 # from `gen` would make the training data depend on how often we evaluate
-                xv, yv = task.get_batch("val", 256, torch.Generator().manual_seed(seed + 1))
+                xv, yv = (t.to(device) for t in task.get_batch("val", 256, torch.Generator().manual_seed(seed + 1)))
                 m = task.metrics(model(xv)[0], yv)
             rows.append((name, step, time.perf_counter() - t0, m["loss"], m["recall"]))
             print(f"| {name} | {step} | {rows[-1][2]:.1f} | {m['loss']:.4f} | {m['recall']:.3f} |", flush=True)
     return rows
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--delay", type=int, default=100)
     p.add_argument("--steps", type=int, default=600)
@@ -70,7 +71,7 @@ def main():
     p.add_argument("--device", default="cpu")
     p.add_argument("--models", default="mornn,lstm", help="comma-separated subset of mornn,lstm")
     p.add_argument("--nonlinearity", default="modrelu", help="MORNN's (the recipe: modrelu)")
-    a = p.parse_args()
+    a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
     task = build_task("copy", delay=a.delay)

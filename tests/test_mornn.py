@@ -44,9 +44,14 @@ def test_matches_nn_rnn(num_layers, bidirectional, batch_first, nonlinearity, bi
         (o1, h1), (o2, h2) = m(x, h), rnn(x, h)
         torch.testing.assert_close(o1, o2)
         torch.testing.assert_close(h1, h2)
-    # gradients w.r.t. the inputs and input-side parameters agree too
-    (m(x, hx)[0].square().sum()).backward()
-    (rnn(x, hx)[0].square().sum()).backward()
+    # gradients w.r.t. the inputs, hx and every parameter agree too
+    ins = []
+    for mod in (m, rnn):
+        xi, hi = x.clone().requires_grad_(), hx.clone().requires_grad_()
+        out, h_n = mod(xi, hi)
+        (out.square().sum() + h_n.sum()).backward()
+        ins.append((xi.grad, hi.grad))
+    torch.testing.assert_close(ins[0], ins[1])
     for name, p in rnn.named_parameters():
         if not name.startswith("weight_hh"):
             torch.testing.assert_close(getattr(m, name).grad, p.grad)
@@ -211,9 +216,13 @@ def test_refold_between_forward_and_backward():
 def test_state_dict_round_trip_and_pickle():
     torch.manual_seed(8)
     m = MORNN(3, 6, num_layers=2, nonlinearity="modrelu", bidirectional=True)
+    for _ in range(2):  # a refolded base (orthogonal to rounding, not exactly) and A != 0
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(0.1 * torch.randn_like(p))
+        m.refold()
     with torch.no_grad():
-        for p in m.parameters():
-            p.add_(0.1 * torch.randn_like(p))
+        m.weight_hh_l1_A.normal_(std=0.1)
     x = torch.randn(5, 2, 3)
     ref = m(x)
     m2 = MORNN(3, 6, num_layers=2, nonlinearity="modrelu", bidirectional=True, init="random")
@@ -221,11 +230,38 @@ def test_state_dict_round_trip_and_pickle():
     torch.save(m.state_dict(), buf)
     buf.seek(0)
     m2.load_state_dict(torch.load(buf))
-    torch.testing.assert_close(m2(x), ref)
+    # bit for bit: an already orthogonal base is kept as saved, not re-projected
+    assert all(torch.equal(a, b) for a, b in zip(m2(x), ref))
     m3 = pickle.loads(pickle.dumps(m))
     torch.testing.assert_close(m3(x), ref)
     torch.testing.assert_close(copy.deepcopy(m)(x), ref)
     assert set(m.state_dict()) == set(m2.state_dict())
+
+
+@pytest.mark.parametrize("nonlinearity", ["tanh", "relu"])
+def test_to_rnn_round_trip(nonlinearity):
+    torch.manual_seed(9)
+    m = MORNN(3, 5, num_layers=2, bidirectional=True, nonlinearity=nonlinearity, bias=False,
+              dtype=torch.float64)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    rnn = m.to_rnn()
+    assert type(rnn) is nn.RNN and rnn.nonlinearity == nonlinearity and not rnn.bias
+    x = torch.randn(4, 2, 3, dtype=torch.float64)
+    torch.testing.assert_close(rnn(x), m(x))
+    back = MORNN.from_rnn(rnn)
+    torch.testing.assert_close(back(x), m(x))
+    with pytest.raises(ValueError, match="to_rnn needs nonlinearity"):
+        MORNN(3, 5, nonlinearity="modrelu").to_rnn()
+
+
+def test_nn_rnn_housekeeping_calls_work():
+    m = MORNN(3, 5, num_layers=2, dropout=0.1)
+    m.flatten_parameters()  # code written for nn.RNN calls this (e.g. after .cuda())
+    assert repr(m) == ("MORNN(3, 5, num_layers=2, nonlinearity='tanh', dropout=0.1, "
+                       "orthogonal_map='cayley', init='henaff')")
+    assert m.proj_size == 0
 
 
 def test_from_rnn_projects_and_rejects_non_rnn():
@@ -394,6 +430,10 @@ def test_compiles_fullgraph(nonlinearity):
     torch.testing.assert_close(out, ref)
     g = torch.autograd.grad(out.sum(), [m.weight_hh_l0_A])[0]
     torch.testing.assert_close(g, torch.autograd.grad(ref.sum(), [m.weight_hh_l0_A])[0])
+    # more training calls (the refold counter is a Python int) and new values do not recompile
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for _ in range(3):
+            compiled(torch.randn(2, 5, 3))
 
 
 def test_triton_recurrence_backend_in_mornn():

@@ -134,6 +134,10 @@ class _OrthogonalRecurrent(nn.Module):
             base = self._buffers[f"{name}_base"]
             W = base.double() @ orthogonal_from(lower_to_square(A.double(), base.shape[0]),
                                                 self.orthogonal_map)
+            if not torch.isfinite(W).all():
+                # else the SVD below fails with a message that names neither the cause nor the tensor
+                raise RuntimeError(f"cannot refold {name}: {name}_A holds non-finite values (a diverged "
+                                   f"optimiser step?); the base is left unchanged")
             base.copy_(project_orthogonal(W))
             A.zero_()
 
@@ -160,6 +164,15 @@ class _OrthogonalRecurrent(nn.Module):
         if name in self.__dict__.get("_orthogonal_names", ()):
             return self.orthogonal_weight(name)
         return super().__getattr__(name)
+
+    def __setattr__(self, name: str, value) -> None:
+        # Assigning would store a plain attribute that shadows the computed matrix, and the forward
+        # would then run with a matrix that need not be orthogonal.
+        if name in self.__dict__.get("_orthogonal_names", ()):
+            raise AttributeError(f"{name} is computed as {name}_base @ f({name}_A) and cannot be assigned; "
+                                 f"to set it to an orthogonal W: {name}_base.copy_(W), {name}_A.zero_() "
+                                 f"(under torch.no_grad), or build the module with MORNN.from_rnn")
+        super().__setattr__(name, value)
 
 
 def _reproject_after_load(module: _OrthogonalRecurrent, incompatible_keys) -> None:
@@ -203,7 +216,8 @@ class MORNN(_OrthogonalRecurrent):
             "random", "identity".
         refold_every: fold ``A`` into the base every this many training forwards (0: never).
         recurrence_backend: for modrelu/identity, ``matrec.ops.recurrence.RECURRENCE_BACKENDS``
-            ("auto", "torch", "triton"); tanh/relu always use PyTorch's fused kernel.
+            ("auto", "torch", "loop", "chunked", "triton"; "loop" is the autograd reference,
+            "chunked" identity only); tanh/relu always use PyTorch's fused kernel.
 
     Parameters: ``weight_ih_l{k}[_reverse]``, ``bias_ih_l{k}``, ``bias_hh_l{k}`` exactly as nn.RNN;
     ``weight_hh_l{k}_A`` (``[H(H-1)/2]``) replaces the trainable ``weight_hh_l{k}``, which is read-only
@@ -226,8 +240,10 @@ class MORNN(_OrthogonalRecurrent):
             RECURRENCE_BACKENDS.get(recurrence_backend)
         self.recurrence_backend = recurrence_backend
         _check_sizes(input_size, hidden_size, bias, batch_first)
-        if not isinstance(num_layers, int) or num_layers <= 0:
-            raise ValueError(f"num_layers must be an int greater than zero, got {num_layers!r}")
+        if not isinstance(num_layers, int) or isinstance(num_layers, bool):
+            raise TypeError(f"num_layers should be of type int, got: {type(num_layers).__name__}")
+        if num_layers <= 0:
+            raise ValueError("num_layers must be greater than zero")
         if not isinstance(dropout, numbers.Number) or isinstance(dropout, bool) or not 0 <= dropout <= 1:
             raise ValueError("dropout should be a number in range [0, 1] representing the probability "
                              "of an element being zeroed")
@@ -302,6 +318,12 @@ class MORNN(_OrthogonalRecurrent):
             for name, p in rnn.named_parameters():
                 p.copy_(getattr(self, name))
         return rnn.train(self.training)
+
+    @property
+    def all_weights(self) -> list[list[Tensor]]:
+        """As ``nn.RNN.all_weights``: per (layer, direction) ``[w_ih, w_hh, (b_ih, b_hh)]``, ``w_hh``
+        the current orthogonal matrix."""
+        return self._weights()
 
     def _weights(self) -> list[list[Tensor]]:
         """Per (layer, direction): [w_ih, W_hh, (b_ih, b_hh)] with W_hh materialised once."""
@@ -456,7 +478,11 @@ class MORNNCell(_OrthogonalRecurrent):
     :class:`torch.nn.RNNCell` (input ``[B, I]`` or ``[I]``, hx ``[B, H]`` or ``[H]`` -> ``h'``).
 
     Keyword-only extras and parameter naming as :class:`MORNN` (``weight_hh`` reads as the matrix,
-    ``weight_hh_A`` / ``weight_hh_base`` store it, ``modrelu_bias`` for modrelu).
+    ``weight_hh_A`` / ``weight_hh_base`` store it, ``modrelu_bias`` for modrelu). ``refold_every``
+    counts calls, i.e. time steps when the cell is driven in a loop. A refold in mid-sequence keeps
+    the outputs (to rounding), but the gradient then sums terms taken before and after it, w.r.t.
+    two parametrisations of ``W`` (they agree only to first order in ``A``'s size): for the exact
+    gradient, pass ``refold_every=0`` and call :meth:`refold` between optimiser steps.
     """
 
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True, nonlinearity: str = "tanh",
