@@ -18,11 +18,14 @@ def tiny(tmp_path, name, **kw):
     return TrainConfig(**base)
 
 
-def test_kill_and_resume_reproduces_the_uninterrupted_run_exactly(tmp_path):
-    full = Trainer(tiny(tmp_path, "full")).train()
+# dropout: training draws from torch's global RNG too, so its checkpointed state must be restored
+@pytest.mark.parametrize("model_args", [{"hidden_size": 16},
+                                        {"hidden_size": 16, "num_layers": 2, "dropout": 0.5}])
+def test_kill_and_resume_reproduces_the_uninterrupted_run_exactly(tmp_path, model_args):
+    full = Trainer(tiny(tmp_path, "full", model_args=model_args)).train()
     # The "kill": an interrupt while drawing the 7th training batch. Steps 5 and 6 were logged but
     # not checkpointed, so the resume restarts from step 4 and must drop them before redoing them.
-    killed = Trainer(tiny(tmp_path, "killed"))
+    killed = Trainer(tiny(tmp_path, "killed", model_args=model_args))
     draw, calls = killed.task.get_batch, []
 
     def dies_at_seventh(split, *args):
