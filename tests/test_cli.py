@@ -72,12 +72,27 @@ def test_train_eval_resume_end_to_end(tmp_path, capsys):
     assert code == 0 and metrics["step"] == 4 and {"loss", "recall"} <= set(metrics)
     with pytest.raises(SystemExit):
         cli.main(["train", "--resume", str(run_dir), "--lr", "0.1"])
-    assert "only --steps may be given with it, got ['--lr']" in capsys.readouterr().err
+    assert "only --steps and --[no-]progress may be given with it, got ['--lr']" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.main(["train", "--resume", str(run_dir), "--steps", "3"])
     assert "steps (3) is below the checkpoint's step (4)" in capsys.readouterr().err
-    code, out, _ = run(capsys, "train", "--resume", str(run_dir), "--steps", "6")
+    code, out, err = run(capsys, "train", "--resume", str(run_dir), "--steps", "6", "--progress")
     assert code == 0 and json.loads(out.splitlines()[-1])["step"] == 6
+    assert "it/s" in err                  # the bar the run was started without (TINY: --no-progress)
+    code, out, err = run(capsys, "train", "--resume", str(run_dir), "--steps", "8", "--no-progress")
+    assert code == 0 and json.loads(out.splitlines()[-1])["step"] == 8 and "it/s" not in err
+
+
+def test_task_args_that_are_not_json_take_the_option_type(tmp_path):
+    args = cli.build_parser().parse_args(
+        ["train", "--task", "forecast", "--task-arg", "periods=50,400", "--task-arg", "echo=.5",
+         "--task-arg", "lag=[3]", "--task-arg", "seq_len=16"])
+    cfg = cli._config_from_args(args)
+    # lag=[3] is JSON, so it reaches the task as given (and fails there with its own message)
+    assert cfg.task_args == {"periods": (50, 400), "echo": 0.5, "lag": [3], "seq_len": 16}
+    args = cli.build_parser().parse_args(["train", "--task", "copy", "--task-arg", "delay=ten"])
+    with pytest.raises(ValueError, match=r"delay must be int \(like 100\), got 'ten'"):
+        cli._config_from_args(args)
 
 
 def test_train_from_config_file_with_overrides(tmp_path, capsys):
@@ -123,6 +138,13 @@ def test_eval_of_a_corrupt_checkpoint_is_a_clear_error(tmp_path, capsys):
         cli.main(["eval", str(tmp_path / "c")])
     assert e.value.code == 2
     assert "is corrupt: state.safetensors" in capsys.readouterr().err
+
+
+def test_compare_checks_every_model_name_before_training(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["compare", "--models", "rnn,lstmm", "--out", str(tmp_path / "cmp"), *TINY])
+    assert e.value.code == 2 and "model must be one of" in capsys.readouterr().err
+    assert not (tmp_path / "cmp").exists()     # rnn was not trained first
 
 
 def test_compare_writes_one_table_and_one_plot(tmp_path, capsys):
