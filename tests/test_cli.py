@@ -176,7 +176,11 @@ def test_streaming_generation_matches_full_context_recompute():
     from matrec.models.generate import generate_stream
     model = build_model("gru", vocab_size=3, output_size=3, hidden_size=8).eval()
     prompt = torch.tensor([0, 1, 2])
+    lengths = []
+    hook = model.register_forward_pre_hook(lambda m, args: lengths.append(args[0].shape[1]))
     streamed = [int(t) for t in generate_stream(model, prompt, 6, generator=torch.Generator().manual_seed(0))]
+    hook.remove()
+    assert lengths == [3, 1, 1, 1, 1, 1]     # the prompt once, then one token per step with the state
 
     class Stateless(torch.nn.Module):   # the same model, forced down the re-feed path
         def forward(self, x, state=None):
