@@ -263,3 +263,31 @@ def test_a_save_killed_midway_leaves_the_previous_checkpoint_pointed_to(tmp_path
     resumed.train(until=8)
     assert sorted(p.name for p in root.iterdir()) == ["latest.json", "step-00000008"]
     assert load_checkpoint(root)[0]["step"] == 8
+
+
+def _head_dtypes(trainer):
+    dtypes = []
+    trainer.model.head.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
+    return dtypes
+
+
+def test_cpu_runs_stay_float32_with_amp_on(tmp_path):
+    trainer = Trainer(tiny(tmp_path, "cpu", steps=2, amp=True, device="cpu"))
+    dtypes = _head_dtypes(trainer)
+    trainer.train()
+    assert dtypes and set(dtypes) == {torch.float32}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_run_trains_under_bf16_autocast_and_resumes(tmp_path):
+    trainer = Trainer(tiny(tmp_path, "gpu", device="cuda"))
+    dtypes = _head_dtypes(trainer)
+    assert trainer.train(until=8)["status"] == "paused"
+    assert trainer.device.type == "cuda" and set(dtypes) == {torch.bfloat16}
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())   # fp32 master weights
+    resumed = Trainer.resume(tmp_path / "gpu")
+    assert resumed.step == 8 and resumed.train()["status"] == "completed"
+    plain = Trainer(tiny(tmp_path, "fp32", device="cuda", amp=False, steps=2))
+    dtypes = _head_dtypes(plain)
+    plain.train()
+    assert set(dtypes) == {torch.float32}
