@@ -138,6 +138,7 @@ class SequentialDigits(Task):
     def loss(self, output: Tensor, target: Tensor) -> Tensor:
         return F.cross_entropy(output[:, -1].float(), target)
 
+    @torch.no_grad()   # plain numbers: no graph, and no warning for a float() of a grad tensor
     def metrics(self, output: Tensor, target: Tensor) -> dict[str, float]:
         accuracy = (output[:, -1].argmax(-1) == target).float().mean()
         return {"loss": float(self.loss(output, target)), "accuracy": float(accuracy)}
