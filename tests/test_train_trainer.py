@@ -291,3 +291,14 @@ def test_cuda_run_trains_under_bf16_autocast_and_resumes(tmp_path):
     dtypes = _head_dtypes(plain)
     plain.train()
     assert set(dtypes) == {torch.float32}
+
+
+def test_each_process_takes_its_own_rows_of_the_global_batch(tmp_path):
+    from matrec.train.distributed import DistInfo
+    trainer = Trainer(tiny(tmp_path, "rows", batch_size=8))
+    x_all, y_all = trainer.task.get_batch("train", 8, torch.Generator().manual_seed(5))
+    trainer.local_batch = 4
+    for rank in (0, 1):      # what rank r of a 2-process run draws (no process group needed here)
+        trainer.dist = DistInfo(rank=rank, world_size=2)
+        x, y = trainer._batch("train", torch.Generator().manual_seed(5))
+        assert torch.equal(x, x_all[4 * rank:4 * rank + 4]) and torch.equal(y, y_all[4 * rank:4 * rank + 4])
