@@ -140,6 +140,36 @@ def test_eval_of_a_corrupt_checkpoint_is_a_clear_error(tmp_path, capsys):
     assert "is corrupt: state.safetensors" in capsys.readouterr().err
 
 
+class NaNAtFifth(Task):
+    """Copy-like batches whose training loss turns NaN at the fifth step."""
+
+    name = "nan_at_fifth"
+    vocab_size, output_size = 3, 3
+
+    def __init__(self):
+        self.calls = 0
+
+    def get_batch(self, split, batch_size, generator):
+        x = torch.randint(0, 3, (batch_size, 5), generator=generator)
+        return x, x
+
+    def loss(self, output, target):
+        self.calls += output.requires_grad
+        loss = F.cross_entropy(output.reshape(-1, 3).float(), target.reshape(-1))
+        return loss * float("nan") if self.calls == 5 else loss
+
+
+TASKS.register("nan_at_fifth", NaNAtFifth, overwrite=True)
+
+
+def test_a_nan_stops_the_command_with_status_1_and_names_the_good_checkpoint(tmp_path, capsys):
+    code, _, err = run(capsys, "train", "--task", "nan_at_fifth", "--model", "gru", "--out-dir",
+                       str(tmp_path), "--run-name", "n", *TINY[2:4], "--steps", "8", *TINY[6:])
+    assert code == 1
+    assert "training loss is nan at step 5" in err and "last good checkpoint (step 4)" in err
+    assert json.loads((tmp_path / "n" / "summary.json").read_text())["status"] == "non-finite"
+
+
 def test_compare_checks_every_model_name_before_training(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["compare", "--models", "rnn,lstmm", "--out", str(tmp_path / "cmp"), *TINY])
