@@ -336,3 +336,24 @@ def test_a_process_killed_with_sigkill_resumes_to_the_uninterrupted_run(tmp_path
     assert done.returncode == 0, done.stderr[-2000:]
     Trainer(tiny(tmp_path, "full", steps=150, ckpt_every=10, eval_every=50, log_every=5)).train()
     assert (tmp_path / "full" / "metrics.jsonl").read_bytes() == (tmp_path / "killed" / "metrics.jsonl").read_bytes()
+
+
+@pytest.mark.parametrize("clip", [0.05, 0.0])
+def test_gradients_are_clipped_to_grad_clip_before_the_step(tmp_path, clip):
+    trainer = Trainer(tiny(tmp_path, f"clip{clip}", steps=4, grad_clip=clip, log_every=1))
+    seen, step = [], trainer.optimizer.step
+
+    def records_norm(*args, **kwargs):
+        grads = [p.grad for p in trainer.model.parameters() if p.grad is not None]
+        seen.append(float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))))
+        return step(*args, **kwargs)
+
+    trainer.optimizer.step = records_norm
+    trainer.train()
+    logged = [json.loads(l)["grad_norm"] for l in (tmp_path / f"clip{clip}" / "metrics.jsonl").read_text().splitlines()
+              if json.loads(l)["kind"] == "train"]
+    assert len(seen) == len(logged) == 4 and all(g > 0.05 for g in logged)   # logged: before clipping
+    if clip:
+        assert seen == pytest.approx([clip] * 4, rel=1e-4)
+    else:                                                  # 0 turns clipping off
+        assert seen == pytest.approx(logged, rel=1e-5)
