@@ -357,3 +357,24 @@ def test_gradients_are_clipped_to_grad_clip_before_the_step(tmp_path, clip):
         assert seen == pytest.approx([clip] * 4, rel=1e-4)
     else:                                                  # 0 turns clipping off
         assert seen == pytest.approx(logged, rel=1e-5)
+
+
+def test_every_group_follows_the_schedule_at_its_own_peak(tmp_path):
+    cfg = tiny(tmp_path, "sched", model="mornn", model_args={"hidden_size": 8}, steps=6, warmup_steps=2,
+               log_every=1, lr=1e-2, orthogonal_lr_scale=0.25, min_lr_ratio=0.2)
+    trainer = Trainer(cfg)
+    used, step = [], trainer.optimizer.step
+
+    def records_lr(*args, **kwargs):
+        used.append({g["name"]: g["lr"] for g in trainer.optimizer.param_groups})
+        return step(*args, **kwargs)
+
+    trainer.optimizer.step = records_lr
+    trainer.train()
+    factors = [lr_factor(s, cfg) for s in range(6)]
+    assert [u["other"] for u in used] == pytest.approx([1e-2 * f for f in factors])
+    assert [u["orthogonal"] for u in used] == pytest.approx([2.5e-3 * f for f in factors])
+    logged = [json.loads(l)["lr"] for l in (tmp_path / "sched" / "metrics.jsonl").read_text().splitlines()
+              if json.loads(l)["kind"] == "train"]
+    assert logged == pytest.approx([u[trainer.optimizer.param_groups[0]["name"]] for u in used])
+    assert factors[0] == pytest.approx(0.5) and factors[-1] == pytest.approx(0.2)
