@@ -378,3 +378,17 @@ def test_every_group_follows_the_schedule_at_its_own_peak(tmp_path):
               if json.loads(l)["kind"] == "train"]
     assert logged == pytest.approx([u[trainer.optimizer.param_groups[0]["name"]] for u in used])
     assert factors[0] == pytest.approx(0.5) and factors[-1] == pytest.approx(0.2)
+
+
+def test_a_run_without_carried_state_resumes_on_another_number_of_processes(tmp_path, monkeypatch):
+    from matrec.train import trainer as trainer_module
+    # what a 2-process run checkpoints: one (empty, or carried) state per process
+    monkeypatch.setattr(trainer_module, "all_gather_object", lambda obj, info: [obj, obj])
+    Trainer(tiny(tmp_path, "plain", steps=4)).train()
+    stream = dict(task="forecast", task_args={"seq_len": 8, "length": 4096, "lag": 20}, model="gru",
+                  batch_size=4, steps=4)
+    Trainer(tiny(tmp_path, "stream", **stream)).train()
+    monkeypatch.undo()
+    assert Trainer.resume(tmp_path / "plain", steps=6).train()["step"] == 6   # a world of one
+    with pytest.raises(ValueError, match="stream state of 2 process"):
+        Trainer.resume(tmp_path / "stream")
