@@ -257,7 +257,13 @@ def test_bench_passes_quick_to_the_scripts(tmp_path, capfd):
     assert "full_only: skipped" in out and "full size ran" not in out
 
 
-def test_default_experiment_wiring(tmp_path, capsys):
+def test_default_experiment_wiring(tmp_path, capsys, monkeypatch):
+    calls = []
+    monkeypatch.setattr(cli, "default_experiment", lambda **kw: calls.append(kw) or 0)
+    assert cli.main(["train"]) == 0 and calls == [{}]     # `matrec train`, nothing else: the default
+    monkeypatch.undo()
+    assert cli.DEFAULT_BASE["task_args"] == {"delay": 300} and cli.DEFAULT_BASE["steps"] == 400
+    assert [v["model"] for v in cli.DEFAULT_VARIANTS] == ["mornn", "lstm"]
     assert cli.default_experiment(out_dir=str(tmp_path), steps=2) == 0
     out = capsys.readouterr().out
     assert "| lstm |" in out and "wall time" in out
