@@ -97,6 +97,8 @@ def test_digits_bad_arguments():
         build_task("seq_digits", path="/tmp")
     with pytest.raises(ValueError, match="permutation_seed must be an int >= 0"):
         build_task("perm_digits", permutation_seed=-1)
+    with pytest.raises(ValueError, match="permutation_seed applies to perm_digits only"):
+        build_task("seq_digits", permutation_seed=3)
 
 
 def test_mnist_is_downloaded_verified_and_cached_when_missing(tmp_path, monkeypatch):

@@ -123,6 +123,8 @@ class SequentialDigits(Task):
             # One fixed pixel order for the whole run (and every run with the same seed).
             self.permutation = torch.randperm(self.length, generator=torch.Generator().manual_seed(permutation_seed))
         else:
+            if permutation_seed != 0:   # accepted only so both tasks share one signature
+                raise ValueError(f"permutation_seed applies to perm_digits only, got {permutation_seed!r}")
             self.permutation = None
         prior = torch.bincount(self.train_y, minlength=10).float() / len(self.train_y)
         self.baseline = float(-(prior[prior > 0] * prior[prior > 0].log()).sum())
