@@ -130,6 +130,23 @@ def test_bad_device_and_eval_batches_are_clear_errors(tmp_path, capsys):
     assert e.value.code == 2 and "batches must be an int >= 1, got 0" in capsys.readouterr().err
 
 
+def test_a_corrupt_or_missing_data_file_is_a_clear_error_not_a_traceback(tmp_path, capsys, monkeypatch):
+    (tmp_path / "input.txt").write_text("not tiny-shakespeare\n")
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train", "--task", "shakespeare", "--task-arg", f"path={tmp_path / 'input.txt'}",
+                  "--out-dir", str(tmp_path), *TINY[2:]])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "matrec train: error:" in err and "input.txt is corrupt" in err
+    monkeypatch.delenv("MATREC_MNIST", raising=False)
+    monkeypatch.setenv("MATREC_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("MATREC_OFFLINE", "1")
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train", "--task", "seq_digits", "--task-arg", "dataset=mnist", "--out-dir",
+                  str(tmp_path), *TINY[2:]])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "MATREC_OFFLINE is set" in err and "set MATREC_MNIST" in err
+
+
 def test_eval_of_a_corrupt_checkpoint_is_a_clear_error(tmp_path, capsys):
     run(capsys, "train", "--model", "rnn", "--out-dir", str(tmp_path), "--run-name", "c", *TINY)
     latest = json.loads((tmp_path / "c" / "checkpoints" / "latest.json").read_text())["dir"]

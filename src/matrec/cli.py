@@ -379,13 +379,14 @@ def main(argv: list[str] | None = None) -> int:
         return default_experiment()
     parser = build_parser()
     args = parser.parse_args(argv)
+    from .data.download import DataFileError
     from .train import CheckpointError, NonFiniteError
     try:
         return args.func(args)
     except NonFiniteError as e:
         print(f"matrec: {e}", file=sys.stderr)
         return 1
-    except (ValueError, TypeError, FileNotFoundError, CheckpointError) as e:
+    except (ValueError, TypeError, FileNotFoundError, CheckpointError, DataFileError) as e:
         parser.exit(2, f"matrec {args.command}: error: {e}\n")
 
 
