@@ -72,12 +72,27 @@ def test_train_eval_resume_end_to_end(tmp_path, capsys):
     assert code == 0 and metrics["step"] == 4 and {"loss", "recall"} <= set(metrics)
     with pytest.raises(SystemExit):
         cli.main(["train", "--resume", str(run_dir), "--lr", "0.1"])
-    assert "only --steps may be given with it, got ['--lr']" in capsys.readouterr().err
+    assert "only --steps and --[no-]progress may be given with it, got ['--lr']" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.main(["train", "--resume", str(run_dir), "--steps", "3"])
     assert "steps (3) is below the checkpoint's step (4)" in capsys.readouterr().err
-    code, out, _ = run(capsys, "train", "--resume", str(run_dir), "--steps", "6")
+    code, out, err = run(capsys, "train", "--resume", str(run_dir), "--steps", "6", "--progress")
     assert code == 0 and json.loads(out.splitlines()[-1])["step"] == 6
+    assert "it/s" in err                  # the bar the run was started without (TINY: --no-progress)
+    code, out, err = run(capsys, "train", "--resume", str(run_dir), "--steps", "8", "--no-progress")
+    assert code == 0 and json.loads(out.splitlines()[-1])["step"] == 8 and "it/s" not in err
+
+
+def test_task_args_that_are_not_json_take_the_option_type(tmp_path):
+    args = cli.build_parser().parse_args(
+        ["train", "--task", "forecast", "--task-arg", "periods=50,400", "--task-arg", "echo=.5",
+         "--task-arg", "lag=[3]", "--task-arg", "seq_len=16"])
+    cfg = cli._config_from_args(args)
+    # lag=[3] is JSON, so it reaches the task as given (and fails there with its own message)
+    assert cfg.task_args == {"periods": (50, 400), "echo": 0.5, "lag": [3], "seq_len": 16}
+    args = cli.build_parser().parse_args(["train", "--task", "copy", "--task-arg", "delay=ten"])
+    with pytest.raises(ValueError, match=r"delay must be int \(like 100\), got 'ten'"):
+        cli._config_from_args(args)
 
 
 def test_train_from_config_file_with_overrides(tmp_path, capsys):
@@ -115,6 +130,23 @@ def test_bad_device_and_eval_batches_are_clear_errors(tmp_path, capsys):
     assert e.value.code == 2 and "batches must be an int >= 1, got 0" in capsys.readouterr().err
 
 
+def test_a_corrupt_or_missing_data_file_is_a_clear_error_not_a_traceback(tmp_path, capsys, monkeypatch):
+    (tmp_path / "input.txt").write_text("not tiny-shakespeare\n")
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train", "--task", "shakespeare", "--task-arg", f"path={tmp_path / 'input.txt'}",
+                  "--out-dir", str(tmp_path), *TINY[2:]])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "matrec train: error:" in err and "input.txt is corrupt" in err
+    monkeypatch.delenv("MATREC_MNIST", raising=False)
+    monkeypatch.setenv("MATREC_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("MATREC_OFFLINE", "1")
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train", "--task", "seq_digits", "--task-arg", "dataset=mnist", "--out-dir",
+                  str(tmp_path), *TINY[2:]])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "MATREC_OFFLINE is set" in err and "set MATREC_MNIST" in err
+
+
 def test_eval_of_a_corrupt_checkpoint_is_a_clear_error(tmp_path, capsys):
     run(capsys, "train", "--model", "rnn", "--out-dir", str(tmp_path), "--run-name", "c", *TINY)
     latest = json.loads((tmp_path / "c" / "checkpoints" / "latest.json").read_text())["dir"]
@@ -123,6 +155,43 @@ def test_eval_of_a_corrupt_checkpoint_is_a_clear_error(tmp_path, capsys):
         cli.main(["eval", str(tmp_path / "c")])
     assert e.value.code == 2
     assert "is corrupt: state.safetensors" in capsys.readouterr().err
+
+
+class NaNAtFifth(Task):
+    """Copy-like batches whose training loss turns NaN at the fifth step."""
+
+    name = "nan_at_fifth"
+    vocab_size, output_size = 3, 3
+
+    def __init__(self):
+        self.calls = 0
+
+    def get_batch(self, split, batch_size, generator):
+        x = torch.randint(0, 3, (batch_size, 5), generator=generator)
+        return x, x
+
+    def loss(self, output, target):
+        self.calls += output.requires_grad
+        loss = F.cross_entropy(output.reshape(-1, 3).float(), target.reshape(-1))
+        return loss * float("nan") if self.calls == 5 else loss
+
+
+TASKS.register("nan_at_fifth", NaNAtFifth, overwrite=True)
+
+
+def test_a_nan_stops_the_command_with_status_1_and_names_the_good_checkpoint(tmp_path, capsys):
+    code, _, err = run(capsys, "train", "--task", "nan_at_fifth", "--model", "gru", "--out-dir",
+                       str(tmp_path), "--run-name", "n", *TINY[2:4], "--steps", "8", *TINY[6:])
+    assert code == 1
+    assert "training loss is nan at step 5" in err and "last good checkpoint (step 4)" in err
+    assert json.loads((tmp_path / "n" / "summary.json").read_text())["status"] == "non-finite"
+
+
+def test_compare_checks_every_model_name_before_training(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["compare", "--models", "rnn,lstmm", "--out", str(tmp_path / "cmp"), *TINY])
+    assert e.value.code == 2 and "model must be one of" in capsys.readouterr().err
+    assert not (tmp_path / "cmp").exists()     # rnn was not trained first
 
 
 def test_compare_writes_one_table_and_one_plot(tmp_path, capsys):
@@ -154,7 +223,11 @@ def test_streaming_generation_matches_full_context_recompute():
     from matrec.models.generate import generate_stream
     model = build_model("gru", vocab_size=3, output_size=3, hidden_size=8).eval()
     prompt = torch.tensor([0, 1, 2])
+    lengths = []
+    hook = model.register_forward_pre_hook(lambda m, args: lengths.append(args[0].shape[1]))
     streamed = [int(t) for t in generate_stream(model, prompt, 6, generator=torch.Generator().manual_seed(0))]
+    hook.remove()
+    assert lengths == [3, 1, 1, 1, 1, 1]     # the prompt once, then one token per step with the state
 
     class Stateless(torch.nn.Module):   # the same model, forced down the re-feed path
         def forward(self, x, state=None):
@@ -201,7 +274,13 @@ def test_bench_passes_quick_to_the_scripts(tmp_path, capfd):
     assert "full_only: skipped" in out and "full size ran" not in out
 
 
-def test_default_experiment_wiring(tmp_path, capsys):
+def test_default_experiment_wiring(tmp_path, capsys, monkeypatch):
+    calls = []
+    monkeypatch.setattr(cli, "default_experiment", lambda **kw: calls.append(kw) or 0)
+    assert cli.main(["train"]) == 0 and calls == [{}]     # `matrec train`, nothing else: the default
+    monkeypatch.undo()
+    assert cli.DEFAULT_BASE["task_args"] == {"delay": 300} and cli.DEFAULT_BASE["steps"] == 400
+    assert [v["model"] for v in cli.DEFAULT_VARIANTS] == ["mornn", "lstm"]
     assert cli.default_experiment(out_dir=str(tmp_path), steps=2) == 0
     out = capsys.readouterr().out
     assert "| lstm |" in out and "wall time" in out

@@ -97,3 +97,39 @@ def test_digits_bad_arguments():
         build_task("seq_digits", path="/tmp")
     with pytest.raises(ValueError, match="permutation_seed must be an int >= 0"):
         build_task("perm_digits", permutation_seed=-1)
+    with pytest.raises(ValueError, match="permutation_seed applies to perm_digits only"):
+        build_task("seq_digits", permutation_seed=3)
+
+
+def test_mnist_is_downloaded_verified_and_cached_when_missing(tmp_path, monkeypatch):
+    """The download path end to end, with the four archives served by a fake network."""
+    import dataclasses
+    import hashlib
+    import io
+
+    from matrec.data import download
+    from matrec.data.tasks import digits
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    files = _fake_mnist(raw, packed=True)
+    served = {}
+    for key, spec in list(download.MNIST.items()):
+        payload = (raw / spec.name).read_bytes()
+        served[spec.urls[0]] = payload
+        monkeypatch.setitem(download.MNIST, key, dataclasses.replace(
+            spec, sha256=hashlib.sha256(payload).hexdigest(), size=len(payload)))
+    monkeypatch.delenv("MATREC_MNIST", raising=False)
+    monkeypatch.delenv("MATREC_OFFLINE", raising=False)
+    monkeypatch.setenv("MATREC_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(download, "_urlopen", lambda url: io.BytesIO(served[url]))
+    digits._load_mnist.cache_clear()     # the loader caches by folder; None is "the cache"
+    try:
+        task = build_task("seq_digits", dataset="mnist")
+        assert task.train_x.shape == (12, 784) and task.val_x.shape == (6, 784)
+        first = np.frombuffer(files["t10k-images-idx3-ubyte"][16:16 + 784], dtype=np.uint8) / 255.0
+        assert np.allclose(task.val_x[0].numpy(), first)
+        assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == sorted(
+            spec.name for spec in download.MNIST.values())
+    finally:
+        digits._load_mnist.cache_clear()

@@ -117,3 +117,22 @@ def test_parse_task_options_converts_command_line_strings():
         parse_task_options("copy", {"dealy": "3"})
     with pytest.raises(TypeError, match="echo must be a number, got '0.5'"):
         build_task("forecast", echo="0.5")
+
+
+@pytest.mark.parametrize("name, kwargs", [
+    ("copy", {"delay": 5}), ("adding", {"length": 6}), ("selective_copy", {"length": 6, "n_symbols": 2}),
+    ("assoc_recall", {}), ("seq_digits", {}), ("forecast", {"seq_len": 4, "length": 4096, "lag": 10}),
+])
+def test_metrics_of_an_output_that_needs_grad_are_computed_without_a_graph(name, kwargs):
+    # float() of a tensor that requires grad warns (once per process, so the check is on the mode)
+    import matrec
+    task = build_task(name, **kwargs)
+    model = matrec.build_model("gru", **task.model_io(), hidden_size=4)
+    x, y = task.get_batch("train", 3, _gen())
+    out, _ = model(x)                                  # out requires grad
+    modes, loss = [], task.loss
+    task.loss = lambda o, t: modes.append(torch.is_grad_enabled()) or loss(o, t)
+    metrics = task.metrics(out, y)
+    task.loss = loss
+    assert modes == [False] and metrics and all(type(v) is float for v in metrics.values())
+    task.loss(out, y).backward()                       # metrics left the graph usable

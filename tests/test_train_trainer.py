@@ -18,11 +18,14 @@ def tiny(tmp_path, name, **kw):
     return TrainConfig(**base)
 
 
-def test_kill_and_resume_reproduces_the_uninterrupted_run_exactly(tmp_path):
-    full = Trainer(tiny(tmp_path, "full")).train()
+# dropout: training draws from torch's global RNG too, so its checkpointed state must be restored
+@pytest.mark.parametrize("model_args", [{"hidden_size": 16},
+                                        {"hidden_size": 16, "num_layers": 2, "dropout": 0.5}])
+def test_kill_and_resume_reproduces_the_uninterrupted_run_exactly(tmp_path, model_args):
+    full = Trainer(tiny(tmp_path, "full", model_args=model_args)).train()
     # The "kill": an interrupt while drawing the 7th training batch. Steps 5 and 6 were logged but
     # not checkpointed, so the resume restarts from step 4 and must drop them before redoing them.
-    killed = Trainer(tiny(tmp_path, "killed"))
+    killed = Trainer(tiny(tmp_path, "killed", model_args=model_args))
     draw, calls = killed.task.get_batch, []
 
     def dies_at_seventh(split, *args):
@@ -36,6 +39,8 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run_exactly(tmp_path):
         killed.train()
     logged = [json.loads(l)["step"] for l in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
     assert max(logged) == 6
+    with open(tmp_path / "killed" / "metrics.jsonl", "a") as f:
+        f.write('{"kind": "train", "st')     # a kill in the middle of appending a record
     resumed = Trainer.resume(tmp_path / "killed")
     assert resumed.step == 4
     summary = resumed.train()
@@ -260,3 +265,130 @@ def test_a_save_killed_midway_leaves_the_previous_checkpoint_pointed_to(tmp_path
     resumed.train(until=8)
     assert sorted(p.name for p in root.iterdir()) == ["latest.json", "step-00000008"]
     assert load_checkpoint(root)[0]["step"] == 8
+
+
+def _head_dtypes(trainer):
+    dtypes = []
+    trainer.model.head.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
+    return dtypes
+
+
+def test_cpu_runs_stay_float32_with_amp_on(tmp_path):
+    trainer = Trainer(tiny(tmp_path, "cpu", steps=2, amp=True, device="cpu"))
+    dtypes = _head_dtypes(trainer)
+    trainer.train()
+    assert dtypes and set(dtypes) == {torch.float32}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_run_trains_under_bf16_autocast_and_resumes(tmp_path):
+    trainer = Trainer(tiny(tmp_path, "gpu", device="cuda"))
+    dtypes = _head_dtypes(trainer)
+    assert trainer.train(until=8)["status"] == "paused"
+    assert trainer.device.type == "cuda" and set(dtypes) == {torch.bfloat16}
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())   # fp32 master weights
+    resumed = Trainer.resume(tmp_path / "gpu")
+    assert resumed.step == 8 and resumed.train()["status"] == "completed"
+    plain = Trainer(tiny(tmp_path, "fp32", device="cuda", amp=False, steps=2))
+    dtypes = _head_dtypes(plain)
+    plain.train()
+    assert set(dtypes) == {torch.float32}
+
+
+def test_each_process_takes_its_own_rows_of_the_global_batch(tmp_path):
+    from matrec.train.distributed import DistInfo
+    trainer = Trainer(tiny(tmp_path, "rows", batch_size=8))
+    x_all, y_all = trainer.task.get_batch("train", 8, torch.Generator().manual_seed(5))
+    trainer.local_batch = 4
+    for rank in (0, 1):      # what rank r of a 2-process run draws (no process group needed here)
+        trainer.dist = DistInfo(rank=rank, world_size=2)
+        x, y = trainer._batch("train", torch.Generator().manual_seed(5))
+        assert torch.equal(x, x_all[4 * rank:4 * rank + 4]) and torch.equal(y, y_all[4 * rank:4 * rank + 4])
+
+
+@pytest.mark.slow
+def test_a_process_killed_with_sigkill_resumes_to_the_uninterrupted_run(tmp_path):
+    """A real kill: `matrec train` in its own process, SIGKILLed once a checkpoint exists, resumed
+    by a fresh process; the metrics are byte-identical to an uninterrupted run's."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    cfg = tiny(tmp_path, "killed", steps=150, ckpt_every=10, eval_every=50, log_every=5)
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg.to_dict()))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    cli = [sys.executable, "-m", "matrec.cli", "train"]
+    proc = subprocess.Popen(cli + ["--config", str(tmp_path / "cfg.json")], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    latest = tmp_path / "killed" / "checkpoints" / "latest.json"
+    deadline = time.monotonic() + 120
+    while not latest.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    step = json.loads(latest.read_text())["step"]
+    assert 10 <= step < 150 and not (tmp_path / "killed" / "summary.json").exists(), "not killed mid-run"
+    done = subprocess.run(cli + ["--resume", str(tmp_path / "killed")], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    Trainer(tiny(tmp_path, "full", steps=150, ckpt_every=10, eval_every=50, log_every=5)).train()
+    assert (tmp_path / "full" / "metrics.jsonl").read_bytes() == (tmp_path / "killed" / "metrics.jsonl").read_bytes()
+
+
+@pytest.mark.parametrize("clip", [0.05, 0.0])
+def test_gradients_are_clipped_to_grad_clip_before_the_step(tmp_path, clip):
+    trainer = Trainer(tiny(tmp_path, f"clip{clip}", steps=4, grad_clip=clip, log_every=1))
+    seen, step = [], trainer.optimizer.step
+
+    def records_norm(*args, **kwargs):
+        grads = [p.grad for p in trainer.model.parameters() if p.grad is not None]
+        seen.append(float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))))
+        return step(*args, **kwargs)
+
+    trainer.optimizer.step = records_norm
+    trainer.train()
+    logged = [json.loads(l)["grad_norm"] for l in (tmp_path / f"clip{clip}" / "metrics.jsonl").read_text().splitlines()
+              if json.loads(l)["kind"] == "train"]
+    assert len(seen) == len(logged) == 4 and all(g > 0.05 for g in logged)   # logged: before clipping
+    if clip:
+        assert seen == pytest.approx([clip] * 4, rel=1e-4)
+    else:                                                  # 0 turns clipping off
+        assert seen == pytest.approx(logged, rel=1e-5)
+
+
+def test_every_group_follows_the_schedule_at_its_own_peak(tmp_path):
+    cfg = tiny(tmp_path, "sched", model="mornn", model_args={"hidden_size": 8}, steps=6, warmup_steps=2,
+               log_every=1, lr=1e-2, orthogonal_lr_scale=0.25, min_lr_ratio=0.2)
+    trainer = Trainer(cfg)
+    used, step = [], trainer.optimizer.step
+
+    def records_lr(*args, **kwargs):
+        used.append({g["name"]: g["lr"] for g in trainer.optimizer.param_groups})
+        return step(*args, **kwargs)
+
+    trainer.optimizer.step = records_lr
+    trainer.train()
+    factors = [lr_factor(s, cfg) for s in range(6)]
+    assert [u["other"] for u in used] == pytest.approx([1e-2 * f for f in factors])
+    assert [u["orthogonal"] for u in used] == pytest.approx([2.5e-3 * f for f in factors])
+    logged = [json.loads(l)["lr"] for l in (tmp_path / "sched" / "metrics.jsonl").read_text().splitlines()
+              if json.loads(l)["kind"] == "train"]
+    assert logged == pytest.approx([u[trainer.optimizer.param_groups[0]["name"]] for u in used])
+    assert factors[0] == pytest.approx(0.5) and factors[-1] == pytest.approx(0.2)
+
+
+def test_a_run_without_carried_state_resumes_on_another_number_of_processes(tmp_path, monkeypatch):
+    from matrec.train import trainer as trainer_module
+    # what a 2-process run checkpoints: one (empty, or carried) state per process
+    monkeypatch.setattr(trainer_module, "all_gather_object", lambda obj, info: [obj, obj])
+    Trainer(tiny(tmp_path, "plain", steps=4)).train()
+    stream = dict(task="forecast", task_args={"seq_len": 8, "length": 4096, "lag": 20}, model="gru",
+                  batch_size=4, steps=4)
+    Trainer(tiny(tmp_path, "stream", **stream)).train()
+    monkeypatch.undo()
+    assert Trainer.resume(tmp_path / "plain", steps=6).train()["step"] == 6   # a world of one
+    with pytest.raises(ValueError, match="stream state of 2 process"):
+        Trainer.resume(tmp_path / "stream")

@@ -31,7 +31,8 @@ DEFAULT_VARIANTS = [
 
 HELP = {
     "task": "task name (default copy)",
-    "task_args": "task option KEY=VALUE, repeatable (e.g. --task-arg delay=100); values are JSON",
+    "task_args": "task option KEY=VALUE, repeatable (e.g. --task-arg delay=100); values are JSON, "
+                 "else converted to the option's type (periods=50,400 is a list)",
     "model": "model name (default lstm)",
     "model_args": "model option KEY=VALUE, repeatable (e.g. --model-arg num_layers=2); values are JSON",
     "steps": "optimiser steps in total (default 1000)",
@@ -114,6 +115,12 @@ def _config_from_args(args) -> "TrainConfig":
     for flag in ("hidden_size", "num_layers"):
         if getattr(args, flag, None) is not None:
             data.setdefault("model_args", {})[flag] = getattr(args, flag)
+    # a --task-arg value that is not JSON (periods=50,400 or echo=.5) takes the type of the
+    # option's default, so the task gets a tuple or a float rather than the raw string
+    texts = {k: v for k, v in dict(args.task_args or []).items() if isinstance(v, str)}
+    if texts:
+        from .data.tasks import parse_task_options
+        data["task_args"].update(parse_task_options(data.get("task", TrainConfig.task), texts))
     return TrainConfig.from_dict(data)
 
 
@@ -123,13 +130,17 @@ def _config_from_args(args) -> "TrainConfig":
 def cmd_train(args) -> int:
     from .train import Trainer
     if args.resume:
+        # progress only changes the display, not the run
         given = [f.name for f in dataclasses.fields(TrainConfigRef())
-                 if f.name != "steps" and getattr(args, f.name, None) is not None]
+                 if f.name not in ("steps", "progress") and getattr(args, f.name, None) is not None]
         given += [n for n in ("config", "hidden_size", "num_layers") if getattr(args, n, None) is not None]
         if given:
-            raise ValueError(f"--resume continues the run with its saved config; only --steps may be "
-                             f"given with it, got {['--' + g.replace('_', '-') for g in given]}")
+            raise ValueError(f"--resume continues the run with its saved config; only --steps and "
+                             f"--[no-]progress may be given with it, got "
+                             f"{['--' + g.replace('_', '-') for g in given]}")
         trainer = Trainer.resume(args.resume, steps=args.steps)
+        if args.progress is not None:
+            trainer.cfg.progress = args.progress
     else:
         trainer = Trainer(_config_from_args(args))
     summary = trainer.train()
@@ -172,6 +183,9 @@ def cmd_compare(args) -> int:
     models = [m for m in args.models.split(",") if m]
     if not models:
         raise ValueError("--models must name at least one model, e.g. --models lstm,gru")
+    from .models import MODELS
+    for m in models:   # a typo in the last name must not surface after the others have trained
+        MODELS.get(m)
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     out = Path(args.out or Path(base.out_dir) / f"compare-{base.task}-{stamp}")
     results = run_compare(base, [{"model": m} for m in models], out)
@@ -317,7 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_config_options(p)
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest "
-                   "checkpoint, exactly (its config is used; --steps may extend it)")
+                   "checkpoint, exactly (its config is used; --steps may extend it, "
+                   "--no-progress hides the bar)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="evaluate a checkpoint", description="Evaluate a checkpoint "
@@ -364,13 +379,14 @@ def main(argv: list[str] | None = None) -> int:
         return default_experiment()
     parser = build_parser()
     args = parser.parse_args(argv)
+    from .data.download import DataFileError
     from .train import CheckpointError, NonFiniteError
     try:
         return args.func(args)
     except NonFiniteError as e:
         print(f"matrec: {e}", file=sys.stderr)
         return 1
-    except (ValueError, TypeError, FileNotFoundError, CheckpointError) as e:
+    except (ValueError, TypeError, FileNotFoundError, CheckpointError, DataFileError) as e:
         parser.exit(2, f"matrec {args.command}: error: {e}\n")
 
 

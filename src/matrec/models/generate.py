@@ -56,10 +56,10 @@ def generate_stream(model: nn.Module, prompt: Tensor, max_new_tokens: int, tempe
             yield nxt[0] if squeeze else nxt
             if i + 1 == max_new_tokens:
                 break
-            tokens = torch.cat((tokens, nxt), dim=1)
             if use_state and state is not None:
                 logits, state = model(nxt, state)
-            else:
+            else:   # only the re-feed path keeps the context (the streamed one stays constant-size)
+                tokens = torch.cat((tokens, nxt), dim=1)
                 logits, _ = model(tokens)
     finally:
         model.train(was_training)

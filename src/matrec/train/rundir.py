@@ -40,7 +40,12 @@ class MetricsLog:
     def truncate(self, keep: Callable[[dict], bool]) -> None:
         """Drop the records ``keep`` rejects (on resume: those written after the checkpoint)."""
         if self.path.exists():
-            records = read_metrics(self.path)
+            lines = [line for line in self.path.read_text().splitlines() if line.strip()]
+            try:
+                json.loads(lines[-1] if lines else "null")
+            except json.JSONDecodeError:
+                lines.pop()   # a process killed mid-append leaves a partial last line
+            records = [json.loads(line) for line in lines]
             # written aside and swapped in: a run killed here keeps its whole log
             tmp = self.path.with_name(self.path.name + ".tmp")
             tmp.write_text("".join(json.dumps(r) + "\n" for r in records if keep(r)))

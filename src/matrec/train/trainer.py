@@ -159,8 +159,12 @@ class Trainer:
             torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)
         if hasattr(self.task, "load_state_dict"):
             self.task.load_state_dict(meta.get("task_state", {}))
-        # one carried state per process (each holds the state of its own rows of the batch)
+        # one carried state per process (each holds the state of its own rows of the batch); a
+        # task that carries nothing can resume on any number of processes (the batch is global)
         states = unflatten_tensors(meta["stream_states"], tensors, self.device)
+        if all(s is None for s in states):
+            self.stream_state = None
+            return
         if len(states) != self.dist.world_size:
             raise ValueError(f"this checkpoint carries the stream state of {len(states)} process(es); "
                              f"resume it with the same number of processes, not {self.dist.world_size}")

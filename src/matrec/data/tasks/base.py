@@ -53,6 +53,7 @@ class Task(abc.ABC):
     def loss(self, output: Tensor, target: Tensor) -> Tensor:
         """Scalar training loss of ``output [B, T, output_size]`` against ``target``."""
 
+    @torch.no_grad()   # plain numbers: no graph, and no warning for a float() of a grad tensor
     def metrics(self, output: Tensor, target: Tensor) -> dict[str, float]:
         """Named evaluation numbers (loss always; accuracy-like ones where they make sense)."""
         return {"loss": float(self.loss(output, target))}

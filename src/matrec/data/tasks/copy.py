@@ -47,6 +47,7 @@ class Copy(Task):
     def loss(self, output: Tensor, target: Tensor) -> Tensor:
         return F.cross_entropy(output.reshape(-1, output.shape[-1]).float(), target.reshape(-1))
 
+    @torch.no_grad()   # plain numbers: no graph, and no warning for a float() of a grad tensor
     def metrics(self, output: Tensor, target: Tensor) -> dict[str, float]:
         recall = (output[:, -self.n:].argmax(-1) == target[:, -self.n:]).float().mean()
         return {"loss": float(self.loss(output, target)), "recall": float(recall)}

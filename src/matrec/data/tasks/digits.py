@@ -123,6 +123,8 @@ class SequentialDigits(Task):
             # One fixed pixel order for the whole run (and every run with the same seed).
             self.permutation = torch.randperm(self.length, generator=torch.Generator().manual_seed(permutation_seed))
         else:
+            if permutation_seed != 0:   # accepted only so both tasks share one signature
+                raise ValueError(f"permutation_seed applies to perm_digits only, got {permutation_seed!r}")
             self.permutation = None
         prior = torch.bincount(self.train_y, minlength=10).float() / len(self.train_y)
         self.baseline = float(-(prior[prior > 0] * prior[prior > 0].log()).sum())
@@ -138,6 +140,7 @@ class SequentialDigits(Task):
     def loss(self, output: Tensor, target: Tensor) -> Tensor:
         return F.cross_entropy(output[:, -1].float(), target)
 
+    @torch.no_grad()   # plain numbers: no graph, and no warning for a float() of a grad tensor
     def metrics(self, output: Tensor, target: Tensor) -> dict[str, float]:
         accuracy = (output[:, -1].argmax(-1) == target).float().mean()
         return {"loss": float(self.loss(output, target)), "accuracy": float(accuracy)}

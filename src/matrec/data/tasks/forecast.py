@@ -82,6 +82,7 @@ class Forecast(StreamMixin, Task):
     def loss(self, output: Tensor, target: Tensor) -> Tensor:
         return F.mse_loss(output[..., 0].float(), target)
 
+    @torch.no_grad()   # plain numbers: no graph, and no warning for a float() of a grad tensor
     def metrics(self, output: Tensor, target: Tensor) -> dict[str, float]:
         loss = float(self.loss(output, target))
         return {"loss": loss, "r2": 1.0 - loss / self.baseline}

@@ -62,6 +62,7 @@ class TokenLM(Task):
     def loss(self, output: Tensor, target: Tensor) -> Tensor:
         return F.cross_entropy(output.reshape(-1, output.shape[-1]).float(), target.reshape(-1))
 
+    @torch.no_grad()   # plain numbers: no graph, and no warning for a float() of a grad tensor
     def metrics(self, output: Tensor, target: Tensor) -> dict[str, float]:
         loss = float(self.loss(output, target))
         return {"loss": loss, "accuracy": float((output.argmax(-1) == target).float().mean()),

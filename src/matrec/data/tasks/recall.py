@@ -29,6 +29,7 @@ class _AnswerTask(Task):
         answers = output[:, -self.n_answers:].float()                        # [B, n, C]
         return F.cross_entropy(answers.reshape(-1, answers.shape[-1]), target.reshape(-1))
 
+    @torch.no_grad()   # plain numbers: no graph, and no warning for a float() of a grad tensor
     def metrics(self, output: Tensor, target: Tensor) -> dict[str, float]:
         hits = output[:, -self.n_answers:].argmax(-1) == target               # [B, n]
         return {"loss": float(self.loss(output, target)), "accuracy": float(hits.float().mean()),
