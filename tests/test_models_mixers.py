@@ -55,6 +55,25 @@ def test_chunked_calls_with_state_equal_one_call(name, chunks):
     torch.testing.assert_close(torch.cat(ys, dim=1), y_full, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("name", [n for n in ALL_MIXERS if n not in ("mlp", "txl")])
+def test_chunked_calls_with_state_have_the_gradients_of_one_call(name):
+    # the carried state stays in the graph (txl detaches its memory by design: tested apart)
+    mixer = make(name)
+    x = torch.randn(2, 11, E, dtype=torch.float64, requires_grad=True)
+    cot = torch.randn(2, 11, E, dtype=torch.float64)
+    params = [x] + list(mixer.parameters())
+    g_full = torch.autograd.grad((mixer(x)[0] * cot).sum(), params, allow_unused=True)
+    ys, state = [], None
+    for a, b in ((0, 4), (4, 5), (5, 11)):
+        y, state = mixer(x[:, a:b], state)
+        ys.append(y)
+    g_chunked = torch.autograd.grad((torch.cat(ys, 1) * cot).sum(), params, allow_unused=True)
+    for a, b in zip(g_chunked, g_full):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
 @pytest.mark.parametrize("T", [1, 7, 100])
 def test_linear_attention_chunked_equals_recurrent_outputs_and_grads(T):
     torch.manual_seed(T)
