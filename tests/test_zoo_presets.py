@@ -114,3 +114,7 @@ def test_preset_heads_and_pattern(name):
     else:
         mixer = "mru" if name.startswith("ablation-mru") else name.split("-", 1)[1]
         assert preset["pattern"] == [mixer] + ["mlp"] * 4 and heads == {4}
+    # docs/models.md: the MRU presets keep the MRU's default order d = 8 at both widths
+    assert {layer.mixer.order for layer in model.layers if hasattr(layer.mixer, "order")} <= {8}
+    if "mru" in name:
+        assert model.layers[0].mixer.order == 8
