@@ -55,6 +55,26 @@ def test_chunked_calls_with_state_equal_one_call(name, chunks):
     torch.testing.assert_close(torch.cat(ys, dim=1), y_full, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("name", ALL_MIXERS)
+def test_odd_width_runs_causally_and_chunks_like_one_call(name):
+    # width 15 = 3 heads of 5 (odd head size: RoPE needs even, so attn runs without positions here)
+    options = {"attn": {"pos": "none"}, "mru_rotary": {"chunk_size": 5}, "txl": {"mem_len": 16}}
+    torch.manual_seed(0)
+    mixer = MIXERS.get(name)(15, n_heads=3, **options.get(name, {}))
+    with torch.no_grad():
+        for p in mixer.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    mixer = mixer.double().eval()
+    x = torch.randn(2, 7, 15, dtype=torch.float64)
+    y_full, _ = mixer(x)
+    a, state = mixer(x[:, :3], state=None)
+    b, _ = mixer(x[:, 3:], state)
+    torch.testing.assert_close(torch.cat((a, b), 1), y_full, rtol=1e-9, atol=1e-9)
+    x2 = x.clone()
+    x2[:, 4:] += 1.0
+    torch.testing.assert_close(mixer(x2)[0][:, :4], y_full[:, :4], rtol=1e-10, atol=1e-10)
+
+
 @pytest.mark.parametrize("name", [n for n in ALL_MIXERS if n not in ("mlp", "txl")])
 def test_chunked_calls_with_state_have_the_gradients_of_one_call(name):
     # the carried state stays in the graph (txl detaches its memory by design: tested apart)
