@@ -4,7 +4,7 @@ import torch
 
 import matrec
 from matrec.models import MIXERS
-from matrec.models.attention import MRURotaryAttention
+from matrec.models.attention import MRURotaryAttention, causal_attention
 from matrec.models.linear_attention import chunked_form, recurrent_form
 
 E, H = 16, 2
@@ -92,6 +92,31 @@ def test_chunked_calls_with_state_have_the_gradients_of_one_call(name):
         assert (a is None) == (b is None)
         if a is not None:
             torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+def reference_attention(q, k, v, offset, window):
+    """softmax(q k^T / sqrt(D) + mask) v, the mask spelled out position by position."""
+    T, S = q.shape[-2], k.shape[-2]
+    scores = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5  # [B, H, T, S]
+    for i in range(T):
+        for j in range(S):
+            qp, kp = offset + i, offset + T - S + j  # absolute positions
+            if kp > qp or (window is not None and kp <= qp - window):
+                scores[..., i, j] = float("-inf")
+    return scores.softmax(-1) @ v
+
+
+@pytest.mark.parametrize("T, S, offset, window", [(7, 7, 0, None), (1, 1, 0, None), (3, 8, 5, None),
+                                                  (1, 6, 5, None), (7, 7, 0, 3), (3, 5, 9, 4)])
+def test_causal_attention_equals_the_spelled_out_reference_with_gradients(T, S, offset, window):
+    torch.manual_seed(T + S)
+    q = torch.randn(2, 3, T, 5, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(2, 3, S, 5, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    y, y_ref = causal_attention(q, k, v, offset, window), reference_attention(q, k, v, offset, window)
+    torch.testing.assert_close(y, y_ref)
+    cot = torch.randn_like(y)
+    for g, g_ref in zip(torch.autograd.grad(y, (q, k, v), cot), torch.autograd.grad(y_ref, (q, k, v), cot)):
+        torch.testing.assert_close(g, g_ref)
 
 
 @pytest.mark.parametrize("T", [1, 7, 100])
