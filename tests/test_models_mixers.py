@@ -290,3 +290,61 @@ def test_running_sums_and_products_stay_fp32_under_bf16_autocast(name):
     carried = state[-1]  # z for linear attention, the running product P for MRU-rotary
     assert carried.dtype == torch.float32
     torch.testing.assert_close(y.float(), ref, rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize("pos", ["rope", "xpos"])
+def test_rotary_encodings_equal_complex_rotation_reference(pos):
+    # pair i is (x[i], x[i + D/2]) as one complex number, turned by position * base^(-2i/D);
+    # xPos also scales q by zeta_i^(m/512) and k by zeta_i^(-m/512)
+    D, T, offset = 6, 5, 11
+    enc = matrec.models.POSITIONS.get(pos)(D)
+    q, k = torch.randn(2, 3, T, D, dtype=torch.float64), torch.randn(2, 3, T, D, dtype=torch.float64)
+    q2, k2 = enc(q, k, offset)
+    i = torch.arange(D // 2, dtype=torch.float32)  # the encodings keep their frequencies in fp32
+    freq, zeta = (10000.0 ** (-2 * i / D)).double(), ((2 * i / D + 0.4) / 1.4).double()
+    m = torch.arange(offset, offset + T, dtype=torch.float64)[:, None]  # [T, 1]
+    turn = torch.polar(torch.ones(T, D // 2, dtype=torch.float64), m * freq)
+    scale = zeta ** (m / 512) if pos == "xpos" else torch.ones_like(turn.real)
+    for x, x2, s in ((q, q2, scale), (k, k2, 1 / scale)):
+        z = torch.complex(x[..., : D // 2], x[..., D // 2:]) * turn * s
+        torch.testing.assert_close(x2, torch.cat((z.real, z.imag), -1))
+
+
+def test_txl_scores_equal_the_spelled_out_relative_formula():
+    # score(i, j) = ((q_i + u) . k_j + (q_i + v) . W_r R_(i - j)) / sqrt(D), j <= i over [memory; x]
+    from matrec.models.transformer_xl import sinusoid
+
+    mixer = make("txl", mem_len=4)
+    mem, x = torch.randn(2, 4, E, dtype=torch.float64), torch.randn(2, 3, E, dtype=torch.float64)
+    y, _ = mixer(x, mem)
+    h = torch.cat((mem, x), 1)  # [B, 7, E]; query i sits at position 4 + i
+    Hh, D = mixer.n_heads, mixer.head_dim
+    q = mixer.q(x).view(2, 3, Hh, D)
+    k, v = (t.view(2, 7, Hh, D) for t in mixer.kv(h).split(E, dim=-1))
+    r = mixer.r(sinusoid(7, E, x.device, x.dtype)).view(7, Hh, D)  # row = distance
+    out = torch.zeros(2, 3, Hh, D, dtype=torch.float64)
+    for i in range(3):
+        for n in range(Hh):
+            scores = torch.stack([((q[:, i, n] + mixer.u[n]) * k[:, j, n]).sum(-1)
+                                  + ((q[:, i, n] + mixer.v[n]) * r[4 + i - j, n]).sum(-1)
+                                  for j in range(4 + i + 1)], -1) / D ** 0.5  # [B, j <= 4 + i]
+            out[:, i, n] = (scores.softmax(-1)[..., None] * v[:, : 4 + i + 1, n]).sum(1)
+    torch.testing.assert_close(y, mixer.residual_proj(out.reshape(2, 3, E)))
+
+
+def test_mru_rotary_equals_a_loop_over_running_products():
+    mixer = make("mru_rotary")  # chunk_size 4: 2 chunks per head of 8
+    x = torch.randn(2, 5, E, dtype=torch.float64)
+    q, k = torch.randn(2, H, 5, E // H, dtype=torch.float64), torch.randn(2, H, 5, E // H, dtype=torch.float64)
+    P0 = torch.linalg.qr(torch.randn(2, H, 2, 4, 4, dtype=torch.float64)).Q  # a carried state
+    q2, k2, (P_last,) = mixer.encode_positions(x, q, k, 3, (P0,))
+    M = mixer.rotations(x)  # [B, H, C, T, d, d]
+    P = P0
+    for t in range(5):
+        P = P @ M[:, :, :, t]  # P_t = P_(t-1) M_t
+        for c in range(2):
+            sl = slice(4 * c, 4 * c + 4)
+            for a, a2 in ((q, q2), (k, k2)):
+                ref = (P[:, :, c] @ a[:, :, t, sl, None])[..., 0]  # chunk c of token t: P_t u
+                torch.testing.assert_close(a2[:, :, t, sl], ref)
+    torch.testing.assert_close(P_last, P)
