@@ -315,7 +315,8 @@ def test_txl_scores_equal_the_spelled_out_relative_formula():
     from matrec.models.transformer_xl import sinusoid
 
     mixer = make("txl", mem_len=4)
-    mem, x = torch.randn(2, 4, E, dtype=torch.float64), torch.randn(2, 3, E, dtype=torch.float64)
+    mem = torch.randn(2, 4, E, dtype=torch.float64)
+    x = torch.randn(2, 3, E, dtype=torch.float64, requires_grad=True)
     y, _ = mixer(x, mem)
     h = torch.cat((mem, x), 1)  # [B, 7, E]; query i sits at position 4 + i
     Hh, D = mixer.n_heads, mixer.head_dim
@@ -329,22 +330,32 @@ def test_txl_scores_equal_the_spelled_out_relative_formula():
                                   + ((q[:, i, n] + mixer.v[n]) * r[4 + i - j, n]).sum(-1)
                                   for j in range(4 + i + 1)], -1) / D ** 0.5  # [B, j <= 4 + i]
             out[:, i, n] = (scores.softmax(-1)[..., None] * v[:, : 4 + i + 1, n]).sum(1)
-    torch.testing.assert_close(y, mixer.residual_proj(out.reshape(2, 3, E)))
+    ref = mixer.residual_proj(out.reshape(2, 3, E))
+    torch.testing.assert_close(y, ref)
+    inputs, cot = [x] + list(mixer.parameters()), torch.randn_like(y)
+    for g, g_ref in zip(torch.autograd.grad(y, inputs, cot), torch.autograd.grad(ref, inputs, cot)):
+        torch.testing.assert_close(g, g_ref)
 
 
 def test_mru_rotary_equals_a_loop_over_running_products():
     mixer = make("mru_rotary")  # chunk_size 4: 2 chunks per head of 8
-    x = torch.randn(2, 5, E, dtype=torch.float64)
-    q, k = torch.randn(2, H, 5, E // H, dtype=torch.float64), torch.randn(2, H, 5, E // H, dtype=torch.float64)
+    x = torch.randn(2, 5, E, dtype=torch.float64, requires_grad=True)
+    q, k = (torch.randn(2, H, 5, E // H, dtype=torch.float64, requires_grad=True) for _ in range(2))
     P0 = torch.linalg.qr(torch.randn(2, H, 2, 4, 4, dtype=torch.float64)).Q  # a carried state
     q2, k2, (P_last,) = mixer.encode_positions(x, q, k, 3, (P0,))
     M = mixer.rotations(x)  # [B, H, C, T, d, d]
-    P = P0
+    P, refs = P0, {"q": [], "k": []}
     for t in range(5):
         P = P @ M[:, :, :, t]  # P_t = P_(t-1) M_t
-        for c in range(2):
-            sl = slice(4 * c, 4 * c + 4)
-            for a, a2 in ((q, q2), (k, k2)):
-                ref = (P[:, :, c] @ a[:, :, t, sl, None])[..., 0]  # chunk c of token t: P_t u
-                torch.testing.assert_close(a2[:, :, t, sl], ref)
-    torch.testing.assert_close(P_last, P)
+        for name, a in (("q", q), ("k", k)):  # chunk c of token t: P_t u
+            refs[name].append(torch.cat([(P[:, :, c] @ a[:, :, t, 4 * c:4 * c + 4, None])[..., 0]
+                                         for c in range(2)], -1))
+    q_ref, k_ref = (torch.stack(refs[n], 2) for n in ("q", "k"))
+    for out, ref in ((q2, q_ref), (k2, k_ref), (P_last, P)):
+        torch.testing.assert_close(out, ref)
+    inputs = [x, q, k, mixer.rotation.weight, mixer.rotation.bias]
+    cots = [torch.randn_like(t) for t in (q2, k2, P)]
+    g = torch.autograd.grad((q2, k2, P_last), inputs, cots)
+    g_ref = torch.autograd.grad((q_ref, k_ref, P), inputs, cots)
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a, b)
