@@ -93,6 +93,9 @@ def test_generate_method_sampling_and_errors():
         generate(model, one, 1, top_k=0)
     with pytest.raises(ValueError, match="prompt must be token ids"):
         generate(model, torch.randn(1, 3), 1)
+    for name in ("attn", "lstm"):  # a features model cannot generate
+        with pytest.raises(ValueError, match="model must take token ids"):
+            generate(build_model(name, input_size=3, output_size=3), one, 1)
     assert model.training is False
     model.train()
     generate(model, one, 1)
