@@ -8,7 +8,7 @@ Each (model, T) runs in its own subprocess so peak memory is that configuration'
     # CUDA (the SPEC 5 anchor: seed MRU-LM 40.2 ms/step at batch 64 x T 256 on an H100)
     python benchmarks/lm.py --device cuda --dtype bf16
     # a small CPU run
-    python benchmarks/lm.py --device cpu --batch 1 --lengths 256 1024 --steps 2 --warmup 1
+    OMP_NUM_THREADS=1 python benchmarks/lm.py --device cpu --batch 1 --lengths 256 2048 --steps 2 --warmup 1
 
 By default the batch keeps ``--tokens`` tokens per step (64 x 256), so longer T means fewer rows.
 """
@@ -106,6 +106,11 @@ def main() -> None:
                                       env={**os.environ, "PYTHONPATH": _src_path()})
             except subprocess.TimeoutExpired:
                 print(f"| {model} | {T} | {batch} | timeout (> {args.timeout:.0f} s) | | | |", flush=True)
+                continue
+            if proc.returncode < 0:  # no Python error to show: the OS ended it (SIGKILL: the OOM killer)
+                why = f"killed by signal {-proc.returncode}"
+                why += " (out of memory?)" if proc.returncode == -9 else ""
+                print(f"| {model} | {T} | {batch} | {why} | | | |", flush=True)
                 continue
             if proc.returncode != 0:
                 err = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"

@@ -4,7 +4,7 @@ import torch
 
 import matrec
 from matrec.models import MIXERS
-from matrec.models.attention import MRURotaryAttention
+from matrec.models.attention import MRURotaryAttention, causal_attention
 from matrec.models.linear_attention import chunked_form, recurrent_form
 
 E, H = 16, 2
@@ -53,6 +53,70 @@ def test_chunked_calls_with_state_equal_one_call(name, chunks):
         ys.append(y)
         t += c
     torch.testing.assert_close(torch.cat(ys, dim=1), y_full, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("name", ALL_MIXERS)
+def test_odd_width_runs_causally_and_chunks_like_one_call(name):
+    # width 15 = 3 heads of 5 (odd head size: RoPE needs even, so attn runs without positions here)
+    options = {"attn": {"pos": "none"}, "mru_rotary": {"chunk_size": 5}, "txl": {"mem_len": 16}}
+    torch.manual_seed(0)
+    mixer = MIXERS.get(name)(15, n_heads=3, **options.get(name, {}))
+    with torch.no_grad():
+        for p in mixer.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    mixer = mixer.double().eval()
+    x = torch.randn(2, 7, 15, dtype=torch.float64)
+    y_full, _ = mixer(x)
+    a, state = mixer(x[:, :3], state=None)
+    b, _ = mixer(x[:, 3:], state)
+    torch.testing.assert_close(torch.cat((a, b), 1), y_full, rtol=1e-9, atol=1e-9)
+    x2 = x.clone()
+    x2[:, 4:] += 1.0
+    torch.testing.assert_close(mixer(x2)[0][:, :4], y_full[:, :4], rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", [n for n in ALL_MIXERS if n not in ("mlp", "txl")])
+def test_chunked_calls_with_state_have_the_gradients_of_one_call(name):
+    # the carried state stays in the graph (txl detaches its memory by design: tested apart)
+    mixer = make(name)
+    x = torch.randn(2, 11, E, dtype=torch.float64, requires_grad=True)
+    cot = torch.randn(2, 11, E, dtype=torch.float64)
+    params = [x] + list(mixer.parameters())
+    g_full = torch.autograd.grad((mixer(x)[0] * cot).sum(), params, allow_unused=True)
+    ys, state = [], None
+    for a, b in ((0, 4), (4, 5), (5, 11)):
+        y, state = mixer(x[:, a:b], state)
+        ys.append(y)
+    g_chunked = torch.autograd.grad((torch.cat(ys, 1) * cot).sum(), params, allow_unused=True)
+    for a, b in zip(g_chunked, g_full):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+def reference_attention(q, k, v, offset, window):
+    """softmax(q k^T / sqrt(D) + mask) v, the mask spelled out position by position."""
+    T, S = q.shape[-2], k.shape[-2]
+    scores = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5  # [B, H, T, S]
+    for i in range(T):
+        for j in range(S):
+            qp, kp = offset + i, offset + T - S + j  # absolute positions
+            if kp > qp or (window is not None and kp <= qp - window):
+                scores[..., i, j] = float("-inf")
+    return scores.softmax(-1) @ v
+
+
+@pytest.mark.parametrize("T, S, offset, window", [(7, 7, 0, None), (1, 1, 0, None), (3, 8, 5, None),
+                                                  (1, 6, 5, None), (7, 7, 0, 3), (3, 5, 9, 4)])
+def test_causal_attention_equals_the_spelled_out_reference_with_gradients(T, S, offset, window):
+    torch.manual_seed(T + S)
+    q = torch.randn(2, 3, T, 5, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(2, 3, S, 5, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    y, y_ref = causal_attention(q, k, v, offset, window), reference_attention(q, k, v, offset, window)
+    torch.testing.assert_close(y, y_ref)
+    cot = torch.randn_like(y)
+    for g, g_ref in zip(torch.autograd.grad(y, (q, k, v), cot), torch.autograd.grad(y_ref, (q, k, v), cot)):
+        torch.testing.assert_close(g, g_ref)
 
 
 @pytest.mark.parametrize("T", [1, 7, 100])
@@ -226,3 +290,72 @@ def test_running_sums_and_products_stay_fp32_under_bf16_autocast(name):
     carried = state[-1]  # z for linear attention, the running product P for MRU-rotary
     assert carried.dtype == torch.float32
     torch.testing.assert_close(y.float(), ref, rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize("pos", ["rope", "xpos"])
+def test_rotary_encodings_equal_complex_rotation_reference(pos):
+    # pair i is (x[i], x[i + D/2]) as one complex number, turned by position * base^(-2i/D);
+    # xPos also scales q by zeta_i^(m/512) and k by zeta_i^(-m/512)
+    D, T, offset = 6, 5, 11
+    enc = matrec.models.POSITIONS.get(pos)(D)
+    q, k = torch.randn(2, 3, T, D, dtype=torch.float64), torch.randn(2, 3, T, D, dtype=torch.float64)
+    q2, k2 = enc(q, k, offset)
+    i = torch.arange(D // 2, dtype=torch.float32)  # the encodings keep their frequencies in fp32
+    freq, zeta = (10000.0 ** (-2 * i / D)).double(), ((2 * i / D + 0.4) / 1.4).double()
+    m = torch.arange(offset, offset + T, dtype=torch.float64)[:, None]  # [T, 1]
+    turn = torch.polar(torch.ones(T, D // 2, dtype=torch.float64), m * freq)
+    scale = zeta ** (m / 512) if pos == "xpos" else torch.ones_like(turn.real)
+    for x, x2, s in ((q, q2, scale), (k, k2, 1 / scale)):
+        z = torch.complex(x[..., : D // 2], x[..., D // 2:]) * turn * s
+        torch.testing.assert_close(x2, torch.cat((z.real, z.imag), -1))
+
+
+def test_txl_scores_equal_the_spelled_out_relative_formula():
+    # score(i, j) = ((q_i + u) . k_j + (q_i + v) . W_r R_(i - j)) / sqrt(D), j <= i over [memory; x]
+    from matrec.models.transformer_xl import sinusoid
+
+    mixer = make("txl", mem_len=4)
+    mem = torch.randn(2, 4, E, dtype=torch.float64)
+    x = torch.randn(2, 3, E, dtype=torch.float64, requires_grad=True)
+    y, _ = mixer(x, mem)
+    h = torch.cat((mem, x), 1)  # [B, 7, E]; query i sits at position 4 + i
+    Hh, D = mixer.n_heads, mixer.head_dim
+    q = mixer.q(x).view(2, 3, Hh, D)
+    k, v = (t.view(2, 7, Hh, D) for t in mixer.kv(h).split(E, dim=-1))
+    r = mixer.r(sinusoid(7, E, x.device, x.dtype)).view(7, Hh, D)  # row = distance
+    out = torch.zeros(2, 3, Hh, D, dtype=torch.float64)
+    for i in range(3):
+        for n in range(Hh):
+            scores = torch.stack([((q[:, i, n] + mixer.u[n]) * k[:, j, n]).sum(-1)
+                                  + ((q[:, i, n] + mixer.v[n]) * r[4 + i - j, n]).sum(-1)
+                                  for j in range(4 + i + 1)], -1) / D ** 0.5  # [B, j <= 4 + i]
+            out[:, i, n] = (scores.softmax(-1)[..., None] * v[:, : 4 + i + 1, n]).sum(1)
+    ref = mixer.residual_proj(out.reshape(2, 3, E))
+    torch.testing.assert_close(y, ref)
+    inputs, cot = [x] + list(mixer.parameters()), torch.randn_like(y)
+    for g, g_ref in zip(torch.autograd.grad(y, inputs, cot), torch.autograd.grad(ref, inputs, cot)):
+        torch.testing.assert_close(g, g_ref)
+
+
+def test_mru_rotary_equals_a_loop_over_running_products():
+    mixer = make("mru_rotary")  # chunk_size 4: 2 chunks per head of 8
+    x = torch.randn(2, 5, E, dtype=torch.float64, requires_grad=True)
+    q, k = (torch.randn(2, H, 5, E // H, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    P0 = torch.linalg.qr(torch.randn(2, H, 2, 4, 4, dtype=torch.float64)).Q  # a carried state
+    q2, k2, (P_last,) = mixer.encode_positions(x, q, k, 3, (P0,))
+    M = mixer.rotations(x)  # [B, H, C, T, d, d]
+    P, refs = P0, {"q": [], "k": []}
+    for t in range(5):
+        P = P @ M[:, :, :, t]  # P_t = P_(t-1) M_t
+        for name, a in (("q", q), ("k", k)):  # chunk c of token t: P_t u
+            refs[name].append(torch.cat([(P[:, :, c] @ a[:, :, t, 4 * c:4 * c + 4, None])[..., 0]
+                                         for c in range(2)], -1))
+    q_ref, k_ref = (torch.stack(refs[n], 2) for n in ("q", "k"))
+    for out, ref in ((q2, q_ref), (k2, k_ref), (P_last, P)):
+        torch.testing.assert_close(out, ref)
+    inputs = [x, q, k, mixer.rotation.weight, mixer.rotation.bias]
+    cots = [torch.randn_like(t) for t in (q2, k2, P)]
+    g = torch.autograd.grad((q2, k2, P_last), inputs, cots)
+    g_ref = torch.autograd.grad((q_ref, k_ref, P), inputs, cots)
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a, b)

@@ -93,6 +93,9 @@ def test_generate_method_sampling_and_errors():
         generate(model, one, 1, top_k=0)
     with pytest.raises(ValueError, match="prompt must be token ids"):
         generate(model, torch.randn(1, 3), 1)
+    for name in ("attn", "lstm"):  # a features model cannot generate
+        with pytest.raises(ValueError, match="model must take token ids"):
+            generate(build_model(name, input_size=3, output_size=3), one, 1)
     assert model.training is False
     model.train()
     generate(model, one, 1)
@@ -133,3 +136,49 @@ def test_hybrid_pattern_streams_like_one_call_and_generates_identically():
     prompt = x[:, :3]
     torch.testing.assert_close(generate(model, prompt, 8, temperature=0),
                                generate(model, prompt, 8, temperature=0, use_state=False))
+
+
+# mixer -> name of its residual (output) projection, the layer GPT-2 scales down by depth
+RESIDUAL_PROJ = {"mlp": "residual_proj", "attn": "residual_proj", "linear_attn": "residual_proj",
+                 "txl": "residual_proj", "mru_rotary": "residual_proj", "mru": "out_proj"}
+
+
+@pytest.mark.parametrize("name", sorted(RESIDUAL_PROJ))
+def test_gpt2_init_scales_every_residual_projection_by_depth(name):
+    for depth in (2, 8):
+        torch.manual_seed(depth)
+        model = SequenceModel([name] * depth, vocab_size=V, output_size=V, d_model=64, n_heads=4)
+        for layer in model.layers:
+            std = getattr(layer.mixer, RESIDUAL_PROJ[name]).weight.std().item()
+            expected = 0.02 / depth ** 0.5  # 0.0141 at depth 2, 0.0071 at depth 8
+            assert abs(std - expected) < 0.1 * expected, (depth, std, expected)
+    assert abs(model.encoder.weight.std().item() - 0.02) < 0.002  # the embedding is not scaled
+
+
+STREAMING = ["mru", "linear_attn", "mru_rotary", "attn", "rnn", "lstm", "gru", "mornn"]
+
+
+def _numel(state) -> int:
+    if isinstance(state, torch.Tensor):
+        return state.numel() if state.dim() > 0 else 0  # 0-dim: a position counter
+    if isinstance(state, (list, tuple)):
+        return sum(_numel(s) for s in state)
+    return 0
+
+
+@pytest.mark.parametrize("name", STREAMING)
+def test_generate_streams_one_token_per_step_and_recurrent_state_stays_constant(name):
+    model = tiny(name)
+    calls, sizes = [], []
+
+    def record(module, args, out):  # returns None: the output is left as it is
+        calls.append(tuple(args[0].shape))
+        sizes.append(_numel(out[1]))
+
+    model.register_forward_hook(record)
+    generate(model, torch.randint(0, V, (2, 5)), 12, temperature=0)
+    assert calls == [(2, 5)] + [(2, 1)] * 11  # the prompt once, then one token per call
+    if name in ("attn", "mru_rotary"):  # the KV cache grows by one token per step
+        assert all(b > a for a, b in zip(sizes, sizes[1:]))
+    else:  # recurrent state: the same size whatever the generated length
+        assert len(set(sizes)) == 1 and sizes[0] > 0

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from matrec.models import MODELS, PRESETS, build_model, list_presets, num_parameters
+from matrec.models import MODELS, PRESETS, build_model, generate, list_presets, num_parameters
 from matrec.models.zoo import MRU_CONSTRUCTIONS
 
 V = 65  # tiny-shakespeare characters
@@ -75,3 +75,46 @@ def test_zoo_module_prints_the_presets_table():
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| `")]
     assert len(rows) == len(PRESETS)
     assert "| `shakespeare-mru` | 6 x (mru + MLP), width 384, 6 heads, T 256 | 8,900,736 |" in rows
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_preset_generation_equals_full_recomputation(name):
+    torch.manual_seed(1)
+    model = build_model(name, vocab_size=V, output_size=V)
+    with torch.no_grad():  # off the identity-like init (the MRU's zero W_in), so every path mixes
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    model = model.double().eval()
+    x = torch.randint(0, V, (2, 7))
+    full, _ = model(x)
+    logits, state = model(x[:, :3])  # the prompt, then one token per call carrying the state
+    steps = [logits]
+    for t in range(3, 7):
+        logits, state = model(x[:, t:t + 1], state)
+        steps.append(logits)
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-9, atol=1e-9)
+    prompt = x[:, :3]
+    streamed = generate(model, prompt, 4, temperature=0)
+    torch.testing.assert_close(streamed, generate(model, prompt, 4, temperature=0, use_state=False))
+    assert model.training is False
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_preset_heads_and_pattern(name):
+    model = build_model(name, vocab_size=V, output_size=V)
+    preset = PRESETS[name]
+    assert [layer.mixer.__class__.__name__ for layer in model.layers].count("MLP") == (
+        6 if name.startswith("shakespeare") else 4)
+    heads = {getattr(layer.mixer, "n_heads", getattr(layer.mixer, "num_heads", None))
+             for layer in model.layers if layer.mixer.__class__.__name__ != "MLP"}
+    if name.startswith("shakespeare"):
+        assert preset["pattern"] == [name.split("-", 1)[1], "mlp"] * 6 and heads == {6}
+    elif name == "ablation-mlp":
+        assert preset["pattern"] == ["mlp"] * 4 and heads == set()
+    else:
+        mixer = "mru" if name.startswith("ablation-mru") else name.split("-", 1)[1]
+        assert preset["pattern"] == [mixer] + ["mlp"] * 4 and heads == {4}
+    # docs/models.md: the MRU presets keep the MRU's default order d = 8 at both widths
+    assert {layer.mixer.order for layer in model.layers if hasattr(layer.mixer, "order")} <= {8}
+    if "mru" in name:
+        assert model.layers[0].mixer.order == 8

@@ -23,7 +23,8 @@ def sinusoid(n: int, dim: int, device, dtype) -> Tensor:
     """Sinusoidal embeddings of distances ``0 .. n-1``: ``[n, dim]``."""
     inv_freq = 10000.0 ** (-torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim)
     pos = torch.arange(n, device=device, dtype=torch.float32)[:, None] * inv_freq[None, :]
-    return torch.cat((pos.sin(), pos.cos()), dim=-1).to(dtype)
+    # ceil(dim / 2) frequencies give dim + 1 columns when dim is odd: drop the last cosine
+    return torch.cat((pos.sin(), pos.cos()), dim=-1)[:, :dim].to(dtype)
 
 
 @MIXERS.register("txl")

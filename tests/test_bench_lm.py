@@ -1,0 +1,23 @@
+"""benchmarks/lm.py: one configuration runs a real training step and reports it."""
+import argparse
+import importlib.util
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "lm.py"
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("bench_lm", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_lm_benchmark_runs_one_configuration():
+    args = argparse.Namespace(model="linear_attn", T=9, device="cpu", batch=None, tokens=18, steps=1,
+                              warmup=0, dtype="fp32")
+    r = load_bench().run_one(args)
+    assert (r["model"], r["T"], r["batch"]) == ("linear_attn", 9, 2)  # batch = tokens // T
+    assert r["ms"] > 0 and r["peak_mib"] > 0
+    assert abs(r["tokens_per_s"] - 2 * 9 / r["ms"] * 1e3) < 1e-6 * r["tokens_per_s"]
+    assert r["params"] == 10_663_296  # the shakespeare-linear_attn preset at vocab 65
