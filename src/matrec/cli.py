@@ -381,12 +381,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from .data.download import DataFileError
     from .train import CheckpointError, NonFiniteError
+    from .train.distributed import mark_failed
     try:
         return args.func(args)
     except NonFiniteError as e:
+        mark_failed()
         print(f"matrec: {e}", file=sys.stderr)
         return 1
     except (ValueError, TypeError, FileNotFoundError, CheckpointError, DataFileError) as e:
+        mark_failed()  # under torchrun this rank may fail alone: leave the group to torchrun
         parser.exit(2, f"matrec {args.command}: error: {e}\n")
 
 

@@ -41,23 +41,36 @@ def init_distributed(device: str) -> DistInfo:
     return info
 
 
+# Set once this process has failed: from then on the group is left to torchrun (see _destroy_at_exit).
+_failed: list[bool] = []
+
+
+def mark_failed() -> None:
+    """Record that this process is ending on an error, so the exit hook leaves the group alone.
+
+    Callers that catch an error and exit on their own (the CLI's clean error messages) call this;
+    uncaught exceptions are recorded by the excepthook ``_destroy_at_exit`` installs.
+    """
+    _failed.append(True)
+
+
 def _destroy_at_exit() -> None:
     """Destroy the group we created before the interpreter tears down.
 
     Left to interpreter finalization, gloo's worker threads can still hold tensors whose release
     needs the GIL, and the process dies with SIGABRT ("terminate called without an active
-    exception") after a run that succeeded. After an uncaught exception we leave the group alone:
-    destroying it while the other ranks wait in a collective can deadlock, and torchrun stops them.
+    exception") after a run that succeeded. After a failure (an uncaught exception, or
+    ``mark_failed``) we leave the group alone: destroying it while the other ranks wait in a
+    collective can deadlock, and torchrun stops them.
     """
-    failed = []
     previous_hook = sys.excepthook
 
     def hook(*exc_info):
-        failed.append(True)
+        mark_failed()
         previous_hook(*exc_info)
 
     def destroy():
-        if not failed and dist.is_initialized():
+        if not _failed and dist.is_initialized():
             dist.destroy_process_group()
 
     sys.excepthook = hook
