@@ -131,6 +131,18 @@ def test_bad_input_raises_what_nn_rnn_raises(case):
     assert raised(RNN_CASES[case], MORNN) is raised(RNN_CASES[case], nn.RNN)
 
 
+@pytest.mark.parametrize("nonlinearity", ["tanh", "modrelu", "identity"])
+def test_hx_of_another_dtype_raises_as_in_nn_rnn(nonlinearity):
+    # the modrelu/identity recurrences are ours: they must refuse it too, not cast silently
+    x, hx = torch.randn(5, 2, 3), torch.randn(1, 2, 4, dtype=torch.float64)
+    expected = raised(lambda M: M(3, 4)(x, hx), nn.RNN)
+    assert raised(lambda M: M(3, 4, nonlinearity=nonlinearity)(x, hx), MORNN) is expected
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts both, as it does for nn.RNN
+        x, hx = x.bfloat16(), torch.zeros(1, 2, 4)
+        assert nn.RNN(3, 4)(x, hx)[0].shape == (5, 2, 4)
+        assert MORNN(3, 4, nonlinearity=nonlinearity)(x, hx)[0].shape == (5, 2, 4)
+
+
 @pytest.mark.parametrize("case", list(CELL_CASES))
 def test_bad_cell_input_raises_what_nn_rnncell_raises(case):
     assert raised(CELL_CASES[case], MORNNCell) is raised(CELL_CASES[case], nn.RNNCell)

@@ -383,6 +383,9 @@ class MORNN(_OrthogonalRecurrent):
             hx = ref.new_zeros(expected_hx)
         elif tuple(hx.shape) != expected_hx:
             raise RuntimeError(f"Expected hidden size {expected_hx}, got {list(hx.shape)}")
+        elif hx.dtype != ref.dtype and not torch.is_autocast_enabled(ref.device.type):
+            # nn.RNN refuses this inside its kernel; the modrelu/identity recurrence would cast silently
+            raise RuntimeError(f"hx must have the input's dtype {ref.dtype}, got {hx.dtype}")
 
         self._maybe_refold()
         weights = self._weights()
