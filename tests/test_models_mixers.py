@@ -247,6 +247,8 @@ def test_mixer_errors():
         MRURotaryAttention(16, n_heads=2, chunk_size=3)
     with pytest.raises(ValueError, match="orthogonal_map must be one of"):
         MRURotaryAttention(16, n_heads=2, construction="ldu")
+    with pytest.raises(ValueError, match=r"d_model=15, n_heads=3 \(head size 5\).*must be even"):
+        MIXERS.get("attn")(15, n_heads=3, pos="rope")
     with pytest.raises(ValueError, match="pos must be one of"):
         MIXERS.get("attn")(16, n_heads=2, pos="alibi")
     with pytest.raises(ValueError, match="form must be one of"):

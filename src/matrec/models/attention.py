@@ -61,7 +61,12 @@ class CausalSelfAttention(nn.Module):
         self.dropout, self.window = dropout, window
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=bias)
         self.residual_proj = nn.Linear(d_model, d_model, bias=bias)
-        self.position = POSITIONS.get(pos)(self.head_dim, **(pos_options or {}))
+        position_cls = POSITIONS.get(pos)
+        try:
+            self.position = position_cls(self.head_dim, **(pos_options or {}))
+        except ValueError as e:  # the head size is derived: name what the caller passed
+            raise ValueError(f"pos={pos!r} with d_model={d_model}, n_heads={n_heads} (head size "
+                             f"{self.head_dim}): {e}") from e
 
     def init_weights(self, std: float, residual_std: float) -> None:
         init_linear(self.qkv, std)
