@@ -1,16 +1,11 @@
 """benchmarks/lm.py: one configuration runs a real training step and reports it."""
 import argparse
-import importlib.util
-from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "lm.py"
+from support import load_benchmark
 
 
 def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_lm", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("lm")
 
 
 def test_lm_benchmark_runs_one_configuration():

@@ -1,18 +1,9 @@
 """benchmarks/mornn.py and benchmarks/mornn_copy.py run and print every row their docs record."""
-import importlib.util
 import re
-from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-def load(name):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from support import load_benchmark as load
 
 
 def table_rows(out):

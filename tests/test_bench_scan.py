@@ -1,19 +1,14 @@
 """benchmarks/scan.py runs, checks before timing, and refuses a backend that disagrees with the loop."""
-import importlib.util
-from pathlib import Path
 
 import torch
 
 from matrec.ops.scan import SCAN_BACKENDS, ScanBackend, naive_mru_scan
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "scan.py"
+from support import load_benchmark
 
 
 def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_scan", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("scan")
 
 
 def test_bench_reports_good_and_refuses_bad(monkeypatch, capsys):

@@ -11,18 +11,11 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import matrec
 from matrec.nn.mornn import MORNN, MORNN_INITS, MORNNCell, mornn_param_groups, orthogonality_report, rnn_layers
+from support import orthogonal_rnn
 from matrec.ops.orthogonal import ORTHOGONAL_MAPS, orthogonality_error, project_orthogonal
 
 
 
-def orthogonal_rnn(*args, **kwargs) -> nn.RNN:
-    """An nn.RNN whose recurrent matrices are made orthogonal."""
-    rnn = nn.RNN(*args, **kwargs)
-    with torch.no_grad():
-        for name, p in rnn.named_parameters():
-            if name.startswith("weight_hh"):
-                p.copy_(project_orthogonal(p))
-    return rnn
 
 
 CONFIGS = list(itertools.product([1, 2], [False, True], [False, True], ["tanh", "relu"], [True, False]))

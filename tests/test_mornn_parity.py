@@ -10,16 +10,8 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 import matrec.nn.mornn as mornn_module
 from matrec.nn.mornn import MORNN, MORNNCell
+from support import orthogonal_rnn
 from matrec.ops.orthogonal import orthogonality_error, project_orthogonal
-
-
-def orthogonal_rnn(*args, **kwargs) -> nn.RNN:
-    rnn = nn.RNN(*args, **kwargs)
-    with torch.no_grad():
-        for name, p in rnn.named_parameters():
-            if name.startswith("weight_hh"):
-                p.copy_(project_orthogonal(p))
-    return rnn
 
 
 @torch.no_grad()
