@@ -44,7 +44,7 @@ def generate_stream(model: nn.Module, prompt: Tensor, max_new_tokens: int, tempe
     """
     _check(prompt, max_new_tokens, temperature, top_k)
     # a features model ([B, T, F] inputs) cannot be fed its own samples: say so before torch does
-    if getattr(model, "vocab_size", 0) is None or isinstance(getattr(model, "encoder", None), nn.Identity):
+    if getattr(model, "vocab_size", 0) is None:
         raise ValueError("model must take token ids (built with vocab_size) to generate, "
                          "got a model of features")
     if max_new_tokens == 0:  # nothing to sample: do not run the model on the prompt

@@ -25,6 +25,7 @@ class RecurrentModel(nn.Module):
                  vocab_size: int | None = None, input_size: int | None = None,
                  embed_dim: int | None = None) -> None:
         super().__init__()
+        self.vocab_size = vocab_size  # None: a features model (generation needs token ids)
         if vocab_size is not None:
             self.encoder: nn.Module = nn.Embedding(vocab_size, embed_dim or rnn.input_size)
         else:
