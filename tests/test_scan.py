@@ -207,6 +207,7 @@ def test_auto_rule_cuda(monkeypatch):
     cuda = torch.device("cuda")
     monkeypatch.setattr(scan_mod, "_triton_available", lambda device: (True, "ok"))
     monkeypatch.setattr(scan_mod, "_triton_module", lambda: types.SimpleNamespace(MAX_DIM=64))
+    monkeypatch.setattr(scan_mod.kernel_guard, "proven", lambda op, device, dtype, size: True)
     assert auto_backend(cuda, 100, d=64) == "triton"
     assert auto_backend(cuda, 100, d=65) == scan_mod.AUTO_CUDA_FALLBACK
     monkeypatch.setattr(scan_mod, "_triton_available", lambda device: (False, "no triton here"))

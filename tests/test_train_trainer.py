@@ -280,7 +280,7 @@ def test_cpu_runs_stay_float32_with_amp_on(tmp_path):
     assert dtypes and set(dtypes) == {torch.float32}
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
 def test_cuda_run_trains_under_bf16_autocast_and_resumes(tmp_path):
     trainer = Trainer(tiny(tmp_path, "gpu", device="cuda"))
     dtypes = _head_dtypes(trainer)

@@ -169,7 +169,7 @@ def test_forward_without_h0_compiles(H):
     assert tr.compile_report(H, F32, False, "tanh", has_h0=False)["spills"] == 0
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
 @pytest.mark.parametrize("nonlinearity", NLS)
 @pytest.mark.parametrize("T,B,H,dtype,with_h0", [(100, 33, 5, F32, True), (100, 33, 64, BF16, False),
                                                  (100, 33, 130, F32, False), (50, 130, 512, F32, True)])

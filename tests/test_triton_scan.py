@@ -18,7 +18,7 @@ from matrec.ops.triton_scan import mru_scan_triton, triton_available  # noqa: E4
 
 DEVICES = [
     "cpu",
-    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")),
+    pytest.param("cuda", marks=pytest.mark.cuda),
 ]
 TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}  # relative to the max entry
 
@@ -162,7 +162,7 @@ def test_default_chunking_on_a_gpu(monkeypatch):
     assert triton_scan._chunk_size(2, 100, torch.device("cpu"), 7) == 7
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
 def test_long_orthogonal_sequence_cuda(monkeypatch):
     """T = 65536 with orthogonal states (no overflow) and one sequence: the default chunking splits it;
     outputs and gradients match the PyTorch chunked scan."""

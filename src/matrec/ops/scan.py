@@ -34,6 +34,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from ..registry import Registry
+from . import kernel_guard
 
 __all__ = ["mru_scan", "naive_mru_scan", "SCAN_BACKENDS", "ScanBackend", "auto_backend"]
 
@@ -285,6 +286,40 @@ SCAN_BACKENDS.register(
     ),
 )
 
+
+
+def check_triton_kernel(device: torch.device, dtype: torch.dtype, d: int) -> str | None:
+    """The first-use check of the fused kernel (:mod:`matrec.ops.kernel_guard`): None if it agrees
+    with the float64 reference on a small random problem, else why not.
+
+    Two sequences of 37 rotations with an initial state, once as one chunk and once in chunks of 8
+    (so the chunk-total and carry phases run too); outputs and the gradients of both inputs.
+    """
+    gen = torch.Generator().manual_seed(0)
+    A = torch.randn(2, 37, d, d, generator=gen, dtype=torch.float64)
+    M = torch.linalg.matrix_exp((A - A.mT) * (0.3 / d**0.5))  # [2, 37, d, d]
+    A0 = torch.randn(2, d, d, generator=gen, dtype=torch.float64)
+    H0 = torch.linalg.matrix_exp(A0 - A0.mT)  # [2, d, d]
+    G = torch.randn(2, 37, d, d, generator=gen, dtype=torch.float64)
+    ref_in = (M.clone().requires_grad_(), H0.clone().requires_grad_())
+    ref = _PatternScan.apply(*ref_in, _sequential_scan, None)
+    ref_grads = torch.autograd.grad(ref, ref_in, G)
+    tol = 1e-4 if dtype == torch.float32 else 3e-2  # fp32 arithmetic; bf16/fp16 rounding of I/O
+    for chunk_size in (None, 8):
+        x = M.to(device, dtype).requires_grad_()
+        h = H0.to(device, dtype).requires_grad_()
+        out = _triton_function(x, h, chunk_size=chunk_size)
+        grads = torch.autograd.grad(out, (x, h), G.to(device, dtype))
+        named = zip(("output", "d states", "d initial_state"), (out, *grads), (ref, *ref_grads))
+        for name, got, want in named:
+            err = ((got.detach().double().cpu() - want.detach()).abs().max() / want.abs().max()).item()
+            if not err <= tol:  # NaN fails too
+                return f"{name} relative error {err:.2e} > {tol:.0e} (chunk_size={chunk_size})"
+    return None
+
+
+kernel_guard.KERNEL_CHECKS.register("mru_scan", check_triton_kernel)
+
 # auto off CUDA (measured on CPU with benchmarks/scan.py, see docs/mru.md). Every parallel pattern
 # does at least 2T products against the loop's T, so it only pays where the loop is bound by per-step
 # overhead, not arithmetic: short-T or large per-step work (batch * d^3) -> the loop; otherwise
@@ -298,7 +333,12 @@ AUTO_CUDA_FALLBACK = "sklansky"
 
 
 def auto_backend(
-    device: torch.device, T: int, batch: int = 1, d: int = 1, dtype: torch.dtype = torch.float32
+    device: torch.device,
+    T: int,
+    batch: int = 1,
+    d: int = 1,
+    dtype: torch.dtype = torch.float32,
+    io_dtype: torch.dtype | None = None,
 ) -> str:
     """The backend ``backend="auto"`` uses for ``batch`` sequences of length ``T`` and order ``d``.
 
@@ -306,7 +346,10 @@ def auto_backend(
     and ``d <= 64`` when :func:`matrec.ops.triton_scan.triton_available` says so, else
     ``"sklansky"`` (with a warning naming the reason when Triton is what is missing; float64 and
     larger d go to ``"sklansky"`` silently: the fused kernel computes in float32 and takes
-    ``d <= 64`` only). Elsewhere: ``"sequential"`` for ``T <= 8`` or ``batch * d**3 >= 65536``;
+    ``d <= 64`` only). Triton is chosen only once the kernel has passed its first-use check for
+    (device, ``io_dtype`` (the inputs' dtype, default ``dtype``), ``d``) -- see
+    :mod:`matrec.ops.kernel_guard`; a kernel that fails it is replaced by ``"sklansky"`` with a
+    warning. Elsewhere: ``"sequential"`` for ``T <= 8`` or ``batch * d**3 >= 65536``;
     else ``"brent_kung"`` for ``T <= 1024`` and ``"chunked"`` above.
     """
     if device.type == "cuda":
@@ -314,7 +357,11 @@ def auto_backend(
             return AUTO_CUDA_FALLBACK
         ok, reason = _triton_available(device)
         if ok:
-            return "triton" if d <= getattr(_triton_module(), "MAX_DIM", 64) else AUTO_CUDA_FALLBACK
+            if d > getattr(_triton_module(), "MAX_DIM", 64):
+                return AUTO_CUDA_FALLBACK
+            # the first use per (device, I/O dtype, d) runs the kernel against the reference
+            proven = kernel_guard.proven("mru_scan", device, io_dtype or dtype, d)
+            return "triton" if proven else AUTO_CUDA_FALLBACK
         warnings.warn(
             f"mru_scan(backend='auto'): Triton kernel unavailable on {device} ({reason}); "
             f"using the PyTorch '{AUTO_CUDA_FALLBACK}' backend",
@@ -379,7 +426,7 @@ def _resolve(backend, states: Tensor) -> tuple[str, ScanBackend]:
     device = states.device
     if backend == "auto":
         compute = torch.float32 if states.dtype in (torch.float16, torch.bfloat16) else states.dtype
-        backend = auto_backend(device, T, math.prod(lead), d, compute)
+        backend = auto_backend(device, T, math.prod(lead), d, compute, io_dtype=states.dtype)
     elif backend not in SCAN_BACKENDS:
         raise ValueError(f"backend must be one of {['auto'] + SCAN_BACKENDS.names()}, got {backend!r}")
     spec = SCAN_BACKENDS.get(backend)
