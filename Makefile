@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 # The one torch the suite is tested with; never an unpinned torch (override: make TORCH=...).
 TORCH  ?= torch==2.13.0
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench gpu-check clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,13 @@ test: install
 
 bench: install
 	$(BIN)/matrec bench
+
+# The GPU proof: CUDA tests, then kernels checked and timed (benchmarks/gpu_check.py, docs/kernel.md).
+# No install step: a GPU machine's own Python with torch + Triton will do (the venv when there is one).
+GPU_PYTHON    ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON))
+GPU_CHECK_OUT ?= benchmarks/results/gpu_check
+gpu-check:
+	PYTHONPATH=src $(GPU_PYTHON) benchmarks/gpu_check.py --out $(GPU_CHECK_OUT)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,588 @@
+"""One command that proves matrec's GPU paths and measures them: a markdown report and a JSON.
+
+    make gpu-check                                                  # = the line below
+    PYTHONPATH=src python benchmarks/gpu_check.py --out benchmarks/results/gpu_check
+    PYTHONPATH=src python benchmarks/gpu_check.py --only scan mornn  # some parts
+    PYTHONPATH=src python benchmarks/gpu_check.py --device cpu --quick --out /tmp/gc  # toy sizes (tests)
+
+Parts, correctness first (each in its own process with its own time cap, so a hang, a crashed CUDA
+context or an out-of-memory in one part is recorded as such and the others still run):
+
+  tests  ``pytest -m cuda``: every GPU test of the suite; failures listed with their reason.
+  scan   mru_scan: every backend against the float64 loop (output and gradient), then forward and
+         forward+backward times of each on the shapes of benchmarks/scan.py, as multiples of the
+         memory floor (bytes that must move / measured copy bandwidth).
+  guard  the cost of the first-use kernel check (matrec.ops.kernel_guard) per order d.
+  mornn  MORNN against nn.RNN (cuDNN), LSTM, GRU at B = 128, T = 1000, H = 256: tanh/relu (cuDNN on
+         the materialised W), modReLU/identity through each recurrence backend, after checking each
+         backend against the autograd loop.
+  copy   the copy task at delay 1000 with MORNN's recipe: wall-clock time to recall >= 0.99.
+  lm     ms per training step (bf16 autocast) of the shakespeare presets, and the sequence mixers
+         alone (forward+backward) against causal SDPA at T = 1k, 4k, 16k, 64k.
+
+Needs no network and no install step: a checkout with ``PYTHONPATH=src`` on a Python that has torch
+(and Triton for the kernels), or the project installed as usual.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import importlib.util
+import json
+import os
+import platform
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+SRC = HERE.parent / "src"
+
+# part -> cap in seconds at full size. The caps add up to under 8 minutes.
+CAPS = {"tests": 150, "scan": 100, "guard": 30, "mornn": 60, "copy": 70, "lm": 70}
+QUICK_CAP = 90  # per part in --quick mode (toy sizes on a shared CPU)
+CUT_SHORT = "cut short"  # what a part returns when it stopped itself at its cap
+
+
+# ------------------------------------------------------------------------------------------------
+# Records: every figure a part measures is one JSON line ``{"table": ..., "row": {...}}`` appended to
+# the part's records file as soon as it exists, so a part that is cut off keeps what it measured.
+
+
+class Recorder:
+    def __init__(self, path: Path, part: str):
+        self.path, self.part = path, part
+
+    def __call__(self, table: str, **row) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"part": self.part, "table": table, "row": row}, default=str) + "\n")
+        print(f"[{self.part}] {table}: {row}", flush=True)
+
+
+def _load_bench(name: str):
+    """A sibling benchmark script as a module (they are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(f"_matrec_bench_{name}", HERE / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _sync(device):
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _best_ms(fn, device, repeats: int) -> float:
+    """Best of ``repeats`` wall times (ms) after one warm-up call: the least disturbed run."""
+    fn()
+    _sync(device)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        best = min(best, (time.perf_counter() - t0) * 1e3)
+    return best
+
+
+def _short(err: BaseException) -> str:
+    text = f"{type(err).__name__}: {err}".replace("\n", " ")
+    return text[:200]
+
+
+# ------------------------------------------------------------------------------------------------
+# Parts. Each is ``part(record, device, quick)``.
+
+
+def part_tests(record, device, quick, deadline=None):
+    """``pytest -m cuda`` over the suite, each test's outcome read as pytest prints it.
+
+    Stops pytest itself shortly before ``deadline`` (``time.monotonic()``), so that the counts of
+    what did run are still recorded when the suite is slower than the part's cap.
+    """
+    cmd = [sys.executable, "-m", "pytest", "-m", "cuda", "-v", "-rfE", "-p", "no:cacheprovider",
+           "--color=no", "--continue-on-collection-errors", str(HERE.parent / "tests")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")]))}
+    counts: dict[str, int] = {}
+    outcome = re.compile(r"^(\S+::\S+(?: \S+)?) (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)")
+    summary = re.compile(r"^(FAILED|ERROR) (\S+::\S+)(?: - (.*))?$")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            cwd=HERE.parent)
+    stopped = False
+    if deadline is not None:
+        def stop():
+            nonlocal stopped
+            stopped = True
+            proc.kill()
+
+        timer = threading.Timer(max(1.0, deadline - time.monotonic() - 5), stop)
+        timer.daemon = True
+        timer.start()
+    tail = []
+    for line in proc.stdout:
+        print(line, end="", flush=True)  # into the part's log
+        line = line.rstrip("\n")
+        tail = (tail + [line])[-15:]
+        m = outcome.match(line)
+        if m:
+            counts[m.group(2)] = counts.get(m.group(2), 0) + 1
+            continue
+        m = summary.match(line)
+        if m:
+            record("CUDA test failures", test=m.group(2), outcome=m.group(1), reason=(m.group(3) or "")[:300])
+    rc = proc.wait()
+    record("CUDA tests", passed=counts.get("PASSED", 0), failed=counts.get("FAILED", 0),
+           errors=counts.get("ERROR", 0), skipped=counts.get("SKIPPED", 0), pytest_exit=rc,
+           last_line="stopped at the part's time cap" if stopped else (tail[-1] if tail else ""))
+    if stopped:
+        record("CUDA test failures", test="(remaining tests)", outcome="not run",
+               reason=f"pytest stopped at the time cap; last line: {tail[-1] if tail else ''}")
+        return CUT_SHORT
+    if rc not in (0, 1, 5):  # 1: tests failed (listed above); 5: none selected
+        record("CUDA test failures", test="(pytest itself)", outcome=f"exit {rc}", reason=" | ".join(tail[-5:]))
+
+
+def _bandwidth(device, quick) -> float:
+    """Bytes per second of a large device copy (read + write): the memory floor's denominator."""
+    import torch
+
+    n = (4 if quick else 256) * 2**20  # floats: 16 MiB quick, 1 GiB otherwise
+    x = torch.empty(n, dtype=torch.float32, device=device)
+    y = torch.empty_like(x)
+    ms = _best_ms(lambda: y.copy_(x), device, repeats=3 if quick else 10)
+    return 2 * n * 4 / (ms / 1e3)
+
+
+def part_scan(record, device, quick):
+    import torch
+
+    from matrec.ops.scan import SCAN_BACKENDS, mru_scan
+
+    bench = _load_bench("scan")
+    bw = _bandwidth(device, quick)
+    record("scan: device", copy_bandwidth_GBps=round(bw / 1e9, 1))
+    shapes = [bench.parse_shape(s) for s in bench.default_shapes(device, quick)]
+    repeats = 2 if quick else 3
+    for shape in shapes:
+        label = ",".join(map(str, shape))
+        states = bench.make_states(shape, device)
+        nbytes = states.numel() * states.element_size()
+        floor_f, floor_fb = 2 * nbytes / bw * 1e3, 6 * nbytes / bw * 1e3
+        ref = bench.reference(states)
+        passed = []
+        for b in SCAN_BACKENDS.names():
+            ok, reason = SCAN_BACKENDS.get(b).available(device)
+            if not ok:
+                record("scan: correctness", shape=label, backend=b, result=f"unavailable: {reason}")
+                continue
+            try:
+                failure = bench.check(b, states, ref=ref)
+            except Exception as err:  # a kernel that does not compile or launch
+                failure = _short(err)
+            record("scan: correctness", shape=label, backend=b, result=failure or "ok")
+            if failure is None:
+                passed.append(b)
+        G = torch.randn_like(states)
+        times = {}
+        for b in passed:
+            if b == "sequential" and device.type == "cuda" and shape[2] > 4096:
+                record("scan: time", shape=label, backend=b, fwd_ms=None, fwd_bwd_ms=None,
+                       note="not timed: one launch per step, > 4096 steps")
+                continue
+            x = states.clone().requires_grad_()
+
+            def fwd(b=b):
+                with torch.no_grad():
+                    mru_scan(states, backend=b)
+
+            def fwd_bwd(b=b, x=x):
+                mru_scan(x, backend=b).backward(G)
+                x.grad = None
+
+            try:
+                f_ms, fb_ms = _best_ms(fwd, device, repeats), _best_ms(fwd_bwd, device, repeats)
+            except Exception as err:
+                record("scan: time", shape=label, backend=b, fwd_ms=None, fwd_bwd_ms=None, note=_short(err))
+                continue
+            times[b] = (f_ms, fb_ms)
+            record("scan: time", shape=label, backend=b, fwd_ms=round(f_ms, 3), fwd_bwd_ms=round(fb_ms, 3),
+                   fwd_x_floor=round(f_ms / floor_f, 2), fwd_bwd_x_floor=round(fb_ms / floor_fb, 2))
+        torch_times = {b: t for b, t in times.items() if b != "triton"}
+        best = min(torch_times, key=lambda b: torch_times[b][1]) if torch_times else None
+        tri = times.get("triton")
+        record("scan: summary", shape=label, floor_fwd_ms=round(floor_f, 4), floor_fwd_bwd_ms=round(floor_fb, 4),
+               triton_fwd_bwd_ms=round(tri[1], 3) if tri else None,
+               triton_x_floor=round(tri[1] / floor_fb, 2) if tri else None,
+               best_pytorch=best, best_pytorch_fwd_bwd_ms=round(torch_times[best][1], 3) if best else None,
+               best_pytorch_x_floor=round(torch_times[best][1] / floor_fb, 2) if best else None,
+               triton_speedup=round(torch_times[best][1] / tri[1], 2) if (tri and best) else None)
+        del states, ref, G
+
+
+def part_guard(record, device, quick):
+    import torch
+
+    from matrec.ops import kernel_guard
+    from matrec.ops.scan import SCAN_BACKENDS
+
+    ok, reason = SCAN_BACKENDS.get("triton").available(device)
+    if not ok:
+        record("guard: first-use check", d=None, dtype=None, ms=None, verdict=f"triton unavailable: {reason}")
+        return
+    kernel_guard.reset()
+    keys = [(torch.float32, 3)] if quick else [(torch.float32, d) for d in (8, 16, 64)] + [(torch.bfloat16, 16)]
+    for dtype, d in keys:
+        t0 = time.perf_counter()
+        ok = kernel_guard.proven("mru_scan", device, dtype, d)
+        ms = (time.perf_counter() - t0) * 1e3
+        verdict = list(kernel_guard.verdicts().values())[-1][1]
+        # the first call includes Triton's compilation for this d; the second is the check alone
+        kernel_guard.reset()
+        t0 = time.perf_counter()
+        kernel_guard.proven("mru_scan", device, dtype, d)
+        warm_ms = (time.perf_counter() - t0) * 1e3
+        record("guard: first-use check", d=d, dtype=str(dtype).replace("torch.", ""), passed=ok,
+               first_ms=round(ms, 1), compiled_ms=round(warm_ms, 1), verdict=verdict[:200])
+
+
+def _recurrence_check(device, nonlinearity, backend, H):
+    """None if ``backend`` agrees with the autograd loop on a small problem (outputs, every grad)."""
+    import torch
+
+    from matrec.ops.recurrence import recurrence
+
+    g = torch.Generator().manual_seed(0)
+    T, B = 37, 3
+    Q = torch.linalg.qr(torch.randn(H, H, generator=g, dtype=torch.float64))[0]
+    xp = torch.randn(T, B, H, generator=g, dtype=torch.float64)
+    h0 = torch.randn(B, H, generator=g, dtype=torch.float64)
+    bias = -0.1 * torch.rand(H, generator=g, dtype=torch.float64) if nonlinearity == "modrelu" else None
+    args = [xp, Q, h0] + ([bias] if bias is not None else [])
+    ref_in = [a.clone().requires_grad_() for a in args]
+    ref = recurrence(*ref_in[:3], ref_in[3] if bias is not None else None, nonlinearity, backend="loop")
+    G = torch.randn_like(ref)
+    ref_grads = torch.autograd.grad(ref, ref_in, G)
+    dev_in = [a.float().to(device).requires_grad_() for a in args]
+    out = recurrence(*dev_in[:3], dev_in[3] if bias is not None else None, nonlinearity, backend=backend)
+    grads = torch.autograd.grad(out, dev_in, G.float().to(device))
+    names = ["output", "d xproj", "d weight", "d h0", "d bias"]
+    for name, a, b in zip(names, (out, *grads), (ref, *ref_grads)):
+        err = ((a.detach().double().cpu() - b).abs().max() / b.abs().max().clamp(min=1e-30)).item()
+        if not err < 1e-3:
+            return f"{name} relative error {err:.1e}"
+    return None
+
+
+def part_mornn(record, device, quick):
+    import torch
+    from torch import nn
+
+    from matrec.nn.mornn import MORNN
+
+    bench = _load_bench("mornn")
+    B, T, H = (4, 20, 16) if quick else (128, 1000, 256)
+    backends = {"modrelu": ["torch", "triton"], "identity": ["torch", "chunked", "triton"]}
+    usable = {}
+    for nl, names in backends.items():
+        for b in names:
+            try:
+                failure = _recurrence_check(device, nl, b, 32 if not quick else 8)
+            except Exception as err:
+                failure = _short(err)
+            record("mornn: recurrence correctness", nonlinearity=nl, backend=b, result=failure or "ok")
+            usable[(nl, b)] = failure is None
+    candidates = {"nn.RNN tanh": lambda: nn.RNN(H, H), "nn.LSTM": lambda: nn.LSTM(H, H),
+                  "nn.GRU": lambda: nn.GRU(H, H),
+                  "MORNN tanh": lambda: MORNN(H, H), "MORNN relu": lambda: MORNN(H, H, nonlinearity="relu")}
+    for (nl, b), ok in usable.items():
+        if ok:
+            candidates[f"MORNN {nl} ({b})"] = (lambda nl=nl, b=b: MORNN(H, H, nonlinearity=nl, recurrence_backend=b))
+    x = torch.randn(T, B, H, device=device)
+    base = None
+    for name, make in candidates.items():
+        try:
+            mod = make().to(device)
+            for _ in range(1 if quick else 2):  # warm-up (compiles kernels, builds plans)
+                bench.fwd_bwd_once(mod, x)
+            ms = 1e3 * min(bench.fwd_bwd_once(mod, x) for _ in range(2 if quick else 5))
+        except Exception as err:
+            record("mornn: fwd+bwd", model=name, shape=f"B={B}, T={T}, H={H}", ms=None, vs_rnn=None, note=_short(err))
+            continue
+        base = base or ms
+        record("mornn: fwd+bwd", model=name, shape=f"B={B}, T={T}, H={H}", ms=round(ms, 2),
+               vs_rnn=round(ms / base, 2))
+
+
+def part_copy(record, device, quick, deadline=None):
+    import torch
+    from torch import nn
+
+    from matrec.data.tasks import build_task
+    from matrec.models.recurrent import RecurrentModel
+    from matrec.nn.mornn import MORNN, mornn_param_groups
+
+    delay, hidden, batch, lr = (10, 32, 16, 1e-3) if quick else (1000, 128, 128, 1e-3)
+    budget = 5 if quick else CAPS["copy"] - 15
+    if deadline is not None:  # leave time to record the result
+        budget = min(budget, deadline - time.monotonic() - 10)
+    task = build_task("copy", delay=delay)
+    torch.manual_seed(0)
+    model = RecurrentModel(MORNN(10, hidden, batch_first=True, nonlinearity="modrelu", init="henaff"),
+                           hidden_size=hidden, output_size=task.output_size, vocab_size=task.vocab_size,
+                           embed_dim=10).to(device)
+    opt = torch.optim.RMSprop(mornn_param_groups(model, lr))
+    gen = torch.Generator().manual_seed(0)
+    xv, yv = (t.to(device) for t in task.get_batch("val", 256, torch.Generator().manual_seed(1)))
+    record("copy: setup", delay=delay, length=task.length, hidden=hidden, batch=batch, lr=lr,
+           params=sum(p.numel() for p in model.parameters()), baseline_loss=round(task.baseline, 4),
+           budget_s=budget)
+    t0, step, recall = time.perf_counter(), 0, 0.0
+    while time.perf_counter() - t0 < budget:
+        step += 1
+        x, y = (t.to(device) for t in task.get_batch("train", batch, gen))
+        loss = task.loss(model(x)[0], y)
+        opt.zero_grad()
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if step % 25 == 0:
+            with torch.no_grad():
+                m = task.metrics(model(xv)[0], yv)
+            recall = m["recall"]
+            if step % 100 == 0 or recall >= 0.99:
+                record("copy: curve", step=step, seconds=round(time.perf_counter() - t0, 1),
+                       val_loss=round(m["loss"], 5), recall=round(recall, 4))
+            if recall >= 0.99:
+                break
+    elapsed = time.perf_counter() - t0
+    record("copy: result", delay=delay, target="recall >= 0.99", reached=recall >= 0.99, steps=step,
+           seconds=round(elapsed, 1), final_recall=round(recall, 4))
+
+
+def part_lm(record, device, quick):
+    import types
+
+    import torch
+    import torch.nn.functional as F
+
+    from matrec.models import MIXERS
+
+    lm = _load_bench("lm")
+    dtype = "bf16" if device.type == "cuda" else "fp32"
+    for model in ("mru", "attn", "linear_attn"):
+        args = types.SimpleNamespace(device=str(device), model=model, T=16 if quick else 256, batch=None,
+                                     tokens=32 if quick else 64 * 256, steps=1 if quick else 10,
+                                     warmup=1 if quick else 3, dtype=dtype)
+        try:
+            r = lm.run_one(args)
+        except Exception as err:
+            record("lm: preset training step", preset=f"shakespeare-{model}", ms=None, note=_short(err))
+            continue
+        record("lm: preset training step", preset=f"shakespeare-{model}", batch=r["batch"], T=r["T"],
+               dtype=dtype, ms=round(r["ms"], 2), tokens_per_s=round(r["tokens_per_s"]),
+               peak_mib=round(r["peak_mib"]), params=r["params"])
+    d_model, heads = (32, 2) if quick else (384, 6)
+    lengths = (16, 64) if quick else (1024, 4096, 16384, 65536)
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    for T in lengths:
+        x = torch.randn(1, T, d_model, device=device, requires_grad=True)
+        q, k, v = (torch.randn(1, heads, T, d_model // heads, device=device, requires_grad=True)
+                   for _ in range(3))
+
+        def sdpa():
+            with amp:
+                out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            out.float().sum().backward()
+
+        rows = {"causal SDPA (no projections)": sdpa}
+        for name in ("mru", "linear_attn", "attn"):
+            try:
+                mixer = MIXERS.get(name)(d_model, n_heads=heads).to(device)
+            except Exception as err:
+                record("lm: mixer fwd+bwd", mixer=name, T=T, ms=None, note=_short(err))
+                continue
+
+            def run(mixer=mixer):
+                with amp:
+                    out = mixer(x)[0]
+                out.float().sum().backward()
+
+            rows[name] = run
+        for name, fn in rows.items():
+            try:
+                ms = _best_ms(fn, device, 1 if quick else 3)
+            except Exception as err:  # out of memory at the longest T, most likely
+                record("lm: mixer fwd+bwd", mixer=name, T=T, ms=None, note=_short(err))
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                continue
+            record("lm: mixer fwd+bwd", mixer=name, T=T, batch=1, d_model=d_model, ms=round(ms, 3))
+
+
+PARTS = {"tests": part_tests, "scan": part_scan, "guard": part_guard, "mornn": part_mornn,
+         "copy": part_copy, "lm": part_lm}
+
+
+# ------------------------------------------------------------------------------------------------
+# The driver: one subprocess per part, a cap each, then the report.
+
+
+def _worker(part: str, records: Path, device: str, quick: bool, cap: float) -> None:
+    import inspect
+
+    import torch
+
+    deadline = time.monotonic() + cap
+    dev = torch.device(device)
+    if dev.type == "cpu":
+        torch.set_num_threads(1)
+    fn = PARTS[part]
+    extra = {"deadline": deadline} if "deadline" in inspect.signature(fn).parameters else {}
+    if fn(Recorder(records, part), dev, quick, **extra) == CUT_SHORT:
+        sys.exit(3)
+
+
+def _run_part(part: str, out: Path, device: str, quick: bool, cap: float) -> dict:
+    records = out / f"records-{part}.jsonl"
+    records.unlink(missing_ok=True)
+    log = out / f"log-{part}.txt"
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", part, "--records", str(records),
+           "--device", device, "--cap", str(cap)] + (["--quick"] if quick else [])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")])),
+           "PYTHONUNBUFFERED": "1"}
+    t0 = time.perf_counter()
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        try:
+            rc = proc.wait(timeout=cap)
+            status = {0: "ok", 3: f"timed out after {cap:.0f} s (stopped itself)"}.get(rc, f"error (exit {rc})")
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # the part and anything it started (pytest)
+            proc.wait()
+            status = f"timed out after {cap:.0f} s"
+    seconds = time.perf_counter() - t0
+    rows = [json.loads(line) for line in records.read_text().splitlines()] if records.exists() else []
+    tail = log.read_text(errors="replace").strip().splitlines()[-8:]
+    print(f"== {part}: {status} in {seconds:.0f} s, {len(rows)} records", flush=True)
+    return {"part": part, "status": status, "seconds": round(seconds, 1), "records": rows,
+            "log_tail": tail if status != "ok" else []}
+
+
+def environment(device: str) -> dict:
+    import torch
+
+    env = {"date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+           "python": platform.python_version(), "torch": torch.__version__, "device": device,
+           "cuda_runtime": torch.version.cuda, "host_cpus": os.cpu_count()}
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        env["triton"] = None
+    if device.startswith("cuda") and torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(torch.device(device))
+        env.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1),
+                   multiprocessors=props.multi_processor_count, capability=f"{props.major}.{props.minor}")
+        try:
+            smi = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                 capture_output=True, text=True, timeout=20)
+            env["driver"] = smi.stdout.strip() or None
+        except (OSError, subprocess.TimeoutExpired):
+            env["driver"] = None
+    return env
+
+
+def _cell(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:g}"
+    return str(v).replace("|", "/")
+
+
+def render(report: dict) -> str:
+    env = report["environment"]
+    lines = [f"# matrec GPU check, {env['date']}", "", "```", report["command"], "```", ""]
+    lines += ["| | |", "|---|---|"] + [f"| {k} | {_cell(v)} |" for k, v in env.items()] + [""]
+    lines += ["| part | status | seconds |", "|---|---|---|"]
+    lines += [f"| {p['part']} | {p['status']} | {p['seconds']} |" for p in report["parts"]] + [""]
+    for p in report["parts"]:
+        lines += [f"## {p['part']}", ""]
+        tables: dict[str, list[dict]] = {}
+        for r in p["records"]:
+            tables.setdefault(r["table"], []).append(r["row"])
+        for title, rows in tables.items():
+            cols = list(dict.fromkeys(k for row in rows for k in row))
+            lines += [f"### {title}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+            lines += ["| " + " | ".join(_cell(row.get(c)) for c in cols) + " |" for row in rows] + [""]
+        if not tables:
+            lines += ["(no records)", ""]
+        if p["log_tail"]:
+            lines += ["Last lines of its log:", "", "```"] + p["log_tail"] + ["```", ""]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="benchmarks/results/gpu_check", help="folder for gpu_check.md/.json")
+    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    p.add_argument("--quick", action="store_true", help="toy sizes: exercises every part (the test suite runs it)")
+    p.add_argument("--only", nargs="+", choices=list(PARTS), help="run just these parts")
+    p.add_argument("--skip", nargs="+", choices=list(PARTS), default=[], help="leave these parts out")
+    p.add_argument("--cap-scale", type=float, default=1.0, help="multiply every part's time cap")
+    p.add_argument("--worker", choices=list(PARTS), help=argparse.SUPPRESS)
+    p.add_argument("--records", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--cap", type=float, help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if str(SRC) not in sys.path and SRC.is_dir():
+        sys.path.insert(0, str(SRC))
+    import torch
+
+    device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if a.worker:
+        _worker(a.worker, a.records, device, a.quick, a.cap)
+        return 0
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        p.error(f"--device {device}: torch sees no CUDA device here")
+    if not a.cap_scale > 0:
+        p.error(f"--cap-scale must be > 0, got {a.cap_scale}")
+    out = Path(a.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        p.error(f"--out {a.out}: cannot create the folder ({err.strerror})")
+    parts = [n for n in (a.only or PARTS) if n not in a.skip]
+    command = "python benchmarks/gpu_check.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    report = {"command": command.strip(), "environment": environment(device), "parts": []}
+    for part in parts:
+        cap = (QUICK_CAP if a.quick else CAPS[part]) * a.cap_scale
+        try:
+            report["parts"].append(_run_part(part, out, device, a.quick, cap))
+        except Exception:  # the driver itself must not lose the parts already run
+            report["parts"].append({"part": part, "status": "driver error", "seconds": 0, "records": [],
+                                    "log_tail": traceback.format_exc().splitlines()[-8:]})
+        (out / "gpu_check.json").write_text(json.dumps(report, indent=1, default=str))
+        (out / "gpu_check.md").write_text(render(report))
+    with open(out / "gpu_check.log", "w") as log:  # one log, parts in order, instead of one per part
+        for part in parts:
+            (out / f"records-{part}.jsonl").unlink(missing_ok=True)
+            part_log = out / f"log-{part}.txt"
+            if part_log.exists():
+                log.write(f"===== {part}\n{part_log.read_text(errors='replace')}\n")
+                part_log.unlink()
+    print(f"\nreport: {out / 'gpu_check.md'}")
+    bad = [p["part"] for p in report["parts"] if p["status"] != "ok"]
+    print("parts not ok: " + (", ".join(bad) if bad else "none"))
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
