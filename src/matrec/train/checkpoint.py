@@ -111,7 +111,7 @@ def save_checkpoint(root: str | Path, *, model: nn.Module, tensors: dict[str, Te
         meta: JSON-able state; must hold ``step``.
         keep: how many step directories to keep (older ones are removed after the switch).
     """
-    from safetensors.torch import save_file, save_model
+    from safetensors.torch import save_file
 
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -119,7 +119,7 @@ def save_checkpoint(root: str | Path, *, model: nn.Module, tensors: dict[str, Te
     name = f"step-{step:08d}"
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}.", suffix=".tmp"))
     try:
-        save_model(model, str(tmp / "model.safetensors"))
+        save_file(_weights_to_save(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "state.safetensors"))
         files = {f: _sha256(tmp / f) for f in ("model.safetensors", "state.safetensors")}
         (tmp / "state.json").write_text(json.dumps({"format": FORMAT, "version": VERSION, **meta,
@@ -197,13 +197,41 @@ def load_checkpoint(path: str | Path) -> tuple[dict, Path, dict[str, Tensor]]:
     return meta, ckpt, tensors
 
 
+def _tie_key(t: Tensor):
+    """Tensors with equal keys are one tensor under two names (tied weights)."""
+    return (t.device, t.data_ptr(), t.dtype, tuple(t.shape), t.stride()) if t.numel() else None
+
+
+def _weights_to_save(model: nn.Module) -> dict[str, Tensor]:
+    """The state dict with each tied group stored once (its first name) and every tensor its own copy.
+
+    safetensors' ``save_model`` refuses tensors that are views into a larger buffer, which is how
+    cuDNN keeps nn.RNN/LSTM/GRU weights on CUDA (one flat buffer), so the workbench writes its own.
+    """
+    out, seen = {}, set()
+    for name, t in model.state_dict().items():
+        key = _tie_key(t)
+        if key is not None and key in seen:
+            continue  # the tie is the model's structure, restored from the model when loading
+        seen.add(key)
+        out[name] = t.detach().contiguous().clone()  # clone: never a view into a shared buffer
+    return out
+
+
 def load_model_weights(model: nn.Module, ckpt_dir: str | Path) -> None:
     """Load ``<ckpt_dir>/model.safetensors`` into ``model`` strictly (tied weights restored)."""
-    from safetensors.torch import load_model
+    from safetensors.torch import load_file
 
     path = str(Path(ckpt_dir) / "model.safetensors")
     try:
-        load_model(model, path, strict=True)
+        stored = load_file(path)
+        want = model.state_dict()
+        # a name missing from the file is fine when it is tied to one that is there (stored once)
+        by_key = {_tie_key(t): name for name, t in want.items() if name in stored}
+        for name, t in want.items():
+            if name not in stored and _tie_key(t) in by_key:
+                stored[name] = stored[by_key[_tie_key(t)]]
+        model.load_state_dict(stored, strict=True)
     except RuntimeError as e:
         raise CheckpointError(f"checkpoint weights in {str(ckpt_dir)!r} do not fit the model: {e}") from None
 
