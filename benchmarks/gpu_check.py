@@ -109,7 +109,8 @@ def part_tests(record, device, quick, deadline=None):
     """
     cmd = [sys.executable, "-m", "pytest", "-m", "cuda", "-v", "-rfE", "-p", "no:cacheprovider",
            "--color=no", "--continue-on-collection-errors", str(HERE.parent / "tests")]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")]))}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")])),
+           "COLUMNS": "300"}  # pytest cuts the failure reasons to the terminal's width
     counts: dict[str, int] = {}
     outcome = re.compile(r"^(\S+::\S+(?: \S+)?) (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)")
     summary = re.compile(r"^(FAILED|ERROR) (\S+::\S+)(?: - (.*))?$")
@@ -158,6 +159,25 @@ def _bandwidth(device, quick) -> float:
     y = torch.empty_like(x)
     ms = _best_ms(lambda: y.copy_(x), device, repeats=3 if quick else 10)
     return 2 * n * 4 / (ms / 1e3)
+
+
+def _kernel_ms(fn, device):
+    """Milliseconds the GPU spent in kernels during one call of ``fn`` (torch.profiler): against the
+    wall time it shows how much of a call is launch and Python overhead. None off CUDA."""
+    import torch
+
+    if device.type != "cuda":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize(device)
+    events = prof.key_averages()
+    total = sum(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)) for e in events)
+    return total / 1e3  # microseconds -> ms
 
 
 def part_scan(record, device, quick):
@@ -212,8 +232,13 @@ def part_scan(record, device, quick):
                 record("scan: time", shape=label, backend=b, fwd_ms=None, fwd_bwd_ms=None, note=_short(err))
                 continue
             times[b] = (f_ms, fb_ms)
+            try:
+                gpu_ms = _kernel_ms(fwd_bwd, device)
+            except Exception:  # the profiler is a nicety here, never a failure of the part
+                gpu_ms = None
             record("scan: time", shape=label, backend=b, fwd_ms=round(f_ms, 3), fwd_bwd_ms=round(fb_ms, 3),
-                   fwd_x_floor=round(f_ms / floor_f, 2), fwd_bwd_x_floor=round(fb_ms / floor_fb, 2))
+                   fwd_x_floor=round(f_ms / floor_f, 2), fwd_bwd_x_floor=round(fb_ms / floor_fb, 2),
+                   fwd_bwd_kernel_ms=None if gpu_ms is None else round(gpu_ms, 3))
         torch_times = {b: t for b, t in times.items() if b != "triton"}
         best = min(torch_times, key=lambda b: torch_times[b][1]) if torch_times else None
         tri = times.get("triton")
@@ -320,7 +345,7 @@ def part_mornn(record, device, quick):
                vs_rnn=round(ms / base, 2))
 
 
-def part_copy(record, device, quick, deadline=None):
+def part_copy(record, device, quick, deadline=None, budget=None):
     import torch
     from torch import nn
 
@@ -329,7 +354,7 @@ def part_copy(record, device, quick, deadline=None):
     from matrec.nn.mornn import MORNN, mornn_param_groups
 
     delay, hidden, batch, lr = (10, 32, 16, 1e-3) if quick else (1000, 128, 128, 1e-3)
-    budget = 5 if quick else CAPS["copy"] - 15
+    budget = budget or (5 if quick else CAPS["copy"] - 15)
     if deadline is not None:  # leave time to record the result
         budget = min(budget, deadline - time.monotonic() - 10)
     task = build_task("copy", delay=delay)
@@ -445,11 +470,13 @@ def _worker(part: str, records: Path, device: str, quick: bool, cap: float) -> N
         torch.set_num_threads(1)
     fn = PARTS[part]
     extra = {"deadline": deadline} if "deadline" in inspect.signature(fn).parameters else {}
+    if part == "copy" and os.environ.get("MATREC_GPU_CHECK_COPY_SECONDS"):
+        extra["budget"] = float(os.environ["MATREC_GPU_CHECK_COPY_SECONDS"])
     if fn(Recorder(records, part), dev, quick, **extra) == CUT_SHORT:
         sys.exit(3)
 
 
-def _run_part(part: str, out: Path, device: str, quick: bool, cap: float) -> dict:
+def _run_part(part: str, out: Path, device: str, quick: bool, cap: float, copy_seconds=None) -> dict:
     records = out / f"records-{part}.jsonl"
     records.unlink(missing_ok=True)
     log = out / f"log-{part}.txt"
@@ -457,6 +484,8 @@ def _run_part(part: str, out: Path, device: str, quick: bool, cap: float) -> dic
            "--device", device, "--cap", str(cap)] + (["--quick"] if quick else [])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")])),
            "PYTHONUNBUFFERED": "1"}
+    if copy_seconds:
+        env["MATREC_GPU_CHECK_COPY_SECONDS"] = str(copy_seconds)
     t0 = time.perf_counter()
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -538,6 +567,8 @@ def main(argv=None) -> int:
     p.add_argument("--only", nargs="+", choices=list(PARTS), help="run just these parts")
     p.add_argument("--skip", nargs="+", choices=list(PARTS), default=[], help="leave these parts out")
     p.add_argument("--cap-scale", type=float, default=1.0, help="multiply every part's time cap")
+    p.add_argument("--copy-seconds", type=float, default=None,
+                   help=f"training budget of part copy (default {CAPS['copy'] - 15}); its cap follows")
     p.add_argument("--worker", choices=list(PARTS), help=argparse.SUPPRESS)
     p.add_argument("--records", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--cap", type=float, help=argparse.SUPPRESS)
@@ -559,13 +590,17 @@ def main(argv=None) -> int:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         p.error(f"--out {a.out}: cannot create the folder ({err.strerror})")
+    if a.copy_seconds is not None and not a.copy_seconds > 0:
+        p.error(f"--copy-seconds must be > 0, got {a.copy_seconds}")
     parts = [n for n in (a.only or PARTS) if n not in a.skip]
     command = "python benchmarks/gpu_check.py " + " ".join(argv if argv is not None else sys.argv[1:])
     report = {"command": command.strip(), "environment": environment(device), "parts": []}
     for part in parts:
         cap = (QUICK_CAP if a.quick else CAPS[part]) * a.cap_scale
+        if part == "copy" and a.copy_seconds:
+            cap = max(cap, a.copy_seconds + 15)
         try:
-            report["parts"].append(_run_part(part, out, device, a.quick, cap))
+            report["parts"].append(_run_part(part, out, device, a.quick, cap, a.copy_seconds))
         except Exception:  # the driver itself must not lose the parts already run
             report["parts"].append({"part": part, "status": "driver error", "seconds": 0, "records": [],
                                     "log_tail": traceback.format_exc().splitlines()[-8:]})

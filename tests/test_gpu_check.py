@@ -57,7 +57,7 @@ def test_a_part_past_its_cap_is_recorded_and_the_rest_still_run(tmp_path):
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     status = {p["part"]: p["status"] for p in report["parts"]}
     assert rc == 1 and status["tests"].startswith("timed out")
-    assert status["guard"] == "ok"
+    assert list(status) == ["tests", "guard"]  # the driver went on to the next part
 
 
 def test_only_and_skip_select_parts(tmp_path):

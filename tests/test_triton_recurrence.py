@@ -25,26 +25,60 @@ def make(T, B, H, nonlinearity, dtype, with_h0, device="cpu", seed=0):
 
 
 def assert_close(a, r):
-    """bf16: torch's bf16 tolerance (one rounding of the same float32 value). float32: only the summation
-    order differs (dL/dW is one GEMM over T*B terms in both, but the states reaching it differ by
-    rounding after T steps), so the absolute slack scales with the tensor's largest entry."""
+    """Only the summation order differs (dL/dW is one GEMM over T*B terms in both, but the states
+    reaching it differ by rounding after T steps), so the absolute slack scales with the tensor's
+    largest entry. bf16: torch's bf16 relative tolerance on top (one rounding of float32 states that
+    already differ by that slack: near zero one bf16 step is far above 1e-5)."""
+    atol = max(1e-4, 2e-5 * r.abs().max().item())
     if r.dtype == BF16:
-        torch.testing.assert_close(a, r)
+        torch.testing.assert_close(a, r, rtol=1.6e-2, atol=max(1e-5, atol / 10))
     else:
-        torch.testing.assert_close(a, r, rtol=1e-4, atol=max(1e-4, 2e-5 * r.abs().max().item()))
+        torch.testing.assert_close(a, r, rtol=1e-4, atol=atol)
+
+
+def rows_off_the_kinks(x, W, h0, b, nonlinearity, eps=3e-5):
+    """Batch rows whose every pre-activation stays ``eps`` away from where the nonlinearity is not
+    smooth (relu: z = 0; modReLU: |z| = -b, and z = 0 where b > 0, a jump of 2b).
+
+    Two float32 implementations that sum in another order legitimately take the other branch at such
+    a point, and that choice then propagates along the whole row (a different gradient, or for
+    modReLU with b > 0 a different output): with millions of pre-activations (the CUDA cases) some
+    land within rounding of a kink. Those rows compare nothing about the kernel, so they are left out.
+    """
+    T, B, H = x.shape
+    if nonlinearity in ("tanh", "identity"):
+        return torch.ones(B, dtype=torch.bool)
+    xd, Wd = x.detach().double().cpu(), W.detach().double().cpu()
+    bd = b.detach().double().cpu() if b is not None else None
+    h = h0.detach().double().cpu() if h0 is not None else torch.zeros(B, H, dtype=torch.float64)
+    near = torch.zeros(B, dtype=torch.bool)
+    phi = NONLINEARITIES.get(nonlinearity).forward
+    for t in range(T):
+        z = xd[t] + h @ Wd.T  # [B, H]
+        if nonlinearity == "relu":
+            close = z.abs() < eps
+        else:
+            close = ((z.abs() + bd).abs() < eps) | ((z.abs() < eps) & (bd > 0))
+        near |= close.any(dim=1)
+        h = phi(z, bd)
+    return ~near
 
 
 def check(T, B, H, nonlinearity, dtype, with_h0, weight_dtype=F32, device="cpu"):
     """Outputs and every gradient (xproj, W, h0, modReLU bias) equal the loop's; all finite (the
     kernels' buffers start NaN-poisoned, so an element a kernel skips would show up)."""
     x, W, h0, b = make(T, B, H, nonlinearity, dtype, with_h0, device)
-    inputs = [t for t in (x, W, h0, b) if t is not None]
-    out = tr.triton_recurrence(x, W, h0, b, nonlinearity, weight_dtype=weight_dtype)
     # The kernel runs with W rounded to weight_dtype and returns dL/dW in float32 at that rounded W, so the
     # reference gets the rounded W as its own float32 leaf (a .to() in the graph would round dL/dW to bf16).
     Wr = W.detach().to(weight_dtype).to(F32).requires_grad_()
+    keep = rows_off_the_kinks(x, Wr, h0, b, nonlinearity).to(device)  # [B]
+    assert keep.float().mean() >= 0.5, "the case is too close to the kinks to test anything"
+    if not keep.all():  # rows on a kink leave the batch on both sides (they are independent)
+        x, h0 = (None if t is None else t.detach()[..., keep, :].requires_grad_() for t in (x, h0))
+    inputs = [t for t in (x, W, h0, b) if t is not None]
+    out = tr.triton_recurrence(x, W, h0, b, nonlinearity, weight_dtype=weight_dtype)
     ref = recurrence_reference(x, Wr, h0, b, nonlinearity)
-    assert out.dtype == dtype and out.shape == (T, B, H) and torch.isfinite(out).all()
+    assert out.dtype == dtype and out.shape == x.shape and torch.isfinite(out).all()
     # bf16 I/O: the same float32 state on both sides, rounded once, so bf16's own tolerance
     assert_close(out, ref)
     grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(device, dtype)
