@@ -340,8 +340,9 @@ def test_bad_inputs():
         MORNN(3, 4, dropout=1.5)
     with pytest.raises(ValueError, match="refold_every"):
         MORNN(3, 4, refold_every=-1)
-    with pytest.raises(ValueError, match="nonlinearity must be one of"):
-        MORNNCell(3, 4, nonlinearity="gelu")
+    cell = MORNNCell(3, 4, nonlinearity="gelu")  # as nn.RNNCell: it constructs, and the forward raises
+    with pytest.raises(RuntimeError, match=r"Unknown nonlinearity: gelu \(nonlinearity must be one of"):
+        cell(torch.randn(2, 3))
 
 
 def test_param_groups_and_report_on_a_containing_model():

@@ -1,13 +1,21 @@
-"""MORNN: a drop-in ``torch.nn.RNN`` whose recurrent matrices stay orthogonal (SPEC section 2).
+"""MORNN: a drop-in ``torch.nn.RNN`` whose recurrent matrices stay orthogonal.
 
 Each recurrent matrix is ``W = B @ f(A)``: ``A`` holds the ``H(H-1)/2`` strictly-lower entries of a
 skew matrix (the trainable parameter ``weight_hh_l{k}[_reverse]_A``), ``f`` an orthogonal map from
 :mod:`matrec.ops.orthogonal`, and ``B`` an orthogonal base (the buffer ``..._base``). Every
 ``refold_every`` training forwards the base absorbs ``f(A)`` (``B <- polar(B f(A))``, ``A <- 0``):
 ``A`` stays small, where the maps are most accurate, and the polar step (float64) removes the
-rounding a long product of bases would accumulate ("dynamic trivialisation"). ``W`` is built once per
-forward, in float32 (float64 for float64 modules) even under autocast, and ``weight_hh_l{k}`` reads as
-that matrix, so code written against ``nn.RNN`` that inspects weights keeps working.
+rounding a long product of bases would accumulate ("dynamic trivialisation").
+
+``weight_hh_l{k}`` is a property per layer (:class:`OrthogonalMatrixProperty`) that reads as the
+current matrix, so code written against ``nn.RNN`` that inspects weights keeps working; an in-place
+write to what it returns (``.copy_``, ``.data.copy_``, ``nn.init.*``, through ``all_weights``) is
+taken over: the written matrix is projected onto the orthogonal group and becomes the new base.
+
+``W`` is built in float32 (float64 for float64 modules) even under autocast. While no gradient has
+to reach ``A`` (``torch.no_grad``, inference mode, or :meth:`freeze`), the built matrix is kept and
+reused until ``A`` or the base changes: autograd's version counters, the storage, an optimiser step
+anywhere and a state-dict load all invalidate it.
 
 tanh/relu then run in PyTorch's fused RNN kernel (cuDNN on GPU) with the materialised weights;
 modrelu/identity run through :func:`matrec.ops.recurrence.recurrence` (no autograd loop over time).
@@ -21,23 +29,38 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
+import weakref
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, _VF, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from ..ops.orthogonal import (ORTHOGONAL_MAPS, lower_numel, lower_to_square, orthogonal_from,
                               orthogonality_error, project_orthogonal)
 from ..ops.recurrence import NONLINEARITIES, RECURRENCE_BACKENDS, recurrence
 from ..registry import Registry
 
-__all__ = ["MORNN", "MORNNCell", "MORNN_INITS", "mornn_param_groups", "orthogonality_report"]
+__all__ = ["MORNN", "MORNNCell", "MORNN_INITS", "OrthogonalMatrixProperty", "mornn_param_groups",
+           "orthogonality_report"]
 
 # Nonlinearities with a fused PyTorch kernel; the others go through ops.recurrence.
 _FUSED = {"tanh": (_VF.rnn_tanh, _VF.rnn_tanh_cell), "relu": (_VF.rnn_relu, _VF.rnn_relu_cell)}
 
 MORNN_INITS: Registry = Registry("MORNN initialisation", argument="init")
+
+# Optimisers step anywhere in the process -> cached matrices are rebuilt. Version counters alone
+# miss fused optimiser kernels (torch.optim.Adam(fused=True) does not bump them).
+_optimizer_steps = [0]
+
+
+def _count_optimizer_step(optimizer, args, kwargs) -> None:
+    _optimizer_steps[0] += 1
+
+
+register_optimizer_step_post_hook(_count_optimizer_step)
 
 
 def _rotation_blocks(angles: Tensor, n: int) -> Tensor:
@@ -83,10 +106,52 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+class _Layer(NamedTuple):
+    """Parameter names of one layer and direction, as nn.RNN names them (None: not present)."""
+
+    weight_ih: str
+    weight_hh: str            # the orthogonal matrix: stored as f"{weight_hh}_A" and f"{weight_hh}_base"
+    bias_ih: str | None
+    bias_hh: str | None
+    modrelu_bias: str | None
+
+
+class OrthogonalMatrixProperty:
+    """The class attribute behind ``weight_hh_l{k}[_reverse]`` (MORNN) and ``weight_hh`` (MORNNCell).
+
+    Reading gives the current orthogonal ``[H, H]`` matrix ``base @ f(A)`` (differentiable in ``A``
+    when autograd needs it). Writing in place to what was read, e.g. ``nn.init.orthogonal_(m.weight_hh_l0)``
+    or ``m.weight_hh_l0.data.copy_(W)``, sets the matrix to the polar factor of the written one (the
+    nearest orthogonal matrix) at the module's next use: forward, a read, ``state_dict``, ``refold``.
+    Assigning a new tensor is refused: it would not be a parameter of the module.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.__doc__ = f"The current orthogonal recurrent matrix {name} [H, H] (computed; see the class)."
+
+    def __get__(self, module, owner=None):
+        if module is None:
+            return self
+        if self.name not in module.__dict__.get("_orthogonal_names", ()):
+            raise AttributeError(f"'{type(module).__name__}' object has no attribute '{self.name}'")
+        return module._read_matrix(self.name)
+
+    def __set__(self, module, value) -> None:
+        raise AttributeError(_assignment_message(self.name))
+
+
+def _assignment_message(name: str) -> str:
+    return (f"{name} is computed as {name}_base @ f({name}_A) and cannot be assigned (the assigned tensor "
+            f"would not be the module's parameter); write the matrix in place instead, it is projected "
+            f"onto the orthogonal group: `with torch.no_grad(): module.{name}.copy_(W)`")
+
+
 class _OrthogonalRecurrent(nn.Module):
     """Shared machinery: orthogonal weights ``name`` = ``name_base @ f(name_A)``, read as ``name``."""
 
     _orthogonal_names: list[str]
+    _layers: list[_Layer]
 
     def _init_orthogonal(self, orthogonal_map: str, init: str, refold_every: int) -> None:
         ORTHOGONAL_MAPS.get(orthogonal_map)  # ValueError naming orthogonal_map
@@ -95,43 +160,171 @@ class _OrthogonalRecurrent(nn.Module):
             raise ValueError(f"refold_every must be an int >= 0 (0: never), got {refold_every!r}")
         self.orthogonal_map, self.init, self.refold_every = orthogonal_map, init, refold_every
         self._orthogonal_names = []
+        self._layers = []
         self._forwards = 0
+        self._reset_caches()
         self.register_load_state_dict_post_hook(_reproject_after_load)
+        self.register_state_dict_pre_hook(_take_writes_before_save)
+
+    def _reset_caches(self) -> None:
+        # name -> (key, W): the matrix built while no gradient was needed, reused while key holds
+        self._matrix_cache: dict[str, tuple[tuple, Tensor]] = {}
+        # name -> [(weakref to the tensor handed out, a strong alias of it, version, data_ptr)]
+        self._handed_out: dict[str, list[tuple]] = {}
 
     def _add_orthogonal(self, name: str, n: int, factory: dict) -> None:
         self.register_parameter(f"{name}_A", nn.Parameter(torch.zeros(lower_numel(n), **factory)))
         self.register_buffer(f"{name}_base", torch.eye(n, **factory))
         self._orthogonal_names.append(name)
 
+    def _A(self, name: str) -> Tensor:
+        return self._parameters[f"{name}_A"]
+
+    def _base(self, name: str) -> Tensor:
+        return self._buffers[f"{name}_base"]
+
+    def register_parameter(self, name: str, param) -> None:
+        # `module.weight_hh_l0 = nn.Parameter(W)` lands here (nn.Module.__setattr__), not in the property
+        if name in self.__dict__.get("_orthogonal_names", ()):
+            raise AttributeError(_assignment_message(name))
+        super().register_parameter(name, param)
+
+    def reset_parameters(self) -> None:
+        """nn.RNN's U(-1/sqrt(H), 1/sqrt(H)) for input weights and biases; ``init`` for W_hh;
+        modReLU biases U(-0.01, 0.01) (near-identity activation at the start)."""
+        stdv = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0.0
+        P = self._parameters
+        for layer in self._layers:
+            for name in (layer.weight_ih, layer.bias_ih, layer.bias_hh):
+                if name is not None:
+                    nn.init.uniform_(P[name], -stdv, stdv)
+            if layer.modrelu_bias is not None:
+                nn.init.uniform_(P[layer.modrelu_bias], -0.01, 0.01)
+        self._reset_orthogonal()
+
     @torch.no_grad()
     def _reset_orthogonal(self) -> None:
         make = MORNN_INITS.get(self.init)
         for name in self._orthogonal_names:
-            base = getattr(self, f"{name}_base")
+            base = self._base(name)
             base.copy_(make(base.shape[0], dtype=torch.float64, device=base.device))
-            getattr(self, f"{name}_A").zero_()
+            self._A(name).zero_()
 
-    def orthogonal_weight(self, name: str) -> Tensor:
-        """The current orthogonal ``[H, H]`` matrix ``base @ f(A)`` (differentiable in A)."""
-        A = self._parameters[f"{name}_A"]
-        base = self._buffers[f"{name}_base"]
+    # -- building the matrix ------------------------------------------------------------------
+
+    def _build(self, A: Tensor, base: Tensor) -> Tensor:
         n = base.shape[0]
         cdt = _compute_dtype(A.dtype)
-        # Built once per forward, in float32/64 whatever autocast says: bf16 would break orthogonality.
+        # In float32/64 whatever autocast says: bf16 would break orthogonality.
         with torch.autocast(A.device.type, enabled=False):
             # a copy of the base, so a refold (in place) while this graph is alive cannot invalidate it
-            W = base.to(cdt, copy=True) @ orthogonal_from(lower_to_square(A.to(cdt), n),
-                                                          self.orthogonal_map)
+            W = base.to(cdt, copy=True) @ orthogonal_from(lower_to_square(A.to(cdt), n), self.orthogonal_map)
         # A half-precision module gets a rounded W (its kernels need one dtype); under autocast the
         # parameters stay float32 and so does W.
         return W.to(A.dtype)
 
+    def orthogonal_weight(self, name: str) -> Tensor:
+        """The current orthogonal ``[H, H]`` matrix ``base @ f(A)``: differentiable in ``A`` when
+        autograd needs it, else the kept matrix while ``A`` and the base are unchanged."""
+        A, base = self._parameters[f"{name}_A"], self._buffers[f"{name}_base"]
+        if torch.compiler.is_compiling():
+            return self._build(A, base)
+        if self._handed_out:
+            self._take_writes()
+        if A.requires_grad and torch.is_grad_enabled():
+            # A training forward: parameters may have been changed behind the version counters
+            # (`p.data -= lr * p.grad` loops), so nothing built before it is reused after it.
+            if self._matrix_cache:
+                self._matrix_cache.clear()
+            return self._build(A, base)
+        key = (A._version, base._version, A.data_ptr(), base.data_ptr(), A.dtype, base.dtype, A.device,
+               _optimizer_steps[0])
+        kept = self._matrix_cache.get(name)
+        if kept is not None and kept[0] == key:
+            return kept[1]
+        with torch.inference_mode(False), torch.no_grad():  # a normal tensor even inside inference_mode
+            W = self._build(A, base)
+        self._matrix_cache[name] = (key, W)
+        return W
+
+    # -- the matrix as users read and write it -------------------------------------------------
+
+    def _read_matrix(self, name: str) -> Tensor:
+        """``weight_hh_l{k}`` as read: the current matrix, watched for in-place writes."""
+        W = self.orthogonal_weight(name)
+        if W.grad_fn is None:
+            W = W.clone()  # never hand out the kept matrix itself
+        # Kept until the module's next use after the reader drops W: a strong alias (same storage;
+        # `m.weight_hh_l0.data.copy_(X)` drops W at once, and its write must not be lost with it) and
+        # a copy to compare with (writes through `.data` leave the version counter as it was).
+        alias = W.detach()
+        self._handed_out.setdefault(name, []).append((weakref.ref(W), alias, alias._version, alias.clone()))
+        return W
+
+    def _take_writes(self) -> None:
+        """Take over every in-place write to a matrix handed out by ``weight_hh_l{k}``."""
+        for name, entries in list(self._handed_out.items()):
+            written, kept = None, []
+            for ref, alias, version, snapshot in entries:
+                if alias._version != version or not torch.equal(alias, snapshot):
+                    written = alias
+                    kept.append((ref, alias, alias._version, alias.clone()))
+                elif ref() is not None:  # still held: may be written later
+                    kept.append((ref, alias, version, snapshot))
+            if kept:
+                self._handed_out[name] = kept
+            else:
+                del self._handed_out[name]
+            if written is not None:
+                self._set_matrix(name, written, written_in_place=True)
+
+    @torch.no_grad()
+    def _set_matrix(self, name: str, W: Tensor, written_in_place: bool = False) -> None:
+        """Make ``name`` the nearest orthogonal matrix to ``W`` (polar factor, float64): base <- it, A <- 0."""
+        base = self._base(name)
+        what = f"the matrix written in place to {name}" if written_in_place else f"{name}"
+        if W.shape != base.shape:
+            raise ValueError(f"{what} must be [H, H] = {list(base.shape)}, got {list(W.shape)}")
+        W64 = W.detach().to(device=base.device, dtype=torch.float64)
+        if not torch.isfinite(W64).all():
+            raise ValueError(f"{what} holds non-finite values; {name} keeps its previous value")
+        if W64.numel():
+            s = torch.linalg.svdvals(W64)
+            if s[-1] <= s[0] * W64.shape[0] * torch.finfo(torch.float64).eps:
+                raise ValueError(f"{what} is singular (rank {int((s > s[0] * 1e-12).sum())} < "
+                                 f"{W64.shape[0]}), so it has no nearest orthogonal matrix; {name} keeps "
+                                 f"its previous value")
+        base.copy_(project_orthogonal(W64))
+        self._A(name).zero_()
+
+    @property
+    def all_weights(self) -> list[list[Tensor]]:
+        """As ``nn.RNN.all_weights``: per (layer, direction) ``[w_ih, w_hh, (b_ih, b_hh)]``, ``w_hh``
+        the current orthogonal matrix (in-place writes to it are taken over, as for ``weight_hh_l{k}``)."""
+        P = self._parameters
+        return [[P[layer.weight_ih], self._read_matrix(layer.weight_hh)]
+                + ([P[layer.bias_ih], P[layer.bias_hh]] if layer.bias_ih is not None else [])
+                for layer in self._layers]
+
+    def _weights(self) -> list[list[Tensor]]:
+        """Per (layer, direction): [w_ih, W_hh, (b_ih, b_hh)], W_hh as the forward uses it."""
+        P = self._parameters
+        return [[P[layer.weight_ih], self.orthogonal_weight(layer.weight_hh)]
+                + ([P[layer.bias_ih], P[layer.bias_hh]] if layer.bias_ih is not None else [])
+                for layer in self._layers]
+
+    def _modrelu_biases(self) -> list[Tensor | None]:
+        P = self._parameters
+        return [None if layer.modrelu_bias is None else P[layer.modrelu_bias] for layer in self._layers]
+
+    # -- training-time maintenance --------------------------------------------------------------
+
     @torch.no_grad()
     def refold(self) -> None:
         """Fold ``f(A)`` into the base and zero ``A``; re-project the base (polar, float64)."""
+        self._take_writes()
         for name in self._orthogonal_names:
-            A = self._parameters[f"{name}_A"]
-            base = self._buffers[f"{name}_base"]
+            A, base = self._A(name), self._base(name)
             W = base.double() @ orthogonal_from(lower_to_square(A.double(), base.shape[0]),
                                                 self.orthogonal_map)
             if not torch.isfinite(W).all():
@@ -146,10 +339,26 @@ class _OrthogonalRecurrent(nn.Module):
         # call refold() themselves (orthogonality does not depend on it, only A's size does).
         if torch.compiler.is_compiling():
             return
-        if self.training and self.refold_every and torch.is_grad_enabled():
+        if self.training and self.refold_every and torch.is_grad_enabled() and self._trains_matrices():
             self._forwards += 1
             if self._forwards % self.refold_every == 0:
                 self.refold()
+
+    def _trains_matrices(self) -> bool:
+        return any(self._parameters[f"{name}_A"].requires_grad for name in self._orthogonal_names)
+
+    def freeze(self):
+        """Stop training the recurrent matrices (``*_A`` stop requiring grad): every forward then
+        reuses the built matrices until a parameter changes, as under ``torch.no_grad``. Returns self."""
+        for name in self._orthogonal_names:
+            self._A(name).requires_grad_(False)
+        return self
+
+    def unfreeze(self):
+        """Undo :meth:`freeze`: the recurrent matrices train again. Returns self."""
+        for name in self._orthogonal_names:
+            self._A(name).requires_grad_(True)
+        return self
 
     # The refold counter travels in the state dict (as a tensor, so safetensors can hold it): a
     # resumed run then refolds at the same steps as an uninterrupted one.
@@ -159,31 +368,51 @@ class _OrthogonalRecurrent(nn.Module):
     def set_extra_state(self, state) -> None:
         self._forwards = int(state)
 
-    def __getattr__(self, name: str):
-        # weight_hh_l0 & co. are not stored; they read as the current orthogonal matrix.
-        if name in self.__dict__.get("_orthogonal_names", ()):
-            return self.orthogonal_weight(name)
-        return super().__getattr__(name)
+    def _apply(self, fn, recurse=True):
+        self._take_writes()
+        dtypes = {name: self._base(name).dtype for name in self._orthogonal_names}
+        super()._apply(fn, recurse)
+        self._matrix_cache.clear()
+        with torch.no_grad():
+            for name in self._orthogonal_names:
+                base = self._base(name)
+                # A base orthogonal to float32 rounding is not to float64's: `.double()` re-projects
+                # it, so the float64 bound holds from the first forward on (to_empty keeps the dtype).
+                if base.dtype != dtypes[name] and base.device.type != "meta":
+                    _reproject_if_needed(base)
+        return self
 
-    def __setattr__(self, name: str, value) -> None:
-        # Assigning would store a plain attribute that shadows the computed matrix, and the forward
-        # would then run with a matrix that need not be orthogonal.
-        if name in self.__dict__.get("_orthogonal_names", ()):
-            raise AttributeError(f"{name} is computed as {name}_base @ f({name}_A) and cannot be assigned; "
-                                 f"to set it to an orthogonal W: {name}_base.copy_(W), {name}_A.zero_() "
-                                 f"(under torch.no_grad), or build the module with MORNN.from_rnn")
-        super().__setattr__(name, value)
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        del state["_matrix_cache"], state["_handed_out"]  # holds weakrefs; rebuilt on use
+        return state
+
+    def __setstate__(self, state) -> None:
+        super().__setstate__(state)
+        self._reset_caches()
+        self._declare_matrices()
+
+    def _declare_matrices(self) -> None:
+        """Install the class's :class:`OrthogonalMatrixProperty` for each matrix name it lacks."""
+
+
+def _reproject_if_needed(base: Tensor) -> None:
+    # One that already is orthogonal (our own checkpoints) is kept bit for bit, so a resumed run is
+    # exact: projection leaves a base within ~16 eps of orthogonal (measured up to n = 512), hence 32.
+    if base.numel() and orthogonality_error(base) > 32 * torch.finfo(base.dtype).eps:
+        base.copy_(project_orthogonal(base))
 
 
 def _reproject_after_load(module: _OrthogonalRecurrent, incompatible_keys) -> None:
     # A loaded base may come from another precision or a hand-edited file: make it exactly orthogonal.
-    # One that already is (our own checkpoints) is kept bit for bit, so a resumed run is exact:
-    # projection leaves a base within ~16 eps of orthogonal (measured up to n = 512), hence 32 eps.
     with torch.no_grad():
         for name in module._orthogonal_names:
-            base = module._buffers[f"{name}_base"]
-            if orthogonality_error(base) > 32 * torch.finfo(base.dtype).eps:
-                base.copy_(project_orthogonal(base))
+            _reproject_if_needed(module._base(name))
+    module._matrix_cache.clear()
+
+
+def _take_writes_before_save(module: _OrthogonalRecurrent, prefix, keep_vars) -> None:
+    module._take_writes()
 
 
 def _check_sizes(input_size, hidden_size, bias, batch_first=False):
@@ -207,11 +436,11 @@ class MORNN(_OrthogonalRecurrent):
 
     Args (as ``nn.RNN``): input_size, hidden_size, num_layers=1, nonlinearity="tanh" (also
         "modrelu", "identity"), bias=True, batch_first=False, dropout=0.0, bidirectional=False,
-        device, dtype.
+        device, dtype. ``proj_size`` raises ValueError, as for ``nn.RNN``.
     Keyword-only:
-        orthogonal_map: "cayley" (default: a linear solve; forward+backward 7x cheaper than "expm"
-            at H = 256 and 11x at H = 512 on one CPU thread, docs/mornn.md), "expm" or "householder" (``matrec.ORTHOGONAL_MAPS``). All are exact
-            to rounding; the refolded base lets even Cayley reach every rotation.
+        orthogonal_map: "cayley" (default: a linear solve, the cheapest to build and differentiate;
+            docs/mornn.md compares them), "expm" or "householder" (``matrec.ORTHOGONAL_MAPS``). All are
+            exact to rounding; the refolded base lets even Cayley reach every rotation.
         init: initial recurrent matrices, one of ``MORNN_INITS``: "henaff" (default), "cayley",
             "random", "identity".
         refold_every: fold ``A`` into the base every this many training forwards (0: never).
@@ -220,9 +449,10 @@ class MORNN(_OrthogonalRecurrent):
             "chunked" identity only); tanh/relu always use PyTorch's fused kernel.
 
     Parameters: ``weight_ih_l{k}[_reverse]``, ``bias_ih_l{k}``, ``bias_hh_l{k}`` exactly as nn.RNN;
-    ``weight_hh_l{k}_A`` (``[H(H-1)/2]``) replaces the trainable ``weight_hh_l{k}``, which is read-only
-    and computed; buffers ``weight_hh_l{k}_base`` (``[H, H]``); with modrelu, ``modrelu_bias_l{k}``
-    (``[H]``). The state dict is exact (A and base), so save/load round-trips bit for bit.
+    ``weight_hh_l{k}_A`` (``[H(H-1)/2]``) replaces the trainable ``weight_hh_l{k}``, which is a
+    computed property (:class:`OrthogonalMatrixProperty`); buffers ``weight_hh_l{k}_base``
+    (``[H, H]``); with modrelu, ``modrelu_bias_l{k}`` (``[H]``). The state dict is exact (A and
+    base), so save/load round-trips bit for bit.
 
     Shapes (as nn.RNN): input ``[T, B, I]`` (``[B, T, I]`` batch_first), ``[T, I]`` unbatched, or a
     PackedSequence; hx ``[L * D, B, H]`` (``[L * D, H]`` unbatched). Returns ``(output, h_n)``:
@@ -233,8 +463,10 @@ class MORNN(_OrthogonalRecurrent):
                  nonlinearity: str = "tanh", bias: bool = True, batch_first: bool = False,
                  dropout: float = 0.0, bidirectional: bool = False, device=None, dtype=None, *,
                  orthogonal_map: str = "cayley", init: str = "henaff", refold_every: int = 100,
-                 recurrence_backend: str = "auto") -> None:
+                 recurrence_backend: str = "auto", proj_size: int | None = None) -> None:
         super().__init__()
+        if proj_size is not None:
+            raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
         NONLINEARITIES.get(nonlinearity)  # ValueError naming nonlinearity
         if recurrence_backend != "auto":
             RECURRENCE_BACKENDS.get(recurrence_backend)
@@ -258,36 +490,31 @@ class MORNN(_OrthogonalRecurrent):
         self._init_orthogonal(orthogonal_map, init, refold_every)
         factory = {"device": device, "dtype": dtype}
         D = 2 if bidirectional else 1
-        self._layer_names: list[tuple[str, ...]] = []  # per (layer, direction): the weights, in _VF order
         for layer in range(num_layers):
-            for d in range(D):
-                sfx = f"_l{layer}" + ("_reverse" if d else "")
+            for direction in range(D):
+                sfx = f"_l{layer}" + ("_reverse" if direction == 1 else "")
                 in_size = input_size if layer == 0 else hidden_size * D
-                self.register_parameter(f"weight_ih{sfx}", nn.Parameter(torch.empty(hidden_size, in_size, **factory)))
-                self._add_orthogonal(f"weight_hh{sfx}", hidden_size, factory)
-                names = [f"weight_ih{sfx}", f"weight_hh{sfx}"]
-                if bias:
-                    for b in ("bias_ih", "bias_hh"):
-                        self.register_parameter(f"{b}{sfx}", nn.Parameter(torch.empty(hidden_size, **factory)))
-                    names += [f"bias_ih{sfx}", f"bias_hh{sfx}"]
-                if nonlinearity == "modrelu":
-                    self.register_parameter(f"modrelu_bias{sfx}", nn.Parameter(torch.empty(hidden_size, **factory)))
-                self._layer_names.append(tuple(names))
+                names = _Layer(f"weight_ih{sfx}", f"weight_hh{sfx}", f"bias_ih{sfx}" if bias else None,
+                               f"bias_hh{sfx}" if bias else None,
+                               f"modrelu_bias{sfx}" if nonlinearity == "modrelu" else None)
+                self.register_parameter(names.weight_ih,
+                                        nn.Parameter(torch.empty(hidden_size, in_size, **factory)))
+                self._add_orthogonal(names.weight_hh, hidden_size, factory)
+                for b in (names.bias_ih, names.bias_hh, names.modrelu_bias):
+                    if b is not None:
+                        self.register_parameter(b, nn.Parameter(torch.empty(hidden_size, **factory)))
+                self._layers.append(names)
+        self._declare_matrices()
         self.reset_parameters()
 
-    def reset_parameters(self) -> None:
-        """nn.RNN's U(-1/sqrt(H), 1/sqrt(H)) for input weights and biases; ``init`` for W_hh;
-        modReLU biases U(-0.01, 0.01) (near-identity activation at the start)."""
-        stdv = 1.0 / math.sqrt(self.hidden_size)
-        for name, p in self.named_parameters():
-            if name.startswith("modrelu_bias"):
-                nn.init.uniform_(p, -0.01, 0.01)
-            elif not name.endswith("_A"):
-                nn.init.uniform_(p, -stdv, stdv)
-        self._reset_orthogonal()
+    def _declare_matrices(self) -> None:
+        # On MORNN itself (subclasses inherit it); which names exist depends on num_layers/bidirectional.
+        for name in self._orthogonal_names:
+            if not isinstance(MORNN.__dict__.get(name), OrthogonalMatrixProperty):
+                setattr(MORNN, name, OrthogonalMatrixProperty(name))
 
     def flatten_parameters(self) -> None:
-        """No-op kept for nn.RNN compatibility (the recurrent weights are rebuilt every forward)."""
+        """No-op kept for nn.RNN compatibility (the recurrent weights are rebuilt, not flattened)."""
 
     @classmethod
     def from_rnn(cls, rnn: nn.RNN, **kwargs) -> "MORNN":
@@ -299,12 +526,11 @@ class MORNN(_OrthogonalRecurrent):
         m = cls(rnn.input_size, rnn.hidden_size, rnn.num_layers, rnn.nonlinearity, rnn.bias,
                 rnn.batch_first, rnn.dropout, rnn.bidirectional, device=w.device, dtype=w.dtype, **kwargs)
         with torch.no_grad():
-            for name, p in rnn.named_parameters():
-                if name.startswith("weight_hh"):
-                    m._buffers[f"{name}_base"].copy_(project_orthogonal(p))
-                    m._parameters[f"{name}_A"].zero_()
-                else:
-                    m._parameters[name].copy_(p)
+            for layer in m._layers:  # the names are nn.RNN's
+                for name in (layer.weight_ih, layer.bias_ih, layer.bias_hh):
+                    if name is not None:
+                        m._parameters[name].copy_(getattr(rnn, name))
+                m._set_matrix(layer.weight_hh, getattr(rnn, layer.weight_hh))
         return m.train(rnn.training)
 
     def to_rnn(self) -> nn.RNN:
@@ -315,31 +541,15 @@ class MORNN(_OrthogonalRecurrent):
         rnn = nn.RNN(self.input_size, self.hidden_size, self.num_layers, self.nonlinearity, self.bias,
                      self.batch_first, self.dropout, self.bidirectional, device=w.device, dtype=w.dtype)
         with torch.no_grad():
-            for name, p in rnn.named_parameters():
-                p.copy_(getattr(self, name))
+            for ours, theirs in zip(self._weights(), rnn.all_weights):
+                for a, b in zip(ours, theirs):
+                    b.copy_(a)
         return rnn.train(self.training)
 
-    @property
-    def all_weights(self) -> list[list[Tensor]]:
-        """As ``nn.RNN.all_weights``: per (layer, direction) ``[w_ih, w_hh, (b_ih, b_hh)]``, ``w_hh``
-        the current orthogonal matrix."""
-        return self._weights()
-
-    def _weights(self) -> list[list[Tensor]]:
-        """Per (layer, direction): [w_ih, W_hh, (b_ih, b_hh)] with W_hh materialised once."""
-        return [[getattr(self, n) for n in names] for names in self._layer_names]
-
-    def _modrelu_biases(self) -> list[Tensor | None]:
-        if self.nonlinearity != "modrelu":
-            return [None] * len(self._layer_names)
-        return [self._parameters["modrelu_bias" + names[0][len("weight_ih"):]] for names in self._layer_names]
-
     def _check_input(self, input: Tensor, batch_sizes) -> None:
-        w = self.weight_ih_l0
-        if not input.is_floating_point():
-            raise ValueError(f"RNN input dtype ({input.dtype}) does not match weight dtype ({w.dtype}); "
-                             f"MORNN needs floating inputs: input.to({w.dtype})")
-        if input.dtype != w.dtype and not torch.is_autocast_enabled(input.device.type):
+        w = self._parameters[self._layers[0].weight_ih]
+        if input.dtype != w.dtype and not (input.is_floating_point()
+                                           and torch.is_autocast_enabled(input.device.type)):
             raise ValueError(f"RNN input dtype ({input.dtype}) does not match weight dtype ({w.dtype}). "
                              f"Convert input: input.to({w.dtype}), or convert model: model.to({input.dtype})")
         expected = 2 if batch_sizes is not None else 3
@@ -348,6 +558,8 @@ class MORNN(_OrthogonalRecurrent):
         if input.size(-1) != self.input_size:
             raise RuntimeError(f"input.size(-1) must be equal to input_size. Expected "
                                f"{self.input_size}, got {input.size(-1)}")
+        if batch_sizes is None and input.size(1 if self.batch_first else 0) == 0:
+            raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
 
     def forward(self, input, hx: Tensor | None = None):
         """See the class docstring for shapes."""
@@ -381,13 +593,14 @@ class MORNN(_OrthogonalRecurrent):
         expected_hx = (self.num_layers * D, max_batch, self.hidden_size)
         if hx is None:
             hx = ref.new_zeros(expected_hx)
-        elif tuple(hx.shape) != expected_hx:
+        elif hx.shape != expected_hx:
             raise RuntimeError(f"Expected hidden size {expected_hx}, got {list(hx.shape)}")
         elif hx.dtype != ref.dtype and not torch.is_autocast_enabled(ref.device.type):
             # nn.RNN refuses this inside its kernel; the modrelu/identity recurrence would cast silently
             raise RuntimeError(f"hx must have the input's dtype {ref.dtype}, got {hx.dtype}")
 
-        self._maybe_refold()
+        if self.training:
+            self._maybe_refold()
         weights = self._weights()
         if self.nonlinearity in _FUSED:
             run = _FUSED[self.nonlinearity][0]
@@ -478,7 +691,9 @@ def rnn_layers(x: Tensor, hx: Tensor, weights: list[list[Tensor]], modrelu_biase
 
 class MORNNCell(_OrthogonalRecurrent):
     """One step ``h' = phi(W_ih x + b_ih + W_hh h + b_hh)`` with ``W_hh`` orthogonal; mirrors
-    :class:`torch.nn.RNNCell` (input ``[B, I]`` or ``[I]``, hx ``[B, H]`` or ``[H]`` -> ``h'``).
+    :class:`torch.nn.RNNCell`: same constructor (checked as loosely: ``bias`` is taken for its truth
+    value, ``hidden_size=0`` gives ``[B, 0]`` outputs, an unknown ``nonlinearity`` raises at forward)
+    and forward (input ``[B, I]`` or ``[I]``, hx ``[B, H]`` or ``[H]`` -> ``h'``), with its errors.
 
     Keyword-only extras and parameter naming as :class:`MORNN` (``weight_hh`` reads as the matrix,
     ``weight_hh_A`` / ``weight_hh_base`` store it, ``modrelu_bias`` for modrelu). ``refold_every``
@@ -488,15 +703,16 @@ class MORNNCell(_OrthogonalRecurrent):
     gradient, pass ``refold_every=0`` and call :meth:`refold` between optimiser steps.
     """
 
+    weight_hh = OrthogonalMatrixProperty("weight_hh")
+
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True, nonlinearity: str = "tanh",
                  device=None, dtype=None, *, orthogonal_map: str = "cayley", init: str = "henaff",
                  refold_every: int = 100) -> None:
         super().__init__()
-        NONLINEARITIES.get(nonlinearity)
-        _check_sizes(input_size, hidden_size, bias)
         self.input_size, self.hidden_size, self.bias, self.nonlinearity = input_size, hidden_size, bias, nonlinearity
         self._init_orthogonal(orthogonal_map, init, refold_every)
         factory = {"device": device, "dtype": dtype}
+        # weight_ih first: bad sizes then fail in torch.empty exactly as they do in nn.RNNCell
         self.weight_ih = nn.Parameter(torch.empty(hidden_size, input_size, **factory))
         self._add_orthogonal("weight_hh", hidden_size, factory)
         if bias:
@@ -507,34 +723,70 @@ class MORNNCell(_OrthogonalRecurrent):
             self.register_parameter("bias_hh", None)
         if nonlinearity == "modrelu":
             self.modrelu_bias = nn.Parameter(torch.empty(hidden_size, **factory))
+        self._layers.append(_Layer("weight_ih", "weight_hh", "bias_ih" if bias else None,
+                                   "bias_hh" if bias else None,
+                                   "modrelu_bias" if nonlinearity == "modrelu" else None))
         self.reset_parameters()
 
-    reset_parameters = MORNN.reset_parameters
-
     def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
+        """``input [B, I]`` or ``[I]``, ``hx [B, H]`` or ``[H]`` (zeros when None) -> ``h' [B, H]`` / ``[H]``."""
+        if not isinstance(input, Tensor):
+            raise TypeError(f"input must be a Tensor, got {type(input).__name__}")
+        if hx is not None and not isinstance(hx, Tensor):
+            raise TypeError(f"hx must be a Tensor or None, got {type(hx).__name__}")
         if input.dim() not in (1, 2):
             raise ValueError(f"RNNCell: Expected input to be 1D or 2D, got {input.dim()}D instead")
         if hx is not None and hx.dim() not in (1, 2):
             raise ValueError(f"RNNCell: Expected hidden to be 1D or 2D, got {hx.dim()}D instead")
-        if not input.is_floating_point():
-            raise ValueError(f"MORNNCell input must be floating point, got {input.dtype}")
-        if input.size(-1) != self.input_size:
-            raise RuntimeError(f"input has inconsistent input_size: got {input.size(-1)} expected {self.input_size}")
         batched = input.dim() == 2
         if not batched:
             input = input.unsqueeze(0)
-        hx = input.new_zeros(input.size(0), self.hidden_size) if hx is None else (hx if batched else hx.unsqueeze(0))
-        if hx.shape != (input.size(0), self.hidden_size):
-            raise RuntimeError(f"Expected hidden size {(input.size(0), self.hidden_size)}, got {list(hx.shape)}")
-        self._maybe_refold()
-        W = self.weight_hh
+        if hx is None:
+            hx = input.new_zeros(input.size(0), self.hidden_size)
+        elif not batched:
+            hx = hx.unsqueeze(0)
+        self._check_step(input, hx)
+        if self.training:
+            self._maybe_refold()
+        P = self._parameters
+        W = self.orthogonal_weight("weight_hh")
         if self.nonlinearity in _FUSED:
-            h = _FUSED[self.nonlinearity][1](input, hx, self.weight_ih, W, self.bias_ih, self.bias_hh)
+            h = _FUSED[self.nonlinearity][1](input, hx, P["weight_ih"], W, P["bias_ih"], P["bias_hh"])
         else:
-            z = F.linear(input, self.weight_ih, self.bias_ih) + F.linear(hx, W.to(hx.dtype), self.bias_hh)
-            phi = NONLINEARITIES.get(self.nonlinearity)
-            h = phi.forward(z, getattr(self, "modrelu_bias", None))
+            z = F.linear(input, P["weight_ih"], P["bias_ih"]) + F.linear(hx, W.to(hx.dtype), P["bias_hh"])
+            h = NONLINEARITIES.get(self.nonlinearity).forward(z, P.get("modrelu_bias"))
         return h if batched else h.squeeze(0)
+
+    def _check_step(self, input: Tensor, hx: Tensor) -> None:
+        """nn.RNNCell's checks (its kernel's, for sizes), in its order and with its messages and types."""
+        if self.nonlinearity not in NONLINEARITIES:
+            raise RuntimeError(f"Unknown nonlinearity: {self.nonlinearity} (nonlinearity must be one of "
+                               f"{NONLINEARITIES.names()})")
+        if input.size(1) != self.input_size:
+            raise RuntimeError(f"input has inconsistent input_size: got {input.size(1)} expected {self.input_size}")
+        if input.size(0) != hx.size(0):
+            raise RuntimeError(f"Input batch size {input.size(0)} doesn't match hidden0 batch size {hx.size(0)}")
+        if hx.size(1) != self.hidden_size:
+            raise RuntimeError(f"hidden0 has inconsistent hidden_size: got {hx.size(1)}, expected {self.hidden_size}")
+        if hx.dim() != 2:
+            raise RuntimeError(f"For unbatched 1-D input, hx should also be 1-D but got {hx.dim() - 1}-D tensor")
+        w = self._parameters["weight_ih"]
+        if torch.is_autocast_enabled(input.device.type) and input.is_floating_point():
+            return
+        if input.dtype != w.dtype:
+            raise RuntimeError(f"MORNNCell input dtype ({input.dtype}) does not match weight dtype "
+                               f"({w.dtype}): convert the input, input.to({w.dtype}), or the module, "
+                               f"module.to({input.dtype})")
+        if hx.dtype != input.dtype:
+            raise RuntimeError(f"MORNNCell hx dtype ({hx.dtype}) does not match input dtype "
+                               f"({input.dtype}): hx.to({input.dtype})")
+
+    def extra_repr(self) -> str:
+        s = f"{self.input_size}, {self.hidden_size}"
+        if self.bias is not True:
+            s += f", bias={self.bias}"
+        return s + (f", nonlinearity={self.nonlinearity!r}, orthogonal_map={self.orthogonal_map!r}, "
+                    f"init={self.init!r}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -557,7 +809,7 @@ def mornn_param_groups(model: nn.Module, lr: float, *, orthogonal_lr: float | No
     orth_lr = lr * orthogonal_scale if orthogonal_lr is None else orthogonal_lr
     if not isinstance(orth_lr, numbers.Real) or orth_lr <= 0:
         raise ValueError(f"orthogonal_lr must be a positive number, got {orth_lr!r}")
-    orth_ids = {id(m._parameters[f"{n}_A"]) for m in model.modules()
+    orth_ids = {id(m._A(n)) for m in model.modules()
                 if isinstance(m, _OrthogonalRecurrent) for n in m._orthogonal_names}
     orth, other = [], []
     for p in model.parameters():
@@ -581,10 +833,11 @@ def orthogonality_report(model: nn.Module) -> dict[str, float]:
         if not isinstance(m, _OrthogonalRecurrent):
             continue
         prefix = f"{mname}." if mname else ""
+        # an orthogonal matrix's gradient is reported under the matrix's name, not its parameter's
+        matrix_of = {id(m._A(name)): name for name in m._orthogonal_names}
         for name in m._orthogonal_names:
             report[f"{prefix}{name}/orth_error"] = float(orthogonality_error(m.orthogonal_weight(name).double()))
         for pname, p in m.named_parameters(recurse=False):
             if p.grad is not None:
-                key = pname[:-2] if pname.endswith("_A") else pname
-                report[f"{prefix}{key}/grad_norm"] = float(p.grad.norm())
+                report[f"{prefix}{matrix_of.get(id(p), pname)}/grad_norm"] = float(p.grad.norm())
     return report
