@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
-import weakref
+import sys
 from typing import NamedTuple
 
 import torch
@@ -169,7 +169,7 @@ class _OrthogonalRecurrent(nn.Module):
     def _reset_caches(self) -> None:
         # name -> (key, W): the matrix built while no gradient was needed, reused while key holds
         self._matrix_cache: dict[str, tuple[tuple, Tensor]] = {}
-        # name -> [(weakref to the tensor handed out, a strong alias of it, version, data_ptr)]
+        # name -> [(a tensor handed out by weight_hh_l{k}, its version, data_ptr, a copy)]
         self._handed_out: dict[str, list[tuple]] = {}
 
     def _add_orthogonal(self, name: str, n: int, factory: dict) -> None:
@@ -254,23 +254,25 @@ class _OrthogonalRecurrent(nn.Module):
         W = self.orthogonal_weight(name)
         if W.grad_fn is None:
             W = W.clone()  # never hand out the kept matrix itself
-        # Kept until the module's next use after the reader drops W: a strong alias (same storage;
-        # `m.weight_hh_l0.data.copy_(X)` drops W at once, and its write must not be lost with it) and
-        # a copy to compare with (writes through `.data` leave the version counter as it was).
-        alias = W.detach()
-        self._handed_out.setdefault(name, []).append((weakref.ref(W), alias, alias._version, alias.clone()))
+        # Kept until the module's next use after the reader drops W, since `m.weight_hh_l0.data.copy_(X)`
+        # (or `.data = X`) drops it at once and its write must not be lost with it; with a copy to
+        # compare to, since writes through `.data` leave the version counter as it was.
+        self._handed_out.setdefault(name, []).append((W, W._version, W.data_ptr(), W.detach().clone()))
         return W
 
     def _take_writes(self) -> None:
         """Take over every in-place write to a matrix handed out by ``weight_hh_l{k}``."""
         for name, entries in list(self._handed_out.items()):
             written, kept = None, []
-            for ref, alias, version, snapshot in entries:
-                if alias._version != version or not torch.equal(alias, snapshot):
-                    written = alias
-                    kept.append((ref, alias, alias._version, alias.clone()))
-                elif ref() is not None:  # still held: may be written later
-                    kept.append((ref, alias, version, snapshot))
+            for W, version, ptr, snapshot in entries:
+                # references to W: the entry, this loop variable, getrefcount's argument; any more
+                # are a reader's, who may still write to it
+                held = sys.getrefcount(W) > 3
+                if W._version != version or W.data_ptr() != ptr or not _same_bits(W.detach(), snapshot):
+                    written = W
+                    version, ptr, snapshot = W._version, W.data_ptr(), W.detach().clone()
+                if held:
+                    kept.append((W, version, ptr, snapshot))
             if kept:
                 self._handed_out[name] = kept
             else:
@@ -384,7 +386,7 @@ class _OrthogonalRecurrent(nn.Module):
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        del state["_matrix_cache"], state["_handed_out"]  # holds weakrefs; rebuilt on use
+        del state["_matrix_cache"], state["_handed_out"]  # rebuilt on use
         return state
 
     def __setstate__(self, state) -> None:
@@ -394,6 +396,12 @@ class _OrthogonalRecurrent(nn.Module):
 
     def _declare_matrices(self) -> None:
         """Install the class's :class:`OrthogonalMatrixProperty` for each matrix name it lacks."""
+
+
+def _same_bits(a: Tensor, b: Tensor) -> bool:
+    """Bitwise equality (NaN equals NaN), so a write of non-finite values is reported once."""
+    ints = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+    return torch.equal(a.contiguous().view(ints), b.contiguous().view(ints))
 
 
 def _reproject_if_needed(base: Tensor) -> None:
