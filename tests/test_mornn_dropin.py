@@ -345,3 +345,19 @@ def test_proj_size_raises_as_for_nn_rnn():
     for cls in (nn.RNN, MORNN):
         with pytest.raises(ValueError, match="proj_size argument is only supported for LSTM, not RNN or GRU"):
             cls(3, 4, proj_size=2)
+
+
+def test_the_docs_examples_run_and_print_what_they_show(capsys):
+    import re
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "mornn.md").read_text()
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", doc, flags=re.S)
+              if "rnn.weight_hh_l0.data.copy_" in b or ".freeze()" in b]
+    assert len(blocks) == 2
+    for block in blocks:
+        exec(compile(block, "docs/mornn.md", "exec"), {})
+        lines = block.strip().splitlines()
+        shown = [line[2:] for line in lines[len(lines) - next(i for i, line in enumerate(reversed(lines))
+                                                                if not line.startswith("# ")):]]
+        assert capsys.readouterr().out.split() == shown
