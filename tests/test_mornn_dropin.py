@@ -361,3 +361,19 @@ def test_the_docs_examples_run_and_print_what_they_show(capsys):
         shown = [line[2:] for line in lines[len(lines) - next(i for i, line in enumerate(reversed(lines))
                                                                 if not line.startswith("# ")):]]
         assert capsys.readouterr().out.split() == shown
+
+
+def test_state_dict_keys_are_unchanged_so_old_checkpoints_load():
+    """The format checkpoints were written in: nn.RNN's keys, with weight_hh_l{k} as _A and _base."""
+    m = MORNN(3, 4, num_layers=2, bidirectional=True, nonlinearity="modrelu")
+    layer = ["weight_ih_l{s}", "weight_hh_l{s}_A", "weight_hh_l{s}_base", "bias_ih_l{s}", "bias_hh_l{s}",
+             "modrelu_bias_l{s}"]
+    want = [k.format(s=s) for s in ("0", "0_reverse", "1", "1_reverse") for k in layer] + ["_extra_state"]
+    assert sorted(m.state_dict()) == sorted(want)
+    assert sorted(MORNNCell(3, 4).state_dict()) == ["_extra_state", "bias_hh", "bias_ih", "weight_hh_A",
+                                                    "weight_hh_base", "weight_ih"]
+    old = {k: v.clone() for k, v in m.state_dict().items()}  # as written by any earlier version
+    again = MORNN(3, 4, num_layers=2, bidirectional=True, nonlinearity="modrelu", init="random")
+    again.load_state_dict(old)
+    x = torch.randn(5, 2, 3)
+    assert all(torch.equal(a, b) for a, b in zip(again(x), m(x)))

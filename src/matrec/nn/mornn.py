@@ -264,10 +264,9 @@ class _OrthogonalRecurrent(nn.Module):
         """Take over every in-place write to a matrix handed out by ``weight_hh_l{k}``."""
         for name, entries in list(self._handed_out.items()):
             written, kept = None, []
-            for W, version, ptr, snapshot in entries:
-                # references to W: the entry, this loop variable, getrefcount's argument; any more
-                # are a reader's, who may still write to it
-                held = sys.getrefcount(W) > 3
+            for entry in entries:
+                held = _held_elsewhere(entry)
+                W, version, ptr, snapshot = entry
                 if W._version != version or W.data_ptr() != ptr or not _same_bits(W.detach(), snapshot):
                     written = W
                     version, ptr, snapshot = W._version, W.data_ptr(), W.detach().clone()
@@ -385,7 +384,7 @@ class _OrthogonalRecurrent(nn.Module):
         return self
 
     def __getstate__(self):
-        state = self.__dict__.copy()
+        state = super().__getstate__()
         del state["_matrix_cache"], state["_handed_out"]  # rebuilt on use
         return state
 
@@ -396,6 +395,20 @@ class _OrthogonalRecurrent(nn.Module):
 
     def _declare_matrices(self) -> None:
         """Install the class's :class:`OrthogonalMatrixProperty` for each matrix name it lacks."""
+
+
+def _references(entry: tuple) -> int:
+    return sys.getrefcount(entry[0])
+
+
+# what _references counts for an object that only its entry holds (how many references the call
+# itself adds is the interpreter's business, so it is measured)
+_REFS_OF_AN_UNHELD_ENTRY = _references((object(),))
+
+
+def _held_elsewhere(entry: tuple) -> bool:
+    """Whether anything besides ``entry`` references ``entry[0]`` (a reader who may still write to it)."""
+    return _references(entry) > _REFS_OF_AN_UNHELD_ENTRY
 
 
 def _same_bits(a: Tensor, b: Tensor) -> bool:
