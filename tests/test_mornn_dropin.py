@@ -114,7 +114,7 @@ def test_a_write_that_cannot_take_effect_raises_and_is_discarded(bad, match):
     m = MORNN(3, 4)
     before = m.weight_hh_l0.detach().clone()
     m.weight_hh_l0.data.copy_(bad)
-    with pytest.raises(ValueError, match="the matrix written in place to weight_hh_l0 .*" + match):
+    with pytest.raises(ValueError, match="the matrix written in place to weight_hh_l0 .*" + match + ".*the write is discarded"):
         m(torch.randn(2, 1, 3))
     torch.testing.assert_close(m.weight_hh_l0, before)  # the module stays usable, as it was
     m(torch.randn(2, 1, 3))
@@ -377,3 +377,10 @@ def test_state_dict_keys_are_unchanged_so_old_checkpoints_load():
     again.load_state_dict(old)
     x = torch.randn(5, 2, 3)
     assert all(torch.equal(a, b) for a, b in zip(again(x), m(x)))
+
+
+def test_from_rnn_refuses_a_matrix_without_a_nearest_orthogonal_one():
+    rnn = nn.RNN(3, 4, num_layers=2)
+    nn.init.zeros_(rnn.weight_hh_l1)
+    with pytest.raises(ValueError, match=r"the matrix given for weight_hh_l1 is singular \(rank 0 < 4\)"):
+        MORNN.from_rnn(rnn)

@@ -283,18 +283,18 @@ class _OrthogonalRecurrent(nn.Module):
     def _set_matrix(self, name: str, W: Tensor, written_in_place: bool = False) -> None:
         """Make ``name`` the nearest orthogonal matrix to ``W`` (polar factor, float64): base <- it, A <- 0."""
         base = self._base(name)
-        what = f"the matrix written in place to {name}" if written_in_place else f"{name}"
+        what = f"the matrix written in place to {name}" if written_in_place else f"the matrix given for {name}"
+        outcome = f"; the write is discarded and {name} keeps its value" if written_in_place else ""
         if W.shape != base.shape:
-            raise ValueError(f"{what} must be [H, H] = {list(base.shape)}, got {list(W.shape)}")
+            raise ValueError(f"{what} must be [H, H] = {list(base.shape)}, got {list(W.shape)}{outcome}")
         W64 = W.detach().to(device=base.device, dtype=torch.float64)
         if not torch.isfinite(W64).all():
-            raise ValueError(f"{what} holds non-finite values; {name} keeps its previous value")
+            raise ValueError(f"{what} holds non-finite values{outcome}")
         if W64.numel():
-            s = torch.linalg.svdvals(W64)
+            s = torch.linalg.svdvals(W64)  # [H], descending
             if s[-1] <= s[0] * W64.shape[0] * torch.finfo(torch.float64).eps:
                 raise ValueError(f"{what} is singular (rank {int((s > s[0] * 1e-12).sum())} < "
-                                 f"{W64.shape[0]}), so it has no nearest orthogonal matrix; {name} keeps "
-                                 f"its previous value")
+                                 f"{W64.shape[0]}), so it has no nearest orthogonal matrix{outcome}")
         base.copy_(project_orthogonal(W64))
         self._A(name).zero_()
 
@@ -540,7 +540,8 @@ class MORNN(_OrthogonalRecurrent):
     @classmethod
     def from_rnn(cls, rnn: nn.RNN, **kwargs) -> "MORNN":
         """An MORNN with ``rnn``'s configuration and weights, each recurrent matrix replaced by its
-        nearest orthogonal matrix (polar factor). Extra keyword arguments go to the constructor."""
+        nearest orthogonal matrix (polar factor; ValueError for a singular or non-finite one, which has
+        none). Extra keyword arguments go to the constructor."""
         if not isinstance(rnn, nn.RNN):
             raise TypeError(f"rnn must be a torch.nn.RNN, got {type(rnn).__name__}")
         w = rnn.weight_ih_l0
