@@ -293,6 +293,18 @@ def test_freeze_and_unfreeze():
     assert m.unfreeze() is m and all(p.requires_grad for p in m.parameters())
 
 
+def test_freeze_takes_the_parameters_as_they_are_now():
+    """The documented way past a write through .data (which no version counter sees)."""
+    m = MORNN(3, 4).freeze()
+    x = torch.randn(2, 1, 3)
+    before = m(x)[0]
+    m.weight_hh_l0_A.data.add_(0.5)
+    m.freeze()
+    after = m(x)[0]
+    m._matrix_cache.clear()
+    assert not torch.allclose(after, before) and torch.equal(after, m(x)[0])
+
+
 # -- MORNNCell constructs and fails as nn.RNNCell ------------------------------------------------
 
 @pytest.mark.parametrize("args,kwargs", [((5, 4, False), {}), ((5, 4), {"bias": 1}), ((5, 4, "relu"), {}),

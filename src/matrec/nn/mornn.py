@@ -350,15 +350,18 @@ class _OrthogonalRecurrent(nn.Module):
 
     def freeze(self):
         """Stop training the recurrent matrices (``*_A`` stop requiring grad): every forward then
-        reuses the built matrices until a parameter changes, as under ``torch.no_grad``. Returns self."""
+        reuses the built matrices until a parameter changes, as under ``torch.no_grad``. Drops the
+        matrices kept so far (a write through ``.data`` to ``*_A`` is seen from here). Returns self."""
         for name in self._orthogonal_names:
             self._A(name).requires_grad_(False)
+        self._matrix_cache.clear()
         return self
 
     def unfreeze(self):
         """Undo :meth:`freeze`: the recurrent matrices train again. Returns self."""
         for name in self._orthogonal_names:
             self._A(name).requires_grad_(True)
+        self._matrix_cache.clear()
         return self
 
     # The refold counter travels in the state dict (as a tensor, so safetensors can hold it): a
