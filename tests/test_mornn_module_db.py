@@ -56,7 +56,7 @@ OURS = {nn.RNN: MORNN, nn.RNNCell: MORNNCell}
 DELIBERATE_DIFFERENCES = {
     "parameters": "weight_hh_l{k} is a computed property, not a parameter: the trainable "
                   "weight_hh_l{k}_A and the buffer weight_hh_l{k}_base stand in the parameter list "
-                  "and the state dict",
+                  "and the state dict; read without autograd it does not require grad",
     "orthogonal-writes": "a matrix written in place to weight_hh_l{k} is replaced by its nearest "
                          "orthogonal matrix, taken at the module's next use",
     "assignment": "assigning weight_hh_l{k} (a tensor or a Parameter) raises AttributeError",

@@ -478,6 +478,9 @@ class MORNN(_OrthogonalRecurrent):
     (``[H, H]``); with modrelu, ``modrelu_bias_l{k}`` (``[H]``). The state dict is exact (A and
     base), so save/load round-trips bit for bit.
 
+    Beyond nn.RNN: :meth:`refold`, :meth:`freeze` / :meth:`unfreeze` (keep the built matrices for
+    inference), :meth:`from_rnn` / :meth:`to_rnn`, :meth:`orthogonal_weight`.
+
     Shapes (as nn.RNN): input ``[T, B, I]`` (``[B, T, I]`` batch_first), ``[T, I]`` unbatched, or a
     PackedSequence; hx ``[L * D, B, H]`` (``[L * D, H]`` unbatched). Returns ``(output, h_n)``:
     output ``[T, B, D * H]`` (same layout/type as the input), h_n ``[L * D, B, H]``.
