@@ -114,7 +114,7 @@ def build_pair(cls, sample, dtype):
         ours = MORNNCell(*args, **kwargs, dtype=dtype)
         with torch.no_grad():
             for name, p in theirs.named_parameters():
-                getattr(ours, name).copy_(p)  # weight_hh too: an in-place write, taken over exactly
+                getattr(ours, name).copy_(p)  # weight_hh too: an in-place write (projected: unchanged to rounding)
     return theirs, ours
 
 
