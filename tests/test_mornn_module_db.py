@@ -317,8 +317,8 @@ def test_gradcheck_and_gradgradcheck(case):
         inputs = fresh_inputs(sample.forward_input.args)
         params = tuple(m.parameters())
 
-        def fn(*flat):  # the parameters are read by the module itself; gradcheck perturbs them in place
-            return tuple(flat_outputs(m(*flat[:len(inputs)])))
+        def fn(*flat, m=m, n=len(inputs)):  # m reads its parameters itself; gradcheck perturbs them in place
+            return tuple(flat_outputs(m(*flat[:n])))
 
         assert torch.autograd.gradcheck(fn, (*inputs, *params), fast_mode=True)
         assert torch.autograd.gradgradcheck(fn, (*inputs, *params), fast_mode=True)

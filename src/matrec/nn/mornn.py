@@ -15,7 +15,8 @@ taken over: the written matrix is projected onto the orthogonal group and become
 ``W`` is built in float32 (float64 for float64 modules) even under autocast. While no gradient has
 to reach ``A`` (``torch.no_grad``, inference mode, or :meth:`freeze`), the built matrix is kept and
 reused until ``A`` or the base changes: autograd's version counters, the storage, an optimiser step
-anywhere and a state-dict load all invalidate it.
+anywhere and a state-dict load all invalidate it (a write through ``.data`` to ``A`` or the base is
+the one change they cannot see; docs/mornn.md, "Inference").
 
 tanh/relu then run in PyTorch's fused RNN kernel (cuDNN on GPU) with the materialised weights;
 modrelu/identity run through :func:`matrec.ops.recurrence.recurrence` (no autograd loop over time).
@@ -678,8 +679,7 @@ def _reverse_padded(x: Tensor, lengths: Tensor | None) -> Tensor:
     """Reverse each sequence of ``x [T, B, F]`` within its length (padding stays in place)."""
     if lengths is None:
         return x.flip(0)
-    T, B = x.shape[:2]
-    t = torch.arange(T, device=x.device).unsqueeze(1)       # [T, 1]
+    t = torch.arange(x.shape[0], device=x.device).unsqueeze(1)  # [T, 1]
     L = lengths.to(x.device).unsqueeze(0)                    # [1, B]
     idx = torch.where(t < L, L - 1 - t, t)                   # [T, B]
     return x.gather(0, idx.unsqueeze(-1).expand_as(x))
