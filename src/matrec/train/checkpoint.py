@@ -27,6 +27,8 @@ from torch import Tensor, nn
 
 FORMAT = "matrec-checkpoint"
 VERSION = 1
+# the fields of state.json that loading relies on, and their JSON types
+REQUIRED = {"step": int, "config": dict, "optimizer": dict, "files": dict, "stream_states": dict}
 
 
 class CheckpointError(ValueError):
@@ -88,7 +90,7 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _write_json_atomic(path: Path, data: dict) -> None:
+def write_json_atomic(path: Path, data: dict) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
@@ -134,7 +136,7 @@ def save_checkpoint(root: str | Path, *, model: nn.Module, tensors: dict[str, Te
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     _fsync(root)  # the rename itself must survive a crash before latest.json points at it
-    _write_json_atomic(root / "latest.json", {"step": step, "dir": name})
+    write_json_atomic(root / "latest.json", {"step": step, "dir": name})
     _fsync(root)
     # one writer (rank 0): any hidden .step-* folder left now is debris of a killed save
     for debris in root.glob(".step-*"):
@@ -144,6 +146,31 @@ def save_checkpoint(root: str | Path, *, model: nn.Module, tensors: dict[str, Te
         if old.name != name:
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def confined(root: Path, name, source: Path) -> Path:
+    """``root / name`` if that is a folder directly inside ``root`` once every link is resolved,
+    else :class:`CheckpointError`: a pointer read from a run's files (``source``) must never lead
+    into another run or anywhere else on disk."""
+    if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+        raise CheckpointError(f"checkpoint pointer {str(source)!r} names {name!r}, not a checkpoint "
+                              f"folder of {str(root)!r} (a step-* name); refusing to follow it")
+    target = (root / name).resolve()
+    if target.parent != root.resolve():
+        raise CheckpointError(f"checkpoint pointer {str(source)!r} leads to {str(target)!r}, outside "
+                              f"{str(root)!r} (a link?); refusing to follow it")
+    return root / name
+
+
+def latest_step(root: str | Path) -> int | None:
+    """The step ``root/latest.json`` points at (None when there is no checkpoint yet)."""
+    latest = Path(root) / "latest.json"
+    if not latest.is_file():
+        return None
+    try:
+        return int(json.loads(latest.read_text())["step"])
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"corrupt checkpoint pointer {str(latest)!r}: {e}") from None
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -156,9 +183,10 @@ def resolve_checkpoint(path: str | Path) -> Path:
         latest = root / "latest.json"
         if latest.is_file():
             try:
-                return root / json.loads(latest.read_text())["dir"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                name = json.loads(latest.read_text())["dir"]
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
                 raise CheckpointError(f"corrupt checkpoint pointer {str(latest)!r}: {e}") from None
+            return confined(root, name, latest)
     if (path / "state.json").is_file():
         return path
     raise CheckpointError(f"no checkpoint found at {str(path)!r}: expected a run directory, its "
@@ -183,6 +211,10 @@ def load_checkpoint(path: str | Path) -> tuple[dict, Path, dict[str, Tensor]]:
         raise CheckpointError(f"checkpoint {str(ckpt)!r} is corrupt: state.json is not valid JSON ({e})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"{str(state_json)!r} is not a matrec checkpoint (format {FORMAT!r} expected)")
+    missing = [k for k, kind in REQUIRED.items() if not isinstance(meta.get(k), kind)]
+    if missing:
+        raise CheckpointError(f"checkpoint {str(ckpt)!r} is corrupt: state.json lacks field(s) "
+                              f"{missing} or they have the wrong type")
     for name in ("model.safetensors", "state.safetensors"):
         f = ckpt / name
         if not f.is_file():

@@ -3,8 +3,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import torch
 
 
 @dataclass
@@ -50,26 +55,49 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        positive = ("steps", "batch_size", "eval_every", "eval_batches", "log_every", "ckpt_every")
-        for name in positive:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be an int >= 0, got {self.warmup_steps!r}")
+        self.validate()
+
+    def validate(self) -> None:
+        """Check every field's type and range; a ValueError or TypeError names the first bad one.
+
+        The one check behind every way a config is made (Python, ``--config`` files, command-line
+        options, a checkpoint's saved config); the trainer calls it again, since a dataclass's
+        fields can be assigned after construction. Integral and real numbers are normalised to
+        ``int``/``float`` (numpy scalars from a script), and ``out_dir`` to ``str``.
+        """
+        for name in ("steps", "batch_size", "eval_every", "eval_batches", "log_every", "ckpt_every"):
+            _int(self, name, 1)
+        _int(self, "warmup_steps", 0)
+        _int(self, "threads", 0)
+        # torch seeds take 64 bits; evaluation draws from seed + 1, so the top value is kept free
+        _int(self, "seed", 0, 2 ** 63 - 1)
         for name in ("lr", "orthogonal_lr_scale"):
-            if not isinstance(getattr(self, name), (int, float)) or getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be a number > 0, got {getattr(self, name)!r}")
+            _real(self, name, "> 0", lambda v: v > 0)
         for name in ("weight_decay", "grad_clip"):
-            if not isinstance(getattr(self, name), (int, float)) or getattr(self, name) < 0:
-                raise ValueError(f"{name} must be a number >= 0, got {getattr(self, name)!r}")
-        if isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 0:
-            raise ValueError(f"threads must be an int >= 0, got {self.threads!r}")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
+            _real(self, name, ">= 0", lambda v: v >= 0)
+        _real(self, "min_lr_ratio", "in [0, 1]", lambda v: 0 <= v <= 1)
+        for name in ("task", "model", "optimizer"):
+            _text(self, name)
         for name in ("task_args", "model_args"):
-            if not isinstance(getattr(self, name), dict):
-                raise TypeError(f"{name} must be a dict, got {type(getattr(self, name)).__name__}")
+            value = getattr(self, name)
+            if not isinstance(value, dict):
+                raise TypeError(f"{name} must be a dict, got {type(value).__name__}")
+            bad = [k for k in value if not isinstance(k, str)]
+            if bad:
+                raise TypeError(f"{name} keys must be option names (str), got {bad!r}")
+        for name in ("amp", "compile", "tensorboard", "plot", "progress"):
+            if not isinstance(getattr(self, name), bool):   # "false" would be truthy
+                raise TypeError(f"{name} must be a bool (true or false), got {getattr(self, name)!r}")
+        _check_device(self.device)
+        if isinstance(self.out_dir, os.PathLike):
+            self.out_dir = os.fspath(self.out_dir)
+        _text(self, "out_dir")
+        if self.run_name is not None:
+            _text(self, "run_name")
+            # a run lives directly in out_dir: a path here would write somewhere else
+            if Path(self.run_name).name != self.run_name or self.run_name in (".", ".."):
+                raise ValueError(f"run_name must be a folder name (no '/', not '.' or '..'), got "
+                                 f"{self.run_name!r}; put the parent folder in out_dir")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -89,9 +117,56 @@ class TrainConfig:
     def from_json(cls, path: str | Path) -> "TrainConfig":
         path = Path(path)
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise ValueError(f"config file {str(path)!r} does not exist") from None
+        except IsADirectoryError:
+            raise ValueError(f"config file {str(path)!r} is a directory, not a JSON file") from None
+        except OSError as e:
+            raise ValueError(f"config file {str(path)!r} cannot be read: {e.strerror}") from None
+        except UnicodeDecodeError:
+            raise ValueError(f"config file {str(path)!r} is not UTF-8 text (a binary file?); expected "
+                             f"a JSON object of TrainConfig fields") from None
         except json.JSONDecodeError as e:
             raise ValueError(f"config file {str(path)!r} is not valid JSON: {e}") from None
         return cls.from_dict(data)
+
+
+def _int(cfg: TrainConfig, name: str, minimum: int, maximum: int | None = None) -> None:
+    value = getattr(cfg, name)
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    value = int(value)
+    if value < minimum or (maximum is not None and value > maximum):
+        bound = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+        raise ValueError(f"{name} must be an int {bound}, got {value!r}")
+    setattr(cfg, name, value)
+
+
+def _real(cfg: TrainConfig, name: str, bound: str, ok) -> None:
+    value = getattr(cfg, name)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {value!r}")
+    value = float(value)
+    if not math.isfinite(value) or not ok(value):
+        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
+    setattr(cfg, name, value)
+
+
+def _text(cfg: TrainConfig, name: str) -> None:
+    value = getattr(cfg, name)
+    if not isinstance(value, str) or not value:
+        raise TypeError(f"{name} must be a non-empty str, got {value!r}")
+
+
+def _check_device(device) -> None:
+    """The form of ``device`` only: whether it exists here is the trainer's check (a config can be
+    written on one machine and run on another)."""
+    if not isinstance(device, str):
+        raise TypeError(f"device must be a str ('auto', 'cpu', 'cuda' or 'cuda:N'), got {device!r}")
+    if device == "auto":
+        return
+    try:
+        torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}") from None

@@ -8,17 +8,157 @@
     plot.png         loss (and task metrics) against step
     checkpoints/     see matrec.train.checkpoint
     summary.json     final status, step, metrics, wall time, parameter count
+    .lock            the writer's lock (see RunLock); holds its pid, host and start time
 
 ``metrics.jsonl`` holds only numbers that the run's seed determines (no timings), so a resumed run
 writes exactly the file an uninterrupted one would.
+
+One writer per run directory: a trainer takes the directory's :class:`RunLock` before it writes,
+a new run never reuses a directory that holds a run (:func:`claim_new_run`), and a resumed run checks
+that the run is still where its checkpoint left it.
 """
 from __future__ import annotations
 
+import datetime as _dt
+import itertools
 import json
 import os
+import socket
+import sys
 import warnings
 from pathlib import Path
 from typing import Callable
+
+LOCK_NAME = ".lock"
+
+
+class RunDirError(RuntimeError):
+    """A run directory cannot be written: another writer holds it, it already holds a run, it
+    cannot be created, or one of its files is damaged. The message says which and what to do."""
+
+
+class RunLock:
+    """An exclusive OS lock (``flock``) on ``<run_dir>/.lock``: one writer per run directory.
+
+    The lock belongs to the open file, so the kernel drops it when the holder exits, however it
+    exits (``kill -9`` included): a crashed run never leaves a stale lock to remove by hand. The
+    file keeps the holder's pid, host and start time so that a refused writer can name it.
+    """
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / LOCK_NAME
+        self._fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def acquire(self) -> "RunLock":
+        """Take the lock now or raise :class:`RunDirError` naming the holder (never waits)."""
+        try:
+            import fcntl
+        except ImportError:   # not a POSIX system: nothing to lock with, say so once
+            warnings.warn("this platform has no fcntl.flock: the run directory is not locked, so "
+                          "two processes could write the same run")
+            return self
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise RunDirError(f"cannot open the lock file of run directory {str(self.run_dir)!r}: "
+                              f"{e.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_holder(fd)
+            os.close(fd)
+            raise RunDirError(f"run directory {str(self.run_dir)!r} is being written by another "
+                              f"process ({holder}); one writer per run: wait for it to finish or "
+                              f"stop it") from None
+        stamp = _dt.datetime.now().astimezone().isoformat(timespec="seconds")
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                 "since": stamp}).encode())
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)   # closing the file drops the lock
+            self._fd = None
+
+
+def _read_holder(fd: int) -> str:
+    try:
+        info = json.loads(os.pread(fd, 4096, 0) or b"{}")
+        return f"pid {info['pid']} on host {info['host']}, since {info['since']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "holder not recorded yet"   # it is between taking the lock and writing its name
+
+
+def holds_run(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds anything but a lock file (a run, or files that are not ours)."""
+    return run_dir.is_dir() and any(p.name != LOCK_NAME for p in run_dir.iterdir())
+
+
+def _make_dir(path: Path, exist_ok: bool) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=exist_ok)
+    except FileExistsError:
+        if not exist_ok:
+            raise
+        raise RunDirError(f"cannot create run directory {str(path)!r}: a file of that name "
+                          f"exists") from None
+    except OSError as e:   # a file on the way (NotADirectoryError), no permission, read-only disk
+        raise RunDirError(f"cannot create run directory {str(path)!r}: {e.strerror} "
+                          f"({e.filename})") from None
+
+
+def claim_new_run(run_dir: str | Path, *, rename: bool = False) -> tuple[Path, RunLock]:
+    """Create and lock the directory of a NEW run: ``(directory, its held lock)``.
+
+    A directory that already holds a run is never reused. With ``rename`` (the name was not the
+    user's choice, e.g. the default ``<task>-<model>-<timestamp>`` of two launches in the same
+    second) the first free ``<name>-2``, ``<name>-3``, ... is taken instead and a line on stderr
+    says so; otherwise :class:`RunDirError` explains how to resume the existing run instead.
+    """
+    base = Path(run_dir)
+    for n in itertools.count(1):
+        path = base if n == 1 else base.with_name(f"{base.name}-{n}")
+        if rename:
+            try:   # mkdir is atomic: of two launches racing for one name, exactly one creates it
+                _make_dir(path, exist_ok=False)
+            except FileExistsError:
+                continue
+        else:
+            _make_dir(path, exist_ok=True)
+        lock = RunLock(path)
+        try:
+            lock.acquire()
+        except RunDirError:
+            if rename:
+                continue
+            raise
+        if holds_run(path):
+            lock.release()
+            if rename:
+                continue
+            raise RunDirError(
+                f"run directory {str(path)!r} already holds a run (or other files); a new run never "
+                f"overwrites one: continue it with `matrec train --resume {path}` "
+                f"(Trainer.resume), or choose another run_name / out_dir")
+        if path != base:
+            print(f"matrec: {base} is taken; this run writes to {path}", file=sys.stderr)
+        return path, lock
+    raise AssertionError("unreachable")
+
+
+def fresh_name(parent: str | Path, name: str) -> Path:
+    """``parent/name``, or the first of ``name-2``, ``name-3``, ... that does not exist yet (for
+    folders whose runs are then claimed one by one with :func:`claim_new_run`)."""
+    parent = Path(parent)
+    return next(parent / (name if n == 1 else f"{name}-{n}") for n in itertools.count(1)
+                if not (parent / (name if n == 1 else f"{name}-{n}")).exists())
 
 
 class MetricsLog:
@@ -40,12 +180,7 @@ class MetricsLog:
     def truncate(self, keep: Callable[[dict], bool]) -> None:
         """Drop the records ``keep`` rejects (on resume: those written after the checkpoint)."""
         if self.path.exists():
-            lines = [line for line in self.path.read_text().splitlines() if line.strip()]
-            try:
-                json.loads(lines[-1] if lines else "null")
-            except json.JSONDecodeError:
-                lines.pop()   # a process killed mid-append leaves a partial last line
-            records = [json.loads(line) for line in lines]
+            records = read_metrics(self.path, partial_last=True)
             # written aside and swapped in: a run killed here keeps its whole log
             tmp = self.path.with_name(self.path.name + ".tmp")
             tmp.write_text("".join(json.dumps(r) + "\n" for r in records if keep(r)))
@@ -64,8 +199,31 @@ class MetricsLog:
             self.writer.close()
 
 
-def read_metrics(path: str | Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+def read_metrics(path: str | Path, partial_last: bool = False) -> list[dict]:
+    """The records of a ``metrics.jsonl``; :class:`RunDirError` names the first damaged line.
+
+    ``partial_last``: drop an unparsable last line, which a process killed mid-append leaves.
+    """
+    path = Path(path)
+    try:
+        lines = [(i, line) for i, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
+    except UnicodeDecodeError:
+        raise RunDirError(f"{str(path)!r} is not a metrics log (not UTF-8 text)") from None
+    records = []
+    for k, (i, line) in enumerate(lines):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if partial_last and k == len(lines) - 1:
+                break
+            record = None
+        if not (isinstance(record, dict) and record.get("kind") in ("train", "eval")
+                and isinstance(record.get("step"), int)):
+            raise RunDirError(f"{str(path)!r} line {i} is not a metrics record (a JSON object with "
+                              f"kind 'train' or 'eval' and an int step): {line[:80]!r}; the log was "
+                              f"edited or damaged, repair or delete that line")
+        records.append(record)
+    return records
 
 
 def plot_metrics(records: list[dict], path: str | Path, *, title: str = "",

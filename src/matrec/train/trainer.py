@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import json
 import math
 import time
 from collections import defaultdict
@@ -26,12 +25,13 @@ from torch import Tensor, nn
 from ..data.tasks import build_task
 from ..models import build_model
 from ..nn.mornn import orthogonality_report
-from .checkpoint import (flatten_tensors, load_checkpoint, load_model_weights, optimizer_from_flat,
-                         optimizer_to_flat, save_checkpoint, unflatten_tensors)
+from .checkpoint import (CheckpointError, write_json_atomic, flatten_tensors, latest_step,
+                         load_checkpoint, load_model_weights, optimizer_from_flat, optimizer_to_flat,
+                         save_checkpoint, unflatten_tensors)
 from .config import TrainConfig
 from .distributed import DistInfo, all_gather_object, all_mean, barrier, init_distributed
 from .optim import OPTIMIZERS, lr_factor, param_groups
-from .rundir import MetricsLog, plot_metrics, read_metrics
+from .rundir import MetricsLog, RunDirError, RunLock, claim_new_run, plot_metrics, read_metrics
 
 
 class NonFiniteError(RuntimeError):
@@ -88,9 +88,17 @@ class Trainer:
     Args:
         config: the run's settings.
         run_dir: where to write; default ``<out_dir>/<run_name or task-model-timestamp>``.
+
+    A new trainer writes a NEW run: its first :meth:`train` refuses a directory that already holds
+    a run (a default, timestamped name moves on to ``<name>-2`` instead). Each :meth:`train` holds
+    the directory's lock (:class:`~matrec.train.rundir.RunLock`) while it runs, so a second writer
+    of the same run fails with an error naming the first.
     """
 
     def __init__(self, config: TrainConfig, run_dir: str | Path | None = None) -> None:
+        if not isinstance(config, TrainConfig):
+            raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
+        config.validate()   # the fields may have been assigned after construction
         self.cfg = cfg = config
         self.dist = init_distributed("cuda" if resolve_device(cfg.device).type == "cuda" else "cpu")
         self.device = resolve_device(cfg.device, self.dist)
@@ -112,11 +120,14 @@ class Trainer:
         self.elapsed = 0.0         # training seconds, summed over resumes
         self._ckpt_step: int | None = None   # the last good checkpoint, named by the NaN/Inf guard
 
+        # a name the user did not choose may move on to <name>-2 when taken; a chosen one may not
+        self._rename = run_dir is None and cfg.run_name is None
         if run_dir is None:
             stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
             run_dir = Path(cfg.out_dir) / (cfg.run_name or f"{cfg.task}-{cfg.model}-{stamp}")
-        self.run_dir = Path(run_dir)
-        self.ckpt_root = self.run_dir / "checkpoints"
+        self._set_run_dir(Path(run_dir))
+        self._new_run = True        # until the first train() has claimed the directory
+        self._lock: RunLock | None = None
         self.log: MetricsLog | None = None
 
         self.forward_module: nn.Module = self.model
@@ -143,11 +154,55 @@ class Trainer:
                                  f"resumed run can only go on (its metrics after step {steps} would be lost)")
             data["steps"] = steps
         # the run directory holds checkpoints/step-*/ (whichever of the three paths was given)
-        trainer = cls(TrainConfig.from_dict(data), run_dir=ckpt_dir.parent.parent)
+        try:
+            config = TrainConfig.from_dict(data)
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"checkpoint {str(ckpt_dir)!r} holds an invalid config: {e}") from None
+        trainer = cls(config, run_dir=ckpt_dir.parent.parent)
+        trainer._new_run = False    # this run is continued, in place
         trainer._load(meta, ckpt_dir, tensors)
         return trainer
 
+    def _set_run_dir(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        self.ckpt_root = run_dir / "checkpoints"
+
+    def _acquire_run(self) -> None:
+        """Become the run directory's one writer (rank 0; other ranks never write).
+
+        A new run claims a directory holding no run. A continued run (resumed, or trained again
+        by this trainer) must find its last checkpoint where this trainer left it: another writer
+        may have moved the run on in between, and going on would overwrite what it wrote.
+        """
+        if not self.dist.is_main or self._lock is not None:
+            return
+        if self._new_run:
+            path, self._lock = claim_new_run(self.run_dir, rename=self._rename)
+            self._set_run_dir(path)
+            self._new_run = False
+            return
+        self._lock = RunLock(self.run_dir).acquire()
+        try:
+            current = latest_step(self.ckpt_root)
+            if current != self._ckpt_step:
+                raise RunDirError(
+                    f"run {str(self.run_dir)!r} is at step {current} now, not at step "
+                    f"{self._ckpt_step} where this trainer took it: another process wrote it in "
+                    f"between; resume it again to continue from step {current}")
+        except BaseException:
+            self._release_run()
+            raise
+
+    def _release_run(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
     def _load(self, meta: dict, ckpt_dir: Path, tensors: dict[str, Tensor]) -> None:
+        missing = sorted({"rng.data", "rng.torch"} - set(tensors))
+        if missing:
+            raise CheckpointError(f"checkpoint {str(ckpt_dir)!r} is corrupt: state.safetensors lacks "
+                                  f"{missing}")
         load_model_weights(self.model, ckpt_dir)
         optimizer_from_flat(self.optimizer, meta["optimizer"], tensors)
         self.step = self._ckpt_step = int(meta["step"])
@@ -173,8 +228,7 @@ class Trainer:
     def _open_log(self) -> None:
         if self.log is not None or not self.dist.is_main:
             return
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=1))
+        write_json_atomic(self.run_dir / "config.json", self.cfg.to_dict())
         self.log = MetricsLog(self.run_dir, tensorboard=self.cfg.tensorboard,
                               purge_step=self.step + 1 if self.step else None)
         # A resumed run drops what the killed run logged after its checkpoint, and any record the
@@ -284,7 +338,17 @@ class Trainer:
         the last checkpoint is left as it was.
         """
         cfg = self.cfg
+        if until is not None and (isinstance(until, bool) or not isinstance(until, int) or until < 0):
+            raise ValueError(f"until must be an int >= 0, got {until!r}")
         until = cfg.steps if until is None else min(until, cfg.steps)
+        self._acquire_run()
+        try:
+            return self._train(until)
+        finally:
+            self._release_run()
+
+    def _train(self, until: int) -> dict:
+        cfg = self.cfg
         self._open_log()
         self.model.train()
         stream = getattr(self.task, "stream", False)
@@ -358,7 +422,7 @@ class Trainer:
         if self.dist.is_main and self.log is not None:
             self.log.close()
             self.log = None
-            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+            write_json_atomic(self.run_dir / "summary.json", summary)
             if self.cfg.plot:
                 plot_metrics(read_metrics(self.run_dir / "metrics.jsonl"), self.run_dir / "plot.png",
                              title=f"{self.cfg.model} on {self.cfg.task}", baseline=summary["baseline"])
