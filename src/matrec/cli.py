@@ -8,7 +8,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as _dt
+import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -162,8 +164,9 @@ def default_experiment(out_dir: str = "runs", steps: int | None = None) -> int:
 
     variants = [dict(v) for v in DEFAULT_VARIANTS]
     base = TrainConfig.from_dict({**DEFAULT_BASE, **({"steps": steps} if steps else {})})
+    from .train.rundir import fresh_name
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    out = Path(out_dir) / f"default-{stamp}"
+    out = fresh_name(out_dir, f"default-{stamp}")   # two launches in one second: default-...-2
     print(f"matrec default experiment: {' vs '.join(v['label'] for v in variants)} on copy "
           f"(delay {base.task_args['delay']}), {base.steps} steps of batch {base.batch_size} "
           f"-> {out}", flush=True)
@@ -186,8 +189,9 @@ def cmd_compare(args) -> int:
     from .models import MODELS
     for m in models:   # a typo in the last name must not surface after the others have trained
         MODELS.get(m)
+    from .train.rundir import fresh_name
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    out = Path(args.out or Path(base.out_dir) / f"compare-{base.task}-{stamp}")
+    out = Path(args.out) if args.out else fresh_name(base.out_dir, f"compare-{base.task}-{stamp}")
     results = run_compare(base, [{"model": m} for m in models], out)
     if not _is_main():
         return 0
@@ -227,10 +231,12 @@ def cmd_sample(args) -> int:
     # checked here so errors name the flags the user typed, not generate()'s keywords
     if args.tokens < 0:
         raise ValueError(f"--tokens must be >= 0, got {args.tokens}")
-    if args.temperature < 0:
-        raise ValueError(f"--temperature must be >= 0, got {args.temperature}")
+    if not math.isfinite(args.temperature) or args.temperature < 0:
+        raise ValueError(f"--temperature must be a finite number >= 0, got {args.temperature}")
     if args.top_k is not None and args.top_k < 1:
         raise ValueError(f"--top-k must be >= 1, got {args.top_k}")
+    if not 0 <= args.seed < 2 ** 63:
+        raise ValueError(f"--seed must be in [0, 2**63), got {args.seed}")
     cfg, task, model, _ = _load_for_inference(args.checkpoint)
     if not (hasattr(task, "encode") and hasattr(task, "decode")):
         raise ValueError(f"sample needs a text task (one with a vocabulary to decode); this checkpoint "
@@ -266,7 +272,11 @@ def cmd_sample(args) -> int:
 def find_benchmarks(path: str | None = None) -> Path:
     """The benchmarks/ folder: ``--dir``, ``$MATREC_BENCHMARKS``, ./benchmarks, or the source
     checkout this package was installed from (editable installs)."""
-    candidates = [path, os.environ.get("MATREC_BENCHMARKS"), Path.cwd() / "benchmarks",
+    if path is not None:   # asked for by name: never fall back to another folder
+        if not Path(path).is_dir():
+            raise FileNotFoundError(f"--dir {path!r} is not a folder (missing, or a file)")
+        return Path(path)
+    candidates = [os.environ.get("MATREC_BENCHMARKS"), Path.cwd() / "benchmarks",
                   Path(__file__).resolve().parents[2] / "benchmarks"]
     for c in candidates:
         if c and Path(c).is_dir():
@@ -373,24 +383,68 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# the modules each command needs beyond torch + numpy (the `workbench` extra); tensorboard is
+# optional (metrics.jsonl is written without it) and tokenizers is checked by the text tasks
+EXTRAS = {"train": ["safetensors", "tqdm", "matplotlib"], "compare": ["safetensors", "tqdm", "matplotlib"],
+          "eval": ["safetensors"], "sample": ["safetensors"], "bench": []}
+
+
+def check_extras(command: str) -> None:
+    """Fail before any work when the workbench extra is not installed (a core-only install)."""
+    missing = []
+    for name in EXTRAS[command]:
+        try:
+            if importlib.util.find_spec(name) is None:
+                missing.append(name)
+        except (ImportError, ValueError):
+            missing.append(name)
+    if missing:
+        raise ModuleNotFoundError(f"`matrec {command}` needs the workbench extra, which is not "
+                                  f"installed (missing: {', '.join(missing)}): "
+                                  f"pip install 'matrec[workbench]'")
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    import torch
+    return isinstance(e, (MemoryError, torch.OutOfMemoryError)) or (
+        isinstance(e, RuntimeError) and "can't allocate memory" in str(e))
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv == ["train"]:
-        return default_experiment()
     parser = build_parser()
-    args = parser.parse_args(argv)
+    if argv == ["train"]:
+        args = argparse.Namespace(command="train", func=lambda _: default_experiment())
+    else:
+        args = parser.parse_args(argv)
     from .data.download import DataFileError
     from .train import CheckpointError, NonFiniteError
     from .train.distributed import mark_failed
+    from .train.rundir import RunDirError
+
+    def fail(status: int, message: str) -> None:
+        mark_failed()  # under torchrun this rank may fail alone: leave the group to torchrun
+        parser.exit(status, f"matrec {args.command}: error: {message}\n")
+
     try:
+        check_extras(args.command)
         return args.func(args)
     except NonFiniteError as e:
         mark_failed()
         print(f"matrec: {e}", file=sys.stderr)
         return 1
-    except (ValueError, TypeError, FileNotFoundError, CheckpointError, DataFileError) as e:
-        mark_failed()  # under torchrun this rank may fail alone: leave the group to torchrun
-        parser.exit(2, f"matrec {args.command}: error: {e}\n")
+    except (ValueError, TypeError, FileNotFoundError, ImportError, CheckpointError, DataFileError,
+            RunDirError) as e:
+        fail(2, str(e))
+    except KeyboardInterrupt:
+        fail(130, "interrupted (the last checkpoint, if any, is intact: --resume continues from it)")
+    except Exception as e:
+        if _out_of_memory(e):
+            fail(1, f"out of memory ({str(e).splitlines()[0][:200]}); lower --batch-size or the "
+                    f"model's size")
+        if isinstance(e, OSError):   # the disk or the system refused (full, read-only, no permission)
+            fail(1, f"{e.strerror or e}" + (f": {e.filename!r}" if e.filename else ""))
+        raise
 
 
 if __name__ == "__main__":

@@ -101,6 +101,21 @@ def verify(path: Path, spec: DataFile, how_to_fix: str) -> Path:
     return path
 
 
+def usable_cache(folder: Path) -> Path:
+    """``folder``, created, once a file has been written and removed there; else a
+    :class:`DataFileError` saying so. Called before work whose result goes there (a download, a
+    tokenizer's training), so an unusable cache is found before that work, not after it."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".probe.", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise DataFileError(f"the cache folder {folder} is not usable ({e.strerror or e}); set "
+                            f"MATREC_CACHE to a writable folder") from None
+    return folder
+
+
 def _urlopen(url: str, timeout: float = 60.0):
     """Open ``url`` (a seam the tests replace to simulate the network)."""
     return urllib.request.urlopen(url, timeout=timeout)
@@ -145,7 +160,7 @@ def fetch(spec: DataFile, path: str | os.PathLike | None = None, *, directory: P
     if _offline():
         raise DataFileError(f"{spec.name} is not in the cache and MATREC_OFFLINE is set. "
                             + _supply_hint(spec, target))
-    target.parent.mkdir(parents=True, exist_ok=True)
+    usable_cache(target.parent)
     errors = []
     for url in spec.urls:
         fd, tmp_name = tempfile.mkstemp(prefix=f".{spec.name}.", suffix=".part", dir=target.parent)

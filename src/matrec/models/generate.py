@@ -2,6 +2,7 @@
 contract with token inputs."""
 from __future__ import annotations
 
+import math
 from typing import Iterator
 
 import torch
@@ -21,13 +22,18 @@ def sample_next(logits: Tensor, temperature: float = 1.0, top_k: int | None = No
 
 
 def _check(prompt, max_new_tokens, temperature, top_k) -> None:
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+    # bools are ints to Python, and nan compares False with everything: both would pass a range test
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be a non-negative int, got {max_new_tokens!r}")
-    if not isinstance(temperature, (int, float)) or temperature < 0:
-        raise ValueError(f"temperature must be a number >= 0, got {temperature!r}")
-    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+    if (isinstance(temperature, bool) or not isinstance(temperature, (int, float))
+            or not math.isfinite(temperature) or temperature < 0):
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
         raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
-    if prompt.is_floating_point() or prompt.dim() not in (1, 2) or prompt.shape[-1] < 1:
+    if not isinstance(prompt, Tensor):
+        raise TypeError(f"prompt must be a Tensor of token ids, got {type(prompt).__name__}")
+    if (prompt.is_floating_point() or prompt.is_complex() or prompt.dtype == torch.bool
+            or prompt.dim() not in (1, 2) or prompt.shape[-1] < 1):
         raise ValueError(f"prompt must be token ids [B, T0] or [T0] with T0 >= 1, got "
                          f"{tuple(prompt.shape)} {prompt.dtype}")
 
@@ -47,6 +53,10 @@ def generate_stream(model: nn.Module, prompt: Tensor, max_new_tokens: int, tempe
     if getattr(model, "vocab_size", 0) is None:
         raise ValueError("model must take token ids (built with vocab_size) to generate, "
                          "got a model of features")
+    vocab = getattr(model, "vocab_size", None)
+    if isinstance(vocab, int) and (int(prompt.min()) < 0 or int(prompt.max()) >= vocab):
+        raise ValueError(f"prompt token ids must be in [0, {vocab}) (the model's vocab_size), got "
+                         f"ids from {int(prompt.min())} to {int(prompt.max())}")
     if max_new_tokens == 0:  # nothing to sample: do not run the model on the prompt
         return
     squeeze = prompt.dim() == 1

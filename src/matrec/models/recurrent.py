@@ -9,7 +9,7 @@ from typing import Callable
 
 from torch import Tensor, nn
 
-from .registry import MODELS
+from .registry import MODELS, embed_tokens
 
 
 class RecurrentModel(nn.Module):
@@ -27,7 +27,8 @@ class RecurrentModel(nn.Module):
         super().__init__()
         self.vocab_size = vocab_size  # None: a features model (generation needs token ids)
         if vocab_size is not None:
-            self.encoder: nn.Module = nn.Embedding(vocab_size, embed_dim or rnn.input_size)
+            self.encoder: nn.Module = nn.Embedding(
+                vocab_size, rnn.input_size if embed_dim is None else embed_dim)
         else:
             self.encoder = nn.Identity()
         self.rnn = rnn
@@ -35,7 +36,8 @@ class RecurrentModel(nn.Module):
         self.head = nn.Linear(hidden_size * num_directions, output_size)
 
     def forward(self, x: Tensor, state=None):
-        h, new_state = self.rnn(self.encoder(x), state)  # [B, T, H * directions]
+        inputs = embed_tokens(self.encoder, x) if self.vocab_size is not None else self.encoder(x)
+        h, new_state = self.rnn(inputs, state)  # [B, T, H * directions]
         return self.head(h), new_state
 
     def generate(self, prompt: Tensor, max_new_tokens: int, temperature: float = 1.0,
@@ -47,7 +49,14 @@ class RecurrentModel(nn.Module):
 
 
 def _encoder_width(vocab_size, input_size, embed_dim):
-    return input_size if vocab_size is None else (embed_dim or 32)
+    if vocab_size is None:
+        return input_size
+    if embed_dim is None:
+        return 32
+    # an explicit 0 must not fall back to the default
+    if isinstance(embed_dim, bool) or not isinstance(embed_dim, int) or embed_dim < 1:
+        raise ValueError(f"embed_dim must be a positive int or None, got {embed_dim!r}")
+    return embed_dim
 
 
 def recurrent_factory(rnn_cls: Callable[..., nn.Module], default_hidden: int = 128, **rnn_defaults):
@@ -56,6 +65,13 @@ def recurrent_factory(rnn_cls: Callable[..., nn.Module], default_hidden: int = 1
     def build(*, vocab_size=None, input_size=None, output_size, hidden_size=default_hidden,
               num_layers=1, embed_dim=None, **rnn_kwargs):
         width = _encoder_width(vocab_size, input_size, embed_dim)
+        for arg, value in (("hidden_size", hidden_size), ("num_layers", num_layers)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{arg} must be a positive int, got {value!r}")
+        # nn.RNN tests `if bidirectional`, so "no" would build a bidirectional network
+        for arg in ("bidirectional", "bias", "batch_first"):
+            if arg in rnn_kwargs and not isinstance(rnn_kwargs[arg], bool):
+                raise TypeError(f"{arg} must be a bool, got {rnn_kwargs[arg]!r}")
         rnn = rnn_cls(width, hidden_size, num_layers=num_layers, batch_first=True,
                       **{**rnn_defaults, **rnn_kwargs})
         return RecurrentModel(rnn, hidden_size=hidden_size, output_size=output_size,

@@ -1,7 +1,8 @@
 """The model registry and the one function that builds a model by name."""
 from __future__ import annotations
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from ..registry import Registry
 
@@ -26,3 +27,17 @@ def build_model(name: str, *, vocab_size: int | None = None, input_size: int | N
             raise ValueError(f"{arg} must be a positive int, got {value!r}")
     factory = MODELS.get(name)
     return factory(vocab_size=vocab_size, input_size=input_size, output_size=output_size, **kwargs)
+
+
+def embed_tokens(embedding: nn.Embedding, x: Tensor) -> Tensor:
+    """``embedding(x)`` for a model's token input ``x [B, T]``, with its errors stated in the
+    model's terms (torch says "index out of range in self" for an id outside the vocabulary)."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a Tensor of token ids [B, T], got {type(x).__name__}")
+    if x.is_floating_point() or x.is_complex() or x.dtype == torch.bool:
+        raise ValueError(f"x must be integer token ids [B, T], got {x.dtype}")
+    try:
+        return embedding(x)
+    except IndexError:   # on CPU; CUDA reports a device-side assertion instead
+        raise IndexError(f"x holds token ids outside [0, {embedding.num_embeddings}) (the model's "
+                         f"vocab_size): from {int(x.min())} to {int(x.max())}") from None

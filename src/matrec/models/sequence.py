@@ -15,6 +15,7 @@ from typing import Sequence
 from torch import Tensor, nn
 
 from .mixers import MIXERS
+from .registry import embed_tokens
 
 
 class Residual(nn.Module):
@@ -65,6 +66,9 @@ class SequenceModel(nn.Module):
         if (vocab_size is None) == (input_size is None):
             raise ValueError(f"exactly one of vocab_size and input_size must be given, got "
                              f"vocab_size={vocab_size}, input_size={input_size}")
+        for arg, value in (("d_model", d_model), ("n_heads", n_heads)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{arg} must be a positive int, got {value!r}")
         mixer_options = dict(mixer_options or {})
         unknown = sorted(set(mixer_options) - set(pattern))
         if unknown:
@@ -105,6 +109,8 @@ class SequenceModel(nn.Module):
                     nn.init.zeros_(mixer.out_proj.bias)
 
     def forward(self, x: Tensor, state: list | None = None) -> tuple[Tensor, list]:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"x must be a Tensor, got {type(x).__name__}")
         if self.vocab_size is not None:
             if x.dim() != 2 or x.is_floating_point():
                 raise ValueError(f"x must be token ids [B, T] (integer), got {tuple(x.shape)} {x.dtype}")
@@ -115,7 +121,8 @@ class SequenceModel(nn.Module):
         elif len(state) != len(self.layers):
             raise ValueError(f"state must be a list of {len(self.layers)} per-layer states, "
                              f"got {len(state)}")
-        h = self.dropout(self.encoder(x))  # [B, T, E]
+        h = self.dropout(embed_tokens(self.encoder, x) if self.vocab_size is not None
+                         else self.encoder(x))  # [B, T, E]
         new_state = []
         for layer, s in zip(self.layers, state):
             h, s = layer(h, s)

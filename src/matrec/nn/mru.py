@@ -134,8 +134,18 @@ class MRU(nn.Module):
         ``H_T`` (the state after the last step) is in the scan's dtype (float32 for bf16/fp16 input);
         pass it back as ``state`` to continue the sequence.
         """
+        if not isinstance(x, Tensor):
+            raise TypeError(f"x must be a Tensor [B, T, {self.embed_dim}], got {type(x).__name__}")
         if x.dim() != 3 or x.shape[-1] != self.embed_dim:
             raise ValueError(f"x must have shape [B, T, {self.embed_dim}], got {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise ValueError(f"x must be a floating-point tensor [B, T, {self.embed_dim}] (embed token "
+                             f"ids first), got {x.dtype}")
+        # as nn.Linear: no silent cast (autocast casts on purpose, so it is left to do so)
+        weight_dtype = self.in_proj.weight.dtype
+        if x.dtype != weight_dtype and not torch.is_autocast_enabled(x.device.type):
+            raise ValueError(f"x must have the layer's dtype {weight_dtype} (convert the layer with "
+                             f".to(dtype), or run under autocast), got {x.dtype}")
         B, T, E = x.shape
         if T < 1:
             raise ValueError(f"x must have sequence length T >= 1, got {tuple(x.shape)}")
@@ -143,6 +153,9 @@ class MRU(nn.Module):
         if state is not None and (not isinstance(state, Tensor) or state.shape != (B, h, d, d)):
             got = tuple(state.shape) if isinstance(state, Tensor) else type(state).__name__
             raise ValueError(f"state must be None or a tensor of shape {(B, h, d, d)}, got {got}")
+        if state is not None and not state.is_floating_point():
+            raise ValueError(f"state must be a floating-point tensor (an H_T this layer returned), "
+                             f"got {state.dtype}")
         raw = self.in_proj(x) * self.element_scale
         raw = raw.view(B, T, h, self.numel).transpose(1, 2)  # [B, h, T, n]
         low = raw.dtype in (torch.float16, torch.bfloat16)

@@ -157,4 +157,13 @@ def state_matrix(name: str, x: Tensor, d: int) -> Tensor:
         raise ValueError(
             f"x must have shape [..., {n}] for state_matrix={name!r} and d={d}, got {tuple(x.shape)}"
         )
-    return spec.build(x, d)
+    try:
+        return spec.build(x, d)
+    except torch.linalg.LinAlgError:
+        # the Cayley solve of (I - A): never singular in exact arithmetic, only when x is so large
+        # that I vanishes beside A in floating point; say so in terms of the caller's argument
+        raise ValueError(
+            f"x is too large for state_matrix={name!r} in {x.dtype} (max |x| = "
+            f"{float(x.detach().abs().max()):.3g}): the linear solve inside the construction is "
+            f"numerically singular; scale x down"
+        ) from None

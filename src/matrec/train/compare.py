@@ -4,8 +4,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..data.tasks import build_task
+from ..models import build_model
 from .config import TrainConfig
-from .rundir import read_metrics
+from .rundir import RunDirError, read_metrics
 from .trainer import Trainer
 
 
@@ -14,15 +16,20 @@ def run_compare(base: TrainConfig, variants: list[dict], out_dir: str | Path) ->
     ``"label"`` names the row) into ``out_dir/<label>/``; write ``results.json``, ``results.md`` and
     ``compare.png`` there (rank 0 alone under torchrun) and return one summary per variant."""
     out_dir = Path(out_dir)
-    results, labels, main = [], [], True
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise RunDirError(f"compare folder {str(out_dir)!r} exists and is not an empty folder; a "
+                          f"comparison never overwrites one: choose another out folder (--out)")
+    runs = []
     for variant in variants:
         variant = dict(variant)
         label = variant.pop("label", None) or variant.get("model", base.model)
-        while label in labels:
+        while label in [lab for lab, _ in runs]:
             label += "'"
-        labels.append(label)
-        cfg = TrainConfig.from_dict({**base.to_dict(), **variant, "run_name": label,
-                                     "out_dir": str(out_dir)})
+        runs.append((label, TrainConfig.from_dict({**base.to_dict(), **variant, "run_name": label,
+                                                   "out_dir": str(out_dir)})))
+    check_buildable([cfg for _, cfg in runs])
+    results, main = [], True
+    for label, cfg in runs:
         trainer = Trainer(cfg, run_dir=out_dir / label)
         main = trainer.dist.is_main
         summary = trainer.train()
@@ -35,6 +42,20 @@ def run_compare(base: TrainConfig, variants: list[dict], out_dir: str | Path) ->
     (out_dir / "results.md").write_text(format_table(results) + "\n")
     plot_compare(out_dir, results)
     return results
+
+
+def check_buildable(configs: list[TrainConfig]) -> None:
+    """Build each config's task and model once, before any training: an option that only some of
+    the models accept must fail before the first one has trained, not after."""
+    tasks = {}
+    for cfg in configs:
+        key = json.dumps([cfg.task, cfg.task_args], sort_keys=True, default=repr)
+        if key not in tasks:
+            tasks[key] = build_task(cfg.task, **cfg.task_args)
+        try:
+            build_model(cfg.model, **tasks[key].model_io(), **cfg.model_args)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"model {cfg.model!r} with model_args {cfg.model_args}: {e}") from None
 
 
 def format_table(results: list[dict]) -> str:

@@ -6,6 +6,7 @@ random windows (``shakespeare``, ``text``) or consecutive chunks carried across 
 """
 from __future__ import annotations
 
+import codecs
 import hashlib
 import io
 import itertools
@@ -19,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..download import SHAKESPEARE, DataFileError, atomic_write_bytes, cache_dir, fetch, sha256_of
+from ..download import (SHAKESPEARE, DataFileError, atomic_write_bytes, cache_dir, fetch, sha256_of,
+                        usable_cache)
 from .base import TASKS, Task, check_int, check_number, check_split
 from .stream import StreamMixin
 
@@ -151,6 +153,29 @@ def _lines(path: Path, start_byte: int, stop_byte: int, batch: int = 4096):
             yield lines
 
 
+def check_text(path: Path, block: int = 1 << 20) -> None:
+    """Raise :class:`DataFileError` unless ``path`` is UTF-8 text without NUL bytes: a binary or
+    otherwise-encoded file would train the tokenizer on replacement characters."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(block), b""):
+            zero = chunk.find(b"\0")
+            if zero >= 0:
+                raise DataFileError(f"{path} is not a text file (a NUL byte at byte {offset + zero:,}); "
+                                    f"the text task trains on UTF-8 text")
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as e:
+                raise DataFileError(f"{path} is not UTF-8 text (an invalid byte near byte "
+                                    f"{offset + e.start:,}); convert it to UTF-8 first") from None
+            offset += len(chunk)
+        try:
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            raise DataFileError(f"{path} is not UTF-8 text (it ends inside a character)") from None
+
+
 def _line_boundary(path: Path, byte: int) -> int:
     """The first line start at or after ``byte``."""
     if byte == 0:
@@ -182,6 +207,8 @@ def _tokenize_cached(file: Path, vocab_size: int, val_fraction: float):
         if cut <= 0 or cut >= size:
             raise ValueError(f"{file} has too few lines to split {1 - val_fraction:.0%} / "
                              f"{val_fraction:.0%} at a line boundary")
+        usable_cache(folder)   # before the training, whose result would be lost
+        check_text(file)
         print(f"matrec: training a {vocab_size}-token BPE tokenizer on {file} (cached in {folder})",
               file=sys.stderr)
         tokenizer = _bpe_tokenizer((line for b in _lines(file, 0, cut) for line in b), vocab_size)
