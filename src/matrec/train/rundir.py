@@ -87,6 +87,9 @@ class RunLock:
             os.close(self._fd)   # closing the file drops the lock
             self._fd = None
 
+    def __del__(self) -> None:   # a trainer resumed but never trained must not keep its run
+        self.release()
+
 
 def _read_holder(fd: int) -> str:
     try:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import math
+import os
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -25,9 +26,9 @@ from torch import Tensor, nn
 from ..data.tasks import build_task
 from ..models import build_model
 from ..nn.mornn import orthogonality_report
-from .checkpoint import (CheckpointError, write_json_atomic, flatten_tensors, latest_step,
-                         load_checkpoint, load_model_weights, optimizer_from_flat, optimizer_to_flat,
-                         save_checkpoint, unflatten_tensors)
+from .checkpoint import (CheckpointError, flatten_tensors, latest_step, load_checkpoint,
+                         load_model_weights, optimizer_from_flat, optimizer_to_flat, resolve_checkpoint,
+                         save_checkpoint, unflatten_tensors, write_json_atomic)
 from .config import TrainConfig
 from .distributed import DistInfo, all_gather_object, all_mean, barrier, init_distributed
 from .optim import OPTIMIZERS, lr_factor, param_groups
@@ -144,23 +145,35 @@ class Trainer:
     def resume(cls, run_dir: str | Path, steps: int | None = None) -> "Trainer":
         """Re-open ``run_dir`` at its latest checkpoint; ``steps`` extends (or sets) the total.
 
-        The config comes from the checkpoint, so the continued run is the same run.
+        The config comes from the checkpoint, so the continued run is the same run. The run's lock
+        is taken before the checkpoint is read (a writer could otherwise replace it meanwhile) and
+        held until the end of the first :meth:`train`.
         """
-        meta, ckpt_dir, tensors = load_checkpoint(run_dir)
-        data = dict(meta["config"])
-        if steps is not None:
-            if isinstance(steps, int) and steps < int(meta["step"]):
-                raise ValueError(f"steps ({steps}) is below the checkpoint's step ({meta['step']}); a "
-                                 f"resumed run can only go on (its metrics after step {steps} would be lost)")
-            data["steps"] = steps
-        # the run directory holds checkpoints/step-*/ (whichever of the three paths was given)
+        run = resolve_checkpoint(run_dir).parent.parent   # the run holds checkpoints/step-*/
+        # only rank 0 writes; the process group does not exist yet, torchrun's RANK says which
+        lock = RunLock(run).acquire() if int(os.environ.get("RANK", "0")) == 0 else None
         try:
-            config = TrainConfig.from_dict(data)
-        except (TypeError, ValueError) as e:
-            raise CheckpointError(f"checkpoint {str(ckpt_dir)!r} holds an invalid config: {e}") from None
-        trainer = cls(config, run_dir=ckpt_dir.parent.parent)
-        trainer._new_run = False    # this run is continued, in place
-        trainer._load(meta, ckpt_dir, tensors)
+            meta, ckpt_dir, tensors = load_checkpoint(run_dir)
+            data = dict(meta["config"])
+            if steps is not None:
+                if isinstance(steps, int) and steps < int(meta["step"]):
+                    raise ValueError(f"steps ({steps}) is below the checkpoint's step ({meta['step']}); a "
+                                     f"resumed run can only go on (its metrics after step {steps} would be lost)")
+                data["steps"] = steps
+            try:
+                config = TrainConfig.from_dict(data)
+            except (TypeError, ValueError) as e:
+                if steps is not None and "steps" in str(e):
+                    raise
+                raise CheckpointError(f"checkpoint {str(ckpt_dir)!r} holds an invalid config: {e}") from None
+            trainer = cls(config, run_dir=run)
+            trainer._new_run = False    # this run is continued, in place
+            trainer._load(meta, ckpt_dir, tensors)
+        except BaseException:
+            if lock is not None:
+                lock.release()
+            raise
+        trainer._lock = lock
         return trainer
 
     def _set_run_dir(self, run_dir: Path) -> None:

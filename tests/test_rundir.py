@@ -1,0 +1,196 @@
+"""One writer per run directory, nothing overwritten, paths confined to the run: with real
+`matrec` processes where the guarantee is about processes."""
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from matrec.train import CheckpointError, Trainer, TrainConfig
+from matrec.train.rundir import RunDirError, RunLock, claim_new_run
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+CLI = [sys.executable, "-m", "matrec.cli"]
+TINY = ["--task-arg", "delay=4", "--hidden-size", "8", "--batch-size", "4", "--eval-batches", "1",
+        "--threads", "1", "--no-progress", "--no-tensorboard", "--no-plot"]
+
+
+def env():
+    return {**os.environ, "PYTHONPATH": SRC}
+
+
+def tiny(tmp_path, name, **kw):
+    base = dict(task="copy", task_args={"delay": 4}, model="gru", model_args={"hidden_size": 8},
+                steps=4, batch_size=4, eval_every=2, eval_batches=1, log_every=2, ckpt_every=2,
+                out_dir=str(tmp_path), run_name=name, progress=False, tensorboard=False, plot=False,
+                threads=1)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def files_of(run: Path) -> dict:
+    """Every file of a run but its lock file (which names whoever took the lock last)."""
+    return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*"))
+            if p.is_file() and p.name != ".lock"}
+
+
+# ------------------------------------------------------------------------------ one writer
+
+
+@pytest.mark.slow
+def test_two_concurrent_resumes_one_fails_clearly_and_metrics_are_not_duplicated(tmp_path):
+    steps = 600   # long enough that the winner still trains when the other reaches the lock
+    kw = dict(steps=steps, log_every=5, eval_every=100, ckpt_every=100)
+    Trainer(tiny(tmp_path, "full", **kw)).train()
+    Trainer(tiny(tmp_path, "run", **kw)).train(until=100)
+    cmd = CLI + ["train", "--resume", str(tmp_path / "run"), "--no-progress"]
+    procs = [subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    codes = sorted(p.returncode for p in procs)
+    assert codes == [0, 2], outs
+    winner, loser = (0, 1) if procs[0].returncode == 0 else (1, 0)
+    err = outs[loser][1]
+    assert "matrec train: error:" in err and "Traceback" not in err
+    # refused at the lock (naming the winner), or after the winner moved the run on
+    assert (f"being written by another process (pid {procs[winner].pid} on host "
+            f"{socket.gethostname()}" in err or "another process wrote it in between" in err), err
+    assert (tmp_path / "run" / "metrics.jsonl").read_bytes() == (tmp_path / "full" / "metrics.jsonl").read_bytes()
+
+
+def test_a_held_run_is_refused_naming_the_holder_and_released_when_it_ends(tmp_path):
+    Trainer(tiny(tmp_path, "run")).train()
+    before = files_of(tmp_path / "run")
+    lock = RunLock(tmp_path / "run").acquire()          # this process is the writer now
+    try:
+        done = subprocess.run(CLI + ["train", "--resume", str(tmp_path / "run"), "--steps", "6"],
+                              env=env(), capture_output=True, text=True, timeout=300)
+    finally:
+        lock.release()
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert f"being written by another process (pid {os.getpid()} on host {socket.gethostname()}, since" in done.stderr
+    assert files_of(tmp_path / "run") == before         # the refused writer touched nothing
+    assert Trainer.resume(tmp_path / "run", steps=6).train()["step"] == 6   # free again
+
+
+def test_the_lock_dies_with_its_process(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from matrec.train.rundir import "
+                               "RunLock; lock = RunLock(sys.argv[1]).acquire(); print('held', flush=True); "
+                               "time.sleep(60)", str(run)], env=env(), stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RunDirError, match=f"pid {holder.pid} on host"):
+            RunLock(run).acquire()
+    finally:
+        holder.kill()          # SIGKILL: no chance to clean up
+        holder.wait()
+    RunLock(run).acquire().release()
+
+
+def test_a_trainer_does_not_go_on_over_a_run_another_writer_moved_on(tmp_path):
+    first = Trainer(tiny(tmp_path, "run", steps=8))
+    first.train(until=4)
+    Trainer.resume(tmp_path / "run").train(until=6)      # another writer, between two calls
+    with pytest.raises(RunDirError, match="at step 6 now, not at step 4"):
+        first.train()
+    assert Trainer.resume(tmp_path / "run").train()["step"] == 8
+
+
+# ------------------------------------------------------------------------------ nothing overwritten
+
+
+def test_a_new_run_never_reuses_a_run_name(tmp_path, capsys):
+    from matrec import cli
+    argv = ["train", "--model", "gru", "--steps", "2", "--out-dir", str(tmp_path), "--run-name", "r", *TINY]
+    assert cli.main(argv) == 0
+    before = files_of(tmp_path / "r")
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv[:2] + ["rnn"] + argv[3:])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "matrec train: error:" in err
+    assert "already holds a run" in err and f"--resume {tmp_path / 'r'}" in err
+    assert files_of(tmp_path / "r") == before
+    # the same in Python, and for a folder that holds other files
+    with pytest.raises(RunDirError, match="already holds a run"):
+        Trainer(tiny(tmp_path, "r")).train()
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(RunDirError, match="already holds a run"):
+        Trainer(tiny(tmp_path, "mine")).train()
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+
+def test_default_names_in_the_same_second_get_fresh_names(tmp_path, monkeypatch, capsys):
+    import datetime
+    import types
+
+    from matrec.train import trainer as trainer_module
+
+    class Frozen(datetime.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return cls(2026, 1, 2, 3, 4, 5)
+
+    monkeypatch.setattr(trainer_module, "_dt", types.SimpleNamespace(datetime=Frozen))
+    cfgs = [tiny(tmp_path, None) for _ in range(3)]
+    trainers = [Trainer(c) for c in cfgs]                  # all built within the same (frozen) second
+    for t in trainers:
+        t.train()
+    names = [t.run_dir.name for t in trainers]
+    assert names == ["copy-gru-20260102-030405", "copy-gru-20260102-030405-2", "copy-gru-20260102-030405-3"]
+    assert "copy-gru-20260102-030405 is taken; this run writes to" in capsys.readouterr().err
+    for t in trainers:   # each a whole run of its own
+        assert json.loads((t.run_dir / "summary.json").read_text())["run_dir"] == str(t.run_dir)
+
+
+@pytest.mark.slow
+def test_concurrent_launches_with_default_names_write_separate_runs(tmp_path):
+    cmd = CLI + ["train", "--model", "gru", "--steps", "2", "--out-dir", str(tmp_path), *TINY]
+    procs = [subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
+    assert [p.wait(timeout=300) for p in procs] == [0, 0]
+    runs = sorted(p for p in tmp_path.iterdir())
+    assert len(runs) == 2 and all((r / "summary.json").is_file() for r in runs)
+    assert len({(r / "metrics.jsonl").read_bytes() for r in runs}) == 1   # same seed, whole runs
+
+
+def test_claim_refuses_a_path_under_a_file_or_read_only(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(RunDirError, match="cannot create run directory"):
+        claim_new_run(tmp_path / "file" / "run")
+    with pytest.raises(RunDirError, match="a file of that name exists"):
+        claim_new_run(tmp_path / "file")
+    if os.geteuid() != 0:   # root writes anywhere
+        (tmp_path / "ro").mkdir(mode=0o500)
+        with pytest.raises(RunDirError, match="cannot create run directory .*Permission denied"):
+            claim_new_run(tmp_path / "ro" / "run")
+
+
+# ------------------------------------------------------------------------------ confinement
+
+
+@pytest.mark.parametrize("pointer", ["../../other/checkpoints/step-00000004", "/tmp", "..", "a/../step-00000004",
+                                     "link"])
+def test_a_pointer_out_of_the_run_is_refused(tmp_path, pointer, capsys):
+    from matrec import cli
+    Trainer(tiny(tmp_path, "other")).train()
+    Trainer(tiny(tmp_path, "run")).train()
+    ckpts = tmp_path / "run" / "checkpoints"
+    if pointer == "link":   # a folder inside the run that is a link to another run's checkpoint
+        (ckpts / "link").symlink_to(tmp_path / "other" / "checkpoints" / "step-00000004")
+    (ckpts / "latest.json").write_text(json.dumps({"step": 4, "dir": pointer}))
+    before = files_of(tmp_path / "other")
+    with pytest.raises(CheckpointError, match="refusing to follow it"):
+        Trainer.resume(tmp_path / "run")
+    for argv in (["eval", str(tmp_path / "run")], ["train", "--resume", str(tmp_path / "run"), "--steps", "6"],
+                 ["sample", str(tmp_path / "run")]):
+        with pytest.raises(SystemExit) as e:
+            cli.main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and f"matrec {argv[0]}: error:" in err and "refusing to follow it" in err
+    assert files_of(tmp_path / "other") == before
