@@ -1,5 +1,6 @@
 """The `matrec` command end to end on tiny settings."""
 import argparse
+import re
 import json
 
 import pytest
@@ -286,3 +287,147 @@ def test_default_experiment_wiring(tmp_path, capsys, monkeypatch):
     assert "| lstm |" in out and "wall time" in out
     (folder,) = tmp_path.iterdir()
     assert (folder / "compare.png").exists() and len(json.loads((folder / "results.json").read_text())) == 2
+
+
+# ------------------------------------------------------------------------------ user mistakes
+# Each one: status 2 (1 for what the system refused), `matrec <command>: error: ...` naming the
+# argument, and no traceback (cli.main would raise instead of exiting).
+
+
+def fails(capsys, argv, status=2):
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == status, err
+    assert f"matrec {argv[0]}: error:" in err and "Traceback" not in err
+    return err
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--grad-clip", "nan", "grad_clip must be a finite number >= 0, got nan"),
+    ("--lr", "inf", "lr must be a finite number > 0, got inf"),
+    ("--min-lr-ratio", "nan", "min_lr_ratio must be a finite number in [0, 1], got nan"),
+    ("--seed", str(2 ** 70), "seed must be an int in [0, 9223372036854775807]"),
+    ("--seed", "-1", "seed must be an int in [0,"),
+    ("--run-name", "../elsewhere", "run_name must be a folder name"),
+])
+def test_nonsense_options_are_refused_naming_the_field(tmp_path, capsys, flag, value, message):
+    err = fails(capsys, ["train", "--out-dir", str(tmp_path), *TINY, flag, value])
+    assert message in err
+    assert not any(tmp_path.iterdir())     # refused before anything was written
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("amp", "false", "amp must be a bool (true or false), got 'false'"),
+    ("task", None, "task must be a non-empty str, got None"),
+    ("device", 0, "device must be a str"),
+    ("lr", "1e-3", "lr must be a number, got '1e-3'"),
+    ("seed", 1.5, "seed must be an int, got 1.5"),
+    ("steps", True, "steps must be an int, got True"),
+])
+def test_config_files_go_through_the_same_checks(tmp_path, capsys, field, value, message):
+    (tmp_path / "c.json").write_text(json.dumps({field: value}))
+    assert message in fails(capsys, ["train", "--config", str(tmp_path / "c.json"), "--out-dir", str(tmp_path)])
+    from matrec.train import TrainConfig
+    with pytest.raises((TypeError, ValueError), match=re.escape(message)):
+        TrainConfig(**{field: value})
+
+
+def test_a_config_that_is_a_folder_or_binary_is_a_clear_error(tmp_path, capsys):
+    assert "is a directory, not a JSON file" in fails(capsys, ["train", "--config", str(tmp_path)])
+    (tmp_path / "c.bin").write_bytes(bytes(range(256)))
+    assert "is not UTF-8 text" in fails(capsys, ["train", "--config", str(tmp_path / "c.bin")])
+
+
+def test_an_output_folder_under_a_file_is_a_clear_error(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    err = fails(capsys, ["train", "--out-dir", str(tmp_path / "file" / "runs"), *TINY])
+    assert "cannot create run directory" in err and "Not a directory" in err
+
+
+def test_a_damaged_run_is_a_clear_error(tmp_path, capsys):
+    run(capsys, "train", "--model", "rnn", "--out-dir", str(tmp_path), "--run-name", "g", *TINY)
+    with open(tmp_path / "g" / "metrics.jsonl", "r+") as f:
+        lines = f.readlines()
+        f.seek(0)
+        f.writelines(lines[:1] + ["garbage\n"] + lines[1:])
+    err = fails(capsys, ["train", "--resume", str(tmp_path / "g"), "--steps", "6"])
+    assert "metrics.jsonl' line 2 is not a metrics record" in err and "'garbage'" in err
+    ckpt = tmp_path / "g" / "checkpoints" / "step-00000004" / "state.json"
+    meta = json.loads(ckpt.read_text())
+    del meta["optimizer"]
+    ckpt.write_text(json.dumps(meta))
+    for argv in (["eval", str(tmp_path / "g")], ["train", "--resume", str(tmp_path / "g")]):
+        assert "state.json lacks field(s) ['optimizer']" in fails(capsys, argv)
+
+
+def test_sample_refuses_a_nan_temperature_and_a_huge_seed(tmp_path, capsys):
+    run(capsys, "train", "--task", "toy_text", "--model", "lstm", "--out-dir", str(tmp_path), "--run-name", "t", *TINY[2:])
+    assert "--temperature must be a finite number >= 0, got nan" in fails(
+        capsys, ["sample", str(tmp_path / "t"), "--temperature", "nan"])
+    assert "--seed must be in [0, 2**63)" in fails(capsys, ["sample", str(tmp_path / "t"), "--seed", str(2 ** 64)])
+
+
+def test_a_batch_too_large_to_allocate_exits_1_with_advice(tmp_path, capsys):
+    err = fails(capsys, ["train", "--out-dir", str(tmp_path), *TINY, "--batch-size", str(10 ** 13)], status=1)
+    assert "out of memory" in err and "lower --batch-size" in err
+
+
+def test_compare_checks_every_model_accepts_the_model_args_before_training(tmp_path, capsys):
+    err = fails(capsys, ["compare", "--models", "rnn,mru", "--out", str(tmp_path / "cmp"), *TINY])
+    assert "model 'mru' with model_args" in err and "hidden_size" in err
+    assert not (tmp_path / "cmp").exists()     # rnn was not trained first
+    (tmp_path / "cmp").mkdir()
+    (tmp_path / "cmp" / "results.json").write_text("[]")
+    err = fails(capsys, ["compare", "--models", "rnn", "--out", str(tmp_path / "cmp"), *TINY])
+    assert "is not an empty folder" in err and (tmp_path / "cmp" / "results.json").read_text() == "[]"
+
+
+@pytest.mark.parametrize("command", ["train", "compare", "eval", "sample"])
+def test_a_core_only_install_names_the_extra_before_any_work(tmp_path, capsys, monkeypatch, command):
+    import sys
+    monkeypatch.setitem(sys.modules, "safetensors", None)    # what an uninstalled module looks like
+    argv = {"train": ["train", "--out-dir", str(tmp_path), *TINY],
+            "compare": ["compare", "--models", "rnn", "--out", str(tmp_path / "c"), *TINY],
+            "eval": ["eval", str(tmp_path)], "sample": ["sample", str(tmp_path)]}[command]
+    err = fails(capsys, argv)
+    assert "needs the workbench extra" in err and "missing: safetensors" in err
+    assert "pip install 'matrec[workbench]'" in err and not any(tmp_path.iterdir())
+
+
+def test_bench_dir_must_be_a_folder(tmp_path, capsys):
+    assert "--dir" in fails(capsys, ["bench", "--dir", str(tmp_path / "missing"), "--list"])
+    (tmp_path / "f.py").write_text("")
+    assert "is not a folder" in fails(capsys, ["bench", "--dir", str(tmp_path / "f.py"), "--list"])
+
+
+def test_text_task_refuses_binary_files_and_checks_the_cache_before_training(tmp_path, capsys, monkeypatch):
+    text = ["--task", "text", "--task-arg", "seq_len=8", "--task-arg", "vocab_size=300",
+            "--out-dir", str(tmp_path / "runs"), *TINY[2:]]
+    (tmp_path / "bin.txt").write_bytes(b"hello\n" * 50 + b"\xff\xfe\x00\x01" * 40)
+    monkeypatch.setenv("MATREC_CACHE", str(tmp_path / "cache"))
+    err = fails(capsys, ["train", *text, "--task-arg", f"path={tmp_path / 'bin.txt'}"])
+    assert "bin.txt is not" in err and "training a" not in err
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9 cr\xe8me\n".encode("latin-1") * 100)
+    assert "is not UTF-8 text" in fails(capsys, ["train", *text, "--task-arg", f"path={tmp_path / 'latin1.txt'}"])
+    (tmp_path / "ok.txt").write_text("a line of text\n" * 200)
+    (tmp_path / "blocker").write_text("a file where the cache folder would go")
+    monkeypatch.setenv("MATREC_CACHE", str(tmp_path / "blocker"))
+    err = fails(capsys, ["train", *text, "--task-arg", f"path={tmp_path / 'ok.txt'}"])
+    assert "the cache folder" in err and "is not usable" in err and "set MATREC_CACHE" in err
+    assert "training a" not in err     # found before the tokenizer's training, not after
+
+
+def test_interrupts_and_system_refusals_are_reported_without_a_traceback(tmp_path, capsys, monkeypatch):
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    def disk_full(args):
+        raise OSError(28, "No space left on device", str(tmp_path / "x"))
+
+    for func, status, message in ((interrupted, 130, "interrupted"), (disk_full, 1, "No space left on device")):
+        monkeypatch.setattr(cli, "cmd_bench", func)
+        assert message in fails(capsys, ["bench", "--list"], status=status)
+    monkeypatch.setattr(cli, "cmd_bench", lambda args: 1 / 0)   # a bug is not a user mistake: it propagates
+    with pytest.raises(ZeroDivisionError):
+        cli.main(["bench"])

@@ -21,3 +21,26 @@ def test_build_model_errors():
         matrec.build_model("nope", vocab_size=3, output_size=3)
     with pytest.raises(ValueError, match="output_size must be a positive int"):
         matrec.build_model("lstm", vocab_size=3, output_size=0)
+
+
+@pytest.mark.parametrize("name, kwargs, err, match", [
+    ("lstm", {"embed_dim": 0}, ValueError, "embed_dim must be a positive int or None, got 0"),
+    ("gru", {"hidden_size": True}, ValueError, "hidden_size must be a positive int, got True"),
+    ("rnn", {"num_layers": 0}, ValueError, "num_layers must be a positive int, got 0"),
+    ("lstm", {"bidirectional": "yes"}, TypeError, "bidirectional must be a bool, got 'yes'"),
+    ("attn", {"d_model": 0}, ValueError, "d_model must be a positive int, got 0"),
+    ("mlp", {"d_model": 0}, ValueError, "d_model must be a positive int, got 0"),
+    ("linear_attn", {"n_heads": 0}, ValueError, "n_heads must be a positive int, got 0"),
+])
+def test_build_model_names_the_bad_size(name, kwargs, err, match):
+    with pytest.raises(err, match=match):
+        matrec.build_model(name, vocab_size=5, output_size=5, **kwargs)
+
+
+@pytest.mark.parametrize("name, kwargs", [("gru", {"hidden_size": 8}), ("mru", {"d_model": 8, "n_heads": 2})])
+def test_token_models_name_bad_token_input(name, kwargs):
+    m = matrec.build_model(name, vocab_size=3, output_size=3, **kwargs)
+    with pytest.raises(IndexError, match=r"x holds token ids outside \[0, 3\) \(the model's vocab_size\): from 0 to 7"):
+        m(torch.tensor([[0, 7]]))
+    with pytest.raises(TypeError, match="x must be a Tensor"):
+        m([[0, 1]])

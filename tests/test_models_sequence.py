@@ -93,6 +93,15 @@ def test_generate_method_sampling_and_errors():
         generate(model, one, 1, top_k=0)
     with pytest.raises(ValueError, match="prompt must be token ids"):
         generate(model, torch.randn(1, 3), 1)
+    # bools pass as ints and nan passes every comparison: both refused by name
+    for kwargs, match in (({"max_new_tokens": True}, "max_new_tokens"), ({"temperature": float("nan")}, "temperature"),
+                          ({"temperature": float("inf")}, "temperature"), ({"top_k": True}, "top_k")):
+        with pytest.raises(ValueError, match=match):
+            generate(model, one, **{"max_new_tokens": 1, **kwargs})
+    with pytest.raises(TypeError, match="prompt must be a Tensor of token ids, got list"):
+        generate(model, [1, 2], 1)
+    with pytest.raises(ValueError, match=rf"prompt token ids must be in \[0, {V}\)"):
+        generate(model, torch.tensor([1, 99]), 1)
     for name in ("attn", "lstm"):  # a features model cannot generate
         with pytest.raises(ValueError, match="model must take token ids"):
             generate(build_model(name, input_size=3, output_size=3), one, 1)

@@ -175,6 +175,18 @@ def test_bad_forward_input():
         m(torch.randn(2, 5, 16), [[1.0]])
     with pytest.raises(ValueError, match=r"x must have sequence length T >= 1, got \(2, 0, 16\)"):
         m(torch.randn(2, 0, 16))
+    # no silent casts, as nn.Linear; every message names the argument
+    for dtype in (torch.int64, torch.float64):
+        with pytest.raises(ValueError, match=f"x must .*got {dtype}"):
+            m(torch.zeros(2, 5, 16, dtype=dtype))
+    with pytest.raises(TypeError, match=r"x must be a Tensor \[B, T, 16\], got list"):
+        m([[[0.0] * 16]])
+    _, H = m(torch.randn(2, 5, 16))
+    with pytest.raises(ValueError, match="state must be a floating-point tensor .*got torch.int64"):
+        m(torch.randn(2, 5, 16), H.long())
+    with torch.autocast("cpu", dtype=torch.bfloat16):   # autocast's cast is deliberate: allowed
+        assert m(torch.randn(2, 5, 16, dtype=torch.bfloat16))[0].shape == (2, 5, 16)
+    assert MRU(16, num_heads=2).double()(torch.randn(1, 3, 16, dtype=torch.float64))[0].dtype == torch.float64
 
 
 def _train_char_model(state_matrix, steps, element_scale=None):

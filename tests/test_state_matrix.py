@@ -102,6 +102,11 @@ def test_user_construction(monkeypatch):
         (lambda: state_matrix("ldu", [0.0] * 4, 2), TypeError, "x must be a torch.Tensor"),
         (lambda: state_matrix("ldu", torch.zeros(4), 0), ValueError, "d must be a positive int"),
         (lambda: state_matrix_numel("ldu", 2.5), ValueError, "d must be a positive int"),
+        # I - A is numerically singular only when x dwarfs I: named as x, not a raw solver error
+        (lambda: state_matrix("cayley", torch.full((2, 21), 1e30), 7), ValueError,
+         r"x is too large for state_matrix='cayley' in torch.float32 \(max \|x\| = 1e\+30\)"),
+        (lambda: state_matrix("cayley_qr", torch.full((2, 49), 1e19, dtype=torch.float64), 7), ValueError,
+         "x is too large for state_matrix='cayley_qr'"),
     ],
 )
 def test_bad_input(call, err, match):

@@ -392,3 +392,30 @@ def test_a_run_without_carried_state_resumes_on_another_number_of_processes(tmp_
     assert Trainer.resume(tmp_path / "plain", steps=6).train()["step"] == 6   # a world of one
     with pytest.raises(ValueError, match="stream state of 2 process"):
         Trainer.resume(tmp_path / "stream")
+
+
+def test_one_validation_for_python_files_and_checkpoints(tmp_path):
+    import numpy as np
+    cfg = TrainConfig(lr=np.float32(0.5), steps=np.int64(3), out_dir=tmp_path)   # a script's numbers
+    assert type(cfg.lr) is float and type(cfg.steps) is int and cfg.out_dir == str(tmp_path)
+    for kwargs, err, match in (({"grad_clip": float("nan")}, ValueError, "grad_clip must be a finite number >= 0, got nan"),
+                               ({"weight_decay": float("inf")}, ValueError, "weight_decay must be a finite"),
+                               ({"progress": "no"}, TypeError, "progress must be a bool"),
+                               ({"task_args": {1: 2}}, TypeError, "task_args keys must be option names"),
+                               ({"device": "gpu"}, ValueError, "device must be auto, cpu, cuda or cuda:N, got 'gpu'"),
+                               ({"run_name": ".."}, ValueError, "run_name must be a folder name")):
+        with pytest.raises(err, match=match):
+            TrainConfig(**kwargs)
+    cfg = tiny(tmp_path, "mutated")
+    cfg.lr = float("nan")                 # assigned after construction: the trainer checks again
+    with pytest.raises(ValueError, match="lr must be a finite number > 0, got nan"):
+        Trainer(cfg)
+    with pytest.raises(TypeError, match="config must be a TrainConfig, got dict"):
+        Trainer({"lr": 1e-3})
+    Trainer(tiny(tmp_path, "saved", steps=4)).train()
+    ckpt = tmp_path / "saved" / "checkpoints" / "step-00000004" / "state.json"
+    meta = json.loads(ckpt.read_text())
+    meta["config"]["seed"] = "0"
+    ckpt.write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="holds an invalid config: seed must be an int, got '0'"):
+        Trainer.resume(tmp_path / "saved")

@@ -10,6 +10,9 @@ from ..ops.scan import SCAN_BACKENDS, mru_scan
 from ..ops.state_matrix import STATE_MATRICES, state_matrix, state_matrix_numel
 
 
+_AUTOCAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
 def default_order(embed_dim: int, num_heads: int) -> int:
     """Default matrix order ``d``: the largest divisor of ``E / h`` that is at most ``sqrt(E / h)``.
 
@@ -141,9 +144,10 @@ class MRU(nn.Module):
         if not x.is_floating_point():
             raise ValueError(f"x must be a floating-point tensor [B, T, {self.embed_dim}] (embed token "
                              f"ids first), got {x.dtype}")
-        # as nn.Linear: no silent cast (autocast casts on purpose, so it is left to do so)
+        # as nn.Linear: no silent cast (autocast casts the 16/32-bit floats on purpose)
         weight_dtype = self.in_proj.weight.dtype
-        if x.dtype != weight_dtype and not torch.is_autocast_enabled(x.device.type):
+        autocast = torch.is_autocast_enabled(x.device.type) and x.dtype in _AUTOCAST_DTYPES
+        if x.dtype != weight_dtype and not autocast:
             raise ValueError(f"x must have the layer's dtype {weight_dtype} (convert the layer with "
                              f".to(dtype), or run under autocast), got {x.dtype}")
         B, T, E = x.shape

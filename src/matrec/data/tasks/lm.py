@@ -202,13 +202,13 @@ def _tokenize_cached(file: Path, vocab_size: int, val_fraction: float):
             raise DataFileError(f"the cached tokenizer {tok_file} or ids {ids_file} are unreadable "
                                 f"({err}); delete them and they will be rebuilt") from err
     else:
+        check_text(file)
+        usable_cache(folder)   # before the training, whose result would be lost
         size = file.stat().st_size
         cut = _line_boundary(file, int(size * (1 - val_fraction)))
         if cut <= 0 or cut >= size:
             raise ValueError(f"{file} has too few lines to split {1 - val_fraction:.0%} / "
                              f"{val_fraction:.0%} at a line boundary")
-        usable_cache(folder)   # before the training, whose result would be lost
-        check_text(file)
         print(f"matrec: training a {vocab_size}-token BPE tokenizer on {file} (cached in {folder})",
               file=sys.stderr)
         tokenizer = _bpe_tokenizer((line for b in _lines(file, 0, cut) for line in b), vocab_size)
