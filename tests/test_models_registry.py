@@ -44,3 +44,13 @@ def test_token_models_name_bad_token_input(name, kwargs):
         m(torch.tensor([[0, 7]]))
     with pytest.raises(TypeError, match="x must be a Tensor"):
         m([[0, 1]])
+
+
+@pytest.mark.parametrize("name", ["txl", "mru"])
+def test_an_integer_state_is_refused_not_cast(name):
+    m = matrec.build_model(name, vocab_size=3, output_size=3, d_model=8, n_heads=2)
+    x = torch.tensor([[0, 1, 2]])
+    _, state = m(x)
+    as_int = [s.long() if isinstance(s, torch.Tensor) else s for s in state]
+    with pytest.raises(ValueError, match="state must be .*floating-point.*got torch.int64"):
+        m(x, as_int)

@@ -194,3 +194,21 @@ def test_a_pointer_out_of_the_run_is_refused(tmp_path, pointer, capsys):
         err = capsys.readouterr().err
         assert e.value.code == 2 and f"matrec {argv[0]}: error:" in err and "refusing to follow it" in err
     assert files_of(tmp_path / "other") == before
+
+
+def test_a_reader_follows_a_checkpoint_replaced_while_it_reads(tmp_path, monkeypatch):
+    from matrec.train import checkpoint
+    trainer = Trainer(tiny(tmp_path, "run", steps=8))
+    trainer.train(until=4)
+    read, calls = checkpoint._read_checkpoint, []
+
+    def writer_moves_on_first(ckpt):   # the writer saves step 6 (and deletes step 4) mid-read
+        if not calls:
+            calls.append(ckpt)
+            trainer.train(until=6)
+        return read(ckpt)
+
+    monkeypatch.setattr(checkpoint, "_read_checkpoint", writer_moves_on_first)
+    meta, ckpt, _ = checkpoint.load_checkpoint(tmp_path / "run")
+    assert calls[0].name == "step-00000004" and not calls[0].exists()
+    assert meta["step"] == 6 and ckpt.name == "step-00000006"

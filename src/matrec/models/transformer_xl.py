@@ -61,6 +61,11 @@ class TransformerXLAttention(nn.Module):
     def forward(self, x: Tensor, state: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         B, T, E = x.shape
         H, D = self.n_heads, self.head_dim
+        # the memory is cast to x's float dtype (bf16 runs keep an fp32 memory); an integer one is
+        # not a memory this layer returned
+        if state is not None and (not isinstance(state, Tensor) or not state.is_floating_point()):
+            got = state.dtype if isinstance(state, Tensor) else type(state).__name__
+            raise ValueError(f"state must be None or a floating-point memory [B, M, {E}], got {got}")
         h = x if state is None else torch.cat((state.to(x.dtype), x), dim=1)  # [B, K, E]
         K = h.shape[1]
         M = K - T

@@ -199,9 +199,21 @@ def load_checkpoint(path: str | Path) -> tuple[dict, Path, dict[str, Tensor]]:
     Load the weights with :func:`load_model_weights`. Raises :class:`CheckpointError` naming the
     file when anything is missing or corrupt.
     """
+    for attempt in range(3):
+        ckpt = resolve_checkpoint(path)
+        try:
+            return _read_checkpoint(ckpt)
+        except (CheckpointError, FileNotFoundError):
+            # a reader (eval, sample) runs beside the run's writer, which may have replaced the
+            # checkpoint between our reading latest.json and its files: read the new one then
+            if attempt == 2 or resolve_checkpoint(path) == ckpt:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _read_checkpoint(ckpt: Path) -> tuple[dict, Path, dict[str, Tensor]]:
     from safetensors.torch import load_file
 
-    ckpt = resolve_checkpoint(path)
     state_json = ckpt / "state.json"
     if not state_json.is_file():
         raise CheckpointError(f"checkpoint {str(ckpt)!r} is incomplete: state.json is missing")
