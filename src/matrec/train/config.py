@@ -167,6 +167,8 @@ def _check_device(device) -> None:
     if device == "auto":
         return
     try:
-        torch.device(device)
+        kind = torch.device(device).type
     except RuntimeError:
-        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}") from None
+        kind = None
+    if kind not in ("cpu", "cuda"):   # the trainer's autocast and RNG handling know these two
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}")

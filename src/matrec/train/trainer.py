@@ -51,6 +51,9 @@ def resolve_device(name: str, info: DistInfo | None = None) -> torch.device:
         raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {name!r} ({e})") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} asked for, but CUDA is not available here (use cpu or auto)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"device {name!r} asked for, but this machine has {torch.cuda.device_count()} "
+                         f"CUDA device(s)")
     return device
 
 
