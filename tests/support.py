@@ -26,3 +26,14 @@ def orthogonal_rnn(*args, **kwargs) -> nn.RNN:
             if name.startswith("weight_hh"):
                 p.copy_(project_orthogonal(p))
     return rnn
+
+
+def tiny_config(tmp_path, name, **kw):
+    """A TrainConfig for a seconds-long run ``tmp_path/name`` (the copy task, an LSTM, no display)."""
+    from matrec.train import TrainConfig
+    base = dict(task="copy", task_args={"delay": 5}, model="lstm", model_args={"hidden_size": 16},
+                steps=12, batch_size=8, eval_every=4, eval_batches=2, log_every=2, ckpt_every=4,
+                out_dir=str(tmp_path), run_name=name, progress=False, tensorboard=False, plot=False,
+                threads=1)
+    base.update(kw)
+    return TrainConfig(**base)

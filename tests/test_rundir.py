@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from matrec.train import CheckpointError, Trainer, TrainConfig
+from matrec.train import CheckpointError, Trainer
 from matrec.train.rundir import RunDirError, RunLock, claim_new_run
+from support import tiny_config
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 CLI = [sys.executable, "-m", "matrec.cli"]
@@ -24,12 +25,9 @@ def env():
 
 
 def tiny(tmp_path, name, **kw):
-    base = dict(task="copy", task_args={"delay": 4}, model="gru", model_args={"hidden_size": 8},
-                steps=4, batch_size=4, eval_every=2, eval_batches=1, log_every=2, ckpt_every=2,
-                out_dir=str(tmp_path), run_name=name, progress=False, tensorboard=False, plot=False,
-                threads=1)
-    base.update(kw)
-    return TrainConfig(**base)
+    return tiny_config(tmp_path, name, **{"task_args": {"delay": 4}, "model": "gru", "steps": 4,
+                                          "model_args": {"hidden_size": 8}, "batch_size": 4,
+                                          "eval_every": 2, "eval_batches": 1, "ckpt_every": 2, **kw})
 
 
 def files_of(run: Path) -> dict:

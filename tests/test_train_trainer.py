@@ -7,15 +7,7 @@ import torch
 
 from matrec.train import CheckpointError, NonFiniteError, Trainer, TrainConfig, load_checkpoint, lr_factor
 from matrec.train.checkpoint import flatten_tensors, unflatten_tensors
-
-
-def tiny(tmp_path, name, **kw):
-    base = dict(task="copy", task_args={"delay": 5}, model="lstm", model_args={"hidden_size": 16},
-                steps=12, batch_size=8, eval_every=4, eval_batches=2, log_every=2, ckpt_every=4,
-                out_dir=str(tmp_path), run_name=name, progress=False, tensorboard=False, plot=False,
-                threads=1)
-    base.update(kw)
-    return TrainConfig(**base)
+from support import tiny_config as tiny
 
 
 # dropout: training draws from torch's global RNG too, so its checkpointed state must be restored
