@@ -39,24 +39,31 @@ def files_of(run: Path) -> dict:
 # ------------------------------------------------------------------------------ one writer
 
 
+# `matrec train` in a process whose training steps are slowed down, so that it is still training
+# when a second writer arrives however loaded the machine is
+SLOW_CLI = ("import sys, time; from matrec.train import trainer; batch = trainer.Trainer._batch; "
+            "trainer.Trainer._batch = lambda self, *a: (time.sleep(0.02), batch(self, *a))[1]; "
+            "from matrec import cli; sys.exit(cli.main(sys.argv[1:]))")
+
+
 @pytest.mark.slow
 def test_two_concurrent_resumes_one_fails_clearly_and_metrics_are_not_duplicated(tmp_path):
-    steps = 600   # long enough that the winner still trains when the other reaches the lock
-    kw = dict(steps=steps, log_every=5, eval_every=100, ckpt_every=100)
+    kw = dict(steps=400, log_every=5, eval_every=100, ckpt_every=100)
     Trainer(tiny(tmp_path, "full", **kw)).train()
     Trainer(tiny(tmp_path, "run", **kw)).train(until=100)
-    cmd = CLI + ["train", "--resume", str(tmp_path / "run"), "--no-progress"]
-    procs = [subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for _ in range(2)]
-    outs = [p.communicate(timeout=300) for p in procs]
-    codes = sorted(p.returncode for p in procs)
-    assert codes == [0, 2], outs
-    winner, loser = (0, 1) if procs[0].returncode == 0 else (1, 0)
-    err = outs[loser][1]
-    assert "matrec train: error:" in err and "Traceback" not in err
-    # refused at the lock (naming the winner), or after the winner moved the run on
-    assert (f"being written by another process (pid {procs[winner].pid} on host "
-            f"{socket.gethostname()}" in err or "another process wrote it in between" in err), err
+    args = ["train", "--resume", str(tmp_path / "run"), "--no-progress"]
+    first = subprocess.Popen([sys.executable, "-c", SLOW_CLI, *args], env=env(),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lock, deadline = tmp_path / "run" / ".lock", time.monotonic() + 120
+    while f'"pid": {first.pid}' not in (lock.read_text() if lock.exists() else "") and time.monotonic() < deadline:
+        time.sleep(0.01)
+    second = subprocess.run(CLI + args, env=env(), capture_output=True, text=True, timeout=300)
+    out, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err[-2000:]
+    assert second.returncode == 2 and "Traceback" not in second.stderr, second.stderr[-2000:]
+    assert (f"matrec train: error: run directory '{tmp_path / 'run'}' is being written by another "
+            f"process (pid {first.pid} on host {socket.gethostname()}, since") in second.stderr
+    # the second writer wrote nothing: the run is exactly the uninterrupted one
     assert (tmp_path / "run" / "metrics.jsonl").read_bytes() == (tmp_path / "full" / "metrics.jsonl").read_bytes()
 
 
