@@ -217,3 +217,12 @@ def test_a_reader_follows_a_checkpoint_replaced_while_it_reads(tmp_path, monkeyp
     meta, ckpt, _ = checkpoint.load_checkpoint(tmp_path / "run")
     assert calls[0].name == "step-00000004" and not calls[0].exists()
     assert meta["step"] == 6 and ckpt.name == "step-00000006"
+
+
+def test_fresh_folder_names_never_collide(tmp_path):
+    from matrec.train.rundir import fresh_name
+    made = [fresh_name(tmp_path, "compare-copy-x", create=True) for _ in range(3)]
+    assert [p.name for p in made] == ["compare-copy-x", "compare-copy-x-2", "compare-copy-x-3"]
+    assert all(p.is_dir() for p in made)
+    assert fresh_name(tmp_path, "compare-copy-x").name == "compare-copy-x-4"   # computed, not made
+    assert not (tmp_path / "compare-copy-x-4").exists()

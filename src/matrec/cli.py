@@ -151,6 +151,11 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _single_process() -> bool:
+    """Not under torchrun (whose ranks must compute the same folder name, not each make one)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) <= 1
+
+
 def _is_main() -> bool:
     """Rank 0 under torchrun (after the trainer joined the process group), else True."""
     import torch.distributed as dist
@@ -166,7 +171,7 @@ def default_experiment(out_dir: str = "runs", steps: int | None = None) -> int:
     base = TrainConfig.from_dict({**DEFAULT_BASE, **({"steps": steps} if steps else {})})
     from .train.rundir import fresh_name
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    out = fresh_name(out_dir, f"default-{stamp}")   # two launches in one second: default-...-2
+    out = fresh_name(out_dir, f"default-{stamp}", create=_single_process())   # same second: -2
     print(f"matrec default experiment: {' vs '.join(v['label'] for v in variants)} on copy "
           f"(delay {base.task_args['delay']}), {base.steps} steps of batch {base.batch_size} "
           f"-> {out}", flush=True)
@@ -191,7 +196,8 @@ def cmd_compare(args) -> int:
         MODELS.get(m)
     from .train.rundir import fresh_name
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    out = Path(args.out) if args.out else fresh_name(base.out_dir, f"compare-{base.task}-{stamp}")
+    out = (Path(args.out) if args.out else
+           fresh_name(base.out_dir, f"compare-{base.task}-{stamp}", create=_single_process()))
     results = run_compare(base, [{"model": m} for m in models], out)
     if not _is_main():
         return 0

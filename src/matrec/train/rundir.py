@@ -156,12 +156,27 @@ def claim_new_run(run_dir: str | Path, *, rename: bool = False) -> tuple[Path, R
     raise AssertionError("unreachable")
 
 
-def fresh_name(parent: str | Path, name: str) -> Path:
+def fresh_name(parent: str | Path, name: str, create: bool = False) -> Path:
     """``parent/name``, or the first of ``name-2``, ``name-3``, ... that does not exist yet (for
-    folders whose runs are then claimed one by one with :func:`claim_new_run`)."""
+    folders whose runs are then claimed one by one with :func:`claim_new_run`).
+
+    ``create`` makes the folder too, atomically (of two launches racing for one name, one gets
+    it and the other the next); without it, processes that must agree on the name without talking
+    (torchrun ranks, before the process group exists) all compute the same one.
+    """
     parent = Path(parent)
-    return next(parent / (name if n == 1 else f"{name}-{n}") for n in itertools.count(1)
-                if not (parent / (name if n == 1 else f"{name}-{n}")).exists())
+    for n in itertools.count(1):
+        path = parent / (name if n == 1 else f"{name}-{n}")
+        if not create:
+            if not path.exists():
+                return path
+            continue
+        try:
+            _make_dir(path, exist_ok=False)
+        except FileExistsError:
+            continue
+        return path
+    raise AssertionError("unreachable")
 
 
 class MetricsLog:
