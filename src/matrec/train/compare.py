@@ -55,7 +55,8 @@ def check_buildable(configs: list[TrainConfig]) -> None:
         try:
             build_model(cfg.model, **tasks[key].model_io(), **cfg.model_args)
         except (TypeError, ValueError) as e:
-            raise type(e)(f"model {cfg.model!r} with model_args {cfg.model_args}: {e}") from None
+            kind = TypeError if isinstance(e, TypeError) else ValueError
+            raise kind(f"model {cfg.model!r} with model_args {cfg.model_args}: {e}") from None
 
 
 def format_table(results: list[dict]) -> str:
