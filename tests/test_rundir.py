@@ -226,3 +226,16 @@ def test_fresh_folder_names_never_collide(tmp_path):
     assert all(p.is_dir() for p in made)
     assert fresh_name(tmp_path, "compare-copy-x").name == "compare-copy-x-4"   # computed, not made
     assert not (tmp_path / "compare-copy-x-4").exists()
+
+
+def test_a_crafted_pointer_is_refused_by_a_real_resume_process(tmp_path):
+    Trainer(tiny(tmp_path, "other")).train()
+    Trainer(tiny(tmp_path, "run")).train()
+    (tmp_path / "run" / "checkpoints" / "latest.json").write_text(
+        json.dumps({"step": 4, "dir": "../../other/checkpoints/step-00000004"}))
+    before = files_of(tmp_path / "other")
+    done = subprocess.run(CLI + ["train", "--resume", str(tmp_path / "run"), "--steps", "8"], env=env(),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "matrec train: error: checkpoint pointer" in done.stderr and "refusing to follow it" in done.stderr
+    assert files_of(tmp_path / "other") == before
