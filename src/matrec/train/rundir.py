@@ -88,7 +88,10 @@ class RunLock:
             self._fd = None
 
     def __del__(self) -> None:   # a trainer resumed but never trained must not keep its run
-        self.release()
+        try:
+            self.release()
+        except Exception:   # at interpreter exit the process's end drops the lock anyway
+            pass
 
 
 def _read_holder(fd: int) -> str:
