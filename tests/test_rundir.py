@@ -239,3 +239,15 @@ def test_a_crafted_pointer_is_refused_by_a_real_resume_process(tmp_path):
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert "matrec train: error: checkpoint pointer" in done.stderr and "refusing to follow it" in done.stderr
     assert files_of(tmp_path / "other") == before
+
+
+def test_a_save_outside_train_takes_the_lock_too(tmp_path):
+    trainer = Trainer(tiny(tmp_path, "run"))
+    trainer.train(until=2)
+    lock = RunLock(tmp_path / "run").acquire()
+    try:
+        with pytest.raises(RunDirError, match=f"pid {os.getpid()}"):
+            trainer.save()
+    finally:
+        lock.release()
+    assert trainer.save().name == "step-00000002"

@@ -319,7 +319,20 @@ class Trainer:
         return dict(totals)
 
     def save(self) -> Path | None:
-        """Checkpoint the current step (rank 0 writes; every rank waits for it)."""
+        """Checkpoint the current step (rank 0 writes; every rank waits for it).
+
+        Called on its own (not from :meth:`train`), it takes the run's lock for the write, as
+        :meth:`train` does.
+        """
+        if self._lock is not None or not self.dist.is_main:
+            return self._save()
+        self._acquire_run()
+        try:
+            return self._save()
+        finally:
+            self._release_run()
+
+    def _save(self) -> Path | None:
         path = None
         states = all_gather_object(detach_state(self.stream_state, "cpu"), self.dist)
         if self.dist.is_main:
@@ -417,7 +430,7 @@ class Trainer:
                         self._stop(f"parameter {bad!r} after the optimiser step", "non-finite", self.step)
                     self.elapsed += time.perf_counter() - t0
                     t0 = time.perf_counter()
-                    self.save()
+                    self._save()
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
