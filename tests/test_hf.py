@@ -1,0 +1,140 @@
+"""matrec.hf: MatrecConfig / MatrecForCausalLM with transformers (save/load, Auto classes,
+generate, padding, tokenizers, export-hf)."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+import matrec  # noqa: E402
+from matrec.hf import MatrecCache, MatrecConfig, MatrecForCausalLM, config_from_model_spec  # noqa: E402
+from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
+
+V = 13
+# one small model per mixer / recurrent cell: (registry name, build_model arguments)
+MODELS = {
+    "mru": ("mru", dict(d_model=16, n_layers=1, n_heads=2, state_matrix="cayley")),
+    "attn": ("attn", dict(d_model=16, n_layers=1, n_heads=2, pos="xpos")),
+    "linear_attn": ("linear_attn", dict(d_model=16, n_layers=1, n_heads=2, chunk_size=4)),
+    "txl": ("txl", dict(d_model=16, n_layers=1, n_heads=2, mem_len=64)),
+    "mru_rotary": ("mru_rotary", dict(d_model=16, n_layers=1, n_heads=2, chunk_size=4)),
+    "hybrid": ("sequence", dict(pattern=["attn", "mlp", "mru", "lstm", "gru"], d_model=16, n_heads=2,
+                                mixer_options={"mru": {"state_matrix": "householder"}})),
+    "lstm": ("lstm", dict(hidden_size=12, num_layers=2, embed_dim=8)),
+    "gru": ("gru", dict(hidden_size=12)),
+    "rnn": ("rnn", dict(hidden_size=12)),
+    "mornn": ("mornn", dict(hidden_size=12)),
+}
+
+
+def make(key: str, seed: int = 0) -> MatrecForCausalLM:
+    name, args = MODELS[key]
+    config = config_from_model_spec(name, vocab_size=V, **args)
+    torch.manual_seed(seed)
+    model = MatrecForCausalLM(config).eval()
+    with torch.no_grad():  # the MRU starts at the identity: move it off so the test can see it
+        for n, p in model.named_parameters():
+            if "in_proj" in n or "rotation" in n:
+                p.normal_(0, 0.3)
+    return model
+
+
+def test_import_matrec_does_not_import_transformers():
+    code = ("import sys, matrec, matrec.models; matrec.build_model('mru', vocab_size=5, output_size=5); "
+            "assert 'transformers' not in sys.modules, 'transformers was imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("key", ["mru", "attn", "txl", "mru_rotary", "hybrid", "lstm", "mornn"])
+def test_save_from_pretrained_round_trip_is_bit_exact(key, tmp_path):
+    model = make(key)
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").is_file()
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["model_type"] == "matrec" and saved["architectures"] == ["MatrecForCausalLM"]
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(loaded) is MatrecForCausalLM
+    want, got = model.state_dict(), loaded.state_dict()
+    assert want.keys() == got.keys()
+    for k in want:
+        assert torch.equal(want[k], got[k]), k
+    for (n, a), (_, b) in zip(model.named_buffers(), loaded.named_buffers()):  # rotary tables too
+        assert torch.equal(a, b), n
+    x = torch.randint(0, V, (2, 7))
+    assert torch.equal(model(x).logits, loaded(x).logits)
+    if model.config.tie_word_embeddings:
+        assert loaded.model.head.weight is loaded.model.encoder.weight
+
+
+def test_auto_config_and_explicit_fields(tmp_path):
+    config = config_from_model_spec("ablation-mru-cayley", vocab_size=V, d_model=32)
+    assert config.backbone == "sequence" and config.pattern == ["mru"] + ["mlp"] * 4
+    assert config.mixer_options == {"mru": {"state_matrix": "cayley"}} and config.d_model == 32
+    config.save_pretrained(tmp_path)
+    again = AutoConfig.from_pretrained(tmp_path)
+    assert isinstance(again, MatrecConfig) and again.to_diff_dict() == config.to_diff_dict()
+    rnn = config_from_model_spec("mornn", vocab_size=V, hidden_size=8, init="identity")
+    assert (rnn.backbone, rnn.hidden_size, rnn.rnn_options) == ("mornn", 8, {"init": "identity"})
+
+
+def test_config_errors(tmp_path):
+    with pytest.raises(ValueError, match="unknown mixer.*'mystery'"):
+        MatrecConfig(pattern=["mru", "mystery"], vocab_size=V)
+    with pytest.raises(ValueError, match="backbone must be one of"):
+        MatrecConfig(backbone="transformer")
+    with pytest.raises(ValueError, match="model must be one of"):
+        config_from_model_spec("nope", vocab_size=V)
+    make("mru").save_pretrained(tmp_path)
+    data = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({k: v for k, v in data.items() if k != "pattern"}))
+    with pytest.raises(ValueError, match=r"missing the field\(s\) \['pattern'\]"):
+        AutoModelForCausalLM.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({**data, "pattern": ["mru", "lstmm"]}))
+    with pytest.raises(ValueError, match="unknown mixer.*'lstmm'"):
+        AutoModelForCausalLM.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "matrec", "vocab_size": 5}))
+    with pytest.raises(ValueError, match="not a matrec model config.*backbone"):
+        MatrecForCausalLM.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("key", list(MODELS))
+def test_generate_greedy_equals_matrec_generate(key):
+    model = make(key)
+    prompt = torch.randint(0, V, (3, 5))
+    got = model.generate(prompt, max_new_tokens=8, do_sample=False)
+    want = matrec.generate(model.model, prompt, 8, temperature=0)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("key", list(MODELS))
+def test_beam_search_and_sampling_use_the_cache_correctly(key):
+    # the cached path (states reordered by beam search) must pick what re-running the whole
+    # sequence without a cache picks
+    model = make(key, seed=1)
+    prompt = torch.randint(0, V, (2, 4))
+    kw = dict(max_new_tokens=6, num_beams=3, num_return_sequences=2, do_sample=False)
+    cached = model.generate(prompt, use_cache=True, **kw)
+    assert cached.shape == (4, 10)
+    assert torch.equal(cached, model.generate(prompt, use_cache=False, **kw))
+    kw = dict(max_new_tokens=6, do_sample=True, top_k=5, temperature=1.3)
+    torch.manual_seed(3)
+    sampled = model.generate(prompt, use_cache=True, **kw)
+    torch.manual_seed(3)
+    assert torch.equal(sampled, model.generate(prompt, use_cache=False, **kw))
+    assert sampled.shape == (2, 10) and int(sampled.max()) < V
+
+
+def test_cache_is_batch_first_and_continues_generation():
+    model = make("hybrid")  # attn, mru, lstm, gru layers
+    x = torch.randint(0, V, (2, 6))
+    out = model(x[:, :4], use_cache=True)
+    cache = out.cache
+    assert isinstance(cache, MatrecCache) and cache.get_seq_length() == 4
+    (rows, state), = cache.groups
+    for t in (t for s in state if s is not None for t in (s if isinstance(s, tuple) else (s,))):
+        assert t.dim() == 0 or t.shape[0] == 2  # batch first (the LSTM's [layers, B, H] too)
+    step = model(x[:, 4:], cache=cache, use_cache=True).logits
+    assert torch.allclose(step, model(x).logits[:, 4:], atol=1e-5)
