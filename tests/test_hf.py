@@ -138,3 +138,111 @@ def test_cache_is_batch_first_and_continues_generation():
         assert t.dim() == 0 or t.shape[0] == 2  # batch first (the LSTM's [layers, B, H] too)
     step = model(x[:, 4:], cache=cache, use_cache=True).logits
     assert torch.allclose(step, model(x).logits[:, 4:], atol=1e-5)
+
+
+# --------------------------------------------------------------------------- tokenizers, export
+
+import os  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from matrec import cli  # noqa: E402
+from matrec.data.tasks import build_task  # noqa: E402
+from matrec.hf.tokenization import PAD, bpe_tokenizer, char_tokenizer, check_tokenizer, task_tokenizer  # noqa: E402
+from transformers import AutoTokenizer  # noqa: E402
+
+SHAKESPEARE_FILE = Path(os.environ.get("MATREC_SHAKESPEARE")
+                        or Path(__file__).resolve().parents[2] / "shared/data/tinyshakespeare.txt")
+needs_shakespeare = pytest.mark.skipif(not SHAKESPEARE_FILE.exists(),
+                                       reason="shared/data/tinyshakespeare.txt not beside the repo")
+
+
+@needs_shakespeare
+def test_char_tokenizer_round_trip_with_auto_tokenizer(tmp_path):
+    task = build_task("shakespeare", seq_len=16, path=str(SHAKESPEARE_FILE))
+    task_tokenizer(task).save_pretrained(tmp_path)
+    tok = AutoTokenizer.from_pretrained(tmp_path)
+    text = SHAKESPEARE_FILE.read_text()[:5000]  # newlines, spaces, punctuation, capitals
+    ids = tok(text)["input_ids"]
+    assert ids == task.encode(text).tolist() and tok.decode(ids) == text
+    assert (len(tok), tok.pad_token, tok.pad_token_id, tok.padding_side) == (66, PAD, 65, "left")
+    batch = tok(["ab", "First"], padding=True, return_tensors="pt")
+    assert batch["attention_mask"].tolist() == [[0, 0, 0, 1, 1], [1] * 5]
+
+
+def test_bpe_tokenizer_round_trip_with_auto_tokenizer(tmp_path, monkeypatch):
+    monkeypatch.setenv("MATREC_CACHE", str(tmp_path / "cache"))
+    words = ["the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "far", "away", "Tom"]
+    lines = [" ".join(words[(i * 7 + j * 3) % len(words)] for j in range(3 + i % 9)) + ".\n" for i in range(2000)]
+    (tmp_path / "t.txt").write_text("".join(lines))
+    task = build_task("text", path=str(tmp_path / "t.txt"), vocab_size=300, seq_len=8)
+    task_tokenizer(task).save_pretrained(tmp_path / "tok")
+    tok = AutoTokenizer.from_pretrained(tmp_path / "tok")
+    text = "".join(lines[:50]) + "Tom ran, the cat sat é\n"  # an unseen byte still encodes
+    ids = tok(text)["input_ids"]
+    assert ids == task.encode(text).tolist() and tok.decode(ids) == task.decode(ids) == text
+    assert tok.pad_token_id == task.vocab_size and task.tokenizer.get_vocab_size() == task.vocab_size
+    check_tokenizer(tok, task.vocab_size)
+    with pytest.raises(ValueError, match=r"tokenizer has \d+ tokens \(without <pad>\).*vocabulary has 65"):
+        check_tokenizer(bpe_tokenizer(task.tokenizer), 65)
+
+
+def test_char_tokenizer_rejects_bad_vocabularies():
+    with pytest.raises(ValueError, match="distinct single characters"):
+        char_tokenizer(["a", "bc"])
+    with pytest.raises(ValueError, match="distinct single characters"):
+        char_tokenizer(["a", "a"])
+
+
+@needs_shakespeare
+def test_export_hf_loads_with_auto_classes_in_a_fresh_process(tmp_path, capsys):
+    run = tmp_path / "run"
+    code = cli.main(["train", "--task", "shakespeare", "--task-arg", f"path={SHAKESPEARE_FILE}",
+                     "--task-arg", "seq_len=32", "--model", "lstm", "--hidden-size", "64", "--steps", "150",
+                     "--batch-size", "16", "--lr", "0.02", "--eval-every", "150", "--eval-batches", "1",
+                     "--log-every", "150", "--ckpt-every", "150", "--threads", "1", "--no-progress",
+                     "--no-tensorboard", "--no-plot", "--out-dir", str(tmp_path), "--run-name", "run"])
+    assert code == 0
+    capsys.readouterr()
+    prompt = "ROMEO:\nThe "
+    assert cli.main(["sample", str(run), "--prompt", prompt, "--tokens", "24", "--temperature", "0"]) == 0
+    sampled = capsys.readouterr().out[:-1]
+    assert cli.main(["export-hf", str(run), str(tmp_path / "hf")]) == 0
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in (tmp_path / "hf").iterdir()}
+    assert len(set(sampled[len(prompt):])) > 2  # trained enough to say more than spaces
+    _, task, trained, _ = cli._load_for_inference(run)
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    x = task.encode(SHAKESPEARE_FILE.read_text()[:200])[None]
+    assert torch.equal(exported(x).logits, trained(x)[0])
+    script = f"""
+import torch, matrec.hf
+from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
+model = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'hf')!r}).eval()
+tok = AutoTokenizer.from_pretrained({str(tmp_path / 'hf')!r})
+ids = tok({prompt!r}, return_tensors="pt")["input_ids"]
+out = model.generate(ids, max_new_tokens=24, do_sample=False)
+print(repr(tok.decode(out[0])))
+batch = tok([{prompt!r}, "KING:"], padding=True, return_tensors="pt")
+out = model.generate(**batch, max_new_tokens=24, do_sample=False)
+print(repr(tok.decode(out[0])))
+alone = model.generate(tok("KING:", return_tensors="pt")["input_ids"], max_new_tokens=24, do_sample=False)
+print(tok.decode(out[1], skip_special_tokens=True) == tok.decode(alone[0]))
+gen = pipeline("text-generation", model=model, tokenizer=tok)
+print(repr(gen({prompt!r}, max_new_tokens=24, do_sample=False)[0]["generated_text"]))
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    lines = result.stdout.strip().splitlines()[-4:]
+    assert lines == [repr(sampled), repr(sampled), "True", repr(sampled)], result.stdout + result.stderr
+
+
+def test_export_hf_bad_input_is_a_clear_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["export-hf", str(tmp_path / "nothing"), str(tmp_path / "out")])
+    assert e.value.code == 2 and "does not exist" in capsys.readouterr().err
+    code = cli.main(["train", "--model", "rnn", "--task-arg", "delay=4", "--hidden-size", "8",
+                     "--steps", "2", "--batch-size", "4", "--eval-every", "2", "--eval-batches", "1",
+                     "--ckpt-every", "2", "--threads", "1", "--no-progress", "--no-tensorboard",
+                     "--no-plot", "--out-dir", str(tmp_path), "--run-name", "copy"])
+    assert code == 0
+    with pytest.raises(SystemExit) as e:
+        cli.main(["export-hf", str(tmp_path / "copy"), str(tmp_path / "out")])
+    assert e.value.code == 2 and "export-hf needs a language-model run" in capsys.readouterr().err

@@ -386,6 +386,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--list", action="store_true", help="list the scripts and exit")
     p.add_argument("--dir", default=None, help="benchmarks folder (default: found automatically)")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("export-hf", help="convert a language-model checkpoint for Hugging Face transformers",
+                       description="Write a run's latest checkpoint as a transformers directory "
+                       "(config.json, model.safetensors, tokenizer); needs the hf extra.")
+    p.add_argument("run_dir", help="run directory, its checkpoints/ folder, or a step-* folder")
+    p.add_argument("out_dir", help="output directory")
+    # matrec.hf imports transformers: only when this command runs, never for the others
+    p.set_defaults(func=lambda args: __import__("matrec.hf.export", fromlist=["cmd_export_hf"])
+                   .cmd_export_hf(args))
     return parser
 
 

@@ -1,0 +1,53 @@
+"""``matrec export-hf RUN_DIR OUT_DIR``: a workbench checkpoint as a transformers directory.
+
+The output holds ``config.json`` (:class:`~matrec.hf.MatrecConfig`), ``model.safetensors``,
+``generation_config.json`` and the tokenizer files, and loads with ``import matrec.hf`` then
+``AutoModelForCausalLM.from_pretrained(OUT_DIR)`` / ``AutoTokenizer.from_pretrained(OUT_DIR)``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .configuration import config_from_model_spec
+from .modeling import MatrecForCausalLM
+from .tokenization import check_tokenizer, task_tokenizer
+
+
+def export_hf(run_dir: str | Path, out_dir: str | Path) -> Path:
+    """Convert the latest checkpoint of ``run_dir`` (or the ``step-*`` folder it names) of a
+    language-model task (``shakespeare``, ``text`` and their streams) into ``out_dir``.
+
+    The task is rebuilt from the run's config to get its vocabulary, so its data file (or the
+    cached tokenizer of a ``text`` run) must be where the run found it.
+    """
+    from matrec.data.tasks import build_task
+    from matrec.train.checkpoint import load_checkpoint, load_model_weights
+
+    meta, ckpt_dir, _ = load_checkpoint(run_dir)
+    cfg = meta.get("config") or {}
+    for key in ("task", "model"):
+        if key not in cfg:
+            raise ValueError(f"checkpoint {str(ckpt_dir)!r} has no {key!r} in its config: not a workbench run")
+    task = build_task(cfg["task"], **cfg.get("task_args", {}))
+    io = task.model_io()
+    if io["vocab_size"] is None or io["output_size"] != io["vocab_size"]:
+        raise ValueError(f"export-hf needs a language-model run (token ids in, next-token logits out); "
+                         f"{str(run_dir)!r} was trained on the task {cfg['task']!r}")
+    tokenizer = task_tokenizer(task)
+    check_tokenizer(tokenizer, io["vocab_size"])
+    config = config_from_model_spec(cfg["model"], vocab_size=io["vocab_size"], **cfg.get("model_args", {}))
+    model = MatrecForCausalLM(config)
+    load_model_weights(model.model, ckpt_dir)
+    out = Path(out_dir)
+    model.eval().save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def cmd_export_hf(args) -> int:
+    """The ``matrec export-hf`` command (``args.run_dir``, ``args.out_dir``)."""
+    out = export_hf(args.run_dir, args.out_dir)
+    files = ", ".join(sorted(p.name for p in out.iterdir()))
+    print(f"wrote {out}: {files}\nload it with: import matrec.hf; "
+          f"transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")
+    return 0
