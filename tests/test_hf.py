@@ -140,6 +140,55 @@ def test_cache_is_batch_first_and_continues_generation():
     assert torch.allclose(step, model(x).logits[:, 4:], atol=1e-5)
 
 
+def _left_padded(rows, T):
+    ids = torch.full((len(rows), T), V)  # pad id V: past the vocabulary, never fed to the model
+    mask = torch.zeros(len(rows), T, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, T - len(r):], mask[i, T - len(r):] = r, 1
+    return ids, mask
+
+
+@pytest.mark.parametrize("key", list(MODELS))
+def test_left_padding_gives_the_unpadded_logits_and_generations(key):
+    model = make(key, seed=2)
+    torch.manual_seed(5)
+    rows = [torch.randint(0, V, (n,)) for n in (7, 3, 5, 3, 1)]
+    ids, mask = _left_padded(rows, 7)
+    logits = model(ids, attention_mask=mask).logits
+    for i, r in enumerate(rows):
+        torch.testing.assert_close(logits[i, 7 - len(r):], model(r[None]).logits[0], atol=1e-5, rtol=0)
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=V)
+    for i, r in enumerate(rows):
+        alone = model.generate(r[None], max_new_tokens=5, do_sample=False)[0, len(r):]
+        assert torch.equal(out[i, 7:], alone), i
+    kw = dict(attention_mask=mask, max_new_tokens=4, num_beams=2, do_sample=False, pad_token_id=V)
+    assert torch.equal(model.generate(ids, **kw), model.generate(ids, use_cache=False, **kw))
+
+
+def test_padded_prompt_groups_merge_for_recurrences_only():
+    ids, mask = _left_padded([torch.arange(6), torch.arange(2)], 6)
+    # fixed-size states (MRU, RNN): one batch after the prompt; KV caches keep one group per length
+    assert len(make("mru")(ids, attention_mask=mask).cache.groups) == 1
+    assert len(make("lstm")(ids, attention_mask=mask).cache.groups) == 1
+    assert len(make("attn")(ids, attention_mask=mask).cache.groups) == 2
+
+
+def test_padding_errors():
+    model = make("mru")
+    ids = torch.randint(0, V, (2, 4))
+    with pytest.raises(ValueError, match="left padding"):
+        model(ids, attention_mask=torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]]))
+    with pytest.raises(ValueError, match="row without any token"):
+        model(ids, attention_mask=torch.tensor([[0, 0, 0, 0], [1, 1, 1, 1]]))
+    with pytest.raises(ValueError, match=r"attention_mask must be \[B, T\]"):
+        model(ids, attention_mask=torch.ones(2, 3))
+    with pytest.raises(ValueError, match=f"id {V} at an unmasked position.*vocabulary of {V} tokens"):
+        model(torch.tensor([[1, V]]))
+    cache = model(ids, use_cache=True).cache
+    with pytest.raises(ValueError, match="only the prompt may be padded"):
+        model(ids[:, :1], cache=cache, attention_mask=torch.tensor([[1] * 4 + [0], [1] * 5]))
+
+
 # --------------------------------------------------------------------------- tokenizers, export
 
 import os  # noqa: E402
