@@ -140,6 +140,37 @@ def test_cache_is_batch_first_and_continues_generation():
     assert torch.allclose(step, model(x).logits[:, 4:], atol=1e-5)
 
 
+def test_labels_give_the_shifted_next_token_loss_and_gradients():
+    model = make("hybrid").train()
+    x = torch.randint(0, V, (2, 9))
+    labels = x.clone()
+    labels[0, :3] = -100  # ignored positions
+    out = model(x, labels=labels, use_cache=False)
+    want = torch.nn.functional.cross_entropy(model.model(x)[0][:, :-1].reshape(-1, V), labels[:, 1:].reshape(-1))
+    assert out.cache is None and torch.allclose(out.loss, want)
+    out.loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
+    with pytest.raises(ValueError, match="does not return hidden_states"):
+        model(x, output_hidden_states=True)
+
+
+@pytest.mark.parametrize("key", ["hybrid", "attn"])
+def test_cache_batch_repeat_and_select_continue_the_right_rows(key):
+    model = make(key)
+    ids, mask = _left_padded([torch.arange(1, 6), torch.arange(2, 4)], 5)  # attn: two groups
+    nxt = torch.tensor([[3], [4], [5], [6]])
+    cache = model(ids, attention_mask=mask, use_cache=True).cache
+    cache.batch_repeat_interleave(2)  # rows 0, 0, 1, 1
+    step = model(nxt, cache=cache, use_cache=True).logits
+    for i, r in enumerate([torch.arange(1, 6), torch.arange(1, 6), torch.arange(2, 4), torch.arange(2, 4)]):
+        alone = model(torch.cat([r, nxt[i]])[None]).logits[0, -1]
+        torch.testing.assert_close(step[i, -1], alone, atol=1e-5, rtol=0)
+    cache.batch_select_indices(torch.tensor([2]))  # keep the third row (the second prompt, 3 + 1 tokens)
+    step = model(torch.tensor([[7]]), cache=cache, use_cache=True).logits
+    alone = model(torch.tensor([[2, 3, 5, 7]])).logits[0, -1]
+    torch.testing.assert_close(step[0, -1], alone, atol=1e-5, rtol=0)
+
+
 def _left_padded(rows, T):
     ids = torch.full((len(rows), T), V)  # pad id V: past the vocabulary, never fed to the model
     mask = torch.zeros(len(rows), T, dtype=torch.long)

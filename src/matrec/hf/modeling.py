@@ -272,6 +272,9 @@ class MatrecForCausalLM(MatrecPreTrainedModel, GenerationMixin):
                 return_dict: bool | None = None, **kwargs) -> CausalLMOutputWithPast:
         if inputs_embeds is not None:
             raise ValueError("MatrecForCausalLM takes input_ids, not inputs_embeds")
+        for flag in ("output_hidden_states", "output_attentions"):
+            if kwargs.get(flag):
+                raise ValueError(f"MatrecForCausalLM does not return {flag[7:]}; got {flag}=True")
         if input_ids is None or input_ids.dim() != 2:
             raise ValueError(f"input_ids must be token ids [B, T], got "
                              f"{None if input_ids is None else tuple(input_ids.shape)}")
