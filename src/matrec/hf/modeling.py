@@ -191,7 +191,7 @@ class MatrecPreTrainedModel(PreTrainedModel):
         # The backbone initialises itself when built. transformers' from_pretrained builds it on the
         # meta device and loads the saved tensors; buffers that are not saved (rotary frequencies)
         # come back uninitialised, so they are copied from a freshly built backbone.
-        if not getattr(module, "_non_persistent_buffers_set", None) or not hasattr(self, "model"):
+        if not self.__dict__.get("_built_on_meta") or not getattr(module, "_non_persistent_buffers_set", None):
             return
         fresh = self.__dict__.get("_fresh_buffers")
         if fresh is None:
@@ -221,6 +221,8 @@ class MatrecForCausalLM(MatrecPreTrainedModel, GenerationMixin):
     def __init__(self, config: MatrecConfig) -> None:
         super().__init__(config)
         self.model = config.build()
+        # from_pretrained builds on the meta device: only then do unsaved buffers need restoring
+        self.__dict__["_built_on_meta"] = any(t.is_meta for t in self.model.parameters())
         if config.backbone == "sequence":
             self._rnn_layers = [name in _RNN_MIXERS for name in config.pattern]
         self.post_init()
