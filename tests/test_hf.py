@@ -1,6 +1,7 @@
 """matrec.hf: MatrecConfig / MatrecForCausalLM with transformers (save/load, Auto classes,
 generate, padding, tokenizers, export-hf)."""
 import json
+import shutil
 import subprocess
 import sys
 
@@ -275,8 +276,9 @@ def test_char_tokenizer_rejects_bad_vocabularies():
 
 @needs_shakespeare
 def test_export_hf_loads_with_auto_classes_in_a_fresh_process(tmp_path, capsys):
-    run = tmp_path / "run"
-    code = cli.main(["train", "--task", "shakespeare", "--task-arg", f"path={SHAKESPEARE_FILE}",
+    run, data = tmp_path / "run", tmp_path / "shakespeare.txt"
+    shutil.copy(SHAKESPEARE_FILE, data)  # removed before the export: the checkpoint has the vocabulary
+    code = cli.main(["train", "--task", "shakespeare", "--task-arg", f"path={data}",
                      "--task-arg", "seq_len=32", "--model", "lstm", "--hidden-size", "64", "--steps", "150",
                      "--batch-size", "16", "--lr", "0.02", "--eval-every", "150", "--eval-batches", "1",
                      "--log-every", "150", "--ckpt-every", "150", "--threads", "1", "--no-progress",
@@ -286,10 +288,11 @@ def test_export_hf_loads_with_auto_classes_in_a_fresh_process(tmp_path, capsys):
     prompt = "ROMEO:\nThe "
     assert cli.main(["sample", str(run), "--prompt", prompt, "--tokens", "24", "--temperature", "0"]) == 0
     sampled = capsys.readouterr().out[:-1]
+    _, task, trained, _ = cli._load_for_inference(run)
+    data.unlink()
     assert cli.main(["export-hf", str(run), str(tmp_path / "hf")]) == 0
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in (tmp_path / "hf").iterdir()}
     assert len(set(sampled[len(prompt):])) > 2  # trained enough to say more than spaces
-    _, task, trained, _ = cli._load_for_inference(run)
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     x = task.encode(SHAKESPEARE_FILE.read_text()[:200])[None]
     assert torch.equal(exported(x).logits, trained(x)[0])
@@ -312,6 +315,13 @@ print(repr(gen({prompt!r}, max_new_tokens=24, do_sample=False)[0]["generated_tex
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     lines = result.stdout.strip().splitlines()[-4:]
     assert lines == [repr(sampled), repr(sampled), "True", repr(sampled)], result.stdout + result.stderr
+    # a checkpoint from before checkpoints kept the tokenizer: the task is rebuilt, so its data is needed
+    state = next(run.glob("checkpoints/step-*")) / "state.json"
+    state.write_text(json.dumps({k: v for k, v in json.loads(state.read_text()).items() if k != "tokenizer"}))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        cli.main(["export-hf", str(run), str(tmp_path / "hf2")])
+    assert e.value.code == 2 and "shakespeare.txt" in capsys.readouterr().err
 
 
 def test_export_hf_bad_input_is_a_clear_error(tmp_path, capsys):

@@ -10,15 +10,15 @@ from pathlib import Path
 
 from .configuration import config_from_model_spec
 from .modeling import MatrecForCausalLM
-from .tokenization import check_tokenizer, task_tokenizer
+from .tokenization import check_tokenizer, task_tokenizer, tokenizer_from_json, vocab_size_without_pad
 
 
 def export_hf(run_dir: str | Path, out_dir: str | Path) -> Path:
     """Convert the latest checkpoint of ``run_dir`` (or the ``step-*`` folder it names) of a
     language-model task (``shakespeare``, ``text`` and their streams) into ``out_dir``.
 
-    The task is rebuilt from the run's config to get its vocabulary, so its data file (or the
-    cached tokenizer of a ``text`` run) must be where the run found it.
+    The tokenizer comes from the checkpoint; a checkpoint written before checkpoints kept it is
+    converted by rebuilding its task, whose data file must then be where the run found it.
     """
     from matrec.data.tasks import build_task
     from matrec.train.checkpoint import load_checkpoint, load_model_weights
@@ -28,16 +28,20 @@ def export_hf(run_dir: str | Path, out_dir: str | Path) -> Path:
     for key in ("task", "model"):
         if key not in cfg:
             raise ValueError(f"checkpoint {str(ckpt_dir)!r} has no {key!r} in its config: not a workbench run")
-    task = build_task(cfg["task"], **cfg.get("task_args", {}))
-    io = task.model_io()
-    if io["vocab_size"] is None or io["output_size"] != io["vocab_size"]:
-        raise ValueError(f"export-hf needs a language-model run (token ids in, next-token logits out); "
-                         f"{str(run_dir)!r} was trained on the task {cfg['task']!r}")
-    tokenizer = task_tokenizer(task)
-    check_tokenizer(tokenizer, io["vocab_size"])
-    config = config_from_model_spec(cfg["model"], vocab_size=io["vocab_size"], **cfg.get("model_args", {}))
+    if "tokenizer" in meta:
+        tokenizer = tokenizer_from_json(meta["tokenizer"])
+        vocab_size = vocab_size_without_pad(tokenizer)
+    else:
+        task = build_task(cfg["task"], **cfg.get("task_args", {}))
+        io = task.model_io()
+        if io["vocab_size"] is None or io["output_size"] != io["vocab_size"] or not hasattr(task, "tokenizer_json"):
+            raise ValueError(f"export-hf needs a language-model run (token ids in, next-token logits "
+                             f"out); {str(run_dir)!r} was trained on the task {cfg['task']!r}")
+        tokenizer, vocab_size = task_tokenizer(task), io["vocab_size"]
+        check_tokenizer(tokenizer, vocab_size)
+    config = config_from_model_spec(cfg["model"], vocab_size=vocab_size, **cfg.get("model_args", {}))
     model = MatrecForCausalLM(config)
-    load_model_weights(model.model, ckpt_dir)
+    load_model_weights(model.model, ckpt_dir)  # a tokenizer of the wrong size fails here, by name
     out = Path(out_dir)
     model.eval().save_pretrained(out)
     tokenizer.save_pretrained(out)

@@ -17,22 +17,22 @@ PAD = "<pad>"
 
 def char_tokenizer(chars) -> PreTrainedTokenizerFast:
     """A tokenizer whose id ``i`` is the character ``chars[i]`` (``chars``: distinct 1-char strings)."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from matrec.data.tasks.lm import char_tokenizer as raw
 
     chars = list(chars)
-    if not chars or any(not isinstance(c, str) or len(c) != 1 for c in chars) or len(set(chars)) != len(chars):
-        raise ValueError(f"chars must be distinct single characters, got {chars[:10]!r}...")
-    tk = Tokenizer(models.WordLevel({c: i for i, c in enumerate(chars)}, unk_token=None))
-    tk.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    tk.decoder = decoders.Fuse()
-    return _wrap(tk, base_size=len(chars))
+    return _wrap(raw(chars), base_size=len(chars))
 
 
 def bpe_tokenizer(tokenizer) -> PreTrainedTokenizerFast:
     """A trained ``tokenizers.Tokenizer`` (the ``text`` task's byte-level BPE) for transformers."""
+    return tokenizer_from_json(tokenizer.to_str())
+
+
+def tokenizer_from_json(text: str) -> PreTrainedTokenizerFast:
+    """A ``tokenizers`` JSON (what a task's ``tokenizer_json()`` gives and checkpoints keep)."""
     from tokenizers import Tokenizer
 
-    tk = Tokenizer.from_str(tokenizer.to_str())  # a copy: the pad token must not land in the task's
+    tk = Tokenizer.from_str(text)  # a fresh object: the pad token must not land in the task's
     return _wrap(tk, base_size=tk.get_vocab_size())
 
 
@@ -48,12 +48,10 @@ def _wrap(tk, base_size: int) -> PreTrainedTokenizerFast:
 
 def task_tokenizer(task) -> PreTrainedTokenizerFast:
     """The tokenizer of a matrec LM task: ``shakespeare`` (characters) or ``text`` (BPE)."""
-    if hasattr(task, "chars"):
-        return char_tokenizer(task.chars)
-    if hasattr(task, "tokenizer"):
-        return bpe_tokenizer(task.tokenizer)
-    raise ValueError(f"task {getattr(task, 'name', type(task).__name__)!r} has no vocabulary "
-                     f"(a character or BPE language-model task is needed)")
+    if not hasattr(task, "tokenizer_json"):
+        raise ValueError(f"task {getattr(task, 'name', type(task).__name__)!r} has no vocabulary "
+                         f"(a character or BPE language-model task is needed)")
+    return tokenizer_from_json(task.tokenizer_json())
 
 
 def vocab_size_without_pad(tokenizer) -> int:

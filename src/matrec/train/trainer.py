@@ -352,6 +352,8 @@ class Trainer:
                 "last_eval": self.last_eval,
                 "elapsed": self.elapsed,
                 "lr_factor": lr_factor(max(self.step - 1, 0), self.cfg),
+                # a text task's vocabulary, so a checkpoint converts (export-hf) without its data
+                **({"tokenizer": self.task.tokenizer_json()} if hasattr(self.task, "tokenizer_json") else {}),
             }
             path = save_checkpoint(self.ckpt_root, model=self.model, tensors=tensors, meta=meta)
         self._ckpt_step = self.step

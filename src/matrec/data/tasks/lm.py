@@ -103,6 +103,10 @@ class CharLM(TokenLM):
     def decode(self, ids) -> str:
         return "".join(self.chars[int(i)] for i in ids)
 
+    def tokenizer_json(self) -> str:
+        """The vocabulary as a ``tokenizers`` JSON (checkpoints keep it; see :func:`char_tokenizer`)."""
+        return char_tokenizer(self.chars).to_str()
+
 
 @TASKS.register("shakespeare_stream")
 class CharStream(StreamMixin, CharLM):
@@ -121,6 +125,19 @@ def _tokenizers():
     except ImportError as err:
         raise ImportError("the text task needs the tokenizers library: pip install 'matrec[workbench]'") from err
     return tokenizers
+
+
+def char_tokenizer(chars):
+    """A ``tokenizers.Tokenizer`` whose id ``i`` is the character ``chars[i]``: every character is
+    its own pre-token, looked up in a word-level vocabulary, and decoding concatenates."""
+    tk = _tokenizers()
+    chars = list(chars)
+    if not chars or any(not isinstance(c, str) or len(c) != 1 for c in chars) or len(set(chars)) != len(chars):
+        raise ValueError(f"chars must be distinct single characters, got {chars[:10]!r}...")
+    tokenizer = tk.Tokenizer(tk.models.WordLevel({c: i for i, c in enumerate(chars)}, unk_token=None))
+    tokenizer.pre_tokenizer = tk.pre_tokenizers.Split(tk.Regex(r"[\s\S]"), behavior="isolated")
+    tokenizer.decoder = tk.decoders.Fuse()
+    return tokenizer
 
 
 def _bpe_tokenizer(train_lines, vocab_size: int):
@@ -257,6 +274,10 @@ class TextLM(TokenLM):
 
     def decode(self, ids) -> str:
         return self.tokenizer.decode([int(i) for i in ids])
+
+    def tokenizer_json(self) -> str:
+        """The trained BPE tokenizer as JSON (checkpoints keep it)."""
+        return self.tokenizer.to_str()
 
 
 @TASKS.register("text_stream")
