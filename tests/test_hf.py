@@ -44,7 +44,8 @@ def make(key: str, seed: int = 0) -> MatrecForCausalLM:
 
 
 def test_import_matrec_does_not_import_transformers():
-    code = ("import sys, matrec, matrec.models; matrec.build_model('mru', vocab_size=5, output_size=5); "
+    code = ("import sys, matrec, matrec.models, matrec.cli; matrec.build_model('mru', vocab_size=5, "
+            "output_size=5); matrec.cli.build_parser(); "
             "assert 'transformers' not in sys.modules, 'transformers was imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
 
