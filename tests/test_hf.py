@@ -11,6 +11,7 @@ import torch
 pytest.importorskip("transformers")
 
 import matrec  # noqa: E402
+import matrec.hf  # noqa: E402
 from matrec.hf import MatrecCache, MatrecConfig, MatrecForCausalLM, config_from_model_spec  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 
@@ -337,3 +338,26 @@ def test_export_hf_bad_input_is_a_clear_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["export-hf", str(tmp_path / "copy"), str(tmp_path / "out")])
     assert e.value.code == 2 and "export-hf needs a language-model run" in capsys.readouterr().err
+
+
+@needs_shakespeare
+def test_a_workbench_run_fine_tunes_from_a_transformers_directory(tmp_path, capsys):
+    config = config_from_model_spec("mru", vocab_size=65, d_model=16, n_layers=1, n_heads=2)
+    MatrecForCausalLM(config).save_pretrained(tmp_path / "hf")
+    train = dict(task="shakespeare", task_args={"path": str(SHAKESPEARE_FILE), "seq_len": 16}, steps=3,
+                 batch_size=4, eval_every=3, eval_batches=1, ckpt_every=3, threads=1, progress=False,
+                 tensorboard=False, plot=False)
+    run = matrec.hf.workbench_run_from_hf(tmp_path / "hf", tmp_path / "run", **train)
+    _, _, start, _ = cli._load_for_inference(run)  # the step-0 checkpoint holds the hf weights
+    source = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    for k, v in source.model.state_dict().items():
+        assert torch.equal(start.state_dict()[k], v), k
+    assert cli.main(["train", "--resume", str(run), "--steps", "3"]) == 0
+    assert '"step": 3' in capsys.readouterr().out
+    assert cli.main(["export-hf", str(run), str(tmp_path / "tuned")]) == 0
+    tuned = AutoModelForCausalLM.from_pretrained(tmp_path / "tuned")
+    assert not torch.equal(tuned.model.encoder.weight, source.model.encoder.weight)  # it trained
+    with pytest.raises(ValueError, match="comes from"):
+        matrec.hf.workbench_run_from_hf(tmp_path / "hf", tmp_path / "x", model="lstm", **train)
+    with pytest.raises(ValueError, match=r"task .copy. has \d+ tokens but the model.*has 65"):
+        matrec.hf.workbench_run_from_hf(tmp_path / "hf", tmp_path / "y", **{**train, "task": "copy", "task_args": {}})

@@ -14,8 +14,10 @@ except ImportError as err:  # pragma: no cover - exercised only without the extr
 
 from .configuration import MatrecConfig, config_from_model_spec
 from .modeling import MatrecCache, MatrecForCausalLM
+from .export import export_hf, workbench_run_from_hf
 
 transformers.AutoConfig.register(MatrecConfig.model_type, MatrecConfig, exist_ok=True)
 transformers.AutoModelForCausalLM.register(MatrecConfig, MatrecForCausalLM, exist_ok=True)
 
-__all__ = ["MatrecConfig", "MatrecForCausalLM", "MatrecCache", "config_from_model_spec"]
+__all__ = ["MatrecConfig", "MatrecForCausalLM", "MatrecCache", "config_from_model_spec", "export_hf",
+           "workbench_run_from_hf"]

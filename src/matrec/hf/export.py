@@ -1,8 +1,11 @@
-"""``matrec export-hf RUN_DIR OUT_DIR``: a workbench checkpoint as a transformers directory.
+"""Workbench checkpoints <-> transformers directories.
 
-The output holds ``config.json`` (:class:`~matrec.hf.MatrecConfig`), ``model.safetensors``,
+``matrec export-hf RUN_DIR OUT_DIR`` (:func:`export_hf`) writes a checkpoint as a directory that
+holds ``config.json`` (:class:`~matrec.hf.MatrecConfig`), ``model.safetensors``,
 ``generation_config.json`` and the tokenizer files, and loads with ``import matrec.hf`` then
 ``AutoModelForCausalLM.from_pretrained(OUT_DIR)`` / ``AutoTokenizer.from_pretrained(OUT_DIR)``.
+:func:`workbench_run_from_hf` goes back: a run directory starting from a transformers directory's
+weights, which ``matrec train --resume`` fine-tunes.
 """
 from __future__ import annotations
 
@@ -46,6 +49,34 @@ def export_hf(run_dir: str | Path, out_dir: str | Path) -> Path:
     model.eval().save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+def workbench_run_from_hf(hf_dir: str | Path, run_dir: str | Path, **config) -> Path:
+    """Start a workbench run at ``run_dir`` from the weights in the transformers directory
+    ``hf_dir``: a step-0 checkpoint that ``matrec train --resume RUN_DIR --steps N`` fine-tunes.
+
+    ``config`` holds the other :class:`matrec.train.config.TrainConfig` fields (``task``,
+    ``task_args``, ``steps``, ``lr``, ...); the model and its arguments come from ``hf_dir``, and the
+    task's vocabulary must have the model's size.
+    """
+    from matrec.train import Trainer
+    from matrec.train.config import TrainConfig
+
+    for key in ("model", "model_args"):
+        if key in config:
+            raise ValueError(f"{key} comes from {str(hf_dir)!r}; do not pass it")
+    source = MatrecForCausalLM.from_pretrained(hf_dir)
+    name, model_args = source.config.model_kwargs()
+    vocab_size = model_args.pop("vocab_size")
+    model_args.pop("output_size")
+    trainer = Trainer(TrainConfig.from_dict({**config, "model": name, "model_args": model_args}),
+                      run_dir=run_dir)
+    if trainer.task.model_io()["vocab_size"] != vocab_size:
+        raise ValueError(f"the task {trainer.cfg.task!r} has {trainer.task.model_io()['vocab_size']} "
+                         f"tokens but the model in {str(hf_dir)!r} has {vocab_size}")
+    trainer.model.load_state_dict(source.model.state_dict())
+    trainer.save()
+    return Path(run_dir)
 
 
 def cmd_export_hf(args) -> int:
