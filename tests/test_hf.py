@@ -101,6 +101,12 @@ def test_config_errors(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "matrec", "vocab_size": 5}))
     with pytest.raises(ValueError, match="not a matrec model config.*backbone"):
         MatrecForCausalLM.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "vocab_size": 5}))
+    with pytest.raises(ValueError, match="not a matrec model: config.json has model_type 'gpt2'"):
+        MatrecForCausalLM.from_pretrained(tmp_path)
+    (tmp_path / "config.json").unlink()
+    with pytest.raises(ValueError, match="config.json is missing"):
+        MatrecForCausalLM.from_pretrained(tmp_path)
 
 
 @pytest.mark.parametrize("key", list(MODELS))

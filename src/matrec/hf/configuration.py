@@ -73,6 +73,11 @@ class MatrecConfig(PretrainedConfig):
         """As transformers' ``from_dict``, but a config.json missing a required field is an error
         naming it (a silent default would build a different model than the weights expect)."""
         backbone = config_dict.get("backbone")
+        if not config_dict:
+            raise ValueError("no matrec model config found: config.json is missing or empty")
+        if config_dict.get("model_type", cls.model_type) != cls.model_type:
+            raise ValueError(f"not a matrec model: config.json has model_type "
+                             f"{config_dict['model_type']!r}, expected {cls.model_type!r}")
         if backbone is None:
             raise ValueError("not a matrec model config: the field 'backbone' is missing "
                              f"(expected one of {list(BACKBONES)})")
