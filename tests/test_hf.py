@@ -367,3 +367,11 @@ def test_a_workbench_run_fine_tunes_from_a_transformers_directory(tmp_path, caps
         matrec.hf.workbench_run_from_hf(tmp_path / "hf", tmp_path / "x", model="lstm", **train)
     with pytest.raises(ValueError, match=r"task .copy. has \d+ tokens but the model.*has 65"):
         matrec.hf.workbench_run_from_hf(tmp_path / "hf", tmp_path / "y", **{**train, "task": "copy", "task_args": {}})
+
+
+def test_export_hf_without_transformers_names_the_extra(tmp_path):
+    code = ("import sys; sys.modules['transformers'] = None  # as if it were not installed\n"
+            "from matrec import cli\n"
+            f"cli.main(['export-hf', {str(tmp_path)!r}, {str(tmp_path / 'out')!r}])\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 2 and "pip install 'matrec[hf]'" in result.stderr, result.stderr

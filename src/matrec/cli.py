@@ -401,7 +401,8 @@ def build_parser() -> argparse.ArgumentParser:
 # the modules each command needs beyond torch + numpy (the `workbench` extra); tensorboard is
 # optional (metrics.jsonl is written without it) and tokenizers is checked by the text tasks
 EXTRAS = {"train": ["safetensors", "tqdm", "matplotlib"], "compare": ["safetensors", "tqdm", "matplotlib"],
-          "eval": ["safetensors"], "sample": ["safetensors"], "bench": []}
+          "eval": ["safetensors"], "sample": ["safetensors"], "bench": [],
+          "export-hf": ["safetensors"]}   # and transformers: matrec.hf names the hf extra itself
 
 
 def check_extras(command: str) -> None:
