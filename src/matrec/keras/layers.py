@@ -1,0 +1,365 @@
+"""Keras 3 MORNN: a drop-in for ``keras.layers.SimpleRNN`` whose recurrent matrix stays orthogonal.
+
+``h_t = phi(x_t @ kernel + bias + h_{t-1} @ W^T)`` with ``W = base @ f(A)`` (PyTorch's convention
+``W_hh``; Keras's ``recurrent_kernel`` is ``W^T``): ``A`` (``recurrent_A``, ``[H(H-1)/2]``) is the
+trainable parameter, ``f`` an orthogonal map, ``base`` (``recurrent_base``, ``[H, H]``) a
+non-trainable orthogonal matrix. Every ``refold_every`` training calls the base absorbs ``f(A)``
+(``base <- polar(base f(A))`` in float64, ``A <- 0``), so ``A`` stays small where the maps are most
+accurate and rounding never accumulates in the base. ``W`` is built once per call, outside the
+time loop, which runs in ``keras.ops.scan`` (``tf.while_loop`` on TensorFlow, ``lax.scan`` on JAX).
+"""
+from __future__ import annotations
+
+import keras
+import numpy as np
+from keras import ops
+
+from .orthogonal import (KERAS_MORNN_INITS, KERAS_ORTHOGONAL_MAPS, initial_matrix, lower_numel,
+                         orthogonal_from, orthogonality_error_np, polar, project_orthogonal_np)
+
+__all__ = ["MORNN", "MORNNCell", "ACTIVATIONS"]
+
+ACTIVATIONS = ("tanh", "relu", "linear", "modrelu")
+
+# SimpleRNN options that would make the recurrent matrix non-orthogonal, and why.
+_REFUSED = {
+    "recurrent_initializer": "the recurrent matrix is base @ f(A), initialised by recurrent_init "
+                             f"(one of {KERAS_MORNN_INITS}); a free initializer need not be orthogonal",
+    "recurrent_regularizer": "the recurrent matrix is exactly orthogonal, so a penalty on it either "
+                             "does nothing or pulls against the constraint",
+    "recurrent_constraint": "a constraint applied after each update would replace the orthogonal "
+                            "parametrisation by a matrix that need not be orthogonal",
+    "recurrent_dropout": "dropping units of the recurrent state makes the step matrix a masked, "
+                         "non-orthogonal one; use dropout (on the inputs) instead",
+}
+
+
+def _check_refused(kwargs: dict) -> None:
+    for key, why in _REFUSED.items():
+        if key not in kwargs:
+            continue
+        value = kwargs.pop(key)
+        # The values SimpleRNN.get_config writes for "off" are accepted, so its configs load.
+        if value is None or (key == "recurrent_dropout" and value == 0):
+            continue
+        raise ValueError(f"MORNN does not accept {key}={value!r}: {why}")
+
+
+def _modrelu(z, b):
+    return ops.sign(z) * ops.relu(ops.abs(z) + b)
+
+
+class MORNNCell(keras.layers.Layer):
+    """One step of :class:`MORNN`; holds its variables.
+
+    Variables: ``kernel [I, H]``, ``bias [H]`` (``use_bias``), ``recurrent_A [H(H-1)/2]``
+    (trainable), ``recurrent_base [H, H]`` (not trainable), ``modrelu_bias [H]`` (modrelu),
+    ``refold_count`` (int, not trainable: training calls since the layer was built).
+
+    Used alone in ``keras.layers.RNN(MORNNCell(...))`` it rebuilds ``W`` at every step and never
+    refolds; :class:`MORNN` builds ``W`` once per call and refolds.
+    """
+
+    def __init__(self, units, activation="tanh", use_bias=True, kernel_initializer="glorot_uniform",
+                 bias_initializer="zeros", kernel_regularizer=None, bias_regularizer=None,
+                 kernel_constraint=None, bias_constraint=None, orthogonal_map="cayley",
+                 recurrent_init="henaff", refold_every=100, seed=None, **kwargs):
+        _check_refused(kwargs)
+        super().__init__(**kwargs)
+        if not isinstance(units, (int, np.integer)) or isinstance(units, bool) or units <= 0:
+            raise ValueError(f"units must be a positive int, got {units!r}")
+        if activation is None:
+            activation = "linear"
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS} (None means 'linear'), got "
+                             f"{activation!r}")
+        if orthogonal_map not in KERAS_ORTHOGONAL_MAPS:
+            extra = (" ('expm' is PyTorch-only: keras.ops has no matrix exponential)"
+                     if orthogonal_map == "expm" else "")
+            raise ValueError(f"orthogonal_map must be one of {KERAS_ORTHOGONAL_MAPS}, got "
+                             f"{orthogonal_map!r}{extra}")
+        if recurrent_init not in KERAS_MORNN_INITS:
+            raise ValueError(f"recurrent_init must be one of {KERAS_MORNN_INITS}, got {recurrent_init!r}")
+        if not isinstance(refold_every, (int, np.integer)) or isinstance(refold_every, bool) or refold_every < 0:
+            raise ValueError(f"refold_every must be an int >= 0 (0: never), got {refold_every!r}")
+        if not isinstance(use_bias, bool):
+            raise ValueError(f"use_bias must be a bool, got {use_bias!r}")
+        self.units = int(units)
+        self.activation = activation
+        self.use_bias = use_bias
+        self.orthogonal_map = orthogonal_map
+        self.recurrent_init = recurrent_init
+        self.refold_every = int(refold_every)
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        self.bias_initializer = keras.initializers.get(bias_initializer)
+        self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
+        self.bias_regularizer = keras.regularizers.get(bias_regularizer)
+        self.kernel_constraint = keras.constraints.get(kernel_constraint)
+        self.bias_constraint = keras.constraints.get(bias_constraint)
+        self.seed = seed
+        self.state_size = self.units
+        self.output_size = self.units
+
+    def build(self, input_shape):
+        H = self.units
+        self.kernel = self.add_weight(shape=(input_shape[-1], H), name="kernel",
+                                      initializer=self.kernel_initializer,
+                                      regularizer=self.kernel_regularizer,
+                                      constraint=self.kernel_constraint)
+        self.recurrent_A = self.add_weight(shape=(lower_numel(H),), name="recurrent_A",
+                                           initializer="zeros")
+        # Marks A for orthogonal_optimizer (a smaller learning rate, no weight decay).
+        self.recurrent_A._matrec_orthogonal = True
+        self.recurrent_base = self.add_weight(shape=(H, H), name="recurrent_base",
+                                              initializer=self._base_initializer, trainable=False)
+        self.bias = (self.add_weight(shape=(H,), name="bias", initializer=self.bias_initializer,
+                                     regularizer=self.bias_regularizer, constraint=self.bias_constraint)
+                     if self.use_bias else None)
+        self.modrelu_bias = (self.add_weight(shape=(H,), name="modrelu_bias",
+                                             initializer=keras.initializers.RandomUniform(
+                                                 -0.01, 0.01, seed=self._sub_seed(1)))
+                             if self.activation == "modrelu" else None)
+        self.refold_count = self.add_weight(shape=(), name="refold_count", dtype="int64",
+                                            initializer="zeros", trainable=False)
+
+    def _sub_seed(self, k: int):
+        return None if self.seed is None else int(self.seed) + k
+
+    def _base_initializer(self, shape, dtype=None):
+        seed = self._sub_seed(2)
+        if seed is None:
+            # keras.utils.set_random_seed seeds this draw, so builds are reproducible
+            seed = int(ops.convert_to_numpy(keras.random.randint((), 0, 2**31 - 1)))
+        W = initial_matrix(self.recurrent_init, shape[0], np.random.default_rng(seed))
+        return ops.convert_to_tensor(W, dtype=dtype or "float32")
+
+    # --- the orthogonal matrix -------------------------------------------------------------
+
+    def _matrix_dtype(self):
+        return "float64" if self.variable_dtype == "float64" else "float32"
+
+    def recurrent_weight(self):
+        """``W = base @ f(A)`` ``[H, H]`` (PyTorch's ``weight_hh``; acts as ``h @ W^T``), built in
+        float32 (float64 for float64 variables) whatever the compute dtype, as a differentiable
+        function of ``A``."""
+        dt = self._matrix_dtype()
+        A = ops.cast(self.recurrent_A, dt)
+        base = ops.cast(self.recurrent_base, dt)
+        return ops.matmul(base, orthogonal_from(A, self.units, self.orthogonal_map))
+
+    @property
+    def recurrent_kernel(self):
+        """Keras's convention: ``h_t = phi(x_t @ kernel + bias + h_{t-1} @ recurrent_kernel)``."""
+        return ops.transpose(self.recurrent_weight())
+
+    def refold(self):
+        """Fold ``f(A)`` into the base and zero ``A``: ``base <- polar(base f(A))`` in float64."""
+        W = ops.matmul(ops.cast(self.recurrent_base, "float64"),
+                       orthogonal_from(ops.cast(self.recurrent_A, "float64"), self.units,
+                                       self.orthogonal_map))
+        self.recurrent_base.assign(ops.cast(polar(W), self.recurrent_base.dtype))
+        self.recurrent_A.assign(ops.zeros_like(self.recurrent_A))
+
+    def maybe_refold(self):
+        """Count one training call; refold on every ``refold_every``-th (inside compiled steps too)."""
+        if not self.refold_every:
+            return
+        self.refold_count.assign_add(ops.cast(1, "int64"))
+
+        def fold():
+            self.refold()
+            return ops.zeros(())
+
+        ops.cond(ops.equal(self.refold_count % self.refold_every, 0), fold, lambda: ops.zeros(()))
+
+    def reproject(self, tol=None):
+        """Replace the base by its polar factor if ``max|B^T B - I|`` exceeds ``tol`` (default 32
+        eps of its dtype: our own saves stay bit for bit); run eagerly, e.g. after set_weights."""
+        base = ops.convert_to_numpy(self.recurrent_base)
+        tol = 32 * np.finfo(base.dtype).eps if tol is None else tol
+        if orthogonality_error_np(base) > tol:
+            self.recurrent_base.assign(project_orthogonal_np(base).astype(base.dtype))
+
+    def load_own_variables(self, store):
+        super().load_own_variables(store)
+        # A base from another precision or an edited file is made exactly orthogonal again.
+        self.reproject()
+
+    # --- one step --------------------------------------------------------------------------
+
+    def phi(self, z):
+        if self.activation == "tanh":
+            return ops.tanh(z)
+        if self.activation == "relu":
+            return ops.relu(z)
+        if self.activation == "modrelu":
+            return _modrelu(z, ops.cast(self.modrelu_bias, z.dtype))
+        return z
+
+    def project_inputs(self, x):
+        """``x @ kernel + bias`` for ``x [..., I]`` -> ``[..., H]``."""
+        z = ops.matmul(x, ops.cast(self.kernel, x.dtype))
+        return z + ops.cast(self.bias, x.dtype) if self.use_bias else z
+
+    def call(self, inputs, states, training=False):
+        h = states[0] if isinstance(states, (list, tuple)) else states
+        W_t = ops.cast(self.recurrent_kernel, h.dtype)
+        h = self.phi(self.project_inputs(inputs) + ops.matmul(h, W_t))
+        return h, [h]
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "units": self.units,
+            "activation": self.activation,
+            "use_bias": self.use_bias,
+            "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
+            "bias_initializer": keras.initializers.serialize(self.bias_initializer),
+            "kernel_regularizer": keras.regularizers.serialize(self.kernel_regularizer),
+            "bias_regularizer": keras.regularizers.serialize(self.bias_regularizer),
+            "kernel_constraint": keras.constraints.serialize(self.kernel_constraint),
+            "bias_constraint": keras.constraints.serialize(self.bias_constraint),
+            "orthogonal_map": self.orthogonal_map,
+            "recurrent_init": self.recurrent_init,
+            "refold_every": self.refold_every,
+            "seed": self.seed,
+        }
+
+
+_CELL_ARGS = ("units", "activation", "use_bias", "kernel_initializer", "bias_initializer",
+              "kernel_regularizer", "bias_regularizer", "kernel_constraint", "bias_constraint",
+              "orthogonal_map", "recurrent_init", "refold_every", "seed")
+
+
+@keras.saving.register_keras_serializable(package="matrec")
+class MORNN(keras.layers.RNN):
+    """Drop-in for ``keras.layers.SimpleRNN`` with an orthogonal recurrent matrix.
+
+    Args (as SimpleRNN): units, activation ("tanh", "relu", "linear" or None, and "modrelu":
+        ``sign(z) relu(|z| + b)`` with a learned ``b [H]``), use_bias, kernel_initializer,
+        bias_initializer, kernel/bias regularizer and constraint, activity_regularizer, dropout
+        (on the inputs, one mask per sequence), return_sequences, return_state, go_backwards,
+        stateful, unroll, seed.
+    Extras: orthogonal_map ("cayley", "householder"), recurrent_init ("henaff", "cayley",
+        "random", "identity"), refold_every (training calls between refolds; 0: never).
+    Refused (they would break orthogonality): recurrent_initializer, recurrent_regularizer,
+        recurrent_constraint, recurrent_dropout.
+
+    Shapes: input ``[B, T, I]``, mask ``[B, T]``, initial_state ``[B, H]`` (or a list of one).
+    Output ``[B, T, H]`` (return_sequences) or ``[B, H]``; with return_state, also ``h_T [B, H]``.
+    """
+
+    def __init__(self, units, activation="tanh", use_bias=True, kernel_initializer="glorot_uniform",
+                 bias_initializer="zeros", kernel_regularizer=None, bias_regularizer=None,
+                 activity_regularizer=None, kernel_constraint=None, bias_constraint=None,
+                 dropout=0.0, return_sequences=False, return_state=False, go_backwards=False,
+                 stateful=False, unroll=False, seed=None, orthogonal_map="cayley",
+                 recurrent_init="henaff", refold_every=100, zero_output_for_mask=False, **kwargs):
+        _check_refused(kwargs)
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+            raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
+        cell = MORNNCell(units, activation=activation, use_bias=use_bias,
+                         kernel_initializer=kernel_initializer, bias_initializer=bias_initializer,
+                         kernel_regularizer=kernel_regularizer, bias_regularizer=bias_regularizer,
+                         kernel_constraint=kernel_constraint, bias_constraint=bias_constraint,
+                         orthogonal_map=orthogonal_map, recurrent_init=recurrent_init,
+                         refold_every=refold_every, seed=seed, dtype=kwargs.get("dtype"),
+                         trainable=kwargs.get("trainable", True), name="mornn_cell")
+        super().__init__(cell, return_sequences=return_sequences, return_state=return_state,
+                         go_backwards=go_backwards, stateful=stateful, unroll=unroll,
+                         zero_output_for_mask=zero_output_for_mask,
+                         activity_regularizer=activity_regularizer, **kwargs)
+        self.dropout = float(dropout)
+        self.seed = seed
+        self.seed_generator = keras.random.SeedGenerator(seed) if self.dropout else None
+        self.input_spec = keras.layers.InputSpec(ndim=3)
+
+    def recurrent_weight(self):
+        """The current orthogonal ``[H, H]`` (PyTorch's ``weight_hh`` convention)."""
+        return self.cell.recurrent_weight()
+
+    def refold(self):
+        self.cell.refold()
+
+    def call(self, sequences, initial_state=None, mask=None, training=False):
+        T = sequences.shape[1]
+        if mask is not None:
+            mask = mask[0] if isinstance(mask, (list, tuple)) else mask
+            if len(mask.shape) != 2 or (T is not None and mask.shape[1] is not None and mask.shape[1] != T):
+                raise ValueError(f"mask must be [batch, timesteps] = [B, {T}] for an input of shape "
+                                 f"{tuple(sequences.shape)}, got shape {tuple(mask.shape)}")
+        if initial_state is not None:
+            states = initial_state if isinstance(initial_state, (list, tuple)) else [initial_state]
+            B = sequences.shape[0]
+            if len(states) != 1 or len(states[0].shape) != 2 or states[0].shape[-1] != self.units or (
+                    B is not None and states[0].shape[0] is not None and states[0].shape[0] != B):
+                raise ValueError(f"initial_state must be one tensor [batch, units] = [{B}, {self.units}], "
+                                 f"got {[tuple(s.shape) for s in states]}")
+        if training and self.trainable and self.cell.refold_every:
+            self.cell.maybe_refold()
+        return super().call(sequences, initial_state=initial_state, mask=mask, training=training)
+
+    def inner_loop(self, sequences, initial_state, mask, training=False):
+        cell = self.cell
+        h0 = initial_state[0]                                   # [B, H]
+        if self.dropout and training:
+            # one input mask per sequence, as SimpleRNN's cell draws it once for all steps
+            keep = keras.random.dropout(ops.ones_like(sequences[:, 0, :]), self.dropout,
+                                        seed=self.seed_generator)
+            sequences = sequences * ops.expand_dims(keep, 1)
+        xp = ops.transpose(cell.project_inputs(sequences), (1, 0, 2))   # [T, B, H]
+        W_t = ops.cast(cell.recurrent_kernel, xp.dtype)         # [H, H], built once per call
+        if self.go_backwards:
+            xp = ops.flip(xp, 0)
+        phi = cell.phi
+        if mask is None:
+            def step(h, x_t):
+                h = phi(x_t + ops.matmul(h, W_t))
+                return h, h
+
+            h_T, outputs = ops.scan(step, h0, xp, unroll=self.unroll)  # [B, H], [T, B, H]
+            last = h_T
+        else:
+            m = ops.expand_dims(ops.transpose(ops.cast(mask, "bool"), (1, 0)), -1)  # [T, B, 1]
+            if self.go_backwards:
+                m = ops.flip(m, 0)
+            zero_out = self.zero_output_for_mask
+
+            # The carry holds the state and the last output: as in keras's rnn, a skipped step keeps
+            # the state and repeats the previous output (zeros before the first valid step).
+            def step(carry, inp):
+                h, out = carry
+                x_t, m_t = inp
+                h = ops.where(m_t, phi(x_t + ops.matmul(h, W_t)), h)
+                y = ops.where(m_t, h, ops.zeros_like(h) if zero_out else out)
+                return (h, y), (h, y)
+
+            (h_T, last), (_, outputs) = ops.scan(step, (h0, ops.zeros_like(h0)), (xp, m),
+                                                 unroll=self.unroll)
+        return last, ops.transpose(outputs, (1, 0, 2)), [h_T]
+
+    def get_config(self):
+        config = super().get_config()
+        config.pop("cell", None)
+        cell_config = self.cell.get_config()
+        config.update({k: cell_config[k] for k in _CELL_ARGS})
+        config["dropout"] = self.dropout
+        config["activity_regularizer"] = keras.regularizers.serialize(self.activity_regularizer)
+        return config
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        return cls(**config)
+
+
+keras.saving.register_keras_serializable(package="matrec")(MORNNCell)
+
+
+def _read_through(name):
+    return property(lambda self: getattr(self.cell, name), doc=f"The cell's ``{name}``.")
+
+
+# units, activation, orthogonal_map, kernel, ... read through to the cell, as SimpleRNN's properties do
+for _name in _CELL_ARGS[:-1] + ("recurrent_A", "recurrent_base", "kernel", "bias", "modrelu_bias",
+                                "refold_count", "recurrent_kernel"):
+    setattr(MORNN, _name, _read_through(_name))
