@@ -128,8 +128,9 @@ class MORNNCell(keras.layers.Layer):
     def _base_initializer(self, shape, dtype=None):
         seed = self._sub_seed(2)
         if seed is None:
-            # keras.utils.set_random_seed seeds this draw, so builds are reproducible
-            seed = int(ops.convert_to_numpy(keras.random.randint((), 0, 2**31 - 1)))
+            # numpy's global generator: keras.utils.set_random_seed seeds it, and unlike a keras.random
+            # draw it gives a number when the layer is built inside a traced function too
+            seed = int(np.random.randint(0, 2**31 - 1))
         W = initial_matrix(self.recurrent_init, shape[0], np.random.default_rng(seed))
         return ops.convert_to_tensor(W, dtype=dtype or "float32")
 

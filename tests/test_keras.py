@@ -1,0 +1,394 @@
+"""matrec.keras: the Keras 3 MORNN on the backend KERAS_BACKEND names (default TensorFlow).
+
+The torch backend runs the portable tests of this module in a subprocess (test_torch_backend):
+Keras fixes its backend at import, and this process already has TensorFlow's.
+"""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# matrec.keras before anything imports keras: Triton must load before TensorFlow (see its __init__)
+pytest.importorskip("matrec.keras", reason="matrec[keras] not installed", exc_type=ImportError)
+
+import matrec  # noqa: E402
+from matrec.keras import (MORNN, from_torch, load_from_torch, orthogonal_optimizer,  # noqa: E402
+                          orthogonality_report, to_torch)
+
+import keras  # noqa: E402  (after matrec.keras: Triton must load before TensorFlow)
+from keras import ops  # noqa: E402
+
+BACKEND = keras.backend.backend()
+ROOT = Path(__file__).resolve().parents[1]
+tf_only = pytest.mark.skipif(BACKEND != "tensorflow", reason="TensorFlow-only (SavedModel, tf.function)")
+
+
+def np_(x):
+    return np.asarray(ops.convert_to_numpy(x))
+
+
+def orth_error(layer) -> float:
+    W = np_(layer.recurrent_weight()).astype(np.float64)
+    return float(np.abs(W.T @ W - np.eye(W.shape[0])).max())
+
+
+@pytest.fixture
+def x():
+    return np.random.default_rng(0).standard_normal((3, 7, 5)).astype("float32")
+
+
+# --- SimpleRNN surface ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("return_sequences", [False, True])
+@pytest.mark.parametrize("return_state", [False, True])
+@pytest.mark.parametrize("go_backwards", [False, True])
+def test_shapes_as_simplernn(x, return_sequences, return_state, go_backwards):
+    kw = dict(return_sequences=return_sequences, return_state=return_state, go_backwards=go_backwards)
+    ours, theirs = MORNN(6, **kw)(x), keras.layers.SimpleRNN(6, **kw)(x)
+    flat = lambda o: [tuple(t.shape) for t in (o if isinstance(o, (list, tuple)) else [o])]  # noqa: E731
+    assert flat(ours) == flat(theirs)
+
+
+@pytest.mark.parametrize("T", [1, 7, 100])
+@pytest.mark.parametrize("activation", ["tanh", "relu", "linear", "modrelu"])
+def test_matches_a_plain_loop(activation, T):
+    """The scan against the definition, step by step in numpy, with the layer's own weights."""
+    x = np.random.default_rng(T).standard_normal((2, T, 3)).astype("float32")
+    layer = MORNN(5, activation=activation, return_sequences=True, return_state=True, use_bias=True,
+                  bias_initializer="random_normal", recurrent_init="random")
+    out, h_T = layer(x)
+    K, b, W = np_(layer.kernel), np_(layer.bias), np_(layer.recurrent_weight())
+    h = np.zeros((2, 5), np.float32)
+    ref = []
+    for t in range(T):
+        z = x[:, t] @ K + b + h @ W.T
+        if activation == "tanh":
+            h = np.tanh(z)
+        elif activation == "relu":
+            h = np.maximum(z, 0)
+        elif activation == "modrelu":
+            h = np.sign(z) * np.maximum(np.abs(z) + np_(layer.modrelu_bias), 0)
+        else:
+            h = z
+        ref.append(h)
+    np.testing.assert_allclose(np_(out), np.stack(ref, 1), atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(np_(h_T), ref[-1], atol=1e-5, rtol=1e-5)
+
+
+def test_go_backwards_is_the_reversed_sequence(x):
+    fwd = MORNN(4, return_sequences=True, seed=1)
+    bwd = MORNN.from_config({**fwd.get_config(), "go_backwards": True})
+    fwd(x), bwd(x)
+    bwd.set_weights(fwd.get_weights())
+    np.testing.assert_allclose(np_(bwd(x)), np_(fwd(x[:, ::-1])), atol=1e-6)
+
+
+def test_masking_with_embedding_mask_zero():
+    """Padding after each sequence changes nothing, as with SimpleRNN: the last output and state
+    equal those of the unpadded sequence."""
+    rng = np.random.default_rng(1)
+    ids = rng.integers(1, 10, (3, 6))
+    lengths = [6, 4, 1]
+    for i, n in enumerate(lengths):
+        ids[i, n:] = 0
+    emb = keras.layers.Embedding(10, 4, mask_zero=True)
+    rnn = MORNN(5, return_state=True)
+    out, h = rnn(emb(ids))
+    for i, n in enumerate(lengths):
+        o1, h1 = rnn(emb(ids[i:i + 1, :n]))
+        np.testing.assert_allclose(np_(out)[i], np_(o1)[0], atol=1e-6)
+        np.testing.assert_allclose(np_(h)[i], np_(h1)[0], atol=1e-6)
+    # the model-level mask path (Sequential propagates the Embedding's mask)
+    model = keras.Sequential([keras.Input((6,), dtype="int32"), emb, MORNN(5, return_sequences=True)])
+    assert model(ids).shape == (3, 6, 5)
+
+
+def test_stateful_continues_the_sequence(x):
+    whole = MORNN(4, return_sequences=True, seed=2)
+    parts = MORNN.from_config({**whole.get_config(), "stateful": True})
+    whole(x), parts(x)
+    parts.set_weights(whole.get_weights())
+    parts.reset_state()
+    y = np.concatenate([np_(parts(x[:, :3])), np_(parts(x[:, 3:]))], axis=1)
+    np.testing.assert_allclose(y, np_(whole(x)), atol=1e-6)
+
+
+def test_initial_state_and_dropout(x):
+    layer = MORNN(4, dropout=0.5, seed=3, return_sequences=True)
+    h0 = np.ones((3, 4), "float32")
+    a, b = np_(layer(x, initial_state=h0)), np_(layer(x))
+    assert not np.allclose(a, b)
+    # dropout acts in training only
+    np.testing.assert_array_equal(np_(layer(x)), b)
+    t1, t2 = np_(layer(x, training=True)), np_(layer(x, training=True))
+    assert not np.allclose(t1, t2) and not np.allclose(t1, b)
+
+
+def test_bidirectional_and_config_roundtrip(x):
+    layer = MORNN(4, activation="modrelu", orthogonal_map="householder", recurrent_init="cayley",
+                  refold_every=7, return_sequences=True, use_bias=False, name="m")
+    cfg = layer.get_config()
+    again = MORNN.from_config(cfg)
+    assert again.get_config() == cfg
+    assert (again.units, again.activation, again.orthogonal_map, again.recurrent_init) == \
+        (4, "modrelu", "householder", "cayley")
+    bi = keras.layers.Bidirectional(layer)
+    assert bi(x).shape == (3, 7, 8)
+    assert bi.backward_layer.go_backwards and bi.backward_layer.orthogonal_map == "householder"
+    # a SimpleRNN config's "off" values load (a config written for SimpleRNN, units/activation kept)
+    simple = {k: v for k, v in keras.layers.SimpleRNN(4).get_config().items() if k != "recurrent_initializer"}
+    assert MORNN.from_config(simple).units == 4
+
+
+def test_recurrent_init_schemes_are_orthogonal(x):
+    for init in ("henaff", "cayley", "random", "identity"):
+        layer = MORNN(9, recurrent_init=init)
+        layer(x)
+        assert orth_error(layer) <= 1e-6
+        if init == "identity":
+            np.testing.assert_array_equal(np_(layer.recurrent_weight()), np.eye(9))
+
+
+# --- refused options and bad input ------------------------------------------------------------
+
+@pytest.mark.parametrize("key,value", [("recurrent_initializer", "orthogonal"),
+                                       ("recurrent_regularizer", "l2"),
+                                       ("recurrent_constraint", "max_norm"),
+                                       ("recurrent_dropout", 0.2)])
+def test_options_that_break_orthogonality_are_refused(key, value):
+    with pytest.raises(ValueError, match=f"MORNN does not accept {key}=.*(orthogonal|masked)"):
+        MORNN(4, **{key: value})
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"activation": "sigmoid"}, "activation must be one of"),
+    ({"orthogonal_map": "expm"}, "orthogonal_map must be one of .*keras.ops has no matrix exponential"),
+    ({"orthogonal_map": "qr"}, "orthogonal_map must be one of"),
+    ({"recurrent_init": "xavier"}, "recurrent_init must be one of"),
+    ({"refold_every": -1}, "refold_every must be an int >= 0"),
+    ({"dropout": 1.5}, "dropout must be a number in"),
+])
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        MORNN(4, **kwargs)
+
+
+@pytest.mark.parametrize("units", [0, -3, 2.5, True])
+def test_bad_units(units):
+    with pytest.raises(ValueError, match="units must be a positive int"):
+        MORNN(units)
+
+
+def test_bad_shapes(x):
+    layer = MORNN(4)
+    with pytest.raises(ValueError, match="ndim=3"):
+        layer(x[:, 0])
+    with pytest.raises(ValueError, match=r"initial_state must be one tensor \[batch, units\] = \[3, 4\]"):
+        layer(x, initial_state=np.zeros((3, 5), "float32"))
+    with pytest.raises(ValueError, match=r"mask must be \[batch, timesteps\] = \[B, 7\]"):
+        layer(x, mask=np.ones((3, 6), bool))
+
+
+# --- orthogonality: once per call, after training, after save/load ---------------------------
+
+def test_recurrent_matrix_is_built_once_per_call(x, monkeypatch):
+    layer = MORNN(4)
+    layer(x)
+    calls = []
+    original = type(layer.cell).recurrent_weight
+    monkeypatch.setattr(type(layer.cell), "recurrent_weight",
+                        lambda self: calls.append(1) or original(self))
+    layer(np.concatenate([x] * 5, axis=1))  # 35 steps
+    assert len(calls) == 1
+
+
+@pytest.mark.parametrize("orthogonal_map", ["cayley", "householder"])
+def test_orthogonal_after_500_steps_and_after_save_load(orthogonal_map, tmp_path):
+    keras.utils.set_random_seed(5)
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((16 * 500, 6, 3)).astype("float32")
+    y = np.tanh(x.sum(1) @ rng.standard_normal((3, 8))).astype("float32")
+    model = keras.Sequential([keras.Input((6, 3)),
+                              MORNN(8, orthogonal_map=orthogonal_map, recurrent_init="random")])
+    # a high learning rate, on the orthogonal parameters too (the recipe would use a tenth)
+    model.compile(optimizer=keras.optimizers.Adam(0.05), loss="mse")
+    before = model.evaluate(x[:256], y[:256], verbose=0)
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0, shuffle=False)   # 500 steps
+    layer = model.layers[0]
+    assert int(np_(layer.refold_count)) == 500  # so 5 refolds happened
+    assert model.evaluate(x[:256], y[:256], verbose=0) < 0.5 * before
+    assert orth_error(layer) <= 1e-5
+    report = orthogonality_report(model)
+    assert list(report) == [f"{layer.cell.path}/orth_error"] and report[f"{layer.cell.path}/orth_error"] <= 1e-5
+    path = tmp_path / "m.keras"
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    assert orth_error(loaded.layers[0]) <= 1e-5
+    np.testing.assert_allclose(loaded.predict(x[:32], verbose=0), model.predict(x[:32], verbose=0), atol=1e-6)
+
+
+def test_load_reprojects_a_perturbed_base(x, tmp_path):
+    model = keras.Sequential([keras.Input((7, 5)), MORNN(6)])
+    base = model.layers[0].recurrent_base
+    base.assign(np_(base) + 1e-3 * np.random.default_rng(0).standard_normal((6, 6)).astype("float32"))
+    assert orth_error(model.layers[0]) > 1e-4
+    model.save(tmp_path / "p.keras")
+    assert orth_error(keras.models.load_model(tmp_path / "p.keras").layers[0]) <= 1e-6
+
+
+def test_orthogonal_optimizer_is_the_recipe(x, tmp_path):
+    """SGD: the orthogonal parameters move by exactly a tenth of what plain SGD moves them; the
+    other variables as plain SGD; the optimizer saves and loads with the model."""
+    def make():
+        keras.utils.set_random_seed(7)
+        m = keras.Sequential([keras.Input((7, 5)), MORNN(4, refold_every=0), keras.layers.Dense(1)])
+        return m
+
+    y = np.ones((3, 1), "float32")
+    moved = {}
+    for name, opt in (("plain", keras.optimizers.SGD(0.5)), ("recipe", orthogonal_optimizer("sgd", 0.5))):
+        m = make()
+        start = [np_(v) for v in m.trainable_variables]
+        m.compile(optimizer=opt, loss="mse")
+        m.train_on_batch(x, y)
+        moved[name] = {v.name: np_(v) - s for v, s in zip(m.trainable_variables, start)}
+    np.testing.assert_allclose(moved["recipe"]["recurrent_A"], 0.1 * moved["plain"]["recurrent_A"],
+                               rtol=1e-4, atol=1e-9)
+    assert np.abs(moved["plain"]["recurrent_A"]).max() > 1e-4
+    np.testing.assert_allclose(moved["recipe"]["kernel"], moved["plain"]["kernel"], rtol=1e-5, atol=1e-9)
+    m.save(tmp_path / "o.keras")
+    loaded = keras.models.load_model(tmp_path / "o.keras")
+    assert type(loaded.optimizer).__name__ == "OrthogonalSGD" and loaded.optimizer.orthogonal_scale == 0.1
+    with pytest.raises(ValueError, match="optimizer must be one of"):
+        orthogonal_optimizer("lion")
+    with pytest.raises(ValueError, match="orthogonal_scale must be a positive number"):
+        orthogonal_optimizer("adam", orthogonal_scale=0)
+
+
+# --- parity with the PyTorch MORNN ------------------------------------------------------------
+
+def _torch_mornn(activation, layers, bidirectional, seed=0):
+    torch.manual_seed(seed)
+    m = matrec.MORNN(5, 8, layers, nonlinearity=activation, batch_first=True,
+                     bidirectional=bidirectional, init="random").eval()
+    with torch.no_grad():  # a W away from the base, so the map itself is exercised by the conversion
+        for name, p in m.named_parameters():
+            if name.endswith("_A"):
+                p.normal_(0, 0.1)
+    return m
+
+
+@pytest.mark.parametrize("activation", ["tanh", "relu", "identity", "modrelu"])
+@pytest.mark.parametrize("layers,bidirectional", [(1, False), (2, True)])
+def test_parity_with_pytorch_both_ways(activation, layers, bidirectional, x):
+    tm = _torch_mornn(activation, layers, bidirectional)
+    with torch.no_grad():
+        ref, h_ref = (t.numpy() for t in tm(torch.from_numpy(x)))
+    stack = from_torch(tm)
+    y = x
+    for layer in stack:
+        y = layer(y)
+    np.testing.assert_allclose(np_(y), ref, atol=1e-5)
+    # the final state of the last layer's forward direction
+    last = stack[-1].forward_layer if bidirectional else stack[-1]
+    cfg = {**last.get_config(), "return_state": True}
+    probe = MORNN.from_config(cfg)
+    probe(np_(stack[-2](x)) if layers == 2 else x)
+    probe.set_weights(last.get_weights())
+    _, h = probe(np_(stack[-2](x)) if layers == 2 else x)
+    np.testing.assert_allclose(np_(h), h_ref[(layers - 1) * (2 if bidirectional else 1)], atol=1e-5)
+    # and back: Keras -> PyTorch gives the same outputs
+    back = to_torch(stack)
+    with torch.no_grad():
+        np.testing.assert_allclose(back(torch.from_numpy(x))[0].numpy(), ref, atol=1e-5)
+
+
+def test_parity_after_keras_training_and_masked_bidirectional():
+    """Keras-trained weights (A away from 0, any map) move to PyTorch; with padding, Keras's masked
+    Bidirectional equals PyTorch on a PackedSequence at every valid step."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((3, 6, 5)).astype("float32")
+    lengths = [6, 3, 1]
+    mask = np.arange(6)[None, :] < np.array(lengths)[:, None]
+    bi = keras.layers.Bidirectional(MORNN(8, activation="modrelu", orthogonal_map="householder",
+                                          return_sequences=True))
+    bi(x)
+    for rnn in (bi.forward_layer, bi.backward_layer):
+        rnn.recurrent_A.assign(rng.normal(0, 0.1, rnn.recurrent_A.shape).astype("float32"))
+    y = np_(bi(x, mask=mask))
+    tm = to_torch(bi)
+    packed = torch.nn.utils.rnn.pack_padded_sequence(torch.from_numpy(x), torch.tensor(lengths),
+                                                     batch_first=True, enforce_sorted=False)
+    with torch.no_grad():
+        ref = torch.nn.utils.rnn.pad_packed_sequence(tm(packed)[0], batch_first=True)[0].numpy()
+    for i, n in enumerate(lengths):
+        np.testing.assert_allclose(y[i, :n], ref[i, :n], atol=1e-5)
+    # and a torch module's weights load into an existing layer
+    bi2 = keras.layers.Bidirectional(MORNN(8, activation="modrelu", return_sequences=True))
+    bi2(x)
+    load_from_torch(bi2, tm)
+    np.testing.assert_allclose(np_(bi2(x, mask=mask)), y, atol=1e-5)
+    tanh = keras.layers.Bidirectional(MORNN(8, return_sequences=True))
+    tanh(x)
+    with pytest.raises(ValueError, match="does not match module"):
+        load_from_torch(tanh, tm)
+
+
+# --- compiled loop, training example, deployment --------------------------------------------------
+
+@tf_only
+def test_time_loop_is_a_graph_loop_on_tensorflow():
+    import tensorflow as tf
+
+    layer = MORNN(4)
+    sizes = []
+    for T in (5, 50):
+        graph = tf.function(layer).get_concrete_function(tf.TensorSpec((2, T, 3), tf.float32)).graph
+        ops_ = graph.get_operations()
+        assert any(op.type in ("While", "StatelessWhile") for op in ops_)
+        sizes.append(len(ops_))
+    assert sizes[0] == sizes[1]  # not unrolled: the graph does not grow with T
+
+
+def test_copy_task_small_delay():
+    """examples/keras_copy.py: model.fit on matrec's copy task, delay 10, recall >= 0.99."""
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        import keras_copy
+    finally:
+        sys.path.pop(0)
+    task = matrec.data.tasks.build_task("copy", delay=10)
+    model = keras_copy.build_model("mornn", 64, task, lr=3e-3, seed=0)
+    rows = keras_copy.train(model, task, steps=300, batch_size=32, every=300, log=lambda s: None)
+    assert rows[-1][3] >= 0.99
+
+
+@tf_only
+def test_savedmodel_export_reloads_with_the_same_outputs(x, tmp_path):
+    import tensorflow as tf
+
+    model = keras.Sequential([keras.Input((7, 5)), MORNN(6, activation="modrelu", return_sequences=True),
+                              keras.layers.Dense(2)])
+    model.export(str(tmp_path / "saved"), verbose=False)
+    reloaded = tf.saved_model.load(str(tmp_path / "saved"))
+    np.testing.assert_allclose(reloaded.serve(tf.constant(x)).numpy(), np_(model(x)), atol=1e-6)
+
+
+# --- the other backend --------------------------------------------------------------------------
+
+@tf_only
+@pytest.mark.slow
+def test_torch_backend():
+    """This module's backend-independent tests on Keras's torch backend, in a subprocess."""
+    env = {**os.environ, "KERAS_BACKEND": "torch", "PYTHONPATH": str(ROOT / "src")}
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__,
+                        "-k", "not torch_backend and not copy_task"],
+                       env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    assert " passed" in r.stdout and " failed" not in r.stdout
