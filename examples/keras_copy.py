@@ -25,8 +25,10 @@ from matrec.keras import MORNN, orthogonal_optimizer
 import keras  # after matrec.keras: see the note on Triton and TensorFlow in matrec/keras/__init__.py
 
 
-def build_model(kind: str, hidden: int, task, embed: int = 10, lr: float = 1e-3, seed: int = 0):
-    """Embedding -> ``kind`` ("mornn", "simplernn", "lstm") -> Dense logits, compiled."""
+def build_model(kind: str, hidden: int, task, embed: int = 10, lr: float = 1e-3, seed: int = 0,
+                batch_size: int | None = None):
+    """Embedding -> ``kind`` ("mornn", "simplernn", "lstm") -> Dense logits, compiled
+    (``batch_size``: a fixed batch dimension, for exporters that need static shapes)."""
     keras.utils.set_random_seed(seed)
     if kind == "mornn":
         rnn = MORNN(hidden, activation="modrelu", recurrent_init="henaff", return_sequences=True)
@@ -39,7 +41,7 @@ def build_model(kind: str, hidden: int, task, embed: int = 10, lr: float = 1e-3,
         opt = keras.optimizers.RMSprop(lr, clipnorm=1.0)
     else:
         raise ValueError(f"kind must be 'mornn', 'simplernn' or 'lstm', got {kind!r}")
-    model = keras.Sequential([keras.Input((task.length,), dtype="int32"),
+    model = keras.Sequential([keras.Input(batch_shape=(batch_size, task.length), dtype="int32"),
                               keras.layers.Embedding(task.vocab_size, embed), rnn,
                               keras.layers.Dense(task.output_size)])
     model.compile(optimizer=opt, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))

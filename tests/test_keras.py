@@ -380,6 +380,35 @@ def test_savedmodel_export_reloads_with_the_same_outputs(x, tmp_path):
     np.testing.assert_allclose(reloaded.serve(tf.constant(x)).numpy(), np_(model(x)), atol=1e-6)
 
 
+def test_speed_benchmark_prints_every_row(capsys):
+    from support import load_benchmark
+
+    load_benchmark("keras_mornn").main(["--batch", "2", "--seq", "3", "--hidden", "4", "--large-hidden", "5",
+                                        "--repeats", "1", "--warmup", "0"])
+    rows = {line.split("|")[1].strip(): line for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| ") and "model" not in line}
+    assert set(rows) == {"SimpleRNN tanh", "LSTM", "MORNN tanh", "MORNN relu", "MORNN modrelu",
+                         "MORNN tanh householder"}
+    assert all(len(line.split("|")[2:-1]) == 2 for line in rows.values())
+    assert "(1.00x)" in rows["SimpleRNN tanh"]
+
+
+@tf_only
+def test_tflite_builtins_convert_a_fixed_batch_model(x):
+    """Recorded in benchmarks/results/keras_export.md: with static shapes the time loop converts to
+    TFLite builtin ops and runs in the interpreter with the Keras outputs."""
+    import tensorflow as tf
+
+    model = keras.Sequential([keras.Input(batch_shape=x.shape), MORNN(6, activation="modrelu",
+                                                                     return_sequences=True)])
+    interp = tf.lite.Interpreter(model_content=tf.lite.TFLiteConverter.from_keras_model(model).convert())
+    interp.allocate_tensors()
+    interp.set_tensor(interp.get_input_details()[0]["index"], x)
+    interp.invoke()
+    out = interp.get_tensor(interp.get_output_details()[0]["index"])
+    np.testing.assert_allclose(out, np_(model(x)), atol=1e-5)
+
+
 # --- the other backend --------------------------------------------------------------------------
 
 @tf_only
