@@ -273,6 +273,21 @@ def test_orthogonal_optimizer_is_the_recipe(x, tmp_path):
 
 # --- parity with the PyTorch MORNN ------------------------------------------------------------
 
+@pytest.mark.parametrize("orthogonal_map", ["cayley", "householder"])
+def test_orthogonal_maps_match_pytorch(orthogonal_map):
+    from matrec.keras.orthogonal import orthogonal_from
+    from matrec.ops.orthogonal import lower_to_square
+    from matrec.ops.orthogonal import orthogonal_from as torch_orthogonal_from
+
+    for n in (1, 2, 7):
+        A = np.random.default_rng(n).normal(0, 0.7, n * (n - 1) // 2)
+        ref = torch_orthogonal_from(lower_to_square(torch.from_numpy(A), n), orthogonal_map).numpy()
+        got = np_(orthogonal_from(ops.convert_to_tensor(A), n, orthogonal_map))
+        np.testing.assert_allclose(got, ref, atol=1e-12)
+        np.testing.assert_allclose(np_(orthogonal_from(ops.zeros((n * (n - 1) // 2,), "float64"), n,
+                                                        orthogonal_map)), np.eye(n), atol=0)
+
+
 def _torch_mornn(activation, layers, bidirectional, seed=0):
     torch.manual_seed(seed)
     m = matrec.MORNN(5, 8, layers, nonlinearity=activation, batch_first=True,
