@@ -59,6 +59,7 @@ def test_shapes_as_simplernn(x, return_sequences, return_state, go_backwards):
 @pytest.mark.parametrize("activation", ["tanh", "relu", "linear", "modrelu"])
 def test_matches_a_plain_loop(activation, T):
     """The scan against the definition, step by step in numpy, with the layer's own weights."""
+    keras.utils.set_random_seed(T)
     x = np.random.default_rng(T).standard_normal((2, T, 3)).astype("float32")
     layer = MORNN(5, activation=activation, return_sequences=True, return_state=True, use_bias=True,
                   bias_initializer="random_normal", recurrent_init="random")
@@ -77,8 +78,11 @@ def test_matches_a_plain_loop(activation, T):
         else:
             h = z
         ref.append(h)
-    np.testing.assert_allclose(np_(out), np.stack(ref, 1), atol=1e-5, rtol=1e-5)
-    np.testing.assert_allclose(np_(h_T), ref[-1], atol=1e-5, rtol=1e-5)
+    ref = np.stack(ref, 1)
+    # linear and modReLU states grow along the sequence: float32 agreement relative to their size
+    tol = 1e-5 * max(1.0, float(np.abs(ref).max()))
+    np.testing.assert_allclose(np_(out), ref, atol=tol, rtol=0)
+    np.testing.assert_allclose(np_(h_T), ref[:, -1], atol=tol, rtol=0)
 
 
 def test_go_backwards_is_the_reversed_sequence(x):
@@ -233,6 +237,17 @@ def test_orthogonal_after_500_steps_and_after_save_load(orthogonal_map, tmp_path
     np.testing.assert_allclose(loaded.predict(x[:32], verbose=0), model.predict(x[:32], verbose=0), atol=1e-6)
 
 
+def test_refold_keeps_the_matrix_and_zeroes_A(x):
+    layer = MORNN(6, orthogonal_map="householder")
+    layer(x)
+    layer.recurrent_A.assign(np.random.default_rng(0).normal(0, 0.3, 15).astype("float32"))
+    W = np_(layer.recurrent_weight())
+    layer.refold()
+    np.testing.assert_array_equal(np_(layer.recurrent_A), 0)
+    np.testing.assert_allclose(np_(layer.recurrent_weight()), W, atol=2e-6)
+    assert orth_error(layer) <= 1e-6
+
+
 def test_load_reprojects_a_perturbed_base(x, tmp_path):
     model = keras.Sequential([keras.Input((7, 5)), MORNN(6)])
     base = model.layers[0].recurrent_base
@@ -282,7 +297,7 @@ def test_orthogonal_maps_match_pytorch(orthogonal_map):
     for n in (1, 2, 7):
         A = np.random.default_rng(n).normal(0, 0.7, n * (n - 1) // 2)
         ref = torch_orthogonal_from(lower_to_square(torch.from_numpy(A), n), orthogonal_map).numpy()
-        got = np_(orthogonal_from(ops.convert_to_tensor(A), n, orthogonal_map))
+        got = np_(orthogonal_from(ops.convert_to_tensor(A, dtype="float64"), n, orthogonal_map))
         np.testing.assert_allclose(got, ref, atol=1e-12)
         np.testing.assert_allclose(np_(orthogonal_from(ops.zeros((n * (n - 1) // 2,), "float64"), n,
                                                         orthogonal_map)), np.eye(n), atol=0)

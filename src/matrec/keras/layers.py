@@ -6,16 +6,18 @@ trainable parameter, ``f`` an orthogonal map, ``base`` (``recurrent_base``, ``[H
 non-trainable orthogonal matrix. Every ``refold_every`` training calls the base absorbs ``f(A)``
 (``base <- polar(base f(A))`` in float64, ``A <- 0``), so ``A`` stays small where the maps are most
 accurate and rounding never accumulates in the base. ``W`` is built once per call, outside the
-time loop, which runs in ``keras.ops.scan`` (``tf.while_loop`` on TensorFlow, ``lax.scan`` on JAX).
+time loop, which is keras.layers.RNN's own (``tf.while_loop`` on TensorFlow, ``lax.scan`` on JAX).
 """
 from __future__ import annotations
 
 import keras
 import numpy as np
 from keras import ops
+# The time loop keras.layers.RNN runs (not exported by keras; its version is pinned in matrec[keras]).
+from keras.src.backend import rnn as _backend_rnn
 
 from .orthogonal import (KERAS_MORNN_INITS, KERAS_ORTHOGONAL_MAPS, initial_matrix, lower_numel,
-                         orthogonal_from, orthogonality_error_np, polar, project_orthogonal_np)
+                         matmul2d, orthogonal_from, orthogonality_error_np, polar, project_orthogonal_np)
 
 __all__ = ["MORNN", "MORNNCell", "ACTIVATIONS"]
 
@@ -146,7 +148,7 @@ class MORNNCell(keras.layers.Layer):
         dt = self._matrix_dtype()
         A = ops.cast(self.recurrent_A, dt)
         base = ops.cast(self.recurrent_base, dt)
-        return ops.matmul(base, orthogonal_from(A, self.units, self.orthogonal_map))
+        return matmul2d(base, orthogonal_from(A, self.units, self.orthogonal_map))
 
     @property
     def recurrent_kernel(self):
@@ -155,9 +157,9 @@ class MORNNCell(keras.layers.Layer):
 
     def refold(self):
         """Fold ``f(A)`` into the base and zero ``A``: ``base <- polar(base f(A))`` in float64."""
-        W = ops.matmul(ops.cast(self.recurrent_base, "float64"),
-                       orthogonal_from(ops.cast(self.recurrent_A, "float64"), self.units,
-                                       self.orthogonal_map))
+        W = matmul2d(ops.cast(self.recurrent_base, "float64"),
+                     orthogonal_from(ops.cast(self.recurrent_A, "float64"), self.units,
+                                     self.orthogonal_map))
         self.recurrent_base.assign(ops.cast(polar(W), self.recurrent_base.dtype))
         self.recurrent_A.assign(ops.zeros_like(self.recurrent_A))
 
@@ -302,42 +304,25 @@ class MORNN(keras.layers.RNN):
 
     def inner_loop(self, sequences, initial_state, mask, training=False):
         cell = self.cell
-        h0 = initial_state[0]                                   # [B, H]
         if self.dropout and training:
             # one input mask per sequence, as SimpleRNN's cell draws it once for all steps
             keep = keras.random.dropout(ops.ones_like(sequences[:, 0, :]), self.dropout,
                                         seed=self.seed_generator)
             sequences = sequences * ops.expand_dims(keep, 1)
-        xp = ops.transpose(cell.project_inputs(sequences), (1, 0, 2))   # [T, B, H]
+        xp = cell.project_inputs(sequences)                     # [B, T, H], one matmul for all steps
         W_t = ops.cast(cell.recurrent_kernel, xp.dtype)         # [H, H], built once per call
-        if self.go_backwards:
-            xp = ops.flip(xp, 0)
         phi = cell.phi
-        if mask is None:
-            def step(h, x_t):
-                h = phi(x_t + ops.matmul(h, W_t))
-                return h, h
 
-            h_T, outputs = ops.scan(step, h0, xp, unroll=self.unroll)  # [B, H], [T, B, H]
-            last = h_T
-        else:
-            m = ops.expand_dims(ops.transpose(ops.cast(mask, "bool"), (1, 0)), -1)  # [T, B, 1]
-            if self.go_backwards:
-                m = ops.flip(m, 0)
-            zero_out = self.zero_output_for_mask
+        def step(x_t, states):
+            h = phi(x_t + ops.matmul(states[0], W_t))           # [B, H]
+            return h, [h]
 
-            # The carry holds the state and the last output: as in keras's rnn, a skipped step keeps
-            # the state and repeats the previous output (zeros before the first valid step).
-            def step(carry, inp):
-                h, out = carry
-                x_t, m_t = inp
-                h = ops.where(m_t, phi(x_t + ops.matmul(h, W_t)), h)
-                y = ops.where(m_t, h, ops.zeros_like(h) if zero_out else out)
-                return (h, y), (h, y)
-
-            (h_T, last), (_, outputs) = ops.scan(step, (h0, ops.zeros_like(h0)), (xp, m),
-                                                 unroll=self.unroll)
-        return last, ops.transpose(outputs, (1, 0, 2)), [h_T]
+        # keras.layers.RNN's own loop (tf.while_loop on TensorFlow, lax.scan on JAX), with its
+        # masking, go_backwards and zero_output_for_mask semantics, so they are SimpleRNN's exactly
+        return _backend_rnn(step, xp, list(initial_state), go_backwards=self.go_backwards, mask=mask,
+                            unroll=self.unroll, input_length=sequences.shape[1],
+                            zero_output_for_mask=self.zero_output_for_mask,
+                            return_all_outputs=self.return_sequences)
 
     def get_config(self):
         config = super().get_config()

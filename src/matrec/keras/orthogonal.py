@@ -18,6 +18,12 @@ KERAS_ORTHOGONAL_MAPS = ("cayley", "householder")
 KERAS_MORNN_INITS = ("henaff", "cayley", "random", "identity")
 
 
+def matmul2d(a, b):
+    """``a @ b`` for 2-D ``a``, ``b`` in their dtype (keras's torch backend computes a float64
+    ``ops.matmul`` in float32; its einsum keeps float64)."""
+    return ops.einsum("ij,jk->ik", a, b)
+
+
 def lower_numel(n: int) -> int:
     """Number of strictly-lower-triangular entries of an ``n x n`` matrix."""
     return n * (n - 1) // 2
@@ -58,9 +64,9 @@ def householder(L):
     n = L.shape[-1]
     eye = ops.eye(n, dtype=L.dtype)
     V = eye + L                                             # [n, n], unit lower triangular
-    G = ops.matmul(ops.transpose(V), V)                     # [n, n]
+    G = matmul2d(ops.transpose(V), V)                     # [n, n]
     T = ops.triu(G, 1) + eye * G / 2                        # [n, n] upper triangular
-    return ops.matmul(V, ops.solve_triangular(T, ops.transpose(V), lower=False)) - eye
+    return matmul2d(V, ops.solve_triangular(T, ops.transpose(V), lower=False)) - eye
 
 
 _MAPS = {"cayley": cayley, "householder": householder}
@@ -74,7 +80,7 @@ def orthogonal_from(A, n: int, orthogonal_map: str):
 def polar(W):
     """Nearest orthogonal matrix to ``W [n, n]`` (the polar factor ``U V^T``), in ``W``'s dtype."""
     U, _, Vh = ops.svd(W)
-    return ops.matmul(U, Vh)
+    return matmul2d(U, Vh)
 
 
 def orthogonality_error_np(W) -> float:
