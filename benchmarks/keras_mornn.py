@@ -100,11 +100,11 @@ def main(argv=None):
     p.add_argument("--seq", type=int, default=100)
     p.add_argument("--features", type=int, default=32)
     p.add_argument("--hidden", type=int, default=128)
-    p.add_argument("--large-hidden", type=int, default=256)
+    p.add_argument("--large-hidden", type=int, default=256, help="second column's H (0: none)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     a = p.parse_args(argv)
-    shapes = [(a.batch, a.seq, a.hidden), (a.batch, a.seq, a.large_hidden)]
+    shapes = [(a.batch, a.seq, H) for H in (a.hidden, a.large_hidden) if H]
     cols = [time_shape(B, T, a.features, H, a.repeats, a.warmup) for B, T, H in shapes]
     print(f"keras {keras.__version__}, backend {keras.backend.backend()}, "
           f"{os.cpu_count()} CPUs visible; input features {a.features}; forward+backward, ms "

@@ -413,17 +413,18 @@ def test_savedmodel_export_reloads_with_the_same_outputs(x, tmp_path):
 def test_speed_benchmark_prints_every_row(capsys):
     from support import load_benchmark
 
-    load_benchmark("keras_mornn").main(["--batch", "2", "--seq", "3", "--hidden", "4", "--large-hidden", "5",
+    load_benchmark("keras_mornn").main(["--batch", "2", "--seq", "3", "--hidden", "4", "--large-hidden", "0",
                                         "--repeats", "1", "--warmup", "0"])
     rows = {line.split("|")[1].strip(): line for line in capsys.readouterr().out.splitlines()
             if line.startswith("| ") and "model" not in line}
     assert set(rows) == {"SimpleRNN tanh", "LSTM", "MORNN tanh", "MORNN relu", "MORNN modrelu",
                          "MORNN tanh householder"}
-    assert all(len(line.split("|")[2:-1]) == 2 for line in rows.values())
+    assert all(len(line.split("|")[2:-1]) == 1 for line in rows.values())
     assert "(1.00x)" in rows["SimpleRNN tanh"]
 
 
 @tf_only
+@pytest.mark.filterwarnings("ignore:.*tf.lite.Interpreter is deprecated:UserWarning")
 def test_tflite_builtins_convert_a_fixed_batch_model(x):
     """Recorded in benchmarks/results/keras_export.md: with static shapes the time loop converts to
     TFLite builtin ops and runs in the interpreter with the Keras outputs."""
@@ -444,10 +445,11 @@ def test_tflite_builtins_convert_a_fixed_batch_model(x):
 @tf_only
 @pytest.mark.slow
 def test_torch_backend():
-    """This module's backend-independent tests on Keras's torch backend, in a subprocess."""
+    """This module's backend-independent tests on Keras's torch backend, in a subprocess (less the
+    copy task and the benchmark smoke test, to keep the suite short)."""
     env = {**os.environ, "KERAS_BACKEND": "torch", "PYTHONPATH": str(ROOT / "src")}
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__,
-                        "-k", "not torch_backend and not copy_task"],
+                        "-k", "not torch_backend and not copy_task and not speed_benchmark"],
                        env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
     assert " passed" in r.stdout and " failed" not in r.stdout
