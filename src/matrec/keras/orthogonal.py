@@ -47,10 +47,12 @@ def lower_to_square(A, n: int):
 
 
 def cayley(L):
-    """``(I - S)^-1 (I + S)`` with ``S = L - L^T`` (``L [n, n]`` strictly lower)."""
+    """``(I - S)^-1 (I + S)`` with ``S = L - L^T`` (``L [n, n]`` strictly lower), formed as
+    ``2 (I - S)^-1 - I`` (the same matrix, since ``(I - S)^-1 (I + S) = (I - S)^-1 (2I - (I - S))``):
+    an inverse's backward is two matmuls where a solve's is another solve."""
     S = L - ops.transpose(L)
     eye = ops.eye(L.shape[-1], dtype=L.dtype)
-    return ops.solve(eye - S, eye + S)
+    return 2.0 * ops.inv(eye - S) - eye
 
 
 def householder(L):
