@@ -1,7 +1,7 @@
 """The copy task in Keras: MORNN (one line changed from SimpleRNN) against SimpleRNN and LSTM.
 
     pip install "matrec[keras]"
-    PYTHONPATH=src python examples/keras_copy.py --delay 300 --steps 1500
+    PYTHONPATH=src python examples/keras_copy.py --delay 300 --steps 2000 --every 250
 
 The task is matrec's (``matrec.data.tasks.copy``): 10 symbols from 1..8, ``delay - 1`` blanks, the
 marker, 10 blanks; the model must output the symbols in the last 10 positions. Every model is
@@ -85,7 +85,7 @@ def train(model, task, steps: int, batch_size: int = 32, every: int = 100, seed:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--delay", type=int, default=300)
-    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--embed", type=int, default=10)
     p.add_argument("--batch", type=int, default=32)
