@@ -27,7 +27,7 @@ import tensorflow as tf  # noqa: E402  (after keras_copy, which imports matrec.k
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="mornn_export")
+    p.add_argument("--out", default="runs/keras_export")
     p.add_argument("--delay", type=int, default=20)
     p.add_argument("--steps", type=int, default=300)
     a = p.parse_args(argv)
