@@ -150,6 +150,16 @@ def test_bidirectional_and_config_roundtrip(x):
     assert MORNN.from_config(simple).units == 4
 
 
+def test_cell_alone_in_keras_rnn_matches_the_layer(x):
+    from matrec.keras import MORNNCell
+
+    layer = MORNN(4, activation="modrelu", return_sequences=True, seed=4)
+    generic = keras.layers.RNN(MORNNCell(4, activation="modrelu"), return_sequences=True)
+    layer(x), generic(x)
+    generic.set_weights(layer.get_weights())
+    np.testing.assert_allclose(np_(generic(x)), np_(layer(x)), atol=1e-6)
+
+
 def test_recurrent_init_schemes_are_orthogonal(x):
     for init in ("henaff", "cayley", "random", "identity"):
         layer = MORNN(9, recurrent_init=init)
