@@ -119,6 +119,30 @@ class CharStream(StreamMixin, CharLM):
     name = "shakespeare_stream"
 
 
+class StoredVocabulary:
+    """A text task's vocabulary rebuilt from the tokenizer JSON its checkpoints keep: ``encode``,
+    ``decode`` and ``model_io`` as the task has them, without the data file the task was built from
+    (what ``matrec sample`` needs)."""
+
+    def __init__(self, tokenizer_json: str) -> None:
+        self.tokenizer = _tokenizers().Tokenizer.from_str(tokenizer_json)
+        self.vocab_size = self.output_size = self.tokenizer.get_vocab_size()
+        self.input_size = None
+
+    def model_io(self) -> dict[str, int | None]:
+        return {"vocab_size": self.vocab_size, "input_size": None, "output_size": self.output_size}
+
+    def encode(self, text: str) -> Tensor:
+        try:
+            ids = self.tokenizer.encode(text).ids
+        except Exception as err:  # the character vocabulary has no unknown token
+            raise ValueError(f"text cannot be encoded with this run's vocabulary ({err})") from None
+        return torch.tensor(ids, dtype=torch.long)
+
+    def decode(self, ids) -> str:
+        return self.tokenizer.decode([int(i) for i in ids])
+
+
 def _tokenizers():
     try:
         import tokenizers
