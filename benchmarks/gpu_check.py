@@ -183,7 +183,7 @@ def _kernel_ms(fn, device):
 def part_scan(record, device, quick):
     import torch
 
-    from matrec.ops.scan import SCAN_BACKENDS, mru_scan
+    from matrec.ops.mru_scan import SCAN_BACKENDS, mru_scan
 
     bench = _load_bench("scan")
     bw = _bandwidth(device, quick)
@@ -255,7 +255,7 @@ def part_guard(record, device, quick):
     import torch
 
     from matrec.ops import kernel_guard
-    from matrec.ops.scan import SCAN_BACKENDS
+    from matrec.ops.mru_scan import SCAN_BACKENDS
 
     ok, reason = SCAN_BACKENDS.get("triton").available(device)
     if not ok:

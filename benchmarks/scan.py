@@ -21,7 +21,7 @@ import time
 import torch
 
 from matrec.ops.orthogonal import skew
-from matrec.ops.scan import SCAN_BACKENDS, mru_scan, naive_mru_scan
+from matrec.ops.mru_scan import SCAN_BACKENDS, mru_scan, naive_mru_scan
 
 SPEC_SHAPES = ["64,6,256,8", "80,3,512,16", "8,4,4096,16", "8,6,1024,8"]
 CUDA_EXTRA_SHAPES = ["1,1,65536,16", "1,1,8192,16"]

@@ -10,7 +10,7 @@ import subprocess
 import tempfile
 import warnings
 
-from matrec.ops.triton_scan import _num_warps, _padded, compile_for_target
+from matrec.ops.mru_scan.triton import _num_warps, _padded, compile_for_target
 
 KERNELS = [  # (body, constexpr flags) as the launches use them in the multi-chunk case
     ("mru_fwd_chunk_total", {}),

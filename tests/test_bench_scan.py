@@ -2,7 +2,7 @@
 
 import torch
 
-from matrec.ops.scan import SCAN_BACKENDS, ScanBackend, naive_mru_scan
+from matrec.ops.mru_scan import SCAN_BACKENDS, ScanBackend, naive_mru_scan
 
 from support import load_benchmark
 

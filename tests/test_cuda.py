@@ -8,7 +8,7 @@ import torch
 
 import matrec
 from matrec.ops import kernel_guard
-from matrec.ops.scan import SCAN_BACKENDS, naive_mru_scan
+from matrec.ops.mru_scan import SCAN_BACKENDS, naive_mru_scan
 
 pytestmark = pytest.mark.cuda
 

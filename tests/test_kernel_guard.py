@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from matrec.ops import kernel_guard
-from matrec.ops import scan as scan_mod
-from matrec.ops.scan import auto_backend
+from matrec.ops.mru_scan import scan as scan_mod
+from matrec.ops.mru_scan import auto_backend
 
 
 @pytest.fixture(autouse=True)

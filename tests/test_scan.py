@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import matrec
-from matrec.ops import scan as scan_mod
-from matrec.ops.scan import SCAN_BACKENDS, ScanBackend, auto_backend, mru_scan, naive_mru_scan
+from matrec.ops.mru_scan import scan as scan_mod
+from matrec.ops.mru_scan import SCAN_BACKENDS, ScanBackend, auto_backend, mru_scan, naive_mru_scan
 
 PATTERNS = ["sequential", "hillis_steele", "brent_kung", "sklansky", "chunked"]
 DS = [1, 2, 8, 16]

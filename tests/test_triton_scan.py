@@ -1,6 +1,6 @@
 """The Triton MRU scan against the sequential reference, on CPU (Triton's interpreter) and CUDA.
 
-``matrec.ops.triton_scan`` picks compiled or interpreted kernels per call from the tensors' device and
+``matrec.ops.mru_scan.triton`` picks compiled or interpreted kernels per call from the tensors' device and
 ``TRITON_INTERPRET`` at that moment, so the order in which test modules import triton does not matter:
 each CPU test sets the variable with ``monkeypatch`` (restored afterwards), each CUDA test clears it
 so the real compiled kernel runs. Shapes are tiny because the interpreter is slow.
@@ -12,9 +12,9 @@ import torch
 
 pytest.importorskip("triton")
 
-from matrec.ops import triton_scan  # noqa: E402
-from matrec.ops.scan import naive_mru_scan  # noqa: E402
-from matrec.ops.triton_scan import mru_scan_triton, triton_available  # noqa: E402
+from matrec.ops.mru_scan import triton as triton_scan  # noqa: E402
+from matrec.ops.mru_scan import naive_mru_scan  # noqa: E402
+from matrec.ops.mru_scan.triton import mru_scan_triton, triton_available  # noqa: E402
 
 DEVICES = [
     "cpu",
@@ -166,7 +166,7 @@ def test_default_chunking_on_a_gpu(monkeypatch):
 def test_long_orthogonal_sequence_cuda(monkeypatch):
     """T = 65536 with orthogonal states (no overflow) and one sequence: the default chunking splits it;
     outputs and gradients match the PyTorch chunked scan."""
-    from matrec.ops.scan import mru_scan
+    from matrec.ops.mru_scan import mru_scan
 
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     gen = torch.Generator().manual_seed(7)

@@ -13,8 +13,8 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "Registry": "matrec.registry",
     # ops
-    "mru_scan": "matrec.ops.scan",
-    "SCAN_BACKENDS": "matrec.ops.scan",
+    "mru_scan": "matrec.ops.mru_scan",
+    "SCAN_BACKENDS": "matrec.ops.mru_scan",
     "state_matrix": "matrec.ops.state_matrix",
     "state_matrix_numel": "matrec.ops.state_matrix",
     "STATE_MATRICES": "matrec.ops.state_matrix",

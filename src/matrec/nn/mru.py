@@ -6,7 +6,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from ..ops.scan import SCAN_BACKENDS, mru_scan
+from ..ops.mru_scan import SCAN_BACKENDS, mru_scan
 from ..ops.state_matrix import STATE_MATRICES, state_matrix, state_matrix_numel
 
 

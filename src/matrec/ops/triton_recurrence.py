@@ -37,7 +37,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .recurrence import _check, parameter_grads, register_recurrence_autograd
-from .triton_scan import launchable as _launcher  # interpreted for CPU tensors, compiled for CUDA
+from .mru_scan.triton import launchable as _launcher  # interpreted for CPU tensors, compiled for CUDA
 
 # The largest H tested (interpreter) and checked with ptxas. The tiled kernel's on-chip footprint does not
 # depend on H, so the limit is what was verified, not what would compile.
@@ -45,7 +45,7 @@ MAX_HIDDEN = 512
 _CODES = {"tanh": 0, "relu": 1, "modrelu": 2, "identity": 3}
 WEIGHT_DTYPES = (torch.float32, torch.bfloat16)
 
-# Kernel bodies are plain functions wrapped per call (see matrec.ops.triton_scan.launchable), so they use only tl.*
+# Kernel bodies are plain functions wrapped per call (see matrec.ops.mru_scan.triton.launchable), so they use only tl.*
 # builtins: triton.language.standard helpers (tl.zeros, tl.sigmoid, ...) are frozen in one mode at import. For the
 # same reason the nonlinearity is written out in each kernel (a kernel cannot call a plain helper function).
 

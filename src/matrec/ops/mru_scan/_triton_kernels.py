@@ -1,6 +1,6 @@
 """Triton kernel bodies of the chunked MRU scan (forward SPEC 1.1, backward SPEC 1.2).
 
-The bodies are plain functions, not decorated with ``@triton.jit``: ``matrec.ops.triton_scan`` wraps
+The bodies are plain functions, not decorated with ``@triton.jit``: ``matrec.ops.mru_scan.triton`` wraps
 each one itself, compiled for a GPU or interpreted for CPU tensors, whatever ``TRITON_INTERPRET`` said
 when this module was imported. They call only ``tl.*`` builtins (``tl.full``, never ``tl.zeros``):
 Triton's interpreter runs a body's callees as they are, and the ``@jit`` helpers of

@@ -13,7 +13,7 @@ One associative-scan machinery serves both directions:
   :class:`torch.autograd.Function` uses the chosen pattern for both passes.
 
 Backends live in :data:`SCAN_BACKENDS`. A backend is either a *pattern* (gets the shared autograd
-above) or a *self-differentiating function* (e.g. the Triton kernel in ``matrec.ops.triton_scan``,
+above) or a *self-differentiating function* (e.g. the Triton kernel in ``matrec.ops.mru_scan.triton``,
 imported lazily). Users may register their own of either kind.
 
 Numerics: the scan runs in float32 for bf16/fp16 inputs (and with autocast disabled), and in the
@@ -33,8 +33,8 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from ..registry import Registry
-from . import kernel_guard
+from ...registry import Registry
+from .. import kernel_guard
 
 __all__ = ["mru_scan", "naive_mru_scan", "SCAN_BACKENDS", "ScanBackend", "auto_backend"]
 
@@ -259,7 +259,7 @@ SCAN_BACKENDS.register("chunked", ScanBackend(pattern=_chunked_scan, uses_chunk_
 
 
 def _triton_module():
-    from . import triton_scan  # an import statement, not importlib: torch.compile traces it
+    from . import triton as triton_scan  # an import statement, not importlib: torch.compile traces it
 
     return triton_scan
 
@@ -272,7 +272,7 @@ def _triton_available(device: torch.device) -> tuple[bool, str]:
     try:
         module = _triton_module()
     except ImportError as e:  # triton itself, or the kernel module, is missing
-        return False, f"matrec.ops.triton_scan could not be imported ({e})"
+        return False, f"matrec.ops.mru_scan.triton could not be imported ({e})"
     return module.triton_available(device)
 
 
@@ -343,7 +343,7 @@ def auto_backend(
     """The backend ``backend="auto"`` uses for ``batch`` sequences of length ``T`` and order ``d``.
 
     ``dtype`` is the compute dtype (float32 for bf16/fp16 inputs). CUDA: ``"triton"`` for float32
-    and ``d <= 64`` when :func:`matrec.ops.triton_scan.triton_available` says so, else
+    and ``d <= 64`` when :func:`matrec.ops.mru_scan.triton.triton_available` says so, else
     ``"sklansky"`` (with a warning naming the reason when Triton is what is missing; float64 and
     larger d go to ``"sklansky"`` silently: the fused kernel computes in float32 and takes
     ``d <= 64`` only). Triton is chosen only once the kernel has passed its first-use check for

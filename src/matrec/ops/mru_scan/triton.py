@@ -82,8 +82,8 @@ def launchable(fn, device: torch.device):
 
 
 def _kernel(name: str, device: torch.device):
-    """The scan kernel body ``name`` of :mod:`matrec.ops._triton_scan_kernels`, see :func:`launchable`."""
-    from matrec.ops import _triton_scan_kernels as bodies
+    """The scan kernel body ``name`` of :mod:`matrec.ops.mru_scan._triton_kernels`, see :func:`launchable`."""
+    from matrec.ops.mru_scan import _triton_kernels as bodies
 
     return launchable(getattr(bodies, name), device)
 
@@ -101,7 +101,7 @@ def compile_for_target(name: str, *, d: int, io_dtype: str = "fp32", arch: int =
     from triton.backends.compiler import GPUTarget
     from triton.runtime.jit import JITFunction
 
-    from matrec.ops import _triton_scan_kernels as bodies
+    from matrec.ops.mru_scan import _triton_kernels as bodies
 
     fn = JITFunction(getattr(bodies, name))
     D = _padded(d)

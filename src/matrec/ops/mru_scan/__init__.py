@@ -1,0 +1,9 @@
+"""The MRU scan ``H_t = H_{t-1} @ M_t``: every prefix product of a sequence of square matrices.
+
+``naive`` is the definition (the reference every backend is tested against), ``scan`` the entry
+point :func:`mru_scan` with its backends (the parallel patterns and the shared autograd), ``triton``
+the fused kernel (optional dependency, imported on first use).
+"""
+from .scan import SCAN_BACKENDS, ScanBackend, auto_backend, mru_scan, naive_mru_scan
+
+__all__ = ["mru_scan", "naive_mru_scan", "SCAN_BACKENDS", "ScanBackend", "auto_backend"]
