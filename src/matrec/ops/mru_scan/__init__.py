@@ -1,6 +1,7 @@
 """The MRU scan ``H_t = H_{t-1} @ M_t``: every prefix product of a sequence of square matrices.
 
-``naive`` is the definition (the reference every backend is tested against), ``scan`` the entry
+``naive`` is the definition (the reference every backend is tested against), ``patterns`` the
+parallel scan patterns, ``scan`` the entry
 point :func:`mru_scan` with its backends (the parallel patterns and the shared autograd), ``triton``
 the fused kernel (optional dependency, imported on first use).
 """

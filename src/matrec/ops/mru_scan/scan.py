@@ -7,7 +7,7 @@ One associative-scan machinery serves both directions:
 * backward: the reverse recurrence ``B_t = G_t + B_{t+1} @ M_{t+1}^T`` is a chain of affine maps
   ``X -> X @ U + L``. An affine map is stored as the ``2d x d`` stack ``[U; L]`` (the first block
   column of ``[[U, 0], [L, I]]``) and two of them compose as ``[U1; L1] @ U2 + [0; L2]`` -- the same
-  ``a @ b`` product as the forward plus one add. So every scan *pattern* below (sequential,
+  ``a @ b`` product as the forward plus one add. So every scan *pattern* of :mod:`.patterns` (sequential,
   Hillis-Steele, Brent-Kung, Sklansky, chunked) is written once over "stacked elements"
   ``[N, T, r, d]`` with ``r = d`` (forward) or ``r = 2d`` (backward), and one
   :class:`torch.autograd.Function` uses the chosen pattern for both passes.
@@ -35,140 +35,10 @@ from torch.autograd.function import once_differentiable
 
 from ...registry import Registry
 from .. import kernel_guard
+from .naive import naive_mru_scan
+from .patterns import brent_kung_scan, chunked_scan, hillis_steele_scan, sequential_scan, sklansky_scan
 
 __all__ = ["mru_scan", "naive_mru_scan", "SCAN_BACKENDS", "ScanBackend", "auto_backend"]
-
-
-def naive_mru_scan(states: Tensor, initial_state: Tensor | None = None) -> Tensor:
-    """The definition, one product per step; autograd runs through the loop. Reference only.
-
-    Args:
-        states: ``[..., T, d, d]`` input state matrices ``M_t``.
-        initial_state: ``[..., d, d]`` or None (the identity).
-    Returns:
-        ``[..., T, d, d]``: every ``H_t``.
-    """
-    T = states.shape[-3]
-    H = initial_state
-    out = []
-    for t in range(T):
-        M = states[..., t, :, :]
-        H = M if H is None else H @ M
-        out.append(H)
-    return torch.stack(out, dim=-3)
-
-
-# ---------------------------------------------------------------------------------------------
-# The associative operator on stacked elements [..., r, d] (r = d: matrix; r = 2d: affine [U; L]).
-
-
-def _combine(a: Tensor, b: Tensor) -> Tensor:
-    """``a`` then ``b`` (``a`` is the earlier element): ``a @ b_U`` plus ``[0; b_L]`` when affine."""
-    d = b.shape[-1]
-    out = a @ b[..., :d, :]
-    if b.shape[-2] > d:  # affine: (U1, L1) then (U2, L2) = (U1 U2, L1 U2 + L2)
-        out[..., d:, :] += b[..., d:, :]
-    return out
-
-
-def _extend_prefix(a: Tensor, b: Tensor) -> None:
-    """``b <- a o b`` in place, where ``a`` is a complete prefix (it starts at position 0).
-
-    In the backward the scan starts from ``X_0 = 0``, so of a complete prefix ``[U; L]`` only ``L``
-    is ever read again (it *is* ``X_t``). Computing just that row block halves the work of every
-    step whose left operand is a complete prefix; the ``U`` rows left in ``b`` are then stale and
-    must not be read (no pattern reads the ``U`` of a complete prefix).
-    """
-    d = b.shape[-1]
-    if b.shape[-2] > d:
-        b[..., d:, :] += a[..., d:, :] @ b[..., :d, :]
-    else:
-        b.copy_(a @ b)
-
-
-def _identity_elements(x: Tensor, n: int) -> Tensor:
-    """``n`` identity elements ``[I; 0]`` shaped like ``x [N, T, r, d]`` along dim 1."""
-    N, _, r, d = x.shape
-    # built without in-place writes into a view: torch.compile cannot functionalise those
-    e = torch.eye(r, d, dtype=x.dtype, device=x.device)  # [r, d] = [I; 0]
-    return e.expand(N, n, r, d)
-
-
-# ---------------------------------------------------------------------------------------------
-# Scan patterns. Each takes ownership of x [N, T, r, d] (contiguous), scans along dim 1 (in place
-# where convenient) and returns the inclusive prefix x_1, x_1 o x_2, ... of the same shape.
-
-
-def _sequential_scan(x: Tensor, chunk_size: int | None = None) -> Tensor:
-    """T - 1 combines one after another: the definition."""
-    for t in range(1, x.shape[1]):
-        _extend_prefix(x[:, t - 1], x[:, t])
-    return x
-
-
-def _hillis_steele_scan(x: Tensor, chunk_size: int | None = None) -> Tensor:
-    """ceil(log2 T) steps; step k combines every element with the one 2^k before it."""
-    T = x.shape[1]
-    k = 1
-    while k < T:
-        x[:, k:] = _combine(x[:, :-k], x[:, k:])  # right side is materialised before the write
-        k *= 2
-    return x
-
-
-def _sklansky_scan(x: Tensor, chunk_size: int | None = None) -> Tensor:
-    """ceil(log2 T) steps; step k: the second half of every 2^(k+1)-block takes its first half's last."""
-    N, T, r, d = x.shape
-    h = 1
-    while h < T:
-        full = (T // (2 * h)) * (2 * h)
-        if full:
-            xv = x[:, :full].view(N, full // (2 * h), 2 * h, r, d)  # [N, blocks, 2h, r, d]
-            xv[:, :, h:] = _combine(xv[:, :, h - 1 : h], xv[:, :, h:])
-        if T - full > h:  # a partial last block that reaches its second half
-            x[:, full + h :] = _combine(x[:, full + h - 1 : full + h], x[:, full + h :])
-        h *= 2
-    return x
-
-
-def _brent_kung_scan(x: Tensor, chunk_size: int | None = None) -> Tensor:
-    """Up-sweep (tree of partial totals) then down-sweep; ~2T combines in ~2 log2 T steps."""
-    T = x.shape[1]
-    s = 2
-    while s <= T:  # up-sweep: x[i] for (i + 1) % s == 0 becomes the total of its s-block
-        x[:, s - 1 :: s] = _combine(x[:, s // 2 - 1 : T - s // 2 : s], x[:, s - 1 :: s])
-        s *= 2
-    s //= 2
-    while s >= 2:  # down-sweep: fill the middles of the blocks from the left totals
-        first = s + s // 2 - 1
-        if first < T:  # left operands are complete prefixes by now
-            _extend_prefix(x[:, s - 1 : T - s // 2 : s], x[:, first::s])
-        s //= 2
-    return x
-
-
-def default_chunk_size(T: int) -> int:
-    """``ceil(sqrt(T))``: balances the in-chunk steps (C) against the steps over chunk totals (T/C)."""
-    return max(1, math.isqrt(T - 1) + 1) if T > 1 else 1
-
-
-def _chunked_scan(x: Tensor, chunk_size: int | None = None) -> Tensor:
-    """Prefix inside every chunk (all chunks at once), a scan over chunk totals, one fix-up each."""
-    N, T, r, d = x.shape
-    C = min(chunk_size or default_chunk_size(T), T)
-    nc = -(-T // C)
-    if nc * C != T:  # pad the last chunk with identities; they never reach the output
-        x = torch.cat([x, _identity_elements(x, nc * C - T)], dim=1)
-    xv = x.view(N, nc, C, r, d)  # [N, chunks, C, r, d]
-    for j in range(1, C):
-        xv[:, :, j] = _combine(xv[:, :, j - 1], xv[:, :, j])
-    if nc > 1:
-        carry = xv[:, :-1, C - 1].clone()  # [N, nc-1, r, d]: chunk totals (clone: fixed up below)
-        # carry[c] becomes the complete prefix up to the end of chunk c
-        # many chunks (explicit small chunk_size on a long T): chunk the totals too, else a loop
-        carry = _chunked_scan(carry) if nc - 1 > 64 else _sequential_scan(carry)
-        _extend_prefix(carry.unsqueeze(2), xv[:, 1:])
-    return x[:, :T]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -229,7 +99,7 @@ class ScanBackend:
 
     Attributes:
         pattern: ``(x [N, T, r, d], chunk_size) -> prefix [N, T, r, d]`` over the stacked elements of
-            :func:`_combine`; gets the shared autograd (forward and SPEC 1.2 backward both use it).
+            :func:`matrec.ops.mru_scan.patterns.combine`; gets the shared autograd (forward and SPEC 1.2 backward both use it).
         function: ``(states [N, T, d, d], initial_state [N, d, d] | None) -> H [N, T, d, d]``,
             differentiable on its own (a fused kernel with its own backward).
         uses_chunk_size: whether ``chunk_size`` means something to this backend (a ``function``
@@ -251,11 +121,11 @@ class ScanBackend:
 
 
 SCAN_BACKENDS: Registry = Registry("scan backend", argument="backend")
-SCAN_BACKENDS.register("sequential", ScanBackend(pattern=_sequential_scan))
-SCAN_BACKENDS.register("hillis_steele", ScanBackend(pattern=_hillis_steele_scan))
-SCAN_BACKENDS.register("brent_kung", ScanBackend(pattern=_brent_kung_scan))
-SCAN_BACKENDS.register("sklansky", ScanBackend(pattern=_sklansky_scan))
-SCAN_BACKENDS.register("chunked", ScanBackend(pattern=_chunked_scan, uses_chunk_size=True))
+SCAN_BACKENDS.register("sequential", ScanBackend(pattern=sequential_scan))
+SCAN_BACKENDS.register("hillis_steele", ScanBackend(pattern=hillis_steele_scan))
+SCAN_BACKENDS.register("brent_kung", ScanBackend(pattern=brent_kung_scan))
+SCAN_BACKENDS.register("sklansky", ScanBackend(pattern=sklansky_scan))
+SCAN_BACKENDS.register("chunked", ScanBackend(pattern=chunked_scan, uses_chunk_size=True))
 
 
 def _triton_module():
@@ -302,7 +172,7 @@ def check_triton_kernel(device: torch.device, dtype: torch.dtype, d: int) -> str
     H0 = torch.linalg.matrix_exp(A0 - A0.mT)  # [2, d, d]
     G = torch.randn(2, 37, d, d, generator=gen, dtype=torch.float64)
     ref_in = (M.clone().requires_grad_(), H0.clone().requires_grad_())
-    ref = _PatternScan.apply(*ref_in, _sequential_scan, None)
+    ref = _PatternScan.apply(*ref_in, sequential_scan, None)
     ref_grads = torch.autograd.grad(ref, ref_in, G)
     tol = 1e-4 if dtype == torch.float32 else 3e-2  # fp32 arithmetic; bf16/fp16 rounding of I/O
     for chunk_size in (None, 8):
