@@ -33,7 +33,7 @@ def main():
     a = p.parse_args()
     os.environ.pop("TRITON_INTERPRET", None)  # compile, never interpret
     warnings.filterwarnings("ignore")
-    from matrec.ops import triton_recurrence as tr
+    from matrec.ops.rnn_recurrence import triton as tr
 
     print(f"sm_{a.arch}, nonlinearity {a.nonlinearity}; chosen: the configuration `config_for` picks\n")
     print("| H | W dtype | pass | kernel | chosen | registers/thread | spill stores (bytes) | shared memory (KiB) |")

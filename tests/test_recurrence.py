@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from matrec.ops import recurrence as rec
+from matrec.ops.rnn_recurrence import dispatch as rec
 from matrec.ops.orthogonal import project_orthogonal
-from matrec.ops.recurrence import NONLINEARITIES, recurrence, recurrence_reference
+from matrec.ops.rnn_recurrence.dispatch import NONLINEARITIES, recurrence, recurrence_reference
 
 
 

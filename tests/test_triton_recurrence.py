@@ -6,9 +6,9 @@ in numpy), CUDA tensors compiled; ptxas checks what the interpreter cannot (spil
 import pytest
 import torch
 
-from matrec.ops import triton_recurrence as tr
+from matrec.ops.rnn_recurrence import triton as tr
 from matrec.ops.orthogonal import project_orthogonal
-from matrec.ops.recurrence import NONLINEARITIES, recurrence_reference
+from matrec.ops.rnn_recurrence.dispatch import NONLINEARITIES, recurrence_reference
 
 NLS = NONLINEARITIES.names()
 F32, BF16 = torch.float32, torch.bfloat16

@@ -65,7 +65,7 @@ def launchable(fn, device: torch.device):
     Wrapping here, not with ``@triton.jit`` at import, makes the choice per call: Triton reads
     ``TRITON_INTERPRET`` when a kernel is decorated, so a decorator would freeze whatever the
     environment held when the module happened to be imported first. Shared with
-    :mod:`matrec.ops.triton_recurrence`.
+    :mod:`matrec.ops.rnn_recurrence.triton`.
     """
     interpret = device.type != "cuda" or _interpret_requested()
     key = (fn, interpret)

@@ -14,7 +14,7 @@ in float32. Two kernel shapes, picked per hidden size by ``_CONFIGS`` (see :func
 The backward runs the reverse recurrence ``dL/dh_{t-1} = g_{t-1} + (dL/dh_t * phi'(z_t)) @ W`` from
 the saved pre-activations, the same two ways (the tiled one reads ``dL/dz_{t+1}`` back from its own
 ``GZ`` buffer); ``dL/dW`` and the modReLU bias gradient are then one GEMM and one reduction in
-PyTorch, exactly as in :mod:`matrec.ops.recurrence` (the reference for these kernels).
+PyTorch, exactly as in :mod:`matrec.ops.rnn_recurrence` (the reference for these kernels).
 
 Products are IEEE float32 ``tl.dot`` (no TF32: the state must not drift). With
 ``weight_dtype=torch.bfloat16`` ``W`` is stored in bf16 (half its bytes streamed from L2 by the tiled
@@ -36,8 +36,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .recurrence import _check, parameter_grads, register_recurrence_autograd
-from .mru_scan.triton import launchable as _launcher  # interpreted for CPU tensors, compiled for CUDA
+from .dispatch import _check, parameter_grads, register_recurrence_autograd
+from ..mru_scan.triton import launchable as _launcher  # interpreted for CPU tensors, compiled for CUDA
 
 # The largest H tested (interpreter) and checked with ptxas. The tiled kernel's on-chip footprint does not
 # depend on H, so the limit is what was verified, not what would compile.
@@ -317,7 +317,7 @@ _OPS = {torch.float32: _define_ops("rnn_recurrence_triton", torch.float32),
 def triton_recurrence(xproj: Tensor, weight: Tensor, h0: Tensor | None = None,
                       bias: Tensor | None = None, nonlinearity: str = "modrelu", *,
                       weight_dtype: torch.dtype = torch.float32) -> Tensor:
-    """Same contract as :func:`matrec.ops.recurrence.recurrence` (float32 state; float64 inputs are
+    """Same contract as :func:`matrec.ops.rnn_recurrence.recurrence` (float32 state; float64 inputs are
     computed in float32 here), for ``1 <= H <= MAX_HIDDEN``.
 
     ``weight_dtype=torch.bfloat16`` runs the recurrence with ``W`` rounded to bf16 (stored in bf16, the
