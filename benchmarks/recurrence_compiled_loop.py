@@ -15,7 +15,7 @@ import time
 import torch
 
 from matrec.ops.orthogonal import project_orthogonal
-from matrec.ops.rnn_recurrence.dispatch import recurrence, recurrence_reference
+from matrec.ops.rnn_recurrence import recurrence, recurrence_reference
 
 
 def shape(s):

@@ -21,7 +21,10 @@ import torch
 
 from matrec.nn.mornn import _rotation_blocks
 from matrec.ops.orthogonal import project_orthogonal
-from matrec.ops.rnn_recurrence.dispatch import _auto_backend, _forward_impl, _rnn_recurrence_chunked, recurrence
+from matrec.ops.rnn_recurrence import recurrence
+from matrec.ops.rnn_recurrence.chunked import _rnn_recurrence_chunked
+from matrec.ops.rnn_recurrence.dispatch import _auto_backend
+from matrec.ops.rnn_recurrence.fused import _forward_impl
 
 
 def eigenbasis_forward(x, W, h0, C=64):

@@ -1,10 +1,12 @@
 """The fused PyTorch recurrence op against the plain autograd loop (the Triton kernels: test_triton_recurrence.py)."""
+import sys
+
 import pytest
 import torch
 
-from matrec.ops.rnn_recurrence import dispatch as rec
+from matrec.ops.rnn_recurrence import fused as rec
 from matrec.ops.orthogonal import project_orthogonal
-from matrec.ops.rnn_recurrence.dispatch import NONLINEARITIES, recurrence, recurrence_reference
+from matrec.ops.rnn_recurrence import NONLINEARITIES, RECURRENCE_BACKENDS, Phi, recurrence, recurrence_reference
 
 
 
@@ -89,3 +91,52 @@ def test_bad_arguments():
         recurrence(x[0], W, h0, b)
     with pytest.raises(ValueError, match="xproj must be"):
         recurrence(x.long(), W, h0, b)
+
+
+def test_backend_contract():
+    """Unknown names, a missing package and "auto" are handled by the registry, naming the argument."""
+    x, W, h0, b = make(4, 2, 3, "modrelu", torch.float32, False)
+    with pytest.raises(ValueError, match=r"backend must be one of \['auto', 'torch', 'loop', 'chunked', 'triton'\], got 'nope'"):
+        recurrence(x, W, h0, b, backend="nope")
+    with pytest.raises(ValueError, match=r"recurrence_backend must be one of \['auto', "):
+        RECURRENCE_BACKENDS.get("nope")  # what MORNN(recurrence_backend=...) checks
+    from matrec import MORNN
+
+    with pytest.raises(ValueError, match=r"recurrence_backend must be one of \['auto', 'torch'"):
+        MORNN(3, 4, recurrence_backend="nope")
+
+
+def test_missing_triton_is_a_clear_error(monkeypatch):
+    """backend="triton" without triton: a RuntimeError with the reason, not a ModuleNotFoundError."""
+    import builtins
+
+    import matrec.ops.rnn_recurrence.dispatch as dispatch
+
+    real_import = builtins.__import__
+
+    def no_triton(name, globals=None, locals=None, fromlist=(), level=0):
+        if name == "triton" or name.startswith("triton.") or (level and "triton" in (fromlist or ())):
+            raise ImportError("No module named 'triton'")
+        return real_import(name, globals, locals, fromlist, level)
+
+    monkeypatch.setattr(builtins, "__import__", no_triton)
+    monkeypatch.delitem(sys.modules, "matrec.ops.rnn_recurrence.triton", raising=False)
+    x, W, h0, b = make(4, 2, 3, "modrelu", torch.float32, False)
+    with pytest.raises(RuntimeError, match="backend 'triton' is not available on cpu: triton is not importable"):
+        recurrence(x, W, h0, b, backend="triton")
+    assert not dispatch.RECURRENCE_BACKENDS.available("triton", torch.device("cpu"))[0]
+
+
+def test_nonlinearity_a_backend_cannot_run_is_refused(monkeypatch):
+    """A nonlinearity registered later runs on "torch" and "loop" and is refused by name elsewhere."""
+    monkeypatch.setitem(NONLINEARITIES._items, "softsign",
+                        Phi(lambda z, b: z / (1 + z.abs()), lambda z, h, b: (1 - h.abs()) ** 2))
+    x, W, h0, _ = make(5, 2, 3, "tanh", torch.float64, True)
+    out = recurrence(x, W, h0, None, "softsign", backend="torch")
+    torch.testing.assert_close(out, recurrence_reference(x, W, h0, None, "softsign"))
+    gx, gW = torch.autograd.grad(out.sum(), [x, W])
+    rx, rW = torch.autograd.grad(recurrence_reference(x, W, h0, None, "softsign").sum(), [x, W])
+    torch.testing.assert_close(gx, rx)
+    torch.testing.assert_close(gW, rW)
+    with pytest.raises(ValueError, match="nonlinearity 'softsign' is not supported by backend='chunked'"):
+        recurrence(x, W, h0, None, "softsign", backend="chunked")

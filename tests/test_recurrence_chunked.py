@@ -5,9 +5,10 @@ import pytest
 import torch
 
 from matrec.nn.mornn import MORNN, _rotation_blocks, henaff_init
-from matrec.ops.rnn_recurrence import dispatch as rec
+from matrec.ops.rnn_recurrence import chunked as rec
+from matrec.ops.rnn_recurrence import dispatch
 from matrec.ops.orthogonal import project_orthogonal
-from matrec.ops.rnn_recurrence.dispatch import recurrence, recurrence_reference
+from matrec.ops.rnn_recurrence import recurrence, recurrence_reference
 
 # Relative (norm-wise) tolerances, ~5-20x above the worst error measured over this file's grid
 # (T <= 1000, H <= 70, all four kinds of W). float64: only the summation order differs from the loop
@@ -103,9 +104,9 @@ def test_only_some_inputs_need_grad():
 
 def test_refuses_what_it_cannot_do():
     x, W, h0 = make(20, 2, 5, torch.float32, True)
-    with pytest.raises(ValueError, match="nonlinearity must be 'identity' for backend='chunked'"):
+    with pytest.raises(ValueError, match="nonlinearity 'modrelu' is not supported by backend='chunked'"):
         recurrence(x, W, h0, torch.zeros(5), "modrelu", backend="chunked")
-    with pytest.raises(ValueError, match="nonlinearity must be 'identity' for backend='chunked'"):
+    with pytest.raises(ValueError, match="nonlinearity 'tanh' is not supported by backend='chunked'"):
         recurrence(x, W, h0, None, "tanh", backend="chunked")
     g = torch.Generator().manual_seed(0)
     not_orthogonal = torch.randn(5, 5, generator=g)  # non-normal, eigenvalues of spread magnitude
@@ -118,7 +119,7 @@ def test_refuses_what_it_cannot_do():
 def test_empty_sequence_refused_by_every_backend():
     """T = 0 is refused up front (as nn.RNN does); it used to pass the forward and crash in the backward."""
     x, W = torch.zeros(0, 2, 4, requires_grad=True), torch.eye(4)
-    for backend in [*rec.RECURRENCE_BACKENDS.names(), "auto"]:
+    for backend in [*dispatch.RECURRENCE_BACKENDS.names(), "auto"]:
         with pytest.raises(ValueError, match="at least one time step"):
             recurrence(x, W, None, None, "identity", backend=backend)
 
@@ -134,7 +135,7 @@ def test_power_condition():
 
 
 def test_auto_rule_and_open_fallback():
-    pick = rec._auto_backend
+    pick = dispatch._auto_backend
     assert pick(torch.empty(1000, 8, 64), "identity") == "chunked"
     assert pick(torch.empty(64, 128, 16), "identity") == "chunked"
     assert pick(torch.empty(1000, 9, 64), "identity") == "torch"      # B H^2 above the measured crossover
@@ -148,12 +149,13 @@ def test_auto_rule_and_open_fallback():
     assert pick(x, "identity") == "chunked"
     W = torch.diag(torch.tensor([0.5, 1.0, 1.0, -1.0, 1.0])).requires_grad_()
     check_against_reference(x, W, h0, backend="auto")
-    out, powers = rec._rnn_recurrence_chunked_or_loop(x, W, h0, None, "identity")
-    assert torch.isnan(powers).all()  # the record that tells the backward which path ran
+    out, powers, chunked = rec._rnn_recurrence_chunked_or_loop(x, W, h0, None, "identity")
+    assert not chunked  # the output that tells the backward which path ran
     torch.testing.assert_close(out, recurrence_reference(x, W, h0, None, "identity"), rtol=0, atol=0)
     # and on an orthogonal W auto's op takes the chunked path
     _, W, _ = make(100, 2, 5, torch.float32, True)
-    assert torch.isfinite(rec._rnn_recurrence_chunked_or_loop(x, W, h0, None, "identity")[1]).all()
+    _, powers, chunked = rec._rnn_recurrence_chunked_or_loop(x, W, h0, None, "identity")
+    assert chunked and torch.isfinite(powers).all()
     check_against_reference(x, W, h0, backend="auto")
 
 
@@ -186,7 +188,7 @@ def test_mornn_auto_compiles_fullgraph():
     torch.manual_seed(0)
     m = MORNN(4, 6, nonlinearity="identity")
     x = torch.randn(64, 2, 4)  # time-major: T = 64 >= max(64, 4 H), B H^2 = 72
-    assert rec._auto_backend(torch.empty(64, 2, 6), "identity") == "chunked"
+    assert dispatch._auto_backend(torch.empty(64, 2, 6), "identity") == "chunked"
     out, h = m(x)
     cout, ch = torch.compile(m, fullgraph=True, backend="aot_eager")(x)
     torch.testing.assert_close(cout, out)

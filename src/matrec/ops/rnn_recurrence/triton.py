@@ -36,7 +36,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .dispatch import _check, parameter_grads, register_recurrence_autograd
+from .fused import parameter_grads, register_recurrence_autograd
+from .naive import check_inputs
 from ..mru_scan.triton import launchable as _launcher  # interpreted for CPU tensors, compiled for CUDA
 
 # The largest H tested (interpreter) and checked with ptxas. The tiled kernel's on-chip footprint does not
@@ -325,7 +326,7 @@ def triton_recurrence(xproj: Tensor, weight: Tensor, h0: Tensor | None = None,
     weight bytes. Gradients, ``dL/dW`` included, are float32 (taken at the rounded ``W``) and reach
     ``weight`` in its own dtype.
     """
-    _check(xproj, weight, h0, bias, nonlinearity)
+    check_inputs(xproj, weight, h0, bias, nonlinearity)
     if nonlinearity not in _CODES:  # registered after this kernel was written
         raise ValueError(f"nonlinearity must be one of {list(_CODES)} for the Triton recurrence, got {nonlinearity!r}")
     config_for(xproj.shape[-1], weight_dtype)  # ValueError on a hidden size or weight dtype without kernels
