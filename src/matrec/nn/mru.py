@@ -96,8 +96,7 @@ class MRU(nn.Module):
                 f"got embed_dim={embed_dim} (state_size={num_heads * d * d})"
             )
         STATE_MATRICES.get(state_matrix)  # unknown name -> ValueError naming state_matrix
-        if backend != "auto" and backend not in SCAN_BACKENDS:
-            raise ValueError(f"backend must be one of {['auto'] + SCAN_BACKENDS.names()}, got {backend!r}")
+        SCAN_BACKENDS.check(backend)
         if element_scale is None:
             element_scale = 1.0 / embed_dim
         if isinstance(element_scale, bool) or not isinstance(element_scale, (int, float)) or not element_scale > 0:

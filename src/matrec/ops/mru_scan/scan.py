@@ -33,8 +33,9 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from ...registry import Registry
 from .. import kernel_guard
+from ..backends import BackendRegistry, always_available
+from ..precision import compute_dtype
 from .naive import naive_mru_scan
 from .patterns import brent_kung_scan, chunked_scan, hillis_steele_scan, sequential_scan, sklansky_scan
 
@@ -89,10 +90,6 @@ class _PatternScan(torch.autograd.Function):
 # Backends.
 
 
-def _always(device: torch.device) -> tuple[bool, str]:
-    return True, "pure PyTorch"
-
-
 @dataclass(frozen=True)
 class ScanBackend:
     """A way to compute the scan. Exactly one of ``pattern`` / ``function`` is set.
@@ -112,7 +109,7 @@ class ScanBackend:
     pattern: Optional[Callable[[Tensor, Optional[int]], Tensor]] = None
     function: Optional[Callable[..., Tensor]] = None
     uses_chunk_size: bool = False
-    available: Callable[[torch.device], tuple[bool, str]] = _always
+    available: Callable[[torch.device], tuple[bool, str]] = always_available
     low_precision_io: bool = False
 
     def __post_init__(self):
@@ -120,7 +117,7 @@ class ScanBackend:
             raise ValueError("ScanBackend needs exactly one of pattern= or function=")
 
 
-SCAN_BACKENDS: Registry = Registry("scan backend", argument="backend")
+SCAN_BACKENDS: BackendRegistry[ScanBackend] = BackendRegistry("scan backend", argument="backend")
 SCAN_BACKENDS.register("sequential", ScanBackend(pattern=sequential_scan))
 SCAN_BACKENDS.register("hillis_steele", ScanBackend(pattern=hillis_steele_scan))
 SCAN_BACKENDS.register("brent_kung", ScanBackend(pattern=brent_kung_scan))
@@ -291,19 +288,18 @@ def _validate(states, initial_state, chunk_size) -> None:
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
 
 
+def _auto_rule(device: torch.device, *, T: int, batch: int, d: int, dtype: torch.dtype,
+               io_dtype: torch.dtype) -> str:
+    return auto_backend(device, T, batch, d, dtype, io_dtype=io_dtype)
+
+
+SCAN_BACKENDS.set_auto(_auto_rule)
+
+
 def _resolve(backend, states: Tensor) -> tuple[str, ScanBackend]:
     *lead, T, d, _ = states.shape
-    device = states.device
-    if backend == "auto":
-        compute = torch.float32 if states.dtype in (torch.float16, torch.bfloat16) else states.dtype
-        backend = auto_backend(device, T, math.prod(lead), d, compute, io_dtype=states.dtype)
-    elif backend not in SCAN_BACKENDS:
-        raise ValueError(f"backend must be one of {['auto'] + SCAN_BACKENDS.names()}, got {backend!r}")
-    spec = SCAN_BACKENDS.get(backend)
-    ok, reason = spec.available(device)
-    if not ok:
-        raise RuntimeError(f"backend {backend!r} is not available on {device}: {reason}")
-    return backend, spec
+    return SCAN_BACKENDS.resolve(backend, states.device, T=T, batch=math.prod(lead), d=d,
+                                 dtype=compute_dtype(states.dtype), io_dtype=states.dtype)
 
 
 def mru_scan(
@@ -335,7 +331,7 @@ def mru_scan(
         raise ValueError(f"chunk_size applies to backends with chunks only, not backend {name!r}")
 
     dtype = states.dtype
-    compute = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    compute = compute_dtype(dtype)
     if spec.function is not None and spec.low_precision_io:
         compute = dtype
     x = states.reshape(N, T, d, d).to(compute).contiguous()  # [N, T, d, d]
