@@ -4,8 +4,8 @@ import torch
 
 import matrec
 from matrec.models import MIXERS
-from matrec.models.attention import MRURotaryAttention, causal_attention
-from matrec.models.linear_attention import chunked_form, recurrent_form
+from matrec.nn.attention import MRURotaryAttention, causal_attention
+from matrec.nn.linear_attention import chunked_form, recurrent_form
 
 E, H = 16, 2
 ALL_MIXERS = ["mlp", "mru", "attn", "linear_attn", "txl", "mru_rotary", "lstm", "gru", "rnn", "mornn"]
@@ -314,7 +314,7 @@ def test_rotary_encodings_equal_complex_rotation_reference(pos):
 
 def test_txl_scores_equal_the_spelled_out_relative_formula():
     # score(i, j) = ((q_i + u) . k_j + (q_i + v) . W_r R_(i - j)) / sqrt(D), j <= i over [memory; x]
-    from matrec.models.transformer_xl import sinusoid
+    from matrec.nn.transformer_xl import sinusoid
 
     mixer = make("txl", mem_len=4)
     mem = torch.randn(2, 4, E, dtype=torch.float64)

@@ -11,10 +11,10 @@ and presets (``PRESETS``, :func:`list_presets`), and :func:`generate` for sampli
 from .registry import MODELS, build_model
 from . import recurrent as _recurrent  # noqa: F401  (registers rnn, lstm, gru, mornn)
 from .mixers import MIXERS
-from . import attention as _attention  # noqa: F401  (registers attn, mru_rotary)
-from . import linear_attention as _linear_attention  # noqa: F401  (registers linear_attn)
-from . import transformer_xl as _transformer_xl  # noqa: F401  (registers txl)
-from .positional import POSITIONS
+from ..nn import attention as _attention  # noqa: F401  (registers attn, mru_rotary)
+from ..nn import linear_attention as _linear_attention  # noqa: F401  (registers linear_attn)
+from ..nn import transformer_xl as _transformer_xl  # noqa: F401  (registers txl)
+from ..nn.positional import POSITIONS
 from .sequence import SequenceModel, num_parameters
 from .generate import generate
 from .zoo import PRESETS, list_presets

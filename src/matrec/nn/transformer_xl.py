@@ -16,7 +16,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .mixers import MIXERS, init_linear
+from ..models.mixers import MIXERS, init_linear
 
 
 def sinusoid(n: int, dim: int, device, dtype) -> Tensor:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..registry import Registry
-from .mixers import MIXERS, init_linear
+from ..models.mixers import MIXERS, init_linear
 
 LINEAR_ATTENTION_FORMS: Registry = Registry("linear attention form", argument="form")
 

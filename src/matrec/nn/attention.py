@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops.orthogonal import ORTHOGONAL_MAPS, lower_numel, lower_to_square, orthogonal_from
-from .mixers import MIXERS, init_linear
+from ..models.mixers import MIXERS, init_linear
 from .positional import POSITIONS
 
 
