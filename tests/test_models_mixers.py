@@ -4,8 +4,9 @@ import torch
 
 import matrec
 from matrec.models import MIXERS
-from matrec.nn.attention import MRURotaryAttention, causal_attention
-from matrec.nn.linear_attention import chunked_form, recurrent_form
+from matrec.nn.attention import MRURotaryAttention
+from matrec.ops.attention import causal_attention, causal_attention_reference
+from matrec.ops.linear_attention import chunked_form, recurrent_form
 
 E, H = 16, 2
 ALL_MIXERS = ["mlp", "mru", "attn", "linear_attn", "txl", "mru_rotary", "lstm", "gru", "rnn", "mornn"]
@@ -253,10 +254,34 @@ def test_mixer_errors():
         MIXERS.get("attn")(16, n_heads=2, pos="alibi")
     with pytest.raises(ValueError, match="form must be one of"):
         MIXERS.get("linear_attn")(16, n_heads=2, form="fast")
-    with pytest.raises(ValueError, match="window must be a positive int or None"):
+    with pytest.raises(ValueError, match="window must be an int >= 1 or None"):
         MIXERS.get("attn")(16, n_heads=2, window=0)
-    with pytest.raises(ValueError, match="mem_len must be a non-negative int"):
+    with pytest.raises(ValueError, match="mem_len must be an int >= 0"):
         MIXERS.get("txl")(16, n_heads=2, mem_len=-1)
+    with pytest.raises(ValueError, match="chunk_size must be an int >= 1"):
+        MIXERS.get("linear_attn")(16, n_heads=2, chunk_size=0)
+    with pytest.raises(ValueError, match="n_heads must be an int >= 1"):
+        MIXERS.get("attn")(16, n_heads=True)
+    with pytest.raises(ValueError, match="expansion must be an int >= 1"):
+        MIXERS.get("mlp")(16, expansion=0)
+
+
+@pytest.mark.parametrize("T", [1, 7, 100])
+@pytest.mark.parametrize("offset,S,window", [(0, None, None), (0, None, 3), (5, 12, None), (5, 8, 4)])
+def test_causal_attention_equals_reference(T, offset, S, window):
+    """The SDPA form against the definition (scores, mask, softmax), outputs and every gradient."""
+    S = T if S is None else min(S + T, offset + T)
+    g = torch.Generator().manual_seed(T)
+    q = torch.randn(2, 3, T, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(2, 3, S, 4, generator=g, dtype=torch.float64, requires_grad=True) for _ in "kv")
+    out = causal_attention(q, k, v, offset, window)
+    ref = causal_attention_reference(q, k, v, offset, window)
+    torch.testing.assert_close(out, ref)
+    w = torch.randn_like(out)
+    grads = torch.autograd.grad((out * w).sum(), [q, k, v])
+    refs = torch.autograd.grad((ref * w).sum(), [q, k, v])
+    for a, b in zip(grads, refs):
+        torch.testing.assert_close(a, b)
 
 
 @pytest.mark.parametrize("name", ["attn", "mru_rotary"])

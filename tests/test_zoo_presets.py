@@ -61,15 +61,15 @@ def test_mru_keeps_its_init_but_out_proj_is_a_residual_projection():
     assert 0.0050 < std < 0.0066
 
 
-def test_zoo_module_prints_the_presets_table():
-    # `python -m matrec.models.zoo` (the command behind docs/models.md) used to re-register every model
+def test_models_module_prints_the_presets_table():
+    # `python -m matrec.models`: the command behind docs/models.md's table
     import os
     import subprocess
     import sys
     from pathlib import Path
 
     src = str(Path(__file__).resolve().parents[1] / "src")
-    proc = subprocess.run([sys.executable, "-m", "matrec.models.zoo"], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "matrec.models"], capture_output=True, text=True,
                           timeout=120, env={**os.environ, "PYTHONPATH": src})
     assert proc.returncode == 0, proc.stderr
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| `")]

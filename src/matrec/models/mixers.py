@@ -1,4 +1,4 @@
-"""Sequence mixers: the layers a :class:`~matrec.models.SequenceModel` stacks.
+"""Sequence mixers: the layers a :class:`~matrec.models.SequenceModel` stacks, registered by name.
 
 One calling convention for all of them::
 
@@ -8,70 +8,51 @@ One calling convention for all of them::
 segment memory, or None for stateless layers. Calling on a sequence in chunks and passing the state
 along equals one call on the whole sequence. Every mixer is causal.
 
-Mixers are built by name as ``MIXERS.get(name)(d_model, n_heads=..., dropout=..., **options)``.
-Mixers written here may define ``init_weights(std, residual_std)``; the sequence model calls it for
-GPT-2-style initialisation. Wrapped modules (the MRU, torch RNNs, MORNN) keep their own init,
-except that an ``out_proj`` linear layer (the MRU's output projection) gets the residual init.
-
-This file holds the MLP, the MRU and the RNN mixers; attention-like mixers live in
-``attention.py``, ``linear_attention.py`` and ``transformer_xl.py``.
+Mixers are built by name as ``MIXERS.get(name)(d_model, n_heads=..., dropout=..., **options)``. The
+layers themselves live in :mod:`matrec.nn`; this file only names them. Every mixer defines
+``init_weights(std, residual_std)`` (:mod:`matrec.nn.init`), which the sequence model calls for
+GPT-2-style initialisation; wrappers of layers with their own initialisation (the MRU, the RNNs)
+implement it for their residual-stream projection only, or as a no-op.
 """
 from __future__ import annotations
 
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..nn.attention import CausalSelfAttention, MRURotaryAttention
+from ..nn.linear_attention import LinearAttention
+from ..nn.mlp import MLP
+from ..nn.mru import MRU
+from ..nn.transformer_xl import TransformerXLAttention
 from ..registry import Registry
 from .recurrent import MORNN_RECIPE, mornn
 
 MIXERS: Registry = Registry("mixer", argument="mixer")
 
 
-def init_linear(module: nn.Linear, std: float) -> None:
-    """GPT-2 init of one linear layer: weights N(0, std), bias zero."""
-    nn.init.normal_(module.weight, mean=0.0, std=std)
-    if module.bias is not None:
-        nn.init.zeros_(module.bias)
-
-
-@MIXERS.register("mlp")
-class MLP(nn.Module):
-    """Position-wise feed-forward ``E -> expansion*E -> E`` with GELU; stateless (state stays None).
-
-    Registered as a mixer so a layer pattern can hold MLP sublayers (``["mru", "mlp"] * 6``) and
-    MLP-only models (``["mlp"] * 4``) with the same residual wrapper.
-    """
-
-    def __init__(self, d_model: int, *, n_heads: int | None = None, dropout: float = 0.0,
-                 expansion: int = 4, bias: bool = True) -> None:
-        super().__init__()
-        self.fc = nn.Linear(d_model, expansion * d_model, bias=bias)
-        self.residual_proj = nn.Linear(expansion * d_model, d_model, bias=bias)
+class MRUMixer(MRU):
+    """:class:`matrec.MRU` as a mixer: its own initialisation, except that its output projection
+    writes into the residual stream and gets the residual init."""
 
     def init_weights(self, std: float, residual_std: float) -> None:
-        init_linear(self.fc, std)
-        init_linear(self.residual_proj, residual_std)
-
-    def forward(self, x: Tensor, state=None) -> tuple[Tensor, None]:
-        return self.residual_proj(F.gelu(self.fc(x))), None
+        nn.init.normal_(self.out_proj.weight, std=residual_std)
+        if self.out_proj.bias is not None:
+            nn.init.zeros_(self.out_proj.bias)
 
 
-@MIXERS.register("mru")
-def mru_mixer(d_model: int, *, n_heads: int = 1, dropout: float = 0.0, **options) -> nn.Module:
+def mru_mixer(d_model: int, *, n_heads: int = 1, dropout: float = 0.0, **options) -> MRUMixer:
     """:class:`matrec.MRU` (it already follows the mixer convention). ``options`` go to the MRU:
     ``state_size``, ``state_matrix`` (construction, default "ldu"), ``backend``.
 
     The MRU's own output dropout stays off: the residual wrapper applies ``dropout`` to every mixer.
     """
-    import matrec  # the MRU lives in matrec.nn; imported here so models load without it
-
-    return matrec.MRU(d_model, num_heads=n_heads, **options)
+    return MRUMixer(d_model, num_heads=n_heads, **options)
 
 
 class RNNMixer(nn.Module):
     """An ``nn.RNN``-like module (batch_first, hidden size = input size) as a mixer.
 
-    State is the RNN's own: ``h [layers, B, E]`` (``(h, c)`` for an LSTM).
+    State is the RNN's own: ``h [layers, B, E]`` (``(h, c)`` for an LSTM). The RNN keeps its own
+    initialisation.
     """
 
     def __init__(self, rnn: nn.Module) -> None:
@@ -79,6 +60,9 @@ class RNNMixer(nn.Module):
         if not getattr(rnn, "batch_first", False):
             raise ValueError("rnn must be built with batch_first=True")
         self.rnn = rnn
+
+    def init_weights(self, std: float, residual_std: float) -> None:
+        """Nothing: an RNN's initialisation is part of its recipe (MORNN's Henaff init, say)."""
 
     def forward(self, x: Tensor, state=None):
         return self.rnn(x, state)
@@ -92,7 +76,13 @@ def _rnn_mixer(rnn_cls, **defaults):
     return build
 
 
+MIXERS.register("mlp", MLP)
+MIXERS.register("mru", mru_mixer)
 MIXERS.register("rnn", _rnn_mixer(nn.RNN))
 MIXERS.register("lstm", _rnn_mixer(nn.LSTM))
 MIXERS.register("gru", _rnn_mixer(nn.GRU))
 MIXERS.register("mornn", _rnn_mixer(mornn, **MORNN_RECIPE))
+MIXERS.register("attn", CausalSelfAttention)
+MIXERS.register("mru_rotary", MRURotaryAttention)
+MIXERS.register("linear_attn", LinearAttention)
+MIXERS.register("txl", TransformerXLAttention)

@@ -9,6 +9,8 @@ from typing import Callable
 
 from torch import Tensor, nn
 
+from ..nn.mornn import MORNN
+from .generate import generate
 from .registry import MODELS, embed_tokens
 
 
@@ -43,8 +45,6 @@ class RecurrentModel(nn.Module):
     def generate(self, prompt: Tensor, max_new_tokens: int, temperature: float = 1.0,
                  top_k: int | None = None, **kwargs) -> Tensor:
         """See :func:`matrec.models.generate` (streams the RNN state: constant memory)."""
-        from .generate import generate
-
         return generate(self, prompt, max_new_tokens, temperature, top_k, **kwargs)
 
 
@@ -85,13 +85,7 @@ MODELS.register("lstm", recurrent_factory(nn.LSTM))
 MODELS.register("gru", recurrent_factory(nn.GRU))
 
 
-def mornn(*args, **kwargs) -> nn.Module:
-    """``matrec.MORNN(*args, **kwargs)``, imported on first use so models load without it."""
-    import matrec
-
-    return matrec.MORNN(*args, **kwargs)
-
-
-# The memory-task recipe of SPEC section 2: modReLU and Henaff init (override by keyword).
+# the long-memory recipe (docs/mornn.md): modReLU and Henaff init (override by keyword)
 MORNN_RECIPE = {"nonlinearity": "modrelu", "init": "henaff"}
-MODELS.register("mornn", recurrent_factory(mornn, **MORNN_RECIPE))
+mornn = MORNN  # the name the mixer and model factories build
+MODELS.register("mornn", recurrent_factory(MORNN, **MORNN_RECIPE))

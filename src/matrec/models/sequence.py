@@ -14,6 +14,7 @@ from typing import Sequence
 
 from torch import Tensor, nn
 
+from .generate import generate
 from .mixers import MIXERS
 from .registry import embed_tokens
 
@@ -50,8 +51,7 @@ class SequenceModel(nn.Module):
 
     ``forward(x, state=None) -> (out, new_state)``; ``state`` is a list with one entry per sublayer
     (None for stateless ones). Weights follow GPT-2: N(0, 0.02), residual projections
-    N(0, 0.02 / sqrt(len(pattern))); wrapped modules (MRU, RNNs) keep their own initialisation apart
-    from an ``out_proj`` output projection, which is a residual projection too.
+    N(0, 0.02 / sqrt(len(pattern))), through every mixer's ``init_weights`` (:mod:`matrec.models.mixers`).
     """
 
     def __init__(self, pattern: Sequence[str], *, output_size: int, vocab_size: int | None = None,
@@ -99,14 +99,7 @@ class SequenceModel(nn.Module):
         if self.head.bias is not None:
             nn.init.zeros_(self.head.bias)
         for layer in self.layers:
-            mixer = layer.mixer
-            if hasattr(mixer, "init_weights"):
-                mixer.init_weights(std, residual_std)
-            elif isinstance(getattr(mixer, "out_proj", None), nn.Linear):
-                # a wrapped module (the MRU) keeps its init but its output projection is a residual one
-                nn.init.normal_(mixer.out_proj.weight, std=residual_std)
-                if mixer.out_proj.bias is not None:
-                    nn.init.zeros_(mixer.out_proj.bias)
+            layer.mixer.init_weights(std, residual_std)
 
     def forward(self, x: Tensor, state: list | None = None) -> tuple[Tensor, list]:
         if not isinstance(x, Tensor):
@@ -132,8 +125,6 @@ class SequenceModel(nn.Module):
     def generate(self, prompt: Tensor, max_new_tokens: int, temperature: float = 1.0,
                  top_k: int | None = None, **kwargs) -> Tensor:
         """See :func:`matrec.models.generate`."""
-        from .generate import generate
-
         return generate(self, prompt, max_new_tokens, temperature, top_k, **kwargs)
 
 

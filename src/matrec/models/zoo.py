@@ -1,4 +1,4 @@
-"""Registered sequence models and the presets named after the seed's experiments.
+"""Registered sequence models and the presets of the experiments in docs/models.md.
 
 Plain models (small defaults, every size overridable): ``mru``, ``attn``, ``linear_attn``, ``txl``,
 ``mru_rotary`` — ``n_layers`` x (mixer + MLP) — and ``mlp`` (``n_layers`` MLP sublayers). Extra
@@ -13,19 +13,12 @@ Presets fix the architecture of an experiment (vocab/input/output sizes still co
 """
 from __future__ import annotations
 
-if __name__ == "__main__":  # python -m matrec.models.zoo: the presets table of docs/models.md
-    # The package import has already run this file as matrec.models.zoo, registering every model;
-    # running the body a second time as __main__ would register them twice (an error).
-    from matrec.models.zoo import print_presets_table
-
-    print_presets_table()
-    raise SystemExit(0)
-
-from .registry import MODELS
+from ..ops.state_matrix import STATE_MATRICES
+from .registry import MODELS, build_model
 from .sequence import SequenceModel, num_parameters
 
-# the state-matrix constructions of SPEC section 1.3 (matrec.STATE_MATRICES)
-MRU_CONSTRUCTIONS = ("identity", "scaled", "cayley", "expm", "householder", "cayley_qr", "ldu", "ldu_ns")
+# one ablation preset per registered state-matrix construction
+MRU_CONSTRUCTIONS = tuple(STATE_MATRICES.names())
 
 PRESETS: dict[str, dict] = {}
 
@@ -93,8 +86,6 @@ register_preset("ablation-mlp", ["mlp"] * 4, d_model=256, n_heads=4, context_len
 def list_presets(vocab_size: int = 65) -> list[dict]:
     """Every preset with its description and parameter count for a ``vocab_size``-token LM
     (65 = tiny-shakespeare characters)."""
-    from .registry import build_model
-
     rows = []
     for name, preset in PRESETS.items():
         model = build_model(name, vocab_size=vocab_size, output_size=vocab_size)
@@ -104,7 +95,7 @@ def list_presets(vocab_size: int = 65) -> list[dict]:
 
 
 def print_presets_table(vocab_size: int = 65) -> None:
-    """Print the presets table of docs/models.md (``python -m matrec.models.zoo``)."""
+    """Print the presets table of docs/models.md (``python -m matrec.models``)."""
     print(f"| preset | architecture | parameters (vocab {vocab_size}) |\n|---|---|---|")
     for row in list_presets(vocab_size):
         print(f"| `{row['name']}` | {row['description'].split(': ', 1)[1]} | {row['parameters']:,} |")

@@ -8,35 +8,17 @@ running product of rotations: ``(k, v, position, P)`` with ``P [B, H, C, d, d]``
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..checks import check_divides, check_int
+from ..ops.attention import causal_attention
+from ..ops.mru_scan import mru_scan
 from ..ops.orthogonal import ORTHOGONAL_MAPS, lower_numel, lower_to_square, orthogonal_from
-from ..models.mixers import MIXERS, init_linear
+from ..ops.precision import compute_dtype
+from .init import init_linear
 from .positional import POSITIONS
 
 
-def causal_attention(q: Tensor, k: Tensor, v: Tensor, offset: int, window: int | None = None,
-                     dropout_p: float = 0.0) -> Tensor:
-    """SDPA where query row ``i`` (absolute position ``offset + i``) sees the keys at positions
-    ``<= offset + i`` and, with a ``window``, ``> offset + i - window``.
-
-    ``q [B, H, T, D]``; ``k, v [B, H, S, D]`` hold the ``S`` most recent positions, the last being
-    ``offset + T - 1``. Returns ``[B, H, T, D]``.
-    """
-    T, S = q.shape[-2], k.shape[-2]
-    if offset == 0 and S == T and window is None:
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=T > 1)
-    # SDPA's is_causal aligns the mask top-left; with a cache it must align bottom-right.
-    q_pos = torch.arange(offset, offset + T, device=q.device)[:, None]  # [T, 1]
-    k_pos = torch.arange(offset + T - S, offset + T, device=q.device)[None, :]  # [1, S]
-    mask = k_pos <= q_pos
-    if window is not None:
-        mask &= k_pos > q_pos - window
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
-
-
-@MIXERS.register("attn")
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention (GPT-2 style) with RoPE / xPos / no positions and a KV cache.
 
@@ -53,10 +35,10 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, d_model: int, *, n_heads: int = 1, dropout: float = 0.0, pos: str = "rope",
                  pos_options: dict | None = None, window: int | None = None, bias: bool = False) -> None:
         super().__init__()
-        if d_model % n_heads:
-            raise ValueError(f"n_heads must divide d_model, got d_model={d_model}, n_heads={n_heads}")
-        if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
-            raise ValueError(f"window must be a positive int or None, got {window!r}")
+        check_int("d_model", d_model)
+        check_int("n_heads", n_heads)
+        check_divides("n_heads", n_heads, "d_model", d_model)
+        check_int("window", window, allow_none=True)
         self.d_model, self.n_heads, self.head_dim = d_model, n_heads, d_model // n_heads
         self.dropout, self.window = dropout, window
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=bias)
@@ -113,7 +95,6 @@ def rotate_chunks(x: Tensor, P: Tensor) -> Tensor:
     return out.transpose(2, 3).reshape(B, H, T, D)
 
 
-@MIXERS.register("mru_rotary")
 class MRURotaryAttention(CausalSelfAttention):
     """Causal attention whose q and k are rotated chunk-wise by MRU running products (SPEC 1.4).
 
@@ -138,6 +119,7 @@ class MRURotaryAttention(CausalSelfAttention):
                  construction: str = "cayley", backend: str = "auto", window: int | None = None,
                  bias: bool = False) -> None:
         super().__init__(d_model, n_heads=n_heads, dropout=dropout, pos="none", window=window, bias=bias)
+        check_int("chunk_size", chunk_size)
         if self.head_dim % chunk_size:
             raise ValueError(
                 f"chunk_size must divide the head size {self.head_dim}, got chunk_size={chunk_size}")
@@ -158,18 +140,16 @@ class MRURotaryAttention(CausalSelfAttention):
         """Per-token orthogonal ``M_t``: ``x [B, T, E]`` -> ``[B, H, C, T, d, d]`` (float32 or wider)."""
         B, T, _ = x.shape
         a = self.rotation(x).view(B, T, self.n_heads, self.n_chunks, -1).permute(0, 2, 3, 1, 4)
-        a = a.to(torch.promote_types(a.dtype, torch.float32))  # [B, H, C, T, d(d-1)/2]
+        a = a.to(compute_dtype(a.dtype))  # [B, H, C, T, d(d-1)/2]
         # the maps (solve, matrix_exp) and the running product stay in fp32 under autocast (SPEC 1.3)
         with torch.autocast(device_type=x.device.type, enabled=False):
             return orthogonal_from(lower_to_square(a, self.chunk_size), self.construction)
 
     def encode_positions(self, x, q, k, offset, extra):
-        import matrec  # mru_scan is matrec's multi-backend scan
-
         M = self.rotations(x)  # [B, H, C, T, d, d], at least fp32
         P0 = extra[0].to(M.dtype) if extra else None  # [B, H, C, d, d]
         with torch.autocast(device_type=x.device.type, enabled=False):
-            P = matrec.mru_scan(M, P0, backend=self.backend)  # [B, H, C, T, d, d]
+            P = mru_scan(M, P0, backend=self.backend)  # [B, H, C, T, d, d]
         q = rotate_chunks(q, P.to(q.dtype))
         k = rotate_chunks(k, P.to(k.dtype))
         return q, k, (P[..., -1, :, :],)

@@ -6,10 +6,8 @@ With the feature map ``phi(x) = elu(x) + 1`` (positive), causal attention become
     z_t = z_{t-1} + phi(k_t)              # [D]
     y_t = phi(q_t)^T S_t / (phi(q_t)^T z_t + eps)
 
-State: ``(S [B, H, D, D], z [B, H, D])``. Two forms compute the same thing: ``recurrent`` (the
-definition, one step at a time: the generation path and the reference) and ``chunked`` (the
-training path: quadratic attention inside chunks of ``chunk_size``, the recurrence across chunk
-totals; memory ``O(T * chunk_size)``, not ``O(T^2)``).
+State: ``(S [B, H, D, D], z [B, H, D])``. The two forms that compute it (``recurrent``, the
+definition; ``chunked``, the training path) are ops: :mod:`matrec.ops.linear_attention`.
 """
 from __future__ import annotations
 
@@ -17,50 +15,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..registry import Registry
-from ..models.mixers import MIXERS, init_linear
-
-LINEAR_ATTENTION_FORMS: Registry = Registry("linear attention form", argument="form")
-
-
-@LINEAR_ATTENTION_FORMS.register("recurrent")
-def recurrent_form(q: Tensor, k: Tensor, v: Tensor, S: Tensor, z: Tensor, eps: float,
-                   chunk_size: int = 0):
-    """The definition, step by step. ``q, k`` are features ``[B, H, T, D]``; returns ``(y, S, z)``."""
-    ys = []
-    for t in range(q.shape[-2]):
-        S = S + k[..., t, :, None] * v[..., t, None, :]  # [B, H, D, D]
-        z = z + k[..., t, :]
-        num = (q[..., t, :, None] * S).sum(-2)  # [B, H, D]
-        den = (q[..., t, :] * z).sum(-1, keepdim=True)  # [B, H, 1]
-        ys.append(num / (den + eps))
-    return torch.stack(ys, dim=-2), S, z
+from ..checks import check_divides, check_int
+from ..ops.linear_attention import LINEAR_ATTENTION_FORMS
+from ..ops.precision import compute_dtype
+from .init import init_linear
 
 
-@LINEAR_ATTENTION_FORMS.register("chunked")
-def chunked_form(q: Tensor, k: Tensor, v: Tensor, S: Tensor, z: Tensor, eps: float,
-                 chunk_size: int = 64):
-    """Chunk-parallel form, equal to :func:`recurrent_form`."""
-    B, H, T, D = q.shape
-    C = min(chunk_size, T)
-    pad = (-T) % C
-    if pad:  # zero features contribute nothing to S or z
-        q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
-    N = (T + pad) // C
-    qc, kc, vc = (t.view(B, H, N, C, -1) for t in (q, k, v))  # [B, H, N, C, D]
-    kv = kc.transpose(-1, -2) @ vc  # [B, H, N, D, D]: each chunk's total
-    ks = kc.sum(-2)  # [B, H, N, D]
-    # state entering each chunk: initial state plus the totals of all earlier chunks
-    S_in = S[:, :, None] + kv.cumsum(2) - kv  # [B, H, N, D, D]
-    z_in = z[:, :, None] + ks.cumsum(2) - ks  # [B, H, N, D]
-    A = (qc @ kc.transpose(-1, -2)).tril()  # [B, H, N, C, C]: causal within the chunk
-    num = qc @ S_in + A @ vc  # [B, H, N, C, D]
-    den = (qc * z_in[..., None, :]).sum(-1) + A.sum(-1)  # [B, H, N, C]
-    y = (num / (den[..., None] + eps)).reshape(B, H, N * C, -1)[..., :T, :]
-    return y, S_in[:, :, -1] + kv[:, :, -1], z_in[:, :, -1] + ks[:, :, -1]
-
-
-@MIXERS.register("linear_attn")
 class LinearAttention(nn.Module):
     """Multi-head causal linear attention with elu+1 features.
 
@@ -73,12 +33,11 @@ class LinearAttention(nn.Module):
     def __init__(self, d_model: int, *, n_heads: int = 1, dropout: float = 0.0, form: str = "auto",
                  chunk_size: int = 64, eps: float = 1e-6, bias: bool = False) -> None:
         super().__init__()
-        if d_model % n_heads:
-            raise ValueError(f"n_heads must divide d_model, got d_model={d_model}, n_heads={n_heads}")
-        if form != "auto":
-            LINEAR_ATTENTION_FORMS.get(form)
-        if not isinstance(chunk_size, int) or chunk_size < 1:
-            raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+        check_int("d_model", d_model)
+        check_int("n_heads", n_heads)
+        check_divides("n_heads", n_heads, "d_model", d_model)
+        LINEAR_ATTENTION_FORMS.check(form)
+        check_int("chunk_size", chunk_size)
         self.n_heads, self.head_dim = n_heads, d_model // n_heads
         self.form, self.chunk_size, self.eps = form, chunk_size, eps
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=bias)
@@ -93,16 +52,16 @@ class LinearAttention(nn.Module):
         q, k, v = (t.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
                    for t in self.qkv(x).split(E, dim=-1))  # [B, H, T, D] each
         # running sums over the whole sequence: kept in at least fp32 under bf16/fp16 autocast
-        dtype = torch.promote_types(q.dtype, torch.float32)
+        dtype = compute_dtype(q.dtype)
         q, k, v = (t.to(dtype) for t in (q, k, v))
         if state is None:
             S = q.new_zeros(B, self.n_heads, self.head_dim, self.head_dim)
             z = q.new_zeros(B, self.n_heads, self.head_dim)
         else:
             S, z = (t.to(dtype) for t in state)
-        form = self.form if self.form != "auto" else ("recurrent" if T == 1 else "chunked")
+        _, form = LINEAR_ATTENTION_FORMS.resolve(self.form, x.device, T=T)
         with torch.autocast(device_type=x.device.type, enabled=False):
             q, k = F.elu(q) + 1, F.elu(k) + 1
-            y, S, z = LINEAR_ATTENTION_FORMS.get(form)(q, k, v, S, z, self.eps, self.chunk_size)
+            y, S, z = form(q, k, v, S, z, self.eps, self.chunk_size)
         y = y.to(x.dtype).transpose(1, 2).reshape(B, T, E)
         return self.residual_proj(y), (S, z)

@@ -16,7 +16,8 @@ import math
 import torch
 from torch import Tensor, nn
 
-from ..models.mixers import MIXERS, init_linear
+from ..checks import check_divides, check_int
+from .init import init_linear
 
 
 def sinusoid(n: int, dim: int, device, dtype) -> Tensor:
@@ -27,7 +28,6 @@ def sinusoid(n: int, dim: int, device, dtype) -> Tensor:
     return torch.cat((pos.sin(), pos.cos()), dim=-1)[:, :dim].to(dtype)
 
 
-@MIXERS.register("txl")
 class TransformerXLAttention(nn.Module):
     """Relative multi-head attention with segment memory. State: memory ``[B, <=mem_len, E]``.
 
@@ -38,10 +38,10 @@ class TransformerXLAttention(nn.Module):
     def __init__(self, d_model: int, *, n_heads: int = 1, dropout: float = 0.0, mem_len: int = 256,
                  bias: bool = False) -> None:
         super().__init__()
-        if d_model % n_heads:
-            raise ValueError(f"n_heads must divide d_model, got d_model={d_model}, n_heads={n_heads}")
-        if not isinstance(mem_len, int) or mem_len < 0:
-            raise ValueError(f"mem_len must be a non-negative int, got {mem_len!r}")
+        check_int("d_model", d_model)
+        check_int("n_heads", n_heads)
+        check_divides("n_heads", n_heads, "d_model", d_model)
+        check_int("mem_len", mem_len, minimum=0)
         self.n_heads, self.head_dim, self.mem_len = n_heads, d_model // n_heads, mem_len
         self.q = nn.Linear(d_model, d_model, bias=bias)
         self.kv = nn.Linear(d_model, 2 * d_model, bias=bias)

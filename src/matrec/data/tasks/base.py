@@ -7,6 +7,7 @@ import inspect
 import torch
 from torch import Tensor
 
+from ...checks import check_int, check_number  # noqa: F401  (re-exported for the tasks)
 from ...registry import Registry
 
 TASKS: Registry = Registry("task", argument="task")
@@ -107,20 +108,6 @@ def check_split(split: str) -> str:
     if split not in SPLITS:
         raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
     return split
-
-
-def check_int(argument: str, value, minimum: int = 1) -> int:
-    """``value`` if it is an int >= ``minimum`` (bools rejected), else a ValueError naming ``argument``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{argument} must be an int >= {minimum}, got {value!r}")
-    return value
-
-
-def check_number(argument: str, value) -> float:
-    """``value`` as a float if it is a real number (bools rejected), else a TypeError naming it."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{argument} must be a number, got {value!r}")
-    return float(value)
 
 
 def _parse_value(argument: str, text: str, default):
