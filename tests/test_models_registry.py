@@ -19,7 +19,7 @@ def test_build_model_errors():
         matrec.build_model("lstm", output_size=3)
     with pytest.raises(ValueError, match="model must be one of"):
         matrec.build_model("nope", vocab_size=3, output_size=3)
-    with pytest.raises(ValueError, match="output_size must be a positive int"):
+    with pytest.raises(ValueError, match="output_size must be an int >= 1"):
         matrec.build_model("lstm", vocab_size=3, output_size=0)
 
 

@@ -156,7 +156,7 @@ def test_bf16_module():
         ({"embed_dim": 18, "num_heads": 2, "state_size": 32}, "embed_dim must be divisible by num_heads \\* d"),
         ({"embed_dim": 16, "state_matrix": "nope"}, r"state_matrix must be one of \['identity'.*got 'nope'"),
         ({"embed_dim": 16, "backend": "nope"}, r"backend must be one of \['auto', 'sequential'.*got 'nope'"),
-        ({"embed_dim": 0}, "embed_dim must be a positive int"),
+        ({"embed_dim": 0}, "embed_dim must be an int >= 1"),
         ({"embed_dim": 16, "dropout": 1.0}, "dropout must be in"),
     ],
 )

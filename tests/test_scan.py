@@ -293,8 +293,8 @@ def test_public_export():
         pytest.param(torch.zeros(2, 4, 3, 3), torch.zeros(2, 3, 3, dtype=torch.int64), {}, TypeError, "initial_state must have the dtype of states", id="initial-state-integer"),
         pytest.param(torch.zeros(2, 4, 3, 3), torch.zeros(2, 3, 3, device="meta"), {}, ValueError, "initial_state must be on the device", id="initial-state-device-mismatch"),
         pytest.param(torch.zeros(2, 4, 3, 3), None, {"backend": "nope"}, ValueError, r"backend must be one of \['auto', 'sequential'.*got 'nope'", id="unknown-backend"),
-        pytest.param(torch.zeros(2, 4, 3, 3), None, {"backend": "chunked", "chunk_size": 0}, ValueError, "chunk_size must be a positive int", id="chunk-size-zero"),
-        pytest.param(torch.zeros(2, 4, 3, 3), None, {"backend": "chunked", "chunk_size": 2.0}, ValueError, "chunk_size must be a positive int", id="chunk-size-float"),
+        pytest.param(torch.zeros(2, 4, 3, 3), None, {"backend": "chunked", "chunk_size": 0}, ValueError, "chunk_size must be an int >= 1 or None", id="chunk-size-zero"),
+        pytest.param(torch.zeros(2, 4, 3, 3), None, {"backend": "chunked", "chunk_size": 2.0}, ValueError, "chunk_size must be an int >= 1 or None", id="chunk-size-float"),
         pytest.param(torch.zeros(2, 4, 3, 3), None, {"backend": "sklansky", "chunk_size": 2}, ValueError, "chunk_size applies to backends with chunks only", id="chunk-size-without-chunks"),
     ],
 )

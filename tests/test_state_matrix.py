@@ -100,8 +100,8 @@ def test_user_construction(monkeypatch):
         (lambda: state_matrix("ldu", torch.zeros(3, 5), 2), ValueError, r"x must have shape \[\.\.\., 4\]"),
         (lambda: state_matrix("ldu", torch.zeros(4, dtype=torch.int64), 2), TypeError, "x must have a floating-point dtype"),
         (lambda: state_matrix("ldu", [0.0] * 4, 2), TypeError, "x must be a torch.Tensor"),
-        (lambda: state_matrix("ldu", torch.zeros(4), 0), ValueError, "d must be a positive int"),
-        (lambda: state_matrix_numel("ldu", 2.5), ValueError, "d must be a positive int"),
+        (lambda: state_matrix("ldu", torch.zeros(4), 0), ValueError, "d must be an int >= 1"),
+        (lambda: state_matrix_numel("ldu", 2.5), ValueError, "d must be an int >= 1"),
         # I - A is numerically singular only when x dwarfs I: named as x, not a raw solver error
         (lambda: state_matrix("cayley", torch.full((2, 21), 1e30), 7), ValueError,
          r"x is too large for state_matrix='cayley' in torch.float32 \(max \|x\| = 1e\+30\)"),

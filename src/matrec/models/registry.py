@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..checks import check_int
 from ..registry import Registry
 
 MODELS: Registry = Registry("model", argument="model")
@@ -22,9 +23,9 @@ def build_model(name: str, *, vocab_size: int | None = None, input_size: int | N
             f"exactly one of vocab_size and input_size must be given, got vocab_size={vocab_size}, "
             f"input_size={input_size}"
         )
-    for arg, value in (("vocab_size", vocab_size), ("input_size", input_size), ("output_size", output_size)):
-        if value is not None and (not isinstance(value, int) or value < 1):
-            raise ValueError(f"{arg} must be a positive int, got {value!r}")
+    for arg, value in (("vocab_size", vocab_size), ("input_size", input_size)):
+        check_int(arg, value, allow_none=True)
+    check_int("output_size", output_size)
     factory = MODELS.get(name)
     return factory(vocab_size=vocab_size, input_size=input_size, output_size=output_size, **kwargs)
 

@@ -6,6 +6,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from ..checks import check_int
 from ..ops.mru_scan import SCAN_BACKENDS, mru_scan
 from ..ops.state_matrix import STATE_MATRICES, state_matrix, state_matrix_numel
 
@@ -71,15 +72,13 @@ class MRU(nn.Module):
     ) -> None:
         super().__init__()
         for arg, value in (("embed_dim", embed_dim), ("num_heads", num_heads)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{arg} must be a positive int, got {value!r}")
+            check_int(arg, value)
         if embed_dim % num_heads:
             raise ValueError(f"num_heads must divide embed_dim={embed_dim}, got {num_heads}")
         if state_size is None:
             d = default_order(embed_dim, num_heads)
         else:
-            if isinstance(state_size, bool) or not isinstance(state_size, int) or state_size < 1:
-                raise ValueError(f"state_size must be a positive int or None, got {state_size!r}")
+            check_int("state_size", state_size, allow_none=True)
             if state_size % num_heads:
                 raise ValueError(
                     f"state_size must be divisible by num_heads={num_heads}, got {state_size}"

@@ -25,6 +25,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from ..checks import check_int
 from ..registry import Registry
 from .orthogonal import lower_numel, lower_to_square, orthogonal_from
 
@@ -126,8 +127,7 @@ STATE_MATRICES.register("ldu_ns", StateMatrix(_ldu_ns, _square, "det 1, near ort
 
 
 def _check_order(d) -> None:
-    if isinstance(d, bool) or not isinstance(d, int) or d < 1:
-        raise ValueError(f"d must be a positive int (the matrix order), got {d!r}")
+    check_int("d", d)
 
 
 def state_matrix_numel(name: str, d: int) -> int:

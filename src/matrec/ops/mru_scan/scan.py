@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from ...checks import check_int
 from .. import kernel_guard
 from ..backends import BackendRegistry, always_available
 from ..precision import compute_dtype
@@ -282,10 +283,7 @@ def _validate(states, initial_state, chunk_size) -> None:
                 f"initial_state must be on the device of states ({states.device}), "
                 f"got {initial_state.device}"
             )
-    if chunk_size is not None and (
-        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
-    ):
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    check_int("chunk_size", chunk_size, allow_none=True)
 
 
 def _auto_rule(device: torch.device, *, T: int, batch: int, d: int, dtype: torch.dtype,
