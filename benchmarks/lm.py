@@ -5,7 +5,7 @@ Each (model, T) runs in its own subprocess so peak memory is that configuration'
 ``torch.cuda.max_memory_allocated``, on CPU the process's peak resident set (which includes the
 ~0.3 GB of the Python + torch runtime).
 
-    # CUDA (the SPEC 5 anchor: seed MRU-LM 40.2 ms/step at batch 64 x T 256 on an H100)
+    # CUDA (the target of docs/design.md §7: 40.2 ms/step at batch 64 x T 256 on an H100)
     python benchmarks/lm.py --device cuda --dtype bf16
     # a small CPU run
     OMP_NUM_THREADS=1 python benchmarks/lm.py --device cpu --batch 1 --lengths 256 2048 --steps 2 --warmup 1

@@ -1,4 +1,4 @@
-"""Copy task (SPEC section 3): MORNN with the documented recipe against an LSTM of equal size.
+"""Copy task (docs/tasks.md): MORNN with the documented recipe against an LSTM of equal size.
 
     PYTHONPATH=src python benchmarks/mornn_copy.py --delay 100 --steps 600 --threads 1
 

@@ -1,6 +1,6 @@
 """Time every mru_scan backend, forward and forward+backward, after checking it against the reference.
 
-    PYTHONPATH=src python benchmarks/scan.py                       # SPEC 5 shapes + T = 1024, auto device
+    PYTHONPATH=src python benchmarks/scan.py                       # reference shapes (docs/design.md §7) + T = 1024, auto device
     PYTHONPATH=src python benchmarks/scan.py --device cpu --batch-scale 0.125
     PYTHONPATH=src python benchmarks/scan.py --quick               # small smoke run
 
@@ -23,16 +23,17 @@ import torch
 from matrec.ops.orthogonal import skew
 from matrec.ops.mru_scan import SCAN_BACKENDS, mru_scan, naive_mru_scan
 
-SPEC_SHAPES = ["64,6,256,8", "80,3,512,16", "8,4,4096,16", "8,6,1024,8"]
+REFERENCE_SHAPES = ["64,6,256,8", "80,3,512,16", "8,4,4096,16", "8,6,1024,8"]
 CUDA_EXTRA_SHAPES = ["1,1,65536,16", "1,1,8192,16"]
 QUICK_SHAPES = ["4,2,64,4", "2,2,1024,8"]
 
 
 def default_shapes(device: torch.device, quick: bool = False) -> list[str]:
-    """The shapes timed when ``--shapes`` is not given: SPEC 5 (+ the kernel records on CUDA)."""
+    """The shapes timed when ``--shapes`` is not given: the reference shapes of docs/design.md §7
+    (+ the kernel records on CUDA)."""
     if quick:
         return QUICK_SHAPES
-    return SPEC_SHAPES + (CUDA_EXTRA_SHAPES if device.type == "cuda" else [])
+    return REFERENCE_SHAPES + (CUDA_EXTRA_SHAPES if device.type == "cuda" else [])
 
 
 def parse_shape(text: str) -> tuple[int, int, int, int]:
@@ -111,7 +112,7 @@ def copy_bandwidth(device) -> float:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shapes", nargs="+", type=parse_shape, help="batch,heads,T,d (default: SPEC 5 + T=1024)")
+    p.add_argument("--shapes", nargs="+", type=parse_shape, help="batch,heads,T,d (default: docs/design.md §7 shapes)")
     p.add_argument("--backends", nargs="+", default=None, help="default: every registered backend")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

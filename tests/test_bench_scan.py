@@ -27,7 +27,7 @@ def test_bench_reports_good_and_refuses_bad(monkeypatch, capsys):
 
 
 def test_default_shapes_cover_the_records():
-    """SPEC 5 shapes everywhere; on CUDA also the kernel issue's T >= 65536 and small batch x heads."""
+    """reference shapes (docs/design.md §7) everywhere; on CUDA also the kernel issue's T >= 65536 and small batch x heads."""
     bench = load_bench()
     spec = {"64,6,256,8", "80,3,512,16", "8,4,4096,16"}
     cpu = [bench.parse_shape(s) for s in bench.default_shapes(torch.device("cpu"))]

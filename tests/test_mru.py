@@ -21,7 +21,7 @@ def trained_like(mru, scale=0.3, seed=0):
 
 def test_shapes_and_defaults():
     m = MRU(384, num_heads=6)
-    assert m.order == 8 and m.state_size == 384  # the SPEC configuration
+    assert m.order == 8 and m.state_size == 384  # docs/design.md §1's configuration
     assert MRU(128).order == 8 and MRU(128).state_size == 64
     assert MRU(12, num_heads=3).order == 2
     m = MRU(16, num_heads=2, state_size=8)
@@ -42,7 +42,7 @@ def test_identity_at_init():
 
 @pytest.mark.parametrize("name", ["ldu", "cayley"])
 def test_matches_the_definition_head_by_head(name):
-    """SPEC 1: per head and token, M_t from that head's slice of element_scale * W_in x_t, H_t = H_{t-1} M_t
+    """docs/design.md §1: per head and token, M_t from that head's slice of element_scale * W_in x_t, H_t = H_{t-1} M_t
     by a plain loop, read-out H_t @ W_down[head] flattened, heads side by side, then the output projection."""
     from matrec.ops.state_matrix import state_matrix
 

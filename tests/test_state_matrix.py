@@ -115,7 +115,7 @@ def test_bad_input(call, err, match):
 
 
 def _spec_formula(name, x, d):
-    """SPEC 1.3's table, written out independently of the library (explicit inverses and loops)."""
+    """The table of docs/design.md §3, written out independently of the library (explicit inverses and loops)."""
     eye = torch.eye(d, dtype=x.dtype)
     if name in ORTHOGONAL:
         L = torch.zeros(d, d, dtype=x.dtype)

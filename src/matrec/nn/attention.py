@@ -1,4 +1,4 @@
-"""Causal softmax self-attention with a KV cache, and MRU-rotary attention (SPEC section 1.4).
+"""Causal softmax self-attention with a KV cache, and MRU-rotary attention (docs/design.md §4).
 
 State (cache) of ``attn``: ``(k, v, position)``: keys and values ``[B, H, S, head_dim]`` of the
 ``S`` most recent tokens (all of them, or the last ``window``), keys already position-encoded, and
@@ -96,7 +96,7 @@ def rotate_chunks(x: Tensor, P: Tensor) -> Tensor:
 
 
 class MRURotaryAttention(CausalSelfAttention):
-    """Causal attention whose q and k are rotated chunk-wise by MRU running products (SPEC 1.4).
+    """Causal attention whose q and k are rotated chunk-wise by MRU running products (docs/design.md §4).
 
     Every token emits, per head and per chunk ``c`` of ``d = chunk_size`` dimensions, an orthogonal
     ``M_t = construction(W x_t + b)``; the running product ``P_t = P_{t-1} M_t`` (an MRU scan) rotates
@@ -141,7 +141,7 @@ class MRURotaryAttention(CausalSelfAttention):
         B, T, _ = x.shape
         a = self.rotation(x).view(B, T, self.n_heads, self.n_chunks, -1).permute(0, 2, 3, 1, 4)
         a = a.to(compute_dtype(a.dtype))  # [B, H, C, T, d(d-1)/2]
-        # the maps (solve, matrix_exp) and the running product stay in fp32 under autocast (SPEC 1.3)
+        # the maps (solve, matrix_exp) and the running product stay in fp32 under autocast (docs/design.md §2.3)
         with torch.autocast(device_type=x.device.type, enabled=False):
             return orthogonal_from(lower_to_square(a, self.chunk_size), self.construction)
 

@@ -1,4 +1,4 @@
-"""The Matrix Recurrent Unit layer (SPEC section 1): a causal sequence mixer, linear in T."""
+"""The Matrix Recurrent Unit layer (docs/design.md §1): a causal sequence mixer, linear in T."""
 from __future__ import annotations
 
 import math
@@ -18,7 +18,7 @@ def default_order(embed_dim: int, num_heads: int) -> int:
     """Default matrix order ``d``: the largest divisor of ``E / h`` that is at most ``sqrt(E / h)``.
 
     So ``state_size = h d^2 <= E``, equal to ``E`` when ``E / h`` is a perfect square (e.g. E = 384,
-    h = 6 gives d = 8, the SPEC's configuration), and the read-out width ``E / (h d)`` is an integer.
+    h = 6 gives d = 8, the configuration of docs/design.md §1), and the read-out width ``E / (h d)`` is an integer.
     """
     per_head = embed_dim // num_heads
     d = math.isqrt(per_head)
@@ -49,8 +49,7 @@ class MRU(nn.Module):
             ``1 / E``. Why: ``W_in`` starts at zero and Adam's first steps move all of its
             entries by about the learning rate *with the same sign*, so without the factor every
             ``M_t`` receives a shear of order ``lr * E`` at once and the product of a few hundred of
-            them overflows. Unscaled, the ablation presets' ``H_T`` reached ~1e21 and a NaN loss within
-            a few AdamW steps; with ``1 / E`` it stayed below 10 (docs/models.md, "State growth", from
+            them overflows (docs/models.md, "State growth", measured with
             ``benchmarks/mru_stability.py``; regression test in tests/test_mru.py).
 
     Shapes:

@@ -1,4 +1,4 @@
-"""Input-state constructions of the MRU (SPEC section 1.3): raw elements ``x [..., n]`` -> ``M [..., d, d]``.
+"""Input-state constructions of the MRU (docs/design.md §3): raw elements ``x [..., n]`` -> ``M [..., d, d]``.
 
 Every construction gives exactly the identity at ``x = 0`` (so a zero-initialised input projection
 starts the MRU as the identity recurrence). The orthogonal ones reuse :mod:`matrec.ops.orthogonal`.

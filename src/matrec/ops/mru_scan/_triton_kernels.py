@@ -1,4 +1,4 @@
-"""Triton kernel bodies of the chunked MRU scan (forward SPEC 1.1, backward SPEC 1.2).
+"""Triton kernel bodies of the chunked MRU scan (forward docs/design.md §2.1, backward §2.2).
 
 The bodies are plain functions, not decorated with ``@triton.jit``: ``matrec.ops.mru_scan.triton`` wraps
 each one itself, compiled for a GPU or interpreted for CPU tensors, whatever ``TRITON_INTERPRET`` said

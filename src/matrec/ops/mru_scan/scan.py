@@ -1,4 +1,4 @@
-"""MRU prefix-product scan: ``H_t = H_{t-1} @ M_t`` (SPEC sections 1.1 and 1.2).
+"""MRU prefix-product scan: ``H_t = H_{t-1} @ M_t`` (docs/design.md §2).
 
 One associative-scan machinery serves both directions:
 
@@ -18,7 +18,7 @@ imported lazily). Users may register their own of either kind.
 
 Numerics: the scan runs in float32 for bf16/fp16 inputs (and with autocast disabled), and in the
 input precision for float32/float64. Products of many unconstrained matrices can overflow to inf/NaN
-(SPEC 1.3: the seed's kernels returned NaN at T = 65536 on random near-identity 8x8 inputs); nothing here masks
+(docs/design.md §2.3); nothing here masks
 that -- use a norm-preserving construction (``matrec.ops.state_matrix``: cayley, expm, householder,
 or the det-1 ones) or shorter chunks with a carried state for very long sequences.
 """
@@ -44,7 +44,7 @@ __all__ = ["mru_scan", "naive_mru_scan", "SCAN_BACKENDS", "ScanBackend", "auto_b
 
 
 # ---------------------------------------------------------------------------------------------
-# The one autograd implementation (SPEC 1.2) shared by every pattern backend.
+# The one autograd implementation (docs/design.md §2.2) shared by every pattern backend.
 
 
 class _PatternScan(torch.autograd.Function):
@@ -97,7 +97,7 @@ class ScanBackend:
 
     Attributes:
         pattern: ``(x [N, T, r, d], chunk_size) -> prefix [N, T, r, d]`` over the stacked elements of
-            :func:`matrec.ops.mru_scan.patterns.combine`; gets the shared autograd (forward and SPEC 1.2 backward both use it).
+            :func:`matrec.ops.mru_scan.patterns.combine`; gets the shared autograd (forward and backward both use it).
         function: ``(states [N, T, d, d], initial_state [N, d, d] | None) -> H [N, T, d, d]``,
             differentiable on its own (a fused kernel with its own backward).
         uses_chunk_size: whether ``chunk_size`` means something to this backend (a ``function``

@@ -1,4 +1,4 @@
-"""Fused Triton kernel for the MRU scan ``H_t = H_{t-1} @ M_t``, forward and backward (SPEC 1.1, 1.2).
+"""Fused Triton kernel for the MRU scan ``H_t = H_{t-1} @ M_t``, forward and backward (docs/design.md §2).
 
 Chunked three-phase scan, forward (one program per (sequence, chunk)):
   1. every chunk's total product ``P_c`` (reads M),

@@ -7,7 +7,7 @@ So a chunk costs a batched GEMM with the C matrices (A^T)^-i, a cumsum over the 
 GEMM with (A^T)^j; only the T/C chunk-entry states are carried sequentially. Powers never go past C,
 so nothing like A^-T grows. This is the eigen form y_t = u_t + lam * y_{t-1} (y = h V^-T) with the
 scalings lam^-i, lam^j folded into the two projections: it needs no eigendecomposition, hence no
-conditioning problem with repeated eigenvalues (W = I, Henaff's blocks), and it measured faster
+conditioning problem with repeated eigenvalues (W = I, Henaff's blocks), and it ran faster
 than the eigenbasis form (docs/mornn.md, "Speed").
 
 Two forward ops share one backward: ``matrec::rnn_recurrence_chunked`` raises on a ``W`` whose powers
@@ -34,8 +34,8 @@ def chunk_powers(weight: Tensor, chunk_size: int, dtype: torch.dtype) -> tuple[T
     ``max_i ||W^i||_F ||W^-i||_F / H`` (1 for orthogonal ``W``; inf when ``W`` is singular).
 
     Computed in float64 and rounded once to ``dtype``, so the float32 result is at least as close to
-    float64 arithmetic as the loop's (T = 1000: 4e-7..1.1e-6 vs 1.5e-6..2.3e-6, ``python
-    benchmarks/recurrence_crossover.py --accuracy``). Powers taken in float32 would be rounded at
+    float64 arithmetic as the loop's (``python benchmarks/recurrence_crossover.py --accuracy``;
+    figures in docs/mornn.md, "Speed"). Powers taken in float32 would be rounded at
     each of ~log2(C) products, ``W^-1`` first, and on repeated eigenvalues the per-chunk errors add
     up coherently over the chunks."""
     W = weight.detach().double()
