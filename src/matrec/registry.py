@@ -54,6 +54,12 @@ class Registry(Generic[T]):
 
         return add if obj is None else add(obj)
 
+    def unregister(self, name: str) -> T:
+        """Remove ``name`` and return what it held (for tests and plug-ins that clean up after themselves)."""
+        if name not in self._items:
+            raise ValueError(f"{self.kind} {name!r} is not registered; registered: {self.names()}")
+        return self._items.pop(name)
+
     def get(self, name: str) -> T:
         try:
             return self._items[name]

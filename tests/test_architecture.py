@@ -1,0 +1,157 @@
+"""Every recipe of docs/architecture.md, done exactly as the page says: one registration, then use."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from matrec import MRU, build_model, generate, mru_scan
+from matrec.data.tasks import TASKS, Task, build_task
+from matrec.models.mixers import MIXERS
+from matrec.nn.init import init_linear
+from matrec.ops.mru_scan import SCAN_BACKENDS, ScanBackend, naive_mru_scan
+from matrec.ops.rnn_recurrence import NONLINEARITIES, Phi, recurrence, recurrence_reference
+from matrec.ops.state_matrix import STATE_MATRICES, StateMatrix
+
+
+@pytest.fixture
+def registered():
+    """Registers through the public registry and removes the entries afterwards."""
+    added = []
+
+    def register(registry, name, obj):
+        registry.register(name, obj)
+        added.append((registry, name))
+        return obj
+
+    yield register
+    for registry, name in reversed(added):
+        registry.unregister(name)
+
+
+class CumulativeMean(nn.Module):
+    """A causal mixer: y_t = W (mean of x_1..x_t); state (running sum, count)."""
+
+    def __init__(self, d_model: int, *, n_heads: int = 1, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.proj = nn.Linear(d_model, d_model)
+
+    def init_weights(self, std: float, residual_std: float) -> None:
+        init_linear(self.proj, residual_std)
+
+    def forward(self, x: Tensor, state=None):
+        total, count = (x.new_zeros(x.shape[0], x.shape[-1]), 0) if state is None else state
+        sums = total[:, None] + x.cumsum(1)  # [B, T, E]
+        counts = count + torch.arange(1, x.shape[1] + 1, dtype=x.dtype)[:, None]  # [T, 1]
+        return self.proj(sums / counts), (sums[:, -1], count + x.shape[1])
+
+
+def test_add_a_mixer(registered):
+    registered(MIXERS, "cumulative_mean", CumulativeMean)
+    torch.manual_seed(0)
+    model = build_model("sequence", pattern=["cumulative_mean", "mlp"], vocab_size=11, output_size=11)
+    x = torch.randint(0, 11, (2, 9))
+    out, _ = model(x)
+    assert out.shape == (2, 9, 11)
+    # causal and stateful: streaming in two pieces equals one call, so generation can pass the state
+    first, state = model(x[:, :4])
+    second, _ = model(x[:, 4:], state)
+    torch.testing.assert_close(torch.cat([first, second], 1), out)
+    streamed = generate(model, x[:, :3], 5, temperature=0)
+    refed = generate(model, x[:, :3], 5, temperature=0, use_state=False)
+    assert torch.equal(streamed, refed)
+
+
+def test_add_a_state_construction(registered):
+    def diagonal(x: Tensor, d: int) -> Tensor:  # exp of a diagonal: identity at x = 0
+        return torch.diag_embed(torch.exp(x))
+
+    registered(STATE_MATRICES, "diagonal", StateMatrix(build=diagonal, numel=lambda d: d, guarantee="none"))
+    torch.manual_seed(0)
+    mru = MRU(16, num_heads=2, state_matrix="diagonal")
+    x = torch.randn(2, 7, 16, requires_grad=True)
+    y, state = mru(x)
+    assert y.shape == (2, 7, 16) and state.shape == (2, 2, 2, 2)
+    y.sum().backward()
+    assert x.grad is not None and mru.in_proj.weight.grad.abs().sum() > 0
+
+
+def test_add_a_scan_backend(registered):
+    def written_out(x: Tensor, chunk_size=None) -> Tensor:
+        """A pattern: the sequential one written out (x [N, T, r, d], r = d or 2d)."""
+        d = x.shape[-1]
+        for t in range(1, x.shape[1]):
+            prev, cur = x[:, t - 1], x[:, t]
+            new = prev @ cur[..., :d, :]
+            if cur.shape[-2] > d:
+                new[..., d:, :] += cur[..., d:, :]
+            x[:, t] = new
+        return x
+
+    registered(SCAN_BACKENDS, "mine", ScanBackend(pattern=written_out))
+    g = torch.Generator().manual_seed(0)
+    M = torch.linalg.matrix_exp(0.1 * torch.randn(3, 7, 4, 4, generator=g, dtype=torch.float64))
+    M.requires_grad_()
+    H = mru_scan(M, backend="mine")
+    ref = naive_mru_scan(M)
+    torch.testing.assert_close(H, ref)
+    w = torch.randn_like(H)
+    (grad,) = torch.autograd.grad((H * w).sum(), M)
+    (ref_grad,) = torch.autograd.grad((ref * w).sum(), M)
+    torch.testing.assert_close(grad, ref_grad)
+    assert MRU(16, backend="mine").backend == "mine"
+
+    def nowhere(device):
+        return False, "needs a device that does not exist"
+
+    registered(SCAN_BACKENDS, "never", ScanBackend(pattern=written_out, available=nowhere))
+    with pytest.raises(RuntimeError, match="backend 'never' is not available on cpu: needs a device"):
+        mru_scan(M, backend="never")
+
+
+class Parity(Task):
+    """Features [B, T, 1] of 0/1; target: the parity of the last two bits (at every step)."""
+
+    name = "parity"
+    input_size = 1
+    output_size = 2
+
+    def __init__(self, length: int = 8) -> None:
+        self.length = length
+
+    def get_batch(self, split, batch_size, generator):
+        bits = torch.randint(0, 2, (batch_size, self.length), generator=generator)
+        prev = torch.cat([torch.zeros_like(bits[:, :1]), bits[:, :-1]], 1)
+        return bits[..., None].float(), (bits + prev) % 2
+
+    def loss(self, output, target):
+        return F.cross_entropy(output.reshape(-1, 2).float(), target.reshape(-1))
+
+
+def test_add_a_task(registered, tmp_path):
+    from matrec.train import Trainer, TrainConfig
+
+    registered(TASKS, "parity", Parity)
+    assert isinstance(build_task("parity", length=5), Parity)
+    cfg = TrainConfig(task="parity", task_args={"length": 8}, model="gru", model_args={"hidden_size": 8},
+                      batch_size=4, steps=3, eval_every=3, eval_batches=1, log_every=1, ckpt_every=3,
+                      out_dir=str(tmp_path), run_name="parity", progress=False, tensorboard=False, plot=False,
+                      threads=1, device="cpu")
+    summary = Trainer(cfg).train()
+    assert summary["eval"]["loss"] > 0
+
+
+def test_add_a_nonlinearity(registered):
+    softsign = Phi(lambda z, b: z / (1 + z.abs()), lambda z, h, b: (1 - h.abs()) ** 2)
+    registered(NONLINEARITIES, "softsign", softsign)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(7, 2, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    W = torch.linalg.qr(torch.randn(3, 3, generator=g, dtype=torch.float64))[0].requires_grad_()
+    out = recurrence(x, W, None, None, "softsign", backend="torch")
+    ref = recurrence_reference(x, W, None, None, "softsign")
+    torch.testing.assert_close(out, ref)
+    grads = torch.autograd.grad(out.sum(), [x, W])
+    refs = torch.autograd.grad(ref.sum(), [x, W])
+    for a, b in zip(grads, refs):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="nonlinearity 'softsign' is not supported by backend='chunked'"):
+        recurrence(x, W, None, None, "softsign", backend="chunked")
