@@ -1,13 +1,13 @@
 # Two commands do everything on a fresh machine (Python >= 3.10, no torch):
 #   make demo   -- installs, then runs the workbench's default experiment
-#   make test   -- installs, then runs the whole test suite
+#   make test   -- installs, then runs ruff and the whole test suite
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 # The one torch the suite is tested with; never an unpinned torch (override: make TORCH=...).
 TORCH  ?= torch==2.13.0
 
-.PHONY: install demo test bench gpu-check clean
+.PHONY: install demo lint test bench gpu-check clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,7 +23,10 @@ install: $(VENV)/.installed
 demo: install
 	$(BIN)/matrec train
 
-test: install
+lint: install
+	$(BIN)/ruff check .
+
+test: lint
 	$(BIN)/python -m pytest -q
 
 bench: install

@@ -1,6 +1,6 @@
 """Forward+backward time of MORNN (each nonlinearity) against nn.RNN / nn.LSTM / nn.GRU.
 
-    PYTHONPATH=src python benchmarks/mornn.py                       # (128, 1000, 256) and (128, 1000, 512), cuda if available
+    PYTHONPATH=src python benchmarks/mornn.py         # (128, 1000, 256) and (128, 1000, 512), cuda if available
     PYTHONPATH=src python benchmarks/mornn.py --device cpu --batch 32 --seq 200 --hidden 128 --large-hidden 256
 
 Rows "modrelu (autograd loop)" time the plain Python loop that ops.recurrence replaces (the
@@ -96,7 +96,8 @@ def main(argv=None):
         torch.set_num_threads(a.threads)
     device = torch.device(a.device)
     shapes = [(a.batch, a.seq, a.hidden)] + ([(a.batch, a.seq, a.large_hidden)] if a.large_hidden else [])
-    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+    dev_name = (torch.cuda.get_device_name(device) if device.type == "cuda"
+                else f"cpu, {torch.get_num_threads()} threads")
     print(f"device: {dev_name}; torch {torch.__version__}; forward+backward, ms (best of {a.repeats}, round-robin)\n")
     results = {s: dict(rows(*s, device, a.repeats, a.warmup, a.skip_loop)) for s in shapes}
     names = list(next(iter(results.values())))

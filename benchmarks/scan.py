@@ -1,6 +1,6 @@
 """Time every mru_scan backend, forward and forward+backward, after checking it against the reference.
 
-    PYTHONPATH=src python benchmarks/scan.py                       # reference shapes (docs/design.md §7) + T = 1024, auto device
+    PYTHONPATH=src python benchmarks/scan.py                       # docs/design.md §7 shapes, auto device
     PYTHONPATH=src python benchmarks/scan.py --device cpu --batch-scale 0.125
     PYTHONPATH=src python benchmarks/scan.py --quick               # small smoke run
 
@@ -20,8 +20,8 @@ import time
 
 import torch
 
-from matrec.ops.orthogonal import skew
 from matrec.ops.mru_scan import SCAN_BACKENDS, mru_scan, naive_mru_scan
+from matrec.ops.orthogonal import skew
 
 REFERENCE_SHAPES = ["64,6,256,8", "80,3,512,16", "8,4,4096,16", "8,6,1024,8"]
 CUDA_EXTRA_SHAPES = ["1,1,65536,16", "1,1,8192,16"]
@@ -182,7 +182,7 @@ def main(argv=None) -> None:
                 floor_f, floor_fb = 2 * nbytes / bw * 1e3, 6 * nbytes / bw * 1e3
                 row += f" {100 * floor_f / f_ms:.1f}% | {100 * floor_fb / fb_ms:.1f}% |"
             print(row, flush=True)
-        del states, ref
+        states = ref = None  # free this shape's tensors before the next one is made
 
 
 if __name__ == "__main__":

@@ -19,4 +19,5 @@ x = torch.randn(2, 50, 64)
 y, state = mru(x)
 y1, s1 = mru(x[:, :20])
 y2, s2 = mru(x[:, 20:], s1)  # streaming in pieces == whole
-print("layer:", tuple(y.shape), tuple(state.shape), "stream == whole:", torch.allclose(torch.cat([y1, y2], 1), y, atol=1e-5))
+streamed = torch.cat([y1, y2], 1)
+print("layer:", tuple(y.shape), tuple(state.shape), "stream == whole:", torch.allclose(streamed, y, atol=1e-5))

@@ -1,5 +1,6 @@
 """Helpers shared by several test files (not collected: the name does not start with test_)."""
 import importlib.util
+import os
 from pathlib import Path
 
 import torch
@@ -7,7 +8,12 @@ from torch import nn
 
 from matrec.ops.orthogonal import project_orthogonal
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+ROOT = Path(__file__).resolve().parents[1]  # the repository
+SRC = ROOT / "src"
+BENCHMARKS = ROOT / "benchmarks"
+# CI clones the repo beside shared/; a worktree elsewhere can point MATREC_SHAKESPEARE at the file.
+SHAKESPEARE_FILE = Path(os.environ.get("MATREC_SHAKESPEARE")
+                        or ROOT.parent / "shared/data/tinyshakespeare.txt")
 
 
 def load_benchmark(name: str):

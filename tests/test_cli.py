@@ -67,7 +67,8 @@ def test_train_eval_resume_end_to_end(tmp_path, capsys):
     code, out, _ = run(capsys, "train", "--model", "gru", "--out-dir", str(tmp_path), "--run-name", "r", *TINY)
     assert code == 0 and json.loads(out.splitlines()[-1])["status"] == "completed"
     run_dir = tmp_path / "r"
-    assert {"config.json", "metrics.jsonl", "plot.png", "summary.json", "checkpoints"} <= {p.name for p in run_dir.iterdir()}
+    assert {"config.json", "metrics.jsonl", "plot.png", "summary.json",
+        "checkpoints"} <= {p.name for p in run_dir.iterdir()}
     code, out, _ = run(capsys, "eval", str(run_dir), "--batches", "2")
     metrics = json.loads(out)
     assert code == 0 and metrics["step"] == 4 and {"loss", "recall"} <= set(metrics)

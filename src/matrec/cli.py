@@ -16,6 +16,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .train.config import TrainConfig
 
 # The default experiment (``matrec train`` with no arguments, the README's ``make demo``): the copy
 # task with a delay long enough that a model must carry 10 symbols through many steps, MORNN with its

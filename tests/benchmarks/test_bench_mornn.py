@@ -29,8 +29,10 @@ def test_copy_benchmark_trains_both_models_at_equal_size(capsys):
     out = capsys.readouterr().out
     n_mornn, n_lstm = map(int, re.findall(r"\((\d+) params\)", out.splitlines()[0]))
     assert abs(n_mornn - n_lstm) <= 0.1 * n_mornn
-    rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| MORNN") or line.startswith("| LSTM")]
-    assert [(r[0].strip(), int(r[1])) for r in rows] == [("MORNN modrelu", 1), ("MORNN modrelu", 2), ("LSTM", 1), ("LSTM", 2)]
+    rows = [line.split("|")[1:-1] for line in out.splitlines()
+            if line.startswith("| MORNN") or line.startswith("| LSTM")]
+    assert [(r[0].strip(), int(r[1])) for r in rows] == [("MORNN modrelu", 1), ("MORNN modrelu", 2),
+                                                          ("LSTM", 1), ("LSTM", 2)]
     assert all(0 <= float(r[4]) <= 1 for r in rows)  # recall
 
 

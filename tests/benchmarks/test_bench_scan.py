@@ -3,7 +3,6 @@
 import torch
 
 from matrec.ops.mru_scan import SCAN_BACKENDS, ScanBackend, naive_mru_scan
-
 from support import load_benchmark
 
 
@@ -27,7 +26,8 @@ def test_bench_reports_good_and_refuses_bad(monkeypatch, capsys):
 
 
 def test_default_shapes_cover_the_records():
-    """reference shapes (docs/design.md §7) everywhere; on CUDA also the kernel issue's T >= 65536 and small batch x heads."""
+    """The reference shapes (docs/design.md §7) everywhere; on CUDA also the kernel records
+    (T >= 65536, small batch x heads)."""
     bench = load_bench()
     spec = {"64,6,256,8", "80,3,512,16", "8,4,4096,16"}
     cpu = [bench.parse_shape(s) for s in bench.default_shapes(torch.device("cpu"))]

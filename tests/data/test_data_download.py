@@ -1,17 +1,11 @@
 import hashlib
 import io
-from pathlib import Path
 
 import pytest
 
 from matrec.data import download
 from matrec.data.download import DataFile, DataFileError, fetch
-
-import os
-
-# CI clones the repo beside shared/; a worktree elsewhere can point MATREC_SHAKESPEARE at the file.
-SHAKESPEARE_FILE = Path(os.environ.get("MATREC_SHAKESPEARE")
-                        or Path(__file__).resolve().parents[2] / "shared/data/tinyshakespeare.txt")
+from support import SHAKESPEARE_FILE
 
 
 def _spec(tmp_path, payload: bytes, env=None) -> DataFile:

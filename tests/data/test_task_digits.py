@@ -86,7 +86,8 @@ def test_mnist_offline_without_files_says_how_to_supply(tmp_path, monkeypatch):
     monkeypatch.delenv("MATREC_MNIST", raising=False)
     monkeypatch.setenv("MATREC_CACHE", str(tmp_path))
     monkeypatch.setenv("MATREC_OFFLINE", "1")
-    with pytest.raises(DataFileError, match="train-images-idx3-ubyte.gz is not in the cache.*MATREC_OFFLINE.*set MATREC_MNIST"):
+    with pytest.raises(DataFileError,
+        match="train-images-idx3-ubyte.gz is not in the cache.*MATREC_OFFLINE.*set MATREC_MNIST"):
         build_task("seq_digits", dataset="mnist")
 
 

@@ -1,5 +1,4 @@
 import math
-import os
 import random
 from pathlib import Path
 
@@ -8,12 +7,9 @@ import pytest
 import torch
 
 from matrec.data.download import DataFileError
-from matrec.data.tasks import build_task
-from matrec.data.tasks import lm
+from matrec.data.tasks import build_task, lm
+from support import SHAKESPEARE_FILE
 
-# CI clones the repo beside shared/; a worktree elsewhere can point MATREC_SHAKESPEARE at the file.
-SHAKESPEARE_FILE = Path(os.environ.get("MATREC_SHAKESPEARE")
-                        or Path(__file__).resolve().parents[2] / "shared/data/tinyshakespeare.txt")
 needs_shakespeare = pytest.mark.skipif(not SHAKESPEARE_FILE.exists(),
                                        reason="shared/data/tinyshakespeare.txt not beside the repo")
 

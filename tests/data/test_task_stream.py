@@ -1,14 +1,10 @@
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from matrec.data.tasks import build_task
-
-SHAKESPEARE_FILE = Path(os.environ.get("MATREC_SHAKESPEARE")
-                        or Path(__file__).resolve().parents[2] / "shared/data/tinyshakespeare.txt")
+from support import SHAKESPEARE_FILE
 
 
 def _forecast(**kw):

@@ -4,6 +4,7 @@ import torch
 
 from matrec.models import MODELS, PRESETS, build_model, generate, list_presets, num_parameters
 from matrec.models.zoo import MRU_CONSTRUCTIONS
+from support import SRC
 
 V = 65  # tiny-shakespeare characters
 
@@ -66,9 +67,8 @@ def test_models_module_prints_the_presets_table():
     import os
     import subprocess
     import sys
-    from pathlib import Path
 
-    src = str(Path(__file__).resolve().parents[1] / "src")
+    src = str(SRC)
     proc = subprocess.run([sys.executable, "-m", "matrec.models"], capture_output=True, text=True,
                           timeout=120, env={**os.environ, "PYTHONPATH": src})
     assert proc.returncode == 0, proc.stderr

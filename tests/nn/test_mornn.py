@@ -11,12 +11,8 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import matrec
 from matrec.nn.mornn import MORNN, MORNN_INITS, MORNNCell, mornn_param_groups, orthogonality_report, rnn_layers
-from support import orthogonal_rnn
 from matrec.ops.orthogonal import ORTHOGONAL_MAPS, orthogonality_error, project_orthogonal
-
-
-
-
+from support import orthogonal_rnn
 
 CONFIGS = list(itertools.product([1, 2], [False, True], [False, True], ["tanh", "relu"], [True, False]))
 
@@ -354,7 +350,8 @@ def test_param_groups_and_report_on_a_containing_model():
     by_name = {g["name"]: g for g in groups}
     assert by_name["orthogonal"]["lr"] == pytest.approx(1e-4) and by_name["orthogonal"]["weight_decay"] == 0
     assert by_name["other"]["weight_decay"] == 0.1
-    assert {id(p) for p in by_name["orthogonal"]["params"]} == {id(model.rnn.weight_hh_l0_A), id(model.rnn.weight_hh_l1_A)}
+    assert {id(p) for p in by_name["orthogonal"]["params"]} == {id(model.rnn.weight_hh_l0_A),
+        id(model.rnn.weight_hh_l1_A)}
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
     opt = torch.optim.RMSprop(groups)
     assert mornn_param_groups(model, 1e-3, orthogonal_lr=5e-5)[1]["lr"] == 5e-5
@@ -431,6 +428,7 @@ def test_compiles_fullgraph(nonlinearity):
 
 
 def test_triton_recurrence_backend_in_mornn():
+    pytest.importorskip("triton")
     torch.manual_seed(16)  # CPU tensors run the Triton kernel in its interpreter
     m = MORNN(3, 5, num_layers=2, nonlinearity="modrelu", bidirectional=True)
     t = copy.deepcopy(m)

@@ -10,8 +10,8 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 import matrec.nn.mornn as mornn_module
 from matrec.nn.mornn import MORNN, MORNNCell
-from support import orthogonal_rnn
 from matrec.ops.orthogonal import orthogonality_error, project_orthogonal
+from support import orthogonal_rnn
 
 
 @torch.no_grad()

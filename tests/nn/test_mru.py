@@ -8,6 +8,7 @@ import matrec
 from matrec.nn import mru as mru_mod
 from matrec.nn.mru import MRU, default_order
 from matrec.ops.state_matrix import STATE_MATRICES
+from support import ROOT
 
 
 def trained_like(mru, scale=0.3, seed=0):
@@ -151,7 +152,8 @@ def test_bf16_module():
     "kwargs,match",
     [
         ({"embed_dim": 16, "num_heads": 3}, "num_heads must divide embed_dim"),
-        ({"embed_dim": 16, "num_heads": 2, "state_size": 12}, r"state_size / num_heads must be a perfect square .*got 12 / 2 = 6"),
+        ({"embed_dim": 16, "num_heads": 2, "state_size": 12},
+            r"state_size / num_heads must be a perfect square .*got 12 / 2 = 6"),
         ({"embed_dim": 16, "num_heads": 2, "state_size": 9}, "state_size must be divisible by num_heads"),
         ({"embed_dim": 18, "num_heads": 2, "state_size": 32}, "embed_dim must be divisible by num_heads \\* d"),
         ({"embed_dim": 16, "state_matrix": "nope"}, r"state_matrix must be one of \['identity'.*got 'nope'"),
@@ -238,9 +240,8 @@ def test_quickstart_example_prints_true_claims():
     import os
     import subprocess
     import sys
-    from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
+    root = ROOT
     run = subprocess.run([sys.executable, str(root / "examples" / "quickstart.py")], capture_output=True,
                          text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(root / "src")})
     assert run.returncode == 0, run.stderr[-2000:]

@@ -2,8 +2,13 @@ import pytest
 import torch
 
 from matrec.ops.orthogonal import (
-    ORTHOGONAL_MAPS, lower_numel, lower_to_square, orthogonal_from, orthogonality_error,
-    project_orthogonal, skew,
+    ORTHOGONAL_MAPS,
+    lower_numel,
+    lower_to_square,
+    orthogonal_from,
+    orthogonality_error,
+    project_orthogonal,
+    skew,
 )
 from matrec.registry import Registry
 
@@ -72,7 +77,8 @@ def test_project_orthogonal_is_nearest_and_idempotent():
 
 
 def test_unknown_map_names_argument_and_choices():
-    with pytest.raises(ValueError, match=r"orthogonal_map must be one of \['expm', 'cayley', 'householder'\], got 'qr'"):
+    with pytest.raises(ValueError,
+        match=r"orthogonal_map must be one of \['expm', 'cayley', 'householder'\], got 'qr'"):
         orthogonal_from(torch.zeros(2, 2), "qr")
 
 

@@ -4,10 +4,9 @@ import sys
 import pytest
 import torch
 
-from matrec.ops.rnn_recurrence import fused as rec
 from matrec.ops.orthogonal import project_orthogonal
 from matrec.ops.rnn_recurrence import NONLINEARITIES, RECURRENCE_BACKENDS, Phi, recurrence, recurrence_reference
-
+from matrec.ops.rnn_recurrence import fused as rec
 
 
 def make(T, B, H, nonlinearity, dtype, with_h0, seed=0):
@@ -96,7 +95,8 @@ def test_bad_arguments():
 def test_backend_contract():
     """Unknown names, a missing package and "auto" are handled by the registry, naming the argument."""
     x, W, h0, b = make(4, 2, 3, "modrelu", torch.float32, False)
-    with pytest.raises(ValueError, match=r"backend must be one of \['auto', 'torch', 'loop', 'chunked', 'triton'\], got 'nope'"):
+    with pytest.raises(ValueError,
+        match=r"backend must be one of \['auto', 'torch', 'loop', 'chunked', 'triton'\], got 'nope'"):
         recurrence(x, W, h0, b, backend="nope")
     with pytest.raises(ValueError, match=r"recurrence_backend must be one of \['auto', "):
         RECURRENCE_BACKENDS.get("nope")  # what MORNN(recurrence_backend=...) checks

@@ -5,10 +5,9 @@ import pytest
 import torch
 
 from matrec.nn.mornn import MORNN, _rotation_blocks, henaff_init
-from matrec.ops.rnn_recurrence import chunked as rec
-from matrec.ops.rnn_recurrence import dispatch
 from matrec.ops.orthogonal import project_orthogonal
-from matrec.ops.rnn_recurrence import recurrence, recurrence_reference
+from matrec.ops.rnn_recurrence import chunked as rec
+from matrec.ops.rnn_recurrence import dispatch, recurrence, recurrence_reference
 
 # Relative (norm-wise) tolerances, ~5-20x above the worst error measured over this file's grid
 # (T <= 1000, H <= 70, all four kinds of W). float64: only the summation order differs from the loop

@@ -10,8 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import matrec
-from matrec.ops.mru_scan import scan as scan_mod
 from matrec.ops.mru_scan import SCAN_BACKENDS, ScanBackend, auto_backend, mru_scan, naive_mru_scan
+from matrec.ops.mru_scan import scan as scan_mod
+from support import SRC
 
 PATTERNS = ["sequential", "hillis_steele", "brent_kung", "sklansky", "chunked"]
 DS = [1, 2, 8, 16]
@@ -219,10 +220,16 @@ def test_auto_rule_cuda(monkeypatch):
 
 def test_triton_backend_refuses_openly(monkeypatch):
     """backend="triton" where the kernel cannot run is an error with the reason, never a slow fallback."""
+    pytest.importorskip("triton")
     states = near_identity((2, 9, 4, 4), dtype=torch.float32)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(RuntimeError, match="backend 'triton' is not available on cpu: .*TRITON_INTERPRET=1"):
         mru_scan(states, backend="triton")
+
+
+def test_triton_backend_without_triton(monkeypatch):
+    """Without the triton package the backend says so (a RuntimeError naming it), and auto avoids it."""
+    states = near_identity((2, 9, 4, 4), dtype=torch.float32)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setitem(sys.modules, "triton", None)  # as if triton were not installed
     with pytest.raises(RuntimeError, match="backend 'triton' is not available on cpu: triton is not importable"):
@@ -281,21 +288,35 @@ def test_public_export():
 @pytest.mark.parametrize(
     "states,h0,kw,err,match",
     [
-        pytest.param(torch.zeros(4, 3), None, {}, ValueError, r"states must have shape \[\.\.\., T, d, d\] \(at least 3 dims\), got \(4, 3\)", id="wrong-rank"),
-        pytest.param(torch.zeros(2, 4, 3, 2), None, {}, ValueError, r"states must hold square matrices \[\.\.\., T, d, d\], got \(2, 4, 3, 2\)", id="non-square"),
-        pytest.param(torch.zeros(2, 4, 0, 0), None, {}, ValueError, "states must have matrix order d >= 1", id="d-zero"),
-        pytest.param(torch.zeros(2, 0, 3, 3), None, {}, ValueError, r"states must have sequence length T >= 1, got \(2, 0, 3, 3\)", id="T-zero"),
-        pytest.param(torch.zeros(2, 4, 3, 3, dtype=torch.int64), None, {}, TypeError, "states must have a floating-point dtype, got torch.int64", id="integer-dtype"),
+        pytest.param(torch.zeros(4, 3), None, {}, ValueError,
+            r"states must have shape \[\.\.\., T, d, d\] \(at least 3 dims\), got \(4, 3\)", id="wrong-rank"),
+        pytest.param(torch.zeros(2, 4, 3, 2), None, {}, ValueError,
+            r"states must hold square matrices \[\.\.\., T, d, d\], got \(2, 4, 3, 2\)", id="non-square"),
+        pytest.param(torch.zeros(2, 4, 0, 0), None, {}, ValueError, "states must have matrix order d >= 1",
+            id="d-zero"),
+        pytest.param(torch.zeros(2, 0, 3, 3), None, {}, ValueError,
+            r"states must have sequence length T >= 1, got \(2, 0, 3, 3\)", id="T-zero"),
+        pytest.param(torch.zeros(2, 4, 3, 3, dtype=torch.int64), None, {}, TypeError,
+            "states must have a floating-point dtype, got torch.int64", id="integer-dtype"),
         pytest.param([[[1.0]]], None, {}, TypeError, "states must be a torch.Tensor", id="not-a-tensor"),
-        pytest.param(torch.zeros(2, 4, 3, 3), torch.zeros(3, 3), {}, ValueError, r"initial_state must have shape \(2, 3, 3\) .*got \(3, 3\)", id="initial-state-batch-mismatch"),
-        pytest.param(torch.zeros(2, 4, 3, 3), torch.zeros(2, 2, 2), {}, ValueError, r"initial_state must have shape \(2, 3, 3\) .*got \(2, 2, 2\)", id="initial-state-order-mismatch"),
-        pytest.param(torch.zeros(2, 4, 3, 3), torch.zeros(2, 3, 3, dtype=torch.float64), {}, TypeError, "initial_state must have the dtype of states", id="initial-state-dtype-mismatch"),
-        pytest.param(torch.zeros(2, 4, 3, 3), torch.zeros(2, 3, 3, dtype=torch.int64), {}, TypeError, "initial_state must have the dtype of states", id="initial-state-integer"),
-        pytest.param(torch.zeros(2, 4, 3, 3), torch.zeros(2, 3, 3, device="meta"), {}, ValueError, "initial_state must be on the device", id="initial-state-device-mismatch"),
-        pytest.param(torch.zeros(2, 4, 3, 3), None, {"backend": "nope"}, ValueError, r"backend must be one of \['auto', 'sequential'.*got 'nope'", id="unknown-backend"),
-        pytest.param(torch.zeros(2, 4, 3, 3), None, {"backend": "chunked", "chunk_size": 0}, ValueError, "chunk_size must be an int >= 1 or None", id="chunk-size-zero"),
-        pytest.param(torch.zeros(2, 4, 3, 3), None, {"backend": "chunked", "chunk_size": 2.0}, ValueError, "chunk_size must be an int >= 1 or None", id="chunk-size-float"),
-        pytest.param(torch.zeros(2, 4, 3, 3), None, {"backend": "sklansky", "chunk_size": 2}, ValueError, "chunk_size applies to backends with chunks only", id="chunk-size-without-chunks"),
+        pytest.param(torch.zeros(2, 4, 3, 3), torch.zeros(3, 3), {}, ValueError,
+            r"initial_state must have shape \(2, 3, 3\) .*got \(3, 3\)", id="initial-state-batch-mismatch"),
+        pytest.param(torch.zeros(2, 4, 3, 3), torch.zeros(2, 2, 2), {}, ValueError,
+            r"initial_state must have shape \(2, 3, 3\) .*got \(2, 2, 2\)", id="initial-state-order-mismatch"),
+        pytest.param(torch.zeros(2, 4, 3, 3), torch.zeros(2, 3, 3, dtype=torch.float64), {}, TypeError,
+            "initial_state must have the dtype of states", id="initial-state-dtype-mismatch"),
+        pytest.param(torch.zeros(2, 4, 3, 3), torch.zeros(2, 3, 3, dtype=torch.int64), {}, TypeError,
+            "initial_state must have the dtype of states", id="initial-state-integer"),
+        pytest.param(torch.zeros(2, 4, 3, 3), torch.zeros(2, 3, 3, device="meta"), {}, ValueError,
+            "initial_state must be on the device", id="initial-state-device-mismatch"),
+        pytest.param(torch.zeros(2, 4, 3, 3), None, {"backend": "nope"}, ValueError,
+            r"backend must be one of \['auto', 'sequential'.*got 'nope'", id="unknown-backend"),
+        pytest.param(torch.zeros(2, 4, 3, 3), None, {"backend": "chunked", "chunk_size": 0}, ValueError,
+            "chunk_size must be an int >= 1 or None", id="chunk-size-zero"),
+        pytest.param(torch.zeros(2, 4, 3, 3), None, {"backend": "chunked", "chunk_size": 2.0}, ValueError,
+            "chunk_size must be an int >= 1 or None", id="chunk-size-float"),
+        pytest.param(torch.zeros(2, 4, 3, 3), None, {"backend": "sklansky", "chunk_size": 2}, ValueError,
+            "chunk_size applies to backends with chunks only", id="chunk-size-without-chunks"),
     ],
 )
 def test_bad_input(states, h0, kw, err, match):
@@ -309,9 +330,8 @@ def test_core_needs_only_torch_and_numpy():
     still run, and asking for the Triton backend fails with the reason."""
     import os
     import subprocess
-    from pathlib import Path
 
-    src = Path(__file__).resolve().parents[1] / "src"
+    src = SRC
     code = """
 import sys
 for name in ("triton", "safetensors", "tokenizers", "tensorboard", "matplotlib", "sklearn", "hypothesis", "onnx"):

@@ -6,9 +6,11 @@ in numpy), CUDA tensors compiled; ptxas checks what the interpreter cannot (spil
 import pytest
 import torch
 
-from matrec.ops.rnn_recurrence import triton as tr
-from matrec.ops.orthogonal import project_orthogonal
-from matrec.ops.rnn_recurrence.dispatch import NONLINEARITIES, recurrence_reference
+pytest.importorskip("triton")
+
+from matrec.ops.orthogonal import project_orthogonal  # noqa: E402
+from matrec.ops.rnn_recurrence import NONLINEARITIES, recurrence_reference  # noqa: E402
+from matrec.ops.rnn_recurrence import triton as tr  # noqa: E402
 
 NLS = NONLINEARITIES.names()
 F32, BF16 = torch.float32, torch.bfloat16

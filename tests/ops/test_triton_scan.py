@@ -12,8 +12,8 @@ import torch
 
 pytest.importorskip("triton")
 
-from matrec.ops.mru_scan import triton as triton_scan  # noqa: E402
 from matrec.ops.mru_scan import naive_mru_scan  # noqa: E402
+from matrec.ops.mru_scan import triton as triton_scan  # noqa: E402
 from matrec.ops.mru_scan.triton import mru_scan_triton, triton_available  # noqa: E402
 
 DEVICES = [
@@ -330,7 +330,8 @@ def test_triton_available_reports_why(monkeypatch):
     (torch.zeros(1, 3, 2, 2, dtype=torch.float64), None, None, TypeError, "states must be float32, bfloat16"),
     (torch.zeros(1, 3, 65, 65), None, None, ValueError, "states must hold matrices of order 1..64"),
     (torch.zeros(1, 3, 2, 2), torch.zeros(2, 2, 2), None, ValueError, "initial_state must be"),
-    (torch.zeros(1, 3, 2, 2), torch.zeros(1, 2, 2, dtype=torch.int32), None, TypeError, "initial_state must be float32"),
+    (torch.zeros(1, 3, 2, 2), torch.zeros(1, 2, 2, dtype=torch.int32), None, TypeError,
+        "initial_state must be float32"),
     (torch.zeros(1, 3, 2, 2), None, 0, ValueError, "chunk_size must be None or a positive int"),
     (torch.zeros(1, 3, 2, 2), None, True, ValueError, "chunk_size must be None or a positive int"),
 ])

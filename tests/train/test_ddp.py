@@ -3,13 +3,13 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-from matrec.train import Trainer, TrainConfig
+from matrec.train import TrainConfig, Trainer
+from support import SRC as SRC_DIR
 
-SRC = str(Path(__file__).resolve().parents[1] / "src")
+SRC = str(SRC_DIR)
 
 
 @pytest.mark.slow
@@ -76,5 +76,5 @@ def test_two_process_stream_run_resumes_with_each_rank_its_own_state(tmp_path):
     assert losses("paused") == losses("full") and len(losses("full")) == 10
     with pytest.raises(ValueError, match="stream state of 2 process"):
         Trainer.resume(tmp_path / "paused")     # this test process is a world of one
-    from matrec import cli                      # evaluation needs the weights only: any world size
+    from matrec import cli  # evaluation needs the weights only: any world size
     assert cli.main(["eval", str(tmp_path / "paused"), "--batches", "1"]) == 0

@@ -1,5 +1,4 @@
 """A tiny LSTM trains on every task: its evaluation loss falls within a few dozen Adam steps."""
-import os
 import random
 from pathlib import Path
 
@@ -8,9 +7,7 @@ import torch
 
 import matrec
 from matrec.data.tasks import TASKS, build_task
-
-SHAKESPEARE_FILE = Path(os.environ.get("MATREC_SHAKESPEARE")
-                        or Path(__file__).resolve().parents[2] / "shared/data/tinyshakespeare.txt")
+from support import SHAKESPEARE_FILE
 
 
 def _text_file(folder: Path) -> str:

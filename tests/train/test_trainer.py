@@ -5,8 +5,9 @@ import math
 import pytest
 import torch
 
-from matrec.train import CheckpointError, NonFiniteError, Trainer, TrainConfig, load_checkpoint, lr_factor
+from matrec.train import CheckpointError, NonFiniteError, TrainConfig, Trainer, load_checkpoint, lr_factor
 from matrec.train.checkpoint import flatten_tensors, unflatten_tensors
+from support import SRC
 from support import tiny_config as tiny
 
 
@@ -307,11 +308,10 @@ def test_a_process_killed_with_sigkill_resumes_to_the_uninterrupted_run(tmp_path
     import subprocess
     import sys
     import time
-    from pathlib import Path
 
     cfg = tiny(tmp_path, "killed", steps=150, ckpt_every=10, eval_every=50, log_every=5)
     (tmp_path / "cfg.json").write_text(json.dumps(cfg.to_dict()))
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    env = {**os.environ, "PYTHONPATH": str(SRC)}
     cli = [sys.executable, "-m", "matrec.cli", "train"]
     proc = subprocess.Popen(cli + ["--config", str(tmp_path / "cfg.json")], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -50,7 +50,7 @@ class MRU(nn.Module):
             entries by about the learning rate *with the same sign*, so without the factor every
             ``M_t`` receives a shear of order ``lr * E`` at once and the product of a few hundred of
             them overflows (docs/models.md, "State growth", measured with
-            ``benchmarks/mru_stability.py``; regression test in tests/test_mru.py).
+            ``benchmarks/mru_stability.py``; regression test in tests/nn/test_mru.py).
 
     Shapes:
         ``forward(x [B, T, E], state [B, h, d, d] | None) -> (y [B, T, E], new_state [B, h, d, d])``.

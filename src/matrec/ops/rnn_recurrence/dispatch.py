@@ -20,7 +20,6 @@ from ..backends import BackendRegistry, always_available
 from .chunked import _rnn_recurrence_chunked, _rnn_recurrence_chunked_or_loop
 from .fused import _rnn_recurrence
 from .naive import check_inputs, recurrence_reference
-from .nonlinearities import NONLINEARITIES
 
 
 def _all(nonlinearity: str) -> bool:

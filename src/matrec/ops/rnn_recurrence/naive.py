@@ -5,7 +5,7 @@ import torch
 from torch import Tensor
 
 from ..precision import compute_dtype
-from .nonlinearities import NONLINEARITIES, Phi
+from .nonlinearities import NONLINEARITIES
 
 
 def check_inputs(xproj: Tensor, weight: Tensor, h0: Tensor | None, bias: Tensor | None, nonlinearity: str):

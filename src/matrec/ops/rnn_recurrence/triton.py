@@ -36,9 +36,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..mru_scan.triton import launchable as _launcher  # interpreted for CPU tensors, compiled for CUDA
 from .fused import parameter_grads, register_recurrence_autograd
 from .naive import check_inputs
-from ..mru_scan.triton import launchable as _launcher  # interpreted for CPU tensors, compiled for CUDA
 
 # The largest H tested (interpreter) and checked with ptxas. The tiled kernel's on-chip footprint does not
 # depend on H, so the limit is what was verified, not what would compile.
