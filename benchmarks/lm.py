@@ -22,6 +22,8 @@ import subprocess
 import sys
 import time
 
+from _harness import Table, add_json_argument, sync, write_json
+
 MODELS = ("mru", "attn", "linear_attn")
 DTYPES = {"fp32": None, "bf16": "bfloat16", "fp16": "float16"}
 
@@ -49,16 +51,17 @@ def run_one(args) -> dict:
         loss.backward()
         opt.step()
 
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    # the mean over consecutive steps, not the best one: a training step's cost includes the
+    # allocator and optimizer work that a single best run can dodge
     for _ in range(args.warmup):
         step()
-    sync()
+    sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     for _ in range(args.steps):
         step()
-    sync()
+    sync(device)
     ms = (time.perf_counter() - t0) / args.steps * 1e3
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2**20
@@ -69,7 +72,7 @@ def run_one(args) -> dict:
             "params": num_parameters(model)}
 
 
-def main() -> None:
+def main(argv=None) -> Table | None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if _cuda() else "cpu")
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
@@ -84,15 +87,18 @@ def main() -> None:
     p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
     p.add_argument("--T", type=int, help=argparse.SUPPRESS)
-    args = p.parse_args()
+    add_json_argument(p)
+    args = p.parse_args(argv)
     if args.one:
         print(json.dumps(run_one(args)))
-        return
+        return None
     lengths = args.lengths or ([256, 2048, 8192] + ([16384, 32768] if args.device == "cuda" else []))
     print(f"device {args.device}, dtype {args.dtype}, steps {args.steps} (+{args.warmup} warm-up), "
           f"AdamW, shakespeare presets (6 x (mixer + MLP), width 384, 6 heads)\n")
-    print("| model | T | batch | ms / step | tokens / s | peak memory (MiB) | parameters |")
-    print("|---|---|---|---|---|---|---|")
+    table = Table({"model": "model", "T": "T", "batch": "batch", "ms": "ms / step", "tokens_per_s": "tokens / s",
+                   "peak_mib": "peak memory (MiB)", "params": "parameters", "status": "status"},
+                  formats={"ms": "{:.1f}", "tokens_per_s": "{:,.0f}", "peak_mib": "{:,.0f}", "params": "{:,}"},
+                  stream=True)
     for model in args.models:
         for T in lengths:
             cmd = [sys.executable, __file__, "--one", "--model", model, "--T", str(T),
@@ -105,21 +111,21 @@ def main() -> None:
                 proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout,
                                       env={**os.environ, "PYTHONPATH": _src_path()})
             except subprocess.TimeoutExpired:
-                print(f"| {model} | {T} | {batch} | timeout (> {args.timeout:.0f} s) | | | |", flush=True)
+                table.add(model=model, T=T, batch=batch, status=f"timeout (> {args.timeout:.0f} s)")
                 continue
             if proc.returncode < 0:  # no Python error to show: the OS ended it (SIGKILL: the OOM killer)
                 why = f"killed by signal {-proc.returncode}"
                 why += " (out of memory?)" if proc.returncode == -9 else ""
-                print(f"| {model} | {T} | {batch} | {why} | | | |", flush=True)
+                table.add(model=model, T=T, batch=batch, status=why)
                 continue
             if proc.returncode != 0:
                 err = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"
                 why = "out of memory" if "out of memory" in proc.stderr.lower() else err[:80]
-                print(f"| {model} | {T} | {batch} | {why} | | | |", flush=True)
+                table.add(model=model, T=T, batch=batch, status=why)
                 continue
-            r = json.loads(proc.stdout.strip().splitlines()[-1])
-            print(f"| {model} | {T} | {r['batch']} | {r['ms']:.1f} | {r['tokens_per_s']:,.0f} | "
-                  f"{r['peak_mib']:,.0f} | {r['params']:,} |", flush=True)
+            table.add(**json.loads(proc.stdout.strip().splitlines()[-1]), status="ok")
+    write_json(args.json, [table], device=args.device, dtype=args.dtype, steps=args.steps)
+    return table
 
 
 def _cuda() -> bool:

@@ -12,31 +12,26 @@ best of --repeats, models interleaved, after --warmup).
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
+from _harness import Table, add_json_argument, best_ms, best_ms_each, write_json
 from torch import nn
 
 from matrec.nn.mornn import MORNN
 from matrec.ops.orthogonal import ORTHOGONAL_MAPS
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+def fwd_bwd(module, x):
+    def run():
+        out, _ = module(x)
+        out.sum().backward()
+        module.zero_grad(set_to_none=True)
+
+    return run
 
 
-def fwd_bwd_once(module, x):
-    _sync(x.device)
-    t0 = time.perf_counter()
-    out, _ = module(x)
-    out.sum().backward()
-    _sync(x.device)
-    module.zero_grad(set_to_none=True)
-    return time.perf_counter() - t0
-
-
-def rows(B, T, H, device, repeats, warmup, skip_loop):
+def rows(B, T, H, device, repeats, warmup, skip_loop) -> dict[str, float]:
+    """Forward+backward milliseconds of every candidate at ``(B, T, H)``, run round-robin."""
     x = torch.randn(T, B, H, device=device)
     candidates = {
         "nn.RNN tanh": nn.RNN(H, H),
@@ -50,37 +45,20 @@ def rows(B, T, H, device, repeats, warmup, skip_loop):
     candidates["MORNN identity (chunked)"] = MORNN(H, H, nonlinearity="identity", recurrence_backend="chunked")
     if not skip_loop:
         candidates["MORNN modrelu (autograd loop)"] = MORNN(H, H, nonlinearity="modrelu", recurrence_backend="loop")
-    mods = {name: mod.to(device) for name, mod in candidates.items()}
-    for _ in range(warmup):
-        for mod in mods.values():
-            fwd_bwd_once(mod, x)
-    # Round-robin, best of `repeats`: on a shared machine, load bursts then hit every row alike and
-    # the minimum is the least disturbed run.
-    times = {name: [] for name in mods}
-    for _ in range(repeats):
-        for name, mod in mods.items():
-            times[name].append(fwd_bwd_once(mod, x))
-    return [(name, 1e3 * min(t)) for name, t in times.items()]
+    fns = {name: fwd_bwd(mod.to(device), x) for name, mod in candidates.items()}
+    return best_ms_each(fns, device, repeats, warmup)
 
 
-def map_rows(H, device, repeats, warmup):
+def map_rows(H, device, repeats, warmup) -> dict[str, float]:
     """Building W_hh = base @ f(A) and back-propagating through it, per orthogonal map."""
-    out = []
+    out = {}
     for name in ORTHOGONAL_MAPS.names():
         m = MORNN(H, H, orthogonal_map=name).to(device)
-        times = []
-        for i in range(warmup + repeats):
-            _sync(device)
-            t0 = time.perf_counter()
-            m.weight_hh_l0.sum().backward()
-            _sync(device)
-            if i >= warmup:
-                times.append(time.perf_counter() - t0)
-        out.append((name, 1e3 * min(times)))
+        out[name] = best_ms(lambda: m.weight_hh_l0.sum().backward(), device, repeats, warmup)
     return out
 
 
-def main(argv=None):
+def main(argv=None) -> list[Table]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch", type=int, default=128)
@@ -91,6 +69,7 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--skip-loop", action="store_true", help="skip the slow autograd-loop reference row")
+    add_json_argument(p)
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -99,23 +78,22 @@ def main(argv=None):
     dev_name = (torch.cuda.get_device_name(device) if device.type == "cuda"
                 else f"cpu, {torch.get_num_threads()} threads")
     print(f"device: {dev_name}; torch {torch.__version__}; forward+backward, ms (best of {a.repeats}, round-robin)\n")
-    results = {s: dict(rows(*s, device, a.repeats, a.warmup, a.skip_loop)) for s in shapes}
-    names = list(next(iter(results.values())))
-    header = "| model | " + " | ".join(f"B={b}, T={t}, H={h}" for b, t, h in shapes) + " |"
-    print(header)
-    print("|" + "---|" * (len(shapes) + 1))
-    for n in names:
-        cells = []
-        for s in shapes:
-            ms = results[s][n]
-            cells.append(f"{ms:.1f} ({ms / results[s]['nn.RNN tanh']:.2f}x)")
-        print(f"| {n} | " + " | ".join(cells) + " |")
-    print("\n(x: relative to nn.RNN tanh on the same shape)\n")
-    print("| orthogonal map | " + " | ".join(f"W_hh fwd+bwd, H={h}" for _, _, h in shapes) + " |")
-    print("|" + "---|" * (len(shapes) + 1))
-    maps = {s: dict(map_rows(s[2], device, a.repeats, a.warmup)) for s in shapes}
+    keys = {f"B={b}, T={t}, H={h}": (b, t, h) for b, t, h in shapes}
+    results = {key: rows(*s, device, a.repeats, a.warmup, a.skip_loop) for key, s in keys.items()}
+    speed = Table({"model": "model", **{k: k for k in keys}, **{f"{k} ratio": f"{k}, vs nn.RNN" for k in keys}},
+                  formats={**{k: "{:.1f}" for k in keys}, **{f"{k} ratio": "{:.2f}x" for k in keys}})
+    for name in next(iter(results.values())):
+        speed.add(model=name, **{k: results[k][name] for k in keys},
+                  **{f"{k} ratio": results[k][name] / results[k]["nn.RNN tanh"] for k in keys})
+    speed.print()
+    maps = {k: map_rows(s[2], device, a.repeats, a.warmup) for k, s in keys.items()}
+    map_table = Table({"map": "orthogonal map", **{k: f"W_hh fwd+bwd, H={s[2]}" for k, s in keys.items()}},
+                      formats={k: "{:.1f}" for k in keys})
     for name in ORTHOGONAL_MAPS.names():
-        print(f"| {name} | " + " | ".join(f"{maps[s][name]:.1f}" for s in shapes) + " |")
+        map_table.add(map=name, **{k: maps[k][name] for k in keys})
+    map_table.print()
+    write_json(a.json, [speed, map_table], device=dev_name, repeats=a.repeats)
+    return [speed, map_table]
 
 
 if __name__ == "__main__":

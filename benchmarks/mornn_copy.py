@@ -13,6 +13,7 @@ import argparse
 import time
 
 import torch
+from _harness import Table, add_json_argument, write_json
 from torch import nn
 
 from matrec.data.tasks import build_task
@@ -33,12 +34,11 @@ def lstm_hidden_for(n_params: int, embed: int, vocab: int, out: int) -> int:
     return min(H, H + 1, key=lambda h: abs(count(h) - n_params))
 
 
-def train(name, model, task, steps, lr, batch, every, seed):
+def train(name, model, task, steps, lr, batch, every, seed, table: Table) -> None:
     gen = torch.Generator().manual_seed(seed)
     device = next(model.parameters()).device  # batches are drawn on the CPU, then moved
     opt = torch.optim.RMSprop(mornn_param_groups(model, lr))
     t0 = time.perf_counter()
-    rows = []
     for step in range(1, steps + 1):
         x, y = (t.to(device) for t in task.get_batch("train", batch, gen))
         loss = task.loss(model(x)[0], y)
@@ -52,12 +52,10 @@ def train(name, model, task, steps, lr, batch, every, seed):
                 # from `gen` would make the training data depend on how often we evaluate
                 xv, yv = (t.to(device) for t in task.get_batch("val", 256, torch.Generator().manual_seed(seed + 1)))
                 m = task.metrics(model(xv)[0], yv)
-            rows.append((name, step, time.perf_counter() - t0, m["loss"], m["recall"]))
-            print(f"| {name} | {step} | {rows[-1][2]:.1f} | {m['loss']:.4f} | {m['recall']:.3f} |", flush=True)
-    return rows
+            table.add(model=name, step=step, seconds=time.perf_counter() - t0, loss=m["loss"], recall=m["recall"])
 
 
-def main(argv=None):
+def main(argv=None) -> tuple[Table, dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--delay", type=int, default=100)
     p.add_argument("--steps", type=int, default=600)
@@ -71,6 +69,7 @@ def main(argv=None):
     p.add_argument("--device", default="cpu")
     p.add_argument("--models", default="mornn,lstm", help="comma-separated subset of mornn,lstm")
     p.add_argument("--nonlinearity", default="modrelu", help="MORNN's (the recipe: modrelu)")
+    add_json_argument(p)
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -84,15 +83,20 @@ def main(argv=None):
     torch.manual_seed(a.seed)
     lstm = RecurrentModel(nn.LSTM(a.embed, H, batch_first=True), hidden_size=H,
                           output_size=task.output_size, vocab_size=task.vocab_size, embed_dim=a.embed)
+    meta = {"delay": a.delay, "length": task.length, "baseline": task.baseline, "mornn_hidden": a.hidden,
+            "mornn_params": n, "lstm_hidden": H, "lstm_params": sum(p.numel() for p in lstm.parameters())}
     print(f"copy delay {a.delay} (length {task.length}), baseline loss {task.baseline:.4f}, "
           f"MORNN H={a.hidden} ({n} params) vs LSTM H={H} "
-          f"({sum(p.numel() for p in lstm.parameters())} params), batch {a.batch}, RMSprop lr {a.lr}\n")
-    print("| model | step | seconds | val loss | recall |\n|---|---|---|---|---|")
+          f"({meta['lstm_params']} params), batch {a.batch}, RMSprop lr {a.lr}\n")
+    table = Table({"model": "model", "step": "step", "seconds": "seconds", "loss": "val loss", "recall": "recall"},
+                  formats={"seconds": "{:.1f}", "loss": "{:.4f}", "recall": "{:.3f}"}, stream=True)
     models = a.models.split(",")
     if "mornn" in models:
-        train(f"MORNN {a.nonlinearity}", mornn.to(a.device), task, a.steps, a.lr, a.batch, a.every, a.seed)
+        train(f"MORNN {a.nonlinearity}", mornn.to(a.device), task, a.steps, a.lr, a.batch, a.every, a.seed, table)
     if "lstm" in models:
-        train("LSTM", lstm.to(a.device), task, a.steps, a.lr, a.batch, a.every, a.seed)
+        train("LSTM", lstm.to(a.device), task, a.steps, a.lr, a.batch, a.every, a.seed, table)
+    write_json(a.json, [table], **meta)
+    return table, meta
 
 
 if __name__ == "__main__":

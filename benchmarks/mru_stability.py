@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 
 import torch
+from _harness import Table
 
 import matrec
 from matrec.data.tasks import build_task
@@ -26,7 +27,8 @@ def main() -> None:
         args.steps, args.constructions = 3, args.constructions[:2]
     torch.set_num_threads(1)
     task = build_task("shakespeare", seq_len=256, path=args.path)
-    print(f"| preset | loss step 1 -> {args.steps} | max |H_T| |\n|---|---|---|")
+    table = Table({"preset": "preset", "loss": f"loss step 1 -> {args.steps}", "max_state": "max |H_T|"},
+                  formats={"max_state": "{:.3g}"}, stream=True)
     for name in args.constructions:
         torch.manual_seed(0)
         g = torch.Generator().manual_seed(0)
@@ -43,7 +45,7 @@ def main() -> None:
             opt.step()
             losses.append(loss.item())
             top = max(top, state[0].detach().abs().max().item())
-        print(f"| `ablation-mru-{name}` | {losses[0]:.3f} -> {losses[-1]:.3f} | {top:.3g} |", flush=True)
+        table.add(preset=f"`ablation-mru-{name}`", loss=f"{losses[0]:.3f} -> {losses[-1]:.3f}", max_state=top)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import argparse
 import time
 
 import torch
+from _harness import Table, best_ms_each
 
 from matrec.ops.orthogonal import project_orthogonal
 from matrec.ops.rnn_recurrence import recurrence, recurrence_reference
@@ -32,8 +33,10 @@ def main():
     torch.set_num_threads(a.threads)
     print(f"cpu, {torch.get_num_threads()} thread(s); torch {torch.__version__}; modrelu, float32, "
           f"forward+backward ms (best of {a.repeats})\n")
-    print("| B, T, H | fused op (torch) | compiled loop | compile time (s) | max relative diff |")
-    print("|---|---|---|---|---|")
+    table = Table({"shape": "B, T, H", "op": "fused op (torch)", "compiled": "compiled loop",
+                   "compile_s": "compile time (s)", "diff": "max relative diff"},
+                  formats={"op": "{:.1f}", "compiled": "{:.1f}", "compile_s": "{:.0f}", "diff": "{:.1e}"},
+                  stream=True)
     g = torch.Generator().manual_seed(0)
     for B, T, H in a.shapes:
         x = torch.randn(T, B, H, generator=g, requires_grad=True)
@@ -52,14 +55,9 @@ def main():
         compile_s = time.perf_counter() - t0
         out_o, grads_o = run(fns["op"])
         diff = max(((u - v).norm() / v.norm()).item() for u, v in zip((out_c, *grads_c), (out_o, *grads_o)))
-        times = {k: [] for k in fns}
-        for _ in range(a.repeats):
-            for k, f in fns.items():
-                t0 = time.perf_counter()
-                run(f)
-                times[k].append(1e3 * (time.perf_counter() - t0))
-        print(f"| {B}, {T}, {H} | {min(times['op']):.1f} | {min(times['compiled']):.1f} | {compile_s:.0f} | "
-              f"{diff:.1e} |", flush=True)
+        # both already ran once above (the compile run is the compiled loop's warm-up)
+        ms = best_ms_each({k: (lambda f=f: run(f)) for k, f in fns.items()}, "cpu", a.repeats, warmup=0)
+        table.add(shape=f"{B}, {T}, {H}", op=ms["op"], compiled=ms["compiled"], compile_s=compile_s, diff=diff)
 
 
 if __name__ == "__main__":

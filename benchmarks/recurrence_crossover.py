@@ -15,9 +15,9 @@ error against float64 arithmetic instead. Prints markdown tables.
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
+from _harness import Table, best_ms_each
 
 from matrec.nn.mornn import _rotation_blocks
 from matrec.ops.orthogonal import project_orthogonal
@@ -51,8 +51,8 @@ def eigenbasis_forward(x, W, h0, C=64):
 def accuracy(T=1000, B=3, hidden=(33, 128)):
     """Relative error of each float32 backend against float64 arithmetic on the same float32 inputs."""
     print(f"float32 forward vs float64 truth (same float32 W, x, h0), T = {T}, B = {B}\n")
-    print("| W | H | torch | chunked |")
-    print("|---|---|---|---|")
+    table = Table({"W": "W", "H": "H", "torch": "torch", "chunked": "chunked"},
+                  formats={"torch": "{:.1e}", "chunked": "{:.1e}"}, stream=True)
     g = torch.Generator().manual_seed(0)
     for kind in ("random orthogonal", "repeated angle"):
         for H in hidden:
@@ -65,20 +65,13 @@ def accuracy(T=1000, B=3, hidden=(33, 128)):
             truth = recurrence(x.double(), W.double(), h0.double(), None, "identity", backend="torch")
             errs = [((recurrence(x, W, h0, None, "identity", backend=b).double() - truth).norm()
                      / truth.norm()).item() for b in ("torch", "chunked")]
-            print(f"| {kind} | {H} | {errs[0]:.1e} | {errs[1]:.1e} |")
+            table.add(W=kind, H=H, torch=errs[0], chunked=errs[1])
     print()
+    return table
 
 
 def best_ms(fns, repeats):
-    for f in fns.values():
-        f()
-    times = {k: [] for k in fns}
-    for _ in range(repeats):  # round-robin: load bursts on a shared machine hit every backend alike
-        for k, f in fns.items():
-            t0 = time.perf_counter()
-            f()
-            times[k].append(time.perf_counter() - t0)
-    return {k: 1e3 * min(t) for k, t in times.items()}
+    return best_ms_each(fns, "cpu", repeats)
 
 
 def fwd_bwd(x, W, h0, backend):
@@ -112,8 +105,7 @@ def main():
           f" (torch/chunked speed-up) [auto's pick]\n")
     for T in a.seq:
         print(f"T = {T}\n")
-        print("| B \\ H | " + " | ".join(str(h) for h in a.hidden) + " |")
-        print("|" + "---|" * (len(a.hidden) + 1))
+        table = Table({"B": "B \\ H", **{str(h): str(h) for h in a.hidden}}, stream=True)
         for B in a.batch:
             cells = []
             for H in a.hidden:
@@ -131,7 +123,7 @@ def main():
                 pick = _auto_backend(x, "identity")
                 cells.append(f"{r['torch']:.1f} / {r['chunked']:.1f}{extra} "
                              f"({r['torch'] / r['chunked']:.2f}x) [{pick}]")
-            print(f"| {B} | " + " | ".join(cells) + " |", flush=True)
+            table.add(B=B, **dict(zip(map(str, a.hidden), cells)))
         print()
 
 

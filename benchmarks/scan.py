@@ -16,9 +16,9 @@ writing dM for the backward), with the device copy bandwidth measured here.
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
+from _harness import Table, add_json_argument, best_ms, check_close, sync, write_json  # noqa: F401 (sync: re-export)
 
 from matrec.ops.mru_scan import SCAN_BACKENDS, mru_scan, naive_mru_scan
 from matrec.ops.orthogonal import skew
@@ -51,25 +51,9 @@ def make_states(shape, device, dtype=torch.float32, seed=0):
     return torch.linalg.matrix_exp(A).to(device=device, dtype=dtype)  # [B, h, T, d, d]
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def timeit(fn, device, repeats: int) -> float:
-    """Best wall time of ``fn`` in milliseconds, after one warm-up call.
-
-    The minimum, not the median: on a shared machine the other processes only ever add time.
-    """
-    fn()
-    sync(device)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return min(times)
+    """Best wall time of ``fn`` in milliseconds, after one warm-up call (:func:`_harness.best_ms`)."""
+    return best_ms(fn, device, repeats)
 
 
 def reference(states):
@@ -95,11 +79,7 @@ def check(backend: str, states, tol: float = 1e-4, ref=None) -> str | None:
     x = M.clone().requires_grad_()
     out = mru_scan(x, backend=backend)
     (grad,) = torch.autograd.grad(out, x, G)
-    for name, a, b in (("output", out, ref), ("gradient", grad, ref_grad)):
-        err = ((a.double() - b).abs().max() / b.abs().max().clamp(min=1e-30)).item()
-        if not err < tol:
-            return f"{name} relative error {err:.2e} > {tol:.0e}"
-    return None
+    return check_close([("output", out, ref), ("gradient", grad, ref_grad)], tol)
 
 
 def copy_bandwidth(device) -> float:
@@ -110,7 +90,7 @@ def copy_bandwidth(device) -> float:
     return 2 * x.numel() * 4 / (ms / 1e3)
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> Table:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", nargs="+", type=parse_shape, help="batch,heads,T,d (default: docs/design.md §7 shapes)")
     p.add_argument("--backends", nargs="+", default=None, help="default: every registered backend")
@@ -119,6 +99,7 @@ def main(argv=None) -> None:
     p.add_argument("--batch-scale", type=float, default=1.0, help="multiply every batch (CPU runs)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads on CPU")
     p.add_argument("--quick", action="store_true", help="small shapes, 2 repeats")
+    add_json_argument(p)
     args = p.parse_args(argv)
 
     device = torch.device(args.device)
@@ -129,7 +110,7 @@ def main(argv=None) -> None:
     shapes = [(max(1, round(B * args.batch_scale)), h, T, d) for B, h, T, d in shapes]
     backends = args.backends or SCAN_BACKENDS.names()
     for b in backends:
-        SCAN_BACKENDS.get(b)  # unknown name -> ValueError listing the choices
+        SCAN_BACKENDS.check(b)  # unknown name -> ValueError listing the choices
 
     bw = copy_bandwidth(device) if device.type == "cuda" else None
     title = f"mru_scan on {device}"
@@ -139,28 +120,28 @@ def main(argv=None) -> None:
         title += f" ({torch.get_num_threads()} threads)"
     if args.batch_scale != 1.0:
         title += f", batch scaled by {args.batch_scale:g} from the named shapes"
-    print(f"### {title}, float32, best of {repeats}, milliseconds\n")
-    head = "| batch, heads, T, d | backend | forward | fwd+bwd | fwd+bwd vs sequential |"
-    rule = "|---|---|---|---|---|"
+    columns = {"shape": "batch, heads, T, d", "backend": "backend", "forward_ms": "forward",
+               "fwd_bwd_ms": "fwd+bwd", "speedup": "fwd+bwd vs sequential"}
     if bw:
-        head += " fwd % of floor | fwd+bwd % of floor |"
-        rule += "---|---|"
-    print(head)
-    print(rule)
+        columns.update(floor_fwd_pct="fwd % of floor", floor_fwd_bwd_pct="fwd+bwd % of floor")
+    columns["status"] = "status"
+    table = Table(columns, title=f"{title}, float32, best of {repeats}, milliseconds", stream=True,
+                  formats={"forward_ms": "{:.2f}", "fwd_bwd_ms": "{:.2f}", "speedup": "{:.2f}x",
+                           "floor_fwd_pct": "{:.1f}%", "floor_fwd_bwd_pct": "{:.1f}%"})
     for shape in shapes:
         states = make_states(shape, device)
         nbytes = states.numel() * states.element_size()
         seq_ms, ref = None, None
         for b in backends:
-            ok, reason = SCAN_BACKENDS.get(b).available(device)
-            label = f"| {', '.join(map(str, shape))} | {b} |"
+            ok, reason = SCAN_BACKENDS.available(b, device)
+            label = ", ".join(map(str, shape))
             if not ok:
-                print(f"{label} unavailable: {reason} | | |" + (" | |" if bw else ""))
+                table.add(shape=label, backend=b, status=f"unavailable: {reason}")
                 continue
             ref = ref if ref is not None else reference(states)
             failure = check(b, states, ref=ref)
             if failure:
-                print(f"{label} FAILED check: {failure} | | |" + (" | |" if bw else ""))
+                table.add(shape=label, backend=b, status=f"FAILED check: {failure}")
                 continue
             G = torch.randn_like(states)
             x = states.clone().requires_grad_()
@@ -173,16 +154,18 @@ def main(argv=None) -> None:
                 mru_scan(x, backend=b).backward(G)
                 x.grad = None
 
-            f_ms, fb_ms = timeit(fwd, device, repeats), timeit(fwd_bwd, device, repeats)
+            f_ms, fb_ms = best_ms(fwd, device, repeats), best_ms(fwd_bwd, device, repeats)
             if b == "sequential":
                 seq_ms = fb_ms
-            speed = f"{seq_ms / fb_ms:.2f}x" if seq_ms else "-"
-            row = f"{label} {f_ms:.2f} | {fb_ms:.2f} | {speed} |"
+            row = dict(shape=label, backend=b, forward_ms=f_ms, fwd_bwd_ms=fb_ms,
+                       speedup=seq_ms / fb_ms if seq_ms else None, status="ok")
             if bw:
                 floor_f, floor_fb = 2 * nbytes / bw * 1e3, 6 * nbytes / bw * 1e3
-                row += f" {100 * floor_f / f_ms:.1f}% | {100 * floor_fb / fb_ms:.1f}% |"
-            print(row, flush=True)
+                row.update(floor_fwd_pct=100 * floor_f / f_ms, floor_fwd_bwd_pct=100 * floor_fb / fb_ms)
+            table.add(**row)
         states = ref = None  # free this shape's tensors before the next one is made
+    write_json(args.json, [table], device=str(device), repeats=repeats)
+    return table
 
 
 if __name__ == "__main__":

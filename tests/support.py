@@ -1,6 +1,7 @@
 """Helpers shared by several test files (not collected: the name does not start with test_)."""
 import importlib.util
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -17,9 +18,15 @@ SHAKESPEARE_FILE = Path(os.environ.get("MATREC_SHAKESPEARE")
 
 
 def load_benchmark(name: str):
-    """Import ``benchmarks/<name>.py`` as a module (the scripts are not a package)."""
+    """Import ``benchmarks/<name>.py`` as a module (the scripts are not a package; they import
+    ``_harness`` from their own folder, as they do when run as scripts)."""
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
+    if name.startswith("_"):  # a helper module: the very module the scripts import
+        return importlib.import_module(name)
     spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses and pickling look their module up there
     spec.loader.exec_module(module)
     return module
 

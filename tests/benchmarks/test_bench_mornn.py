@@ -1,39 +1,31 @@
 """benchmarks/mornn.py and benchmarks/mornn_copy.py run and print every row their docs record."""
-import re
-
 import pytest
 
 from support import load_benchmark as load
 
 
-def table_rows(out):
-    return {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| ")}
-
-
-def test_mornn_speed_benchmark_prints_every_model_and_map(capsys):
-    load("mornn").main(["--device", "cpu", "--batch", "2", "--seq", "5", "--hidden", "4",
-                        "--large-hidden", "6", "--repeats", "1", "--warmup", "0"])
-    rows = table_rows(capsys.readouterr().out)
+def test_mornn_speed_benchmark_times_every_model_and_map():
+    speed, maps = load("mornn").main(["--device", "cpu", "--batch", "2", "--seq", "5", "--hidden", "4",
+                                      "--large-hidden", "6", "--repeats", "1", "--warmup", "0"])
+    shapes = ["B=2, T=5, H=4", "B=2, T=5, H=6"]
+    rows = {row["model"]: row for row in speed.rows}
     want = ["nn.RNN tanh", "nn.LSTM", "nn.GRU", "MORNN tanh", "MORNN relu", "MORNN modrelu",
-            "MORNN identity", "MORNN modrelu (autograd loop)", "expm", "cayley", "householder"]
+            "MORNN identity", "MORNN modrelu (autograd loop)"]
+    assert set(want) <= set(rows)
     for name in want:
-        cells = rows[name].split("|")[2:-1]
-        assert len(cells) == 2, name  # both shapes
-        assert all(float(c.split()[0]) > 0 for c in cells), name
-    assert "1.00x" in rows["nn.RNN tanh"]
+        assert all(rows[name][s] > 0 for s in shapes), name  # both shapes timed
+        for s in shapes:
+            assert rows[name][f"{s} ratio"] == rows[name][s] / rows["nn.RNN tanh"][s]
+    assert {row["map"] for row in maps.rows} == {"expm", "cayley", "householder"}
+    assert all(row[s] > 0 for row in maps.rows for s in shapes)
 
 
-def test_copy_benchmark_trains_both_models_at_equal_size(capsys):
-    module = load("mornn_copy")
-    module.main(["--delay", "3", "--steps", "2", "--every", "1", "--hidden", "8"])
-    out = capsys.readouterr().out
-    n_mornn, n_lstm = map(int, re.findall(r"\((\d+) params\)", out.splitlines()[0]))
-    assert abs(n_mornn - n_lstm) <= 0.1 * n_mornn
-    rows = [line.split("|")[1:-1] for line in out.splitlines()
-            if line.startswith("| MORNN") or line.startswith("| LSTM")]
-    assert [(r[0].strip(), int(r[1])) for r in rows] == [("MORNN modrelu", 1), ("MORNN modrelu", 2),
-                                                          ("LSTM", 1), ("LSTM", 2)]
-    assert all(0 <= float(r[4]) <= 1 for r in rows)  # recall
+def test_copy_benchmark_trains_both_models_at_equal_size():
+    table, meta = load("mornn_copy").main(["--delay", "3", "--steps", "2", "--every", "1", "--hidden", "8"])
+    assert abs(meta["mornn_params"] - meta["lstm_params"]) <= 0.1 * meta["mornn_params"]
+    assert [(r["model"], r["step"]) for r in table.rows] == [("MORNN modrelu", 1), ("MORNN modrelu", 2),
+                                                              ("LSTM", 1), ("LSTM", 2)]
+    assert all(0 <= r["recall"] <= 1 and r["loss"] > 0 and r["seconds"] > 0 for r in table.rows)
 
 
 @pytest.mark.parametrize("n_params", [500, 3533, 14089])

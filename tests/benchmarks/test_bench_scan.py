@@ -1,4 +1,5 @@
 """benchmarks/scan.py runs, checks before timing, and refuses a backend that disagrees with the loop."""
+import json
 
 import torch
 
@@ -10,19 +11,20 @@ def load_bench():
     return load_benchmark("scan")
 
 
-def test_bench_reports_good_and_refuses_bad(monkeypatch, capsys):
+def test_bench_reports_good_and_refuses_bad(monkeypatch, tmp_path):
     def wrong(states, initial_state):  # off by a factor: must never be timed
         return 2 * naive_mru_scan(states, initial_state)
 
     monkeypatch.setitem(SCAN_BACKENDS._items, "wrong", ScanBackend(function=wrong))
-    load_bench().main(
-        ["--device", "cpu", "--shapes", "2,1,9,2", "--backends", "sequential", "chunked", "wrong", "--repeats", "1"]
-    )
-    out = capsys.readouterr().out
-    rows = {line.split("|")[2].strip(): line for line in out.splitlines() if line.startswith("| 2, 1, 9, 2")}
-    assert set(rows) == {"sequential", "chunked", "wrong"}
-    assert "FAILED check" in rows["wrong"] and "FAILED" not in rows["chunked"]
-    assert float(rows["chunked"].split("|")[3]) > 0  # a forward time was reported
+    table = load_bench().main(["--device", "cpu", "--shapes", "2,1,9,2", "--backends", "sequential", "chunked",
+                               "wrong", "--repeats", "1", "--json", str(tmp_path / "scan.json")])
+    rows = {row["backend"]: row for row in table.rows}
+    assert set(rows) == {"sequential", "chunked", "wrong"} and set(table.column("shape")) == {"2, 1, 9, 2"}
+    assert rows["wrong"]["status"].startswith("FAILED check") and "forward_ms" not in rows["wrong"]
+    assert rows["chunked"]["status"] == "ok" and rows["chunked"]["forward_ms"] > 0
+    assert rows["chunked"]["speedup"] == rows["sequential"]["fwd_bwd_ms"] / rows["chunked"]["fwd_bwd_ms"]
+    saved = json.loads((tmp_path / "scan.json").read_text())
+    assert saved["tables"][0]["rows"] == table.rows
 
 
 def test_default_shapes_cover_the_records():
