@@ -171,7 +171,7 @@ def test_attention_positions_matter():
 
 @pytest.mark.parametrize("construction", ["cayley", "expm", "householder"])
 def test_mru_rotary_keeps_query_and_key_norms(construction):
-    mixer = make("mru_rotary", construction=construction)
+    mixer = make("mru_rotary", orthogonal_map=construction)
     x = torch.randn(2, 11, E, dtype=torch.float64)
     q, k = torch.randn(2, H, 11, E // H, dtype=torch.float64), torch.randn(2, H, 11, E // H, dtype=torch.float64)
     q2, k2, (P,) = mixer.encode_positions(x, q, k, 0, ())
@@ -247,7 +247,9 @@ def test_mixer_errors():
     with pytest.raises(ValueError, match="chunk_size must divide the head size"):
         MRURotaryAttention(16, n_heads=2, chunk_size=3)
     with pytest.raises(ValueError, match="orthogonal_map must be one of"):
-        MRURotaryAttention(16, n_heads=2, construction="ldu")
+        MRURotaryAttention(16, n_heads=2, orthogonal_map="ldu")
+    with pytest.warns(DeprecationWarning, match="now orthogonal_map"):
+        assert MRURotaryAttention(16, n_heads=2, construction="expm").orthogonal_map == "expm"
     with pytest.raises(ValueError, match=r"d_model=15, n_heads=3 \(head size 5\).*must be even"):
         MIXERS.get("attn")(15, n_heads=3, pos="rope")
     with pytest.raises(ValueError, match="pos must be one of"):

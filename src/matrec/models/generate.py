@@ -79,6 +79,15 @@ def generate_stream(model: nn.Module, prompt: Tensor, max_new_tokens: int, tempe
         model.train(was_training)
 
 
+class Generates:
+    """Gives a model ``model.generate(prompt, max_new_tokens, ...)``: :func:`generate` on itself."""
+
+    def generate(self, prompt: Tensor, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: int | None = None, **kwargs) -> Tensor:
+        """See :func:`matrec.models.generate`."""
+        return generate(self, prompt, max_new_tokens, temperature, top_k, **kwargs)
+
+
 def generate(model: nn.Module, prompt: Tensor, max_new_tokens: int, temperature: float = 1.0,
              top_k: int | None = None, *, generator: torch.Generator | None = None,
              use_state: bool = True) -> Tensor:

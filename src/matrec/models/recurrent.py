@@ -10,11 +10,11 @@ from typing import Callable
 from torch import Tensor, nn
 
 from ..nn.mornn import MORNN
-from .generate import generate
+from .generate import Generates
 from .registry import MODELS, embed_tokens
 
 
-class RecurrentModel(nn.Module):
+class RecurrentModel(Generates, nn.Module):
     """Encoder (embedding or linear) -> ``rnn`` (batch_first) -> linear head.
 
     Args:
@@ -41,11 +41,6 @@ class RecurrentModel(nn.Module):
         inputs = embed_tokens(self.encoder, x) if self.vocab_size is not None else self.encoder(x)
         h, new_state = self.rnn(inputs, state)  # [B, T, H * directions]
         return self.head(h), new_state
-
-    def generate(self, prompt: Tensor, max_new_tokens: int, temperature: float = 1.0,
-                 top_k: int | None = None, **kwargs) -> Tensor:
-        """See :func:`matrec.models.generate` (streams the RNN state: constant memory)."""
-        return generate(self, prompt, max_new_tokens, temperature, top_k, **kwargs)
 
 
 def _encoder_width(vocab_size, input_size, embed_dim):

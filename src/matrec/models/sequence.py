@@ -14,7 +14,7 @@ from typing import Sequence
 
 from torch import Tensor, nn
 
-from .generate import generate
+from .generate import Generates
 from .mixers import MIXERS
 from .registry import embed_tokens
 
@@ -33,7 +33,7 @@ class Residual(nn.Module):
         return x + self.dropout(y), new_state
 
 
-class SequenceModel(nn.Module):
+class SequenceModel(Generates, nn.Module):
     """Pre-LN residual stack of mixers; a causal LM (token ids) or a per-step model (features).
 
     Args:
@@ -121,11 +121,6 @@ class SequenceModel(nn.Module):
             h, s = layer(h, s)
             new_state.append(s)
         return self.head(self.norm(h)), new_state
-
-    def generate(self, prompt: Tensor, max_new_tokens: int, temperature: float = 1.0,
-                 top_k: int | None = None, **kwargs) -> Tensor:
-        """See :func:`matrec.models.generate`."""
-        return generate(self, prompt, max_new_tokens, temperature, top_k, **kwargs)
 
 
 def num_parameters(model: nn.Module) -> int:

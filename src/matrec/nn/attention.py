@@ -7,6 +7,8 @@ running product of rotations: ``(k, v, position, P)`` with ``P [B, H, C, d, d]``
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor, nn
 
@@ -99,7 +101,7 @@ class MRURotaryAttention(CausalSelfAttention):
     """Causal attention whose q and k are rotated chunk-wise by MRU running products (docs/design.md §4).
 
     Every token emits, per head and per chunk ``c`` of ``d = chunk_size`` dimensions, an orthogonal
-    ``M_t = construction(W x_t + b)``; the running product ``P_t = P_{t-1} M_t`` (an MRU scan) rotates
+    ``M_t = orthogonal_map(W x_t + b)``; the running product ``P_t = P_{t-1} M_t`` (an MRU scan) rotates
     the chunk: ``q_c -> P_t q_c``, ``k_c -> P_t k_c``. For orthogonal ``P``,
     ``(P_i q)^T (P_j k) = q^T (M_{j+1} ... M_i)^T k``: like RoPE the score depends on what lies
     between the two tokens, but through data-dependent, non-commuting d-dimensional rotations.
@@ -110,21 +112,27 @@ class MRURotaryAttention(CausalSelfAttention):
 
     Args:
         chunk_size: ``d``, must divide the head size.
-        construction: an orthogonal map of ``matrec.ORTHOGONAL_MAPS`` ("cayley", "expm", "householder").
+        orthogonal_map: one of ``matrec.ORTHOGONAL_MAPS`` ("cayley", "expm", "householder"), the
+            argument's name in MORNN too (``construction``, its old name here, still works, with a
+            DeprecationWarning).
         backend: the ``matrec.mru_scan`` backend.
         window: sliding-window attention, as in :class:`CausalSelfAttention`.
     """
 
     def __init__(self, d_model: int, *, n_heads: int = 1, dropout: float = 0.0, chunk_size: int = 8,
-                 construction: str = "cayley", backend: str = "auto", window: int | None = None,
-                 bias: bool = False) -> None:
+                 orthogonal_map: str = "cayley", backend: str = "auto", window: int | None = None,
+                 bias: bool = False, construction: str | None = None) -> None:
         super().__init__(d_model, n_heads=n_heads, dropout=dropout, pos="none", window=window, bias=bias)
         check_int("chunk_size", chunk_size)
         if self.head_dim % chunk_size:
             raise ValueError(
                 f"chunk_size must divide the head size {self.head_dim}, got chunk_size={chunk_size}")
-        ORTHOGONAL_MAPS.get(construction)  # fail early with the list of valid names
-        self.construction, self.backend, self.chunk_size = construction, backend, chunk_size
+        if construction is not None:
+            warnings.warn("MRURotaryAttention(construction=...) is now orthogonal_map=...", DeprecationWarning,
+                          stacklevel=2)
+            orthogonal_map = construction
+        ORTHOGONAL_MAPS.get(orthogonal_map)  # fail early with the list of valid names
+        self.orthogonal_map, self.backend, self.chunk_size = orthogonal_map, backend, chunk_size
         self.n_chunks = self.head_dim // chunk_size
         self.rotation = nn.Linear(d_model, n_heads * self.n_chunks * lower_numel(chunk_size))
 
@@ -143,7 +151,7 @@ class MRURotaryAttention(CausalSelfAttention):
         a = a.to(compute_dtype(a.dtype))  # [B, H, C, T, d(d-1)/2]
         # the maps (solve, matrix_exp) and the running product stay in fp32 under autocast (docs/design.md §2.3)
         with torch.autocast(device_type=x.device.type, enabled=False):
-            return orthogonal_from(lower_to_square(a, self.chunk_size), self.construction)
+            return orthogonal_from(lower_to_square(a, self.chunk_size), self.orthogonal_map)
 
     def encode_positions(self, x, q, k, offset, extra):
         M = self.rotations(x)  # [B, H, C, T, d, d], at least fp32

@@ -8,6 +8,7 @@ from torch import Tensor, nn
 
 from ..checks import check_int
 from ..ops.mru_scan import SCAN_BACKENDS, mru_scan
+from ..ops.precision import compute_dtype
 from ..ops.state_matrix import STATE_MATRICES, state_matrix, state_matrix_numel
 
 
@@ -159,8 +160,7 @@ class MRU(nn.Module):
                              f"got {state.dtype}")
         raw = self.in_proj(x) * self.element_scale
         raw = raw.view(B, T, h, self.numel).transpose(1, 2)  # [B, h, T, n]
-        low = raw.dtype in (torch.float16, torch.bfloat16)
-        compute = torch.float32 if low else raw.dtype
+        compute = compute_dtype(raw.dtype)
         with torch.autocast(device_type=x.device.type, enabled=False):
             M = state_matrix(self.state_matrix, raw.to(compute), d)  # [B, h, T, d, d]
             h0 = None if state is None else state.to(compute)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..ops.precision import compute_dtype
 from ..registry import Registry
 
 POSITIONS: Registry = Registry("positional encoding", argument="pos")
@@ -48,7 +49,7 @@ class Rotary(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)  # [D/2]
 
     def angles(self, T: int, offset: int, like: Tensor) -> Tensor:
-        dtype = torch.promote_types(like.dtype, torch.float32)
+        dtype = compute_dtype(like.dtype)
         pos = torch.arange(offset, offset + T, device=like.device, dtype=dtype)
         return pos[:, None] * self.inv_freq.to(like.device, dtype)[None, :]  # [T, D/2]
 
