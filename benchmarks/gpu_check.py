@@ -248,7 +248,7 @@ def part_scan(record, device, quick):
                best_pytorch=best, best_pytorch_fwd_bwd_ms=round(torch_times[best][1], 3) if best else None,
                best_pytorch_x_floor=round(torch_times[best][1] / floor_fb, 2) if best else None,
                triton_speedup=round(torch_times[best][1] / tri[1], 2) if (tri and best) else None)
-        del states, ref, G
+        states = ref = G = None  # free this shape's tensors (a del would leave the closures above unbound)
 
 
 def part_guard(record, device, quick):

@@ -30,6 +30,11 @@ def fwd_bwd(module, x):
     return run
 
 
+def fwd_bwd_once(module, x) -> float:
+    """Seconds of one forward+backward of ``module`` on ``x`` (benchmarks/gpu_check.py times with it)."""
+    return best_ms(fwd_bwd(module, x), x.device, repeats=1, warmup=0) / 1e3
+
+
 def rows(B, T, H, device, repeats, warmup, skip_loop) -> dict[str, float]:
     """Forward+backward milliseconds of every candidate at ``(B, T, H)``, run round-robin."""
     x = torch.randn(T, B, H, device=device)
