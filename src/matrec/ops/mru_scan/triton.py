@@ -15,19 +15,16 @@ imports without it and ``triton_available`` says why the kernel cannot run.
 """
 import contextlib
 import math
-import os
 from typing import Optional
 
 import torch
 from torch import Tensor
 
+from ..triton_support import compile_ahead, interpret_requested, launchable, triton_importable
+
 MAX_DIM = 64  # a few [D, D] fp32 blocks live in registers; the backward already spills at 64
 _IO_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _MAX_GRID_Y = 65535  # CUDA's limit on the second grid dimension (chunks per sequence)
-
-
-def _interpret_requested() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
 
 
 def triton_available(device) -> tuple[bool, str]:
@@ -37,48 +34,20 @@ def triton_available(device) -> tuple[bool, str]:
     when ``TRITON_INTERPRET=1`` is set (slow: meant for tests).
     """
     device = torch.device(device)
-    try:
-        import triton  # noqa: F401
-    except ImportError as err:
-        return False, f"triton is not importable ({err}); install it with `pip install matrec[gpu]`"
+    ok, reason = triton_importable()
+    if not ok:
+        return False, reason
     if device.type == "cuda":
         if not torch.cuda.is_available():
             return False, "no CUDA device is visible to torch (torch.cuda.is_available() is False)"
-        mode = " (interpreted: TRITON_INTERPRET=1)" if _interpret_requested() else ""
+        mode = " (interpreted: TRITON_INTERPRET=1)" if interpret_requested() else ""
         return True, "triton on CUDA" + mode
     if device.type == "cpu":
-        if _interpret_requested():
+        if interpret_requested():
             return True, "triton interpreter on CPU (TRITON_INTERPRET=1)"
         return False, ("the Triton kernel needs a CUDA device; on CPU it runs only in Triton's "
                        "interpreter, enabled by the environment variable TRITON_INTERPRET=1")
     return False, f"the Triton kernel supports CUDA (or CPU with TRITON_INTERPRET=1), not {device.type!r}"
-
-
-# (kernel body, interpreted) -> launchable kernel
-_KERNELS: dict = {}
-
-
-def launchable(fn, device: torch.device):
-    """Kernel body ``fn`` (a plain function of ``tl.*`` calls) compiled for the GPU, or interpreted
-    for CPU tensors (and for any tensor under ``TRITON_INTERPRET=1``).
-
-    Wrapping here, not with ``@triton.jit`` at import, makes the choice per call: Triton reads
-    ``TRITON_INTERPRET`` when a kernel is decorated, so a decorator would freeze whatever the
-    environment held when the module happened to be imported first. Shared with
-    :mod:`matrec.ops.rnn_recurrence.triton`.
-    """
-    interpret = device.type != "cuda" or _interpret_requested()
-    key = (fn, interpret)
-    if key not in _KERNELS:
-        if interpret:
-            from triton.runtime.interpreter import InterpretedFunction
-
-            _KERNELS[key] = InterpretedFunction(fn)
-        else:
-            from triton.runtime.jit import JITFunction
-
-            _KERNELS[key] = JITFunction(fn)
-    return _KERNELS[key]
 
 
 def _kernel(name: str, device: torch.device):
@@ -97,27 +66,18 @@ def compile_for_target(name: str, *, d: int, io_dtype: str = "fp32", arch: int =
     are the remaining constexprs (``CARRY``, ``HAS_H0``, ``FROM_CARRY``). Used by the tests to catch
     what Triton's interpreter accepts but its compiler would not, and to read register counts.
     """
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.runtime.jit import JITFunction
-
     from matrec.ops.mru_scan import _triton_kernels as bodies
 
-    fn = JITFunction(getattr(bodies, name))
     D = _padded(d)
-    signature, constexprs = {}, {}
-    for arg in fn.arg_names:
+    constexprs = {"DIM": d, "D": D, **flags}
+
+    def signature_of(arg: str) -> str:
         if arg in ("T", "n_chunks", "CHUNK"):
-            signature[arg] = "i32"
-        elif arg in ("DIM", "D") or arg in flags:
-            constexprs[arg] = {"DIM": d, "D": D}.get(arg, flags.get(arg))
-            signature[arg] = "constexpr"
-        else:
-            signature[arg] = "*fp32" if arg in ("P", "S", "U", "L", "BC") else "*" + io_dtype
-    source = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+            return "i32"
+        return "*fp32" if arg in ("P", "S", "U", "L", "BC") else "*" + io_dtype
+
     warps = _num_warps(D, backward=name.startswith("mru_bwd"))
-    options = {"num_warps": warps, "enable_fp_fusion": True}
-    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+    return compile_ahead(getattr(bodies, name), signature_of, constexprs, warps, arch)
 
 
 def _check_runnable(device: torch.device) -> None:

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from ..backends import BackendRegistry, always_available
+from ..triton_support import triton_importable
 from .chunked import _rnn_recurrence_chunked, _rnn_recurrence_chunked_or_loop
 from .fused import _rnn_recurrence
 from .naive import check_inputs, recurrence_reference
@@ -65,10 +66,9 @@ def _triton_backend(xproj, weight, h0, bias, nonlinearity):
 
 
 def _triton_available(device: torch.device) -> tuple[bool, str]:
-    try:
-        _triton_module()
-    except ImportError as e:
-        return False, f"triton is not importable ({e}); install it with `pip install matrec[gpu]`"
+    ok, reason = triton_importable()
+    if not ok:
+        return False, reason
     if device.type == "cuda":
         if not torch.cuda.is_available():
             return False, "no CUDA device is visible to torch (torch.cuda.is_available() is False)"

@@ -36,7 +36,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..mru_scan.triton import launchable as _launcher  # interpreted for CPU tensors, compiled for CUDA
+from ..triton_support import compile_ahead
+from ..triton_support import launchable as _launcher  # interpreted for CPU tensors, compiled for CUDA
 from .fused import parameter_grads, register_recurrence_autograd
 from .naive import check_inputs
 
@@ -46,7 +47,7 @@ MAX_HIDDEN = 512
 _CODES = {"tanh": 0, "relu": 1, "modrelu": 2, "identity": 3}
 WEIGHT_DTYPES = (torch.float32, torch.bfloat16)
 
-# Kernel bodies are plain functions wrapped per call (see matrec.ops.mru_scan.triton.launchable), so they use only tl.*
+# Kernel bodies are plain functions wrapped per call (see matrec.ops.triton_support.launchable), so they use only tl.*
 # builtins: triton.language.standard helpers (tl.zeros, tl.sigmoid, ...) are frozen in one mode at import. For the
 # same reason the nonlinearity is written out in each kernel (a kernel cannot call a plain helper function).
 
@@ -348,18 +349,15 @@ def compile_report(hidden: int, weight_dtype: torch.dtype = torch.float32, backw
     import subprocess
     import tempfile
 
-    from triton.backends.compiler import GPUTarget
     from triton.backends.nvidia.compiler import get_ptxas
-    from triton.runtime.jit import JITFunction
 
     fn, consts, warps = kernel_plan(hidden, weight_dtype, backward, nonlinearity, has_h0, config=config)
-    jf = JITFunction(fn)
     wtype = "*bf16" if weight_dtype == torch.bfloat16 else "*fp32"
-    sig = {arg: "constexpr" if arg in consts else "i32" if arg in ("T", "B", "H") else wtype if arg == "W"
-           else "*fp32" for arg in jf.arg_names}
-    source = triton.compiler.ASTSource(fn=jf, signature=sig, constexprs=consts)
-    options = {"num_warps": warps, "enable_fp_fusion": True}  # as launched
-    kernel = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+
+    def signature_of(arg: str) -> str:
+        return "i32" if arg in ("T", "B", "H") else wtype if arg == "W" else "*fp32"
+
+    kernel = compile_ahead(fn, signature_of, consts, warps, arch)  # the options of a launch
     with tempfile.TemporaryDirectory() as tmp:
         ptx = os.path.join(tmp, "k.ptx")
         with open(ptx, "w") as f:

@@ -1,0 +1,70 @@
+"""What every Triton kernel of matrec shares: availability, per-call launch mode, ahead-of-time compile.
+
+Imports without triton (triton itself is imported inside the functions that need it), so the ops can
+ask :func:`triton_importable` and report why a kernel cannot run instead of failing at import.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def interpret_requested() -> bool:
+    """Whether ``TRITON_INTERPRET`` asks for Triton's interpreter (read at each call, not at import)."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+
+
+def triton_importable() -> tuple[bool, str]:
+    """``(True, "")`` when the triton package imports, else ``(False, why)`` with the install hint."""
+    try:
+        import triton  # noqa: F401
+    except ImportError as err:
+        return False, f"triton is not importable ({err}); install it with `pip install matrec[gpu]`"
+    return True, ""
+
+
+# (kernel body, interpreted) -> launchable kernel
+_KERNELS: dict = {}
+
+
+def launchable(fn, device: torch.device):
+    """Kernel body ``fn`` (a plain function of ``tl.*`` calls) compiled for the GPU, or interpreted
+    for CPU tensors (and for any tensor under ``TRITON_INTERPRET=1``).
+
+    Wrapping here, not with ``@triton.jit`` at import, makes the choice per call: Triton reads
+    ``TRITON_INTERPRET`` when a kernel is decorated, so a decorator would freeze whatever the
+    environment held when the module happened to be imported first.
+    """
+    interpret = device.type != "cuda" or interpret_requested()
+    key = (fn, interpret)
+    if key not in _KERNELS:
+        if interpret:
+            from triton.runtime.interpreter import InterpretedFunction
+
+            _KERNELS[key] = InterpretedFunction(fn)
+        else:
+            from triton.runtime.jit import JITFunction
+
+            _KERNELS[key] = JITFunction(fn)
+    return _KERNELS[key]
+
+
+def compile_ahead(fn, signature_of, constexprs: dict, num_warps: int, arch: int = 90):
+    """Compile kernel body ``fn`` for ``sm_<arch>`` with no GPU: what the interpreter cannot check.
+
+    ``signature_of(arg) -> str`` gives each non-constexpr argument's Triton type (``"i32"``,
+    ``"*fp32"``, ...); ``constexprs`` maps the compile-time arguments to their values. Options are
+    those of a launch (``num_warps``, fp fusion on). Returns Triton's compiled kernel (``.asm``,
+    ``.metadata``).
+    """
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime.jit import JITFunction
+
+    jit = JITFunction(fn)
+    constexprs = {k: v for k, v in constexprs.items() if k in jit.arg_names}
+    signature = {arg: "constexpr" if arg in constexprs else signature_of(arg) for arg in jit.arg_names}
+    source = triton.compiler.ASTSource(fn=jit, signature=signature, constexprs=constexprs)
+    options = {"num_warps": num_warps, "enable_fp_fusion": True}
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
