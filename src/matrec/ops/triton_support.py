@@ -24,6 +24,30 @@ def triton_importable() -> tuple[bool, str]:
     return True, ""
 
 
+def device_available(device, *, cpu_needs_interpret: bool) -> tuple[bool, str]:
+    """Whether a Triton kernel can run on ``device``, and if not, why.
+
+    CUDA needs triton and a visible GPU. CPU tensors always run in Triton's interpreter (slow: for
+    tests); a kernel with ``cpu_needs_interpret`` runs there only when ``TRITON_INTERPRET=1`` asks
+    for it, so that a CPU run never falls into the interpreter by accident.
+    """
+    device = torch.device(device)
+    ok, reason = triton_importable()
+    if not ok:
+        return False, reason
+    mode = " (interpreted: TRITON_INTERPRET=1)" if interpret_requested() else ""
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return False, "no CUDA device is visible to torch (torch.cuda.is_available() is False)"
+        return True, "triton on CUDA" + mode
+    if device.type == "cpu":
+        if interpret_requested() or not cpu_needs_interpret:
+            return True, "triton interpreter on CPU" + mode
+        return False, ("the Triton kernel needs a CUDA device; on CPU it runs only in Triton's "
+                       "interpreter, enabled by the environment variable TRITON_INTERPRET=1")
+    return False, f"the Triton kernel supports CUDA (or CPU, interpreted), not {device.type!r}"
+
+
 # (kernel body, interpreted) -> launchable kernel
 _KERNELS: dict = {}
 

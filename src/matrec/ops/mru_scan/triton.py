@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..triton_support import compile_ahead, interpret_requested, launchable, triton_importable
+from ..triton_support import compile_ahead, device_available, launchable
 
 MAX_DIM = 64  # a few [D, D] fp32 blocks live in registers; the backward already spills at 64
 _IO_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -33,21 +33,7 @@ def triton_available(device) -> tuple[bool, str]:
     CUDA devices need triton and a visible GPU; CPU tensors run only in Triton's interpreter, i.e.
     when ``TRITON_INTERPRET=1`` is set (slow: meant for tests).
     """
-    device = torch.device(device)
-    ok, reason = triton_importable()
-    if not ok:
-        return False, reason
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            return False, "no CUDA device is visible to torch (torch.cuda.is_available() is False)"
-        mode = " (interpreted: TRITON_INTERPRET=1)" if interpret_requested() else ""
-        return True, "triton on CUDA" + mode
-    if device.type == "cpu":
-        if interpret_requested():
-            return True, "triton interpreter on CPU (TRITON_INTERPRET=1)"
-        return False, ("the Triton kernel needs a CUDA device; on CPU it runs only in Triton's "
-                       "interpreter, enabled by the environment variable TRITON_INTERPRET=1")
-    return False, f"the Triton kernel supports CUDA (or CPU with TRITON_INTERPRET=1), not {device.type!r}"
+    return device_available(device, cpu_needs_interpret=True)
 
 
 def _kernel(name: str, device: torch.device):

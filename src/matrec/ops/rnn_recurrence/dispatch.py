@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from ..backends import BackendRegistry, always_available
-from ..triton_support import triton_importable
+from ..triton_support import device_available
 from .chunked import _rnn_recurrence_chunked, _rnn_recurrence_chunked_or_loop
 from .fused import _rnn_recurrence
 from .naive import check_inputs, recurrence_reference
@@ -66,16 +66,7 @@ def _triton_backend(xproj, weight, h0, bias, nonlinearity):
 
 
 def _triton_available(device: torch.device) -> tuple[bool, str]:
-    ok, reason = triton_importable()
-    if not ok:
-        return False, reason
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            return False, "no CUDA device is visible to torch (torch.cuda.is_available() is False)"
-        return True, "triton on CUDA"
-    if device.type == "cpu":
-        return True, "triton interpreter on CPU (slow: for tests)"
-    return False, f"the Triton recurrence supports CUDA (or CPU, interpreted), not {device.type!r}"
+    return device_available(device, cpu_needs_interpret=False)
 
 
 # auto's rule for the chunked form, from benchmarks/recurrence_crossover.py (docs/mornn.md, "Speed";
