@@ -12,9 +12,9 @@ runs under ``torch.no_grad`` except that one. Microseconds per step, best of --r
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
+from _harness import Table, best_ms_each
 from torch import nn
 
 from matrec.nn.mornn import MORNN, MORNNCell
@@ -48,23 +48,23 @@ def measure(hidden: list[int], steps: int, repeats: int) -> dict[tuple[str, int]
     result = {}
     for H in hidden:
         mods = candidates(H)
-        fns = {}
+        fns, calls = {}, {}
         for name, (mod, grad) in mods.items():
             mod.eval()
-            fns[name] = (step_fn(mod, H), grad)
-        best = {name: float("inf") for name in mods}
-        for round_ in range(repeats + 1):  # the first round warms up
-            for name, (fn, grad) in fns.items():
-                n = max(1, steps // 100) if grad else steps  # the rebuilding row is ~100x slower
-                with torch.set_grad_enabled(grad):
-                    t0 = time.perf_counter()
-                    for _ in range(n):
-                        fn()
-                    dt = (time.perf_counter() - t0) / n
-                if round_:
-                    best[name] = min(best[name], dt)
-        result.update({(name, H): best[name] * 1e6 for name in mods})
+            calls[name] = max(1, steps // 100) if grad else steps  # the rebuilding row is ~100x slower
+            fns[name] = _rounds(step_fn(mod, H), calls[name], grad)
+        best_ms = best_ms_each(fns, "cpu", repeats, warmup=1)
+        result.update({(name, H): best_ms[name] / calls[name] * 1e3 for name in mods})
     return result
+
+
+def _rounds(fn, n: int, grad: bool):
+    """``n`` calls of ``fn`` (one timed round) with autograd on or off."""
+    def run():
+        with torch.set_grad_enabled(grad):
+            for _ in range(n):
+                fn()
+    return run
 
 
 def ratio_to_reference(name: str) -> str:
@@ -84,12 +84,11 @@ def main(argv=None) -> dict[tuple[str, int], float]:
     print(f"cpu, {args.threads} thread(s); torch {torch.__version__}; batch 1, one step, eager; "
           f"us per step (best of {args.repeats} x {args.steps} steps); x: relative to "
           f"nn.RNN (nn.RNNCell for the cells)\n")
-    print("| model | " + " | ".join(f"H = {H}" for H in hidden) + " |")
-    print("|---|" + "---|" * len(hidden))
+    table = Table({"model": "model", **{f"H = {H}": f"H = {H}" for H in hidden}})
     for name in candidates(2):
-        cells = [f"{result[name, H]:.1f} ({result[name, H] / result[ratio_to_reference(name), H]:.2f}x)"
-                 for H in hidden]
-        print(f"| {name} | " + " | ".join(cells) + " |")
+        table.add(model=name, **{f"H = {H}": f"{result[name, H]:.1f} "
+                                 f"({result[name, H] / result[ratio_to_reference(name), H]:.2f}x)" for H in hidden})
+    table.print()
     return result
 
 

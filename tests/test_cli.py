@@ -363,7 +363,8 @@ def test_a_damaged_run_is_a_clear_error(tmp_path, capsys):
 
 
 def test_sample_refuses_a_nan_temperature_and_a_huge_seed(tmp_path, capsys):
-    run(capsys, "train", "--task", "toy_text", "--model", "lstm", "--out-dir", str(tmp_path), "--run-name", "t", *TINY[2:])
+    run(capsys, "train", "--task", "toy_text", "--model", "lstm", "--out-dir", str(tmp_path), "--run-name", "t",
+        *TINY[2:])
     assert "--temperature must be a finite number >= 0, got nan" in fails(
         capsys, ["sample", str(tmp_path / "t"), "--temperature", "nan"])
     assert "--seed must be in [0, 2**63)" in fails(capsys, ["sample", str(tmp_path / "t"), "--seed", str(2 ** 64)])

@@ -390,7 +390,8 @@ def test_one_validation_for_python_files_and_checkpoints(tmp_path):
     import numpy as np
     cfg = TrainConfig(lr=np.float32(0.5), steps=np.int64(3), out_dir=tmp_path)   # a script's numbers
     assert type(cfg.lr) is float and type(cfg.steps) is int and cfg.out_dir == str(tmp_path)
-    for kwargs, err, match in (({"grad_clip": float("nan")}, ValueError, "grad_clip must be a finite number >= 0, got nan"),
+    for kwargs, err, match in (({"grad_clip": float("nan")}, ValueError,
+                                "grad_clip must be a finite number >= 0, got nan"),
                                ({"weight_decay": float("inf")}, ValueError, "weight_decay must be a finite"),
                                ({"progress": "no"}, TypeError, "progress must be a bool"),
                                ({"task_args": {1: 2}}, TypeError, "task_args keys must be option names"),

@@ -12,9 +12,10 @@ import pytest
 
 from matrec.train import CheckpointError, Trainer
 from matrec.train.rundir import RunDirError, RunLock, claim_new_run
+from support import SRC as SRC_DIR
 from support import tiny_config
 
-SRC = str(Path(__file__).resolve().parents[1] / "src")
+SRC = str(SRC_DIR)
 CLI = [sys.executable, "-m", "matrec.cli"]
 TINY = ["--task-arg", "delay=4", "--hidden-size", "8", "--batch-size", "4", "--eval-batches", "1",
         "--threads", "1", "--no-progress", "--no-tensorboard", "--no-plot"]

@@ -11,6 +11,7 @@ from torch import nn
 
 from matrec.nn.mornn import MORNN, MORNNCell, OrthogonalMatrixProperty
 from matrec.ops.orthogonal import orthogonality_error, project_orthogonal
+from support import ROOT
 
 
 def orthogonal(n, seed, dtype=torch.float32):
@@ -114,7 +115,8 @@ def test_a_write_that_cannot_take_effect_raises_and_is_discarded(bad, match):
     m = MORNN(3, 4)
     before = m.weight_hh_l0.detach().clone()
     m.weight_hh_l0.data.copy_(bad)
-    with pytest.raises(ValueError, match="the matrix written in place to weight_hh_l0 .*" + match + ".*the write is discarded"):
+    written = "the matrix written in place to weight_hh_l0 .*" + match + ".*the write is discarded"
+    with pytest.raises(ValueError, match=written):
         m(torch.randn(2, 1, 3))
     torch.testing.assert_close(m.weight_hh_l0, before)  # the module stays usable, as it was
     m(torch.randn(2, 1, 3))
@@ -327,7 +329,8 @@ def test_cell_repr_shows_its_arguments():
 @pytest.mark.parametrize("nonlinearity", ["tanh", "modrelu"])
 def test_cell_dtype_mismatches_name_the_argument(nonlinearity):
     cell = MORNNCell(3, 4, nonlinearity=nonlinearity)
-    with pytest.raises(RuntimeError, match=r"input dtype \(torch.float64\) does not match weight dtype \(torch.float32\)"):
+    with pytest.raises(RuntimeError,
+                       match=r"input dtype \(torch.float64\) does not match weight dtype \(torch.float32\)"):
         cell(torch.randn(2, 3, dtype=torch.float64))
     with pytest.raises(RuntimeError, match=r"input dtype \(torch.int64\)"):
         cell(torch.ones(2, 3, dtype=torch.int64))
@@ -361,9 +364,8 @@ def test_proj_size_raises_as_for_nn_rnn():
 
 def test_the_docs_examples_run_and_print_what_they_show(capsys):
     import re
-    from pathlib import Path
 
-    doc = (Path(__file__).resolve().parents[1] / "docs" / "mornn.md").read_text()
+    doc = (ROOT / "docs" / "mornn.md").read_text()
     blocks = [b for b in re.findall(r"```python\n(.*?)```", doc, flags=re.S)
               if "rnn.weight_hh_l0.data.copy_" in b or ".freeze()" in b]
     assert len(blocks) == 2

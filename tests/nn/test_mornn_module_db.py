@@ -16,7 +16,6 @@ import pickle
 import re
 import sys
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
@@ -25,6 +24,7 @@ from torch.nn.utils.rnn import PackedSequence
 
 from matrec.nn.mornn import MORNN, MORNNCell
 from matrec.ops.orthogonal import orthogonality_error, project_orthogonal
+from support import ROOT
 
 
 pytest.importorskip("expecttest", reason="torch's test helpers need expecttest (the dev extra)")
@@ -375,6 +375,6 @@ def test_deliberate_error_messages():
 
 
 def test_every_deliberate_difference_is_documented():
-    doc = (Path(__file__).resolve().parents[1] / "docs" / "mornn.md").read_text()
+    doc = (ROOT / "docs" / "mornn.md").read_text()
     section = doc.split("## Deliberate differences from nn.RNN", 1)[1].split("\n## ", 1)[0]
     assert set(re.findall(r"^- \*\*([\w-]+)\*\*", section, flags=re.M)) == set(DELIBERATE_DIFFERENCES)
