@@ -61,6 +61,16 @@ def test_add_a_mixer(registered):
     assert torch.equal(streamed, refed)
 
 
+class NoInit(CumulativeMean):
+    init_weights = None
+
+
+def test_a_mixer_without_init_weights_is_named(registered):
+    registered(MIXERS, "no_init", NoInit)
+    with pytest.raises(TypeError, match=r"mixer 'no_init' \(NoInit\) must define init_weights"):
+        build_model("sequence", pattern=["no_init"], vocab_size=5, output_size=5)
+
+
 def test_add_a_state_construction(registered):
     def diagonal(x: Tensor, d: int) -> Tensor:  # exp of a diagonal: identity at x = 0
         return torch.diag_embed(torch.exp(x))

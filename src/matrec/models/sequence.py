@@ -98,8 +98,12 @@ class SequenceModel(Generates, nn.Module):
         nn.init.normal_(self.head.weight, std=std)
         if self.head.bias is not None:
             nn.init.zeros_(self.head.bias)
-        for layer in self.layers:
-            layer.mixer.init_weights(std, residual_std)
+        for name, layer in zip(self.pattern, self.layers):
+            init = getattr(layer.mixer, "init_weights", None)
+            if not callable(init):  # the mixer contract (models/mixers.py), stated instead of an AttributeError
+                raise TypeError(f"mixer {name!r} ({type(layer.mixer).__name__}) must define "
+                                f"init_weights(std, residual_std); see docs/architecture.md")
+            init(std, residual_std)
 
     def forward(self, x: Tensor, state: list | None = None) -> tuple[Tensor, list]:
         if not isinstance(x, Tensor):
