@@ -231,16 +231,13 @@ def test_padding_errors():
 
 # --------------------------------------------------------------------------- tokenizers, export
 
-import os  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 from matrec import cli  # noqa: E402
 from matrec.data.tasks import build_task  # noqa: E402
 from matrec.hf.tokenization import PAD, bpe_tokenizer, char_tokenizer, check_tokenizer, task_tokenizer  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
-SHAKESPEARE_FILE = Path(os.environ.get("MATREC_SHAKESPEARE")
-                        or Path(__file__).resolve().parents[2] / "shared/data/tinyshakespeare.txt")
+from support import SHAKESPEARE_FILE  # noqa: E402
 needs_shakespeare = pytest.mark.skipif(not SHAKESPEARE_FILE.exists(),
                                        reason="shared/data/tinyshakespeare.txt not beside the repo")
 
