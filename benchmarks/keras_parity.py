@@ -6,9 +6,9 @@ For every activation and for (1 layer, 1 direction), (2 layers, bidirectional), 
 direction): a PyTorch MORNN (random init, ``A`` drawn away from 0) is converted with
 ``matrec.keras.from_torch``, the Keras stack is run on the same float32 input, and then converted
 back with ``to_torch`` (the matrix moves as a matrix, so the orthogonal map plays no part here;
-tests/test_keras.py compares the maps themselves). Prints the largest absolute difference of each direction of conversion,
-and the largest output magnitude (linear and modReLU states grow along the sequence, and float32
-rounding with them).
+tests/keras/test_keras.py compares the maps themselves). Prints the largest absolute difference of
+each direction of conversion, and the largest output magnitude (linear and modReLU states grow along
+the sequence, and float32 rounding with them).
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import argparse
 
 import numpy as np
 import torch
+from _harness import Table
 
 import matrec
 from matrec.keras import from_torch, to_torch
@@ -23,7 +24,8 @@ from matrec.keras import from_torch, to_torch
 import keras  # noqa: E402  (after matrec.keras)
 
 
-def parity(activation: str, layers: int, bidirectional: bool, B: int, T: int, seed: int = 0) -> tuple[float, float, float]:
+def parity(activation: str, layers: int, bidirectional: bool, B: int, T: int,
+           seed: int = 0) -> tuple[float, float, float]:
     torch.manual_seed(seed)
     tm = matrec.MORNN(16, 32, layers, nonlinearity=activation, batch_first=True,
                       bidirectional=bidirectional, init="random").eval()
@@ -52,12 +54,12 @@ def main(argv=None):
           f"input [{a.batch}, {a.seq}, 16], H = 32, float32; each cell: max |Keras - PyTorch| after "
           f"torch -> keras, after keras -> torch; max |output|\n")
     configs = [(1, False), (2, True), (3, False)]
-    print("| activation | " + " | ".join(f"{L} layer{'s' * (L > 1)}{', bidirectional' * bi}"
-                                              for L, bi in configs) + " |")
-    print("|---|" + "---|" * len(configs))
+    names = [f"{L} layer{'s' * (L > 1)}{', bidirectional' * bi}" for L, bi in configs]
+    table = Table({"activation": "activation", **{n: n for n in names}}, stream=True)
     for act in ("tanh", "relu", "identity", "modrelu"):
         cells = [parity(act, L, bi, a.batch, a.seq) for L, bi in configs]
-        print(f"| {act} | " + " | ".join(f"{k:.1e}, {t:.1e}; {m:.0f}" for k, t, m in cells) + " |")
+        table.add(activation=act, **{n: f"{k:.1e}, {t:.1e}; {m:.0f}" for n, (k, t, m) in zip(names, cells)})
+    return table
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ import keras  # noqa: E402  (after matrec.keras: Triton must load before TensorF
 from keras import ops  # noqa: E402
 
 BACKEND = keras.backend.backend()
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # the repository
 tf_only = pytest.mark.skipif(BACKEND != "tensorflow", reason="TensorFlow-only (SavedModel, tf.function)")
 
 
