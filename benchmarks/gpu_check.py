@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import functools
 import importlib.util
 import json
 import os
@@ -64,32 +65,14 @@ class Recorder:
         print(f"[{self.part}] {table}: {row}", flush=True)
 
 
+@functools.lru_cache(maxsize=None)
 def _load_bench(name: str):
     """A sibling benchmark script as a module (they are scripts, not a package)."""
     spec = importlib.util.spec_from_file_location(f"_matrec_bench_{name}", HERE / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is made
     spec.loader.exec_module(module)
     return module
-
-
-def _sync(device):
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _best_ms(fn, device, repeats: int) -> float:
-    """Best of ``repeats`` wall times (ms) after one warm-up call: the least disturbed run."""
-    fn()
-    _sync(device)
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        best = min(best, (time.perf_counter() - t0) * 1e3)
-    return best
 
 
 def _short(err: BaseException) -> str:
@@ -157,7 +140,7 @@ def _bandwidth(device, quick) -> float:
     n = (4 if quick else 256) * 2**20  # floats: 16 MiB quick, 1 GiB otherwise
     x = torch.empty(n, dtype=torch.float32, device=device)
     y = torch.empty_like(x)
-    ms = _best_ms(lambda: y.copy_(x), device, repeats=3 if quick else 10)
+    ms = _load_bench("_harness").best_ms(lambda: y.copy_(x), device, repeats=3 if quick else 10)
     return 2 * n * 4 / (ms / 1e3)
 
 
@@ -227,7 +210,8 @@ def part_scan(record, device, quick):
                 x.grad = None
 
             try:
-                f_ms, fb_ms = _best_ms(fwd, device, repeats), _best_ms(fwd_bwd, device, repeats)
+                best_ms = _load_bench("_harness").best_ms
+                f_ms, fb_ms = best_ms(fwd, device, repeats), best_ms(fwd_bwd, device, repeats)
             except Exception as err:
                 record("scan: time", shape=label, backend=b, fwd_ms=None, fwd_bwd_ms=None, note=_short(err))
                 continue
@@ -347,11 +331,10 @@ def part_mornn(record, device, quick):
 
 def part_copy(record, device, quick, deadline=None, budget=None):
     import torch
-    from torch import nn
 
     from matrec.data.tasks import build_task
     from matrec.models.recurrent import RecurrentModel
-    from matrec.nn.mornn import MORNN, mornn_param_groups
+    from matrec.nn.mornn import MORNN
 
     delay, hidden, batch, lr = (10, 32, 16, 1e-3) if quick else (1000, 128, 128, 1e-3)
     budget = budget or (5 if quick else CAPS["copy"] - 15)
@@ -362,33 +345,19 @@ def part_copy(record, device, quick, deadline=None, budget=None):
     model = RecurrentModel(MORNN(10, hidden, batch_first=True, nonlinearity="modrelu", init="henaff"),
                            hidden_size=hidden, output_size=task.output_size, vocab_size=task.vocab_size,
                            embed_dim=10).to(device)
-    opt = torch.optim.RMSprop(mornn_param_groups(model, lr))
-    gen = torch.Generator().manual_seed(0)
-    xv, yv = (t.to(device) for t in task.get_batch("val", 256, torch.Generator().manual_seed(1)))
     record("copy: setup", delay=delay, length=task.length, hidden=hidden, batch=batch, lr=lr,
            params=sum(p.numel() for p in model.parameters()), baseline_loss=round(task.baseline, 4),
            budget_s=budget)
-    t0, step, recall = time.perf_counter(), 0, 0.0
-    while time.perf_counter() - t0 < budget:
-        step += 1
-        x, y = (t.to(device) for t in task.get_batch("train", batch, gen))
-        loss = task.loss(model(x)[0], y)
-        opt.zero_grad()
-        loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        if step % 25 == 0:
-            with torch.no_grad():
-                m = task.metrics(model(xv)[0], yv)
-            recall = m["recall"]
-            if step % 100 == 0 or recall >= 0.99:
-                record("copy: curve", step=step, seconds=round(time.perf_counter() - t0, 1),
-                       val_loss=round(m["loss"], 5), recall=round(recall, 4))
-            if recall >= 0.99:
-                break
-    elapsed = time.perf_counter() - t0
-    record("copy: result", delay=delay, target="recall >= 0.99", reached=recall >= 0.99, steps=step,
-           seconds=round(elapsed, 1), final_recall=round(recall, 4))
+
+    def report(step, seconds, loss, recall):
+        if step % 100 == 0 or recall >= 0.99:
+            record("copy: curve", step=step, seconds=round(seconds, 1), val_loss=round(loss, 5),
+                   recall=round(recall, 4))
+
+    last = _load_bench("mornn_copy").train(model, task, 10**9, lr, batch, 25, 0, report, budget_s=budget,
+                                           target_recall=0.99)
+    record("copy: result", delay=delay, target="recall >= 0.99", reached=last["recall"] >= 0.99,
+           steps=last["step"], seconds=round(last["seconds"], 1), final_recall=round(last["recall"], 4))
 
 
 def part_lm(record, device, quick):
@@ -442,7 +411,7 @@ def part_lm(record, device, quick):
             rows[name] = run
         for name, fn in rows.items():
             try:
-                ms = _best_ms(fn, device, 1 if quick else 3)
+                ms = _load_bench("_harness").best_ms(fn, device, 1 if quick else 3)
             except Exception as err:  # out of memory at the longest T, most likely
                 record("lm: mixer fwd+bwd", mixer=name, T=T, ms=None, note=_short(err))
                 if device.type == "cuda":

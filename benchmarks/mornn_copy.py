@@ -34,11 +34,20 @@ def lstm_hidden_for(n_params: int, embed: int, vocab: int, out: int) -> int:
     return min(H, H + 1, key=lambda h: abs(count(h) - n_params))
 
 
-def train(name, model, task, steps, lr, batch, every, seed, table: Table) -> None:
+def train(model, task, steps, lr, batch, every, seed, report, *, budget_s=None, target_recall=None) -> dict:
+    """The recipe's loop: RMSprop through ``mornn_param_groups``, clipping at 1, an evaluation on one
+    fixed held-out batch every ``every`` steps, each passed to ``report(step=, seconds=, loss=, recall=)``.
+
+    Stops after ``steps``, or at the first step past ``budget_s`` seconds, or at the first
+    evaluation with recall >= ``target_recall``. Returns the last evaluation.
+    """
     gen = torch.Generator().manual_seed(seed)
     device = next(model.parameters()).device  # batches are drawn on the CPU, then moved
     opt = torch.optim.RMSprop(mornn_param_groups(model, lr))
-    t0 = time.perf_counter()
+    # the same held-out batch at every evaluation, from its own generator: drawing it from `gen`
+    # would make the training data depend on how often we evaluate
+    xv, yv = (t.to(device) for t in task.get_batch("val", 256, torch.Generator().manual_seed(seed + 1)))
+    t0, last = time.perf_counter(), {}
     for step in range(1, steps + 1):
         x, y = (t.to(device) for t in task.get_batch("train", batch, gen))
         loss = task.loss(model(x)[0], y)
@@ -46,13 +55,15 @@ def train(name, model, task, steps, lr, batch, every, seed, table: Table) -> Non
         loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        if step % every == 0 or step == steps:
+        out_of_time = budget_s is not None and time.perf_counter() - t0 >= budget_s
+        if step % every == 0 or step == steps or out_of_time:
             with torch.no_grad():
-                # the same held-out batch at every evaluation, from its own generator: drawing it
-                # from `gen` would make the training data depend on how often we evaluate
-                xv, yv = (t.to(device) for t in task.get_batch("val", 256, torch.Generator().manual_seed(seed + 1)))
                 m = task.metrics(model(xv)[0], yv)
-            table.add(model=name, step=step, seconds=time.perf_counter() - t0, loss=m["loss"], recall=m["recall"])
+            last = dict(step=step, seconds=time.perf_counter() - t0, loss=m["loss"], recall=m["recall"])
+            report(**last)
+            if out_of_time or (target_recall is not None and m["recall"] >= target_recall):
+                break
+    return last
 
 
 def main(argv=None) -> tuple[Table, dict]:
@@ -92,9 +103,12 @@ def main(argv=None) -> tuple[Table, dict]:
                   formats={"seconds": "{:.1f}", "loss": "{:.4f}", "recall": "{:.3f}"}, stream=True)
     models = a.models.split(",")
     if "mornn" in models:
-        train(f"MORNN {a.nonlinearity}", mornn.to(a.device), task, a.steps, a.lr, a.batch, a.every, a.seed, table)
+        name = f"MORNN {a.nonlinearity}"
+        train(mornn.to(a.device), task, a.steps, a.lr, a.batch, a.every, a.seed,
+              lambda **row: table.add(model=name, **row))
     if "lstm" in models:
-        train("LSTM", lstm.to(a.device), task, a.steps, a.lr, a.batch, a.every, a.seed, table)
+        train(lstm.to(a.device), task, a.steps, a.lr, a.batch, a.every, a.seed,
+              lambda **row: table.add(model="LSTM", **row))
     write_json(a.json, [table], **meta)
     return table, meta
 
