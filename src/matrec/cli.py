@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .experiment.cli import add_parser as add_experiment_parser
+
 if TYPE_CHECKING:
     from .train.config import TrainConfig
 
@@ -408,6 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
     # matrec.hf imports transformers: only when this command runs, never for the others
     p.set_defaults(func=lambda args: __import__("matrec.hf.export", fromlist=["cmd_export_hf"])
                    .cmd_export_hf(args))
+    add_experiment_parser(sub)
     return parser
 
 
@@ -415,7 +418,8 @@ def build_parser() -> argparse.ArgumentParser:
 # optional (metrics.jsonl is written without it) and tokenizers is checked by the text tasks
 EXTRAS = {"train": ["safetensors", "tqdm", "matplotlib"], "compare": ["safetensors", "tqdm", "matplotlib"],
           "eval": ["safetensors"], "sample": ["safetensors"], "bench": [],
-          "export-hf": ["safetensors"]}   # and transformers: matrec.hf names the hf extra itself
+          "export-hf": ["safetensors"],   # and transformers: matrec.hf names the hf extra itself
+          "experiment": ["safetensors", "tqdm", "matplotlib"]}
 
 
 def check_extras(command: str) -> None:

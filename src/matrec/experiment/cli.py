@@ -1,0 +1,90 @@
+"""`matrec experiment run | report`: the subcommand group (registered by matrec.cli)."""
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from ..checks import check_int
+
+DEFAULT_OUT = "runs/experiments"
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("experiment", help="run a grid of runs from an experiment file, and report it",
+                       description="Experiments as files: `run` trains every cell of a TOML/JSON "
+                       "experiment file (each an ordinary run directory, resumable), `report` turns "
+                       "run directories into tables, a JSON and plots. See docs/experiments.md.")
+    esub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    r = esub.add_parser("run", help="run (or resume) every cell of an experiment file",
+                        description="Run every cell of FILE at --scale into <out>/<name>/<scale>/<run>/; "
+                        "finished and failed runs are skipped, interrupted ones resumed.")
+    r.add_argument("file", help="experiment file (.toml or .json)")
+    r.add_argument("--scale", default="cpu", help="which of the file's scales: cpu (default) or gpu")
+    r.add_argument("--out", default=DEFAULT_OUT, help=f"experiments folder (default {DEFAULT_OUT})")
+    r.add_argument("--dry-run", action="store_true", help="list the runs and their state "
+                   "(new / partial / done / failed) and the model sizes; train nothing")
+    r.add_argument("--jobs", default="1", help="runs at once, each in its own process (default 1: "
+                   "one after the other in this process); a CPU run without a threads setting gets "
+                   "cores // jobs threads, and with several GPUs each job its own")
+    r.add_argument("--ray", metavar="ADDRESS", default=None, help="submit each run as a task to the "
+                   "Ray cluster at ADDRESS (needs the ray extra; --out on a shared file system)")
+    r.set_defaults(func=cmd_run)
+    r = esub.add_parser("report", help="tables, JSON and plots from run directories",
+                        description="Read every run directory under DIR (experiment runs, or plain "
+                        "`matrec train` runs) and write report.md, report.json and PNG plots.")
+    r.add_argument("dir", help="folder holding run directories (searched recursively)")
+    r.add_argument("--out", default=None, help="where to write the report (default DIR)")
+    r.set_defaults(func=cmd_report)
+
+
+def main(args) -> int:
+    return args.func(args)
+
+
+def cmd_run(args) -> int:
+    import torch
+
+    from .runner import InlineBackend, LocalBackend, RayBackend, run_experiment, run_state, specs_of
+    from .spec import check, load_experiment
+
+    jobs = args.jobs
+    try:
+        jobs = check_int("--jobs", int(jobs), 1)
+    except ValueError:
+        raise ValueError(f"--jobs must be an int >= 1, got {args.jobs!r}") from None
+    exp = load_experiment(args.file, args.scale, args.out)
+    check(exp)
+    specs = specs_of(exp, jobs)
+    print(f"experiment {exp.name} ({exp.scale} scale): {len(specs)} runs in {Path(args.out) / exp.name / exp.scale}")
+    for label, count in exp.parameters.items():
+        size = next((c.size for c in exp.cells if c.label == label and c.size), "")
+        print(f"  {label}: {count:,} parameters" + (f" ({size})" if size else ""))
+    if exp.matching:
+        print(f"  matched: {exp.matching}")
+    if args.dry_run:
+        for s in specs:
+            print(f"{run_state(s['run_dir']):<8} {s['run_dir']}")
+        return 0
+    if args.ray:
+        backend = RayBackend(args.ray)
+    elif jobs > 1:
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        backend = LocalBackend(jobs, gpus)
+    else:
+        backend = InlineBackend()
+    results = run_experiment(exp, backend, jobs)
+    failed = sum(r["state"] == "failed" for r in results)
+    busy = sum(r["state"] == "busy" for r in results)
+    print(f"{len(results) - failed - busy} runs done, {failed} failed, {busy} held by another process, "
+          f"{len(specs) - len(results)} skipped; report: matrec experiment report {Path(args.out) / exp.name}")
+    return 1 if failed or busy else 0
+
+
+def cmd_report(args) -> int:
+    from .report import write_report
+
+    result = write_report(args.dir, args.out)
+    print(result["markdown"])
+    print("wrote " + ", ".join(os.path.relpath(f) for f in result["files"]))
+    return 0

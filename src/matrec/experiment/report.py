@@ -1,0 +1,260 @@
+"""`matrec experiment report DIR`: tables, a JSON of every number and plots, from run directories
+alone (any folder holding them: runs made on another machine or a cluster report the same way).
+
+A run directory is a folder with ``config.json`` and ``metrics.jsonl``. Its ``cell.json`` (written
+by ``matrec experiment run``) places it in an experiment; a plain ``matrec train`` run is grouped
+by its parent folder, labelled by its model, with its task options as the swept values.
+"""
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+from ..train.rundir import read_metrics
+from .runner import read_status
+from .spec import parse_target
+
+
+def _load(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def collect_runs(root: str | Path) -> list[dict]:
+    """Every run directory under ``root``, read into one record each."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"report folder {str(root)!r} is not a folder")
+    runs = []
+    for config_path in sorted(root.rglob("config.json")):
+        run_dir = config_path.parent
+        if not (run_dir / "metrics.jsonl").exists():
+            continue
+        config = _load(config_path)
+        if not isinstance(config, dict) or "model" not in config:
+            continue
+        cell = _load(run_dir / "cell.json") or {
+            "experiment": run_dir.parent.name, "scale": "", "label": config["model"],
+            "swept": {f"task_args.{k}": v for k, v in sorted(config.get("task_args", {}).items())},
+            "seed": config.get("seed", 0), "metric": "loss", "target": None, "matching": "", "size": ""}
+        summary = _load(run_dir / "summary.json") or {}
+        status = read_status(run_dir)
+        if status and status.get("state") in ("done", "failed"):
+            state = status["state"]
+        else:
+            state = {"completed": "done", "non-finite": "failed"}.get(summary.get("status"), "partial")
+        records = read_metrics(run_dir / "metrics.jsonl", partial_last=True)
+        evals = [r for r in records if r.get("kind") == "eval"]
+        timing = {}
+        for line in (run_dir / "timing.jsonl").read_text().splitlines() if (run_dir / "timing.jsonl").exists() else []:
+            try:
+                row = json.loads(line)
+                timing[row["step"]] = row["train_seconds"]
+            except (json.JSONDecodeError, KeyError):
+                continue
+        step = (status or {}).get("step", summary.get("step", evals[-1]["step"] if evals else 0))
+        seconds = (status or {}).get("train_seconds", summary.get("train_seconds"))
+        run = {"run_dir": str(run_dir), "experiment": cell["experiment"], "scale": cell.get("scale", ""),
+               "label": cell["label"], "swept": cell.get("swept", {}), "seed": cell.get("seed"),
+               "state": state, "reason": (status or {}).get("reason", summary.get("message", "")),
+               "parameters": summary.get("parameters", cell.get("parameters")), "step": step,
+               "train_seconds": seconds, "final": evals[-1] if evals else {}, "evals": evals,
+               "metric": cell.get("metric", "loss"), "target": cell.get("target"),
+               "matching": cell.get("matching", ""), "size": cell.get("size", ""),
+               "target_step": None, "target_seconds": None, "target_seconds_estimated": False}
+        if run["target"]:
+            target = parse_target(run["target"])
+            hit = next((r for r in evals if target.met(r)), None)
+            if hit is not None:
+                run["target_step"] = hit["step"]
+                if hit["step"] in timing:
+                    run["target_seconds"] = timing[hit["step"]]
+                elif seconds and step:   # a run without timing.jsonl: its mean pace
+                    run["target_seconds"] = seconds * hit["step"] / step
+                    run["target_seconds_estimated"] = True
+        runs.append(run)
+    return runs
+
+
+def _stats(values: list[float]) -> dict:
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    if not values:
+        return {"n": 0, "mean": None, "std": None}
+    return {"n": len(values), "mean": statistics.fmean(values),
+            "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+
+
+def _fmt(s: dict, digits: int = 4) -> str:
+    if not s["n"]:
+        return "-"
+    return f"{s['mean']:.{digits}g} ± {s['std']:.2g}"
+
+
+def summarise(runs: list[dict]) -> list[dict]:
+    """Runs grouped into experiments (name, scale) and cells (label, swept values)."""
+    experiments = defaultdict(lambda: defaultdict(list))
+    for run in runs:
+        cell_key = (run["label"], json.dumps(run["swept"], sort_keys=True))
+        experiments[(run["experiment"], run["scale"])][cell_key].append(run)
+    out = []
+    for (name, scale), cells in sorted(experiments.items()):
+        first = next(iter(cells.values()))[0]
+        metric, target = first["metric"], first["target"]
+        rows = []
+        for (label, _), members in cells.items():
+            members.sort(key=lambda r: (r["seed"] is None, r["seed"]))
+            ok = [r for r in members if r["state"] == "done"]
+            reached = [r for r in ok if r["target_step"] is not None]
+            rows.append({
+                "label": label, "swept": members[0]["swept"], "size": members[0]["size"],
+                "parameters": members[0]["parameters"], "runs": len(members), "done": len(ok),
+                "failed": sum(r["state"] == "failed" for r in members),
+                "partial": sum(r["state"] == "partial" for r in members),
+                "metric": _stats([r["final"].get(metric) for r in ok]),
+                "loss": _stats([r["final"].get("loss") for r in ok]),
+                "steps": _stats([r["step"] for r in ok]),
+                "train_seconds": _stats([r["train_seconds"] for r in ok]),
+                "target_reached": len(reached),
+                "target_step": _stats([r["target_step"] for r in reached]),
+                "target_seconds": _stats([r["target_seconds"] for r in reached]),
+                "seeds": [{k: r[k] for k in ("seed", "state", "reason", "step", "train_seconds", "final",
+                                            "target_step", "target_seconds", "target_seconds_estimated",
+                                            "run_dir")} for r in members]})
+        out.append({"name": name, "scale": scale, "metric": metric, "target": target,
+                    "matching": first["matching"], "swept": sorted({k for r in rows for k in r["swept"]}),
+                    "cells": rows, "_runs": [r for m in cells.values() for r in m]})
+    return out
+
+
+def table(exp: dict) -> str:
+    metric, swept = exp["metric"], exp["swept"]
+    header = ["model", *(k.rsplit(".", 1)[-1] for k in swept), "params", "runs ok", "steps",
+              f"{metric} (mean ± std)", *(["loss"] if metric != "loss" else []), "train s"]
+    if exp["target"]:
+        header += [f"steps to {exp['target']}", "seconds to target"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for c in exp["cells"]:
+        ok = f"{c['done']}/{c['runs']}" + (f" ({c['failed']} failed)" if c["failed"] else "") + (
+            f" ({c['partial']} partial)" if c["partial"] else "")
+        row = [c["label"], *(json.dumps(c["swept"].get(k)) for k in swept),
+               "-" if c["parameters"] is None else f"{c['parameters']:,}", ok, _fmt(c["steps"], 6),
+               _fmt(c["metric"]), *([_fmt(c["loss"])] if metric != "loss" else []), _fmt(c["train_seconds"], 3)]
+        if exp["target"]:
+            if not c["target_reached"]:
+                row += ["not reached", "not reached"]
+            else:
+                part = "" if c["target_reached"] == c["done"] else f" ({c['target_reached']}/{c['done']} reached)"
+                row += [_fmt(c["target_step"], 6) + part, _fmt(c["target_seconds"], 3) + part]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def write_report(root: str | Path, out: str | Path | None = None) -> dict:
+    """Write ``report.md``, ``report.json`` and the plots into ``out`` (default ``root``)."""
+    runs = collect_runs(root)
+    if not runs:
+        raise FileNotFoundError(f"no run directories (config.json + metrics.jsonl) under {str(root)!r}")
+    out = Path(out or root)
+    out.mkdir(parents=True, exist_ok=True)
+    experiments = summarise(runs)
+    md, plots = [], []
+    for exp in experiments:
+        title = exp["name"] + (f" ({exp['scale']} scale)" if exp["scale"] else "")
+        md += [f"## {title}", ""]
+        if exp["matching"]:
+            md += [f"Model sizes: {exp['matching']}", ""]
+        sizes = {c["label"]: c["size"] for c in exp["cells"] if c["size"]}
+        if sizes:
+            md += ["Sizes as stated in the file: " + "; ".join(f"{k}: {v}" for k, v in sizes.items()), ""]
+        md += [table(exp), ""]
+        stem = f"{exp['name']}-{exp['scale']}" if exp["scale"] else exp["name"]
+        for path in (plot_swept(exp, out / f"{stem}-{exp['metric']}.png"), plot_curves(exp, out / f"{stem}-curves.png")):
+            if path is not None:
+                plots.append(str(path))
+                md += [f"![{path.stem}]({path.name})", ""]
+    for exp in experiments:
+        del exp["_runs"]
+    (out / "report.md").write_text("\n".join(md))
+    data = {"experiments": experiments, "plots": plots}
+    (out / "report.json").write_text(json.dumps(data, indent=1, default=str))
+    return {"markdown": "\n".join(md), "json": data, "files": [str(out / "report.md"), str(out / "report.json"), *plots]}
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_swept(exp: dict, path: Path) -> Path | None:
+    """The final metric (mean, error bar = std over seeds) against the first numeric swept value,
+    one line per model (and per value of the other swept keys)."""
+    numeric = [k for k in exp["swept"] if all(isinstance(c["swept"].get(k), (int, float)) for c in exp["cells"])]
+    if not numeric:
+        return None
+    x_key = numeric[0]
+    lines = defaultdict(list)
+    for c in exp["cells"]:
+        if c["metric"]["n"]:
+            rest = ", ".join(f"{k.rsplit('.', 1)[-1]}={c['swept'][k]}" for k in exp["swept"] if k != x_key)
+            lines[c["label"] + (f" ({rest})" if rest else "")].append(
+                (c["swept"][x_key], c["metric"]["mean"], c["metric"]["std"]))
+    if not lines:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, pts in lines.items():
+        pts.sort()
+        ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o",
+                    capsize=3, label=label)
+    values = [p[0] for pts in lines.values() for p in pts]
+    if min(values) > 0 and max(values) / min(values) >= 20:
+        ax.set_xscale("log")
+    ax.set(xlabel=x_key.rsplit(".", 1)[-1], ylabel=f"final eval {exp['metric']}", title=exp["name"])
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_curves(exp: dict, path: Path) -> Path | None:
+    """Learning curves: the eval metric against step, mean over seeds with a band from the lowest
+    to the highest seed; one panel per combination of swept values."""
+    metric = exp["metric"]
+    panels = defaultdict(lambda: defaultdict(list))
+    for run in exp["_runs"]:
+        curve = {r["step"]: r[metric] for r in run["evals"] if metric in r}
+        if curve:
+            panels[json.dumps(run["swept"], sort_keys=True)][run["label"]].append(curve)
+    if not panels:
+        return None
+    plt = _pyplot()
+    keys = sorted(panels)[:8]
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.6 * len(keys), 3.6), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        for label, curves in panels[key].items():
+            steps = sorted(set.intersection(*(set(c) for c in curves)))
+            if not steps:
+                continue
+            vals = [[c[s] for c in curves] for s in steps]
+            line, = ax.plot(steps, [statistics.fmean(v) for v in vals], label=f"{label} (n={len(curves)})")
+            if len(curves) > 1:
+                ax.fill_between(steps, [min(v) for v in vals], [max(v) for v in vals], alpha=0.2,
+                                color=line.get_color())
+        swept = json.loads(key)
+        ax.set(xlabel="step", ylabel=f"eval {metric}",
+               title=", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in swept.items()) or exp["name"])
+        if metric == "loss":
+            ax.set_yscale("log")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,321 @@
+"""Experiment files: a grid of ordinary training runs, read from TOML or JSON and checked whole.
+
+A file holds the shared settings at its top level and two tables ``[scales.cpu]`` and
+``[scales.gpu]`` whose keys override them (deep merge: ``scales.cpu.models.lstm.model_args`` changes
+one model's size at that scale only). docs/experiments.md lists every key.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import operator
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..data.tasks import TASKS, build_task
+from ..models import MODELS, build_model
+from ..train.config import TrainConfig
+
+SCALES = ("cpu", "gpu")
+TOP_KEYS = {"name", "description", "task", "task_args", "models", "train", "grid", "seeds", "budget",
+            "target", "stop_at_target", "metric", "matching", "scales"}
+MODEL_KEYS = {"model", "model_args", "train", "size"}
+BUDGET_KEYS = {"steps", "seconds"}
+GRID_PREFIXES = ("task_args.", "model_args.", "train.")
+# fields the experiment sets itself: a run's identity and place come from its cell
+OWN_FIELDS = {"task", "task_args", "model", "model_args", "seed", "out_dir", "run_name", "steps"}
+# an experiment writes many runs: per-run plots and TensorBoard files are off unless asked for
+# (the report draws the plots), and no progress bars interleave from parallel runs
+RUN_DEFAULTS = {"plot": False, "tensorboard": False, "progress": False}
+OPS = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt}
+_TARGET = re.compile(r"^\s*([A-Za-z_][\w/.-]*)\s*(>=|<=|>|<)\s*(\S+)\s*$")
+
+
+class ExperimentError(ValueError):
+    """A bad experiment file: the message names the file and the key."""
+
+
+@dataclass(frozen=True)
+class Target:
+    """``metric op value``, e.g. ``recall >= 0.99``; met by an eval record holding the metric."""
+
+    metric: str
+    op: str
+    value: float
+
+    def met(self, record: dict) -> bool:
+        v = record.get(self.metric)
+        return v is not None and math.isfinite(v) and OPS[self.op](v, self.value)
+
+    def __str__(self) -> str:
+        return f"{self.metric} {self.op} {self.value:g}"
+
+
+def parse_target(text, where: str = "target") -> Target:
+    """Parse ``"recall >= 0.99"``; a ValueError names ``where`` and the expected form."""
+    m = _TARGET.match(text) if isinstance(text, str) else None
+    value = None
+    if m:
+        try:
+            value = float(m.group(3))
+        except ValueError:
+            pass
+    if value is None or not math.isfinite(value):
+        raise ValueError(f"{where} must read '<metric> <op> <number>' with op one of >=, <=, >, < "
+                         f"(e.g. 'recall >= 0.99'), got {text!r}")
+    return Target(m.group(1), m.group(2), value)
+
+
+@dataclass
+class Cell:
+    """One run: a model label, the swept values, a seed; its TrainConfig as a dict."""
+
+    label: str
+    swept: dict
+    seed: int
+    config: dict
+    size: str = ""
+
+    @property
+    def name(self) -> str:
+        parts = [self.label] + [f"{k.rsplit('.', 1)[-1]}{_token(v)}" for k, v in self.swept.items()]
+        return "-".join(parts + [f"seed{self.seed}"])
+
+
+@dataclass
+class Experiment:
+    name: str
+    scale: str
+    path: str
+    description: str
+    task: str
+    metric: str
+    target: Target | None
+    stop_at_target: bool
+    seconds: float | None
+    matching: str
+    cells: list[Cell] = field(default_factory=list)
+    parameters: dict = field(default_factory=dict)   # label -> count, filled by check()
+
+    def cell_info(self, cell: Cell) -> dict:
+        """What a run directory records about its place in the experiment (``cell.json``)."""
+        return {"experiment": self.name, "scale": self.scale, "file": self.path, "label": cell.label,
+                "swept": cell.swept, "seed": cell.seed, "size": cell.size, "metric": self.metric,
+                "target": None if self.target is None else str(self.target),
+                "stop_at_target": self.stop_at_target, "seconds": self.seconds, "matching": self.matching}
+
+
+def _token(value) -> str:
+    text = json.dumps(value) if not isinstance(value, str) else value
+    return re.sub(r"[^A-Za-z0-9._]+", "_", text).strip("_") or "_"
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def read_file(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ExperimentError(f"experiment file {str(path)!r} does not exist") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ExperimentError(f"experiment file {str(path)!r} cannot be read as text: {e}") from None
+    try:
+        if path.suffix == ".toml":
+            return tomllib.loads(text)
+        if path.suffix == ".json":
+            data = json.loads(text)
+            if not isinstance(data, dict):
+                raise ExperimentError(f"experiment file {str(path)!r} must hold a JSON object")
+            return data
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
+        raise ExperimentError(f"experiment file {str(path)!r} is not valid {path.suffix[1:].upper()}: {e}") from None
+    raise ExperimentError(f"experiment file {str(path)!r} must end in .toml or .json")
+
+
+def load_experiment(path: str | Path, scale: str, out_dir: str | Path) -> Experiment:
+    """Read ``path`` at ``scale`` and expand it into cells whose run directories lie in
+    ``out_dir/<name>/<scale>/``; every key is checked (nothing is built yet: see :func:`check`)."""
+    path = Path(path)
+    data = read_file(path)
+    where = f"experiment file {str(path)!r}"
+
+    def bad(key: str, expected: str, got) -> ExperimentError:
+        return ExperimentError(f"{where}: {key} must be {expected}, got {got!r}")
+
+    def unknown(keys, allowed, prefix: str) -> None:
+        extra = sorted(set(keys) - set(allowed))
+        if extra:
+            raise ExperimentError(f"{where}: unknown key(s) {[prefix + k for k in extra]}; valid keys are "
+                                  f"{sorted(prefix + k for k in allowed)}")
+
+    unknown(data, TOP_KEYS, "")
+    if scale not in SCALES:
+        raise ExperimentError(f"scale must be one of {list(SCALES)}, got {scale!r}")
+    scales = data.get("scales")
+    if not isinstance(scales, dict) or sorted(scales) != sorted(SCALES):
+        raise bad("scales", f"a table with exactly the keys {list(SCALES)}",
+                  sorted(scales) if isinstance(scales, dict) else scales)
+    for s in SCALES:
+        if not isinstance(scales[s], dict):
+            raise bad(f"scales.{s}", "a table", scales[s])
+        unknown(scales[s], TOP_KEYS - {"name", "scales"}, f"scales.{s}.")
+    spec = _merge({k: v for k, v in data.items() if k != "scales"}, scales[scale])
+    at = lambda key: key if key not in scales[scale] else f"scales.{scale}.{key}"   # noqa: E731
+
+    name = spec.get("name", path.stem)
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][\w.-]*", name):
+        raise bad("name", "a folder name (letters, digits, _ . -)", name)
+    task = spec.get("task")
+    if task not in TASKS:
+        raise bad(at("task"), f"one of {list(TASKS)}", task)
+    for key in ("task_args", "train", "grid", "budget"):
+        if not isinstance(spec.get(key, {}), dict):
+            raise bad(at(key), "a table", spec[key])
+    unknown(spec.get("budget", {}), BUDGET_KEYS, "budget.")
+    budget = spec.get("budget", {})
+    train = spec.get("train", {})
+    own = sorted(set(train) & OWN_FIELDS)
+    if own:
+        raise ExperimentError(f"{where}: train must not set {own}: the experiment sets them (task, "
+                              f"models, seeds, budget.steps)")
+    steps = budget.get("steps", 1000)
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise bad(at("budget") + ".steps", "an int >= 1", steps)
+    seconds = budget.get("seconds")
+    if seconds is not None and (isinstance(seconds, bool) or not isinstance(seconds, (int, float))
+                                or not math.isfinite(seconds) or seconds <= 0):
+        raise bad(at("budget") + ".seconds", "a number > 0", seconds)
+
+    seeds = spec.get("seeds", [0])
+    if (not isinstance(seeds, list) or not seeds or len(set(seeds)) != len(seeds)
+            or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds)):
+        raise bad(at("seeds"), "a non-empty list of distinct ints >= 0", seeds)
+
+    grid = spec.get("grid", {})
+    for key, values in grid.items():
+        if not key.startswith(GRID_PREFIXES) or key.endswith("."):
+            raise ExperimentError(f"{where}: unknown grid key {key!r}; a grid key is task_args.<option>, "
+                                  f"model_args.<option> or train.<TrainConfig field>")
+        if key.startswith("train.") and key[6:] in OWN_FIELDS:
+            raise ExperimentError(f"{where}: grid key {key!r} is set by the experiment itself")
+        if not isinstance(values, list) or not values:
+            raise bad(f"{at('grid')}.{key}", "a non-empty list of values", values)
+
+    models = spec.get("models")
+    if not isinstance(models, dict) or not models:
+        raise bad(at("models"), "a table of model labels, e.g. [models.lstm] model = 'lstm'", models)
+    for label, m in models.items():
+        if not isinstance(m, dict):
+            raise bad(f"models.{label}", "a table", m)
+        unknown(m, MODEL_KEYS, f"models.{label}.")
+        if m.get("model", label) not in MODELS:
+            raise bad(f"models.{label}.model", f"one of {list(MODELS)}", m.get("model", label))
+        for key in ("model_args", "train"):
+            if not isinstance(m.get(key, {}), dict):
+                raise bad(f"models.{label}.{key}", "a table", m[key])
+        own = sorted(set(m.get("train", {})) & OWN_FIELDS)
+        if own:
+            raise ExperimentError(f"{where}: models.{label}.train must not set {own}")
+
+    target = None
+    if spec.get("target") is not None:
+        try:
+            target = parse_target(spec["target"], f"{where}: {at('target')}")
+        except ValueError as e:
+            raise ExperimentError(str(e)) from None
+    stop = spec.get("stop_at_target", False)
+    if not isinstance(stop, bool):
+        raise bad(at("stop_at_target"), "true or false", stop)
+    if stop and target is None:
+        raise ExperimentError(f"{where}: stop_at_target is true but no target is set")
+    metric = spec.get("metric", target.metric if target else "loss")
+    if not isinstance(metric, str) or not metric:
+        raise bad(at("metric"), "a metric name", metric)
+    for key in ("description", "matching"):
+        if not isinstance(spec.get(key, ""), str):
+            raise bad(key, "a string", spec[key])
+
+    exp = Experiment(name=name, scale=scale, path=str(path), description=spec.get("description", ""),
+                     task=task, metric=metric, target=target, stop_at_target=stop,
+                     seconds=None if seconds is None else float(seconds), matching=spec.get("matching", ""))
+    folder = Path(out_dir) / name / scale
+    keys = list(grid)
+    for label, m in models.items():
+        for combo in itertools.product(*(grid[k] for k in keys)):
+            swept = dict(zip(keys, combo))
+            for seed in seeds:
+                config = {**RUN_DEFAULTS, **train, **m.get("train", {}),
+                          "task": task, "task_args": dict(spec.get("task_args", {})),
+                          "model": m.get("model", label), "model_args": dict(m.get("model_args", {})),
+                          "steps": steps, "seed": seed, "out_dir": str(folder)}
+                for k, v in swept.items():
+                    group, _, option = k.partition(".")
+                    if group == "train":
+                        config[option] = v
+                    else:
+                        config[group][option] = v
+                cell = Cell(label=label, swept=swept, seed=seed, config=config, size=str(m.get("size", "")))
+                config["run_name"] = cell.name
+                try:
+                    TrainConfig.from_dict(config)
+                except (TypeError, ValueError) as e:
+                    raise ExperimentError(f"{where}: the run {cell.name!r} (train, models.{label}.train, "
+                                          f"grid): {e}") from None
+                exp.cells.append(cell)
+    names = [c.name for c in exp.cells]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ExperimentError(f"{where}: grid values give the same run name twice: {dup}; use values "
+                              f"that differ as text")
+    return exp
+
+
+def check(exp: Experiment) -> None:
+    """Build every cell's task and model once (before any run starts) and check that the task
+    reports the target's and the report's metric; fills ``exp.parameters`` (label -> count)."""
+    where = f"experiment file {exp.path!r}"
+    configs = [TrainConfig.from_dict(c.config) for c in exp.cells]
+    tasks, counts = {}, {}
+    for cell, cfg in zip(exp.cells, configs):
+        tkey = json.dumps([cfg.task, cfg.task_args], sort_keys=True, default=repr)
+        key = json.dumps([tkey, cfg.model, cfg.model_args], sort_keys=True, default=repr)
+        if key in counts:
+            continue
+        try:
+            if tkey not in tasks:
+                tasks[tkey] = build_task(cfg.task, **cfg.task_args)
+            model = build_model(cfg.model, **tasks[tkey].model_io(), **cfg.model_args)
+        except (TypeError, ValueError) as e:
+            raise ExperimentError(f"{where}: run {cell.name!r} (model {cfg.model!r}, model_args "
+                                  f"{cfg.model_args}, task_args {cfg.task_args}): {e}") from None
+        counts[key] = sum(p.numel() for p in model.parameters())
+        del model
+        exp.parameters.setdefault(cell.label, counts[key])
+        names = reported_metrics(tasks[tkey])
+        for what, metric in (("target", exp.target.metric if exp.target else None), ("metric", exp.metric)):
+            if metric is not None and names is not None and metric not in names:
+                raise ExperimentError(f"{where}: {what} names metric {metric!r}, which task {cfg.task!r} "
+                                      f"does not report; it reports {sorted(names)}")
+
+
+def reported_metrics(task) -> set[str] | None:
+    """The metric names ``task.metrics`` returns, from one validation batch and a zero output of
+    the task's output size (None when that output shape is not one the task accepts)."""
+    gen = torch.Generator().manual_seed(0)
+    _, y = task.get_batch("val", 1, gen)
+    out = torch.zeros(*y.shape, task.model_io()["output_size"])
+    try:
+        return set(task.metrics(out, y))
+    except (RuntimeError, ValueError, IndexError):
+        return None
