@@ -1,3 +1,5 @@
+import json
+import re
 
 import numpy as np
 import pytest
@@ -91,3 +93,50 @@ def test_shakespeare_stream_reads_the_text_in_order():
     segment = (1_003_854 - 1) // 16
     assert task.decode(torch.cat([x0[3], x1[3]])) == text[3 * segment: 3 * segment + 128]
     assert torch.equal(x1[:, 0], y0[:, -1])
+
+
+def test_forecast_reads_a_users_series_from_csv_and_npy(tmp_path):
+    rng = np.random.default_rng(0)
+    values = 5.0 + 3.0 * np.sin(np.arange(900) / 7.0) + 0.1 * rng.standard_normal(900)
+    csv_path, npy_path = tmp_path / "series.csv", tmp_path / "series.npy"
+    np.savetxt(csv_path, np.stack([np.arange(900), values], 1), delimiter=",", header="t,load", comments="")
+    np.save(npy_path, np.stack([np.zeros(900), values], 1))
+    by_name = build_task("forecast", seq_len=16, path=str(csv_path), column="load")
+    by_index = build_task("forecast", seq_len=16, path=str(npy_path), column=1)
+    train = values[:800]
+    expected = (values - train.mean()) / train.std()   # standardised with the training part
+    for task in (by_name, by_index):
+        assert len(task.series["train"]) == 800 and len(task.series["val"]) == 100
+        np.testing.assert_allclose(np.concatenate([task.series["train"], task.series["val"]]), expected, rtol=1e-5,
+                                   atol=1e-5)
+        assert task.baseline == 1.0 and task.mean == pytest.approx(train.mean())
+    x, y = by_name.get_batch("train", 4)
+    assert x.shape == (4, 16, 1) and y.shape == (4, 16)
+    assert torch.equal(x[:, 1:, 0], y[:, :-1])   # the targets are the next values
+
+
+@pytest.mark.parametrize("content, column, message", [
+    ("t,load\n1,2\n", "price", "column must be one of ['t', 'load']"),
+    ("t,load\n" + "1,2\n" * 20, None, "column is needed"),
+    ("load\n" + "1\n" * 10 + "x\n" + "1\n" * 10, "load", "line 12: column load is not a number"),
+    ("load\n" + "1\n" * 30, None, "constant"),
+])
+def test_forecast_file_errors_name_the_problem(tmp_path, content, column, message):
+    path = tmp_path / "s.csv"
+    path.write_text(content)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        build_task("forecast", seq_len=4, path=str(path), column=column)
+    with pytest.raises(FileNotFoundError, match="is not a file"):
+        build_task("forecast", path=str(tmp_path / "missing.csv"))
+
+
+def test_matrec_train_on_a_users_series(tmp_path, capsys):
+    from matrec import cli
+    path = tmp_path / "s.npy"
+    np.save(path, np.sin(np.arange(2000) / 5.0).astype(np.float32))
+    assert cli.main(["train", "--task", "forecast", "--task-arg", f"path={path}", "--task-arg", "seq_len=16",
+                     "--model", "gru", "--hidden-size", "8", "--steps", "4", "--batch-size", "4",
+                     "--eval-every", "4", "--eval-batches", "1", "--threads", "1", "--no-progress",
+                     "--no-tensorboard", "--no-plot", "--out-dir", str(tmp_path), "--run-name", "mine"]) == 0
+    summary = json.loads((tmp_path / "mine" / "summary.json").read_text())
+    assert summary["status"] == "completed" and "r2" in summary["eval"]

@@ -1,0 +1,248 @@
+"""`matrec experiment run | report` end to end on tiny grids (a few steps per run)."""
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from matrec import cli
+from matrec.experiment.report import write_report
+from matrec.experiment.runner import RayBackend, run_experiment, run_state
+from matrec.experiment.spec import check, load_experiment
+from matrec.train import Trainer, TrainConfig
+from matrec.train.rundir import read_metrics
+from support import SRC
+
+TRAIN = {"batch_size": 8, "eval_every": 2, "eval_batches": 1, "log_every": 1, "ckpt_every": 2, "threads": 1}
+
+
+def write_experiment(folder: Path, name="tiny", **over) -> Path:
+    data = {"name": name, "task": "copy", "task_args": {"n_symbols": 3}, "seeds": [0, 1],
+            "train": dict(TRAIN), "budget": {"steps": 4}, "grid": {"task_args.delay": [3, 5]},
+            "models": {"rnn": {"model": "rnn", "model_args": {"hidden_size": 8}, "size": "hidden 8"},
+                       "gru": {"model": "gru", "model_args": {"hidden_size": 4}}},
+            "metric": "recall", "matching": "by hand", "scales": {"cpu": {}, "gpu": {"budget": {"steps": 100}}}}
+    for key, value in over.items():
+        if value is None:
+            data.pop(key, None)
+        else:
+            data[key] = value
+    path = folder / f"{name}.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+def run_cli(capsys, *argv):
+    status = cli.main(list(argv))
+    return status, capsys.readouterr().out
+
+
+def test_dry_run_lists_runs_and_states_then_run_skips_finished(tmp_path, capsys):
+    path = write_experiment(tmp_path)
+    out = tmp_path / "out"
+    status, text = run_cli(capsys, "experiment", "run", str(path), "--out", str(out), "--dry-run")
+    assert status == 0
+    runs = [line.split() for line in text.splitlines() if line.startswith(("new", "partial", "done", "failed"))]
+    assert [Path(p).name for _, p in runs] == [f"{m}-delay{d}-seed{s}" for m in ("rnn", "gru")
+                                                for d in (3, 5) for s in (0, 1)]
+    assert {state for state, _ in runs} == {"new"} and not out.exists()   # a dry run writes nothing
+    assert "rnn: 737 parameters (hidden 8)" in text and "matched: by hand" in text
+
+    assert run_cli(capsys, "experiment", "run", str(path), "--out", str(out))[0] == 0
+    folder = out / "tiny" / "cpu"
+    for run in folder.iterdir():
+        status_file = json.loads((run / "status.json").read_text())
+        assert status_file["state"] == "done" and status_file["step"] == 4
+        assert json.loads((run / "cell.json").read_text())["experiment"] == "tiny"
+        assert TrainConfig.from_json(run / "config.json").steps == 4     # an ordinary run directory
+    before = {p: p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()}
+    status, text = run_cli(capsys, "experiment", "run", str(path), "--out", str(out))
+    assert status == 0 and text.count("skip ") == 8 and "0 runs done" in text
+    assert before == {p: p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()}
+    status, text = run_cli(capsys, "experiment", "run", str(path), "--out", str(out), "--dry-run")
+    assert text.count("\ndone ") == 8
+
+
+def test_interrupted_run_resumes_as_if_never_killed(tmp_path, capsys):
+    """A real `matrec experiment run` process, SIGKILLed after its first checkpoint; running the
+    command again resumes the run (its metrics equal an uninterrupted run's) and marks it done."""
+    train = {**TRAIN, "eval_every": 100, "ckpt_every": 20, "log_every": 10}
+    path = write_experiment(tmp_path, seeds=[0], grid={}, budget={"steps": 600}, train=train,
+                            models={"rnn": {"model": "rnn", "model_args": {"hidden_size": 8}}})
+    out = tmp_path / "out"
+    run = out / "tiny" / "cpu" / "rnn-seed0"
+    env = {**os.environ, "PYTHONPATH": str(SRC)}
+    proc = subprocess.Popen([sys.executable, "-m", "matrec.cli", "experiment", "run", str(path), "--out",
+                             str(out)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    latest = run / "checkpoints" / "latest.json"
+    deadline = time.time() + 60
+    while not latest.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = json.loads(latest.read_text())["step"]
+    assert 0 < killed_at < 600, "the run ended before it could be killed: make it longer"
+    assert run_state(run) == "partial" and not (run / "status.json").exists()
+    status, text = run_cli(capsys, "experiment", "run", str(path), "--out", str(out), "--dry-run")
+    assert "partial " in text
+
+    assert run_cli(capsys, "experiment", "run", str(path), "--out", str(out))[0] == 0
+    assert json.loads((run / "status.json").read_text())["step"] == 600
+    reference = Trainer(TrainConfig.from_dict({**json.loads((run / "config.json").read_text()),
+                                               "out_dir": str(tmp_path / "ref")}))
+    reference.train()
+    assert (run / "metrics.jsonl").read_text() == (reference.run_dir / "metrics.jsonl").read_text()
+    steps = [json.loads(line)["step"] for line in (run / "timing.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps)) and steps[-1] == 600
+
+
+def test_jobs_2_runs_in_parallel_processes_and_records_a_diverged_run(tmp_path, capsys):
+    models = {"rnn": {"model": "rnn", "model_args": {"hidden_size": 8}},
+              "boom": {"model": "rnn", "model_args": {"hidden_size": 8},
+                       "train": {"lr": 1e30, "grad_clip": 0.0}}}
+    path = write_experiment(tmp_path, seeds=[0], grid={}, models=models)
+    out = tmp_path / "out"
+    status, text = run_cli(capsys, "experiment", "run", str(path), "--out", str(out), "--jobs", "2")
+    assert status == 1 and "1 runs done, 1 failed" in text
+    folder = out / "tiny" / "cpu"
+    good = json.loads((folder / "rnn-seed0" / "status.json").read_text())
+    bad = json.loads((folder / "boom-seed0" / "status.json").read_text())
+    assert good["state"] == "done" and good["step"] == 4
+    assert bad["state"] == "failed" and bad["reason"].startswith("diverged: the training loss is nan")
+    # each job got its share of the 2 cores... of this machine: cores // jobs, at least 1
+    assert TrainConfig.from_json(folder / "rnn-seed0" / "config.json").threads == 1
+    # a failed run is final: the next run neither drops nor retries it, and the report counts it
+    status, text = run_cli(capsys, "experiment", "run", str(path), "--out", str(out), "--dry-run")
+    assert "failed   " in text
+    report = write_report(out)
+    boom = next(c for c in report["json"]["experiments"][0]["cells"] if c["label"] == "boom")
+    assert boom["failed"] == 1 and boom["done"] == 0 and "(1 failed)" in report["markdown"]
+
+
+def test_report_tables_json_and_plots_from_run_directories_alone(tmp_path, capsys):
+    out = tmp_path / "out"
+    path = write_experiment(tmp_path, target="loss <= 0.0001")      # not reached in 4 steps
+    assert run_cli(capsys, "experiment", "run", str(path), "--out", str(out))[0] == 0
+    path = write_experiment(tmp_path, name="stop", target="loss <= 1000", stop_at_target=True,
+                            grid={}, budget={"steps": 8})
+    assert run_cli(capsys, "experiment", "run", str(path), "--out", str(out))[0] == 0
+
+    moved = tmp_path / "elsewhere"             # reported where the runs were copied: no other input
+    os.rename(out, moved)
+    status, text = run_cli(capsys, "experiment", "report", str(moved))
+    assert status == 0
+    data = json.loads((moved / "report.json").read_text())
+    tiny = next(e for e in data["experiments"] if e["name"] == "tiny")
+    assert tiny["matching"] == "by hand" and tiny["swept"] == ["task_args.delay"]
+    cell = next(c for c in tiny["cells"] if c["label"] == "rnn" and c["swept"] == {"task_args.delay": 5})
+    finals = [[r for r in read_metrics(moved / "tiny" / "cpu" / f"rnn-delay5-seed{s}" / "metrics.jsonl")
+               if r["kind"] == "eval"][-1]["recall"] for s in (0, 1)]
+    assert cell["metric"]["mean"] == pytest.approx(statistics.fmean(finals))
+    assert cell["metric"]["std"] == pytest.approx(statistics.stdev(finals))
+    assert cell["parameters"] == 737 and cell["target_reached"] == 0
+    assert "| rnn | 5 | 737 | 2/2 |" in text and "not reached" in text and "± " in text
+    for name in ("tiny-cpu-recall.png", "tiny-cpu-curves.png", "stop-cpu-curves.png"):
+        assert (moved / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    stop = next(e for e in data["experiments"] if e["name"] == "stop")
+    for c in stop["cells"]:   # stopped at the first evaluation (step 2 of 8), its time recorded
+        assert c["target_reached"] == 2 and c["target_step"]["mean"] == 2 and c["steps"]["mean"] == 2
+        for seed in c["seeds"]:
+            timing = (Path(seed["run_dir"]) / "timing.jsonl").read_text().splitlines()
+            assert seed["target_seconds"] == json.loads(timing[0])["train_seconds"] > 0
+            assert seed["reason"] == "target" and not seed["target_seconds_estimated"]
+
+
+def test_report_of_plain_train_runs(tmp_path, capsys):
+    for seed in (0, 1):
+        Trainer(TrainConfig(task="copy", task_args={"delay": 3, "n_symbols": 3}, model="rnn",
+                            model_args={"hidden_size": 8}, steps=2, seed=seed, out_dir=str(tmp_path / "mine"),
+                            run_name=f"s{seed}", progress=False, plot=False, tensorboard=False, eval_every=2,
+                            **{k: v for k, v in TRAIN.items() if k != "eval_every"})).train()
+    status, text = run_cli(capsys, "experiment", "report", str(tmp_path / "mine"))
+    assert status == 0 and "## mine" in text and "| rnn | 3 | 3 | 737 | 2/2 |" in text
+
+
+def test_ray_backend_dispatch_with_a_fake_ray(tmp_path):
+    """The Ray backend's dispatch (init, one remote task per run with its resources, results as they
+    come) on a stand-in module that runs each task at once in this process."""
+    calls = {"init": None, "options": []}
+
+    class Ref:
+        def __init__(self, value):
+            self.value = value
+
+    class FakeRay:
+        def init(self, address, ignore_reinit_error):
+            calls["init"] = address
+
+        def remote(self, fn):
+            class Task:
+                def options(self, **kw):
+                    calls["options"].append(kw)
+                    return self
+
+                def remote(self, spec):
+                    return Ref(fn(spec))
+            return Task()
+
+        def wait(self, refs, num_returns):
+            return refs[:num_returns], refs[num_returns:]
+
+        def get(self, ref):
+            return ref.value
+
+    path = write_experiment(tmp_path, seeds=[0], grid={})
+    exp = load_experiment(path, "cpu", tmp_path / "out")
+    check(exp)
+    results = run_experiment(exp, RayBackend("ray://head:10001", ray_module=FakeRay()), log=lambda _: None)
+    assert calls["init"] == "ray://head:10001"
+    assert calls["options"] == [{"num_cpus": 1, "num_gpus": 0}] * 2
+    assert sorted(r["state"] for r in results) == ["done", "done"]
+    assert run_state(tmp_path / "out" / "tiny" / "cpu" / "gru-seed0") == "done"
+
+
+BAD = [
+    ({"colour": "red"}, "unknown key(s) ['colour']"),
+    ({"models": {"x": {"model": "nope"}}}, "models.x.model must be one of"),
+    ({"models": {"x": {"model": "rnn", "layers": 2}}}, "unknown key(s) ['models.x.layers']"),
+    ({"target": "recall => 0.99"}, "target must read '<metric> <op> <number>'"),
+    ({"target": "recall >= high"}, "target must read"),
+    ({"target": "accuracy >= 0.9"}, "target names metric 'accuracy', which task 'copy' does not report"),
+    ({"metric": "r2"}, "metric names metric 'r2'"),
+    ({"task": "copyy"}, "task must be one of"),
+    ({"scales": {"cpu": {}}}, "scales must be a table with exactly the keys ['cpu', 'gpu']"),
+    ({"scales": {"cpu": {"seed": 1}, "gpu": {}}}, "unknown key(s) ['scales.cpu.seed']"),
+    ({"grid": {"delay": [1, 2]}}, "unknown grid key 'delay'"),
+    ({"grid": {"task_args.delay": 3}}, "grid.task_args.delay must be a non-empty list"),
+    ({"seeds": [0, 0]}, "seeds must be a non-empty list of distinct ints"),
+    ({"train": {"seed": 3}}, "train must not set ['seed']"),
+    ({"train": {"lr": "fast"}}, "lr must be a number"),
+    ({"budget": {"steps": 0}}, "budget.steps must be an int >= 1"),
+    ({"models": {"x": {"model": "rnn", "model_args": {"hidden_size": 0}}}}, "run 'x-delay3-seed0'"),
+]
+
+
+@pytest.mark.parametrize("over, message", BAD)
+def test_bad_experiment_files_are_rejected_before_any_run(tmp_path, capsys, over, message):
+    path = write_experiment(tmp_path, **over)
+    with pytest.raises(SystemExit) as e:
+        cli.main(["experiment", "run", str(path), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("matrec experiment: error: ") and message in err
+    assert str(path) in err or message.startswith("run ") or "must be one of ['cpu'" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_file_in_a_real_process_has_no_traceback(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text('task = "copy"\ntarget = "recall >>= 1"\n[models.rnn]\n[scales.cpu]\n[scales.gpu]\n')
+    proc = subprocess.run([sys.executable, "-m", "matrec.cli", "experiment", "run", str(path)],
+                          env={**os.environ, "PYTHONPATH": str(SRC)}, capture_output=True, text=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith(f"matrec experiment: error: experiment file {str(path)!r}: target must read")
