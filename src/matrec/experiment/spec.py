@@ -24,7 +24,7 @@ from ..train.config import TrainConfig
 SCALES = ("cpu", "gpu")
 TOP_KEYS = {"name", "description", "task", "task_args", "models", "train", "grid", "seeds", "budget",
             "target", "stop_at_target", "metric", "matching", "scales"}
-MODEL_KEYS = {"model", "model_args", "train", "size"}
+MODEL_KEYS = {"model", "model_args", "train", "size", "grid"}
 BUDGET_KEYS = {"steps", "seconds"}
 GRID_PREFIXES = ("task_args.", "model_args.", "train.")
 # fields the experiment sets itself: a run's identity and place come from its cell
@@ -227,6 +227,15 @@ def load_experiment(path: str | Path, scale: str, out_dir: str | Path) -> Experi
         own = sorted(set(m.get("train", {})) & OWN_FIELDS)
         if own:
             raise ExperimentError(f"{where}: models.{label}.train must not set {own}")
+        # a model's own values of a swept key (e.g. attention only at the delays it fits in memory)
+        if not isinstance(m.get("grid", {}), dict):
+            raise bad(f"models.{label}.grid", "a table", m["grid"])
+        for key, values in m.get("grid", {}).items():
+            if key not in grid:
+                raise ExperimentError(f"{where}: models.{label}.grid key {key!r} is not a key of grid "
+                                      f"({sorted(grid)})")
+            if not isinstance(values, list) or not values:
+                raise bad(f"models.{label}.grid.{key}", "a non-empty list of values", values)
 
     target = None
     if spec.get("target") is not None:
@@ -252,7 +261,8 @@ def load_experiment(path: str | Path, scale: str, out_dir: str | Path) -> Experi
     folder = Path(out_dir) / name / scale
     keys = list(grid)
     for label, m in models.items():
-        for combo in itertools.product(*(grid[k] for k in keys)):
+        own_grid = {**grid, **m.get("grid", {})}
+        for combo in itertools.product(*(own_grid[k] for k in keys)):
             swept = dict(zip(keys, combo))
             for seed in seeds:
                 config = {**RUN_DEFAULTS, **train, **m.get("train", {}),
