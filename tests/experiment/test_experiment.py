@@ -246,3 +246,16 @@ def test_bad_file_in_a_real_process_has_no_traceback(tmp_path):
                           env={**os.environ, "PYTHONPATH": str(SRC)}, capture_output=True, text=True)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.startswith(f"matrec experiment: error: experiment file {str(path)!r}: target must read")
+
+
+EXPERIMENTS = sorted((SRC.parent / "experiments").glob("*.toml"))
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=[p.stem for p in EXPERIMENTS])
+def test_shipped_experiment_files_are_valid_at_both_scales(path, tmp_path):
+    assert len(EXPERIMENTS) >= 4
+    for scale in ("cpu", "gpu"):
+        exp = load_experiment(path, scale, tmp_path)     # every key and every run's TrainConfig
+        assert exp.cells and len({c.seed for c in exp.cells}) >= 3
+        assert all(c.size for c in exp.cells) and exp.matching
+        assert all(c.config["device"] == ("cpu" if scale == "cpu" else "cuda") for c in exp.cells)

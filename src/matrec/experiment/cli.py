@@ -1,7 +1,6 @@
 """`matrec experiment run | report`: the subcommand group (registered by matrec.cli)."""
 from __future__ import annotations
 
-import argparse
 import os
 from pathlib import Path
 

@@ -173,7 +173,8 @@ def write_report(root: str | Path, out: str | Path | None = None) -> dict:
             md += ["Sizes as stated in the file: " + "; ".join(f"{k}: {v}" for k, v in sizes.items()), ""]
         md += [table(exp), ""]
         stem = f"{exp['name']}-{exp['scale']}" if exp["scale"] else exp["name"]
-        for path in (plot_swept(exp, out / f"{stem}-{exp['metric']}.png"), plot_curves(exp, out / f"{stem}-curves.png")):
+        for path in (plot_swept(exp, out / f"{stem}-{exp['metric']}.png"),
+                     plot_curves(exp, out / f"{stem}-curves.png")):
             if path is not None:
                 plots.append(str(path))
                 md += [f"![{path.stem}]({path.name})", ""]
@@ -182,7 +183,8 @@ def write_report(root: str | Path, out: str | Path | None = None) -> dict:
     (out / "report.md").write_text("\n".join(md))
     data = {"experiments": experiments, "plots": plots}
     (out / "report.json").write_text(json.dumps(data, indent=1, default=str))
-    return {"markdown": "\n".join(md), "json": data, "files": [str(out / "report.md"), str(out / "report.json"), *plots]}
+    files = [str(out / "report.md"), str(out / "report.json"), *plots]
+    return {"markdown": "\n".join(md), "json": data, "files": files}
 
 
 def _pyplot():

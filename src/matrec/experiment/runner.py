@@ -84,8 +84,8 @@ def run_cell(spec: dict) -> dict:
     """Run (or resume, or skip) one cell; returns its status (also written to ``status.json``).
 
     ``spec``: ``run_dir``, ``config`` (TrainConfig fields), ``cell`` (cell.json's content). The
-    training is the Trainer's: it is called up to each evaluation step in turn, so the runner can
-    record the time there and stop at a target or a time budget. A run another process is writing
+    training is the Trainer's: with a target or a time budget it is called up to each evaluation
+    step in turn, so the runner can record the time there and stop at either. A run another process is writing
     is left alone (state ``busy``, nothing written).
     """
     run_dir = Path(spec["run_dir"])
@@ -110,9 +110,12 @@ def run_cell(spec: dict) -> dict:
     timing_path = run_dir / "timing.jsonl"
     timing = _read_timing(timing_path, trainer.step)
     reason = "steps"
+    # with a target or a time budget the runner stops at each evaluation to record the time and
+    # check them (one extra checkpoint there); without, the Trainer runs to the end in one call
+    chunk = cfg.eval_every if target is not None or cell.get("seconds") is not None else cfg.steps
     try:
         while trainer.step < cfg.steps:
-            until = min(cfg.steps, (trainer.step // cfg.eval_every + 1) * cfg.eval_every)
+            until = min(cfg.steps, (trainer.step // chunk + 1) * chunk)
             trainer.train(until)
             if not (run_dir / "cell.json").exists():
                 write_json_atomic(run_dir / "cell.json", cell)
@@ -273,5 +276,6 @@ def run_experiment(exp: Experiment, backend, jobs: int = 1, log=print) -> list[d
     for result in backend.run(todo):
         results.append(result)
         extra = f" at step {result['step']}" if "step" in result else ""
-        log(f"{result['state']:<5} {Path(result['run_dir']).name}: {result.get('reason', result.get('message', ''))}{extra}")
+        why = result.get("reason", result.get("message", ""))
+        log(f"{result['state']:<5} {Path(result['run_dir']).name}: {why}{extra}")
     return results
