@@ -68,7 +68,7 @@ def test_dry_run_lists_runs_and_states_then_run_skips_finished(tmp_path, capsys)
     assert text.count("\ndone ") == 8
 
 
-def test_interrupted_run_resumes_as_if_never_killed(tmp_path, capsys):
+def test_interrupted_run_resumes_as_if_never_killed(tmp_path, capsys, monkeypatch):
     """A real `matrec experiment run` process, SIGKILLed after its first checkpoint; running the
     command again resumes the run (its metrics equal an uninterrupted run's) and marks it done."""
     train = {**TRAIN, "eval_every": 100, "ckpt_every": 20, "log_every": 10}
@@ -91,7 +91,12 @@ def test_interrupted_run_resumes_as_if_never_killed(tmp_path, capsys):
     status, text = run_cli(capsys, "experiment", "run", str(path), "--out", str(out), "--dry-run")
     assert "partial " in text
 
+    resumed = []
+    original = Trainer.resume.__func__
+    monkeypatch.setattr(Trainer, "resume",
+                        classmethod(lambda cls, d, **kw: resumed.append(d) or original(cls, d, **kw)))
     assert run_cli(capsys, "experiment", "run", str(path), "--out", str(out))[0] == 0
+    assert resumed == [run]      # continued from its checkpoint, not started again
     assert json.loads((run / "status.json").read_text())["step"] == 600
     reference = Trainer(TrainConfig.from_dict({**json.loads((run / "config.json").read_text()),
                                                "out_dir": str(tmp_path / "ref")}))
@@ -259,3 +264,21 @@ def test_shipped_experiment_files_are_valid_at_both_scales(path, tmp_path):
         assert exp.cells and len({c.seed for c in exp.cells}) >= 3
         assert all(c.size for c in exp.cells) and exp.matching
         assert all(c.config["device"] == ("cpu" if scale == "cpu" else "cuda") for c in exp.cells)
+
+
+def test_a_run_killed_before_its_first_checkpoint_starts_again(tmp_path, capsys):
+    path = write_experiment(tmp_path, seeds=[0], grid={}, models={"rnn": {"model": "rnn"}})
+    run = tmp_path / "out" / "tiny" / "cpu" / "rnn-seed0"
+    run.mkdir(parents=True)
+    (run / "config.json").write_text("{}")          # what a run killed at once leaves
+    (run / "metrics.jsonl").write_text('{"kind": "train", "st')
+    assert run_state(run) == "partial"
+    assert run_cli(capsys, "experiment", "run", str(path), "--out", str(tmp_path / "out"))[0] == 0
+    assert run_state(run) == "done" and TrainConfig.from_json(run / "config.json").model == "rnn"
+    (run / "notes.txt").write_text("mine")          # a file the runner never writes is never deleted
+    (run / "status.json").unlink()
+    import shutil
+    shutil.rmtree(run / "checkpoints")
+    status, text = run_cli(capsys, "experiment", "run", str(path), "--out", str(tmp_path / "out"))
+    assert status == 1 and "blocked rnn-seed0" in text and "['notes.txt']" in text and "1 left alone" in text
+    assert (run / "notes.txt").exists() and (run / "config.json").exists()

@@ -54,7 +54,10 @@ def cmd_run(args) -> int:
         raise ValueError(f"--jobs must be an int >= 1, got {args.jobs!r}") from None
     exp = load_experiment(args.file, args.scale, args.out)
     check(exp)
-    specs = specs_of(exp, jobs)
+    # a Ray task asks for its threads as CPUs: one each unless the file says otherwise, not this
+    # machine's cores (which would make the cluster run one task per node)
+    threads = 1 if args.ray else None
+    specs = specs_of(exp, jobs, threads)
     print(f"experiment {exp.name} ({exp.scale} scale): {len(specs)} runs in {Path(args.out) / exp.name / exp.scale}")
     for label, count in exp.parameters.items():
         size = next((c.size for c in exp.cells if c.label == label and c.size), "")
@@ -72,12 +75,12 @@ def cmd_run(args) -> int:
         backend = LocalBackend(jobs, gpus)
     else:
         backend = InlineBackend()
-    results = run_experiment(exp, backend, jobs)
+    results = run_experiment(exp, backend, jobs, threads=threads)
     failed = sum(r["state"] == "failed" for r in results)
-    busy = sum(r["state"] == "busy" for r in results)
-    print(f"{len(results) - failed - busy} runs done, {failed} failed, {busy} held by another process, "
+    blocked = sum(r["state"] == "blocked" for r in results)
+    print(f"{len(results) - failed - blocked} runs done, {failed} failed, {blocked} left alone (see above), "
           f"{len(specs) - len(results)} skipped; report: matrec experiment report {Path(args.out) / exp.name}")
-    return 1 if failed or busy else 0
+    return 1 if failed or blocked else 0
 
 
 def cmd_report(args) -> int:

@@ -85,8 +85,9 @@ def run_cell(spec: dict) -> dict:
 
     ``spec``: ``run_dir``, ``config`` (TrainConfig fields), ``cell`` (cell.json's content). The
     training is the Trainer's: with a target or a time budget it is called up to each evaluation
-    step in turn, so the runner can record the time there and stop at either. A run another process is writing
-    is left alone (state ``busy``, nothing written).
+    step in turn, so the runner can record the time there and stop at either. A run another process
+    is writing, or a folder holding files no run writes, is left alone (state ``blocked``, nothing
+    written).
     """
     run_dir = Path(spec["run_dir"])
     state = run_state(run_dir)
@@ -102,7 +103,7 @@ def run_cell(spec: dict) -> dict:
                 _clear_unstarted(run_dir)
             trainer = Trainer(TrainConfig.from_dict(spec["config"]), run_dir=run_dir)
     except RunDirError as e:
-        return {"state": "busy", "run_dir": str(run_dir), "message": str(e)}
+        return {"state": "blocked", "run_dir": str(run_dir), "message": str(e)}
     except Exception as e:   # noqa: BLE001 - recorded in the run, never dropped
         return _record(run_dir, "failed", f"could not start: {type(e).__name__}: {e}", cell,
                        tb=traceback.format_exc())
@@ -130,7 +131,7 @@ def run_cell(spec: dict) -> dict:
     except NonFiniteError as e:
         return _record(run_dir, "failed", f"diverged: {e}", cell, trainer=trainer)
     except RunDirError as e:
-        return {"state": "busy", "run_dir": str(run_dir), "message": str(e)}
+        return {"state": "blocked", "run_dir": str(run_dir), "message": str(e)}
     except (KeyboardInterrupt, SystemExit):
         raise   # the run stays partial: the next `experiment run` resumes it
     except Exception as e:   # noqa: BLE001
@@ -252,22 +253,23 @@ class RayBackend:
 # ------------------------------------------------------------------------------------ the experiment
 
 
-def specs_of(exp: Experiment, jobs: int = 1, cpus: int | None = None) -> list[dict]:
-    """One spec per cell; a CPU run without a thread count gets ``cpus // jobs`` threads."""
-    cpus = cpus or os.cpu_count() or 1
+def specs_of(exp: Experiment, jobs: int = 1, threads: int | None = None) -> list[dict]:
+    """One spec per cell; a run without a thread count gets ``threads`` (default: this machine's
+    cores // ``jobs``)."""
+    threads = threads or max(1, (os.cpu_count() or 1) // jobs)
     specs = []
     for cell in exp.cells:
         config = dict(cell.config)
         if not config.get("threads"):
-            config["threads"] = max(1, cpus // jobs)
+            config["threads"] = threads
         specs.append({"run_dir": str(Path(config["out_dir"]) / cell.name), "config": config,
                       "cell": {**exp.cell_info(cell), "parameters": exp.parameters.get(cell.label)}})
     return specs
 
 
-def run_experiment(exp: Experiment, backend, jobs: int = 1, log=print) -> list[dict]:
+def run_experiment(exp: Experiment, backend, jobs: int = 1, log=print, threads: int | None = None) -> list[dict]:
     """Run every cell not done or failed yet through ``backend``; one result per cell."""
-    specs = specs_of(exp, jobs)
+    specs = specs_of(exp, jobs, threads)
     todo = [s for s in specs if run_state(s["run_dir"]) in ("new", "partial")]
     for s in specs:
         if s not in todo:
