@@ -1,4 +1,5 @@
 """`matrec experiment run | report` end to end on tiny grids (a few steps per run)."""
+import io
 import json
 import os
 import signal
@@ -12,7 +13,7 @@ import pytest
 
 from matrec import cli
 from matrec.experiment.report import write_report
-from matrec.experiment.runner import RayBackend, run_experiment, run_state
+from matrec.experiment.runner import RayBackend, _result_of, run_experiment, run_state
 from matrec.experiment.spec import check, load_experiment
 from matrec.train import Trainer, TrainConfig
 from matrec.train.rundir import read_metrics
@@ -282,3 +283,14 @@ def test_a_run_killed_before_its_first_checkpoint_starts_again(tmp_path, capsys)
     status, text = run_cli(capsys, "experiment", "run", str(path), "--out", str(tmp_path / "out"))
     assert status == 1 and "blocked rnn-seed0" in text and "['notes.txt']" in text and "1 left alone" in text
     assert (run / "notes.txt").exists() and (run / "config.json").exists()
+
+
+def test_a_worker_process_that_dies_without_a_result_is_recorded_failed(tmp_path):
+    class Dead:   # what the local backend sees of a worker killed by the system (e.g. out of memory)
+        stdout = io.StringIO("some output, then nothing\n")
+        returncode = -9
+
+    run = tmp_path / "rnn-seed0"
+    result = _result_of(Dead(), {"run_dir": str(run), "cell": {"experiment": "x", "label": "rnn"}})
+    assert result["state"] == "failed" and "status -9" in result["reason"]
+    assert run_state(run) == "failed" and json.loads((run / "cell.json").read_text())["label"] == "rnn"

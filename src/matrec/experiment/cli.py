@@ -1,7 +1,6 @@
 """`matrec experiment run | report`: the subcommand group (registered by matrec.cli)."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from ..checks import check_int
@@ -45,13 +44,15 @@ def cmd_run(args) -> int:
     import torch
 
     from .runner import InlineBackend, LocalBackend, RayBackend, run_experiment, run_state, specs_of
-    from .spec import check, load_experiment
+    from .spec import SCALES, check, load_experiment
 
     jobs = args.jobs
     try:
         jobs = check_int("--jobs", int(jobs), 1)
     except ValueError:
         raise ValueError(f"--jobs must be an int >= 1, got {args.jobs!r}") from None
+    if args.scale not in SCALES:
+        raise ValueError(f"--scale must be one of {list(SCALES)}, got {args.scale!r}")
     exp = load_experiment(args.file, args.scale, args.out)
     check(exp)
     # a Ray task asks for its threads as CPUs: one each unless the file says otherwise, not this
@@ -88,5 +89,5 @@ def cmd_report(args) -> int:
 
     result = write_report(args.dir, args.out)
     print(result["markdown"])
-    print("wrote " + ", ".join(os.path.relpath(f) for f in result["files"]))
+    print("wrote " + ", ".join(result["files"]))
     return 0
