@@ -50,3 +50,22 @@ def tiny_config(tmp_path, name, **kw):
                 threads=1)
     base.update(kw)
     return TrainConfig(**base)
+
+
+def kill_after_first_checkpoint(args: list[str], run_dir, timeout: float = 120) -> int:
+    """Start ``python -m matrec.cli *args``, SIGKILL it as soon as ``run_dir`` has a checkpoint,
+    and return that checkpoint's step."""
+    import json
+    import signal
+    import subprocess
+    import time
+    env = {**os.environ, "PYTHONPATH": str(SRC)}
+    proc = subprocess.Popen([sys.executable, "-m", "matrec.cli", *args], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    latest = Path(run_dir) / "checkpoints" / "latest.json"
+    deadline = time.monotonic() + timeout
+    while not latest.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return json.loads(latest.read_text())["step"]

@@ -2,11 +2,9 @@
 import io
 import json
 import os
-import signal
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -17,7 +15,7 @@ from matrec.experiment.runner import RayBackend, _result_of, run_experiment, run
 from matrec.experiment.spec import check, load_experiment
 from matrec.train import Trainer, TrainConfig
 from matrec.train.rundir import read_metrics
-from support import SRC
+from support import SRC, kill_after_first_checkpoint
 
 TRAIN = {"batch_size": 8, "eval_every": 2, "eval_batches": 1, "log_every": 1, "ckpt_every": 2, "threads": 1}
 
@@ -77,16 +75,7 @@ def test_interrupted_run_resumes_as_if_never_killed(tmp_path, capsys, monkeypatc
                             models={"rnn": {"model": "rnn", "model_args": {"hidden_size": 8}}})
     out = tmp_path / "out"
     run = out / "tiny" / "cpu" / "rnn-seed0"
-    env = {**os.environ, "PYTHONPATH": str(SRC)}
-    proc = subprocess.Popen([sys.executable, "-m", "matrec.cli", "experiment", "run", str(path), "--out",
-                             str(out)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    latest = run / "checkpoints" / "latest.json"
-    deadline = time.time() + 60
-    while not latest.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    killed_at = json.loads(latest.read_text())["step"]
+    killed_at = kill_after_first_checkpoint(["experiment", "run", str(path), "--out", str(out)], run)
     assert 0 < killed_at < 600, "the run ended before it could be killed: make it longer"
     assert run_state(run) == "partial" and not (run / "status.json").exists()
     status, text = run_cli(capsys, "experiment", "run", str(path), "--out", str(out), "--dry-run")

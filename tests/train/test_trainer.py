@@ -7,7 +7,7 @@ import torch
 
 from matrec.train import CheckpointError, NonFiniteError, TrainConfig, Trainer, load_checkpoint, lr_factor
 from matrec.train.checkpoint import flatten_tensors, unflatten_tensors
-from support import SRC
+from support import SRC, kill_after_first_checkpoint
 from support import tiny_config as tiny
 
 
@@ -304,24 +304,14 @@ def test_a_process_killed_with_sigkill_resumes_to_the_uninterrupted_run(tmp_path
     """A real kill: `matrec train` in its own process, SIGKILLed once a checkpoint exists, resumed
     by a fresh process; the metrics are byte-identical to an uninterrupted run's."""
     import os
-    import signal
     import subprocess
     import sys
-    import time
 
     cfg = tiny(tmp_path, "killed", steps=150, ckpt_every=10, eval_every=50, log_every=5)
     (tmp_path / "cfg.json").write_text(json.dumps(cfg.to_dict()))
     env = {**os.environ, "PYTHONPATH": str(SRC)}
     cli = [sys.executable, "-m", "matrec.cli", "train"]
-    proc = subprocess.Popen(cli + ["--config", str(tmp_path / "cfg.json")], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    latest = tmp_path / "killed" / "checkpoints" / "latest.json"
-    deadline = time.monotonic() + 120
-    while not latest.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    step = json.loads(latest.read_text())["step"]
+    step = kill_after_first_checkpoint(["train", "--config", str(tmp_path / "cfg.json")], tmp_path / "killed")
     assert 10 <= step < 150 and not (tmp_path / "killed" / "summary.json").exists(), "not killed mid-run"
     done = subprocess.run(cli + ["--resume", str(tmp_path / "killed")], env=env, capture_output=True,
                           text=True, timeout=300)
