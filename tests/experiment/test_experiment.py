@@ -202,6 +202,17 @@ def test_ray_backend_dispatch_with_a_fake_ray(tmp_path):
     assert run_state(tmp_path / "out" / "tiny" / "cpu" / "gru-seed0") == "done"
 
 
+def test_ray_backend_on_a_local_ray_instance(tmp_path, capsys):
+    pytest.importorskip("ray")
+    path = write_experiment(tmp_path, seeds=[0], grid={})
+    status, text = run_cli(capsys, "experiment", "run", str(path), "--out", str(tmp_path / "ray"), "--ray", "local")
+    assert status == 0 and "2 runs done" in text
+    assert run_cli(capsys, "experiment", "run", str(path), "--out", str(tmp_path / "inline"))[0] == 0
+    for name in ("rnn-seed0", "gru-seed0"):
+        ray_run, inline_run = (tmp_path / w / "tiny" / "cpu" / name for w in ("ray", "inline"))
+        assert (ray_run / "metrics.jsonl").read_bytes() == (inline_run / "metrics.jsonl").read_bytes()
+
+
 BAD = [
     ({"colour": "red"}, "unknown key(s) ['colour']"),
     ({"models": {"x": {"model": "nope"}}}, "models.x.model must be one of"),
