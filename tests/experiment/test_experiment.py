@@ -287,7 +287,7 @@ def test_a_run_killed_before_its_first_checkpoint_starts_again(tmp_path, capsys)
 
 def test_a_worker_process_that_dies_without_a_result_is_recorded_failed(tmp_path):
     class Dead:   # what the local backend sees of a worker killed by the system (e.g. out of memory)
-        stdout = io.StringIO("some output, then nothing\n")
+        result_file = io.StringIO("some output, then nothing\n")
         returncode = -9
 
     run = tmp_path / "rnn-seed0"

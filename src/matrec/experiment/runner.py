@@ -13,6 +13,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -181,10 +182,14 @@ class LocalBackend:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [src, env.get("PYTHONPATH")]))
         if self.gpus > 1:
             env["CUDA_VISIBLE_DEVICES"] = str(slot % self.gpus)
+        # stdout to a file, not a pipe: a run that prints more than a pipe holds would block on it
+        # while this process only reads once the run has ended
+        out = tempfile.TemporaryFile("w+")
         proc = subprocess.Popen([sys.executable, "-m", "matrec.experiment.worker"], env=env,
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                                stdin=subprocess.PIPE, stdout=out, text=True)
         proc.stdin.write(json.dumps(spec))
         proc.stdin.close()
+        proc.result_file = out
         return proc
 
     def run(self, specs: list[dict]):
@@ -210,7 +215,9 @@ class LocalBackend:
 
 
 def _result_of(proc: subprocess.Popen, spec: dict) -> dict:
-    out = proc.stdout.read()
+    proc.result_file.seek(0)
+    out = proc.result_file.read()
+    proc.result_file.close()
     for line in reversed(out.splitlines()):
         if line.startswith(RESULT_MARK):
             return json.loads(line[len(RESULT_MARK):])
