@@ -127,6 +127,13 @@ class Table:
         return {"title": self.title, "columns": list(self.columns), "rows": self.rows}
 
 
+def add_quick_argument(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--quick``: small sizes, for smoke runs and ``matrec bench --quick``. A script that calls this
+    also declares ``QUICK = what`` at module level, which is how ``matrec bench`` knows, without
+    running the script, that it has a quick mode (a test checks the two agree for every script)."""
+    parser.add_argument("--quick", action="store_true", help=what)
+
+
 def add_json_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the result rows as JSON")
 

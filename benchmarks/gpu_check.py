@@ -46,6 +46,7 @@ SRC = HERE.parent / "src"
 
 # part -> cap in seconds at full size. The caps add up to under 8 minutes.
 CAPS = {"tests": 150, "scan": 100, "guard": 30, "mornn": 60, "copy": 70, "lm": 70}
+QUICK = "toy sizes: exercises every part (the test suite runs it)"  # read by matrec bench --quick
 QUICK_CAP = 90  # per part in --quick mode (toy sizes on a shared CPU)
 CUT_SHORT = "cut short"  # what a part returns when it stopped itself at its cap
 
@@ -532,7 +533,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="benchmarks/results/gpu_check", help="folder for gpu_check.md/.json")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    p.add_argument("--quick", action="store_true", help="toy sizes: exercises every part (the test suite runs it)")
+    _load_bench("_harness").add_quick_argument(p, QUICK)
     p.add_argument("--only", nargs="+", choices=list(PARTS), help="run just these parts")
     p.add_argument("--skip", nargs="+", choices=list(PARTS), default=[], help="leave these parts out")
     p.add_argument("--cap-scale", type=float, default=1.0, help="multiply every part's time cap")

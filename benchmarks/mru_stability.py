@@ -8,10 +8,12 @@ from __future__ import annotations
 import argparse
 
 import torch
-from _harness import Table
+from _harness import Table, add_quick_argument
 
 import matrec
 from matrec.data.tasks import build_task
+
+QUICK = "3 steps, 2 constructions"   # what --quick does (matrec bench --quick reads it)
 
 
 def main() -> None:
@@ -21,7 +23,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--constructions", nargs="+", default=["ldu", "scaled", "cayley_qr", "ldu_ns"])
-    p.add_argument("--quick", action="store_true", help="3 steps, 2 constructions")
+    add_quick_argument(p, QUICK)
     args = p.parse_args()
     if args.quick:
         args.steps, args.constructions = 3, args.constructions[:2]

@@ -18,13 +18,14 @@ from __future__ import annotations
 import argparse
 
 import torch
-from _harness import Table, add_json_argument, best_ms, check_close, sync, write_json  # noqa: F401 (sync: re-export)
+from _harness import Table, add_json_argument, add_quick_argument, best_ms, check_close, sync, write_json  # noqa: F401 (sync: re-export)
 
 from matrec.ops.mru_scan import SCAN_BACKENDS, mru_scan, naive_mru_scan
 from matrec.ops.orthogonal import skew
 
 REFERENCE_SHAPES = ["64,6,256,8", "80,3,512,16", "8,4,4096,16", "8,6,1024,8"]
 CUDA_EXTRA_SHAPES = ["1,1,65536,16", "1,1,8192,16"]
+QUICK = "small shapes, 2 repeats"   # what --quick does (matrec bench --quick reads it)
 QUICK_SHAPES = ["4,2,64,4", "2,2,1024,8"]
 
 
@@ -98,7 +99,7 @@ def main(argv=None) -> Table:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch-scale", type=float, default=1.0, help="multiply every batch (CPU runs)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads on CPU")
-    p.add_argument("--quick", action="store_true", help="small shapes, 2 repeats")
+    add_quick_argument(p, QUICK)
     add_json_argument(p)
     args = p.parse_args(argv)
 

@@ -19,6 +19,7 @@ class ToyText(Task):
     """Strings over 'ab\\n' where 'a' is always followed by 'b' (a text task for `sample`)."""
 
     name = "toy_text"
+    has_vocabulary = True
     vocab_size = output_size = 3
     chars = "ab\n"
 
@@ -249,7 +250,7 @@ def test_sample_needs_a_text_task(tmp_path, capsys):
 def test_bench_runs_scripts_and_errors_clearly(tmp_path, capsys, monkeypatch):
     bench = tmp_path / "benchmarks"
     bench.mkdir()
-    (bench / "hello.py").write_text("import sys  # --quick\nprint('hello bench', sys.argv[1:])\n")
+    (bench / "hello.py").write_text("import sys\nQUICK = 'tiny'\nprint('hello bench', sys.argv[1:])\n")
     code = cli.main(["bench", "--dir", str(bench), "--quick"])
     assert code == 0
     code = cli.main(["bench", "--dir", str(bench), "--list"])
@@ -268,12 +269,15 @@ def test_bench_runs_scripts_and_errors_clearly(tmp_path, capsys, monkeypatch):
 def test_bench_passes_quick_to_the_scripts(tmp_path, capfd):
     bench = tmp_path / "benchmarks"
     bench.mkdir()
-    (bench / "echo.py").write_text("import sys  # accepts --quick\nprint('args', sys.argv[1:])\n")
-    (bench / "full_only.py").write_text("print('full size ran')\n")
+    (bench / "echo.py").write_text("import sys\nQUICK: str = 'echo'\nprint('args', sys.argv[1:])\n")
+    # only the declaration counts: the text "--quick" in a comment or a string does not
+    (bench / "full_only.py").write_text("# not --quick\nprint('full size ran', '--quick')\n")
+    (bench / "nested.py").write_text("def f():\n    QUICK = 'local'\nprint('nested ran')\n")
     assert cli.main(["bench", "--dir", str(bench), "--quick"]) == 0
     out = capfd.readouterr().out
     assert "args ['--quick']" in out
     assert "full_only: skipped" in out and "full size ran" not in out
+    assert "nested: skipped" in out and "nested ran" not in out
 
 
 def test_default_experiment_wiring(tmp_path, capsys, monkeypatch):

@@ -6,6 +6,7 @@ task); every other use is ``matrec <command> --help``.
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
 import datetime as _dt
 import importlib.util
@@ -259,7 +260,7 @@ def cmd_sample(args) -> int:
     if not 0 <= args.seed < 2 ** 63:
         raise ValueError(f"--seed must be in [0, 2**63), got {args.seed}")
     cfg, task, model, _ = _load_for_inference(args.checkpoint)
-    if not (hasattr(task, "encode") and hasattr(task, "decode")):
+    if not task.has_vocabulary:
         raise ValueError(f"sample needs a text task (one with a vocabulary to decode); this checkpoint "
                          f"was trained on {cfg.task!r}")
     ids = task.encode(args.prompt)
@@ -308,6 +309,16 @@ def find_benchmarks(path: str | None = None) -> Path:
         "source checkout: run `matrec bench` from the repository root or pass --dir")
 
 
+def declares_quick(script: Path) -> bool:
+    """Whether a benchmark script has a ``--quick`` mode: it assigns a module-level ``QUICK`` (what
+    the mode does; benchmarks/_harness.py's ``add_quick_argument`` adds the flag). Read from the
+    syntax tree, so the script is not run."""
+    tree = ast.parse(script.read_text(encoding="utf-8"), filename=str(script))
+    targets = [t for node in tree.body if isinstance(node, (ast.Assign, ast.AnnAssign))
+               for t in (node.targets if isinstance(node, ast.Assign) else [node.target])]
+    return any(isinstance(t, ast.Name) and t.id == "QUICK" for t in targets)
+
+
 def cmd_bench(args) -> int:
     folder = find_benchmarks(args.dir)
     scripts = {p.stem: p for p in sorted(folder.glob("*.py")) if not p.name.startswith("_")}
@@ -324,9 +335,9 @@ def cmd_bench(args) -> int:
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(src), env.get("PYTHONPATH")]))
     failed, skipped = [], []
     for name in args.names or list(scripts):
-        if args.quick and "--quick" not in scripts[name].read_text():
+        if args.quick and not declares_quick(scripts[name]):
             skipped.append(name)   # a full-size run is not what --quick asked for
-            print(f"== {name}: skipped (the script has no --quick option)", flush=True)
+            print(f"== {name}: skipped (the script declares no QUICK mode)", flush=True)
             continue
         cmd = [sys.executable, str(scripts[name])] + (["--quick"] if args.quick else [])
         print(f"== {name}: {' '.join(cmd[1:])}", flush=True)
@@ -397,7 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "prints its own table.")
     p.add_argument("names", nargs="*", help="scripts to run (default all; see --list)")
     p.add_argument("--quick", action="store_true", help="pass --quick to each script (small sizes); "
-                   "scripts without a --quick option are skipped")
+                   "scripts that declare no QUICK mode are skipped")
     p.add_argument("--list", action="store_true", help="list the scripts and exit")
     p.add_argument("--dir", default=None, help="benchmarks folder (default: found automatically)")
     p.set_defaults(func=cmd_bench)

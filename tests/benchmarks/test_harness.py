@@ -41,3 +41,38 @@ def test_table_rows_markdown_and_json(harness, tmp_path, capsys):
     harness.write_json(str(tmp_path / "r.json"), [table], device="cpu")
     saved = json.loads((tmp_path / "r.json").read_text())
     assert saved["device"] == "cpu" and saved["tables"][0]["rows"] == [{"name": "x", "ms": 1.234}, {"name": "y"}]
+
+
+class _Parsed(Exception):
+    """Raised in place of parsing: the script's parser, caught before the script runs anything."""
+
+
+def test_every_script_declares_quick_exactly_when_its_parser_has_it(monkeypatch):
+    import argparse
+    import sys
+
+    from matrec.cli import declares_quick
+    from support import BENCHMARKS
+
+    def capture(parser, *args, **kwargs):
+        raise _Parsed(parser)
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", capture)
+    checked = {}
+    for script in sorted(BENCHMARKS.glob("[!_]*.py")):
+        monkeypatch.setattr(sys, "argv", [str(script)])
+        try:
+            module = load_benchmark(script.stem)
+        except ImportError:          # an optional framework (Keras) that is not installed
+            continue
+        with pytest.raises(_Parsed) as caught:
+            module.main()
+        parser = caught.value.args[0]
+        has_flag = any("--quick" in action.option_strings for action in parser._actions)
+        checked[script.stem] = has_flag
+        assert declares_quick(script) == has_flag, script.name
+        if has_flag:   # the declaration is the flag's help: one text for both
+            (action,) = [a for a in parser._actions if "--quick" in a.option_strings]
+            assert action.help == module.QUICK
+    assert {"scan", "gpu_check", "mru_stability"} <= {k for k, v in checked.items() if v}
+    assert "mornn" in checked and not checked["mornn"]

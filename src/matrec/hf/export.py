@@ -37,7 +37,7 @@ def export_hf(run_dir: str | Path, out_dir: str | Path) -> Path:
     else:
         task = build_task(cfg["task"], **cfg.get("task_args", {}))
         io = task.model_io()
-        if io["vocab_size"] is None or io["output_size"] != io["vocab_size"] or not hasattr(task, "tokenizer_json"):
+        if io["vocab_size"] is None or io["output_size"] != io["vocab_size"] or not task.has_vocabulary:
             raise ValueError(f"export-hf needs a language-model run (token ids in, next-token logits "
                              f"out); {str(run_dir)!r} was trained on the task {cfg['task']!r}")
         tokenizer, vocab_size = task_tokenizer(task), io["vocab_size"]

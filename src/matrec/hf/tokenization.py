@@ -48,10 +48,11 @@ def _wrap(tk, base_size: int) -> PreTrainedTokenizerFast:
 
 def task_tokenizer(task) -> PreTrainedTokenizerFast:
     """The tokenizer of a matrec LM task: ``shakespeare`` (characters) or ``text`` (BPE)."""
-    if not hasattr(task, "tokenizer_json"):
-        raise ValueError(f"task {getattr(task, 'name', type(task).__name__)!r} has no vocabulary "
+    text = task.tokenizer_json()
+    if text is None:
+        raise ValueError(f"task {task.name!r} has no vocabulary "
                          f"(a character or BPE language-model task is needed)")
-    return tokenizer_from_json(task.tokenizer_json())
+    return tokenizer_from_json(text)
 
 
 def vocab_size_without_pad(tokenizer) -> int:

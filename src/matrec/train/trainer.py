@@ -23,8 +23,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from ..checks import check_int
 from ..data.tasks import build_task
-from ..models import build_model
+from ..models import build_model, num_parameters
 from ..nn.mornn import orthogonality_report
 from .checkpoint import (CheckpointError, flatten_tensors, latest_step, load_checkpoint,
                          load_model_weights, optimizer_from_flat, optimizer_to_flat, resolve_checkpoint,
@@ -80,10 +81,6 @@ def orthogonality_errors(model: nn.Module) -> dict[str, float]:
     """``matrec.orthogonality_report(model)`` under ``mornn/`` (per MORNN layer: max |W^T W - I|
     and gradient norms); empty for a model without MORNN layers."""
     return {f"mornn/{k}": float(v) for k, v in orthogonality_report(model).items()}
-
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 class Trainer:
@@ -228,8 +225,7 @@ class Trainer:
         torch.set_rng_state(tensors["rng.torch"])
         if "rng.cuda" in tensors and self.device.type == "cuda":
             torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)
-        if hasattr(self.task, "load_state_dict"):
-            self.task.load_state_dict(meta.get("task_state", {}))
+        self.task.load_state_dict(meta.get("task_state", {}))
         # one carried state per process (each holds the state of its own rows of the batch); a
         # task that carries nothing can resume on any number of processes (the batch is global)
         states = unflatten_tensors(meta["stream_states"], tensors, self.device)
@@ -292,14 +288,10 @@ class Trainer:
 
         Stream tasks are read from the start of the validation stream with the state carried.
         """
-        batches = self.cfg.eval_batches if batches is None else batches
-        if isinstance(batches, bool) or not isinstance(batches, int) or batches < 1:
-            raise ValueError(f"batches must be an int >= 1, got {batches!r}")
+        batches = check_int("batches", self.cfg.eval_batches if batches is None else batches)
         gen = torch.Generator().manual_seed(self.cfg.seed + 1)
-        if getattr(self.task, "stream", False) and hasattr(self.task, "state_dict"):
-            saved = self.task.state_dict()
-            if hasattr(self.task, "reset"):
-                self.task.reset("val")
+        saved = self.task.state_dict()
+        self.task.reset("val")
         was_training = self.model.training
         self.model.eval()
         totals: dict[str, float] = defaultdict(float)
@@ -309,12 +301,11 @@ class Trainer:
             x, y = x.to(self.device), y.to(self.device)
             with self._autocast():
                 out, new_state = self.model(x, state)
-            if getattr(self.task, "stream", False):
+            if self.task.stream:
                 state = new_state
             for k, v in self.task.metrics(out.float(), y).items():
                 totals[k] += v / batches
-        if getattr(self.task, "stream", False) and hasattr(self.task, "load_state_dict"):
-            self.task.load_state_dict(saved)
+        self.task.load_state_dict(saved)
         self.model.train(was_training)
         return dict(totals)
 
@@ -347,14 +338,15 @@ class Trainer:
                 "step": self.step,
                 "config": self.cfg.to_dict(),
                 "optimizer": optimizer_to_flat(self.optimizer, tensors),
-                "task_state": self.task.state_dict() if hasattr(self.task, "state_dict") else {},
+                "task_state": self.task.state_dict(),
                 "stream_states": flatten_tensors(states, "stream", tensors),
                 "last_eval": self.last_eval,
                 "elapsed": self.elapsed,
                 "lr_factor": lr_factor(max(self.step - 1, 0), self.cfg),
-                # a text task's vocabulary, so a checkpoint converts (export-hf) without its data
-                **({"tokenizer": self.task.tokenizer_json()} if hasattr(self.task, "tokenizer_json") else {}),
             }
+            tokenizer = self.task.tokenizer_json()
+            if tokenizer is not None:   # a text task's vocabulary: the checkpoint converts without its data
+                meta["tokenizer"] = tokenizer
             path = save_checkpoint(self.ckpt_root, model=self.model, tensors=tensors, meta=meta)
         self._ckpt_step = self.step
         barrier(self.dist)
@@ -382,7 +374,7 @@ class Trainer:
         cfg = self.cfg
         self._open_log()
         self.model.train()
-        stream = getattr(self.task, "stream", False)
+        stream = self.task.stream
         bar = None
         if cfg.progress and self.dist.is_main and until > self.step:
             from tqdm.auto import tqdm
@@ -445,8 +437,8 @@ class Trainer:
     def _finish(self, status: str, message: str = "") -> dict:
         summary = {
             "status": status, "message": message, "step": self.step, "steps": self.cfg.steps,
-            "task": self.cfg.task, "model": self.cfg.model, "parameters": count_parameters(self.model),
-            "baseline": getattr(self.task, "baseline", None), "eval": self.last_eval,
+            "task": self.cfg.task, "model": self.cfg.model, "parameters": num_parameters(self.model),
+            "baseline": self.task.baseline, "eval": self.last_eval,
             "train_seconds": round(self.elapsed, 3), "device": str(self.device),
             "world_size": self.dist.world_size, "run_dir": str(self.run_dir),
         }

@@ -35,8 +35,10 @@ class Task(abc.ABC):
     trainer checkpoints with the generator; ``batch_at(split, batch_size, index)`` is the pure
     function behind it. Non-stream tasks have an empty state.
 
-    Text tasks also provide ``encode(str) -> LongTensor`` and ``decode(ids) -> str`` (for sampling);
-    other tasks do not have them, so ``hasattr(task, "decode")`` tells whether a task is text.
+    Optional capabilities have defaults here, so callers never probe for them: a text task sets
+    ``has_vocabulary = True`` and overrides ``encode``/``decode`` (for sampling) and, when its
+    vocabulary has a ``tokenizers`` form, ``tokenizer_json`` (checkpoints keep it); a stream task
+    overrides ``reset``, ``state_dict`` and ``load_state_dict``.
     """
 
     name: str = "task"
@@ -45,6 +47,7 @@ class Task(abc.ABC):
     output_size: int
     baseline: float | None = None
     stream: bool = False
+    has_vocabulary: bool = False
 
     @abc.abstractmethod
     def get_batch(self, split: str, batch_size: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
@@ -58,6 +61,21 @@ class Task(abc.ABC):
     def metrics(self, output: Tensor, target: Tensor) -> dict[str, float]:
         """Named evaluation numbers (loss always; accuracy-like ones where they make sense)."""
         return {"loss": float(self.loss(output, target))}
+
+    def encode(self, text: str) -> Tensor:
+        """Token ids ``[T]`` (int64) of ``text``; only tasks with ``has_vocabulary`` have one."""
+        raise TypeError(f"task {self.name!r} has no vocabulary to encode text with")
+
+    def decode(self, ids) -> str:
+        """The text of token ids ``ids`` (the inverse of :meth:`encode`)."""
+        raise TypeError(f"task {self.name!r} has no vocabulary to decode ids with")
+
+    def tokenizer_json(self) -> str | None:
+        """The vocabulary as a ``tokenizers`` JSON (what checkpoints keep), or None if it has none."""
+        return None
+
+    def reset(self, split: str | None = None) -> None:
+        """Rewind ``split`` (or every split) to its start; only stream tasks have a position."""
 
     def state_dict(self) -> dict:
         """Position state to checkpoint (stream tasks: the per-split cursors; others: empty)."""

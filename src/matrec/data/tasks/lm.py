@@ -35,6 +35,7 @@ class TokenLM(Task):
     ``bits_per_token`` (loss / ln 2).
     """
 
+    has_vocabulary = True
     ids: dict[str, np.ndarray]
     seq_len: int
 
@@ -128,6 +129,7 @@ class StoredVocabulary:
         self.tokenizer = _tokenizers().Tokenizer.from_str(tokenizer_json)
         self.vocab_size = self.output_size = self.tokenizer.get_vocab_size()
         self.input_size = None
+        self.has_vocabulary = True
 
     def model_io(self) -> dict[str, int | None]:
         return {"vocab_size": self.vocab_size, "input_size": None, "output_size": self.output_size}
