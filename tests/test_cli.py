@@ -437,3 +437,24 @@ def test_interrupts_and_system_refusals_are_reported_without_a_traceback(tmp_pat
     monkeypatch.setattr(cli, "cmd_bench", lambda args: 1 / 0)   # a bug is not a user mistake: it propagates
     with pytest.raises(ZeroDivisionError):
         cli.main(["bench"])
+
+
+def test_train_help_takes_every_default_from_train_config(monkeypatch):
+    import dataclasses
+
+    from matrec.train import TrainConfig
+
+    assert not [k for k, text in cli.HELP.items() if "(default" in text]   # stated once: in the dataclass
+    actions = {a.dest: a for a in cli.build_parser()._subparsers._group_actions[0].choices["train"]._actions}
+    for f in dataclasses.fields(TrainConfig):
+        help_text = actions[f.name].help
+        if f.default is dataclasses.MISSING or f.default is None:
+            assert "(default" not in help_text, f.name
+        else:
+            shown = ("on" if f.default else "off") if isinstance(f.default, bool) else f.default
+            assert f"(default {shown})" in help_text, f.name
+    # a changed default shows up in the help without touching the CLI
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    monkeypatch.setattr(fields["steps"], "default", 1234)
+    actions = {a.dest: a for a in cli.build_parser()._subparsers._group_actions[0].choices["train"]._actions}
+    assert "(default 1234)" in actions["steps"].help

@@ -38,35 +38,36 @@ DEFAULT_VARIANTS = [
      "optimizer": "rmsprop", "lr": 1e-3, "grad_clip": 1.0},
 ]
 
+# what each TrainConfig field does; the defaults are appended from the dataclass (_with_default)
 HELP = {
-    "task": "task name (default copy)",
+    "task": "task name",
     "task_args": "task option KEY=VALUE, repeatable (e.g. --task-arg delay=100); values are JSON, "
                  "else converted to the option's type (periods=50,400 is a list)",
-    "model": "model name (default lstm)",
+    "model": "model name",
     "model_args": "model option KEY=VALUE, repeatable (e.g. --model-arg num_layers=2); values are JSON",
-    "steps": "optimiser steps in total (default 1000)",
-    "batch_size": "global batch size, split across torchrun processes (default 64)",
-    "optimizer": "optimiser (default adamw)",
-    "lr": "peak learning rate (default 1e-3)",
-    "weight_decay": "weight decay (default 0)",
-    "orthogonal_lr_scale": "MORNN's orthogonal parameters train at lr times this (default 0.1)",
-    "warmup_steps": "linear warm-up steps before the cosine decay (default 0)",
-    "min_lr_ratio": "the cosine ends at lr times this (default 0.1)",
-    "grad_clip": "clip the global gradient norm to this; 0 turns clipping off (default 1.0)",
-    "eval_every": "evaluate every N steps and at the end (default 100)",
-    "eval_batches": "validation batches per evaluation (default 4)",
-    "log_every": "log training metrics every N steps (default 10)",
-    "ckpt_every": "checkpoint every N steps and at the end (default 100)",
-    "seed": "random seed for initialisation and data (default 0)",
-    "device": "auto (CUDA when present), cpu, cuda or cuda:N (default auto)",
-    "amp": "bf16 autocast on CUDA (default on; CPU always runs fp32)",
-    "compile": "torch.compile the model (default off)",
-    "threads": "CPU threads for torch; 0 keeps torch's default (default 0)",
-    "out_dir": "parent folder of run directories (default runs)",
-    "run_name": "run directory name (default <task>-<model>-<timestamp>)",
-    "tensorboard": "write TensorBoard events to <run>/tb (default on)",
-    "plot": "write <run>/plot.png at the end (default on)",
-    "progress": "show a progress bar (default on)",
+    "steps": "optimiser steps in total",
+    "batch_size": "global batch size, split across torchrun processes",
+    "optimizer": "optimiser",
+    "lr": "peak learning rate",
+    "weight_decay": "weight decay",
+    "orthogonal_lr_scale": "MORNN's orthogonal parameters train at lr times this",
+    "warmup_steps": "linear warm-up steps before the cosine decay",
+    "min_lr_ratio": "the cosine ends at lr times this",
+    "grad_clip": "clip the global gradient norm to this; 0 turns clipping off",
+    "eval_every": "evaluate every N steps and at the end",
+    "eval_batches": "validation batches per evaluation",
+    "log_every": "log training metrics every N steps",
+    "ckpt_every": "checkpoint every N steps and at the end",
+    "seed": "random seed for initialisation and data",
+    "device": "auto (CUDA when present), cpu, cuda or cuda:N",
+    "amp": "bf16 autocast on CUDA; CPU always runs fp32",
+    "compile": "torch.compile the model",
+    "threads": "CPU threads for torch; 0 keeps torch's default",
+    "out_dir": "parent folder of run directories",
+    "run_name": "run directory name (unset: <task>-<model>-<timestamp>)",
+    "tensorboard": "write TensorBoard events to <run>/tb",
+    "plot": "write <run>/plot.png at the end",
+    "progress": "show a progress bar",
 }
 
 
@@ -78,6 +79,16 @@ def _key_value(text: str) -> tuple[str, object]:
         return key, json.loads(value)
     except json.JSONDecodeError:
         return key, value   # a bare string such as a path
+
+
+def _with_default(text: str, f: dataclasses.Field) -> str:
+    """``text`` plus the field's default as TrainConfig defines it (fields without a plain default,
+    such as dicts or None, say in ``text`` what happens)."""
+    default = f.default
+    if default is dataclasses.MISSING or default is None:
+        return text
+    shown = ("on" if default else "off") if isinstance(default, bool) else default
+    return f"{text} (default {shown})"
 
 
 def _add_config_options(p: argparse.ArgumentParser) -> None:
@@ -97,10 +108,11 @@ def _add_config_options(p: argparse.ArgumentParser) -> None:
                            type=_key_value, metavar="KEY=VALUE", help=HELP[f.name])
         elif f.type in ("bool", bool):
             p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
-                           help=HELP[f.name])
+                           help=_with_default(HELP[f.name], f))
         else:
             kind = {"int": int, "float": float}.get(str(f.type), str)
-            text = HELP[f.name] + (f"; one of {', '.join(names[f.name])}" if f.name in names else "")
+            text = _with_default(HELP[f.name], f) + (f"; one of {', '.join(names[f.name])}"
+                                                     if f.name in names else "")
             p.add_argument(flag, dest=f.name, type=kind, metavar=f.name.upper().split("_")[-1],
                            help=text)
 
