@@ -34,3 +34,12 @@ def test_triton_tests_skip_cleanly_without_triton():
                           timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "skipped" in proc.stdout.splitlines()[-1]
+
+
+def test_code_and_docs_cite_only_documents_in_the_repository():
+    import re
+    pattern = re.compile(r"\bSPEC\b|\bthe seed\b")
+    files = [*SRC.rglob("*.py"), *(ROOT / "docs").glob("*.md"), ROOT / "README.md"]
+    hits = [f"{f.relative_to(ROOT)}:{n}" for f in files
+            for n, line in enumerate(f.read_text(encoding="utf-8").splitlines(), 1) if pattern.search(line)]
+    assert not hits, f"references to a document outside the repository: {hits}"

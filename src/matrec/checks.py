@@ -1,16 +1,25 @@
 """Argument checks shared by every layer, op and task: one wording for every bad argument."""
 from __future__ import annotations
 
+import numbers
 
-def check_int(argument: str, value, minimum: int = 1, *, allow_none: bool = False):
-    """``value`` if it is an int >= ``minimum`` (bools rejected; None too, unless ``allow_none``),
-    else a ValueError naming ``argument``."""
+
+def check_int(argument: str, value, minimum: int = 1, *, maximum: int | None = None,
+              allow_none: bool = False, type_error: bool = False):
+    """``value`` as an int if it is an integer in [``minimum``, ``maximum``] (bools rejected; None
+    too, unless ``allow_none``), else a ValueError naming ``argument``. With ``type_error`` a value
+    that is no integer at all is a TypeError instead (torch.nn's convention, which MORNN follows)."""
     if value is None and allow_none:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{argument} must be an int >= {minimum}{' or None' if allow_none else ''}, "
-                         f"got {value!r}")
-    return value
+    bound = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+    none = " or None" if allow_none else ""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        if type_error:
+            raise TypeError(f"{argument} must be an int{none}, got {value!r}")
+        raise ValueError(f"{argument} must be an int {bound}{none}, got {value!r}")
+    if value < minimum or (maximum is not None and value > maximum):
+        raise ValueError(f"{argument} must be an int {bound}{none}, got {value!r}")
+    return int(value)
 
 
 def check_number(argument: str, value) -> float:

@@ -75,7 +75,7 @@ def test_forecast_is_deterministic_in_seed():
     ({"lag": 2000, "length": 4096}, "length must be >= 4 \\* lag"),
     ({"echo": 1.0}, "echo must be in \\[0, 1\\)"),
     ({"noise_share": 2}, "noise_share must be in \\[0, 1\\]"),
-    ({"periods": (1,)}, "periods must be a non-empty list of ints >= 2"),
+    ({"periods": (1,)}, r"periods\[0\] must be an int >= 2, got 1"),
     ({"seq_len": 0}, "seq_len must be an int >= 1"),
 ])
 def test_forecast_bad_arguments(kwargs, match):

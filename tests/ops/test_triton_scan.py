@@ -332,8 +332,8 @@ def test_triton_available_reports_why(monkeypatch):
     (torch.zeros(1, 3, 2, 2), torch.zeros(2, 2, 2), None, ValueError, "initial_state must be"),
     (torch.zeros(1, 3, 2, 2), torch.zeros(1, 2, 2, dtype=torch.int32), None, TypeError,
         "initial_state must be float32"),
-    (torch.zeros(1, 3, 2, 2), None, 0, ValueError, "chunk_size must be None or a positive int"),
-    (torch.zeros(1, 3, 2, 2), None, True, ValueError, "chunk_size must be None or a positive int"),
+    (torch.zeros(1, 3, 2, 2), None, 0, ValueError, "chunk_size must be an int >= 1 or None"),
+    (torch.zeros(1, 3, 2, 2), None, True, ValueError, "chunk_size must be an int >= 1 or None"),
 ])
 def test_bad_input_is_named(states, initial_state, chunk_size, error, match):
     with pytest.raises(error, match=match):

@@ -8,6 +8,8 @@ from typing import Iterator
 import torch
 from torch import Tensor, nn
 
+from ..checks import check_int
+
 
 def sample_next(logits: Tensor, temperature: float = 1.0, top_k: int | None = None,
                 generator: torch.Generator | None = None) -> Tensor:
@@ -23,13 +25,11 @@ def sample_next(logits: Tensor, temperature: float = 1.0, top_k: int | None = No
 
 def _check(prompt, max_new_tokens, temperature, top_k) -> None:
     # bools are ints to Python, and nan compares False with everything: both would pass a range test
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be a non-negative int, got {max_new_tokens!r}")
+    check_int("max_new_tokens", max_new_tokens, 0)
     if (isinstance(temperature, bool) or not isinstance(temperature, (int, float))
             or not math.isfinite(temperature) or temperature < 0):
         raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-        raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
+    check_int("top_k", top_k, allow_none=True)
     if not isinstance(prompt, Tensor):
         raise TypeError(f"prompt must be a Tensor of token ids, got {type(prompt).__name__}")
     if (prompt.is_floating_point() or prompt.is_complex() or prompt.dtype == torch.bool

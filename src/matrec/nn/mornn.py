@@ -39,8 +39,10 @@ from torch import Tensor, _VF, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from ..checks import check_int
 from ..ops.orthogonal import (ORTHOGONAL_MAPS, lower_numel, lower_to_square, orthogonal_from,
                               orthogonality_error, project_orthogonal)
+from ..ops.precision import compute_dtype
 from ..ops.rnn_recurrence import NONLINEARITIES, RECURRENCE_BACKENDS, recurrence
 from ..registry import Registry
 
@@ -103,10 +105,6 @@ def identity_init(n: int, dtype=torch.float64, device=None) -> Tensor:
     return torch.eye(n, dtype=dtype, device=device)
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 class _Layer(NamedTuple):
     """Parameter names of one layer and direction, as nn.RNN names them (None: not present)."""
 
@@ -157,8 +155,7 @@ class _OrthogonalRecurrent(nn.Module):
     def _init_orthogonal(self, orthogonal_map: str, init: str, refold_every: int) -> None:
         ORTHOGONAL_MAPS.get(orthogonal_map)  # ValueError naming orthogonal_map
         MORNN_INITS.get(init)                # ValueError naming init
-        if not isinstance(refold_every, int) or isinstance(refold_every, bool) or refold_every < 0:
-            raise ValueError(f"refold_every must be an int >= 0 (0: never), got {refold_every!r}")
+        check_int("refold_every", refold_every, 0)   # 0: never
         self.orthogonal_map, self.init, self.refold_every = orthogonal_map, init, refold_every
         self._orthogonal_names = []
         self._layers = []
@@ -215,7 +212,7 @@ class _OrthogonalRecurrent(nn.Module):
 
     def _build(self, A: Tensor, base: Tensor) -> Tensor:
         n = base.shape[0]
-        cdt = _compute_dtype(A.dtype)
+        cdt = compute_dtype(A.dtype)
         # In float32/64 whatever autocast says: bf16 would break orthogonality.
         with torch.autocast(A.device.type, enabled=False):
             # a copy of the base, so a refold (in place) while this graph is alive cannot invalidate it
@@ -445,14 +442,8 @@ def _check_sizes(input_size, hidden_size, bias, batch_first=False):
         raise TypeError(f"bias should be of type bool, got: {type(bias).__name__}")
     if not isinstance(batch_first, bool):
         raise TypeError(f"batch_first should be of type bool, got: {type(batch_first).__name__}")
-    if not isinstance(input_size, int) or isinstance(input_size, bool):
-        raise TypeError(f"input_size should be of type int, got: {type(input_size).__name__}")
-    if input_size <= 0:
-        raise ValueError("input_size must be greater than zero")
-    if not isinstance(hidden_size, int) or isinstance(hidden_size, bool):
-        raise TypeError(f"hidden_size should be of type int, got: {type(hidden_size).__name__}")
-    if hidden_size <= 0:
-        raise ValueError("hidden_size must be greater than zero")
+    check_int("input_size", input_size, type_error=True)
+    check_int("hidden_size", hidden_size, type_error=True)
 
 
 class MORNN(_OrthogonalRecurrent):
@@ -500,10 +491,7 @@ class MORNN(_OrthogonalRecurrent):
             RECURRENCE_BACKENDS.get(recurrence_backend)
         self.recurrence_backend = recurrence_backend
         _check_sizes(input_size, hidden_size, bias, batch_first)
-        if not isinstance(num_layers, int) or isinstance(num_layers, bool):
-            raise TypeError(f"num_layers should be of type int, got: {type(num_layers).__name__}")
-        if num_layers <= 0:
-            raise ValueError("num_layers must be greater than zero")
+        check_int("num_layers", num_layers, type_error=True)
         if not isinstance(dropout, numbers.Number) or isinstance(dropout, bool) or not 0 <= dropout <= 1:
             raise ValueError("dropout should be a number in range [0, 1] representing the probability "
                              "of an element being zeroed")

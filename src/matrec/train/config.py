@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from ..checks import check_int
+
 
 @dataclass
 class TrainConfig:
@@ -133,14 +135,7 @@ class TrainConfig:
 
 
 def _int(cfg: TrainConfig, name: str, minimum: int, maximum: int | None = None) -> None:
-    value = getattr(cfg, name)
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {value!r}")
-    value = int(value)
-    if value < minimum or (maximum is not None and value > maximum):
-        bound = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
-        raise ValueError(f"{name} must be an int {bound}, got {value!r}")
-    setattr(cfg, name, value)
+    setattr(cfg, name, check_int(name, getattr(cfg, name), minimum, maximum=maximum, type_error=True))
 
 
 def _real(cfg: TrainConfig, name: str, bound: str, ok) -> None:

@@ -361,8 +361,7 @@ class Trainer:
         the last checkpoint is left as it was.
         """
         cfg = self.cfg
-        if until is not None and (isinstance(until, bool) or not isinstance(until, int) or until < 0):
-            raise ValueError(f"until must be an int >= 0, got {until!r}")
+        check_int("until", until, 0, allow_none=True)
         until = cfg.steps if until is None else min(until, cfg.steps)
         self._acquire_run()
         try:

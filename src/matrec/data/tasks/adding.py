@@ -1,4 +1,4 @@
-"""The adding problem (SPEC section 3): add the two marked numbers of a long sequence."""
+"""The adding problem (docs/tasks.md, "The tasks"): add the two marked numbers of a long sequence."""
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,4 @@
-"""The copy task (SPEC section 3): remember 10 symbols across a delay of ``T`` blanks."""
+"""The copy task (docs/tasks.md, "The tasks"): remember 10 symbols across a delay of ``T`` blanks."""
 from __future__ import annotations
 
 import math

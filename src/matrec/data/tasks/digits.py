@@ -1,4 +1,4 @@
-"""Sequential and permuted digits (SPEC section 3): classify an image read one pixel per step.
+"""Sequential and permuted digits (docs/tasks.md, "The tasks"): classify an image read one pixel per step.
 
 Two image sources, chosen with ``dataset=``: scikit-learn's bundled 8x8 digits (T = 64, offline,
 1,797 images: a fixed shuffle gives 1,500 train / 297 val) and MNIST (T = 784, 60,000 train /

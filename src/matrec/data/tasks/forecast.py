@@ -88,8 +88,9 @@ class Forecast(StreamMixin, Task):
         if not 0 <= check_number("noise_share", noise_share) <= 1:
             raise ValueError(f"noise_share must be in [0, 1], got {noise_share!r}")
         periods = tuple(periods)
-        if not periods or any(isinstance(p, bool) or not isinstance(p, int) or p < 2 for p in periods):
-            raise ValueError(f"periods must be a non-empty list of ints >= 2, got {periods!r}")
+        if not periods:
+            raise ValueError("periods must be a non-empty list of ints >= 2, got ()")
+        periods = tuple(check_int(f"periods[{i}]", p, 2) for i, p in enumerate(periods))
         series = echo_series(length + length // 8, periods, lag, echo, noise_share, seed)
         self.series = {"train": series[:length], "val": series[length:]}
         self.baseline = float(self.series["train"].astype(np.float64).var())

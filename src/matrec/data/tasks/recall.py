@@ -1,4 +1,4 @@
-"""Recall tasks (SPEC section 3): selective copy and multi-query associative recall.
+"""Recall tasks (docs/tasks.md, "The tasks"): selective copy and multi-query associative recall.
 
 Both ask for symbols seen earlier at positions the model must find by content, not by a fixed
 delay, and both score only the answer positions: a model that does not remember can only guess,

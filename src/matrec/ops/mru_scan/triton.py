@@ -20,6 +20,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ...checks import check_int
 from ..triton_support import compile_ahead, device_available, launchable
 
 MAX_DIM = 64  # a few [D, D] fp32 blocks live in registers; the backward already spills at 64
@@ -246,6 +247,5 @@ def mru_scan_triton(states: Tensor, initial_state: Optional[Tensor] = None, *,
             raise TypeError(f"initial_state must be float32, bfloat16 or float16, got {initial_state.dtype}")
         if initial_state.device != states.device:
             raise ValueError(f"initial_state is on {initial_state.device}, states on {states.device}")
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be None or a positive int, got {chunk_size!r}")
+    check_int("chunk_size", chunk_size, allow_none=True)
     return triton_mru_scan_fwd(states, initial_state, chunk_size or 0)
