@@ -170,6 +170,24 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_import_hf(args) -> int:
+    # the model and its arguments are the directory's: a flag that would change them is refused
+    model_flags = [flag for flag, dest in (("--model", "model"), ("--model-arg", "model_args"),
+                                           ("--hidden-size", "hidden_size"), ("--num-layers", "num_layers"))
+                   if getattr(args, dest, None) is not None]
+    if model_flags:
+        raise ValueError(f"the model and its arguments come from HF_DIR's config.json; drop {model_flags}")
+    if not (Path(args.hf_dir) / "config.json").is_file():
+        raise FileNotFoundError(f"HF_DIR {args.hf_dir!r} has no config.json: not a transformers directory "
+                                f"(matrec export-hf writes one)")
+    config = {k: v for k, v in _config_from_args(args).to_dict().items() if k not in ("model", "model_args")}
+    export = __import__("matrec.hf.export", fromlist=["workbench_run_from_hf"])  # transformers: only here
+    run = export.workbench_run_from_hf(args.hf_dir, args.run_dir, **config)
+    print(f"wrote {run} (step 0: the weights of {args.hf_dir}); train it with: "
+          f"matrec train --resume {run} --steps N")
+    return 0
+
+
 def _single_process() -> bool:
     """Not under torchrun (whose ranks must compute the same folder name, not each make one)."""
     return int(os.environ.get("WORLD_SIZE", "1")) <= 1
@@ -433,6 +451,16 @@ def build_parser() -> argparse.ArgumentParser:
     # matrec.hf imports transformers: only when this command runs, never for the others
     p.set_defaults(func=lambda args: __import__("matrec.hf.export", fromlist=["cmd_export_hf"])
                    .cmd_export_hf(args))
+
+    p = sub.add_parser("import-hf", help="start a run from a transformers directory (to fine-tune it)",
+                       description="Write RUN_DIR with a step-0 checkpoint holding HF_DIR's weights; "
+                       "`matrec train --resume RUN_DIR --steps N` then trains it. The model comes "
+                       "from HF_DIR's config.json; the options below set the rest of the run (the "
+                       "task's vocabulary must match the model's). Needs the hf extra.")
+    p.add_argument("hf_dir", help="a transformers directory written by matrec export-hf")
+    p.add_argument("run_dir", help="the run directory to create")
+    _add_config_options(p)
+    p.set_defaults(func=cmd_import_hf)
     add_experiment_parser(sub)
     return parser
 
@@ -442,7 +470,8 @@ def build_parser() -> argparse.ArgumentParser:
 EXTRAS = {"train": ["safetensors", "tqdm", "matplotlib"], "compare": ["safetensors", "tqdm", "matplotlib"],
           "eval": ["safetensors"], "sample": ["safetensors"], "bench": [],
           "export-hf": ["safetensors"],   # and transformers: matrec.hf names the hf extra itself
-          "experiment": ["safetensors", "tqdm", "matplotlib"]}
+          "experiment": ["safetensors", "tqdm", "matplotlib"],
+          "import-hf": ["safetensors", "tqdm", "matplotlib"]}
 
 
 def check_extras(command: str) -> None:

@@ -366,6 +366,47 @@ def test_a_workbench_run_fine_tunes_from_a_transformers_directory(tmp_path, caps
         matrec.hf.workbench_run_from_hf(tmp_path / "hf", tmp_path / "y", **{**train, "task": "copy", "task_args": {}})
 
 
+@needs_shakespeare
+def test_import_hf_command_starts_a_run_that_train_resume_fine_tunes(tmp_path, capsys):
+    config = config_from_model_spec("mru", vocab_size=65, d_model=16, n_layers=1, n_heads=2)
+    MatrecForCausalLM(config).save_pretrained(tmp_path / "hf")
+    options = ["--task", "shakespeare", "--task-arg", f"path={SHAKESPEARE_FILE}", "--task-arg", "seq_len=16",
+               "--steps", "3", "--batch-size", "4", "--eval-every", "3", "--eval-batches", "1",
+               "--ckpt-every", "3", "--threads", "1", "--no-progress", "--no-tensorboard", "--no-plot"]
+    assert cli.main(["import-hf", str(tmp_path / "hf"), str(tmp_path / "run"), *options]) == 0
+    assert f"matrec train --resume {tmp_path / 'run'}" in capsys.readouterr().out
+    _, _, start, _ = cli._load_for_inference(tmp_path / "run")
+    source = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    for k, v in source.model.state_dict().items():
+        assert torch.equal(start.state_dict()[k], v), k
+    assert cli.main(["train", "--resume", str(tmp_path / "run")]) == 0
+    assert '"step": 3' in capsys.readouterr().out
+    _, _, tuned, _ = cli._load_for_inference(tmp_path / "run")
+    assert not torch.equal(tuned.encoder.weight, source.model.encoder.weight)   # it trained
+
+
+def test_import_hf_bad_input_is_a_clear_error(tmp_path, capsys):
+    (tmp_path / "gpt2").mkdir()
+    (tmp_path / "gpt2" / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_embd": 8}))
+    config = config_from_model_spec("mru", vocab_size=65, d_model=16, n_layers=1, n_heads=2)
+    MatrecForCausalLM(config).save_pretrained(tmp_path / "hf")
+    capsys.readouterr()   # transformers' own progress output
+    cases = [
+        ([str(tmp_path / "missing"), str(tmp_path / "r1")], "has no config.json: not a transformers directory"),
+        ([str(tmp_path / "gpt2"), str(tmp_path / "r2")], "gpt2"),
+        ([str(tmp_path / "hf"), str(tmp_path / "r3"), "--model", "lstm"], "come from HF_DIR's config.json"),
+        ([str(tmp_path / "hf"), str(tmp_path / "r4"), "--task", "copy"], "has 10 tokens but the model"),
+    ]
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as e:
+            cli.main(["import-hf", *argv, "--threads", "1", "--no-progress", "--no-tensorboard"])
+        err = capsys.readouterr().err
+        last = err.splitlines()[-1]   # after any progress bar transformers draws
+        assert e.value.code == 2 and last.startswith("matrec import-hf: error: ") and message in last, err
+        assert "Traceback" not in err
+    assert not (tmp_path / "r4").exists()   # a refused import leaves nothing behind
+
+
 def test_export_hf_without_transformers_names_the_extra(tmp_path):
     code = ("import sys; sys.modules['transformers'] = None  # as if it were not installed\n"
             "from matrec import cli\n"
