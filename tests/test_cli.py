@@ -371,7 +371,11 @@ def test_sample_refuses_a_nan_temperature_and_a_huge_seed(tmp_path, capsys):
         *TINY[2:])
     assert "--temperature must be a finite number >= 0, got nan" in fails(
         capsys, ["sample", str(tmp_path / "t"), "--temperature", "nan"])
-    assert "--seed must be in [0, 2**63)" in fails(capsys, ["sample", str(tmp_path / "t"), "--seed", str(2 ** 64)])
+    assert f"--seed must be an int in [0, {2 ** 63 - 1}], got {2 ** 64}" in fails(
+        capsys, ["sample", str(tmp_path / "t"), "--seed", str(2 ** 64)])
+    assert "--tokens must be an int >= 0, got -1" in fails(capsys, ["sample", str(tmp_path / "t"), "--tokens", "-1"])
+    assert "--top-k must be an int >= 1, got 0" in fails(
+        capsys, ["sample", str(tmp_path / "t"), "--top-k", "0"])
 
 
 def test_a_batch_too_large_to_allocate_exits_1_with_advice(tmp_path, capsys):

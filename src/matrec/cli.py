@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .checks import check_int
 from .experiment.cli import add_parser as add_experiment_parser
 
 if TYPE_CHECKING:
@@ -281,14 +282,12 @@ def cmd_eval(args) -> int:
 def cmd_sample(args) -> int:
     import torch
     # checked here so errors name the flags the user typed, not generate()'s keywords
-    if args.tokens < 0:
-        raise ValueError(f"--tokens must be >= 0, got {args.tokens}")
+    check_int("--tokens", args.tokens, 0)
     if not math.isfinite(args.temperature) or args.temperature < 0:
         raise ValueError(f"--temperature must be a finite number >= 0, got {args.temperature}")
-    if args.top_k is not None and args.top_k < 1:
-        raise ValueError(f"--top-k must be >= 1, got {args.top_k}")
-    if not 0 <= args.seed < 2 ** 63:
-        raise ValueError(f"--seed must be in [0, 2**63), got {args.seed}")
+    if args.top_k is not None:   # unset: no limit
+        check_int("--top-k", args.top_k)
+    check_int("--seed", args.seed, 0, maximum=2 ** 63 - 1)
     cfg, task, model, _ = _load_for_inference(args.checkpoint)
     if not task.has_vocabulary:
         raise ValueError(f"sample needs a text task (one with a vocabulary to decode); this checkpoint "
