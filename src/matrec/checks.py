@@ -8,7 +8,7 @@ def check_int(argument: str, value, minimum: int = 1, *, maximum: int | None = N
               allow_none: bool = False, type_error: bool = False):
     """``value`` as an int if it is an integer in [``minimum``, ``maximum``] (bools rejected; None
     too, unless ``allow_none``), else a ValueError naming ``argument``. With ``type_error`` a value
-    that is no integer at all is a TypeError instead (torch.nn's convention, which MORNN follows)."""
+    that is no integer at all is a TypeError instead (torch.nn's convention; TrainConfig follows it)."""
     if value is None and allow_none:
         return None
     bound = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"

@@ -330,7 +330,7 @@ def test_bad_inputs():
         MORNN(3, 4, init="glorot")
     with pytest.raises(ValueError, match="nonlinearity must be one of"):
         MORNN(3, 4, nonlinearity="sigmoid")
-    with pytest.raises(TypeError, match="hidden_size must be an int, got"):
+    with pytest.raises(TypeError, match="hidden_size should be of type int"):
         MORNN(3, 4.0)
     with pytest.raises(ValueError, match="dropout"):
         MORNN(3, 4, dropout=1.5)

@@ -442,8 +442,16 @@ def _check_sizes(input_size, hidden_size, bias, batch_first=False):
         raise TypeError(f"bias should be of type bool, got: {type(bias).__name__}")
     if not isinstance(batch_first, bool):
         raise TypeError(f"batch_first should be of type bool, got: {type(batch_first).__name__}")
-    check_int("input_size", input_size, type_error=True)
-    check_int("hidden_size", hidden_size, type_error=True)
+    # torch.nn.RNN's exact exceptions and wording, not check_int's: MORNN is a drop-in, and torch's
+    # own module tests (tests/nn/test_mornn_module_db.py) pin these messages for both classes
+    if not isinstance(input_size, int) or isinstance(input_size, bool):
+        raise TypeError(f"input_size should be of type int, got: {type(input_size).__name__}")
+    if input_size <= 0:
+        raise ValueError("input_size must be greater than zero")
+    if not isinstance(hidden_size, int) or isinstance(hidden_size, bool):
+        raise TypeError(f"hidden_size should be of type int, got: {type(hidden_size).__name__}")
+    if hidden_size <= 0:
+        raise ValueError("hidden_size must be greater than zero")
 
 
 class MORNN(_OrthogonalRecurrent):
@@ -491,7 +499,10 @@ class MORNN(_OrthogonalRecurrent):
             RECURRENCE_BACKENDS.get(recurrence_backend)
         self.recurrence_backend = recurrence_backend
         _check_sizes(input_size, hidden_size, bias, batch_first)
-        check_int("num_layers", num_layers, type_error=True)
+        if not isinstance(num_layers, int) or isinstance(num_layers, bool):   # nn.RNN's wording, as above
+            raise TypeError(f"num_layers should be of type int, got: {type(num_layers).__name__}")
+        if num_layers <= 0:
+            raise ValueError("num_layers must be greater than zero")
         if not isinstance(dropout, numbers.Number) or isinstance(dropout, bool) or not 0 <= dropout <= 1:
             raise ValueError("dropout should be a number in range [0, 1] representing the probability "
                              "of an element being zeroed")
