@@ -41,6 +41,15 @@ def orthogonal_rnn(*args, **kwargs) -> nn.RNN:
     return rnn
 
 
+def perturbed(module: nn.Module, scale: float) -> nn.Module:
+    """``module`` in float64 eval mode with ``scale`` N(0, 1) noise on every parameter: away from
+    identity-like inits, so a test sees every path of the module mix."""
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(scale * torch.randn_like(p))
+    return module.double().eval()
+
+
 def tiny_config(tmp_path, name, **kw):
     """A TrainConfig for a seconds-long run ``tmp_path/name`` (the copy task, an LSTM, no display)."""
     from matrec.train import TrainConfig

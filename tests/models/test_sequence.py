@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from matrec.models import MODELS, SequenceModel, build_model, generate, num_parameters
+from support import perturbed
 
 V = 13
 SEQUENCE_MODELS = ["mru", "attn", "linear_attn", "txl", "mru_rotary", "mlp"]
@@ -12,11 +13,7 @@ ALL_MODELS = SEQUENCE_MODELS + ["rnn", "lstm", "gru", "mornn"]
 def tiny(name, seed=0, **kw):
     torch.manual_seed(seed)
     size = dict(d_model=16, n_layers=2, n_heads=2) if name in SEQUENCE_MODELS else dict(hidden_size=16)
-    model = build_model(name, vocab_size=V, output_size=V, **{**size, **kw})
-    with torch.no_grad():  # away from identity-like inits, so the test sees every path mix
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    return model.double().eval()
+    return perturbed(build_model(name, vocab_size=V, output_size=V, **{**size, **kw}), 0.1)
 
 
 def test_all_models_registered():

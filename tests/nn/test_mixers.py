@@ -7,6 +7,7 @@ from matrec.models import MIXERS
 from matrec.nn.attention import MRURotaryAttention
 from matrec.ops.attention import causal_attention, causal_attention_reference
 from matrec.ops.linear_attention import chunked_form, recurrent_form
+from support import perturbed
 
 E, H = 16, 2
 ALL_MIXERS = ["mlp", "mru", "attn", "linear_attn", "txl", "mru_rotary", "lstm", "gru", "rnn", "mornn"]
@@ -16,12 +17,8 @@ OPTIONS = {"txl": {"mem_len": 64}, "mru_rotary": {"chunk_size": 4}}
 def make(name, seed=0, **extra):
     torch.manual_seed(seed)
     mixer = MIXERS.get(name)(E, n_heads=H, dropout=0.0, **{**OPTIONS.get(name, {}), **extra})
-    if hasattr(mixer, "init_weights"):
-        mixer.init_weights(0.02, 0.01)
-    with torch.no_grad():  # move off the identity-like init so every mixer really mixes
-        for p in mixer.parameters():
-            p.add_(0.2 * torch.randn_like(p))
-    return mixer.double().eval()
+    mixer.init_weights(0.02, 0.01)  # every mixer has one (the SequenceModel contract)
+    return perturbed(mixer, 0.2)
 
 
 def test_registry_lists_every_mixer():
