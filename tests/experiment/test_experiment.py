@@ -140,6 +140,8 @@ def test_report_tables_json_and_plots_from_run_directories_alone(tmp_path, capsy
     assert cell["metric"]["mean"] == pytest.approx(statistics.fmean(finals))
     assert cell["metric"]["std"] == pytest.approx(statistics.stdev(finals))
     assert cell["parameters"] == 737 and cell["target_reached"] == 0
+    per_step = [1000 * seed["train_seconds"] / seed["step"] for seed in cell["seeds"]]
+    assert cell["step_ms"]["mean"] == pytest.approx(statistics.fmean(per_step)) and "| ms / step |" in text
     assert "| rnn | 5 | 737 | 2/2 |" in text and "not reached" in text and "± " in text
     for name in ("tiny-cpu-recall.png", "tiny-cpu-curves.png", "stop-cpu-curves.png"):
         assert (moved / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

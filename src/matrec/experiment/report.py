@@ -95,6 +95,11 @@ def _fmt(s: dict, digits: int = 4) -> str:
     return f"{s['mean']:.{digits}g} ± {s['std']:.2g}"
 
 
+def _fmt_count(s: dict) -> str:
+    # step counts: a fraction of a step in the mean says nothing
+    return f"{s['mean']:.0f} ± {s['std']:.0f}" if s["n"] else "-"
+
+
 def summarise(runs: list[dict]) -> list[dict]:
     """Runs grouped into experiments (name, scale) and cells (label, swept values)."""
     experiments = defaultdict(lambda: defaultdict(list))
@@ -119,6 +124,8 @@ def summarise(runs: list[dict]) -> list[dict]:
                 "loss": _stats([r["final"].get("loss") for r in ok]),
                 "steps": _stats([r["step"] for r in ok]),
                 "train_seconds": _stats([r["train_seconds"] for r in ok]),
+                "step_ms": _stats([1000 * r["train_seconds"] / r["step"] for r in ok
+                                   if r["train_seconds"] is not None and r["step"]]),
                 "target_reached": len(reached),
                 "target_step": _stats([r["target_step"] for r in reached]),
                 "target_seconds": _stats([r["target_seconds"] for r in reached]),
@@ -134,7 +141,7 @@ def summarise(runs: list[dict]) -> list[dict]:
 def table(exp: dict) -> str:
     metric, swept = exp["metric"], exp["swept"]
     header = ["model", *(k.rsplit(".", 1)[-1] for k in swept), "params", "runs ok", "steps",
-              f"{metric} (mean ± std)", *(["loss"] if metric != "loss" else []), "train s"]
+              f"{metric} (mean ± std)", *(["loss"] if metric != "loss" else []), "train s", "ms / step"]
     if exp["target"]:
         header += [f"steps to {exp['target']}", "seconds to target"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -142,14 +149,15 @@ def table(exp: dict) -> str:
         ok = f"{c['done']}/{c['runs']}" + (f" ({c['failed']} failed)" if c["failed"] else "") + (
             f" ({c['partial']} partial)" if c["partial"] else "")
         row = [c["label"], *(json.dumps(c["swept"].get(k)) for k in swept),
-               "-" if c["parameters"] is None else f"{c['parameters']:,}", ok, _fmt(c["steps"], 6),
-               _fmt(c["metric"]), *([_fmt(c["loss"])] if metric != "loss" else []), _fmt(c["train_seconds"], 3)]
+               "-" if c["parameters"] is None else f"{c['parameters']:,}", ok, _fmt_count(c["steps"]),
+               _fmt(c["metric"]), *([_fmt(c["loss"])] if metric != "loss" else []), _fmt(c["train_seconds"], 3),
+               _fmt(c["step_ms"], 3)]
         if exp["target"]:
             if not c["target_reached"]:
                 row += ["not reached", "not reached"]
             else:
                 part = "" if c["target_reached"] == c["done"] else f" ({c['target_reached']}/{c['done']} reached)"
-                row += [_fmt(c["target_step"], 6) + part, _fmt(c["target_seconds"], 3) + part]
+                row += [_fmt_count(c["target_step"]) + part, _fmt(c["target_seconds"], 3) + part]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
