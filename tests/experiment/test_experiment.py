@@ -296,3 +296,20 @@ def test_a_worker_process_that_dies_without_a_result_is_recorded_failed(tmp_path
     result = _result_of(Dead(), {"run_dir": str(run), "cell": {"experiment": "x", "label": "rnn"}})
     assert result["state"] == "failed" and "status -9" in result["reason"]
     assert run_state(run) == "failed" and json.loads((run / "cell.json").read_text())["label"] == "rnn"
+
+
+def test_report_rows_follow_the_swept_numbers_not_the_folder_names():
+    from matrec.experiment.report import summarise
+
+    def run(delay, seed):
+        return {"experiment": "e", "scale": "cpu", "label": "rnn", "swept": {"task_args.delay": delay},
+                "metric": "recall", "target": None, "matching": "", "size": "", "parameters": 1,
+                "seed": seed, "state": "done", "reason": "steps", "step": 10, "train_seconds": 1.0,
+                "final": {"recall": 0.5, "loss": 1.0}, "target_step": None, "target_seconds": None,
+                "target_seconds_estimated": False, "run_dir": f"rnn-delay{delay}-seed{seed}"}
+
+    # the order a directory listing gives: delay1000 < delay300 < delay50
+    runs = [run(d, s) for d in (1000, 300, 50) for s in (0, 1)]
+    cells = summarise(runs)[0]["cells"]
+    assert [c["swept"]["task_args.delay"] for c in cells] == [50, 300, 1000]
+    assert all(c["step_ms"]["mean"] == pytest.approx(100.0) for c in cells)

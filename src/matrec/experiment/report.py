@@ -95,6 +95,12 @@ def _fmt(s: dict, digits: int = 4) -> str:
     return f"{s['mean']:.{digits}g} ± {s['std']:.2g}"
 
 
+def _order(value) -> tuple:
+    # numbers by value, before anything else (strings, lists) by its JSON text
+    return (0, value, "") if isinstance(value, (int, float)) and not isinstance(value, bool) else (
+        1, 0, json.dumps(value, sort_keys=True))
+
+
 def _fmt_count(s: dict) -> str:
     # step counts: a fraction of a step in the mean says nothing
     return f"{s['mean']:.0f} ± {s['std']:.0f}" if s["n"] else "-"
@@ -132,6 +138,8 @@ def summarise(runs: list[dict]) -> list[dict]:
                 "seeds": [{k: r[k] for k in ("seed", "state", "reason", "step", "train_seconds", "final",
                                             "target_step", "target_seconds", "target_seconds_estimated",
                                             "run_dir")} for r in members]})
+        # run folders list in name order (delay1000 before delay300); tables read by the numbers
+        rows.sort(key=lambda r: (r["label"], sorted((k, _order(v)) for k, v in r["swept"].items())))
         out.append({"name": name, "scale": scale, "metric": metric, "target": target,
                     "matching": first["matching"], "swept": sorted({k for r in rows for k in r["swept"]}),
                     "cells": rows, "_runs": [r for m in cells.values() for r in m]})
