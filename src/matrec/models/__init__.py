@@ -14,8 +14,9 @@ from .generate import generate
 from .mixers import MIXERS
 from .recurrent import RecurrentModel
 from .registry import MODELS, build_model
+from .seasonal import SeasonalNaive
 from .sequence import SequenceModel, num_parameters
 from .zoo import PRESETS, list_presets
 
-__all__ = ["MODELS", "build_model", "MIXERS", "POSITIONS", "SequenceModel", "RecurrentModel",
+__all__ = ["MODELS", "build_model", "MIXERS", "POSITIONS", "SequenceModel", "RecurrentModel", "SeasonalNaive",
            "num_parameters", "generate", "PRESETS", "list_presets"]

@@ -395,7 +395,10 @@ class Trainer:
                 if not math.isfinite(loss_value):
                     self._stop("the training loss", loss_value)
                 self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                # a model with nothing to train (seasonal_naive with fit=False) still goes through
+                # the loop, so its evaluations and run directory are those of any other model
+                if loss.requires_grad:
+                    loss.backward()
                 record_step = self.step + 1
                 logging = self._logs_at("train", record_step)
                 layer_norms = self._layer_grad_norms() if logging and self.dist.is_main else {}
