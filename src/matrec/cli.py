@@ -245,25 +245,9 @@ def cmd_compare(args) -> int:
 
 
 def _load_for_inference(path):
-    """Config, task, model (weights loaded, eval mode) and meta of the checkpoint at ``path``.
-
-    A checkpoint that keeps its tokenizer (text tasks) gives that vocabulary instead of the task, so
-    the data file it was trained on need not exist any more.
-    """
-    from .data.tasks import build_task
-    from .data.tasks.lm import StoredVocabulary
-    from .models import build_model
-    from .train.checkpoint import load_checkpoint, load_model_weights
-    from .train.config import TrainConfig
-    meta, ckpt_dir, _ = load_checkpoint(path)
-    cfg = TrainConfig.from_dict(meta["config"])
-    if meta.get("tokenizer"):
-        task = StoredVocabulary(meta["tokenizer"])
-    else:
-        task = build_task(cfg.task, **cfg.task_args)
-    model = build_model(cfg.model, **task.model_io(), **cfg.model_args)
-    load_model_weights(model, ckpt_dir)
-    return cfg, task, model.eval(), meta
+    """Config, task (its stored vocabulary where the checkpoint keeps one), model and meta."""
+    from .train.checkpoint import load_for_inference
+    return load_for_inference(path, vocabulary_only=True)
 
 
 def cmd_eval(args) -> int:

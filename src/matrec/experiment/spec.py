@@ -17,13 +17,16 @@ from pathlib import Path
 
 import torch
 
+from ..checks import check_int
 from ..data.tasks import TASKS, build_task
 from ..models import MODELS, build_model
 from ..train.config import TrainConfig
+from ..train.context import check_bins, plan
 
 SCALES = ("cpu", "gpu")
 TOP_KEYS = {"name", "description", "task", "task_args", "models", "train", "grid", "seeds", "budget",
-            "target", "stop_at_target", "metric", "matching", "scales"}
+            "target", "stop_at_target", "metric", "matching", "position_eval", "scales"}
+POSITION_KEYS = {"bins", "rows"}
 MODEL_KEYS = {"model", "model_args", "train", "size", "grid"}
 BUDGET_KEYS = {"steps", "seconds"}
 GRID_PREFIXES = ("task_args.", "model_args.", "train.")
@@ -99,6 +102,7 @@ class Experiment:
     stop_at_target: bool
     seconds: float | None
     matching: str
+    position_eval: dict | None = None   # {"bins": [...], "rows": int | None}: the report's loss by position
     cells: list[Cell] = field(default_factory=list)
     parameters: dict = field(default_factory=dict)   # label -> count, filled by check()
 
@@ -107,7 +111,8 @@ class Experiment:
         return {"experiment": self.name, "scale": self.scale, "file": self.path, "label": cell.label,
                 "swept": cell.swept, "seed": cell.seed, "size": cell.size, "metric": self.metric,
                 "target": None if self.target is None else str(self.target),
-                "stop_at_target": self.stop_at_target, "seconds": self.seconds, "matching": self.matching}
+                "stop_at_target": self.stop_at_target, "seconds": self.seconds, "matching": self.matching,
+                "position_eval": self.position_eval}
 
 
 def _token(value) -> str:
@@ -255,9 +260,22 @@ def load_experiment(path: str | Path, scale: str, out_dir: str | Path) -> Experi
         if not isinstance(spec.get(key, ""), str):
             raise bad(key, "a string", spec[key])
 
+    position = spec.get("position_eval")
+    if position is not None:
+        if not isinstance(position, dict):
+            raise bad(at("position_eval"), "a table with bins (and optionally rows)", position)
+        unknown(position, POSITION_KEYS, "position_eval.")
+        try:
+            position = {"bins": check_bins(position.get("bins"), f"{at('position_eval')}.bins"),
+                        "rows": position.get("rows")}
+            check_int(f"{at('position_eval')}.rows", position["rows"], allow_none=True)
+        except ValueError as e:
+            raise ExperimentError(f"{where}: {e}") from None
+
     exp = Experiment(name=name, scale=scale, path=str(path), description=spec.get("description", ""),
                      task=task, metric=metric, target=target, stop_at_target=stop,
-                     seconds=None if seconds is None else float(seconds), matching=spec.get("matching", ""))
+                     seconds=None if seconds is None else float(seconds), matching=spec.get("matching", ""),
+                     position_eval=position)
     folder = Path(out_dir) / name / scale
     keys = list(grid)
     for label, m in models.items():
@@ -312,6 +330,12 @@ def check(exp: Experiment) -> None:
         counts[key] = sum(p.numel() for p in model.parameters())
         del model
         exp.parameters.setdefault(cell.label, counts[key])
+        if exp.position_eval is not None:
+            try:
+                plan(tasks[tkey], exp.position_eval["bins"], exp.position_eval["rows"])
+            except (TypeError, ValueError) as e:
+                raise ExperimentError(f"{where}: position_eval (task {cfg.task!r}, task_args "
+                                      f"{cfg.task_args}): {e}") from None
         names = reported_metrics(tasks[tkey])
         for what, metric in (("target", exp.target.metric if exp.target else None), ("metric", exp.metric)):
             if metric is not None and names is not None and metric not in names:

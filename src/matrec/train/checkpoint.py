@@ -25,6 +25,11 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from ..data.tasks import build_task
+from ..data.tasks.lm import StoredVocabulary
+from ..models import build_model
+from .config import TrainConfig
+
 FORMAT = "matrec-checkpoint"
 VERSION = 1
 # the fields of state.json that loading relies on, and their JSON types
@@ -293,3 +298,22 @@ def optimizer_to_flat(optimizer: torch.optim.Optimizer, out: dict[str, Tensor]) 
 def optimizer_from_flat(optimizer: torch.optim.Optimizer, spec: dict, tensors: dict[str, Tensor]) -> None:
     state = {int(idx): unflatten_tensors(s, tensors) for idx, s in spec["state"].items()}
     optimizer.load_state_dict({"state": state, "param_groups": spec["param_groups"]})
+
+
+def load_for_inference(path: str | Path, *, vocabulary_only: bool = False):
+    """``(config, task, model, meta)`` of the checkpoint at ``path`` (a run or checkpoint folder):
+    the model with its weights, in eval mode, on the CPU.
+
+    ``vocabulary_only``: a checkpoint that keeps its tokenizer (text tasks) gives that vocabulary
+    instead of the task, so the data file it was trained on need not exist any more (enough to
+    sample; evaluating needs the task's data).
+    """
+    meta, ckpt_dir, _ = load_checkpoint(path)
+    cfg = TrainConfig.from_dict(meta["config"])
+    if vocabulary_only and meta.get("tokenizer"):
+        task = StoredVocabulary(meta["tokenizer"])
+    else:
+        task = build_task(cfg.task, **cfg.task_args)
+    model = build_model(cfg.model, **task.model_io(), **cfg.model_args)
+    load_model_weights(model, ckpt_dir)
+    return cfg, task, model.eval(), meta

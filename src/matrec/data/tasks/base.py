@@ -62,6 +62,12 @@ class Task(abc.ABC):
         """Named evaluation numbers (loss always; accuracy-like ones where they make sense)."""
         return {"loss": float(self.loss(output, target))}
 
+    def token_losses(self, output: Tensor, target: Tensor) -> Tensor:
+        """The loss at every position ``[B, T]`` (its mean is :meth:`loss`), for the loss by
+        position in a long context; tasks whose loss is a mean over positions override it."""
+        raise TypeError(f"task {self.name!r} has no loss per position (its loss is not a mean over "
+                        f"the positions of a sequence)")
+
     def encode(self, text: str) -> Tensor:
         """Token ids ``[T]`` (int64) of ``text``; only tasks with ``has_vocabulary`` have one."""
         raise TypeError(f"task {self.name!r} has no vocabulary to encode text with")

@@ -106,6 +106,9 @@ class Forecast(StreamMixin, Task):
     def loss(self, output: Tensor, target: Tensor) -> Tensor:
         return F.mse_loss(output[..., 0].float(), target)
 
+    def token_losses(self, output: Tensor, target: Tensor) -> Tensor:
+        return (output[..., 0].float() - target) ** 2                              # [B, T]
+
     @torch.no_grad()   # plain numbers: no graph, and no warning for a float() of a grad tensor
     def metrics(self, output: Tensor, target: Tensor) -> dict[str, float]:
         loss = float(self.loss(output, target))

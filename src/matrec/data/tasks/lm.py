@@ -65,6 +65,10 @@ class TokenLM(Task):
     def loss(self, output: Tensor, target: Tensor) -> Tensor:
         return F.cross_entropy(output.reshape(-1, output.shape[-1]).float(), target.reshape(-1))
 
+    def token_losses(self, output: Tensor, target: Tensor) -> Tensor:
+        return F.cross_entropy(output.reshape(-1, output.shape[-1]).float(), target.reshape(-1),
+                               reduction="none").view(target.shape)                # [B, T]
+
     @torch.no_grad()   # plain numbers: no graph, and no warning for a float() of a grad tensor
     def metrics(self, output: Tensor, target: Tensor) -> dict[str, float]:
         loss = float(self.loss(output, target))

@@ -34,6 +34,10 @@ class StreamMixin:
             self._cursors = {split: 0 for split in SPLITS}
         return self._cursors
 
+    def stream_length(self, split: str) -> int:
+        """Steps in ``split``'s one long sequence (batches read ``batch_size`` segments of it)."""
+        return len(self._series(check_split(split)))
+
     def chunks_per_pass(self, split: str, batch_size: int) -> int:
         """How many consecutive batches one pass over ``split`` gives at ``batch_size`` rows."""
         segment = (len(self._series(check_split(split))) - 1) // check_int("batch_size", batch_size)
