@@ -155,6 +155,37 @@ def test_report_tables_json_and_plots_from_run_directories_alone(tmp_path, capsy
             assert seed["reason"] == "target" and not seed["target_seconds_estimated"]
 
 
+def test_report_loss_by_position_carried_vs_reset_from_checkpoints(tmp_path, capsys):
+    # the seasonal-naive forecast looks 32 steps back, beyond one 8-step chunk: with its state reset
+    # every chunk it has no past (forecasts 0), carried it has; in the first chunk both are the same
+    path = write_experiment(
+        tmp_path, task="forecast", metric="r2", grid={}, budget={"steps": 2},
+        task_args={"seq_len": 8, "length": 2048, "lag": 32, "periods": [4, 16]},
+        position_eval={"bins": [0, 8, 32, 128]},
+        models={"naive": {"model": "seasonal_naive", "model_args": {"period": 32, "fit": False}},
+                "gru": {"model": "gru", "model_args": {"hidden_size": 4}}},
+        scales={"cpu": {}, "gpu": {"position_eval": {"bins": [0, 8, 32, 100]}}})
+    out = tmp_path / "out"
+    assert run_cli(capsys, "experiment", "run", str(path), "--out", str(out))[0] == 0
+    moved = tmp_path / "elsewhere"             # from the run directories (their checkpoints) alone
+    os.rename(out, moved)
+    status, text = run_cli(capsys, "experiment", "report", str(moved))
+    assert status == 0 and "### Loss by position in the context" in text
+    assert "| model | state | 0-8 | 8-32 | 32-128 |" in text and "| naive | reset every 8 |" in text
+    data = json.loads((moved / "report.json").read_text())
+    cells = {c["label"]: c for c in data["experiments"][0]["cells"]}
+    for cell in cells.values():
+        position = cell["position"]
+        assert position["n"] == 2 and position["rows"] == 1 and position["context"] == 128
+        assert position["carried"][0] == position["reset"][0]          # the first chunk
+        for seed in cell["seeds"]:
+            kept = json.loads((Path(seed["run_dir"]) / "position_eval.json").read_text())
+            assert kept["carried"] == seed["position"]["carried"] and kept["step"] == 2
+    naive = cells["naive"]["position"]
+    assert naive["reset_minus_carried"][2]["mean"] > 0.1
+    assert (moved / "tiny-cpu-position.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_report_of_plain_train_runs(tmp_path, capsys):
     for seed in (0, 1):
         Trainer(TrainConfig(task="copy", task_args={"delay": 3, "n_symbols": 3}, model="rnn",
@@ -233,6 +264,11 @@ BAD = [
     ({"train": {"lr": "fast"}}, "lr must be a number"),
     ({"budget": {"steps": 0}}, "budget.steps must be an int >= 1"),
     ({"models": {"x": {"model": "rnn", "model_args": {"hidden_size": 0}}}}, "run 'x-delay3-seed0'"),
+    ({"position_eval": {"bins": [0, 8]}}, "position_eval (task 'copy', task_args {'n_symbols': 3, 'delay': 3}): "
+                                          "the loss by position needs a stream task"),
+    ({"position_eval": {"bins": [8, 4]}}, "position_eval.bins must be a list of at least 2 strictly increasing"),
+    ({"position_eval": {"bins": [0, 8], "width": 3}}, "unknown key(s) ['position_eval.width']"),
+    ({"position_eval": {"bins": [0, 8], "rows": 0}}, "position_eval.rows must be"),
 ]
 
 

@@ -13,6 +13,7 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
+from ..train.context import position_eval_of_run
 from ..train.rundir import read_metrics
 from .runner import read_status
 from .spec import parse_target
@@ -66,6 +67,7 @@ def collect_runs(root: str | Path) -> list[dict]:
                "train_seconds": seconds, "final": evals[-1] if evals else {}, "evals": evals,
                "metric": cell.get("metric", "loss"), "target": cell.get("target"),
                "matching": cell.get("matching", ""), "size": cell.get("size", ""),
+               "position_eval": cell.get("position_eval"), "position": None,
                "target_step": None, "target_seconds": None, "target_seconds_estimated": False}
         if run["target"]:
             target = parse_target(run["target"])
@@ -77,8 +79,19 @@ def collect_runs(root: str | Path) -> list[dict]:
                 elif seconds and step:   # a run without timing.jsonl: its mean pace
                     run["target_seconds"] = seconds * hit["step"] / step
                     run["target_seconds_estimated"] = True
+        if run["position_eval"] and state == "done":
+            run["position"] = _position_of(run_dir, run["position_eval"])
         runs.append(run)
     return runs
+
+
+def _position_of(run_dir: Path, settings: dict) -> dict:
+    """The run's loss by position (carried and reset), or ``{"error": ...}``: one run whose
+    checkpoint or data cannot be read must not stop the report of the others."""
+    try:
+        return position_eval_of_run(run_dir, settings["bins"], settings.get("rows"))
+    except Exception as e:   # noqa: BLE001 - reported beside the table
+        return {"error": f"{type(e).__name__}: {e}"}
 
 
 def _stats(values: list[float]) -> dict:
@@ -106,6 +119,21 @@ def _fmt_count(s: dict) -> str:
     return f"{s['mean']:.0f} ± {s['std']:.0f}" if s["n"] else "-"
 
 
+def _position_stats(runs: list[dict]) -> dict:
+    """Per bin, mean ± std over the runs of the carried loss, the reset loss and reset - carried."""
+    good = [r["position"] for r in runs if r["position"] and "error" not in r["position"]]
+    errors = [f"{Path(r['run_dir']).name}: {r['position']['error']}" for r in runs
+              if r["position"] and "error" in r["position"]]
+    if not good:
+        return {"n": 0, "errors": errors}
+    first, bins = good[0], range(len(good[0]["bins"]) - 1)
+    return {"n": len(good), "errors": errors,
+            **{k: first[k] for k in ("bins", "chunk", "context", "rows", "steps")},
+            "carried": [_stats([p["carried"][k] for p in good]) for k in bins],
+            "reset": [_stats([p["reset"][k] for p in good]) for k in bins],
+            "reset_minus_carried": [_stats([p["reset"][k] - p["carried"][k] for p in good]) for k in bins]}
+
+
 def summarise(runs: list[dict]) -> list[dict]:
     """Runs grouped into experiments (name, scale) and cells (label, swept values)."""
     experiments = defaultdict(lambda: defaultdict(list))
@@ -121,7 +149,9 @@ def summarise(runs: list[dict]) -> list[dict]:
             members.sort(key=lambda r: (r["seed"] is None, r["seed"]))
             ok = [r for r in members if r["state"] == "done"]
             reached = [r for r in ok if r["target_step"] is not None]
+            row_position = _position_stats(ok) if members[0]["position_eval"] else None
             rows.append({
+                "position": row_position,
                 "label": label, "swept": members[0]["swept"], "size": members[0]["size"],
                 "parameters": members[0]["parameters"], "runs": len(members), "done": len(ok),
                 "failed": sum(r["state"] == "failed" for r in members),
@@ -137,7 +167,7 @@ def summarise(runs: list[dict]) -> list[dict]:
                 "target_seconds": _stats([r["target_seconds"] for r in reached]),
                 "seeds": [{k: r[k] for k in ("seed", "state", "reason", "step", "train_seconds", "final",
                                             "target_step", "target_seconds", "target_seconds_estimated",
-                                            "run_dir")} for r in members]})
+                                            "position", "run_dir")} for r in members]})
         # run folders list in name order (delay1000 before delay300); tables read by the numbers
         rows.sort(key=lambda r: (r["label"], sorted((k, _order(v)) for k, v in r["swept"].items())))
         out.append({"name": name, "scale": scale, "metric": metric, "target": target,
@@ -194,6 +224,12 @@ def write_report(root: str | Path, out: str | Path | None = None) -> dict:
             if path is not None:
                 plots.append(str(path))
                 md += [f"![{path.stem}]({path.name})", ""]
+        if any(c["position"] is not None for c in exp["cells"]):
+            md += position_section(exp)
+            path = plot_positions(exp, out / f"{stem}-position.png")
+            if path is not None:
+                plots.append(str(path))
+                md += [f"![{path.stem}]({path.name})", ""]
     for exp in experiments:
         del exp["_runs"]
     (out / "report.md").write_text("\n".join(md))
@@ -201,6 +237,66 @@ def write_report(root: str | Path, out: str | Path | None = None) -> dict:
     (out / "report.json").write_text(json.dumps(data, indent=1, default=str))
     files = [str(out / "report.md"), str(out / "report.json"), *plots]
     return {"markdown": "\n".join(md), "json": data, "files": files}
+
+
+def _bin_labels(bins: list[int]) -> list[str]:
+    return [f"{lo:,}-{hi:,}" for lo, hi in zip(bins, bins[1:])]
+
+
+def position_section(exp: dict) -> list[str]:
+    """The loss by position in the context: per model, carried, reset every chunk and their
+    difference (mean ± std over seeds), one column per bin of positions."""
+    cells = [c for c in exp["cells"] if c["position"] is not None]
+    ref = next((c["position"] for c in cells if c["position"]["n"]), None)
+    lines = ["### Loss by position in the context: state carried vs reset every chunk", ""]
+    if ref is None:
+        lines += ["No run could be evaluated by position.", ""]
+    else:
+        lines += [f"The validation stream read as {ref['rows']} segment(s) of {ref['context']:,} steps from "
+                  f"a zero state, in chunks of {ref['chunk']} (the training chunk): *carried* passes the "
+                  f"state from chunk to chunk, *reset* starts every chunk from a zero state. Per-step "
+                  f"loss averaged within each bin of positions, mean ± std over seeds (the done runs); "
+                  f"*reset - carried* > 0 means the carried state helps there.", ""]
+        header = ["model", "state", *(_bin_labels(ref["bins"]))]
+        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for c in cells:
+            p = c["position"]
+            if not p["n"]:
+                lines.append("| " + " | ".join([c["label"], "-", *("-" for _ in ref["bins"][1:])]) + " |")
+                continue
+            for key, name in (("carried", "carried"), ("reset", f"reset every {p['chunk']}"),
+                              ("reset_minus_carried", "reset - carried")):
+                lines.append("| " + " | ".join([c["label"], name, *(_fmt(s) for s in p[key])]) + " |")
+        lines.append("")
+    errors = [e for c in cells for e in c["position"]["errors"]]
+    if errors:
+        lines += ["Runs that could not be evaluated by position: " + "; ".join(errors), ""]
+    return lines
+
+
+def plot_positions(exp: dict, path: Path) -> Path | None:
+    """Loss against the bin of positions, one panel per model: carried (solid) and reset every
+    chunk (dashed), error bars = std over seeds."""
+    cells = [c for c in exp["cells"] if c["position"] is not None and c["position"]["n"]]
+    if not cells:
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(cells), figsize=(3.2 * len(cells), 3.4), squeeze=False, sharey=True)
+    for ax, c in zip(axes[0], cells):
+        p = c["position"]
+        x = list(range(len(p["bins"]) - 1))
+        for key, style, name in (("carried", "-o", "carried"), ("reset", "--s", f"reset every {p['chunk']}")):
+            ax.errorbar(x, [s["mean"] for s in p[key]], yerr=[s["std"] for s in p[key]], fmt=style,
+                        capsize=3, label=name)
+        ax.set_xticks(x, _bin_labels(p["bins"]), rotation=30, fontsize=7)
+        ax.set(title=f"{c['label']} (n={p['n']})", xlabel="position in the context")
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("validation loss")
+    fig.suptitle(exp["name"], fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
 
 
 def _pyplot():

@@ -48,13 +48,12 @@ def plan(task: Task, bins, rows: int | None = None) -> dict:
     chunks = math.ceil(bins[-1] / chunk)
     context = chunks * chunk
     fits = (task.stream_length("val") - 1) // context
-    if rows is None:
-        rows = fits
-    check_int("rows", rows)
-    if rows > fits:
+    check_int("rows", rows, allow_none=True)
+    if fits < (rows or 1):
         raise ValueError(f"the validation stream of task {task.name!r} ({task.stream_length('val'):,} steps) "
                          f"holds {fits} segment(s) of {context:,} steps (the last bin edge {bins[-1]:,} "
-                         f"in chunks of {chunk}), not rows={rows}; use smaller bins or fewer rows")
+                         f"in chunks of {chunk}), not rows={rows or 1}; use smaller bins or fewer rows")
+    rows = fits if rows is None else rows
     return {"bins": bins, "chunk": chunk, "chunks": chunks, "context": context, "rows": rows}
 
 
