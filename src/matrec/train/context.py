@@ -87,9 +87,11 @@ def loss_by_position(model: nn.Module, task: Task, bins, *, carry: bool = True, 
     return {**layout, "carry": carry, "loss": (sums / counts).tolist(), "steps": counts.astype(int).tolist()}
 
 
-def position_eval_of_run(run_dir: str | Path, bins, rows: int | None = None) -> dict:
+def position_eval_of_run(run_dir: str | Path, bins, rows: int | None = None,
+                         device: str | torch.device | None = None) -> dict:
     """:func:`loss_by_position` of a run's latest checkpoint, carried and reset:
-    ``{"step", "bins", ..., "carried": [per bin], "reset": [per bin]}``.
+    ``{"step", "bins", ..., "carried": [per bin], "reset": [per bin]}``, on ``device`` (default:
+    CUDA when available, else the CPU).
 
     The result is kept in ``<run_dir>/position_eval.json`` and reused while the checkpoint step,
     bins and rows are the same (not kept when the folder is read-only).
@@ -104,8 +106,10 @@ def position_eval_of_run(run_dir: str | Path, bins, rows: int | None = None) -> 
             return kept
     except (FileNotFoundError, json.JSONDecodeError, KeyError, TypeError):
         pass
-    carried = loss_by_position(model, task, bins, carry=True, rows=rows)
-    reset = loss_by_position(model, task, bins, carry=False, rows=rows)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model.to(device)
+    carried = loss_by_position(model, task, bins, carry=True, rows=rows, device=device)
+    reset = loss_by_position(model, task, bins, carry=False, rows=rows, device=device)
     result = {"step": meta["step"], "rows_asked": rows,
               **{k: carried[k] for k in ("bins", "chunk", "chunks", "context", "rows", "steps")},
               "carried": carried["loss"], "reset": reset["loss"]}
