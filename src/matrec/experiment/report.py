@@ -281,8 +281,12 @@ def plot_positions(exp: dict, path: Path) -> Path | None:
     if not cells:
         return None
     plt = _pyplot()
-    fig, axes = plt.subplots(1, len(cells), figsize=(3.2 * len(cells), 3.4), squeeze=False, sharey=True)
-    for ax, c in zip(axes[0], cells):
+    ncols = min(len(cells), 3)
+    nrows = math.ceil(len(cells) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.4 * ncols, 3.1 * nrows), squeeze=False, sharey=True)
+    for ax in axes.flat[len(cells):]:
+        ax.set_visible(False)
+    for ax, c in zip(axes.flat, cells):
         p = c["position"]
         x = list(range(len(p["bins"]) - 1))
         for key, style, name in (("carried", "-o", "carried"), ("reset", "--s", f"reset every {p['chunk']}")):
@@ -291,7 +295,8 @@ def plot_positions(exp: dict, path: Path) -> Path | None:
         ax.set_xticks(x, _bin_labels(p["bins"]), rotation=30, fontsize=7)
         ax.set(title=f"{c['label']} (n={p['n']})", xlabel="position in the context")
         ax.legend(fontsize=7)
-    axes[0][0].set_ylabel("validation loss")
+    for row in axes:
+        row[0].set_ylabel("validation loss")
     fig.suptitle(exp["name"], fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
