@@ -60,7 +60,8 @@ def test_token_losses_average_to_the_loss():
 
 def test_bad_layouts_are_named():
     task = build_task("forecast", **FORECAST)
-    with pytest.raises(ValueError, match=r"needs a stream task \(its state carried across chunks\); task 'copy' is not one"):
+    with pytest.raises(ValueError, match=r"needs a stream task \(its state carried across chunks\); "
+                                         r"task 'copy' is not one"):
         plan(build_task("copy"), [0, 8])
     with pytest.raises(ValueError, match=r"holds 0 segment\(s\) of 203 steps"):
         plan(task, [0, 200])

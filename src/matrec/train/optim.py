@@ -27,8 +27,8 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
     """Parameter groups, each with its own ``lr``: MORNN's orthogonal parameters at
     ``lr * orthogonal_lr_scale`` (via ``matrec.mornn_param_groups``), everything else at ``lr``.
 
-    Models without orthogonal parameters get one group (empty for a model with nothing to train). Each group also records ``base_lr``, the
-    peak the schedule scales.
+    Models without orthogonal parameters get one group (empty for a model with nothing to train).
+    Each group also records ``base_lr``, the peak the schedule scales.
     """
     groups = [dict(g) for g in mornn_param_groups(model, cfg.lr, orthogonal_lr=cfg.lr * cfg.orthogonal_lr_scale,
                                                  weight_decay=cfg.weight_decay)]
