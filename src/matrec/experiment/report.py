@@ -149,7 +149,7 @@ def summarise(runs: list[dict]) -> list[dict]:
             members.sort(key=lambda r: (r["seed"] is None, r["seed"]))
             ok = [r for r in members if r["state"] == "done"]
             reached = [r for r in ok if r["target_step"] is not None]
-            row_position = _position_stats(ok) if members[0]["position_eval"] else None
+            row_position = _position_stats(ok) if members[0].get("position_eval") else None
             rows.append({
                 "position": row_position,
                 "label": label, "swept": members[0]["swept"], "size": members[0]["size"],
@@ -167,7 +167,7 @@ def summarise(runs: list[dict]) -> list[dict]:
                 "target_seconds": _stats([r["target_seconds"] for r in reached]),
                 "seeds": [{k: r[k] for k in ("seed", "state", "reason", "step", "train_seconds", "final",
                                             "target_step", "target_seconds", "target_seconds_estimated",
-                                            "position", "run_dir")} for r in members]})
+                                            "run_dir")} | {"position": r.get("position")} for r in members]})
         # run folders list in name order (delay1000 before delay300); tables read by the numbers
         rows.sort(key=lambda r: (r["label"], sorted((k, _order(v)) for k, v in r["swept"].items())))
         out.append({"name": name, "scale": scale, "metric": metric, "target": target,
