@@ -86,6 +86,28 @@ def test_train_eval_resume_end_to_end(tmp_path, capsys):
     assert code == 0 and json.loads(out.splitlines()[-1])["step"] == 8 and "it/s" not in err
 
 
+def test_eval_with_a_changed_task_option_equals_a_run_configured_with_it(tmp_path, capsys):
+    # length extrapolation: a model trained at one task setting, evaluated at another
+    from matrec.train import Trainer, TrainConfig
+    from matrec.train.checkpoint import load_checkpoint, load_model_weights
+    code, _, _ = run(capsys, "train", "--model", "gru", "--out-dir", str(tmp_path), "--run-name", "r", *TINY)
+    run_dir = tmp_path / "r"
+    code, out, _ = run(capsys, "eval", str(run_dir), "--batches", "2", "--task-arg", "delay=9")
+    at9 = json.loads(out)
+    code4, out4, _ = run(capsys, "eval", str(run_dir), "--batches", "2")
+    assert code == 0 and code4 == 0 and at9["task_args"] == {"delay": 9} and at9["loss"] != json.loads(out4)["loss"]
+    meta, ckpt_dir, _ = load_checkpoint(run_dir)
+    cfg = TrainConfig.from_dict({**meta["config"], "task_args": {"delay": 9}, "out_dir": str(tmp_path),
+                                 "run_name": "ref", "progress": False})
+    reference = Trainer(cfg)
+    load_model_weights(reference.model, ckpt_dir)
+    expected = reference.evaluate(2)
+    assert {k: at9[k] for k in expected} == pytest.approx(expected, rel=1e-6)
+    with pytest.raises(SystemExit) as e:
+        cli.main(["eval", str(run_dir), "--task-arg", "dellay=3"])
+    assert e.value.code == 2 and "task 'copy' got unknown option(s) ['dellay']" in capsys.readouterr().err
+
+
 def test_task_args_that_are_not_json_take_the_option_type(tmp_path):
     args = cli.build_parser().parse_args(
         ["train", "--task", "forecast", "--task-arg", "periods=50,400", "--task-arg", "echo=.5",

@@ -258,8 +258,14 @@ def cmd_eval(args) -> int:
                                       **({"device": args.device} if args.device else {})})
     trainer = Trainer(cfg, run_dir=Path(args.checkpoint))
     load_model_weights(trainer.model, ckpt_dir)   # evaluation needs the weights only
-    metrics = trainer.evaluate(args.batches)
-    print(json.dumps({"step": meta["step"], "task": cfg.task, "model": cfg.model, **metrics}))
+    overrides = dict(args.task_args or [])
+    texts = {k: v for k, v in overrides.items() if isinstance(v, str)}
+    if texts:
+        from .data.tasks import parse_task_options
+        overrides.update(parse_task_options(cfg.task, texts))
+    metrics = trainer.evaluate(args.batches, task_args=overrides or None)
+    print(json.dumps({"step": meta["step"], "task": cfg.task, "model": cfg.model,
+                      **({"task_args": overrides} if overrides else {}), **metrics}))
     return 0
 
 
@@ -395,6 +401,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="run directory, its checkpoints/ folder, or a step-* folder")
     p.add_argument("--batches", type=int, default=None, help="validation batches (default: the run's eval_batches)")
     p.add_argument("--device", default=None, help="device to evaluate on (default: the run's)")
+    p.add_argument("--task-arg", dest="task_args", action="append", type=_key_value, metavar="KEY=VALUE",
+                   help="evaluate with this task option changed (repeatable), e.g. --task-arg seq_len=1024 "
+                        "for a model trained at 256: length extrapolation")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("sample", help="generate text from a checkpoint of a text task",

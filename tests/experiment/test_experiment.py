@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 
 from matrec import cli
-from matrec.experiment.report import write_report
+from matrec.experiment.report import loss_spikes, write_report
 from matrec.experiment.runner import RayBackend, _result_of, run_experiment, run_state
 from matrec.experiment.spec import check, load_experiment
 from matrec.train import Trainer, TrainConfig
+from matrec.train.checkpoint import load_checkpoint, load_model_weights
 from matrec.train.rundir import read_metrics
 from support import SRC, kill_after_first_checkpoint
 
@@ -184,6 +185,43 @@ def test_report_loss_by_position_carried_vs_reset_from_checkpoints(tmp_path, cap
     naive = cells["naive"]["position"]
     assert naive["reset_minus_carried"][2]["mean"] > 0.1
     assert (moved / "tiny-cpu-position.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+def test_eval_at_columns_in_the_report(tmp_path, capsys):
+    # each done run is also evaluated at other task settings (length extrapolation: seq_len 2x, 4x)
+    path = write_experiment(tmp_path, grid={}, eval_at=[{"delay": 7}, {"delay": 9}])
+    out = tmp_path / "out"
+    assert run_cli(capsys, "experiment", "run", str(path), "--out", str(out))[0] == 0
+    run_dir = out / "tiny" / "cpu" / "rnn-seed1"
+    status = json.loads((run_dir / "status.json").read_text())
+    cfg = TrainConfig.from_dict({**json.loads((run_dir / "config.json").read_text()),
+                                 "task_args": {"n_symbols": 3, "delay": 7}, "out_dir": str(tmp_path),
+                                 "run_name": "reference"})
+    reference = Trainer(cfg)                       # a run configured at delay 7, the final weights
+    load_model_weights(reference.model, load_checkpoint(run_dir)[1])
+    expected = reference.evaluate()
+    got = status["eval_at"][0]
+    assert got["task_args"] == {"delay": 7} and {k: got[k] for k in expected} == pytest.approx(expected)
+    assert status["eval_at"][1]["task_args"] == {"delay": 9}
+
+    status_code, text = run_cli(capsys, "experiment", "report", str(out))
+    assert status_code == 0 and "| recall at delay=7 | recall at delay=9 | train s | ms / step | loss spikes |" in text
+    cell = next(c for c in json.loads((out / "report.json").read_text())["experiments"][0]["cells"]
+                if c["label"] == "rnn")
+    at7 = [json.loads((out / "tiny" / "cpu" / f"rnn-seed{s}" / "status.json").read_text())["eval_at"][0]["recall"]
+           for s in (0, 1)]
+    assert cell["eval_at"][0]["task_args"] == {"delay": 7}
+    assert cell["eval_at"][0]["metric"]["mean"] == pytest.approx(statistics.fmean(at7))
+
+
+def test_loss_spikes_are_losses_above_1_5x_the_running_median():
+    losses = [3.0, 2.9, 2.8, 2.7, 2.6, 2.5, 2.4, 2.3, 2.2, 2.1,   # 10 records before any spike can count
+              2.0, 3.4, 2.0, 2.9, 1.9, 1.8, float("nan"), 9.0]
+    records = [{"step": 10 * (i + 1), "loss": v} for i, v in enumerate(losses)]
+    # step 120: 3.4 against the median 2.45 of the 10 before (ratio 1.39); step 180: 9.0 against
+    # the median of the finite losses before it (the NaN is neither a spike nor part of a median)
+    spikes = loss_spikes(records)
+    assert [s["step"] for s in spikes] == [180] and spikes[0]["median"] == pytest.approx(2.1)
+    assert [s["step"] for s in loss_spikes(records, ratio=1.3)] == [120, 180]
+    assert loss_spikes(records[:10]) == []
 
 
 def test_report_of_plain_train_runs(tmp_path, capsys):
@@ -269,6 +307,9 @@ BAD = [
     ({"position_eval": {"bins": [8, 4]}}, "position_eval.bins must be a list of at least 2 strictly increasing"),
     ({"position_eval": {"bins": [0, 8], "width": 3}}, "unknown key(s) ['position_eval.width']"),
     ({"position_eval": {"bins": [0, 8], "rows": 0}}, "position_eval.rows must be"),
+    ({"eval_at": {"delay": 7}}, "eval_at must be a list of non-empty tables of task options"),
+    ({"eval_at": [{}]}, "eval_at must be a list of non-empty tables"),
+    ({"eval_at": [{"dellay": 7}]}, "eval_at entry {'dellay': 7}: task 'copy' got unknown option(s) ['dellay']"),
 ]
 
 

@@ -51,6 +51,8 @@ def collect_runs(root: str | Path) -> list[dict]:
             state = {"completed": "done", "non-finite": "failed"}.get(summary.get("status"), "partial")
         records = read_metrics(run_dir / "metrics.jsonl", partial_last=True)
         evals = [r for r in records if r.get("kind") == "eval"]
+        trains = [{"step": r["step"], "loss": r["loss"]} for r in records
+                  if r.get("kind") == "train" and "loss" in r]
         timing = {}
         for line in (run_dir / "timing.jsonl").read_text().splitlines() if (run_dir / "timing.jsonl").exists() else []:
             try:
@@ -65,6 +67,8 @@ def collect_runs(root: str | Path) -> list[dict]:
                "state": state, "reason": (status or {}).get("reason", summary.get("message", "")),
                "parameters": summary.get("parameters", cell.get("parameters")), "step": step,
                "train_seconds": seconds, "final": evals[-1] if evals else {}, "evals": evals,
+               "train_losses": trains, "eval_at": (status or {}).get("eval_at", []),
+               "loss_spikes": loss_spikes(trains),
                "metric": cell.get("metric", "loss"), "target": cell.get("target"),
                "matching": cell.get("matching", ""), "size": cell.get("size", ""),
                "position_eval": cell.get("position_eval"), "position": None,
@@ -92,6 +96,22 @@ def _position_of(run_dir: Path, settings: dict) -> dict:
         return position_eval_of_run(run_dir, settings["bins"], settings.get("rows"))
     except Exception as e:   # noqa: BLE001 - reported beside the table
         return {"error": f"{type(e).__name__}: {e}"}
+SPIKE_RATIO, SPIKE_WINDOW = 1.5, 10
+
+
+def loss_spikes(train_losses: list[dict], ratio: float = SPIKE_RATIO, window: int = SPIKE_WINDOW) -> list[dict]:
+    """The logged training losses above ``ratio`` x the median of the finite ones among the ``window``
+    logged losses before them (a loss spike; the first ``window`` records are never spikes)."""
+    spikes = []
+    for i in range(window, len(train_losses)):
+        before = [r["loss"] for r in train_losses[i - window:i] if math.isfinite(r["loss"])]
+        loss = train_losses[i]["loss"]
+        if not before or not math.isfinite(loss):
+            continue
+        median = statistics.median(before)
+        if loss > ratio * median:
+            spikes.append({"step": train_losses[i]["step"], "loss": loss, "median": median})
+    return spikes
 
 
 def _stats(values: list[float]) -> dict:
@@ -162,12 +182,15 @@ def summarise(runs: list[dict]) -> list[dict]:
                 "train_seconds": _stats([r["train_seconds"] for r in ok]),
                 "step_ms": _stats([1000 * r["train_seconds"] / r["step"] for r in ok
                                    if r["train_seconds"] is not None and r["step"]]),
+                "eval_at": _eval_at_stats(ok, metric),
+                "loss_spikes": sum(len(r["loss_spikes"]) for r in members),
                 "target_reached": len(reached),
                 "target_step": _stats([r["target_step"] for r in reached]),
                 "target_seconds": _stats([r["target_seconds"] for r in reached]),
                 "seeds": [{k: r[k] for k in ("seed", "state", "reason", "step", "train_seconds", "final",
-                                            "target_step", "target_seconds", "target_seconds_estimated",
-                                            "run_dir")} | {"position": r.get("position")} for r in members]})
+                                            "eval_at", "loss_spikes", "target_step", "target_seconds",
+                                            "target_seconds_estimated", "run_dir")} | {"position": r.get("position")}
+                          for r in members]})
         # run folders list in name order (delay1000 before delay300); tables read by the numbers
         rows.sort(key=lambda r: (r["label"], sorted((k, _order(v)) for k, v in r["swept"].items())))
         out.append({"name": name, "scale": scale, "metric": metric, "target": target,
@@ -176,10 +199,32 @@ def summarise(runs: list[dict]) -> list[dict]:
     return out
 
 
+def _eval_at_stats(runs: list[dict], metric: str) -> list[dict]:
+    """Per ``eval_at`` setting (in the order the runs list them): the metric's mean ± std over ``runs``."""
+    settings = {}
+    for r in runs:
+        for e in r["eval_at"]:
+            settings.setdefault(json.dumps(e["task_args"], sort_keys=True), e["task_args"])
+    return [{"task_args": options,
+             "metric": _stats([next((e.get(metric) for e in r["eval_at"]
+                                     if json.dumps(e["task_args"], sort_keys=True) == key), None) for r in runs])}
+            for key, options in settings.items()]
+
+
+def _eval_at_label(options: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in options.items())
+
+
 def table(exp: dict) -> str:
     metric, swept = exp["metric"], exp["swept"]
+    extra = []   # the eval_at settings of any cell, in first-seen order
+    for c in exp["cells"]:
+        for e in c["eval_at"]:
+            if e["task_args"] not in extra:
+                extra.append(e["task_args"])
     header = ["model", *(k.rsplit(".", 1)[-1] for k in swept), "params", "runs ok", "steps",
-              f"{metric} (mean ± std)", *(["loss"] if metric != "loss" else []), "train s", "ms / step"]
+              f"{metric} (mean ± std)", *(["loss"] if metric != "loss" else []),
+              *(f"{metric} at {_eval_at_label(o)}" for o in extra), "train s", "ms / step", "loss spikes"]
     if exp["target"]:
         header += [f"steps to {exp['target']}", "seconds to target"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -188,8 +233,9 @@ def table(exp: dict) -> str:
             f" ({c['partial']} partial)" if c["partial"] else "")
         row = [c["label"], *(json.dumps(c["swept"].get(k)) for k in swept),
                "-" if c["parameters"] is None else f"{c['parameters']:,}", ok, _fmt_count(c["steps"]),
-               _fmt(c["metric"]), *([_fmt(c["loss"])] if metric != "loss" else []), _fmt(c["train_seconds"], 3),
-               _fmt(c["step_ms"], 3)]
+               _fmt(c["metric"]), *([_fmt(c["loss"])] if metric != "loss" else []),
+               *(next((_fmt(e["metric"]) for e in c["eval_at"] if e["task_args"] == o), "-") for o in extra),
+               _fmt(c["train_seconds"], 3), _fmt(c["step_ms"], 3), str(c["loss_spikes"])]
         if exp["target"]:
             if not c["target_reached"]:
                 row += ["not reached", "not reached"]
@@ -345,13 +391,18 @@ def plot_swept(exp: dict, path: Path) -> Path | None:
 
 def plot_curves(exp: dict, path: Path) -> Path | None:
     """Learning curves: the eval metric against step, mean over seeds with a band from the lowest
-    to the highest seed; one panel per combination of swept values."""
+    to the highest seed; one panel per combination of swept values. With the loss as the metric,
+    the logged training loss too (dashed, mean over seeds, same colour)."""
     metric = exp["metric"]
     panels = defaultdict(lambda: defaultdict(list))
+    train_panels = defaultdict(lambda: defaultdict(list))
     for run in exp["_runs"]:
         curve = {r["step"]: r[metric] for r in run["evals"] if metric in r}
         if curve:
             panels[json.dumps(run["swept"], sort_keys=True)][run["label"]].append(curve)
+        if metric == "loss" and run["train_losses"]:
+            train_panels[json.dumps(run["swept"], sort_keys=True)][run["label"]].append(
+                {r["step"]: r["loss"] for r in run["train_losses"]})
     if not panels:
         return None
     plt = _pyplot()
@@ -367,8 +418,13 @@ def plot_curves(exp: dict, path: Path) -> Path | None:
             if len(curves) > 1:
                 ax.fill_between(steps, [min(v) for v in vals], [max(v) for v in vals], alpha=0.2,
                                 color=line.get_color())
+            train = train_panels[key].get(label, [])
+            train_steps = sorted(set.intersection(*(set(c) for c in train))) if train else []
+            if train_steps:
+                ax.plot(train_steps, [statistics.fmean(c[s] for c in train) for s in train_steps], "--",
+                        color=line.get_color(), linewidth=0.8)
         swept = json.loads(key)
-        ax.set(xlabel="step", ylabel=f"eval {metric}",
+        ax.set(xlabel="step", ylabel=f"eval {metric}" + (" (train dashed)" if train_panels else ""),
                title=", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in swept.items()) or exp["name"])
         if metric == "loss":
             ax.set_yscale("log")

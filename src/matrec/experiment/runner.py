@@ -2,7 +2,8 @@
 
 A run directory gets, beside what the Trainer writes, ``cell.json`` (its place in the experiment),
 ``timing.jsonl`` (training seconds at each evaluation, for the time to a target) and, once it ends,
-``status.json`` (``done`` or ``failed``, and why). Its state, read from disk alone: ``new`` (no
+``status.json`` (``done`` or ``failed``, and why; the final model's metrics at the file's ``eval_at``
+task settings). Its state, read from disk alone: ``new`` (no
 directory), ``partial`` (no final status: interrupted, or running now), ``done``, ``failed``.
 """
 from __future__ import annotations
@@ -129,6 +130,9 @@ def run_cell(spec: dict) -> dict:
             if cell.get("seconds") is not None and trainer.elapsed >= cell["seconds"]:
                 reason = "time budget"
                 break
+        # the final model at other task settings (e.g. 2x and 4x the training context); a run killed
+        # here stays partial and its resume, at the last step already, only evaluates
+        extra = [{"task_args": o, **trainer.evaluate(task_args=o)} for o in cell.get("eval_at") or []]
     except NonFiniteError as e:
         return _record(run_dir, "failed", f"diverged: {e}", cell, trainer=trainer)
     except RunDirError as e:
@@ -138,11 +142,11 @@ def run_cell(spec: dict) -> dict:
     except Exception as e:   # noqa: BLE001
         return _record(run_dir, "failed", f"{type(e).__name__}: {e}", cell, trainer=trainer,
                        tb=traceback.format_exc())
-    return _record(run_dir, "done", reason, cell, trainer=trainer)
+    return _record(run_dir, "done", reason, cell, trainer=trainer, eval_at=extra)
 
 
 def _record(run_dir: Path, state: str, reason: str, cell: dict, trainer: Trainer | None = None,
-            tb: str = "") -> dict:
+            tb: str = "", eval_at: list | None = None) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     if not (run_dir / "cell.json").exists():
         write_json_atomic(run_dir / "cell.json", cell)
@@ -150,6 +154,8 @@ def _record(run_dir: Path, state: str, reason: str, cell: dict, trainer: Trainer
               "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     if trainer is not None:
         status.update(step=trainer.step, train_seconds=round(trainer.elapsed, 4), eval=trainer.last_eval)
+    if eval_at:
+        status["eval_at"] = eval_at
     if tb:
         status["traceback"] = tb
     write_json_atomic(run_dir / "status.json", status)

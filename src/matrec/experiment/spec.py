@@ -25,7 +25,7 @@ from ..train.context import check_bins, plan
 
 SCALES = ("cpu", "gpu")
 TOP_KEYS = {"name", "description", "task", "task_args", "models", "train", "grid", "seeds", "budget",
-            "target", "stop_at_target", "metric", "matching", "position_eval", "scales"}
+            "target", "stop_at_target", "metric", "matching", "position_eval", "eval_at", "scales"}
 POSITION_KEYS = {"bins", "rows"}
 MODEL_KEYS = {"model", "model_args", "train", "size", "grid"}
 BUDGET_KEYS = {"steps", "seconds"}
@@ -102,6 +102,7 @@ class Experiment:
     stop_at_target: bool
     seconds: float | None
     matching: str
+    eval_at: list = field(default_factory=list)   # task-option overrides each done run is also evaluated at
     position_eval: dict | None = None   # {"bins": [...], "rows": int | None}: the report's loss by position
     cells: list[Cell] = field(default_factory=list)
     parameters: dict = field(default_factory=dict)   # label -> count, filled by check()
@@ -112,7 +113,7 @@ class Experiment:
                 "swept": cell.swept, "seed": cell.seed, "size": cell.size, "metric": self.metric,
                 "target": None if self.target is None else str(self.target),
                 "stop_at_target": self.stop_at_target, "seconds": self.seconds, "matching": self.matching,
-                "position_eval": self.position_eval}
+                "position_eval": self.position_eval, "eval_at": self.eval_at}
 
 
 def _token(value) -> str:
@@ -271,11 +272,15 @@ def load_experiment(path: str | Path, scale: str, out_dir: str | Path) -> Experi
             check_int(f"{at('position_eval')}.rows", position["rows"], allow_none=True)
         except ValueError as e:
             raise ExperimentError(f"{where}: {e}") from None
+    eval_at = spec.get("eval_at", [])
+    if not isinstance(eval_at, list) or any(not isinstance(o, dict) or not o for o in eval_at):
+        raise bad(at("eval_at"), "a list of non-empty tables of task options (e.g. [{ seq_len = 512 }])",
+                  eval_at)
 
     exp = Experiment(name=name, scale=scale, path=str(path), description=spec.get("description", ""),
                      task=task, metric=metric, target=target, stop_at_target=stop,
                      seconds=None if seconds is None else float(seconds), matching=spec.get("matching", ""),
-                     position_eval=position)
+                     position_eval=position, eval_at=eval_at)
     folder = Path(out_dir) / name / scale
     keys = list(grid)
     for label, m in models.items():
@@ -327,6 +332,13 @@ def check(exp: Experiment) -> None:
         except (TypeError, ValueError) as e:
             raise ExperimentError(f"{where}: run {cell.name!r} (model {cfg.model!r}, model_args "
                                   f"{cfg.model_args}, task_args {cfg.task_args}): {e}") from None
+        for options in exp.eval_at:
+            merged = json.dumps([cfg.task, {**cfg.task_args, **options}], sort_keys=True, default=repr)
+            if merged not in tasks:
+                try:
+                    tasks[merged] = build_task(cfg.task, **{**cfg.task_args, **options})
+                except (TypeError, ValueError) as e:
+                    raise ExperimentError(f"{where}: eval_at entry {options}: {e}") from None
         counts[key] = sum(p.numel() for p in model.parameters())
         del model
         exp.parameters.setdefault(cell.label, counts[key])

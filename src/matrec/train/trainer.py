@@ -283,29 +283,34 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation / checkpoints
 
     @torch.no_grad()
-    def evaluate(self, batches: int | None = None) -> dict[str, float]:
+    def evaluate(self, batches: int | None = None, task_args: dict | None = None) -> dict[str, float]:
         """Mean task metrics over ``batches`` validation batches (a fixed set: the same every call).
 
         Stream tasks are read from the start of the validation stream with the state carried.
+        ``task_args`` overrides some of the run's task options for this evaluation alone (the task
+        is rebuilt with them), e.g. ``{"seq_len": 1024}`` to measure length extrapolation.
         """
         batches = check_int("batches", self.cfg.eval_batches if batches is None else batches)
+        if task_args is not None and not isinstance(task_args, dict):
+            raise TypeError(f"task_args must be a dict of task options, got {type(task_args).__name__}")
+        task = build_task(self.cfg.task, **{**self.cfg.task_args, **task_args}) if task_args else self.task
         gen = torch.Generator().manual_seed(self.cfg.seed + 1)
-        saved = self.task.state_dict()
-        self.task.reset("val")
+        saved = task.state_dict()
+        task.reset("val")
         was_training = self.model.training
         self.model.eval()
         totals: dict[str, float] = defaultdict(float)
         state = None
         for _ in range(batches):
-            x, y = self.task.get_batch("val", self.cfg.batch_size, gen)  # full batch on every rank
+            x, y = task.get_batch("val", self.cfg.batch_size, gen)  # full batch on every rank
             x, y = x.to(self.device), y.to(self.device)
             with self._autocast():
                 out, new_state = self.model(x, state)
-            if self.task.stream:
+            if task.stream:
                 state = new_state
-            for k, v in self.task.metrics(out.float(), y).items():
+            for k, v in task.metrics(out.float(), y).items():
                 totals[k] += v / batches
-        self.task.load_state_dict(saved)
+        task.load_state_dict(saved)
         self.model.train(was_training)
         return dict(totals)
 
