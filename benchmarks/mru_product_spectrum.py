@@ -3,7 +3,7 @@ ablation's run directories by default), the largest and smallest singular values
 running product ``P_t = M_1 M_2 ... M_t`` over one long validation sequence (``--length``, default
 65,536 tokens), per construction.
 
-    python benchmarks/mru_product_spectrum.py [--runs runs/experiments/mru_ablation/cpu] [--length 65536]
+    python benchmarks/mru_product_spectrum.py [--runs runs/experiments/mru_ablation/cpu/*-seed0] [--length 65536]
 
 Why not the model's own scan: ``P_t`` of a non-orthogonal construction can leave float32's range
 (3.4e38) long before T = 65,536, and even float64's (1.8e308); the singular values themselves are
@@ -120,15 +120,17 @@ def state_matrices_of_run(run_dir: Path, length: int) -> dict[str, torch.Tensor]
     return out
 
 
-def analyse(runs: Path, length: int, chunk: int = 64) -> Table:
+def analyse(runs: Path | list[Path], length: int, chunk: int = 64) -> Table:
+    """One row per model (construction) over the run directories under ``runs`` (a folder or several)."""
     table = Table({"construction": "construction", "seeds": "seeds", "max_top": "max log10 σ_max",
                    "min_bottom": "min log10 σ_min", "end_top": "log10 σ_max at T",
                    "end_bottom": "log10 σ_min at T", "f32": "float32 overflow"},
                   title=f"running products over T = {length:,} validation tokens",
-                  formats={k: "{:.3g}" for k in ("max_top", "min_bottom", "end_top", "end_bottom")},
+                  formats={k: "{:.1f}" for k in ("max_top", "min_bottom", "end_top", "end_bottom")},
                   stream=True)
     groups: dict[str, list[Path]] = {}
-    for config in sorted(runs.rglob("config.json")):
+    folders = [runs] if isinstance(runs, (str, Path)) else runs
+    for config in sorted(c for folder in folders for c in Path(folder).rglob("config.json")):
         run_dir = config.parent
         if not (run_dir / "checkpoints" / "latest.json").is_file():
             continue
@@ -154,14 +156,15 @@ def analyse(runs: Path, length: int, chunk: int = 64) -> Table:
 
 def main(argv=None) -> Table | None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--runs", default="runs/experiments/mru_ablation/cpu",
-                   help="folder holding trained run directories (searched recursively)")
+    p.add_argument("--runs", nargs="+", default=["runs/experiments/mru_ablation/cpu"],
+                   help="folders holding trained run directories (searched recursively), or run directories")
     p.add_argument("--length", type=int, default=65536, help="sequence length T")
     p.add_argument("--chunk", type=int, default=64, help="steps between renormalisations")
     args = p.parse_args(argv)
-    runs = Path(args.runs)
-    if not runs.is_dir():
-        print(f"no run directories under {runs}: train them first, e.g. `matrec experiment run "
+    runs = [Path(r) for r in args.runs]
+    missing = [str(r) for r in runs if not r.is_dir()]
+    if missing:
+        print(f"no run directories under {missing}: train them first, e.g. `matrec experiment run "
               f"experiments/mru_ablation.toml --scale cpu`, or pass --runs", file=sys.stderr)
         return None
     torch.set_num_threads(1)

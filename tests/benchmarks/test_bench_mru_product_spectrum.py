@@ -87,7 +87,7 @@ def test_a_trained_runs_state_matrices_are_its_layers(tmp_path):
     # (the layer's scan multiplies in another order: rounding differs at ~1e-8 after 150 steps)
     torch.testing.assert_close(top, s[..., 0].log(), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(bottom, s[..., -1].log(), rtol=1e-6, atol=1e-6)
-    table = spectrum.analyse(tmp_path / "runs", T)
+    table = spectrum.main(["--runs", str(tmp_path / "runs" / "r"), "--length", str(T)])
     row, = table.rows
     assert row["seeds"] == 1 and row["max_top"] == pytest.approx(s[..., 0].max().log10().item(), rel=1e-6)
     assert row["f32"] == "no"
