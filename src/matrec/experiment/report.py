@@ -407,14 +407,21 @@ def plot_curves(exp: dict, path: Path) -> Path | None:
         return None
     plt = _pyplot()
     keys = sorted(panels)[:8]
-    fig, axes = plt.subplots(1, len(keys), figsize=(4.6 * len(keys), 3.6), squeeze=False)
+    labels = list(dict.fromkeys(label for key in keys for label in panels[key]))
+    # one colour per model across panels; more than 10 models need a 20-colour map to stay distinct
+    cmap = plt.get_cmap("tab10" if len(labels) <= 10 else "tab20")
+    colours = {label: cmap(i % cmap.N) for i, label in enumerate(labels)}
+    wide = len(labels) > 6   # a long legend goes beside the panel, not over the curves
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.6 * len(keys) + 2.2 * wide, 3.6 + 0.8 * wide),
+                             squeeze=False)
     for ax, key in zip(axes[0], keys):
         for label, curves in panels[key].items():
             steps = sorted(set.intersection(*(set(c) for c in curves)))
             if not steps:
                 continue
             vals = [[c[s] for c in curves] for s in steps]
-            line, = ax.plot(steps, [statistics.fmean(v) for v in vals], label=f"{label} (n={len(curves)})")
+            line, = ax.plot(steps, [statistics.fmean(v) for v in vals], label=f"{label} (n={len(curves)})",
+                            color=colours[label])
             if len(curves) > 1:
                 ax.fill_between(steps, [min(v) for v in vals], [max(v) for v in vals], alpha=0.2,
                                 color=line.get_color())
@@ -428,7 +435,10 @@ def plot_curves(exp: dict, path: Path) -> Path | None:
                title=", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in swept.items()) or exp["name"])
         if metric == "loss":
             ax.set_yscale("log")
-        ax.legend(fontsize=7)
+        if wide:
+            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        else:
+            ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
