@@ -90,4 +90,11 @@ def test_a_trained_runs_state_matrices_are_its_layers(tmp_path):
     table = spectrum.main(["--runs", str(tmp_path / "runs" / "r"), "--length", str(T)])
     row, = table.rows
     assert row["seeds"] == 1 and row["max_top"] == pytest.approx(s[..., 0].max().log10().item(), rel=1e-6)
+    assert row["train_top"] == pytest.approx(s[:, 15, 0].max().log10().item(), rel=1e-6)   # trained at seq_len 16
     assert row["f32"] == "no"
+    # a run without an MRU layer is left out (no forward over the long sequence)
+    other = TrainConfig.from_dict({**cfg.to_dict(), "model": "attn", "model_args": {"d_model": 8, "n_layers": 1},
+                                   "run_name": "a"})
+    Trainer(other).train()
+    assert spectrum.state_matrices_of_run(tmp_path / "runs" / "a", T) == {}
+    assert len(spectrum.analyse(tmp_path / "runs", T).rows) == 1
