@@ -183,13 +183,15 @@ def summarise(runs: list[dict]) -> list[dict]:
                 "step_ms": _stats([1000 * r["train_seconds"] / r["step"] for r in ok
                                    if r["train_seconds"] is not None and r["step"]]),
                 "eval_at": _eval_at_stats(ok, metric),
-                "loss_spikes": sum(len(r["loss_spikes"]) for r in members),
+                "loss_spikes": sum(len(r.get("loss_spikes", [])) for r in members),
                 "target_reached": len(reached),
                 "target_step": _stats([r["target_step"] for r in reached]),
                 "target_seconds": _stats([r["target_seconds"] for r in reached]),
-                "seeds": [{k: r[k] for k in ("seed", "state", "reason", "step", "train_seconds", "final",
-                                            "eval_at", "loss_spikes", "target_step", "target_seconds",
-                                            "target_seconds_estimated", "run_dir")} | {"position": r.get("position")}
+                # (records built by hand, not by collect_runs, may lack eval_at and loss_spikes)
+                "seeds": [{k: r.get(k, []) if k in ("eval_at", "loss_spikes") else r[k]
+                           for k in ("seed", "state", "reason", "step", "train_seconds", "final", "eval_at",
+                                     "loss_spikes", "target_step", "target_seconds",
+                                     "target_seconds_estimated", "run_dir")} | {"position": r.get("position")}
                           for r in members]})
         # run folders list in name order (delay1000 before delay300); tables read by the numbers
         rows.sort(key=lambda r: (r["label"], sorted((k, _order(v)) for k, v in r["swept"].items())))
@@ -203,10 +205,10 @@ def _eval_at_stats(runs: list[dict], metric: str) -> list[dict]:
     """Per ``eval_at`` setting (in the order the runs list them): the metric's mean ± std over ``runs``."""
     settings = {}
     for r in runs:
-        for e in r["eval_at"]:
+        for e in r.get("eval_at", []):
             settings.setdefault(json.dumps(e["task_args"], sort_keys=True), e["task_args"])
     return [{"task_args": options,
-             "metric": _stats([next((e.get(metric) for e in r["eval_at"]
+             "metric": _stats([next((e.get(metric) for e in r.get("eval_at", [])
                                      if json.dumps(e["task_args"], sort_keys=True) == key), None) for r in runs])}
             for key, options in settings.items()]
 
@@ -400,7 +402,7 @@ def plot_curves(exp: dict, path: Path) -> Path | None:
         curve = {r["step"]: r[metric] for r in run["evals"] if metric in r}
         if curve:
             panels[json.dumps(run["swept"], sort_keys=True)][run["label"]].append(curve)
-        if metric == "loss" and run["train_losses"]:
+        if metric == "loss" and run.get("train_losses"):
             train_panels[json.dumps(run["swept"], sort_keys=True)][run["label"]].append(
                 {r["step"]: r["loss"] for r in run["train_losses"]})
     if not panels:
