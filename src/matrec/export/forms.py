@@ -38,6 +38,9 @@ from ..ops.rnn_recurrence.scan_form import recurrence_scan
 from ..ops.state_matrix import state_matrix
 
 MODES = ("sequence", "step")
+# MRU constructions made of elementwise ops and matmuls; the others need a linear solve, slogdet,
+# matrix_exp or a Householder product, which the ONNX exporter cannot translate (docs/deploy.md)
+EXPORTABLE_STATE_MATRICES = ("identity", "ldu")
 
 
 class UnsupportedModelError(ValueError):
@@ -46,7 +49,7 @@ class UnsupportedModelError(ValueError):
 
 def _unsupported(what: str, why: str) -> UnsupportedModelError:
     return UnsupportedModelError(
-        f"model cannot be exported: {what} {why}. Supported: SequenceModel with mixers mru, mlp, "
+        f"model cannot be exported: {what} {why}. Supported: SequenceModel with mixers mru (ldu, identity), mlp, "
         f"linear_attn, attn (rope or no positions, no window), rnn, mornn; RecurrentModel with "
         f"nn.RNN or MORNN (one direction)")
 
@@ -95,6 +98,9 @@ class _MRUForm(nn.Module):
 
     def __init__(self, mru: MRU, unrolled: bool) -> None:
         super().__init__()
+        if mru.state_matrix not in EXPORTABLE_STATE_MATRICES:
+            raise _unsupported(f"an MRU with state_matrix={mru.state_matrix!r}",
+                               f"has no export form (exportable constructions: {list(EXPORTABLE_STATE_MATRICES)})")
         self.mru, self.unrolled = mru, unrolled
 
     def state_shapes(self, B: int):
