@@ -250,6 +250,29 @@ def _load_for_inference(path):
     return load_for_inference(path, vocabulary_only=True)
 
 
+def cmd_export(args) -> int:
+    from .export import export, exportable
+    from .export.runtimes import check_format
+    check_int("--max-length", args.max_length)
+    check_format(args.format)   # the extra before any work
+    out = Path(args.out) if args.out else (
+        Path(args.run_dir) / f"model-{args.mode}.{'onnx' if args.format == 'onnx' else 'pte'}")
+    for p in (out, Path(str(out) + ".json")):
+        if p.exists():
+            raise ValueError(f"--out {str(p)!r} exists; nothing was overwritten (choose another path)")
+    cfg, _, model, meta = _load_for_inference(args.run_dir)
+    try:
+        form = exportable(model, args.mode)
+    except ValueError as e:
+        raise ValueError(f"RUN_DIR {args.run_dir!r} (model {cfg.model!r}): {e}") from None
+    info = export(form, out, args.format, max_length=args.max_length)
+    print(json.dumps({"out": str(out), "metadata": str(out) + ".json", "step": meta["step"],
+                      "model": cfg.model, "format": args.format, "mode": args.mode,
+                      "bytes": out.stat().st_size, **({"delegation": info["delegation"]}
+                                                      if "delegation" in info else {})}))
+    return 0
+
+
 def cmd_eval(args) -> int:
     from .train import Trainer
     from .train.checkpoint import load_checkpoint, load_model_weights
@@ -444,6 +467,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=lambda args: __import__("matrec.hf.export", fromlist=["cmd_export_hf"])
                    .cmd_export_hf(args))
 
+    p = sub.add_parser("export", help="export a checkpoint to ONNX or ExecuTorch for edge inference",
+                       description="Write a run's latest checkpoint as one ONNX model or ExecuTorch "
+                       "program that takes and returns the recurrent state as plain tensors "
+                       "(docs/deploy.md), plus PATH.json describing its inputs and state. Needs the "
+                       "export extra.")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="run directory, its checkpoints/ folder, or a step-* folder")
+    p.add_argument("--format", required=True, choices=["onnx", "executorch"], help="onnx (.onnx) or "
+                   "executorch (.pte, XNNPACK-delegated)")
+    p.add_argument("--mode", default="sequence", choices=["sequence", "step"], help="sequence: one graph "
+                   "for any length T (a prompt and single steps; default); step: T = 1 only, smaller")
+    p.add_argument("--out", default=None, help="output file (default RUN_DIR/model-MODE.onnx|pte); must not exist")
+    p.add_argument("--max-length", type=int, default=4096, help="longest T (and attention cache) the "
+                   "graph accepts; ExecuTorch plans memory for it (default 4096)")
+    p.set_defaults(func=cmd_export)
+
     p = sub.add_parser("import-hf", help="start a run from a transformers directory (to fine-tune it)",
                        description="Write RUN_DIR with a step-0 checkpoint holding HF_DIR's weights; "
                        "`matrec train --resume RUN_DIR --steps N` then trains it. The model comes "
@@ -461,7 +499,7 @@ def build_parser() -> argparse.ArgumentParser:
 # optional (metrics.jsonl is written without it) and tokenizers is checked by the text tasks
 EXTRAS = {"train": ["safetensors", "tqdm", "matplotlib"], "compare": ["safetensors", "tqdm", "matplotlib"],
           "eval": ["safetensors"], "sample": ["safetensors"], "bench": [],
-          "export-hf": ["safetensors"],   # and transformers: matrec.hf names the hf extra itself
+          "export-hf": ["safetensors"], "export": ["safetensors"],   # and transformers: matrec.hf names the hf extra itself
           "experiment": ["safetensors", "tqdm", "matplotlib"],
           "import-hf": ["safetensors", "tqdm", "matplotlib"]}
 
