@@ -30,6 +30,13 @@ def sync(device: torch.device) -> None:
 
 def best_ms_each(fns: dict[str, Callable[[], object]], device, repeats: int, warmup: int = 1) -> dict[str, float]:
     """Best wall time in milliseconds of each function, run round-robin after ``warmup`` rounds."""
+    return {name: min(t) for name, t in times_ms_each(fns, device, repeats, warmup).items()}
+
+
+def times_ms_each(fns: dict[str, Callable[[], object]], device, repeats: int,
+                  warmup: int = 1) -> dict[str, list[float]]:
+    """Every timed run's wall time in milliseconds, per function, run round-robin after ``warmup``
+    rounds (:func:`best_ms_each` keeps the minimum; a script may report the median instead)."""
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     for _ in range(warmup):
@@ -43,7 +50,7 @@ def best_ms_each(fns: dict[str, Callable[[], object]], device, repeats: int, war
             fn()
             sync(device)
             times[name].append((time.perf_counter() - t0) * 1e3)
-    return {name: min(t) for name, t in times.items()}
+    return times
 
 
 def best_ms(fn: Callable[[], object], device, repeats: int, warmup: int = 1) -> float:

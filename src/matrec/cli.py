@@ -499,7 +499,8 @@ def build_parser() -> argparse.ArgumentParser:
 # optional (metrics.jsonl is written without it) and tokenizers is checked by the text tasks
 EXTRAS = {"train": ["safetensors", "tqdm", "matplotlib"], "compare": ["safetensors", "tqdm", "matplotlib"],
           "eval": ["safetensors"], "sample": ["safetensors"], "bench": [],
-          "export-hf": ["safetensors"], "export": ["safetensors"],   # and transformers: matrec.hf names the hf extra itself
+          "export-hf": ["safetensors"],   # and transformers: matrec.hf names the hf extra itself
+          "export": ["safetensors"],   # and the export extra: matrec.export names it itself
           "experiment": ["safetensors", "tqdm", "matplotlib"],
           "import-hf": ["safetensors", "tqdm", "matplotlib"]}
 

@@ -4,10 +4,10 @@
 a padding mask); :func:`export` writes it as ``.onnx`` or ``.pte``; :func:`load` runs it. The
 runtimes need the ``export`` extra; this package imports without it.
 """
-from .forms import MODES, ExportForm, UnsupportedModelError, exportable, initial_tensor
+from .forms import MODES, ExportForm, UnsupportedModelError, export_state, exportable, initial_tensor
 from .runtimes import (FORMATS, ExecuTorchRunner, OnnxRunner, Runner, check_format, delegation,
                        export, export_executorch, export_onnx, load, lower_executorch)
 
-__all__ = ["MODES", "FORMATS", "ExportForm", "UnsupportedModelError", "exportable", "initial_tensor",
+__all__ = ["MODES", "FORMATS", "ExportForm", "UnsupportedModelError", "exportable", "export_state", "initial_tensor",
            "export", "export_onnx", "export_executorch", "lower_executorch", "delegation", "load",
            "Runner", "OnnxRunner", "ExecuTorchRunner", "check_format"]

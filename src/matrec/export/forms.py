@@ -288,6 +288,24 @@ class ExportForm(nn.Module):
         return (m.head(m.norm(h)), *new_state)
 
 
+def export_state(form: ExportForm, state) -> list[Tensor]:
+    """The flat state of ``form`` from its model's own state (what ``model(x, state)`` returned), to
+    continue in a runtime a sequence begun in PyTorch. An attention cache ``(k, v, position)`` gets
+    every slot marked valid."""
+    if form.kind == "recurrent":
+        return [state]
+    flat: list[Tensor] = []
+    for form_i, s in zip(form.forms, state):
+        if isinstance(form_i, _AttentionForm):
+            k, v, _ = s
+            flat += [k, v, torch.ones(k.shape[0], k.shape[-2], dtype=torch.bool)]
+        elif isinstance(s, Tensor):
+            flat.append(s)
+        elif s is not None:
+            flat += list(s)
+    return flat
+
+
 def initial_tensor(spec: dict) -> Tensor:
     """The starting value of one state tensor from its :meth:`ExportForm.state_spec` entry."""
     shape = spec["shape"]
