@@ -80,7 +80,13 @@ def measure(quick: bool, contexts: list[int], repeats: int, runtimes=RUNTIMES, o
             "executorch": importlib.util.find_spec("executorch") is not None}
     result = {"latency": {}, "state_bytes": {}, "file_bytes": {}, "delegation": {}, "skipped": {},
               "compile_s": {}}
-    tmp = Path(out_dir or tempfile.mkdtemp(prefix="matrec-inference-"))
+    # every (model, runtime, context) cell timed round-robin in one loop: load bursts on the shared
+    # machine hit all cells alike, so the comparisons across models and contexts stay fair
+    fns = {}
+    if out_dir is None:  # the exported files live as long as this call
+        with tempfile.TemporaryDirectory(prefix="matrec-inference-") as d:
+            return measure(quick, contexts, repeats, runtimes, d)
+    tmp = Path(out_dir)
     for name, build in models(quick).items():
         torch.manual_seed(0)
         model = build().eval()
@@ -106,8 +112,6 @@ def measure(quick: bool, contexts: list[int], repeats: int, runtimes=RUNTIMES, o
         x = torch.randint(0, model.vocab_size, (1, 1))
         mask = torch.ones(1, 1, dtype=torch.bool)
         compiled = torch.compile(form) if "torch.compile" in runtimes else None
-        # every (runtime, context) cell of this model timed round-robin, so load bursts hit all alike
-        fns = {}
         for L in contexts:
             own = state_at(model, L)
             flat = [t.contiguous() for t in export_state(form, own)]
@@ -115,19 +119,19 @@ def measure(quick: bool, contexts: list[int], repeats: int, runtimes=RUNTIMES, o
             args = [x, mask, *flat]
             for runtime in runtimes:
                 if runtime == "eager":
-                    fns[runtime, L] = lambda own=own: model(x, own)
+                    fns[name, runtime, L] = lambda model=model, x=x, own=own: model(x, own)
                 elif runtime == "torch.compile":
                     t0 = time.perf_counter()
                     with torch.no_grad():
                         compiled(*args)  # compiles (again for a new cache length)
                     result["compile_s"][name, L] = time.perf_counter() - t0
-                    fns[runtime, L] = lambda args=args: compiled(*args)
+                    fns[name, runtime, L] = lambda c=compiled, args=args: c(*args)
                 elif runtime in runners:
-                    fns[runtime, L] = lambda r=runners[runtime], args=args: r(args)
-        with torch.no_grad():
-            times = times_ms_each(fns, "cpu", repeats, warmup=3)
-        for (runtime, L), t in times.items():
-            result["latency"][name, runtime, L] = statistics.median(t) * 1e3
+                    fns[name, runtime, L] = lambda r=runners[runtime], args=args: r(args)
+    with torch.no_grad():
+        times = times_ms_each(fns, "cpu", repeats, warmup=3)
+    for key, t in times.items():
+        result["latency"][key] = statistics.median(t) * 1e3
     return result
 
 
@@ -193,7 +197,7 @@ def targets(result: dict, contexts: list[int]) -> list[str]:
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--contexts", default="256,1024,4096,16384", help="comma-separated context lengths")
-    ap.add_argument("--repeats", type=int, default=30, help="timed calls per cell (the median is reported)")
+    ap.add_argument("--repeats", type=int, default=100, help="timed calls per cell (the median is reported)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-compile", action="store_true", help="leave out torch.compile (it compiles "
                     "each model once, and the attention LM once per context length)")

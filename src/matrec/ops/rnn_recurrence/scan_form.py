@@ -3,6 +3,7 @@ the definition (:mod:`.naive`), with a padding mask. Inference only (no custom o
 kernel): what ``matrec.export`` puts in an exported graph."""
 from __future__ import annotations
 
+import torch.nn.functional as F
 from torch import Tensor
 
 from ..time_scan import keep_where, time_scan
@@ -18,11 +19,11 @@ def recurrence_scan(xproj: Tensor, weight: Tensor, h0: Tensor, bias: Tensor | No
     Returns ``(out [T, B, H], h_T [B, H])``; ``h_T`` is the state after each row's last valid step.
     """
     phi = NONLINEARITIES.get(nonlinearity)
-    Wt = weight.t()
 
     def step(h, x):
         xp, m = x
-        new = phi.forward(xp + h @ Wt, bias)  # [B, H]
+        # a linear layer (not h @ W^T): XNNPACK takes a linear with a constant weight
+        new = phi.forward(xp + F.linear(h, weight), bias)  # [B, H]
         h = new if m is None else keep_where(m, new, h)
         return h, h
 
