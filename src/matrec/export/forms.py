@@ -217,16 +217,21 @@ class ExportForm(nn.Module):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {list(MODES)}, got {mode!r}")
         unrolled = mode == "step"
-        self.mode, self.model = mode, model
+        self.mode = mode
+        # the model's pieces, not the model: a MORNN's training-time parameters (the skew part, the
+        # base) would otherwise travel into the exported program unused
         if isinstance(model, SequenceModel):
             self.kind = "sequence"
             self.forms = nn.ModuleList(_mixer_form(layer.mixer, unrolled) for layer in model.layers)
+            self.norms = nn.ModuleList(layer.norm for layer in model.layers)
+            self.final_norm = model.norm
         elif isinstance(model, RecurrentModel):
             self.kind = "recurrent"
             self.forms = nn.ModuleList([_RNNForm(model.rnn, unrolled)])
         else:
             raise _unsupported(f"model {type(model).__name__}",
                                "is neither a matrec SequenceModel nor a RecurrentModel")
+        self.encoder, self.head = model.encoder, model.head
         self.vocab_size = model.vocab_size
         self.input_size = None if self.vocab_size is not None else (
             model.input_size if self.kind == "sequence" else model.rnn.input_size)
@@ -272,20 +277,18 @@ class ExportForm(nn.Module):
         return (x_shape, x_shape, tuple(state))  # forward(x, mask, *state): the state is one group
 
     def forward(self, x: Tensor, mask: Tensor, *state: Tensor):
-        m = self.model
+        h = self.encoder(x)  # [B, T, E]
         if self.kind == "recurrent":
-            h = m.encoder(x)
             y, new = self.forms[0](h, mask, *state)
-            return (m.head(y), *new)
-        h = m.encoder(x)
+            return (self.head(y), *new)
         new_state: list[Tensor] = []
         i = 0
-        for layer, form, n in zip(m.layers, self.forms, self._counts):
-            y, s = form(layer.norm(h), mask, *state[i:i + n])
+        for norm, form, n in zip(self.norms, self.forms, self._counts):
+            y, s = form(norm(h), mask, *state[i:i + n])
             h = h + y
             new_state += s
             i += n
-        return (m.head(m.norm(h)), *new_state)
+        return (self.head(self.final_norm(h)), *new_state)
 
 
 def export_state(form: ExportForm, state) -> list[Tensor]:
