@@ -11,6 +11,7 @@ largest error against PyTorch there, and ONNX Runtime's time for a 100-token pro
 from __future__ import annotations
 
 import argparse
+import re
 import statistics
 import tempfile
 import time
@@ -75,8 +76,11 @@ def measure(repeats: int) -> Table:
                     prog = torch.onnx.export(form, form.example_inputs(), dynamic_shapes=form.dynamic_shapes(4096),
                                              dynamo=True, verbose=False)
                 prog.save(str(path))
-            except Exception as e:
-                table.add(model=name, how=how, dynamic=dynamic, runs=f"export failed: {str(e).splitlines()[0][:80]}")
+            except Exception as e:  # the exporter's own reason, where it names the op it cannot translate
+                why = re.search(r"No ONNX function found for <?OpOverload\(op='([^']+)'", str(e))
+                table.add(model=name, how=how, dynamic=dynamic,
+                          runs="ONNX export failed: " + (f"no translation for {why.group(1)}" if why
+                                                         else str(e).strip().splitlines()[0][:80]))
                 continue
             seconds = time.perf_counter() - t0
             sess = _session(path)

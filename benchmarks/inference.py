@@ -103,7 +103,7 @@ def measure(quick: bool, contexts: list[int], repeats: int, runtimes=RUNTIMES, o
                 result["file_bytes"][name, runtime] = path.stat().st_size
                 if fmt == "executorch":
                     result["delegation"][name] = meta["delegation"]
-                    runners[runtime] = ExecuTorchRunner(path).method.execute
+                    runners[runtime] = ExecuTorchRunner(path, threads=1).method.execute
                 else:
                     session = OnnxRunner(path, threads=1).session
                     names = [i.name for i in session.get_inputs()]

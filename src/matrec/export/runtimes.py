@@ -166,12 +166,16 @@ class OnnxRunner(Runner):
 
 
 class ExecuTorchRunner(Runner):
-    """The ExecuTorch Python runtime (``executorch.runtime``) on a ``.pte`` program."""
+    """The ExecuTorch Python runtime (``executorch.runtime``) on a ``.pte`` program; ``threads`` > 0
+    resizes the process-wide XNNPACK thread pool (its default is one thread per core)."""
 
-    def __init__(self, path) -> None:
+    def __init__(self, path, threads: int = 0) -> None:
         super().__init__(path)
         check_format("executorch")
         from executorch.runtime import Runtime
+        if threads:
+            from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
+            _unsafe_reset_threadpool(threads)
         self.method = Runtime.get().load_program(str(path)).load_method("forward")
 
     def _run(self, args):
@@ -181,4 +185,4 @@ class ExecuTorchRunner(Runner):
 def load(path, threads: int = 0) -> Runner:
     """The runner for an exported model, by the format its sidecar names."""
     fmt = json.loads(Path(str(path) + ".json").read_text())["format"]
-    return OnnxRunner(path, threads) if fmt == "onnx" else ExecuTorchRunner(path)
+    return OnnxRunner(path, threads) if fmt == "onnx" else ExecuTorchRunner(path, threads)
