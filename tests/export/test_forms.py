@@ -122,3 +122,22 @@ def test_bad_mode_and_model_type():
         exportable(MODELS["rnn"](), "stream")
     with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
         exportable("model")
+
+
+def test_every_zoo_preset_exports_or_is_refused_by_name():
+    """The shakespeare and ablation presets: each has an export form equal to the model, except the
+    MRU constructions that need linear algebra ONNX lacks, which are refused naming the construction."""
+    from matrec.export.forms import EXPORTABLE_STATE_MATRICES
+    from matrec.models.zoo import PRESETS
+    x = torch.randint(0, 65, (1, 5), generator=torch.Generator().manual_seed(0))
+    for name, preset in PRESETS.items():
+        model = noisy(build_model(name, vocab_size=65, output_size=65), scale=0.01)
+        construction = preset["mixer_options"].get("mru", {}).get("state_matrix", "ldu")
+        if "mru" in preset["pattern"] and construction not in EXPORTABLE_STATE_MATRICES:
+            with pytest.raises(UnsupportedModelError, match=repr(construction)):
+                exportable(model)
+            continue
+        form = exportable(model, "step")
+        with torch.no_grad():
+            torch.testing.assert_close(form(x, torch.ones(1, 5, dtype=torch.bool), *form.initial_state())[0],
+                                       model(x)[0], **TOL, msg=name)
