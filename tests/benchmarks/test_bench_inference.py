@@ -6,6 +6,8 @@ from support import load_benchmark as load
 
 
 def test_inference_benchmark_measures_every_cell(tmp_path):
+    """Eager and ONNX Runtime (the runners themselves are tested in tests/export; ExecuTorch's
+    lowering would add ~10 s here)."""
     bench = load("inference")
     runtimes = ("eager",) + (("onnxruntime",) if importlib.util.find_spec("onnxruntime") else ())
     result = bench.measure(True, [8, 32], repeats=1, runtimes=runtimes, out_dir=tmp_path)

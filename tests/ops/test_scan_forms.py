@@ -1,6 +1,7 @@
 """The export-only scan forms (``scan_form.py`` beside each op's naive reference) against those
-references, at T = 1, 7, 100, unrolled and (at T = 7, as each eager call of the scan HOP traces its
-step, about a second) through the scan HOP, with and without padding."""
+references, at T = 1, 7, 100, with and without padding. The step runs unrolled here (an eager call
+of the scan HOP traces its step, about a second each); the scan HOP path is checked once by export
+below, and for every form by the runtimes (tests/export/test_runtimes.py)."""
 import pytest
 import torch
 
@@ -31,14 +32,12 @@ def test_recurrence_scan_matches_reference(nonlinearity, T):
     h0 = torch.randn(B, H, generator=g)
     b = -0.1 * torch.rand(H, generator=g) if nonlinearity == "modrelu" else None
     ref = recurrence_reference(x, W, h0, b, nonlinearity)
-    for unrolled in (True, False) if T == 7 and nonlinearity == "modrelu" else (True,):
-        out, h_T = recurrence_scan(x, W, h0, b, nonlinearity, unrolled=unrolled)
-        torch.testing.assert_close(out, ref, **TOL)
-        torch.testing.assert_close(h_T, ref[-1], **TOL)
+    out, h_T = recurrence_scan(x, W, h0, b, nonlinearity, unrolled=True)
+    torch.testing.assert_close(out, ref, **TOL)
+    torch.testing.assert_close(h_T, ref[-1], **TOL)
     # padding: row 1's state after its valid prefix, unchanged by the padded steps
     keep = max(1, T // 2)
-    out, h_T = recurrence_scan(x, W, h0, b, nonlinearity, mask=_mask(B, T, keep).t(),
-                               unrolled=not (T == 7 and nonlinearity == "modrelu"))
+    out, h_T = recurrence_scan(x, W, h0, b, nonlinearity, mask=_mask(B, T, keep).t(), unrolled=True)
     torch.testing.assert_close(h_T[1], recurrence_reference(x[:keep, 1:], W, h0[1:], b, nonlinearity)[-1, 0], **TOL)
     torch.testing.assert_close(h_T[0], ref[-1, 0], **TOL)
 
@@ -50,12 +49,11 @@ def test_mru_scan_form_matches_reference(T):
     M = torch.eye(d) + 0.1 * torch.randn(B, h, T, d, d, generator=g)
     H0 = torch.eye(d) + 0.1 * torch.randn(B, h, d, d, generator=g)
     ref = naive_mru_scan(M, H0)
-    for unrolled in (True, False) if T == 7 else (True,):
-        H, H_T = mru_scan_form(M, H0, unrolled=unrolled)
-        torch.testing.assert_close(H, ref, **TOL)
-        torch.testing.assert_close(H_T, ref[:, :, -1], **TOL)
+    H, H_T = mru_scan_form(M, H0, unrolled=True)
+    torch.testing.assert_close(H, ref, **TOL)
+    torch.testing.assert_close(H_T, ref[:, :, -1], **TOL)
     keep = max(1, T // 2)
-    _, H_T = mru_scan_form(M, H0, _mask(B, T, keep), unrolled=T != 7)
+    _, H_T = mru_scan_form(M, H0, _mask(B, T, keep), unrolled=True)
     torch.testing.assert_close(H_T[1], naive_mru_scan(M[1:, :, :keep], H0[1:])[0, :, -1], **TOL)
 
 
@@ -67,12 +65,11 @@ def test_linear_attention_scan_matches_reference(T):
     v = torch.randn(B, h, T, D, generator=g)
     S, z = torch.rand(B, h, D, D, generator=g), torch.rand(B, h, D, generator=g)
     ref = recurrent_form(q, k, v, S, z, 1e-6)
-    for unrolled in (True, False) if T == 7 else (True,):
-        got = linear_attention_scan(q, k, v, S, z, 1e-6, unrolled=unrolled)
-        for a, b in zip(got, ref):
-            torch.testing.assert_close(a, b, **TOL)
+    got = linear_attention_scan(q, k, v, S, z, 1e-6, unrolled=True)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, **TOL)
     keep = max(1, T // 2)
-    _, S1, z1 = linear_attention_scan(q, k, v, S, z, 1e-6, _mask(B, T, keep), unrolled=T != 7)
+    _, S1, z1 = linear_attention_scan(q, k, v, S, z, 1e-6, _mask(B, T, keep), unrolled=True)
     _, S2, z2 = recurrent_form(q[1:, :, :keep], k[1:, :, :keep], v[1:, :, :keep], S[1:], z[1:], 1e-6)
     torch.testing.assert_close(S1[1:], S2, **TOL)
     torch.testing.assert_close(z1[1:], z2, **TOL)
