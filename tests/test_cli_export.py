@@ -25,15 +25,16 @@ def _fails(capsys, *argv):
     return e.value.code, capsys.readouterr().err
 
 
-def test_export_a_run_and_run_it(runs, tmp_path, capsys):
+def test_export_a_run_and_run_it(runs, capsys):
+    """Named by its checkpoints/ folder, the run gets the file in its top folder by default."""
     pytest.importorskip("onnxruntime")
     from matrec.export import load
-    out = tmp_path / "m.onnx"
-    code, stdout, _ = run(capsys, "export", str(runs / "mornn"), "--format", "onnx", "--mode", "step",
-                          "--out", str(out))
+    out = runs / "mornn" / "model-step.onnx"
+    code, stdout, _ = run(capsys, "export", str(runs / "mornn" / "checkpoints"), "--format", "onnx",
+                          "--mode", "step")
     info = json.loads(stdout.splitlines()[-1])
     assert code == 0 and info["out"] == str(out) and info["bytes"] == out.stat().st_size
-    assert json.loads((tmp_path / "m.onnx.json").read_text())["mode"] == "step"
+    assert json.loads((runs / "mornn" / "model-step.onnx.json").read_text())["mode"] == "step"
     _, _, model, _ = cli._load_for_inference(runs / "mornn")
     x = torch.randint(0, model.vocab_size, (1, 20), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

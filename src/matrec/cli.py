@@ -255,8 +255,9 @@ def cmd_export(args) -> int:
     from .export.runtimes import check_format
     check_int("--max-length", args.max_length)
     check_format(args.format)   # the extra before any work
-    out = Path(args.out) if args.out else (
-        Path(args.run_dir) / f"model-{args.mode}.{'onnx' if args.format == 'onnx' else 'pte'}")
+    root = Path(args.run_dir)   # the default file goes to the run's top folder, not into checkpoints/
+    root = root.parent.parent if root.name.startswith("step-") else root.parent if root.name == "checkpoints" else root
+    out = Path(args.out) if args.out else root / f"model-{args.mode}.{'onnx' if args.format == 'onnx' else 'pte'}"
     for p in (out, Path(str(out) + ".json")):
         if p.exists():
             raise ValueError(f"--out {str(p)!r} exists; nothing was overwritten (choose another path)")
