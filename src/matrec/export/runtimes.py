@@ -76,11 +76,16 @@ def lower_executorch(form: ExportForm, *, batch_size: int = 1, example_length: i
                      max_length: int = 4096):
     """``form`` exported and lowered with the XNNPACK partitioner: an ExecuTorch program manager."""
     check_format("executorch")
+    args = form.example_inputs(batch_size, example_length if form.mode == "sequence" else 1)
+    return lower_program(torch.export.export(form, args, dynamic_shapes=form.dynamic_shapes(max_length)))
+
+
+def lower_program(exported_program):
+    """Any ``torch.export`` program lowered with the XNNPACK partitioner (an ExecuTorch program manager)."""
+    check_format("executorch")
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
-    args = form.example_inputs(batch_size, example_length if form.mode == "sequence" else 1)
-    ep = torch.export.export(form, args, dynamic_shapes=form.dynamic_shapes(max_length))
-    return to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()]).to_executorch()
+    return to_edge_transform_and_lower(exported_program, partitioner=[XnnpackPartitioner()]).to_executorch()
 
 
 def delegation(program) -> dict:
