@@ -19,7 +19,7 @@ import torch
 
 from ..checks import check_int
 from ..data.tasks import TASKS, build_task
-from ..models import MODELS, build_model
+from ..models import MODELS, build_model, num_parameters
 from ..train.config import TrainConfig
 from ..train.context import check_bins, plan
 
@@ -339,7 +339,7 @@ def check(exp: Experiment) -> None:
                     tasks[merged] = build_task(cfg.task, **{**cfg.task_args, **options})
                 except (TypeError, ValueError) as e:
                     raise ExperimentError(f"{where}: eval_at entry {options}: {e}") from None
-        counts[key] = sum(p.numel() for p in model.parameters())
+        counts[key] = num_parameters(model)   # the count the run and its report give
         del model
         exp.parameters.setdefault(cell.label, counts[key])
         if exp.position_eval is not None:
