@@ -35,12 +35,9 @@ from ..nn.positional import NoPosition, Rotary, XPos
 from ..ops.linear_attention.scan_form import linear_attention_scan
 from ..ops.mru_scan.scan_form import mru_scan_form
 from ..ops.rnn_recurrence.scan_form import recurrence_scan
-from ..ops.state_matrix import state_matrix
+from ..ops.state_matrix_export import STATE_MATRIX_FORMS, state_matrix_form
 
 MODES = ("sequence", "step")
-# MRU constructions made of elementwise ops and matmuls; the others need a linear solve, slogdet,
-# matrix_exp or a Householder product, which the ONNX exporter cannot translate (docs/deploy.md)
-EXPORTABLE_STATE_MATRICES = ("identity", "ldu")
 
 
 class UnsupportedModelError(ValueError):
@@ -49,7 +46,8 @@ class UnsupportedModelError(ValueError):
 
 def _unsupported(what: str, why: str) -> UnsupportedModelError:
     return UnsupportedModelError(
-        f"model cannot be exported: {what} {why}. Supported: SequenceModel with mixers mru (ldu, identity), mlp, "
+        f"model cannot be exported: {what} {why}. Supported: SequenceModel with mixers mru "
+        f"({', '.join(STATE_MATRIX_FORMS.names())}), mlp, "
         f"linear_attn, attn (rope or no positions, no window), rnn, mornn; RecurrentModel with "
         f"nn.RNN or MORNN (one direction)")
 
@@ -98,9 +96,11 @@ class _MRUForm(nn.Module):
 
     def __init__(self, mru: MRU, unrolled: bool) -> None:
         super().__init__()
-        if mru.state_matrix not in EXPORTABLE_STATE_MATRICES:
+        # a construction registered from user code has a form only if it registers one too
+        if mru.state_matrix not in STATE_MATRIX_FORMS:
             raise _unsupported(f"an MRU with state_matrix={mru.state_matrix!r}",
-                               f"has no export form (exportable constructions: {list(EXPORTABLE_STATE_MATRICES)})")
+                               f"has no export form (register one in matrec.ops.state_matrix_export."
+                               f"STATE_MATRIX_FORMS; exportable: {STATE_MATRIX_FORMS.names()})")
         self.mru, self.unrolled = mru, unrolled
 
     def state_shapes(self, B: int):
@@ -112,7 +112,7 @@ class _MRUForm(nn.Module):
         B, T, E = x.shape
         raw = m.in_proj(x) * m.element_scale
         raw = raw.view(B, T, m.num_heads, m.numel).transpose(1, 2)  # [B, h, T, n]
-        M = state_matrix(m.state_matrix, raw, m.order)  # [B, h, T, d, d]
+        M = state_matrix_form(m.state_matrix, raw, m.order)  # [B, h, T, d, d]
         H, H_T = mru_scan_form(M, H0, mask, unrolled=self.unrolled)
         y = H @ m.down.unsqueeze(1)  # [B, h, T, d, E/(h d)]
         y = y.flatten(-2).transpose(1, 2).reshape(B, T, E)

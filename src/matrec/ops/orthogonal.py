@@ -7,12 +7,16 @@ recurrent matrix both come from here.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import Tensor
 
 from ..registry import Registry
 
 ORTHOGONAL_MAPS: Registry = Registry("orthogonal map", argument="orthogonal_map")
+# Each map takes its linear-algebra primitive as an argument (default: torch.linalg's), so the
+# export-only forms in state_matrix_export.py are these same maps with elementwise primitives.
 
 
 def lower_numel(n: int) -> int:
@@ -44,21 +48,22 @@ def _eye_like(X: Tensor) -> Tensor:
 
 
 @ORTHOGONAL_MAPS.register("expm")
-def expm(X: Tensor) -> Tensor:
+def expm(X: Tensor, matrix_exp: Callable[[Tensor], Tensor] = torch.linalg.matrix_exp) -> Tensor:
     """``exp(A)`` with ``A = skew(X)``: a rotation (det 1)."""
-    return torch.linalg.matrix_exp(skew(X))
+    return matrix_exp(skew(X))
 
 
 @ORTHOGONAL_MAPS.register("cayley")
-def cayley(X: Tensor) -> Tensor:
+def cayley(X: Tensor, solve: Callable[[Tensor, Tensor], Tensor] = torch.linalg.solve) -> Tensor:
     """``(I - A)^-1 (I + A)`` with ``A = skew(X)``; ``I - A`` is invertible for every skew ``A``."""
     A = skew(X)
     eye = _eye_like(A)
-    return torch.linalg.solve(eye - A, eye + A)
+    return solve(eye - A, eye + A)
 
 
 @ORTHOGONAL_MAPS.register("householder")
-def householder(X: Tensor) -> Tensor:
+def householder(X: Tensor, householder_product: Callable[[Tensor, Tensor], Tensor]
+                = torch.linalg.householder_product) -> Tensor:
     """Product of ``n`` reflections ``I - tau v v^T``, ``v_k`` the k-th column of ``I + tril(X, -1)``.
 
     ``tau_k = 2 / ||v_k||^2`` makes each factor an exact reflection. At ``X = 0`` every ``v_k = e_k``
@@ -67,7 +72,7 @@ def householder(X: Tensor) -> Tensor:
     """
     V = X.tril(-1) + _eye_like(X)
     tau = 2.0 / (V * V).sum(dim=-2)  # [..., n]: squared norm of each column
-    return -torch.linalg.householder_product(V, tau)
+    return -householder_product(V, tau)
 
 
 def orthogonal_from(X: Tensor, orthogonal_map: str = "expm") -> Tensor:

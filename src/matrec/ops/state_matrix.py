@@ -27,7 +27,7 @@ from torch import Tensor
 
 from ..checks import check_int
 from ..registry import Registry
-from .orthogonal import lower_numel, lower_to_square, orthogonal_from
+from .orthogonal import cayley, lower_numel, lower_to_square, orthogonal_from
 
 __all__ = ["STATE_MATRICES", "StateMatrix", "state_matrix", "state_matrix_numel"]
 
@@ -56,19 +56,24 @@ def _block(x: Tensor, d: int) -> Tensor:
     return x.reshape(*x.shape[:-1], d, d)  # [..., d, d]
 
 
-def _unit_det(A: Tensor) -> Tensor:
+def _logabsdet(A: Tensor) -> Tensor:
+    return torch.linalg.slogdet(A).logabsdet  # [...]; -inf when A is singular (not masked)
+
+
+def _unit_det(A: Tensor, logabsdet: Callable[[Tensor], Tensor] = _logabsdet) -> Tensor:
     """``A / |det A|^(1/d)``: same matrix up to a positive scale, with ``|det| = 1``."""
     d = A.shape[-1]
-    logabsdet = torch.linalg.slogdet(A).logabsdet  # [...]; -inf when A is singular (not masked)
-    return A * torch.exp(-logabsdet / d)[..., None, None]
+    return A * torch.exp(-logabsdet(A) / d)[..., None, None]
 
 
 def _identity(x: Tensor, d: int) -> Tensor:
     return _block(x, d) + _eye(x, d)
 
 
-def _scaled(x: Tensor, d: int) -> Tensor:
-    return _unit_det(_block(x, d) + _eye(x, d))
+# The constructions built on a linear-algebra primitive take it as an argument, so that their
+# export-only forms (state_matrix_export.py) are these same functions with elementwise primitives.
+def _scaled(x: Tensor, d: int, logabsdet: Callable[[Tensor], Tensor] = _logabsdet) -> Tensor:
+    return _unit_det(_block(x, d) + _eye(x, d), logabsdet)
 
 
 def _orthogonal(name: str) -> Callable[[Tensor, int], Tensor]:
@@ -85,10 +90,10 @@ def _unit_diag(X: Tensor) -> Tensor:
     return torch.exp(diag - diag.mean(dim=-1, keepdim=True))
 
 
-def _cayley_qr(x: Tensor, d: int) -> Tensor:
+def _cayley_qr(x: Tensor, d: int, cayley: Callable[[Tensor], Tensor] = cayley) -> Tensor:
     """Cayley rotation of the strict-lower block times ``R`` (strict-upper block, diag ``exp(x - mean)``)."""
     X = _block(x, d)
-    Q = orthogonal_from(X, "cayley")  # reads the strictly lower triangle only
+    Q = cayley(X)  # reads the strictly lower triangle only
     R = X.triu(1) + torch.diag_embed(_unit_diag(X))
     return Q @ R
 
@@ -100,7 +105,7 @@ def _ldu(x: Tensor, d: int) -> Tensor:
     return (X.tril(-1) + half) @ (X.triu(1) + half)
 
 
-def _ldu_ns(x: Tensor, d: int) -> Tensor:
+def _ldu_ns(x: Tensor, d: int, logabsdet: Callable[[Tensor], Tensor] = _logabsdet) -> Tensor:
     """ldu, then one damped Newton-Schulz step toward orthogonality, rescaled to ``|det| = 1``.
 
     The step is ``A (I + a/2 (I - A^T A))`` with ``a = 1 / max(1, ||A^T A - I||_F)``: plain
@@ -111,7 +116,7 @@ def _ldu_ns(x: Tensor, d: int) -> Tensor:
     E = _eye(A, d) - A.mT @ A  # [..., d, d], symmetric
     # sqrt of a clamped square (not a norm) so the gradient is finite at E = 0
     damp = torch.rsqrt((E * E).sum(dim=(-2, -1)).clamp(min=1.0))[..., None, None]
-    return _unit_det(A + 0.5 * damp * (A @ E))
+    return _unit_det(A + 0.5 * damp * (A @ E), logabsdet)
 
 
 STATE_MATRICES.register("identity", StateMatrix(_identity, _square, "none"))
