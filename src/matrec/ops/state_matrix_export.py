@@ -72,7 +72,10 @@ def solve(M: Tensor, B: Tensor) -> Tensor:
 
 def logabsdet(M: Tensor) -> Tensor:
     """``log |det M|`` ``[...]`` (as ``torch.linalg.slogdet(M).logabsdet``; ``-inf`` if singular)."""
-    return _eliminate(M, None)[1].abs().log().sum(dim=-1)
+    pivots = _eliminate(M, None)[1]  # [..., d]
+    # after an exact zero pivot the later ones are 0/0 = nan; slogdet says -inf
+    singular = (pivots == 0).any(dim=-1)
+    return torch.where(singular, float("-inf"), pivots.abs().log().sum(dim=-1))
 
 
 def matrix_exp(A: Tensor) -> Tensor:
