@@ -11,6 +11,7 @@ from matrec.export import UnsupportedModelError, exportable
 from matrec.models import build_model
 from matrec.models.mixers import RNNMixer
 from matrec.nn.mornn import MORNN
+from matrec.ops.state_matrix import STATE_MATRICES, StateMatrix
 
 V = 11
 TOL = dict(atol=1e-5, rtol=1e-5)
@@ -108,13 +109,23 @@ def test_mornn_matrix_is_materialised_once():
      "bidirectional"),
     (lambda: build_model("txl", vocab_size=V, output_size=V, d_model=8, n_layers=1), "TransformerXL"),
     (lambda: build_model("attn", vocab_size=V, output_size=V, d_model=8, n_layers=1, pos="xpos"), "XPos"),
-    (lambda: build_model("mru", vocab_size=V, output_size=V, d_model=8, n_layers=1, n_heads=1,
-                          state_matrix="cayley"),
-     "cayley"),
 ])
 def test_unsupported_models_are_refused_by_name(model, match):
     with pytest.raises(UnsupportedModelError, match=match):
         exportable(model())
+
+
+def test_construction_without_an_export_form_is_refused_by_name():
+    """A construction registered from user code exports only if it registers a form too."""
+    STATE_MATRICES.register("mine", StateMatrix(lambda x, d: x.unflatten(-1, (d, d)) + torch.eye(d),
+                                                lambda d: d * d))
+    try:
+        model = build_model("mru", vocab_size=V, output_size=V, d_model=8, n_layers=1, n_heads=1,
+                            state_matrix="mine")
+        with pytest.raises(UnsupportedModelError, match="state_matrix='mine' has no export form"):
+            exportable(model)
+    finally:
+        STATE_MATRICES.unregister("mine")
 
 
 def test_bad_mode_and_model_type():
@@ -124,19 +135,15 @@ def test_bad_mode_and_model_type():
         exportable("model")
 
 
-def test_every_zoo_preset_exports_or_is_refused_by_name():
-    """The shakespeare and ablation presets: each has an export form equal to the model, except the
-    MRU constructions that need linear algebra ONNX lacks, which are refused naming the construction."""
-    from matrec.export.forms import EXPORTABLE_STATE_MATRICES
+def test_every_zoo_preset_exports():
+    """The shakespeare and ablation presets (every MRU construction among them): each has an export
+    form equal to the model."""
     from matrec.models.zoo import PRESETS
+    constructions = {p["mixer_options"].get("mru", {}).get("state_matrix") for p in PRESETS.values()}
+    assert set(STATE_MATRICES.names()) <= constructions
     x = torch.randint(0, 65, (1, 5), generator=torch.Generator().manual_seed(0))
-    for name, preset in PRESETS.items():
+    for name in PRESETS:
         model = noisy(build_model(name, vocab_size=65, output_size=65), scale=0.01)
-        construction = preset["mixer_options"].get("mru", {}).get("state_matrix", "ldu")
-        if "mru" in preset["pattern"] and construction not in EXPORTABLE_STATE_MATRICES:
-            with pytest.raises(UnsupportedModelError, match=repr(construction)):
-                exportable(model)
-            continue
         form = exportable(model, "step")
         with torch.no_grad():
             torch.testing.assert_close(form(x, torch.ones(1, 5, dtype=torch.bool), *form.initial_state())[0],

@@ -110,3 +110,34 @@ def test_executorch_delegation_is_reported(model, exported):
     info = exported("executorch", "sequence").meta["delegation"]
     assert info["delegate_calls"] >= 1  # the projections and MLP-like parts go to XNNPACK
     assert "native_layer_norm" in info["portable_ops"]  # what stays on the portable kernels is named
+
+
+# One construction per primitive of ops/state_matrix_export.py (logabsdet, solve, matrix_exp,
+# Householder reflections) in ONNX Runtime, the Cayley solve in ExecuTorch (seconds each to lower);
+# MATREC_EXPORT_TESTS=all runs every construction in both.
+_ALL = ["scaled", "cayley", "expm", "householder", "cayley_qr", "ldu_ns"]
+CONSTRUCTIONS = [pytest.param(f.values[0], c, marks=f.marks, id=f"{f.values[0]}-{c}") for f in FORMATS
+                 for c in (_ALL if FULL else ["scaled", "cayley", "expm", "householder"]
+                           if f.values[0] == "onnx" else ["cayley"])]
+
+
+@pytest.mark.parametrize("fmt, construction", CONSTRUCTIONS)
+def test_every_mru_construction_in_the_runtime(fmt, construction, tmp_path):
+    # d_model 18, 2 heads: order 3, so the unrolled eliminations and reflections have odd size
+    model = noisy(build_model("sequence", pattern=["mru"], vocab_size=V, output_size=V, d_model=18, n_heads=2,
+                              mixer_options={"mru": {"state_matrix": construction}}), scale=0.5)
+    path = tmp_path / f"model.{fmt}"
+    export(exportable(model, "sequence"), path, fmt, max_length=128)
+    runner = load(path, threads=1) if fmt == "onnx" else load(path)
+    form = exportable(model, "step")
+    g = torch.Generator().manual_seed(3)
+    for T in (1, 7, 100):
+        x = torch.randint(0, V, (1, T), generator=g)
+        out, state = runner(x)
+        with torch.no_grad():
+            want, *want_state = form(x, torch.ones(1, T, dtype=torch.bool), *form.initial_state())
+        # the runtime computes the form; the form differs from the model by its construction's
+        # rounding (tests/ops/test_state_matrix_export.py), summed over T steps of the product
+        torch.testing.assert_close(out, want, **TOL)
+        torch.testing.assert_close(state[0], want_state[0], **TOL)
+        torch.testing.assert_close(out, _reference(model, x), atol=1e-4, rtol=1e-4)
