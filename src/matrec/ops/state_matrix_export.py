@@ -32,7 +32,7 @@ STATE_MATRIX_FORMS: Registry = Registry("exportable state matrix construction", 
 # matrix_exp: Taylor degree 12 on a matrix of 1-norm <= 1 leaves a remainder below e/13! ~ 4e-10,
 # far under float32 rounding; the 1-norm is brought there by 2^-s with s computed per matrix, and s
 # masked squarings undo it. A loop's count must be static to export, so the form always runs
-# EXPM_MAX_SQUARINGS steps and squares only while a step's index is below s: exact for 1-norms up
+# EXPM_MAX_SQUARINGS steps and squares only while a step's index is below s: accurate for 1-norms up
 # to 2^20 (beyond, s is clamped and the Taylor series is evaluated too far out). The reference
 # (torch.linalg.matrix_exp) also scales and squares, so both lose accuracy alike as the norm grows.
 _EXPM_DEGREE = 12
@@ -44,9 +44,9 @@ def _eliminate(M: Tensor, B: Tensor | None) -> tuple[Tensor | None, Tensor]:
 
     Partial pivoting as LAPACK's getrf does it (the first row of largest magnitude at or below the
     diagonal), chosen by argmax and swapped with ``where`` masks (exact), since the matrices met
-    here need it: ``I - A`` with ``A`` skew is never singular, but without pivoting its elimination
-    grows like ``||A||^2``; the ``scaled`` and ``ldu_ns`` matrices are general.
-    """
+    here need it: ``I - A`` with ``A`` skew is never singular, but without pivoting its multipliers
+    are the entries of ``A`` (its first pivot is 1), unbounded; the ``scaled`` and ``ldu_ns``
+    matrices are general (a zero leading entry is possible)."""
     d = M.shape[-1]
     aug = M if B is None else torch.cat((M, B), dim=-1)  # [..., d, d + m]
     rows = torch.arange(d, device=M.device)
