@@ -138,9 +138,12 @@ def test_every_mru_construction_in_the_runtime(fmt, construction, tmp_path):
             want, *want_state = form(x, torch.ones(1, T, dtype=torch.bool), *form.initial_state())
         # the runtime computes the form; the form differs from the model by its construction's
         # rounding (tests/ops/test_state_matrix_export.py), summed over T steps of the product
-        torch.testing.assert_close(out, want, **TOL)
-        # a product of T non-orthogonal factors (scaled, cayley_qr, ldu_ns) grows, and so does the
-        # rounding of a different matmul order: 1e-5 of the state's scale
+        # a product of T non-orthogonal factors (scaled, cayley_qr, ldu_ns) grows (to ~1e4 at T = 100),
+        # and so does the rounding of a different matmul order, into the state and the outputs read
+        # from it: both within 1e-5 of their own scale (an output near 0 then gets the scale's slack)
+        growing = construction in ("scaled", "cayley_qr", "ldu_ns")
+        torch.testing.assert_close(out, want, **(dict(rtol=1e-5, atol=1e-5 * (1 + want.abs().max().item()))
+                                                 if growing else TOL))
         torch.testing.assert_close(state[0], want_state[0], rtol=1e-5,
                                    atol=1e-5 * (1 + want_state[0].abs().max().item()))
         torch.testing.assert_close(out, _reference(model, x), atol=1e-4, rtol=1e-4)
