@@ -15,8 +15,9 @@ from .mixers import MIXERS
 from .recurrent import RecurrentModel
 from .registry import MODELS, build_model
 from .seasonal import SeasonalNaive
+from .autoregressive import LinearAR
 from .sequence import SequenceModel, num_parameters
 from .zoo import PRESETS, list_presets
 
 __all__ = ["MODELS", "build_model", "MIXERS", "POSITIONS", "SequenceModel", "RecurrentModel", "SeasonalNaive",
-           "num_parameters", "generate", "PRESETS", "list_presets"]
+           "LinearAR", "num_parameters", "generate", "PRESETS", "list_presets"]

@@ -312,7 +312,7 @@ class Trainer:
                 totals[k] += v / batches
         task.load_state_dict(saved)
         self.model.train(was_training)
-        return dict(totals)
+        return task.summarize(dict(totals))
 
     def save(self) -> Path | None:
         """Checkpoint the current step (rank 0 writes; every rank waits for it).

@@ -68,6 +68,12 @@ class Task(abc.ABC):
         raise TypeError(f"task {self.name!r} has no loss per position (its loss is not a mean over "
                         f"the positions of a sequence)")
 
+    def summarize(self, means: dict[str, float]) -> dict[str, float]:
+        """The evaluation's numbers from the means over its batches of :meth:`metrics` (the
+        trainer calls it once per evaluation). Tasks whose scored positions are sparse (a chunk
+        may hold none) return counts and sums from ``metrics`` and pool them into ratios here."""
+        return means
+
     def encode(self, text: str) -> Tensor:
         """Token ids ``[T]`` (int64) of ``text``; only tasks with ``has_vocabulary`` have one."""
         raise TypeError(f"task {self.name!r} has no vocabulary to encode text with")
