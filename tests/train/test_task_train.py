@@ -31,6 +31,8 @@ SETTINGS = {
     "text": ({"vocab_size": 280, "seq_len": 32}, 40, 16, 1e-2),
     "text_stream": ({"vocab_size": 280, "seq_len": 32}, 40, 8, 1e-2),
     "forecast": ({"seq_len": 32, "length": 1 << 14, "lag": 300}, 40, 16, 1e-2),
+    "forecast_regime": ({"seq_len": 32, "length": 1 << 14, "val_length": 1 << 11, "query_every": 8.0,
+                         "dwell": 32.0}, 40, 16, 1e-2),
 }
 
 
