@@ -31,8 +31,9 @@ SETTINGS = {
     "text": ({"vocab_size": 280, "seq_len": 32}, 40, 16, 1e-2),
     "text_stream": ({"vocab_size": 280, "seq_len": 32}, 40, 8, 1e-2),
     "forecast": ({"seq_len": 32, "length": 1 << 14, "lag": 300}, 40, 16, 1e-2),
-    "forecast_regime": ({"seq_len": 32, "length": 1 << 14, "val_length": 1 << 11, "query_every": 8.0,
-                         "dwell": 32.0}, 40, 16, 1e-2),
+    "forecast_regime": ({"seq_len": 32, "length": 1 << 14, "val_length": 1 << 11, "query_every": 4.0,
+                         "dwell": 16.0, "query": 1.5}, 40, 16, 1e-2),
+    "passkey": ({"seq_len": 96, "distance": 0, "length": 1 << 14, "val_length": 1 << 12}, 40, 16, 1e-2),
 }
 
 
@@ -51,7 +52,7 @@ def _detach(state):
 @pytest.mark.parametrize("name", sorted(SETTINGS))
 def test_tiny_lstm_loss_falls(name, tmp_path, monkeypatch):
     options, steps, batch_size, lr = SETTINGS[name]
-    if name.startswith("shakespeare"):
+    if name.startswith("shakespeare") or name == "passkey":
         if not SHAKESPEARE_FILE.exists():
             pytest.skip("shared/data/tinyshakespeare.txt not beside the repo")
         options = {**options, "path": str(SHAKESPEARE_FILE)}

@@ -7,5 +7,6 @@ from . import digits as _digits  # noqa: F401
 from . import lm as _lm  # noqa: F401
 from . import forecast as _forecast  # noqa: F401
 from . import regime as _regime  # noqa: F401
+from . import passkey as _passkey  # noqa: F401
 
 __all__ = ["TASKS", "Task", "build_task", "describe_tasks", "parse_task_options"]
