@@ -37,7 +37,7 @@ def test_a_minimal_task_gets_every_optional_capability_from_the_base():
 def test_only_the_language_model_tasks_have_a_vocabulary():
     ours = [n for n in TASKS.names() if TASKS.get(n).__module__.startswith("matrec.")]  # not tests' tasks
     text = [n for n in ours if TASKS.get(n).has_vocabulary]
-    assert sorted(text) == ["passkey", "shakespeare", "shakespeare_stream", "text", "text_stream"]
+    assert sorted(text) == ["documents", "passkey", "shakespeare", "shakespeare_stream", "text", "text_stream"]
     if SHAKESPEARE_FILE.exists():
         task = build_task("shakespeare", seq_len=8, path=str(SHAKESPEARE_FILE))
         assert task.decode(task.encode("To be")) == "To be" and task.tokenizer_json() is not None

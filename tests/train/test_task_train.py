@@ -33,6 +33,7 @@ SETTINGS = {
     "forecast": ({"seq_len": 32, "length": 1 << 14, "lag": 300}, 40, 16, 1e-2),
     "forecast_regime": ({"seq_len": 32, "length": 1 << 14, "val_length": 1 << 11, "query_every": 4.0,
                          "dwell": 16.0, "query": 1.5}, 40, 16, 1e-2),
+    "documents": ({"seq_len": 32}, 40, 16, 1e-2),
     "passkey": ({"seq_len": 96, "distance": 0, "length": 1 << 14, "val_length": 1 << 12}, 40, 16, 1e-2),
 }
 

@@ -8,5 +8,6 @@ from . import lm as _lm  # noqa: F401
 from . import forecast as _forecast  # noqa: F401
 from . import regime as _regime  # noqa: F401
 from . import passkey as _passkey  # noqa: F401
+from . import documents as _documents  # noqa: F401
 
 __all__ = ["TASKS", "Task", "build_task", "describe_tasks", "parse_task_options"]
