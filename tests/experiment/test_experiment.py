@@ -293,7 +293,7 @@ BAD = [
     ({"target": "accuracy >= 0.9"}, "target names metric 'accuracy', which task 'copy' does not report"),
     ({"metric": "r2"}, "metric names metric 'r2'"),
     ({"task": "copyy"}, "task must be one of"),
-    ({"scales": {"cpu": {}}}, "scales must be a table with exactly the keys ['cpu', 'gpu']"),
+    ({"scales": {"cpu": {}}}, "scales must be a table with the keys ['cpu', 'gpu'] and optionally 'gpu-full'"),
     ({"scales": {"cpu": {"seed": 1}, "gpu": {}}}, "unknown key(s) ['scales.cpu.seed']"),
     ({"grid": {"delay": [1, 2]}}, "unknown grid key 'delay'"),
     ({"grid": {"task_args.delay": 3}}, "grid.task_args.delay must be a non-empty list"),
@@ -324,6 +324,14 @@ def test_bad_experiment_files_are_rejected_before_any_run(tmp_path, capsys, over
     assert not (tmp_path / "out").exists()
 
 
+def test_the_optional_gpu_full_scale(tmp_path, capsys):
+    path = write_experiment(tmp_path, scales={"cpu": {}, "gpu": {}, "gpu-full": {"budget": {"steps": 9}}})
+    assert {c.config["steps"] for c in load_experiment(path, "gpu-full", tmp_path).cells} == {9}
+    path = write_experiment(tmp_path)
+    with pytest.raises(ValueError, match="has no gpu-full scale; its scales are \\['cpu', 'gpu'\\]"):
+        load_experiment(path, "gpu-full", tmp_path)
+
+
 def test_bad_file_in_a_real_process_has_no_traceback(tmp_path):
     path = tmp_path / "bad.toml"
     path.write_text('task = "copy"\ntarget = "recall >>= 1"\n[models.rnn]\n[scales.cpu]\n[scales.gpu]\n')
@@ -339,9 +347,12 @@ EXPERIMENTS = sorted((SRC.parent / "experiments").glob("*.toml"))
 @pytest.mark.parametrize("path", EXPERIMENTS, ids=[p.stem for p in EXPERIMENTS])
 def test_shipped_experiment_files_are_valid_at_both_scales(path, tmp_path):
     assert len(EXPERIMENTS) >= 4
-    for scale in ("cpu", "gpu"):
+    scales = ("cpu", "gpu") + (("gpu-full",) if "[scales.gpu-full]" in path.read_text() else ())
+    for scale in scales:
         exp = load_experiment(path, scale, tmp_path)     # every key and every run's TrainConfig
-        assert exp.cells and len({c.seed for c in exp.cells}) >= 3
+        # a learning-rate sweep (a grid over train.lr) takes one seed; results take three
+        sweep = any(k == "train.lr" for c in exp.cells for k in c.swept)
+        assert exp.cells and len({c.seed for c in exp.cells}) >= (1 if sweep else 3)
         assert all(c.size for c in exp.cells) and exp.matching
         assert all(c.config["device"] == ("cpu" if scale == "cpu" else "cuda") for c in exp.cells)
 

@@ -18,7 +18,7 @@ def add_parser(sub) -> None:
                         description="Run every cell of FILE at --scale into <out>/<name>/<scale>/<run>/; "
                         "finished and failed runs are skipped, interrupted ones resumed.")
     r.add_argument("file", help="experiment file (.toml or .json)")
-    r.add_argument("--scale", default="cpu", help="which of the file's scales: cpu (default) or gpu")
+    r.add_argument("--scale", default="cpu", help="which of the file's scales: cpu (default), gpu or gpu-full")
     r.add_argument("--out", default=DEFAULT_OUT, help=f"experiments folder (default {DEFAULT_OUT})")
     r.add_argument("--dry-run", action="store_true", help="list the runs and their state "
                    "(new / partial / done / failed) and the model sizes; train nothing")

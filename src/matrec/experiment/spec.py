@@ -23,7 +23,8 @@ from ..models import MODELS, build_model, num_parameters
 from ..train.config import TrainConfig
 from ..train.context import check_bins, plan
 
-SCALES = ("cpu", "gpu")
+SCALES = ("cpu", "gpu", "gpu-full")
+REQUIRED_SCALES = ("cpu", "gpu")   # every file has these; gpu-full (the full-size grid) is optional
 TOP_KEYS = {"name", "description", "task", "task_args", "models", "train", "grid", "seeds", "budget",
             "target", "stop_at_target", "metric", "matching", "position_eval", "eval_at", "scales"}
 POSITION_KEYS = {"bins", "rows"}
@@ -169,10 +170,13 @@ def load_experiment(path: str | Path, scale: str, out_dir: str | Path) -> Experi
     if scale not in SCALES:
         raise ExperimentError(f"scale must be one of {list(SCALES)}, got {scale!r}")
     scales = data.get("scales")
-    if not isinstance(scales, dict) or sorted(scales) != sorted(SCALES):
-        raise bad("scales", f"a table with exactly the keys {list(SCALES)}",
+    if (not isinstance(scales, dict) or not set(REQUIRED_SCALES) <= set(scales)
+            or not set(scales) <= set(SCALES)):
+        raise bad("scales", f"a table with the keys {list(REQUIRED_SCALES)} and optionally 'gpu-full'",
                   sorted(scales) if isinstance(scales, dict) else scales)
-    for s in SCALES:
+    if scale not in scales:
+        raise ExperimentError(f"{where}: this file has no {scale} scale; its scales are {sorted(scales)}")
+    for s in scales:
         if not isinstance(scales[s], dict):
             raise bad(f"scales.{s}", "a table", scales[s])
         unknown(scales[s], TOP_KEYS - {"name", "scales"}, f"scales.{s}.")
