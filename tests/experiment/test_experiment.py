@@ -324,6 +324,16 @@ def test_bad_experiment_files_are_rejected_before_any_run(tmp_path, capsys, over
     assert not (tmp_path / "out").exists()
 
 
+def test_only_runs_the_named_models(tmp_path, capsys):
+    path = write_experiment(tmp_path)
+    status, out = run_cli(capsys, "experiment", "run", str(path), "--out", str(tmp_path / "out"), "--dry-run",
+                  "--only", "gru")
+    assert status == 0 and "4 runs" in out and "gru-delay3-seed0" in out and "rnn-" not in out
+    with pytest.raises(SystemExit) as e:
+        cli.main(["experiment", "run", str(path), "--out", str(tmp_path / "out"), "--only", "lstm"])
+    assert e.value.code == 2 and "--only must name model labels" in capsys.readouterr().err
+
+
 def test_the_optional_gpu_full_scale(tmp_path, capsys):
     path = write_experiment(tmp_path, scales={"cpu": {}, "gpu": {}, "gpu-full": {"budget": {"steps": 9}}})
     assert {c.config["steps"] for c in load_experiment(path, "gpu-full", tmp_path).cells} == {9}

@@ -25,6 +25,9 @@ def add_parser(sub) -> None:
     r.add_argument("--jobs", default="1", help="runs at once, each in its own process (default 1: "
                    "one after the other in this process); a CPU run without a threads setting gets "
                    "cores // jobs threads, and with several GPUs each job its own")
+    r.add_argument("--only", metavar="LABELS", default=None, help="run only the models with these "
+                   "labels (comma-separated, e.g. mornn,lstm): the decisive cells first; the others "
+                   "stay new and a later run without --only does them")
     r.add_argument("--ray", metavar="ADDRESS", default=None, help="submit each run as a task to the "
                    "Ray cluster at ADDRESS (needs the ray extra; --out on a shared file system)")
     r.set_defaults(func=cmd_run)
@@ -54,6 +57,13 @@ def cmd_run(args) -> int:
     if args.scale not in SCALES:
         raise ValueError(f"--scale must be one of {list(SCALES)}, got {args.scale!r}")
     exp = load_experiment(args.file, args.scale, args.out)
+    if args.only:
+        labels = [label.strip() for label in args.only.split(",") if label.strip()]
+        known = list(dict.fromkeys(c.label for c in exp.cells))
+        unknown = [label for label in labels if label not in known]
+        if unknown or not labels:
+            raise ValueError(f"--only must name model labels of {exp.path!r} ({known}), got {args.only!r}")
+        exp.cells = [c for c in exp.cells if c.label in labels]
     check(exp)
     # a Ray task asks for its threads as CPUs: one each unless the file says otherwise, not this
     # machine's cores (which would make the cluster run one task per node)
