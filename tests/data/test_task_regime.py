@@ -82,3 +82,23 @@ def test_bad_options_are_named():
         build_task("forecast_regime", marker=1.0, response=1.0, length=1000, val_length=100)
     with pytest.raises(ValueError, match="query_every"):
         build_task("forecast_regime", dwell=2, query_every=2)
+
+
+def test_the_trainer_pools_response_metrics_over_its_evaluation(tmp_path):
+    """Trainer.evaluate reports the ratio of summed hits to summed responses (Task.summarize),
+    not a mean of per-batch ratios, for a model that forecasts zero (memoryless: every response
+    costs exactly 1)."""
+    from matrec.train import Trainer
+    from support import tiny_config
+    cfg = tiny_config(tmp_path, "naive", task="forecast_regime", model="seasonal_naive",
+                      model_args={"period": 1, "fit": False},
+                      task_args={"seq_len": 16, "length": 4096, "val_length": 2048, **OPTS},
+                      steps=1, batch_size=4, eval_every=1, eval_batches=16, optimizer="rmsprop")
+    result = Trainer(cfg).evaluate()
+    task = build_task("forecast_regime", seq_len=16, length=4096, val_length=2048, **OPTS)
+    xs, ys = zip(*(task.batch_at("val", 4, i) for i in range(16)))
+    x, y = torch.cat(xs, 1)[..., 0], torch.cat(ys, 1)                  # persistence: forecast = input
+    resp = y.abs() == 1.0
+    assert result["response_count"] * 16 == int(resp.sum())
+    assert result["response_mse"] == pytest.approx(float(((x - y)[resp] ** 2).mean()))
+    assert result["response_accuracy"] == pytest.approx(float((x.sign() == y.sign())[resp].float().mean()))
