@@ -189,6 +189,12 @@ def cmd_import_hf(args) -> int:
     return 0
 
 
+def cmd_export_hf(args) -> int:
+    from .train.rundir import check_new_output
+    check_new_output(args.out_dir, "OUT_DIR")   # before transformers' import: a refusal is instant
+    return __import__("matrec.hf.export", fromlist=["cmd_export_hf"]).cmd_export_hf(args)
+
+
 def _single_process() -> bool:
     """Not under torchrun (whose ranks must compute the same folder name, not each make one)."""
     return int(os.environ.get("WORLD_SIZE", "1")) <= 1
@@ -463,10 +469,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Write a run's latest checkpoint as a transformers directory "
                        "(config.json, model.safetensors, tokenizer); needs the hf extra.")
     p.add_argument("run_dir", help="run directory, its checkpoints/ folder, or a step-* folder")
-    p.add_argument("out_dir", help="output directory")
+    p.add_argument("out_dir", help="output directory: a new or empty folder outside every run")
     # matrec.hf imports transformers: only when this command runs, never for the others
-    p.set_defaults(func=lambda args: __import__("matrec.hf.export", fromlist=["cmd_export_hf"])
-                   .cmd_export_hf(args))
+    p.set_defaults(func=cmd_export_hf)
 
     p = sub.add_parser("export", help="export a checkpoint to ONNX or ExecuTorch for edge inference",
                        description="Write a run's latest checkpoint as one ONNX model or ExecuTorch "

@@ -107,6 +107,27 @@ def holds_run(run_dir: Path) -> bool:
     return run_dir.is_dir() and any(p.name != LOCK_NAME for p in run_dir.iterdir())
 
 
+def is_run_dir(folder: Path) -> bool:
+    """Whether ``folder`` is a run directory, its ``checkpoints/`` folder or one checkpoint (what a
+    run writes: see this module and matrec.train.checkpoint)."""
+    return ((folder / "config.json").is_file() and any((folder / f).exists() for f in
+                                                       ("metrics.jsonl", "checkpoints", "cell.json"))) \
+        or (folder / "latest.json").is_file() or (folder / "state.json").is_file()
+
+
+def check_new_output(path: str | Path, what: str) -> None:
+    """A ValueError naming ``what`` unless ``path`` is a new or empty folder outside every run
+    directory: an export writes its own ``config.json``, which would replace a run's (and lose it)."""
+    out = Path(path)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"{what} {str(out)!r} exists and is not an empty folder; nothing was "
+                         f"overwritten (choose a new folder)")
+    for folder in (out.resolve(), *out.resolve().parents):
+        if is_run_dir(folder):
+            raise ValueError(f"{what} {str(out)!r} lies inside the run directory {str(folder)!r}; "
+                             f"nothing is ever written into a run (choose a folder outside it)")
+
+
 def _make_dir(path: Path, exist_ok: bool) -> None:
     try:
         path.mkdir(parents=True, exist_ok=exist_ok)
