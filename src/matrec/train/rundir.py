@@ -37,6 +37,10 @@ class RunDirError(RuntimeError):
     cannot be created, or one of its files is damaged. The message says which and what to do."""
 
 
+class RunLockedError(RunDirError):
+    """Another process holds the run directory's lock (it is writing the run now)."""
+
+
 class RunLock:
     """An exclusive OS lock (``flock``) on ``<run_dir>/.lock``: one writer per run directory.
 
@@ -55,7 +59,7 @@ class RunLock:
         return self._fd is not None
 
     def acquire(self) -> "RunLock":
-        """Take the lock now or raise :class:`RunDirError` naming the holder (never waits)."""
+        """Take the lock now or raise :class:`RunLockedError` naming the holder (never waits)."""
         try:
             import fcntl
         except ImportError:   # not a POSIX system: nothing to lock with, say so once
@@ -72,7 +76,7 @@ class RunLock:
         except BlockingIOError:
             holder = _read_holder(fd)
             os.close(fd)
-            raise RunDirError(f"run directory {str(self.run_dir)!r} is being written by another "
+            raise RunLockedError(f"run directory {str(self.run_dir)!r} is being written by another "
                               f"process ({holder}); one writer per run: wait for it to finish or "
                               f"stop it") from None
         stamp = _dt.datetime.now().astimezone().isoformat(timespec="seconds")
@@ -81,6 +85,18 @@ class RunLock:
                                  "since": stamp}).encode())
         self._fd = fd
         return self
+
+    def wait_free(self) -> None:
+        """Block until no process holds the lock (its writer ended, however it ended); take nothing."""
+        try:
+            import fcntl
+            fd = os.open(self.path, os.O_RDONLY)
+        except (ImportError, FileNotFoundError):
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+        finally:
+            os.close(fd)
 
     def release(self) -> None:
         if self._fd is not None:
