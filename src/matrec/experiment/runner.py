@@ -24,7 +24,7 @@ from pathlib import Path
 
 from ..train.checkpoint import write_json_atomic
 from ..train.config import TrainConfig
-from ..train.rundir import RunDirError, RunLock, RunLockedError
+from ..train.rundir import FAILURES_NAME, LOCK_NAME, RunDirError, RunLock, RunLockedError
 from ..train.trainer import NonFiniteError, Trainer
 from .spec import Experiment, parse_target
 from .state import STATES, check_settings, environmental, inspect, read_status, read_timing, run_state
@@ -35,7 +35,7 @@ __all__ = ["STATES", "run_state", "read_status", "run_cell", "run_experiment", "
 # (failures.jsonl excepted: the record of earlier failures is kept)
 _UNSTARTED = {"config.json", "metrics.jsonl", "summary.json", "plot.png", "cell.json", "timing.jsonl",
               "status.json", "tb", "checkpoints", ".lock", "failures.jsonl"}
-_KEPT = {".lock", "failures.jsonl"}
+_KEPT = {LOCK_NAME, FAILURES_NAME}
 RESULT_MARK = "MATREC_EXPERIMENT_RESULT "
 
 
@@ -68,7 +68,7 @@ def _archive_failure(run_dir: Path) -> str:
         status = read_status(run_dir)
         if status is None:   # another process moved it first
             return ""
-        with open(run_dir / "failures.jsonl", "a") as f:
+        with open(run_dir / FAILURES_NAME, "a") as f:
             f.write(json.dumps(status) + "\n")
             f.flush()
             os.fsync(f.fileno())

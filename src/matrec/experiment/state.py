@@ -171,17 +171,21 @@ def changed_settings(spec: dict) -> list[str]:
     (``"key: <run's> in the run, <file's> in the file"``), for a run that holds a result or a
     checkpoint; [] for any other (it starts afresh from the file)."""
     run_dir = Path(spec["run_dir"])
-    if not ((run_dir / "status.json").exists() or (run_dir / "checkpoints" / "latest.json").is_file()):
-        return []
+    state = inspect(run_dir)[0]
+    checkpoint = (run_dir / "checkpoints" / "latest.json").is_file()
+    if not (state in ("done", "failed") or (state in ("partial", "retry") and checkpoint)):
+        return []     # nothing of it is reused: it starts afresh from the file
     try:
-        recorded = read_json(run_dir / "config.json") or {}
+        recorded = read_json(run_dir / "config.json")
         cell = read_cell(run_dir) or {}
     except DamagedRun:
         return []    # the state says damaged, and the run is left alone
-    wanted = _flat(json.loads(json.dumps(TrainConfig.from_dict(spec["config"]).to_dict())))
-    have = _flat(recorded)
-    diffs = [(k, have.get(k, "unset"), wanted.get(k, "unset")) for k in sorted(set(wanted) | set(have))
-             if k not in UNCOMPARED and have.get(k, "unset") != wanted.get(k, "unset")]
+    diffs = []
+    if recorded is not None:   # a run that failed before it wrote its config has none to compare
+        wanted = _flat(json.loads(json.dumps(TrainConfig.from_dict(spec["config"]).to_dict())))
+        have = _flat(recorded)
+        diffs = [(k, have.get(k, "unset"), wanted.get(k, "unset")) for k in sorted(set(wanted) | set(have))
+                 if k not in UNCOMPARED and have.get(k, "unset") != wanted.get(k, "unset")]
     if cell:   # runs from before cell.json was written at the start may lack it: nothing to compare
         diffs += [(k, cell.get(k), spec["cell"].get(k)) for k in CELL_SETTINGS
                   if cell.get(k) != spec["cell"].get(k)]

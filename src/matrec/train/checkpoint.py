@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -108,6 +109,21 @@ def write_json_atomic(path: Path, data: dict) -> None:
         raise
 
 
+def _save_tensors(tensors: dict[str, Tensor], path: Path, metadata: dict | None = None) -> None:
+    """safetensors' ``save_file``, its refused writes (disk full, file too large) as the OSError
+    they are: safetensors reports them as its own error type, which names no file."""
+    from safetensors.torch import save_file
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except OSError:
+        raise
+    except Exception as e:   # noqa: BLE001 - SafetensorError is not importable by a stable name
+        code = re.search(r"os error (\d+)", str(e))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from None
+
+
 def save_checkpoint(root: str | Path, *, model: nn.Module, tensors: dict[str, Tensor], meta: dict,
                     keep: int = 1) -> Path:
     """Write one checkpoint under ``root`` atomically and point ``latest.json`` at it.
@@ -118,16 +134,14 @@ def save_checkpoint(root: str | Path, *, model: nn.Module, tensors: dict[str, Te
         meta: JSON-able state; must hold ``step``.
         keep: how many step directories to keep (older ones are removed after the switch).
     """
-    from safetensors.torch import save_file
-
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     step = int(meta["step"])
     name = f"step-{step:08d}"
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}.", suffix=".tmp"))
     try:
-        save_file(_weights_to_save(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "state.safetensors"))
+        _save_tensors(_weights_to_save(model), tmp / "model.safetensors", metadata={"format": "pt"})
+        _save_tensors({k: v.contiguous() for k, v in tensors.items()}, tmp / "state.safetensors")
         files = {f: _sha256(tmp / f) for f in ("model.safetensors", "state.safetensors")}
         (tmp / "state.json").write_text(json.dumps({"format": FORMAT, "version": VERSION, **meta,
                                                     "files": files}, indent=1))
@@ -137,6 +151,10 @@ def save_checkpoint(root: str | Path, *, model: nn.Module, tensors: dict[str, Te
         if final.exists():  # left by a run killed before it could point latest.json at it
             os.replace(final, Path(tempfile.mkdtemp(dir=root, prefix=f".{name}.", suffix=".old")) / name)
         os.replace(tmp, final)
+    except OSError as e:   # the disk refused: the last checkpoint (latest.json's) is untouched
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OSError(e.errno, f"{e.strerror} while writing a checkpoint (the previous checkpoint "
+                               f"is intact)", e.filename) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

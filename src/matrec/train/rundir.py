@@ -9,6 +9,7 @@
     checkpoints/     see matrec.train.checkpoint
     summary.json     final status, step, metrics, wall time, parameter count
     .lock            the writer's lock (see RunLock); holds its pid, host and start time
+    failures.jsonl   (experiment runs) earlier failures of the machine, kept when the run starts again
 
 ``metrics.jsonl`` holds only numbers that the run's seed determines (no timings), so a resumed run
 writes exactly the file an uninterrupted one would.
@@ -30,6 +31,7 @@ from pathlib import Path
 from typing import Callable
 
 LOCK_NAME = ".lock"
+FAILURES_NAME = "failures.jsonl"   # not a run: a run that starts again after such a failure keeps it
 
 
 class RunDirError(RuntimeError):
@@ -119,8 +121,9 @@ def _read_holder(fd: int) -> str:
 
 
 def holds_run(run_dir: Path) -> bool:
-    """Whether ``run_dir`` holds anything but a lock file (a run, or files that are not ours)."""
-    return run_dir.is_dir() and any(p.name != LOCK_NAME for p in run_dir.iterdir())
+    """Whether ``run_dir`` holds anything but a lock file and a failure record (a run, or files
+    that are not ours)."""
+    return run_dir.is_dir() and any(p.name not in (LOCK_NAME, FAILURES_NAME) for p in run_dir.iterdir())
 
 
 def is_run_dir(folder: Path) -> bool:
