@@ -144,9 +144,9 @@ DAMAGE = {   # file -> what is written in it; the case's id
     "timing-binary": ("timing.jsonl", b"\x00\xff\n{\"step\": 2, \"train_seconds\": 0.1}\n"),
     "timing-list": ("timing.jsonl", b"[1]\n{\"step\": 2, \"train_seconds\": 0.1}\n"),
     "timing-empty-object": ("timing.jsonl", b"{}\n{\"step\": 2, \"train_seconds\": 0.1}\n"),
-    "loss-not-a-number": ("metrics.jsonl", _first_train("loss", "x")),
+    "loss-not-a-number": ("metrics.jsonl", lambda run: _metrics_with(run, _first_train("loss", "x"))),
     "metrics-empty": ("metrics.jsonl", b""),
-    "eval-nan": ("metrics.jsonl", _last_eval("recall", float("nan"))),
+    "eval-nan": ("metrics.jsonl", lambda run: _metrics_with(run, _last_eval("recall", float("nan")))),
 }
 
 

@@ -60,7 +60,8 @@ def collect_runs(root: str | Path, warn=None) -> list[dict]:
         except DamagedRun as e:
             if warn is not None:
                 warn(f"damaged run {str(run_dir)!r}: {e}")
-            runs.append(_damaged(run_dir, _readable_cell(run_dir) or plain, str(e)))
+            runs.append(_damaged(run_dir, _readable_cell(run_dir) or _cell_of_siblings(run_dir, config)
+                                 or plain, str(e)))
             continue
         if state == "retry":   # failed for a reason of the machine; the next `run` retries it
             state = "failed"
@@ -94,6 +95,25 @@ def collect_runs(root: str | Path, warn=None) -> list[dict]:
             run["position"] = _position_of(run_dir, run["position_eval"])
         runs.append(run)
     return runs
+
+
+def _cell_of_siblings(run_dir: Path, config: dict) -> dict | None:
+    """A cell for a run whose own cell.json is damaged, from a sibling run of the same experiment:
+    its experiment and settings, the label its folder name starts with, swept values and seed
+    from the run's own config.json."""
+    cells = [c for c in map(_readable_cell, sorted(p for p in run_dir.parent.iterdir()
+                                                     if p.is_dir() and p != run_dir)) if c]
+    if not cells:
+        return None
+    labels = sorted({c["label"] for c in cells if run_dir.name.startswith(c["label"] + "-")}, key=len)
+    settings = {**config, **{k: config.get(k, {}) for k in ("task_args", "model_args")}}
+
+    def value(key: str):
+        group, _, option = key.partition(".")
+        return settings.get(option) if group == "train" else settings[group].get(option)
+
+    return {**cells[0], "label": labels[-1] if labels else config["model"], "seed": config.get("seed"),
+            "swept": {k: value(k) for k in cells[0].get("swept", {})}, "size": ""}
 
 
 def _readable_cell(run_dir: Path) -> dict | None:
