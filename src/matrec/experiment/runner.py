@@ -147,6 +147,13 @@ def run_cell(spec: dict) -> dict:
     except Exception as e:   # noqa: BLE001 - recorded in the run, never dropped
         return {**_record(run_dir, "failed", f"could not start: {type(e).__name__}: {e}", cell,
                           tb=traceback.format_exc(), environmental=environmental(e)), **retried}
+    try:
+        return _train_cell(trainer, run_dir, cell, target, retried)
+    finally:   # the status is written under the run's lock: no other process sees it unfinished
+        trainer.release()
+
+
+def _train_cell(trainer: Trainer, run_dir: Path, cell: dict, target, retried: dict) -> dict:
     cfg = trainer.cfg
     timing_path = run_dir / "timing.jsonl"
     timing = read_timing(timing_path, trainer.step)
@@ -340,6 +347,8 @@ def _log_result(result: dict, log) -> None:
     extra = f" at step {result['step']}" if "step" in result else ""
     why = result.get("reason", result.get("message", ""))
     by = " (finished by another process)" if result.get("by_other") else ""
+    if result.get("locked"):   # looked at again once that process lets go of it
+        why = f"{why}; looked at again when it ends"
     log(f"{result['state']:<5} {Path(result['run_dir']).name}: {why}{extra}{by}")
 
 
@@ -365,6 +374,8 @@ def run_experiment(exp: Experiment, backend, jobs: int = 1, log=print, threads: 
                 f"failures.jsonl")
     ran = []
     for result in backend.run(todo):
+        if result.get("skipped"):   # finished since the listing above: by another process
+            result["by_other"] = True
         ran.append(result)
         _log_result(result, log)
     # another `experiment run` on the same folder was writing these: wait for it, then look again

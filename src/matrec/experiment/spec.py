@@ -7,6 +7,7 @@ one model's size at that scale only). docs/experiments.md lists every key.
 from __future__ import annotations
 
 import collections
+import functools
 import itertools
 import json
 import math
@@ -87,7 +88,7 @@ class Cell:
     config: dict
     size: str = ""
 
-    @property
+    @functools.cached_property   # read several times per run: a 100,000-run grid feels it
     def name(self) -> str:
         parts = [self.label] + [f"{k.rsplit('.', 1)[-1]}{_token(v)}" for k, v in self.swept.items()]
         return "-".join(parts + [f"seed{self.seed}"])
@@ -331,13 +332,14 @@ def check(exp: Experiment) -> None:
     """Build every cell's task and model once (before any run starts) and check that the task
     reports the target's and the report's metric; fills ``exp.parameters`` (label -> count)."""
     where = f"experiment file {exp.path!r}"
-    configs = [TrainConfig.from_dict(c.config) for c in exp.cells]
     tasks, counts = {}, {}
-    for cell, cfg in zip(exp.cells, configs):
-        tkey = json.dumps([cfg.task, cfg.task_args], sort_keys=True, default=repr)
-        key = json.dumps([tkey, cfg.model, cfg.model_args], sort_keys=True, default=repr)
+    for cell in exp.cells:
+        c = cell.config   # checked by load_experiment; a TrainConfig only per distinct task and model
+        key = json.dumps([[c["task"], c["task_args"]], c["model"], c["model_args"]], sort_keys=True, default=repr)
         if key in counts:
             continue
+        cfg = TrainConfig.from_dict(c)
+        tkey = json.dumps([cfg.task, cfg.task_args], sort_keys=True, default=repr)
         try:
             if tkey not in tasks:
                 tasks[tkey] = build_task(cfg.task, **cfg.task_args)

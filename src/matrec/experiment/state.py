@@ -171,6 +171,8 @@ def changed_settings(spec: dict) -> list[str]:
     (``"key: <run's> in the run, <file's> in the file"``), for a run that holds a result or a
     checkpoint; [] for any other (it starts afresh from the file)."""
     run_dir = Path(spec["run_dir"])
+    if not run_dir.exists():
+        return []
     state = inspect(run_dir)[0]
     checkpoint = (run_dir / "checkpoints" / "latest.json").is_file()
     if not (state in ("done", "failed") or (state in ("partial", "retry") and checkpoint)):

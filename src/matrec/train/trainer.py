@@ -213,10 +213,17 @@ class Trainer:
             raise
 
     def claim(self) -> Path:
-        """Become the run directory's writer now, before training (``train`` does it itself and
-        releases it when it returns), e.g. to put a file beside the run first; returns the folder."""
+        """Become the run directory's writer now and stay it until :meth:`release` (``train`` and
+        ``save`` otherwise take the run's lock and drop it when they return): for a caller that
+        writes its own files beside the run, before and after training. Returns the folder."""
         self._acquire_run()
+        self._claimed = True
         return self.run_dir
+
+    def release(self) -> None:
+        """Stop being the run directory's writer (after :meth:`claim`)."""
+        self._claimed = False
+        self._release_run()
 
     def _release_run(self) -> None:
         if self._lock is not None:
@@ -380,11 +387,13 @@ class Trainer:
         cfg = self.cfg
         check_int("until", until, 0, allow_none=True)
         until = cfg.steps if until is None else min(until, cfg.steps)
+        claimed = getattr(self, "_claimed", False)   # by claim(): kept after this call
         self._acquire_run()
         try:
             return self._train(until)
         finally:
-            self._release_run()
+            if not claimed:
+                self._release_run()
 
     def _train(self, until: int) -> dict:
         cfg = self.cfg
