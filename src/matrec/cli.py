@@ -258,8 +258,8 @@ def _load_for_inference(path):
 
 def cmd_export(args) -> int:
     from .export import export, exportable
-    from .export.runtimes import check_format
-    check_int("--max-length", args.max_length)
+    from .export.runtimes import MAX_LENGTH, MIN_LENGTH, check_format, check_max_length
+    check_int("--max-length", args.max_length, MIN_LENGTH, maximum=MAX_LENGTH)   # before any loading
     check_format(args.format)   # the extra before any work
     root = Path(args.run_dir)   # the default file goes to the run's top folder, not into checkpoints/
     root = root.parent.parent if root.name.startswith("step-") else root.parent if root.name == "checkpoints" else root
@@ -272,6 +272,7 @@ def cmd_export(args) -> int:
         form = exportable(model, args.mode)
     except ValueError as e:
         raise ValueError(f"RUN_DIR {args.run_dir!r} (model {cfg.model!r}): {e}") from None
+    check_max_length(form, args.format, args.max_length, "--max-length")
     info = export(form, out, args.format, max_length=args.max_length)
     print(json.dumps({"out": str(out), "metadata": str(out) + ".json", "step": meta["step"],
                       "model": cfg.model, "format": args.format, "mode": args.mode,
@@ -485,7 +486,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "for any length T (a prompt and single steps; default); step: T = 1 only, smaller")
     p.add_argument("--out", default=None, help="output file (default RUN_DIR/model-MODE.onnx|pte); must not exist")
     p.add_argument("--max-length", type=int, default=4096, help="longest T (and attention cache) the "
-                   "graph accepts; ExecuTorch plans memory for it (default 4096)")
+                   "graph accepts, 8 to 2^24; ExecuTorch plans memory for it, at most 4 GiB (default 4096)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("import-hf", help="start a run from a transformers directory (to fine-tune it)",

@@ -292,6 +292,11 @@ def load_model_weights(model: nn.Module, ckpt_dir: str | Path) -> None:
     path = str(Path(ckpt_dir) / "model.safetensors")
     try:
         stored = load_file(path)
+    except Exception as e:   # noqa: BLE001 - safetensors' own error type: a file that matches its
+        # recorded SHA-256 yet is no safetensors file was written so (forged), not cut by a crash
+        raise CheckpointError(f"checkpoint weights {path!r} cannot be read as safetensors "
+                              f"({str(e)[:160]})") from None
+    try:
         want = model.state_dict()
         # a name missing from the file is fine when it is tied to one that is there (stored once)
         by_key = {_tie_key(t): name for name, t in want.items() if name in stored}
@@ -299,8 +304,10 @@ def load_model_weights(model: nn.Module, ckpt_dir: str | Path) -> None:
             if name not in stored and _tie_key(t) in by_key:
                 stored[name] = stored[by_key[_tie_key(t)]]
         model.load_state_dict(stored, strict=True)
-    except RuntimeError as e:
-        raise CheckpointError(f"checkpoint weights in {str(ckpt_dir)!r} do not fit the model: {e}") from None
+    except (RuntimeError, TypeError, ValueError) as e:
+        why = " ".join(str(e).split())   # torch's message spans lines: one line for the user
+        raise CheckpointError(f"checkpoint weights in {str(ckpt_dir)!r} do not fit the model: "
+                              f"{why[:400]}{'...' if len(why) > 400 else ''}") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -318,6 +325,16 @@ def optimizer_from_flat(optimizer: torch.optim.Optimizer, spec: dict, tensors: d
     optimizer.load_state_dict({"state": state, "param_groups": spec["param_groups"]})
 
 
+def stored_vocabulary(meta: dict, ckpt_dir: Path) -> StoredVocabulary:
+    """The vocabulary a checkpoint keeps (its ``tokenizer`` field), or :class:`CheckpointError`
+    naming the checkpoint when that field is no tokenizer (edited, or written by something else)."""
+    try:
+        return StoredVocabulary(meta["tokenizer"])
+    except Exception as e:   # noqa: BLE001 - tokenizers raises a bare Exception for bad JSON
+        raise CheckpointError(f"checkpoint {str(ckpt_dir)!r}: the tokenizer in state.json cannot be read "
+                              f"({type(e).__name__}: {str(e)[:160]})") from None
+
+
 def load_for_inference(path: str | Path, *, vocabulary_only: bool = False):
     """``(config, task, model, meta)`` of the checkpoint at ``path`` (a run or checkpoint folder):
     the model with its weights, in eval mode, on the CPU.
@@ -329,7 +346,7 @@ def load_for_inference(path: str | Path, *, vocabulary_only: bool = False):
     meta, ckpt_dir, _ = load_checkpoint(path)
     cfg = TrainConfig.from_dict(meta["config"])
     if vocabulary_only and meta.get("tokenizer"):
-        task = StoredVocabulary(meta["tokenizer"])
+        task = stored_vocabulary(meta, ckpt_dir)
     else:
         task = build_task(cfg.task, **cfg.task_args)
     model = build_model(cfg.model, **task.model_io(), **cfg.model_args)
