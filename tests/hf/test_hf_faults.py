@@ -1,6 +1,7 @@
 """export-hf and import-hf under faults and hostile input, through the real ``matrec`` command:
 nothing overwritten, every error one line naming the file and the field (issue 26)."""
 import json
+import shutil
 
 import pytest
 
@@ -60,3 +61,51 @@ def test_export_hf_never_writes_into_a_run_or_over_a_folder(lm_run, tmp_path, ca
     (tmp_path / "empty").mkdir()
     assert cli.main(["export-hf", str(lm_run), str(tmp_path / "empty")]) == 0
     assert json.loads((tmp_path / "empty" / "config.json").read_text())["model_type"] == "matrec"
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    """A transformers directory of a small MRU model (sequence backbone: d_model, vocab_size)."""
+    import torch
+
+    from matrec.hf import MatrecForCausalLM, config_from_model_spec
+    folder = tmp_path_factory.mktemp("hf") / "mru"
+    torch.manual_seed(0)
+    config = config_from_model_spec("mru", vocab_size=13, d_model=16, n_layers=1, n_heads=2)
+    MatrecForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+def _edited(hf_dir, tmp_path, **fields):
+    folder = tmp_path / "edited"
+    shutil.copytree(hf_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **fields}))
+    return folder
+
+
+def test_import_hf_damaged_or_edited_directories_are_clear_errors(hf_dir, tmp_path, capsys):
+    import torch
+    from safetensors.torch import load_file
+    run = tmp_path / "run"
+    for field, value in (("vocab_size", 14), ("d_model", 32)):
+        folder = _edited(hf_dir, tmp_path, **{field: value})
+        err = _refused(capsys, "import-hf", folder, run)
+        assert str(folder / "model.safetensors") in err and f"{field}={value}" in err and "has shape" in err
+        shutil.rmtree(folder)
+    folder = _edited(hf_dir, tmp_path)
+    (folder / "config.json").write_text("[1]")
+    one_line_error(matrec_cli("import-hf", folder, run), "import-hf", str(folder / "config.json"),
+                   "must hold a JSON object", "got a JSON list")
+    shutil.rmtree(folder)
+    folder = _edited(hf_dir, tmp_path)
+    data = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(data[:len(data) // 2])
+    err = _refused(capsys, "import-hf", folder, run)
+    assert str(folder / "model.safetensors") in err and "cannot be read as safetensors" in err
+    tensors = load_file(hf_dir / "model.safetensors")
+    (folder / "model.safetensors").unlink()
+    torch.save(tensors, folder / "pytorch_model.bin")   # a pickle: never loaded
+    err = _refused(capsys, "import-hf", folder, run)
+    assert "has no model.safetensors" in err and "['pytorch_model.bin'] are pickles" in err
+    assert not run.exists()
