@@ -124,3 +124,9 @@ def test_forged_weights_and_bad_stored_tokenizers_are_clear_errors(runs, tmp_pat
         assert "the tokenizer in state.json cannot be read" in err and not (tmp_path / "hf").exists()
         err = _refused(capsys, "export-hf", forged, tmp_path / "hf")
         assert "do not fit the model" in err and not (tmp_path / "hf").exists()
+
+
+def test_a_config_file_nested_20000_deep_is_a_clear_error(tmp_path):
+    path = tmp_path / "deep.json"
+    path.write_text('{"a": ' * 20_000 + "1" + "}" * 20_000)
+    one_line_error(matrec_cli("train", "--config", path), "train", str(path), "nested too deeply")
