@@ -69,15 +69,15 @@ def _read_hf_dir(hf_dir: Path) -> MatrecForCausalLM:
     if not isinstance(data, dict):
         raise ValueError(f"{str(config_path)!r} must hold a JSON object (a transformers config), got a "
                          f"JSON {type(data).__name__}")
+    try:
+        config = MatrecConfig.from_dict(data)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{str(config_path)!r}: {e}") from None
     if not weights.is_file():
         pickles = sorted(p.name for p in hf_dir.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pkl"))
         raise ValueError(f"HF_DIR {str(hf_dir)!r} has no model.safetensors" + (
             f"; {pickles} are pickles, which matrec never loads (unpickling can run code): save the "
             f"weights with save_pretrained(..., safe_serialization=True)" if pickles else ""))
-    try:
-        config = MatrecConfig.from_dict(data)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{str(config_path)!r}: {e}") from None
     try:
         with safe_open(str(weights), "pt") as f:
             stored = {k: f.get_tensor(k).shape for k in f.keys()}   # reads every byte: a cut file fails
