@@ -78,3 +78,31 @@ def kill_after_first_checkpoint(args: list[str], run_dir, timeout: float = 120) 
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     return json.loads(latest.read_text())["step"]
+
+
+def matrec_cli(*args, cwd=None, timeout: float = 300, env: dict | None = None, **kw):
+    """``python -m matrec.cli *args`` in a subprocess (this checkout's src/ first; ``env`` adds
+    variables): the real command, with its exit status and its stderr as a user sees them.
+    Returns the CompletedProcess (text)."""
+    import subprocess
+    env = {**os.environ, "PYTHONPATH": str(SRC), **(env or {})}
+    return subprocess.run([sys.executable, "-m", "matrec.cli", *map(str, args)], env=env, cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout, **kw)
+
+
+TINY_TRAIN = ["--model", "rnn", "--hidden-size", "8", "--steps", "2",
+              "--batch-size", "4", "--eval-every", "2", "--eval-batches", "1", "--ckpt-every", "2",
+              "--threads", "1", "--no-progress", "--no-tensorboard", "--no-plot"]
+
+
+def one_line_error(proc, command: str, *fragments: str) -> str:
+    """Assert ``proc`` failed as a user error (exit 2, one line ``matrec COMMAND: error: ...``, no
+    traceback) holding every fragment; return that line. (Lines that installed libraries log while
+    they are imported, such as torchao's, are theirs, not the command's.)"""
+    lines = [line for line in proc.stderr.strip().splitlines() if line.startswith("matrec")]
+    assert proc.returncode == 2 and len(lines) == 1, (proc.returncode, proc.stderr)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.rstrip().endswith(lines[0]) and lines[0].startswith(f"matrec {command}: error: ")
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    return lines[0]

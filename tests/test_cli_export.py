@@ -62,7 +62,7 @@ def test_unsupported_model_is_named(runs, tmp_path, capsys):
 @pytest.mark.parametrize("argv, message", [
     (["--format", "tflite"], "argument --format: invalid choice: 'tflite'"),
     (["--format", "onnx", "--mode", "chunk"], "argument --mode: invalid choice: 'chunk'"),
-    (["--format", "onnx", "--max-length", "0"], "--max-length must be an int >= 1, got 0"),
+    (["--format", "onnx", "--max-length", "0"], "--max-length must be an int in [8, 16777216], got 0"),
 ])
 def test_bad_format_mode_and_length(runs, capsys, argv, message):
     code, err = _fails(capsys, "export", str(runs / "mornn"), *argv)

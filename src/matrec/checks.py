@@ -1,6 +1,7 @@
 """Argument checks shared by every layer, op and task: one wording for every bad argument."""
 from __future__ import annotations
 
+import math
 import numbers
 
 
@@ -34,3 +35,20 @@ def check_divides(divisor_arg: str, divisor: int, dividend_arg: str, dividend: i
     if dividend % divisor:
         raise ValueError(f"{divisor_arg} must divide {dividend_arg}, got {dividend_arg}={dividend}, "
                          f"{divisor_arg}={divisor}")
+
+
+def check_positive(argument: str, value) -> float:
+    """``value`` as a float if it is a finite real number > 0 (bools rejected; NaN and inf too),
+    else a ValueError naming ``argument``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{argument} must be a positive number, got {value!r}")
+    return float(value)
+
+
+def check_type(argument: str, value, kind, expected: str, *, allow_none: bool = False):
+    """``value`` if it is an instance of ``kind`` (or None with ``allow_none``), else a TypeError
+    naming ``argument`` and what was ``expected`` (e.g. "a Tensor")."""
+    if (value is None and allow_none) or isinstance(value, kind):
+        return value
+    raise TypeError(f"{argument} must be {expected}{' or None' if allow_none else ''}, got "
+                    f"{type(value).__name__}")

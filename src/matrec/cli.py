@@ -189,6 +189,12 @@ def cmd_import_hf(args) -> int:
     return 0
 
 
+def cmd_export_hf(args) -> int:
+    from .train.rundir import check_new_output
+    check_new_output(args.out_dir, "OUT_DIR")   # before transformers' import: a refusal is instant
+    return __import__("matrec.hf.export", fromlist=["cmd_export_hf"]).cmd_export_hf(args)
+
+
 def _single_process() -> bool:
     """Not under torchrun (whose ranks must compute the same folder name, not each make one)."""
     return int(os.environ.get("WORLD_SIZE", "1")) <= 1
@@ -252,8 +258,8 @@ def _load_for_inference(path):
 
 def cmd_export(args) -> int:
     from .export import export, exportable
-    from .export.runtimes import check_format
-    check_int("--max-length", args.max_length)
+    from .export.runtimes import MAX_LENGTH, MIN_LENGTH, check_format, check_max_length
+    check_int("--max-length", args.max_length, MIN_LENGTH, maximum=MAX_LENGTH)   # before any loading
     check_format(args.format)   # the extra before any work
     root = Path(args.run_dir)   # the default file goes to the run's top folder, not into checkpoints/
     root = root.parent.parent if root.name.startswith("step-") else root.parent if root.name == "checkpoints" else root
@@ -266,6 +272,7 @@ def cmd_export(args) -> int:
         form = exportable(model, args.mode)
     except ValueError as e:
         raise ValueError(f"RUN_DIR {args.run_dir!r} (model {cfg.model!r}): {e}") from None
+    check_max_length(form, args.format, args.max_length, "--max-length")
     info = export(form, out, args.format, max_length=args.max_length)
     print(json.dumps({"out": str(out), "metadata": str(out) + ".json", "step": meta["step"],
                       "model": cfg.model, "format": args.format, "mode": args.mode,
@@ -463,10 +470,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Write a run's latest checkpoint as a transformers directory "
                        "(config.json, model.safetensors, tokenizer); needs the hf extra.")
     p.add_argument("run_dir", help="run directory, its checkpoints/ folder, or a step-* folder")
-    p.add_argument("out_dir", help="output directory")
+    p.add_argument("out_dir", help="output directory: a new or empty folder outside every run")
     # matrec.hf imports transformers: only when this command runs, never for the others
-    p.set_defaults(func=lambda args: __import__("matrec.hf.export", fromlist=["cmd_export_hf"])
-                   .cmd_export_hf(args))
+    p.set_defaults(func=cmd_export_hf)
 
     p = sub.add_parser("export", help="export a checkpoint to ONNX or ExecuTorch for edge inference",
                        description="Write a run's latest checkpoint as one ONNX model or ExecuTorch "
@@ -480,7 +486,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "for any length T (a prompt and single steps; default); step: T = 1 only, smaller")
     p.add_argument("--out", default=None, help="output file (default RUN_DIR/model-MODE.onnx|pte); must not exist")
     p.add_argument("--max-length", type=int, default=4096, help="longest T (and attention cache) the "
-                   "graph accepts; ExecuTorch plans memory for it (default 4096)")
+                   "graph accepts, 8 to 2^24; ExecuTorch plans memory for it, at most 4 GiB (default 4096)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("import-hf", help="start a run from a transformers directory (to fine-tune it)",

@@ -46,8 +46,9 @@ def main(args) -> int:
 def cmd_run(args) -> int:
     import torch
 
-    from .runner import InlineBackend, LocalBackend, RayBackend, run_experiment, run_state, specs_of
-    from .spec import SCALES, check, load_experiment
+    from .runner import InlineBackend, LocalBackend, RayBackend, run_experiment, specs_of
+    from .spec import LARGE_GRID, SCALES, check, load_experiment
+    from .state import check_settings, inspect
 
     jobs = args.jobs
     try:
@@ -64,6 +65,9 @@ def cmd_run(args) -> int:
         if unknown or not labels:
             raise ValueError(f"--only must name model labels of {exp.path!r} ({known}), got {args.only!r}")
         exp.cells = [c for c in exp.cells if c.label in labels]
+    if len(exp.cells) > LARGE_GRID:
+        print(f"warning: {len(exp.cells):,} runs (more than {LARGE_GRID:,}): each is its own run "
+              f"directory and process start; check that this grid is the one you meant")
     check(exp)
     # a Ray task asks for its threads as CPUs: one each unless the file says otherwise, not this
     # machine's cores (which would make the cluster run one task per node)
@@ -76,8 +80,10 @@ def cmd_run(args) -> int:
     if exp.matching:
         print(f"  matched: {exp.matching}")
     if args.dry_run:
+        check_settings(specs, f"experiment file {exp.path!r}")
         for s in specs:
-            print(f"{run_state(s['run_dir']):<8} {s['run_dir']}")
+            state, detail = inspect(s["run_dir"])
+            print(f"{state:<8} {s['run_dir']}" + (f"  ({detail})" if detail else ""))
         return 0
     if args.ray:
         backend = RayBackend(args.ray)
@@ -87,17 +93,28 @@ def cmd_run(args) -> int:
     else:
         backend = InlineBackend()
     results = run_experiment(exp, backend, jobs, threads=threads)
-    failed = sum(r["state"] == "failed" for r in results)
-    blocked = sum(r["state"] == "blocked" for r in results)
-    print(f"{len(results) - failed - blocked} runs done, {failed} failed, {blocked} left alone (see above), "
-          f"{len(specs) - len(results)} skipped; report: matrec experiment report {Path(args.out) / exp.name}")
-    return 1 if failed or blocked else 0
+    count = {state: sum(r["state"] == state and not r.get("by_other") for r in results)
+             for state in ("done", "failed", "blocked", "damaged")}
+    by_other = [r for r in results if r.get("by_other")]
+    retried = [r for r in results if "retried" in r]
+    print(f"{count['done']} runs done, {count['failed']} failed, {count['blocked']} left alone (see above), "
+          f"{len(specs) - len(results)} skipped" + (f", {count['damaged']} damaged (see above)"
+                                                    if count["damaged"] else "")
+          + (f", {len(by_other)} finished by another process" if by_other else "")
+          + f"; report: matrec experiment report {Path(args.out) / exp.name}")
+    if retried:
+        print(f"retried {len(retried)} run(s) that had failed for a reason of the machine (no CUDA, disk "
+              f"full; the earlier record is in each run's failures.jsonl): "
+              + ", ".join(f"{Path(r['run_dir']).name} -> {r['state']}" for r in retried))
+    bad = count["failed"] + count["blocked"] + count["damaged"] + sum(r["state"] != "done" for r in by_other)
+    return 1 if bad else 0
 
 
 def cmd_report(args) -> int:
     from .report import write_report
 
-    result = write_report(args.dir, args.out)
+    import sys
+    result = write_report(args.dir, args.out, warn=lambda line: print(line, file=sys.stderr))
     print(result["markdown"])
     print("wrote " + ", ".join(result["files"]))
     return 0

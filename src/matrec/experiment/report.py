@@ -14,20 +14,22 @@ from collections import defaultdict
 from pathlib import Path
 
 from ..train.context import position_eval_of_run
-from ..train.rundir import read_metrics
-from .runner import read_status
 from .spec import parse_target
+from .state import (DamagedRun, check_finished, inspect, read_cell, read_json, read_records, read_status,
+                    read_timing)
 
 
 def _load(path: Path):
     try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+        return read_json(path)
+    except DamagedRun:   # a config.json that is no config: not a run directory
         return None
 
 
-def collect_runs(root: str | Path) -> list[dict]:
-    """Every run directory under ``root``, read into one record each."""
+def collect_runs(root: str | Path, warn=None) -> list[dict]:
+    """Every run directory under ``root``, read into one record each. A run whose bookkeeping
+    files cannot be read is kept with state ``damaged`` and the file named in its ``reason``
+    (``warn`` gets that line too); it never stops the report of the others."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"report folder {str(root)!r} is not a folder")
@@ -39,27 +41,33 @@ def collect_runs(root: str | Path) -> list[dict]:
         config = _load(config_path)
         if not isinstance(config, dict) or "model" not in config:
             continue
-        cell = _load(run_dir / "cell.json") or {
-            "experiment": run_dir.parent.name, "scale": "", "label": config["model"],
-            "swept": {f"task_args.{k}": v for k, v in sorted(config.get("task_args", {}).items())},
-            "seed": config.get("seed", 0), "metric": "loss", "target": None, "matching": "", "size": ""}
-        summary = _load(run_dir / "summary.json") or {}
-        status = read_status(run_dir)
-        if status and status.get("state") in ("done", "failed"):
-            state = status["state"]
-        else:
-            state = {"completed": "done", "non-finite": "failed"}.get(summary.get("status"), "partial")
-        records = read_metrics(run_dir / "metrics.jsonl", partial_last=True)
+        plain = {"experiment": run_dir.parent.name, "scale": "", "label": config["model"],
+                 "swept": {f"task_args.{k}": v for k, v in sorted(config.get("task_args", {}).items())},
+                 "seed": config.get("seed", 0), "metric": "loss", "target": None, "matching": "", "size": ""}
+        state, damage = inspect(run_dir)
+        try:
+            if state == "damaged":
+                raise DamagedRun(damage)
+            cell = read_cell(run_dir) or plain
+            summary = read_json(run_dir / "summary.json") or {}
+            records = read_records(run_dir)
+            timing = {row["step"]: row["train_seconds"] for row in read_timing(run_dir / "timing.jsonl")}
+            status = read_status(run_dir)
+            if status is None:   # a plain `matrec train` run: its summary says how it ended
+                state = {"completed": "done", "non-finite": "failed"}.get(summary.get("status"), "partial")
+                if state == "done":
+                    check_finished(run_dir, records)
+        except DamagedRun as e:
+            if warn is not None:
+                warn(f"damaged run {str(run_dir)!r}: {e}")
+            runs.append(_damaged(run_dir, _readable_cell(run_dir) or _cell_of_siblings(run_dir, config)
+                                 or plain, str(e)))
+            continue
+        if state == "retry":   # failed for a reason of the machine; the next `run` retries it
+            state = "failed"
         evals = [r for r in records if r.get("kind") == "eval"]
         trains = [{"step": r["step"], "loss": r["loss"]} for r in records
                   if r.get("kind") == "train" and "loss" in r]
-        timing = {}
-        for line in (run_dir / "timing.jsonl").read_text().splitlines() if (run_dir / "timing.jsonl").exists() else []:
-            try:
-                row = json.loads(line)
-                timing[row["step"]] = row["train_seconds"]
-            except (json.JSONDecodeError, KeyError):
-                continue
         step = (status or {}).get("step", summary.get("step", evals[-1]["step"] if evals else 0))
         seconds = (status or {}).get("train_seconds", summary.get("train_seconds"))
         run = {"run_dir": str(run_dir), "experiment": cell["experiment"], "scale": cell.get("scale", ""),
@@ -87,6 +95,45 @@ def collect_runs(root: str | Path) -> list[dict]:
             run["position"] = _position_of(run_dir, run["position_eval"])
         runs.append(run)
     return runs
+
+
+def _cell_of_siblings(run_dir: Path, config: dict) -> dict | None:
+    """A cell for a run whose own cell.json is damaged, from a sibling run of the same experiment:
+    its experiment and settings, the label its folder name starts with, swept values and seed
+    from the run's own config.json."""
+    cells = [c for c in map(_readable_cell, sorted(p for p in run_dir.parent.iterdir()
+                                                     if p.is_dir() and p != run_dir)) if c]
+    if not cells:
+        return None
+    labels = sorted({c["label"] for c in cells if run_dir.name.startswith(c["label"] + "-")}, key=len)
+    settings = {**config, **{k: config.get(k, {}) for k in ("task_args", "model_args")}}
+
+    def value(key: str):
+        group, _, option = key.partition(".")
+        return settings.get(option) if group == "train" else settings[group].get(option)
+
+    return {**cells[0], "label": labels[-1] if labels else config["model"], "seed": config.get("seed"),
+            "swept": {k: value(k) for k in cells[0].get("swept", {})}, "size": ""}
+
+
+def _readable_cell(run_dir: Path) -> dict | None:
+    try:
+        return read_cell(run_dir)
+    except DamagedRun:
+        return None
+
+
+def _damaged(run_dir: Path, cell: dict, damage: str) -> dict:
+    """The record of a run whose files cannot be read: counted (as damaged) in its cell, no numbers."""
+    return {"run_dir": str(run_dir), "experiment": cell.get("experiment", run_dir.parent.name),
+            "scale": cell.get("scale", ""), "label": cell.get("label", "?"), "swept": cell.get("swept", {}),
+            "seed": cell.get("seed"), "state": "damaged", "reason": damage,
+            "parameters": cell.get("parameters"), "step": 0, "train_seconds": None, "final": {},
+            "evals": [], "train_losses": [], "eval_at": [], "loss_spikes": [],
+            "metric": cell.get("metric", "loss"), "target": cell.get("target"),
+            "matching": cell.get("matching", ""), "size": cell.get("size", ""),
+            "position_eval": cell.get("position_eval"), "position": None, "target_step": None,
+            "target_seconds": None, "target_seconds_estimated": False}
 
 
 def _position_of(run_dir: Path, settings: dict) -> dict:
@@ -176,6 +223,7 @@ def summarise(runs: list[dict]) -> list[dict]:
                 "parameters": members[0]["parameters"], "runs": len(members), "done": len(ok),
                 "failed": sum(r["state"] == "failed" for r in members),
                 "partial": sum(r["state"] == "partial" for r in members),
+                "damaged": sum(r["state"] == "damaged" for r in members),
                 "metric": _stats([r["final"].get(metric) for r in ok]),
                 "loss": _stats([r["final"].get("loss") for r in ok]),
                 "steps": _stats([r["step"] for r in ok]),
@@ -232,7 +280,8 @@ def table(exp: dict) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for c in exp["cells"]:
         ok = f"{c['done']}/{c['runs']}" + (f" ({c['failed']} failed)" if c["failed"] else "") + (
-            f" ({c['partial']} partial)" if c["partial"] else "")
+            f" ({c['partial']} partial)" if c["partial"] else "") + (
+            f" ({c['damaged']} damaged)" if c.get("damaged") else "")
         row = [c["label"], *(json.dumps(c["swept"].get(k)) for k in swept),
                "-" if c["parameters"] is None else f"{c['parameters']:,}", ok, _fmt_count(c["steps"]),
                _fmt(c["metric"]), *([_fmt(c["loss"])] if metric != "loss" else []),
@@ -248,9 +297,10 @@ def table(exp: dict) -> str:
     return "\n".join(lines)
 
 
-def write_report(root: str | Path, out: str | Path | None = None) -> dict:
-    """Write ``report.md``, ``report.json`` and the plots into ``out`` (default ``root``)."""
-    runs = collect_runs(root)
+def write_report(root: str | Path, out: str | Path | None = None, warn=None) -> dict:
+    """Write ``report.md``, ``report.json`` and the plots into ``out`` (default ``root``); each
+    damaged run is named in report.md (and to ``warn``)."""
+    runs = collect_runs(root, warn)
     if not runs:
         raise FileNotFoundError(f"no run directories (config.json + metrics.jsonl) under {str(root)!r}")
     out = Path(out or root)
@@ -266,6 +316,10 @@ def write_report(root: str | Path, out: str | Path | None = None) -> dict:
         if sizes:
             md += ["Sizes as stated in the file: " + "; ".join(f"{k}: {v}" for k, v in sizes.items()), ""]
         md += [table(exp), ""]
+        damaged = [r for r in exp["_runs"] if r["state"] == "damaged"]
+        if damaged:
+            md += ["Damaged runs (counted, no numbers): " + "; ".join(
+                f"{Path(r['run_dir']).name}: {r['reason']}" for r in damaged), ""]
         stem = f"{exp['name']}-{exp['scale']}" if exp["scale"] else exp["name"]
         for path in (plot_swept(exp, out / f"{stem}-{exp['metric']}.png"),
                      plot_curves(exp, out / f"{stem}-curves.png")):

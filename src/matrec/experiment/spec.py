@@ -6,6 +6,8 @@ one model's size at that scale only). docs/experiments.md lists every key.
 """
 from __future__ import annotations
 
+import collections
+import functools
 import itertools
 import json
 import math
@@ -36,6 +38,8 @@ OWN_FIELDS = {"task", "task_args", "model", "model_args", "seed", "out_dir", "ru
 # an experiment writes many runs: per-run plots and TensorBoard files are off unless asked for
 # (the report draws the plots), and no progress bars interleave from parallel runs
 RUN_DEFAULTS = {"plot": False, "tensorboard": False, "progress": False}
+# above this many runs `experiment run` warns (the checks stay linear: 100,000 runs list in seconds)
+LARGE_GRID = 10_000
 OPS = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt}
 _TARGET = re.compile(r"^\s*([A-Za-z_][\w/.-]*)\s*(>=|<=|>|<)\s*(\S+)\s*$")
 
@@ -85,7 +89,7 @@ class Cell:
     config: dict
     size: str = ""
 
-    @property
+    @functools.cached_property   # read several times per run: a 100,000-run grid feels it
     def name(self) -> str:
         parts = [self.label] + [f"{k.rsplit('.', 1)[-1]}{_token(v)}" for k, v in self.swept.items()]
         return "-".join(parts + [f"seed{self.seed}"])
@@ -147,6 +151,10 @@ def read_file(path: str | Path) -> dict:
             return data
     except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
         raise ExperimentError(f"experiment file {str(path)!r} is not valid {path.suffix[1:].upper()}: {e}") from None
+    except RecursionError:   # the parsers recurse once per level
+        raise ExperimentError(f"experiment file {str(path)!r} is nested too deeply for its parser "
+                              f"(thousands of levels of tables or lists); no experiment needs more "
+                              f"than a few") from None
     raise ExperimentError(f"experiment file {str(path)!r} must end in .toml or .json")
 
 
@@ -226,6 +234,12 @@ def load_experiment(path: str | Path, scale: str, out_dir: str | Path) -> Experi
     if not isinstance(models, dict) or not models:
         raise bad(at("models"), "a table of model labels, e.g. [models.lstm] model = 'lstm'", models)
     for label, m in models.items():
+        # the label starts each run's folder name: a character no file name may hold fails here
+        if not label.strip() or label in (".", "..") or any(c in label for c in "/\\") or any(
+                ord(c) < 32 or ord(c) == 127 for c in label):
+            raise ExperimentError(f"{where}: model label {label!r} cannot start a folder name (it is "
+                                  f"empty or holds a NUL, control character or slash); use letters, "
+                                  f"digits, _ . -")
         if not isinstance(m, dict):
             raise bad(f"models.{label}", "a table", m)
         unknown(m, MODEL_KEYS, f"models.{label}.")
@@ -310,8 +324,8 @@ def load_experiment(path: str | Path, scale: str, out_dir: str | Path) -> Experi
                     raise ExperimentError(f"{where}: the run {cell.name!r} (train, models.{label}.train, "
                                           f"grid): {e}") from None
                 exp.cells.append(cell)
-    names = [c.name for c in exp.cells]
-    dup = sorted({n for n in names if names.count(n) > 1})
+    seen = collections.Counter(c.name for c in exp.cells)
+    dup = sorted(n for n, k in seen.items() if k > 1)
     if dup:
         raise ExperimentError(f"{where}: grid values give the same run name twice: {dup}; use values "
                               f"that differ as text")
@@ -322,13 +336,14 @@ def check(exp: Experiment) -> None:
     """Build every cell's task and model once (before any run starts) and check that the task
     reports the target's and the report's metric; fills ``exp.parameters`` (label -> count)."""
     where = f"experiment file {exp.path!r}"
-    configs = [TrainConfig.from_dict(c.config) for c in exp.cells]
     tasks, counts = {}, {}
-    for cell, cfg in zip(exp.cells, configs):
-        tkey = json.dumps([cfg.task, cfg.task_args], sort_keys=True, default=repr)
-        key = json.dumps([tkey, cfg.model, cfg.model_args], sort_keys=True, default=repr)
+    for cell in exp.cells:
+        c = cell.config   # checked by load_experiment; a TrainConfig only per distinct task and model
+        key = json.dumps([[c["task"], c["task_args"]], c["model"], c["model_args"]], sort_keys=True, default=repr)
         if key in counts:
             continue
+        cfg = TrainConfig.from_dict(c)
+        tkey = json.dumps([cfg.task, cfg.task_args], sort_keys=True, default=repr)
         try:
             if tkey not in tasks:
                 tasks[tkey] = build_task(cfg.task, **cfg.task_args)

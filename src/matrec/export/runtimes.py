@@ -31,6 +31,44 @@ def check_format(fmt: str) -> None:
                           f"pip install 'matrec[export]'")
 
 
+# the traced example is 8 tokens long (a length-1 example would fix T at 1); positions past 2**24
+# are no longer exact in float32, which the attention's position encodings compute in
+MIN_LENGTH, MAX_LENGTH = 8, 2 ** 24
+# ExecuTorch plans every buffer for the bounds, in the program itself: past this it is no edge program
+EXECUTORCH_PLAN_LIMIT = 2 ** 32
+
+
+def planned_bytes(form: ExportForm, max_length: int, batch_size: int = 1) -> int:
+    """A lower bound on the memory ExecuTorch plans for ``form`` at ``max_length``: the tokens in
+    and the outputs at ``T = max_length`` (sequence mode), the attention caches at ``max_length + 1``
+    slots in and out, and one head's attention scores ``T x (max_length + 1)`` in float32."""
+    length = MIN_LENGTH if form.mode == "sequence" else 1
+    args = form.example_inputs(batch_size, length)
+    with torch.no_grad():
+        out = form(*args)
+    T = max_length if form.mode == "sequence" else 1
+    per_token = sum(t.numel() * t.element_size() for t in (args[0], args[1], out[0])) // length
+    caches = [s for n, s in zip(form.state_names, args[2:]) if n.endswith((".k", ".v", ".valid"))]
+    per_slot = sum(s.numel() * s.element_size() for s in caches) // 2   # the example has two slots
+    scores = 4 * batch_size * T * (max_length + 1) if caches else 0
+    return per_token * T + 2 * per_slot * (max_length + 1) + scores
+
+
+def check_max_length(form: ExportForm, fmt: str, max_length, argument: str = "max_length") -> int:
+    """``max_length`` if ``form`` can be exported to ``fmt`` with that bound, else a ValueError naming
+    ``argument``: an int in [8, 2**24], and for ExecuTorch one whose planned memory stays under 4 GiB."""
+    from ..checks import check_int
+    max_length = check_int(argument, max_length, MIN_LENGTH, maximum=MAX_LENGTH)
+    if fmt == "executorch":
+        need = planned_bytes(form, max_length)
+        if need > EXECUTORCH_PLAN_LIMIT:
+            raise ValueError(f"{argument} {max_length:,} makes ExecuTorch plan at least {need / 2 ** 30:,.1f} "
+                             f"GiB for this model (inputs, outputs, attention cache and scores sized for "
+                             f"{max_length:,} tokens; the limit is {EXECUTORCH_PLAN_LIMIT / 2 ** 30:.0f} GiB); "
+                             f"lower it")
+    return max_length
+
+
 def io_names(form: ExportForm) -> tuple[list[str], list[str]]:
     """Input names ``x, mask, state.<name>...`` and output names ``out, new_state.<name>...``."""
     return (["x", "mask"] + [f"state.{n}" for n in form.state_names],

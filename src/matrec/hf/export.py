@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .configuration import config_from_model_spec
+from .configuration import MatrecConfig, config_from_model_spec
 from .modeling import MatrecForCausalLM
 from .tokenization import check_tokenizer, task_tokenizer, tokenizer_from_json, vocab_size_without_pad
 
@@ -32,6 +32,8 @@ def export_hf(run_dir: str | Path, out_dir: str | Path) -> Path:
         if key not in cfg:
             raise ValueError(f"checkpoint {str(ckpt_dir)!r} has no {key!r} in its config: not a workbench run")
     if "tokenizer" in meta:
+        from matrec.train.checkpoint import stored_vocabulary
+        stored_vocabulary(meta, ckpt_dir)   # a tokenizer that cannot be read: an error naming the checkpoint
         tokenizer = tokenizer_from_json(meta["tokenizer"])
         vocab_size = vocab_size_without_pad(tokenizer)
     else:
@@ -51,6 +53,56 @@ def export_hf(run_dir: str | Path, out_dir: str | Path) -> Path:
     return out
 
 
+def _read_hf_dir(hf_dir: Path) -> MatrecForCausalLM:
+    """The model in ``hf_dir``, or a ValueError naming the file and the field that is wrong: a
+    config.json that is no JSON object, weights only as a pickle (never loaded: unpickling runs
+    code), a truncated model.safetensors, or tensors whose shapes the config does not give (an
+    edited vocab_size or d_model: transformers would start those weights afresh, with a warning)."""
+    import json
+
+    from safetensors import safe_open
+    config_path, weights = hf_dir / "config.json", hf_dir / "model.safetensors"
+    try:
+        data = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise ValueError(f"{str(config_path)!r} is not a readable JSON file ({type(e).__name__})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{str(config_path)!r} must hold a JSON object (a transformers config), got a "
+                         f"JSON {type(data).__name__}")
+    try:
+        config = MatrecConfig.from_dict(data)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{str(config_path)!r}: {e}") from None
+    if not weights.is_file():
+        pickles = sorted(p.name for p in hf_dir.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pkl"))
+        raise ValueError(f"HF_DIR {str(hf_dir)!r} has no model.safetensors" + (
+            f"; {pickles} are pickles, which matrec never loads (unpickling can run code): save the "
+            f"weights with save_pretrained(..., safe_serialization=True)" if pickles else ""))
+    try:
+        with safe_open(str(weights), "pt") as f:
+            stored = {k: f.get_tensor(k).shape for k in f.keys()}   # reads every byte: a cut file fails
+    except Exception as e:   # noqa: BLE001 - safetensors' own error type, for a cut or garbled file
+        raise ValueError(f"{str(weights)!r} cannot be read as safetensors (truncated or damaged: "
+                         f"{str(e)[:120]})") from None
+    model = MatrecForCausalLM(config)
+    want = model.state_dict()
+    fields = ", ".join(f"{k}={getattr(config, k)}" for k in ("vocab_size", "d_model", "hidden_size",
+                                                              "num_layers", "n_heads", "embed_dim")
+                       if k in data)
+    for name, shape in stored.items():
+        if name in want and tuple(want[name].shape) != tuple(shape):
+            raise ValueError(f"{str(weights)!r}: tensor {name!r} has shape {list(shape)}, but "
+                             f"{str(config_path)!r} ({fields}) gives {list(want[name].shape)}; the config "
+                             f"was edited or belongs to other weights")
+    tied = {t.data_ptr() for k, t in want.items() if k in stored}
+    missing = sorted(k for k, t in want.items() if k not in stored and t.data_ptr() not in tied)
+    unknown = sorted(set(stored) - set(want))
+    if missing or unknown:
+        raise ValueError(f"{str(weights)!r} does not hold the weights {str(config_path)!r} describes: "
+                         f"missing {missing[:5]}, unexpected {unknown[:5]}")
+    return MatrecForCausalLM.from_pretrained(hf_dir)
+
+
 def workbench_run_from_hf(hf_dir: str | Path, run_dir: str | Path, **config) -> Path:
     """Start a workbench run at ``run_dir`` from the weights in the transformers directory
     ``hf_dir``: a step-0 checkpoint that ``matrec train --resume RUN_DIR --steps N`` fine-tunes.
@@ -65,7 +117,7 @@ def workbench_run_from_hf(hf_dir: str | Path, run_dir: str | Path, **config) -> 
     for key in ("model", "model_args"):
         if key in config:
             raise ValueError(f"{key} comes from {str(hf_dir)!r}; do not pass it")
-    source = MatrecForCausalLM.from_pretrained(hf_dir)
+    source = _read_hf_dir(Path(hf_dir))
     name, model_args = source.config.model_kwargs()
     vocab_size = model_args.pop("vocab_size")
     model_args.pop("output_size")

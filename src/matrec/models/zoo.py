@@ -13,6 +13,7 @@ Presets fix the architecture of an experiment (vocab/input/output sizes still co
 """
 from __future__ import annotations
 
+from ..checks import check_int
 from ..ops.state_matrix import STATE_MATRICES
 from .registry import MODELS, build_model
 from .sequence import SequenceModel, num_parameters
@@ -34,6 +35,7 @@ MODELS.register("sequence", _sequence)
 def _plain(mixer: str | None):
     def build(*, vocab_size=None, input_size=None, output_size, d_model=128, n_layers=2, n_heads=4,
               dropout=0.0, tie_embeddings=True, context_length=None, **mixer_kwargs):
+        check_int("n_layers", n_layers)   # named here: an empty pattern would not say why
         pattern = [mixer, "mlp"] * n_layers if mixer else ["mlp"] * n_layers
         options = {mixer or "mlp": mixer_kwargs} if mixer_kwargs else None
         return SequenceModel(pattern, vocab_size=vocab_size, input_size=input_size,

@@ -39,7 +39,7 @@ from torch import Tensor, _VF, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from ..checks import check_int
+from ..checks import check_int, check_positive, check_type
 from ..ops.orthogonal import (ORTHOGONAL_MAPS, lower_numel, lower_to_square, orthogonal_from,
                               orthogonality_error, project_orthogonal)
 from ..ops.precision import compute_dtype
@@ -494,7 +494,10 @@ class MORNN(_OrthogonalRecurrent):
         super().__init__()
         if proj_size is not None:
             raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
-        NONLINEARITIES.get(nonlinearity)  # ValueError naming nonlinearity
+        if nonlinearity not in NONLINEARITIES:   # nn.RNN's wording (a drop-in), then the registry's
+            names = [repr(n) for n in NONLINEARITIES.names()]
+            raise ValueError(f"Unknown nonlinearity {nonlinearity!r}. Select from {', '.join(names[:-1])} or "
+                             f"{names[-1]} (nonlinearity must be one of {NONLINEARITIES.names()})")
         if recurrence_backend != "auto":
             RECURRENCE_BACKENDS.get(recurrence_backend)
         self.recurrence_backend = recurrence_backend
@@ -591,6 +594,7 @@ class MORNN(_OrthogonalRecurrent):
 
     def forward(self, input, hx: Tensor | None = None):
         """See the class docstring for shapes."""
+        check_type("hx", hx, Tensor, "a Tensor", allow_none=True)   # before any use of it
         D = 2 if self.bidirectional else 1
         packed = isinstance(input, PackedSequence)
         is_batched = True
@@ -831,11 +835,9 @@ def mornn_param_groups(model: nn.Module, lr: float, *, orthogonal_lr: float | No
 
         opt = torch.optim.RMSprop(mornn_param_groups(model, 1e-3))
     """
-    if not isinstance(lr, numbers.Real) or lr <= 0:
-        raise ValueError(f"lr must be a positive number, got {lr!r}")
-    orth_lr = lr * orthogonal_scale if orthogonal_lr is None else orthogonal_lr
-    if not isinstance(orth_lr, numbers.Real) or orth_lr <= 0:
-        raise ValueError(f"orthogonal_lr must be a positive number, got {orth_lr!r}")
+    lr = check_positive("lr", lr)   # NaN and inf refused too: they would train nothing, silently
+    orth_lr = check_positive("orthogonal_lr", lr * check_positive("orthogonal_scale", orthogonal_scale)
+                             if orthogonal_lr is None else orthogonal_lr)
     orth_ids = {id(m._A(n)) for m in model.modules()
                 if isinstance(m, _OrthogonalRecurrent) for n in m._orthogonal_names}
     orth, other = [], []

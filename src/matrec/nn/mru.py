@@ -6,7 +6,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from ..checks import check_int
+from ..checks import check_int, check_number
 from ..ops.mru_scan import SCAN_BACKENDS, mru_scan
 from ..ops.precision import compute_dtype
 from ..ops.state_matrix import STATE_MATRICES, state_matrix, state_matrix_numel
@@ -101,7 +101,7 @@ class MRU(nn.Module):
         if isinstance(element_scale, bool) or not isinstance(element_scale, (int, float)) or not element_scale > 0:
             raise ValueError(f"element_scale must be a positive number or None, got {element_scale!r}")
         self.element_scale = float(element_scale)
-        if not 0.0 <= dropout < 1.0:
+        if not 0.0 <= check_number("dropout", dropout) < 1.0:   # TypeError naming it for a non-number
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
 
         factory = {"device": device, "dtype": dtype}

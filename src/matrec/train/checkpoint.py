@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -108,6 +109,21 @@ def write_json_atomic(path: Path, data: dict) -> None:
         raise
 
 
+def _save_tensors(tensors: dict[str, Tensor], path: Path, metadata: dict | None = None) -> None:
+    """safetensors' ``save_file``, its refused writes (disk full, file too large) as the OSError
+    they are: safetensors reports them as its own error type, which names no file."""
+    from safetensors.torch import save_file
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except OSError:
+        raise
+    except Exception as e:   # noqa: BLE001 - SafetensorError is not importable by a stable name
+        code = re.search(r"os error (\d+)", str(e))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from None
+
+
 def save_checkpoint(root: str | Path, *, model: nn.Module, tensors: dict[str, Tensor], meta: dict,
                     keep: int = 1) -> Path:
     """Write one checkpoint under ``root`` atomically and point ``latest.json`` at it.
@@ -118,16 +134,14 @@ def save_checkpoint(root: str | Path, *, model: nn.Module, tensors: dict[str, Te
         meta: JSON-able state; must hold ``step``.
         keep: how many step directories to keep (older ones are removed after the switch).
     """
-    from safetensors.torch import save_file
-
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     step = int(meta["step"])
     name = f"step-{step:08d}"
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}.", suffix=".tmp"))
     try:
-        save_file(_weights_to_save(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "state.safetensors"))
+        _save_tensors(_weights_to_save(model), tmp / "model.safetensors", metadata={"format": "pt"})
+        _save_tensors({k: v.contiguous() for k, v in tensors.items()}, tmp / "state.safetensors")
         files = {f: _sha256(tmp / f) for f in ("model.safetensors", "state.safetensors")}
         (tmp / "state.json").write_text(json.dumps({"format": FORMAT, "version": VERSION, **meta,
                                                     "files": files}, indent=1))
@@ -137,6 +151,10 @@ def save_checkpoint(root: str | Path, *, model: nn.Module, tensors: dict[str, Te
         if final.exists():  # left by a run killed before it could point latest.json at it
             os.replace(final, Path(tempfile.mkdtemp(dir=root, prefix=f".{name}.", suffix=".old")) / name)
         os.replace(tmp, final)
+    except OSError as e:   # the disk refused: the last checkpoint (latest.json's) is untouched
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OSError(e.errno, f"{e.strerror} while writing a checkpoint (the previous checkpoint "
+                               f"is intact)", e.filename) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -274,6 +292,11 @@ def load_model_weights(model: nn.Module, ckpt_dir: str | Path) -> None:
     path = str(Path(ckpt_dir) / "model.safetensors")
     try:
         stored = load_file(path)
+    except Exception as e:   # noqa: BLE001 - safetensors' own error type: a file that matches its
+        # recorded SHA-256 yet is no safetensors file was written so (forged), not cut by a crash
+        raise CheckpointError(f"checkpoint weights {path!r} cannot be read as safetensors "
+                              f"({str(e)[:160]})") from None
+    try:
         want = model.state_dict()
         # a name missing from the file is fine when it is tied to one that is there (stored once)
         by_key = {_tie_key(t): name for name, t in want.items() if name in stored}
@@ -281,8 +304,10 @@ def load_model_weights(model: nn.Module, ckpt_dir: str | Path) -> None:
             if name not in stored and _tie_key(t) in by_key:
                 stored[name] = stored[by_key[_tie_key(t)]]
         model.load_state_dict(stored, strict=True)
-    except RuntimeError as e:
-        raise CheckpointError(f"checkpoint weights in {str(ckpt_dir)!r} do not fit the model: {e}") from None
+    except (RuntimeError, TypeError, ValueError) as e:
+        why = " ".join(str(e).split())   # torch's message spans lines: one line for the user
+        raise CheckpointError(f"checkpoint weights in {str(ckpt_dir)!r} do not fit the model: "
+                              f"{why[:400]}{'...' if len(why) > 400 else ''}") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -300,6 +325,16 @@ def optimizer_from_flat(optimizer: torch.optim.Optimizer, spec: dict, tensors: d
     optimizer.load_state_dict({"state": state, "param_groups": spec["param_groups"]})
 
 
+def stored_vocabulary(meta: dict, ckpt_dir: Path) -> StoredVocabulary:
+    """The vocabulary a checkpoint keeps (its ``tokenizer`` field), or :class:`CheckpointError`
+    naming the checkpoint when that field is no tokenizer (edited, or written by something else)."""
+    try:
+        return StoredVocabulary(meta["tokenizer"])
+    except Exception as e:   # noqa: BLE001 - tokenizers raises a bare Exception for bad JSON
+        raise CheckpointError(f"checkpoint {str(ckpt_dir)!r}: the tokenizer in state.json cannot be read "
+                              f"({type(e).__name__}: {str(e)[:160]})") from None
+
+
 def load_for_inference(path: str | Path, *, vocabulary_only: bool = False):
     """``(config, task, model, meta)`` of the checkpoint at ``path`` (a run or checkpoint folder):
     the model with its weights, in eval mode, on the CPU.
@@ -311,7 +346,7 @@ def load_for_inference(path: str | Path, *, vocabulary_only: bool = False):
     meta, ckpt_dir, _ = load_checkpoint(path)
     cfg = TrainConfig.from_dict(meta["config"])
     if vocabulary_only and meta.get("tokenizer"):
-        task = StoredVocabulary(meta["tokenizer"])
+        task = stored_vocabulary(meta, ckpt_dir)
     else:
         task = build_task(cfg.task, **cfg.task_args)
     model = build_model(cfg.model, **task.model_io(), **cfg.model_args)

@@ -131,6 +131,8 @@ class TrainConfig:
                              f"a JSON object of TrainConfig fields") from None
         except json.JSONDecodeError as e:
             raise ValueError(f"config file {str(path)!r} is not valid JSON: {e}") from None
+        except RecursionError:   # the parser recurses once per level
+            raise ValueError(f"config file {str(path)!r} is nested too deeply for the JSON parser") from None
         return cls.from_dict(data)
 
 

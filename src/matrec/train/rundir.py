@@ -9,6 +9,7 @@
     checkpoints/     see matrec.train.checkpoint
     summary.json     final status, step, metrics, wall time, parameter count
     .lock            the writer's lock (see RunLock); holds its pid, host and start time
+    failures.jsonl   (experiment runs) earlier failures of the machine, kept when the run starts again
 
 ``metrics.jsonl`` holds only numbers that the run's seed determines (no timings), so a resumed run
 writes exactly the file an uninterrupted one would.
@@ -30,11 +31,16 @@ from pathlib import Path
 from typing import Callable
 
 LOCK_NAME = ".lock"
+FAILURES_NAME = "failures.jsonl"   # not a run: a run that starts again after such a failure keeps it
 
 
 class RunDirError(RuntimeError):
     """A run directory cannot be written: another writer holds it, it already holds a run, it
     cannot be created, or one of its files is damaged. The message says which and what to do."""
+
+
+class RunLockedError(RunDirError):
+    """Another process holds the run directory's lock (it is writing the run now)."""
 
 
 class RunLock:
@@ -55,7 +61,7 @@ class RunLock:
         return self._fd is not None
 
     def acquire(self) -> "RunLock":
-        """Take the lock now or raise :class:`RunDirError` naming the holder (never waits)."""
+        """Take the lock now or raise :class:`RunLockedError` naming the holder (never waits)."""
         try:
             import fcntl
         except ImportError:   # not a POSIX system: nothing to lock with, say so once
@@ -72,7 +78,7 @@ class RunLock:
         except BlockingIOError:
             holder = _read_holder(fd)
             os.close(fd)
-            raise RunDirError(f"run directory {str(self.run_dir)!r} is being written by another "
+            raise RunLockedError(f"run directory {str(self.run_dir)!r} is being written by another "
                               f"process ({holder}); one writer per run: wait for it to finish or "
                               f"stop it") from None
         stamp = _dt.datetime.now().astimezone().isoformat(timespec="seconds")
@@ -81,6 +87,18 @@ class RunLock:
                                  "since": stamp}).encode())
         self._fd = fd
         return self
+
+    def wait_free(self) -> None:
+        """Block until no process holds the lock (its writer ended, however it ended); take nothing."""
+        try:
+            import fcntl
+            fd = os.open(self.path, os.O_RDONLY)
+        except (ImportError, FileNotFoundError):
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+        finally:
+            os.close(fd)
 
     def release(self) -> None:
         if self._fd is not None:
@@ -103,8 +121,30 @@ def _read_holder(fd: int) -> str:
 
 
 def holds_run(run_dir: Path) -> bool:
-    """Whether ``run_dir`` holds anything but a lock file (a run, or files that are not ours)."""
-    return run_dir.is_dir() and any(p.name != LOCK_NAME for p in run_dir.iterdir())
+    """Whether ``run_dir`` holds anything but a lock file and a failure record (a run, or files
+    that are not ours)."""
+    return run_dir.is_dir() and any(p.name not in (LOCK_NAME, FAILURES_NAME) for p in run_dir.iterdir())
+
+
+def is_run_dir(folder: Path) -> bool:
+    """Whether ``folder`` is a run directory, its ``checkpoints/`` folder or one checkpoint (what a
+    run writes: see this module and matrec.train.checkpoint)."""
+    return ((folder / "config.json").is_file() and any((folder / f).exists() for f in
+                                                       ("metrics.jsonl", "checkpoints", "cell.json"))) \
+        or (folder / "latest.json").is_file() or (folder / "state.json").is_file()
+
+
+def check_new_output(path: str | Path, what: str) -> None:
+    """A ValueError naming ``what`` unless ``path`` is a new or empty folder outside every run
+    directory: an export writes its own ``config.json``, which would replace a run's (and lose it)."""
+    out = Path(path)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"{what} {str(out)!r} exists and is not an empty folder; nothing was "
+                         f"overwritten (choose a new folder)")
+    for folder in (out.resolve(), *out.resolve().parents):
+        if is_run_dir(folder):
+            raise ValueError(f"{what} {str(out)!r} lies inside the run directory {str(folder)!r}; "
+                             f"nothing is ever written into a run (choose a folder outside it)")
 
 
 def _make_dir(path: Path, exist_ok: bool) -> None:

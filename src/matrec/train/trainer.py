@@ -41,6 +41,11 @@ class NonFiniteError(RuntimeError):
     is good."""
 
 
+class DeviceUnavailableError(ValueError):
+    """The device asked for is not on this machine (no CUDA, fewer GPUs): the machine's doing, not
+    the run's, so an experiment rerun on another machine tries the run again."""
+
+
 def resolve_device(name: str, info: DistInfo | None = None) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
@@ -51,10 +56,11 @@ def resolve_device(name: str, info: DistInfo | None = None) -> torch.device:
     except RuntimeError as e:
         raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {name!r} ({e})") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} asked for, but CUDA is not available here (use cpu or auto)")
+        raise DeviceUnavailableError(f"device {name!r} asked for, but CUDA is not available here (use "
+                                     f"cpu or auto)")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ValueError(f"device {name!r} asked for, but this machine has {torch.cuda.device_count()} "
-                         f"CUDA device(s)")
+        raise DeviceUnavailableError(f"device {name!r} asked for, but this machine has "
+                                     f"{torch.cuda.device_count()} CUDA device(s)")
     return device
 
 
@@ -205,6 +211,19 @@ class Trainer:
         except BaseException:
             self._release_run()
             raise
+
+    def claim(self) -> Path:
+        """Become the run directory's writer now and stay it until :meth:`release` (``train`` and
+        ``save`` otherwise take the run's lock and drop it when they return): for a caller that
+        writes its own files beside the run, before and after training. Returns the folder."""
+        self._acquire_run()
+        self._claimed = True
+        return self.run_dir
+
+    def release(self) -> None:
+        """Stop being the run directory's writer (after :meth:`claim`)."""
+        self._claimed = False
+        self._release_run()
 
     def _release_run(self) -> None:
         if self._lock is not None:
@@ -368,11 +387,13 @@ class Trainer:
         cfg = self.cfg
         check_int("until", until, 0, allow_none=True)
         until = cfg.steps if until is None else min(until, cfg.steps)
+        claimed = getattr(self, "_claimed", False)   # by claim(): kept after this call
         self._acquire_run()
         try:
             return self._train(until)
         finally:
-            self._release_run()
+            if not claimed:
+                self._release_run()
 
     def _train(self, until: int) -> dict:
         cfg = self.cfg
