@@ -341,7 +341,8 @@ def test_shipped_experiment_files_are_valid_at_both_scales(path, tmp_path):
     assert len(EXPERIMENTS) >= 4
     for scale in ("cpu", "gpu"):
         exp = load_experiment(path, scale, tmp_path)     # every key and every run's TrainConfig
-        assert exp.cells and len({c.seed for c in exp.cells}) >= 3
+        # a sweep (name *_sweep) picks settings on one seed; the file that uses them has the seeds
+        assert exp.cells and len({c.seed for c in exp.cells}) >= (1 if exp.name.endswith("_sweep") else 3)
         assert all(c.size for c in exp.cells) and exp.matching
         assert all(c.config["device"] == ("cpu" if scale == "cpu" else "cuda") for c in exp.cells)
 
