@@ -17,8 +17,8 @@ float32); a mismatch is reported instead of a time. A (mixer, batch) whose time 
 previous length (``x (T/T_prev)^2`` for attention, linear for the others) exceeds
 ``--max-seconds`` is not run, and the table says so with the prediction.
 
-    # CPU, one thread (benchmarks/results/mixer_speed_cpu.md)
-    PYTHONPATH=src python benchmarks/mixer_speed.py --device cpu --threads 1
+    # CPU, one thread, CPU time of the process (benchmarks/results/mixer_speed_cpu.md)
+    PYTHONPATH=src python benchmarks/mixer_speed.py --device cpu --threads 1 --clock process
     # H200 (bf16 autocast, the scan in float32 as always)
     PYTHONPATH=src python benchmarks/mixer_speed.py --device cuda --dtype bf16 --max-seconds 60
     PYTHONPATH=src python benchmarks/mixer_speed.py --quick
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import time
 import warnings
 
 import torch
@@ -65,6 +66,18 @@ def fwd_bwd(mixer, x, grad, amp):
     return out, x.grad
 
 
+def best_process_ms(fn, repeats: int, warmup: int = 1) -> float:
+    """Least CPU time of this process over ``repeats`` calls of ``fn`` after ``warmup``, in ms (CPU only)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.process_time()
+        fn()
+        times.append((time.process_time() - t0) * 1e3)
+    return min(times)
+
+
 def _measure(a, device, amp, table: Table) -> None:
     attn_ms: dict[tuple[int, int], float] = {}
     for B in a.batches:
@@ -98,7 +111,9 @@ def _measure(a, device, amp, table: Table) -> None:
                     if failed:
                         table.add(**row, note=f"FAILED against {ref_options}: {failed}")
                         continue
-                ms = best_ms(functools.partial(fwd_bwd, mixer, x, grad, amp), device, a.repeats, warmup=1)
+                call = functools.partial(fwd_bwd, mixer, x, grad, amp)
+                ms = (best_ms(call, device, a.repeats, warmup=1) if a.clock == "wall"
+                      else best_process_ms(call, a.repeats, warmup=1))
                 last[label] = (T, ms)
                 if label == "attn":
                     attn_ms[(B, T)] = ms
@@ -117,6 +132,9 @@ def main(argv=None) -> Table:
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     p.add_argument("--mixers", nargs="+", choices=list(MIXER_SPECS), default=list(MIXER_SPECS))
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--clock", choices=("wall", "process"), default="wall",
+                   help="process: the CPU time of this process instead of wall time (CPU, one thread: other "
+                        "processes' load then adds nothing but cache and memory-bandwidth contention)")
     p.add_argument("--check-length", type=int, default=1024,
                    help="tokens of the reference check (the sequential scan and recurrent form are slow)")
     p.add_argument("--max-seconds", type=float, default=30.0,
@@ -129,10 +147,13 @@ def main(argv=None) -> Table:
     if a.threads:
         torch.set_num_threads(a.threads)
     device = torch.device(a.device)
+    if a.clock == "process" and device.type != "cpu":
+        p.error("--clock process measures the CPU: use it with --device cpu")
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=a.dtype == "bf16")
     table = Table({"mixer": "mixer", "batch": "batch", "T": "T", "ms": "fwd+bwd ms",
                    "per_token_us": "µs / token", "vs_attn": "attn ms / this ms", "note": "note"},
-                  title=f"mixer forward+backward, width {a.width}, {a.heads} heads, {a.dtype}, {device.type}"
+                  title=f"mixer forward+backward ({a.clock} time), width {a.width}, {a.heads} heads, {a.dtype}, "
+                        f"{device.type}"
                         + (f", {torch.get_num_threads()} thread(s)" if device.type == "cpu" else ""),
                   formats={"ms": "{:.2f}", "per_token_us": "{:.2f}", "vs_attn": "{:.2f}"}, stream=True)
     with warnings.catch_warnings():

@@ -33,3 +33,13 @@ def test_a_mismatch_is_reported_instead_of_a_time(monkeypatch):
                         "--lengths", "16"])
     row, = table.rows
     assert "ms" not in row and row["note"].startswith("FAILED against")
+
+
+def test_process_clock_counts_this_process_only():
+    table = speed.main(["--width", "24", "--heads", "2", "--repeats", "1", "--mixers", "mru", "--batches", "1",
+                        "--lengths", "16", "--clock", "process"])
+    row, = table.rows
+    assert row["ms"] > 0 and "process time" in table.title
+    assert speed.best_process_ms(lambda: __import__("time").sleep(0.05), repeats=1, warmup=0) < 20   # sleeping is free
+    with pytest.raises(SystemExit):
+        speed.main(["--device", "cuda", "--clock", "process"])
