@@ -145,7 +145,7 @@ def spectral_normalize(M: Tensor) -> Tensor:
     (every scan backend computes it exactly) and, the spectral norm being submultiplicative, has
     norm at most 1 at any length. Orthogonal matrices and the identity have ``sigma_max = 1``: they
     are left as they are (up to rounding). ``sigma_max`` comes from the largest eigenvalue of the
-    symmetric ``M^T M`` (``eigvalsh``: no singular vectors to form, and the gradient of an
+    symmetric ``M^T M`` (``eigvalsh``: the gradient of an
     eigenvalue stays finite where it is repeated, as at the identity). A zero matrix gives inf/NaN,
     not a silent fix.
     """
