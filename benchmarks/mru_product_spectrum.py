@@ -17,6 +17,8 @@ no such limit. A singular ``M_t`` gives ``sigma_min = 0`` from then on (reported
 Columns: log10 of the extreme singular values over all heads, steps t <= T and seeds, at t = T, and
 the largest at t = the run's training seq_len (what the model saw while it trained);
 "float32 overflow" is whether sigma_max ever passed 3.4e38 (the model's scan would hold inf there).
+A layer trained with ``normalize=`` (docs/mru.md) is measured on its normalised matrices, the ones
+its scan multiplies.
 """
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ from _harness import Table
 import matrec
 from matrec.data.tasks import build_task
 from matrec.ops.mru_scan import mru_scan
-from matrec.ops.state_matrix import state_matrix
+from matrec.ops.state_matrix import STATE_NORMALIZATIONS, state_matrix
 from matrec.train.checkpoint import load_checkpoint, load_model_weights
 from matrec.train.config import TrainConfig
 
@@ -119,7 +121,9 @@ def state_matrices_of_run(run_dir: Path, length: int) -> dict[str, torch.Tensor]
             raw = torch.nn.functional.linear(inputs[name].double(), m.in_proj.weight.double(),
                                              None if m.in_proj.bias is None else m.in_proj.bias.double())
             raw = (raw * m.element_scale).view(1, length, m.num_heads, m.numel).transpose(1, 2)
-            out[name] = state_matrix(m.state_matrix, raw, m.order)[0]             # [h, T, d, d]
+            M = state_matrix(m.state_matrix, raw, m.order)[0]                     # [h, T, d, d]
+            # a layer trained with normalize= multiplies the normalised matrices: measure those
+            out[name] = M if m.normalize is None else STATE_NORMALIZATIONS.get(m.normalize)(M)
     return out
 
 

@@ -58,9 +58,11 @@ def test_a_singular_matrix_makes_the_smallest_singular_value_zero_from_then_on()
 
 
 @pytest.mark.skipif(not SHAKESPEARE_FILE.exists(), reason="needs the tiny-shakespeare file")
-def test_a_trained_runs_state_matrices_are_its_layers(tmp_path):
+@pytest.mark.parametrize("normalize", [None, "spectral"])
+def test_a_trained_runs_state_matrices_are_its_layers(tmp_path, normalize):
     cfg = TrainConfig(task="shakespeare", task_args={"seq_len": 16, "path": str(SHAKESPEARE_FILE)}, model="mru",
-                      model_args={"d_model": 16, "n_layers": 1, "n_heads": 2, "state_matrix": "ldu"},
+                      model_args={"d_model": 16, "n_layers": 1, "n_heads": 2, "state_matrix": "ldu",
+                                  "normalize": normalize},
                       steps=3, batch_size=2, lr=0.05, eval_every=3, eval_batches=1, ckpt_every=3, seed=0,
                       out_dir=str(tmp_path / "runs"), run_name="r", progress=False, plot=False,
                       tensorboard=False, threads=1)
@@ -79,6 +81,8 @@ def test_a_trained_runs_state_matrices_are_its_layers(tmp_path):
         handle.remove()
         raw = layer.in_proj(captured["x"]) * layer.element_scale
         M_ref = matrec.ops.state_matrix.state_matrix("ldu", raw.view(1, T, 2, layer.numel).transpose(1, 2), layer.order)
+        if normalize is not None:
+            M_ref = matrec.ops.state_matrix.spectral_normalize(M_ref)
         H = matrec.mru_scan(M_ref)[0]                                              # [h, T, d, d]
     torch.testing.assert_close(M, M_ref[0])
     assert not torch.allclose(M, torch.eye(layer.order, dtype=torch.float64).expand_as(M))  # trained off the identity
@@ -87,6 +91,8 @@ def test_a_trained_runs_state_matrices_are_its_layers(tmp_path):
     # (the layer's scan multiplies in another order: rounding differs at ~1e-8 after 150 steps)
     torch.testing.assert_close(top, s[..., 0].log(), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(bottom, s[..., -1].log(), rtol=1e-6, atol=1e-6)
+    if normalize is not None:
+        assert top.max() <= 1e-12   # the normalised product never grows
     table = spectrum.main(["--runs", str(tmp_path / "runs" / "r"), "--length", str(T)])
     row, = table.rows
     assert row["seeds"] == 1 and row["max_top"] == pytest.approx(s[..., 0].max().log10().item(), rel=1e-6)

@@ -109,6 +109,8 @@ def test_mornn_matrix_is_materialised_once():
      "bidirectional"),
     (lambda: build_model("txl", vocab_size=V, output_size=V, d_model=8, n_layers=1), "TransformerXL"),
     (lambda: build_model("attn", vocab_size=V, output_size=V, d_model=8, n_layers=1, pos="xpos"), "XPos"),
+    (lambda: build_model("mru", vocab_size=V, output_size=V, d_model=8, n_layers=1, n_heads=1,
+                         normalize="spectral"), "normalize='spectral' has no export form"),
 ])
 def test_unsupported_models_are_refused_by_name(model, match):
     with pytest.raises(UnsupportedModelError, match=match):

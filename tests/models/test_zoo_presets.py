@@ -53,6 +53,17 @@ def test_preset_overrides():
     assert model.d_model == 64 and len(model.layers) == 12
 
 
+def test_ablation_presets_pass_the_mrus_own_options_on():
+    """model_args.element_scale / normalize reach the MRU (what experiments/mru_ablation_sweep.toml sweeps)."""
+    mru = build_model("ablation-mru-ldu", vocab_size=V, output_size=V, element_scale=0.0625,
+                      normalize="spectral").layers[0].mixer
+    assert (mru.element_scale, mru.normalize, mru.state_matrix) == (0.0625, "spectral", "ldu")
+    plain = build_model("ablation-mru-ldu", vocab_size=V, output_size=V).layers[0].mixer
+    assert (plain.element_scale, plain.normalize) == (1 / 256, None)
+    with pytest.raises(TypeError):
+        build_model("ablation-attn", vocab_size=V, output_size=V, element_scale=0.0625)
+
+
 def test_mru_keeps_its_init_but_out_proj_is_a_residual_projection():
     torch.manual_seed(0)
     model = build_model("shakespeare-mru", vocab_size=V, output_size=V)

@@ -101,6 +101,10 @@ class _MRUForm(nn.Module):
             raise _unsupported(f"an MRU with state_matrix={mru.state_matrix!r}",
                                f"has no export form (register one in matrec.ops.state_matrix_export."
                                f"STATE_MATRIX_FORMS; exportable: {STATE_MATRIX_FORMS.names()})")
+        # sigma_max needs an eigen-solver; ONNX has no such operator
+        if getattr(mru, "normalize", None) is not None:
+            raise _unsupported(f"an MRU with normalize={mru.normalize!r}",
+                               "has no export form (its per-token sigma_max needs an eigen-solver)")
         self.mru, self.unrolled = mru, unrolled
 
     def state_shapes(self, B: int):

@@ -54,14 +54,24 @@ MODELS.register("mlp", _plain(None))
 
 
 def register_preset(name: str, pattern: list[str], *, d_model: int, n_heads: int, context_length: int,
-                    description: str, mixer_options: dict | None = None, dropout: float = 0.0) -> None:
-    """Register ``name`` in ``MODELS`` as a fixed SequenceModel architecture."""
+                    description: str, mixer_options: dict | None = None, dropout: float = 0.0,
+                    mixer_args: dict[str, str] | None = None) -> None:
+    """Register ``name`` in ``MODELS`` as a fixed SequenceModel architecture.
+
+    ``mixer_args`` ``{key: mixer}``: build keywords passed on into that mixer's options, so an
+    experiment can sweep one mixer option by name (``model_args.element_scale``).
+    """
     config = dict(pattern=list(pattern), d_model=d_model, n_heads=n_heads,
                   context_length=context_length, mixer_options=mixer_options or {}, dropout=dropout)
     PRESETS[name] = dict(config, description=description)
 
     def build(*, vocab_size=None, input_size=None, output_size, **overrides):
         cfg = {**config, **overrides}
+        options = {k: dict(v) for k, v in cfg["mixer_options"].items()}
+        for key, mixer in (mixer_args or {}).items():
+            if key in cfg:
+                options.setdefault(mixer, {})[key] = cfg.pop(key)
+        cfg["mixer_options"] = options
         return SequenceModel(cfg.pop("pattern"), vocab_size=vocab_size, input_size=input_size,
                              output_size=output_size, **cfg)
 
@@ -77,6 +87,7 @@ for _mixer in ("mru", "attn", "linear_attn"):
 for _c in MRU_CONSTRUCTIONS:
     register_preset(f"ablation-mru-{_c}", ["mru"] + ["mlp"] * 4, d_model=256, n_heads=4,
                     context_length=256, mixer_options={"mru": {"state_matrix": _c}},
+                    mixer_args={"element_scale": "mru", "normalize": "mru"},
                     description=f"ablation: one MRU ({_c}) + 4 MLPs, width 256")
 for _mixer in ("attn", "linear_attn"):
     register_preset(f"ablation-{_mixer}", [_mixer] + ["mlp"] * 4, d_model=256, n_heads=4,

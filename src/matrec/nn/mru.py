@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch import Tensor, nn
@@ -9,10 +10,15 @@ from torch import Tensor, nn
 from ..checks import check_int, check_number
 from ..ops.mru_scan import SCAN_BACKENDS, mru_scan
 from ..ops.precision import compute_dtype
-from ..ops.state_matrix import STATE_MATRICES, state_matrix, state_matrix_numel
+from ..ops.state_matrix import STATE_MATRICES, STATE_NORMALIZATIONS, state_matrix, state_matrix_numel
 
 
 _AUTOCAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+#: T above which an MRU without ``normalize`` warns (once per layer) for a construction whose running
+#: product may grow: trained shearing constructions grew 0.012-0.017 decades per token and left
+#: float32's range after roughly 2,000-3,500 tokens (docs/results.md, "Stability").
+LONG_SEQUENCE_WARNING = 2048
 
 
 def default_order(embed_dim: int, num_heads: int) -> int:
@@ -52,6 +58,12 @@ class MRU(nn.Module):
             ``M_t`` receives a shear of order ``lr * E`` at once and the product of a few hundred of
             them overflows (docs/models.md, "State growth", measured with
             ``benchmarks/mru_stability.py``; regression test in tests/nn/test_mru.py).
+        normalize: ``None`` (default) or a name in
+            :data:`matrec.ops.state_matrix.STATE_NORMALIZATIONS`: ``"spectral"`` divides every
+            ``M_t`` by its largest singular value, so the running product has spectral norm <= 1
+            at any length (docs/mru.md, "A running product that stays finite"). Without it, a
+            construction that is not orthogonal warns once when ``T`` exceeds
+            :data:`LONG_SEQUENCE_WARNING`.
 
     Shapes:
         ``forward(x [B, T, E], state [B, h, d, d] | None) -> (y [B, T, E], new_state [B, h, d, d])``.
@@ -67,6 +79,7 @@ class MRU(nn.Module):
         dropout: float = 0.0,
         backend: str = "auto",
         element_scale: float | None = None,
+        normalize: str | None = None,
         device=None,
         dtype=None,
     ) -> None:
@@ -96,6 +109,10 @@ class MRU(nn.Module):
             )
         STATE_MATRICES.get(state_matrix)  # unknown name -> ValueError naming state_matrix
         SCAN_BACKENDS.check(backend)
+        if normalize is not None:
+            STATE_NORMALIZATIONS.get(normalize)  # unknown name -> ValueError naming normalize
+        self.normalize = normalize
+        self._warned_long = False
         if element_scale is None:
             element_scale = 1.0 / embed_dim
         if isinstance(element_scale, bool) or not isinstance(element_scale, (int, float)) or not element_scale > 0:
@@ -127,6 +144,7 @@ class MRU(nn.Module):
             f"{self.embed_dim}, num_heads={self.num_heads}, state_size={self.state_size} "
             f"(d={self.order}), state_matrix={self.state_matrix!r}, backend={self.backend!r}, "
             f"element_scale={self.element_scale:.4g}"
+            + ("" if self.normalize is None else f", normalize={self.normalize!r}")
         )
 
     def forward(self, x: Tensor, state: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -158,11 +176,22 @@ class MRU(nn.Module):
         if state is not None and not state.is_floating_point():
             raise ValueError(f"state must be a floating-point tensor (an H_T this layer returned), "
                              f"got {state.dtype}")
+        if (T > LONG_SEQUENCE_WARNING and self.normalize is None and not self._warned_long
+                and not STATE_MATRICES.get(self.state_matrix).norm_preserving):
+            self._warned_long = True
+            warnings.warn(
+                f"MRU with state_matrix={self.state_matrix!r} on T={T} > {LONG_SEQUENCE_WARNING} tokens "
+                f"without normalize: its running product is not bounded, and trained models' products "
+                f"left float32's range after about 2,000-3,500 tokens (docs/results.md, 'Stability'). "
+                f"Pass normalize='spectral' (or use cayley, expm or householder) to keep it finite.",
+                RuntimeWarning, stacklevel=2)
         raw = self.in_proj(x) * self.element_scale
         raw = raw.view(B, T, h, self.numel).transpose(1, 2)  # [B, h, T, n]
         compute = compute_dtype(raw.dtype)
         with torch.autocast(device_type=x.device.type, enabled=False):
             M = state_matrix(self.state_matrix, raw.to(compute), d)  # [B, h, T, d, d]
+            if self.normalize is not None:
+                M = STATE_NORMALIZATIONS.get(self.normalize)(M)  # every sigma_max(M_t) = 1
             h0 = None if state is None else state.to(compute)
             H = mru_scan(M, h0, backend=self.backend)  # [B, h, T, d, d]
         # read-out per head: [B, h, T, d, d] @ [h, 1, d, E/(h d)] -> [B, h, T, d, E/(h d)]

@@ -16,6 +16,10 @@ starts the MRU as the identity recurrence). The orthogonal ones reuse :mod:`matr
 
 Extend with ``STATE_MATRICES.register("mine", StateMatrix(build=fn, numel=lambda d: ...))`` where
 ``fn(x [..., n], d) -> [..., d, d]``.
+
+``STATE_NORMALIZATIONS`` holds the per-token normalisations the MRU can apply after a construction
+(``MRU(normalize=...)``): ``"spectral"`` divides every ``M_t`` by its largest singular value, so every
+running product has spectral norm at most 1 (docs/mru.md, "A running product that stays finite").
 """
 from __future__ import annotations
 
@@ -29,7 +33,8 @@ from ..checks import check_int
 from ..registry import Registry
 from .orthogonal import cayley, lower_numel, lower_to_square, orthogonal_from
 
-__all__ = ["STATE_MATRICES", "StateMatrix", "state_matrix", "state_matrix_numel"]
+__all__ = ["STATE_MATRICES", "STATE_NORMALIZATIONS", "StateMatrix", "spectral_normalize", "state_matrix",
+           "state_matrix_numel"]
 
 
 @dataclass(frozen=True)
@@ -39,6 +44,8 @@ class StateMatrix:
     build: Callable[[Tensor, int], Tensor]
     numel: Callable[[int], int]
     guarantee: str = "none"
+    #: every ``M_t`` orthogonal, so every running product too: no growth at any length
+    norm_preserving: bool = False
 
 
 STATE_MATRICES: Registry = Registry("state matrix construction", argument="state_matrix")
@@ -121,14 +128,33 @@ def _ldu_ns(x: Tensor, d: int, logabsdet: Callable[[Tensor], Tensor] = _logabsde
 
 STATE_MATRICES.register("identity", StateMatrix(_identity, _square, "none"))
 STATE_MATRICES.register("scaled", StateMatrix(_scaled, _square, "|det| = 1"))
-STATE_MATRICES.register("cayley", StateMatrix(_orthogonal("cayley"), lower_numel, "orthogonal"))
-STATE_MATRICES.register("expm", StateMatrix(_orthogonal("expm"), lower_numel, "orthogonal, det 1"))
+STATE_MATRICES.register("cayley", StateMatrix(_orthogonal("cayley"), lower_numel, "orthogonal", True))
+STATE_MATRICES.register("expm", StateMatrix(_orthogonal("expm"), lower_numel, "orthogonal, det 1", True))
 STATE_MATRICES.register(
-    "householder", StateMatrix(_orthogonal("householder"), lower_numel, "orthogonal")
+    "householder", StateMatrix(_orthogonal("householder"), lower_numel, "orthogonal", True)
 )
 STATE_MATRICES.register("cayley_qr", StateMatrix(_cayley_qr, _square, "det 1"))
 STATE_MATRICES.register("ldu", StateMatrix(_ldu, _square, "det 1"))
 STATE_MATRICES.register("ldu_ns", StateMatrix(_ldu_ns, _square, "det 1, near orthogonal"))
+
+
+def spectral_normalize(M: Tensor) -> Tensor:
+    """``M / sigma_max(M)`` for every matrix of ``M [..., d, d]``: spectral norm 1, same direction.
+
+    A per-token scalar, so a running product of normalised matrices is still a plain matrix product
+    (every scan backend computes it exactly) and, the spectral norm being submultiplicative, has
+    norm at most 1 at any length. Orthogonal matrices and the identity have ``sigma_max = 1``: they
+    are left as they are (up to rounding). ``sigma_max`` comes from the largest eigenvalue of the
+    symmetric ``M^T M`` (``eigvalsh``: the gradient of an
+    eigenvalue stays finite where it is repeated, as at the identity). A zero matrix gives inf/NaN,
+    not a silent fix.
+    """
+    top = torch.linalg.eigvalsh(M.mT @ M)[..., -1]  # [...], sigma_max^2
+    return M * torch.rsqrt(top)[..., None, None]
+
+
+STATE_NORMALIZATIONS: Registry = Registry("state matrix normalisation", argument="normalize")
+STATE_NORMALIZATIONS.register("spectral", spectral_normalize)
 
 
 def _check_order(d) -> None:
