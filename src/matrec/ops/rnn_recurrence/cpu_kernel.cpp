@@ -1,0 +1,190 @@
+// The "cpp" recurrence backend: h_t = phi(x_t + h_{t-1} W^T) as one compiled loop over time.
+//
+// Built at first use by matrec/ops/rnn_recurrence/cpp.py (torch.utils.cpp_extension.load) and
+// registered as torch.ops.matrec_cpu.*. Per step the loop does one GEMM and one elementwise pass
+// into preallocated [T, B, H] buffers, with no framework op in between: the per-step cost of the
+// Python loops ("torch" backend) and of nn.RNN's kernel is dispatch overhead, not arithmetic.
+//
+// GEMMs go straight to the Fortran BLAS symbols (sgemm_/dgemm_) that torch's own library exports
+// when it is built with MKL or OpenBLAS; they are declared weak, so where torch links no such BLAS
+// the loop calls at::addmm_out on views instead (slower by the dispatcher's few microseconds per
+// call, same results). gemm_path() says which one this build uses.
+//
+// Everything is row-major [.., H]. A row-major [R, C] matrix is, to column-major BLAS, its
+// transpose [C, R] with leading dimension C; the calls below are written in that view.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstring>
+#include <tuple>
+
+extern "C" {
+void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+            const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+            const float* beta, float* c, const int* ldc) __attribute__((weak));
+void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+            const double* alpha, const double* a, const int* lda, const double* b, const int* ldb,
+            const double* beta, double* c, const int* ldc) __attribute__((weak));
+}
+
+namespace {
+
+// The nonlinearity codes; cpp.py holds the same table (_CODES).
+enum Phi : int64_t { kTanh = 0, kRelu = 1, kModrelu = 2, kIdentity = 3 };
+
+bool have_blas() { return sgemm_ != nullptr && dgemm_ != nullptr; }
+
+// c [B, H] (row-major) += a [B, H] @ (trans_w ? W^T : W), W [H, H] row-major.
+template <typename scalar_t>
+void gemm_acc(const scalar_t* a, const scalar_t* w, scalar_t* c, int64_t B, int64_t H, bool trans_w,
+              const at::Tensor& w_tensor) {
+  if (have_blas()) {
+    // column-major view: c^T [H, B] += op(W_cm) a^T, where W_cm = W^T; op = T gives W, N gives W^T
+    const char ta = trans_w ? 'T' : 'N', tb = 'N';
+    const int m = static_cast<int>(H), n = static_cast<int>(B), k = static_cast<int>(H);
+    const scalar_t one = 1;
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      sgemm_(&ta, &tb, &m, &n, &k, &one, w, &m, a, &k, &one, c, &m);
+    } else {
+      dgemm_(&ta, &tb, &m, &n, &k, &one, w, &m, a, &k, &one, c, &m);
+    }
+    return;
+  }
+  auto opts = w_tensor.options();
+  auto A = at::from_blob(const_cast<scalar_t*>(a), {B, H}, opts);
+  auto C = at::from_blob(c, {B, H}, opts);
+  at::addmm_out(C, C, A, trans_w ? w_tensor.t() : w_tensor);
+}
+
+// h = phi(z) in place over n elements; b [H] repeats every H elements (modReLU).
+// tanh goes through ATen's vectorised kernel (a scalar libm tanh per element costs more than the
+// step's GEMM); `zt` is z as a tensor, for that call only.
+template <typename scalar_t>
+void phi_inplace(scalar_t* z, int64_t n, int64_t H, const scalar_t* b, int64_t code, at::Tensor zt) {
+  switch (code) {
+    case kTanh:
+      at::tanh_out(zt, zt);
+      break;
+    case kRelu:
+      for (int64_t i = 0; i < n; ++i) z[i] = z[i] > 0 ? z[i] : scalar_t(0);
+      break;
+    case kModrelu:
+      for (int64_t r = 0; r < n; r += H) {
+        scalar_t* zr = z + r;
+        for (int64_t j = 0; j < H; ++j) {
+          const scalar_t v = zr[j];
+          const scalar_t m = std::abs(v) + b[j];
+          // sign(v) * relu(|v| + b); v == 0 gives 0, as torch.sign does
+          zr[j] = (m > 0 && v != 0) ? (v > 0 ? m : -m) : scalar_t(0);
+        }
+      }
+      break;
+    default:  // identity
+      break;
+  }
+}
+
+// g *= phi'(z) over n elements, with phi' read from h = phi(z) alone (no saved z):
+// tanh 1 - h^2; relu [h > 0]; modReLU [h != 0] (h != 0 exactly when z != 0 and |z| + b > 0,
+// where the slope is sign(z)^2 = 1; torch's convention gives 0 at z = 0); identity 1.
+template <typename scalar_t>
+void times_slope(scalar_t* g, const scalar_t* h, int64_t n, int64_t code) {
+  switch (code) {
+    case kTanh:
+      for (int64_t i = 0; i < n; ++i) g[i] *= scalar_t(1) - h[i] * h[i];
+      break;
+    case kRelu:
+      for (int64_t i = 0; i < n; ++i) g[i] = h[i] > 0 ? g[i] : scalar_t(0);
+      break;
+    case kModrelu:
+      for (int64_t i = 0; i < n; ++i) g[i] = h[i] != 0 ? g[i] : scalar_t(0);
+      break;
+    default:
+      break;
+  }
+}
+
+void check(const at::Tensor& x, const at::Tensor& w, int64_t code) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 3 && x.is_contiguous(),
+              "matrec_cpu: x must be a contiguous CPU tensor [T, B, H]");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+              "matrec_cpu: float32 or float64 only, got ", x.scalar_type());
+  const int64_t H = x.size(2);
+  TORCH_CHECK(w.sizes() == at::IntArrayRef({H, H}) && w.is_contiguous() && w.scalar_type() == x.scalar_type(),
+              "matrec_cpu: weight must be contiguous [H, H] of x's dtype");
+  TORCH_CHECK(code >= kTanh && code <= kIdentity, "matrec_cpu: unknown nonlinearity code ", code);
+  // BLAS takes 32-bit sizes
+  TORCH_CHECK(x.size(1) * H < (int64_t(1) << 31), "matrec_cpu: B * H must be below 2^31");
+}
+
+// out [T, B, H] = all states h_1..h_T.
+at::Tensor forward(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& h0,
+                   const c10::optional<at::Tensor>& b, int64_t code) {
+  check(x, w, code);
+  const int64_t H = x.size(2);
+  if (h0.has_value()) {
+    TORCH_CHECK(h0->sizes() == at::IntArrayRef({x.size(1), H}) && h0->is_contiguous() &&
+                h0->scalar_type() == x.scalar_type(), "matrec_cpu: h0 must be contiguous [B, H] of x's dtype");
+  }
+  TORCH_CHECK((code == kModrelu) == b.has_value(), "matrec_cpu: bias is given exactly for modReLU");
+  if (b.has_value()) {
+    TORCH_CHECK(b->sizes() == at::IntArrayRef({H}) && b->is_contiguous() && b->scalar_type() == x.scalar_type(),
+                "matrec_cpu: bias must be contiguous [H] of x's dtype");
+  }
+  const int64_t T = x.size(0), B = x.size(1), n = B * H;
+  at::Tensor out = x.clone();  // z_t = x_t, then += h_{t-1} W^T and phi in place
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "matrec_cpu_forward", [&] {
+    scalar_t* o = out.data_ptr<scalar_t>();
+    const scalar_t* W = w.data_ptr<scalar_t>();
+    const scalar_t* bb = b.has_value() ? b->data_ptr<scalar_t>() : nullptr;
+    const scalar_t* prev = h0.has_value() ? h0->data_ptr<scalar_t>() : nullptr;  // h_{-1} = 0 when absent
+    for (int64_t t = 0; t < T; ++t) {
+      scalar_t* z = o + t * n;
+      if (prev != nullptr) gemm_acc<scalar_t>(prev, W, z, B, H, /*trans_w=*/true, w);
+      phi_inplace<scalar_t>(z, n, H, bb, code, code == kTanh ? out.select(0, t) : at::Tensor());
+      prev = z;
+    }
+  });
+  return out;
+}
+
+// The reverse recurrence from the states alone. grad_out [T, B, H] = dL/dh_t from outside, out
+// the forward's states. Returns (gz [T, B, H] = dL/dz_t = dL/dx_t, dL/dh0 [B, H]).
+std::tuple<at::Tensor, at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& out,
+                                            const at::Tensor& w, int64_t code) {
+  check(out, w, code);
+  TORCH_CHECK(grad_out.sizes() == out.sizes() && grad_out.is_contiguous() &&
+              grad_out.scalar_type() == out.scalar_type(), "matrec_cpu: grad_out must match out");
+  const int64_t T = out.size(0), B = out.size(1), H = out.size(2), n = B * H;
+  at::Tensor gz = grad_out.clone();  // gz_t starts as g_t, gains gz_{t+1} W, then times phi'
+  at::Tensor gh0 = at::zeros({B, H}, out.options());
+  AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "matrec_cpu_backward", [&] {
+    scalar_t* g = gz.data_ptr<scalar_t>();
+    const scalar_t* h = out.data_ptr<scalar_t>();
+    const scalar_t* W = w.data_ptr<scalar_t>();
+    for (int64_t t = T - 1; t >= 0; --t) {
+      scalar_t* gt = g + t * n;
+      if (t + 1 < T) gemm_acc<scalar_t>(gt + n, W, gt, B, H, /*trans_w=*/false, w);
+      times_slope<scalar_t>(gt, h + t * n, n, code);
+    }
+    gemm_acc<scalar_t>(g, W, gh0.data_ptr<scalar_t>(), B, H, /*trans_w=*/false, w);
+  });
+  return {gz, gh0};
+}
+
+std::string gemm_path() { return have_blas() ? "blas" : "aten"; }
+
+}  // namespace
+
+TORCH_LIBRARY(matrec_cpu, m) {
+  m.def("forward(Tensor x, Tensor w, Tensor? h0, Tensor? b, int code) -> Tensor");
+  m.def("backward(Tensor grad_out, Tensor out, Tensor w, int code) -> (Tensor, Tensor)");
+  m.def("gemm_path() -> str", &gemm_path);
+}
+
+TORCH_LIBRARY_IMPL(matrec_cpu, CPU, m) {
+  m.impl("forward", &forward);
+  m.impl("backward", &backward);
+}
