@@ -179,3 +179,18 @@ def test_no_compiler_falls_back(tmp_path):
     assert "reason: no C++ compiler" in run.stdout and "no-such-c++" in run.stdout
     assert "warnings: 1" in run.stdout
     assert not (tmp_path / "cache").exists()  # nothing was attempted
+
+
+def test_float32_tanh_to_a_few_ulps(built):
+    """The kernel's own float32 tanh (vectorised, cpu_kernel.cpp) against torch.tanh in float64,
+    over [-12, 12], tiny values, signed zeros, infinities and NaN."""
+    x = torch.cat([torch.linspace(-12, 12, 200_000),
+                   torch.tensor([0.0, -0.0, 1e-30, -1e-30, 1e-8, 0.3, 0.29999998, 9.0, 8.9999,
+                                 float("inf"), -float("inf"), float("nan")])])
+    x = torch.cat([x, torch.zeros(-x.numel() % 1000)]).reshape(1, -1, 1000)
+    got = torch.ops.matrec_cpu.forward(x, torch.zeros(1000, 1000), None, None, 0).flatten().double()
+    want = torch.tanh(x.flatten().double())
+    finite = torch.isfinite(want) & (want != 0)
+    assert ((got - want).abs() / want.abs())[finite].max() < 4 * 2.0 ** -24  # < 4 ulp
+    assert torch.equal(torch.signbit(got), torch.signbit(want)) and torch.isnan(got).sum() == 1
+    torch.testing.assert_close(got[~torch.isnan(want)], want[~torch.isnan(want)], rtol=5e-7, atol=0)

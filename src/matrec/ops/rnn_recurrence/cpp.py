@@ -42,8 +42,22 @@ def build_directory() -> Path:
     root = os.environ.get(DIR_ENV) or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "matrec", "extensions")
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
-    tag = f"torch-{torch.__version__}-py{sys.version_info[0]}{sys.version_info[1]}-abi{abi}"
+    tag = (f"torch-{torch.__version__}-py{sys.version_info[0]}{sys.version_info[1]}-abi{abi}"
+           f"-{_capability().lower()}")
     return Path(root) / tag
+
+
+def _capability() -> str:
+    """The vector instructions the build may use: AVX2 where torch itself runs its AVX2 kernels
+    (x86 only), else the compiler's defaults. Part of the cache folder's name, so a cache shared
+    with an older machine is never loaded there."""
+    cap = torch.backends.cpu.get_cpu_capability()
+    return "AVX2" if cap in ("AVX2", "AVX512") else "DEFAULT"
+
+
+def _cflags() -> list[str]:
+    # -fno-trapping-math (as torch's own build): lets the branch-free selects of tanh/modReLU vectorise
+    return ["-O3", "-fno-trapping-math"] + (["-mavx2", "-mfma"] if _capability() == "AVX2" else [])
 
 
 def _why_not_buildable() -> str | None:
@@ -83,7 +97,7 @@ def _load() -> tuple[bool, str]:
     directory = build_directory()
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        cpp_extension.load(name="matrec_cpu_recurrence", sources=[str(SOURCE)], extra_cflags=["-O3"],
+        cpp_extension.load(name="matrec_cpu_recurrence", sources=[str(SOURCE)], extra_cflags=_cflags(),
                            build_directory=str(directory), is_python_module=False, verbose=False)
         path = torch.ops.matrec_cpu.gemm_path()
         _register_fakes()
