@@ -194,3 +194,33 @@ def test_float32_tanh_to_a_few_ulps(built):
     assert ((got - want).abs() / want.abs())[finite].max() < 4 * 2.0 ** -24  # < 4 ulp
     assert torch.equal(torch.signbit(got), torch.signbit(want)) and torch.isnan(got).sum() == 1
     torch.testing.assert_close(got[~torch.isnan(want)], want[~torch.isnan(want)], rtol=5e-7, atol=0)
+
+
+@pytest.mark.parametrize("nonlinearity", NONLINEARITIES)
+@pytest.mark.parametrize("bias,batch_first,dtype", [(True, False, torch.float64), (False, True, torch.float32)])
+def test_mornn_inference_in_one_call(built, monkeypatch, nonlinearity, bias, batch_first, dtype):
+    """Without autograd a one-direction MORNN runs as one C++ call (every layer's projection and
+    loop); its outputs and h_n match the autograd reference, at T = 1 (a decoding step) and T = 7."""
+    import matrec.nn.mornn as mornn_module
+
+    calls = []
+    real = mornn_module.cpp_layers_forward
+    monkeypatch.setattr(mornn_module, "cpp_layers_forward", lambda *a: calls.append(1) or real(*a))
+    torch.manual_seed(1)
+    m = MORNN(3, 6, num_layers=2, nonlinearity=nonlinearity, bias=bias, batch_first=batch_first,
+              dtype=dtype, recurrence_backend="cpp").eval()
+    for T in (1, 7):
+        x = torch.randn(2, T, 3, dtype=dtype) if batch_first else torch.randn(T, 2, 3, dtype=dtype)
+        hx = torch.randn(2, 2, 6, dtype=dtype)
+        with torch.no_grad():
+            out, h_n = m(x, hx)
+        m.recurrence_backend = "loop"
+        ref_out, ref_h = m(x, hx)  # autograd on: the reference path
+        m.recurrence_backend = "cpp"
+        tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out, ref_out, **tol)
+        torch.testing.assert_close(h_n, ref_h, **tol)
+    assert len(calls) == 2
+    # with autograd needed it is not taken (the op with a backward runs instead)
+    out, _ = m(x, hx)
+    assert len(calls) == 2 and out.requires_grad

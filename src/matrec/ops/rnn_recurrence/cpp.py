@@ -118,6 +118,10 @@ def _register_fakes() -> None:
     def _(grad_out, out, w, code):
         return torch.empty_like(out), out.new_empty(out.shape[1:])
 
+    @torch.library.register_fake("matrec_cpu::layers_forward")
+    def _(x, hx, w_ih, w_hh, b_ih, b_hh, phi_b, code):
+        return x.new_empty(x.shape[0], x.shape[1], hx.shape[2]), torch.empty_like(hx)
+
 
 def cpp_available(device: torch.device) -> tuple[bool, str]:
     """The registry's availability check: CPU only, and the library must build/load."""
@@ -178,3 +182,18 @@ def cpp_recurrence(xproj: Tensor, weight: Tensor, h0: Tensor | None, bias: Tenso
 
     out = _rnn_recurrence_cpp(prep(xproj), prep(weight), prep(h0), prep(bias), nonlinearity)
     return out.to(xproj.dtype)
+
+
+def cpp_layers_forward(x: Tensor, hx: Tensor, weights: list[list[Tensor]], phi_biases: list[Tensor | None],
+                       nonlinearity: str) -> tuple[Tensor, Tensor]:
+    """Stacked one-direction layers without autograd, in one C++ call (the decoding step's path):
+    ``x [T, B, I]``, ``hx [L, B, H]``, ``weights[l] = [w_ih, w_hh(, b_ih, b_hh)]`` and the modReLU
+    biases, all of ``x``'s dtype (float32/float64) -> ``(output [T, B, H], h_n [L, B, H])``.
+    The caller makes sure nothing needs a gradient and :func:`cpp_available` holds."""
+    w_ih = [ws[0].contiguous() for ws in weights]
+    w_hh = [ws[1].contiguous() for ws in weights]
+    b_ih = [ws[2].contiguous() if len(ws) == 4 else None for ws in weights]
+    b_hh = [ws[3].contiguous() if len(ws) == 4 else None for ws in weights]
+    phi_b = [None if b is None else b.contiguous() for b in phi_biases]
+    return torch.ops.matrec_cpu.layers_forward(x.contiguous(), hx.contiguous(), w_ih, w_hh, b_ih, b_hh, phi_b,
+                                               _CODES[nonlinearity])

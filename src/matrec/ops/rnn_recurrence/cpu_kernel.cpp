@@ -38,25 +38,27 @@ enum Phi : int64_t { kTanh = 0, kRelu = 1, kModrelu = 2, kIdentity = 3 };
 
 bool have_blas() { return sgemm_ != nullptr && dgemm_ != nullptr; }
 
-// c [B, H] (row-major) += a [B, H] @ (trans_w ? W^T : W), W [H, H] row-major.
+// c [R, M] += a [R, K] @ (trans_w ? W^T : W), all row-major; W is [M, K] (trans_w) or [K, M].
+// `w_tensor` is W as a tensor, for the ATen path only.
 template <typename scalar_t>
-void gemm_acc(const scalar_t* a, const scalar_t* w, scalar_t* c, int64_t B, int64_t H, bool trans_w,
+void gemm_acc(const scalar_t* a, const scalar_t* w, scalar_t* c, int64_t R, int64_t M, int64_t K, bool trans_w,
               const at::Tensor& w_tensor) {
   if (have_blas()) {
-    // column-major view: c^T [H, B] += op(W_cm) a^T, where W_cm = W^T; op = T gives W, N gives W^T
+    // column-major view: c^T [M, R] += op(W_cm) a^T with W_cm = W^T, so op = T gives W, N gives W^T
     const char ta = trans_w ? 'T' : 'N', tb = 'N';
-    const int m = static_cast<int>(H), n = static_cast<int>(B), k = static_cast<int>(H);
+    const int m = static_cast<int>(M), n = static_cast<int>(R), k = static_cast<int>(K);
+    const int lda = trans_w ? k : m;
     const scalar_t one = 1;
     if constexpr (std::is_same_v<scalar_t, float>) {
-      sgemm_(&ta, &tb, &m, &n, &k, &one, w, &m, a, &k, &one, c, &m);
+      sgemm_(&ta, &tb, &m, &n, &k, &one, w, &lda, a, &k, &one, c, &m);
     } else {
-      dgemm_(&ta, &tb, &m, &n, &k, &one, w, &m, a, &k, &one, c, &m);
+      dgemm_(&ta, &tb, &m, &n, &k, &one, w, &lda, a, &k, &one, c, &m);
     }
     return;
   }
   auto opts = w_tensor.options();
-  auto A = at::from_blob(const_cast<scalar_t*>(a), {B, H}, opts);
-  auto C = at::from_blob(c, {B, H}, opts);
+  auto A = at::from_blob(const_cast<scalar_t*>(a), {R, K}, opts);
+  auto C = at::from_blob(c, {R, M}, opts);
   at::addmm_out(C, C, A, trans_w ? w_tensor.t() : w_tensor);
 }
 
@@ -138,6 +140,20 @@ void times_slope(scalar_t* g, const scalar_t* h, int64_t n, int64_t code) {
   }
 }
 
+// The forward loop in place: o [T, B, H] holds x_t on entry and h_t on exit; h0 [B, H] or null.
+template <typename scalar_t>
+void run_loop(scalar_t* o, const scalar_t* W, const scalar_t* h0, const scalar_t* b, int64_t T, int64_t B,
+              int64_t H, int64_t code, const at::Tensor& w) {
+  const int64_t n = B * H;
+  const scalar_t* prev = h0;  // h_{-1} = 0 when absent
+  for (int64_t t = 0; t < T; ++t) {
+    scalar_t* z = o + t * n;
+    if (prev != nullptr) gemm_acc<scalar_t>(prev, W, z, B, H, H, /*trans_w=*/true, w);
+    phi_inplace<scalar_t>(z, n, H, b, code);
+    prev = z;
+  }
+}
+
 void check(const at::Tensor& x, const at::Tensor& w, int64_t code) {
   TORCH_CHECK(x.device().is_cpu() && x.dim() == 3 && x.is_contiguous(),
               "matrec_cpu: x must be a contiguous CPU tensor [T, B, H]");
@@ -172,14 +188,67 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& w, const c10::optional
     const scalar_t* W = w.data_ptr<scalar_t>();
     const scalar_t* bb = b.has_value() ? b->data_ptr<scalar_t>() : nullptr;
     const scalar_t* prev = h0.has_value() ? h0->data_ptr<scalar_t>() : nullptr;  // h_{-1} = 0 when absent
-    for (int64_t t = 0; t < T; ++t) {
-      scalar_t* z = o + t * n;
-      if (prev != nullptr) gemm_acc<scalar_t>(prev, W, z, B, H, /*trans_w=*/true, w);
-      phi_inplace<scalar_t>(z, n, H, bb, code);
-      prev = z;
-    }
+    run_loop<scalar_t>(o, W, prev, bb, T, B, H, code, w);
   });
   return out;
+}
+
+// Inference through stacked one-direction layers, no autograd: x [T, B, I], hx [L, B, H], per
+// layer w_ih [H, I or H], w_hh [H, H], optional b_ih, b_hh [H] and modReLU bias [H]. Each layer's
+// input projection is one GEMM into the output buffer (pre-filled with b_ih + b_hh), then the
+// loop runs in place. Returns (output [T, B, H], h_n [L, B, H]). One call per forward, so a
+// decoding step (T = 1) costs a handful of small GEMMs and no framework op per layer.
+std::tuple<at::Tensor, at::Tensor> layers_forward(const at::Tensor& x, const at::Tensor& hx,
+                                                  at::TensorList w_ih, at::TensorList w_hh,
+                                                  const c10::List<c10::optional<at::Tensor>>& b_ih,
+                                                  const c10::List<c10::optional<at::Tensor>>& b_hh,
+                                                  const c10::List<c10::optional<at::Tensor>>& phi_b, int64_t code) {
+  const int64_t L = static_cast<int64_t>(w_ih.size());
+  TORCH_CHECK(L >= 1 && static_cast<int64_t>(w_hh.size()) == L && static_cast<int64_t>(b_ih.size()) == L &&
+              static_cast<int64_t>(b_hh.size()) == L && static_cast<int64_t>(phi_b.size()) == L,
+              "matrec_cpu: one w_ih, w_hh, b_ih, b_hh, phi bias per layer");
+  TORCH_CHECK(x.dim() == 3 && x.is_contiguous() && x.device().is_cpu() &&
+              (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble),
+              "matrec_cpu: x must be a contiguous float32/float64 CPU tensor [T, B, I]");
+  const int64_t T = x.size(0), B = x.size(1), H = w_hh[0].size(0);
+  TORCH_CHECK(hx.sizes() == at::IntArrayRef({L, B, H}) && hx.is_contiguous() && hx.scalar_type() == x.scalar_type(),
+              "matrec_cpu: hx must be contiguous [L, B, H] of x's dtype");
+  auto same = [&](const at::Tensor& t, at::IntArrayRef shape) {
+    return t.sizes() == shape && t.is_contiguous() && t.scalar_type() == x.scalar_type() && t.device().is_cpu();
+  };
+  at::Tensor h_n = at::empty({L, B, H}, x.options());
+  at::Tensor inp = x;
+  for (int64_t l = 0; l < L; ++l) {
+    const int64_t I = inp.size(2);
+    TORCH_CHECK(same(w_ih[l], {H, I}) && same(w_hh[l], {H, H}), "matrec_cpu: layer ", l,
+                ": w_ih must be [H, I], w_hh [H, H], contiguous, of x's dtype");
+    for (const auto* list : {&b_ih, &b_hh}) {
+      const c10::optional<at::Tensor> bias = (*list)[l];
+      TORCH_CHECK(!bias.has_value() || same(*bias, {H}), "matrec_cpu: layer ", l, ": biases must be [H]");
+    }
+    const c10::optional<at::Tensor> pb = phi_b[l];
+    TORCH_CHECK((code == kModrelu) == pb.has_value() && (!pb.has_value() || same(*pb, {H})),
+                "matrec_cpu: layer ", l, ": the modReLU bias is [H], given exactly for modReLU");
+    at::Tensor out = at::empty({T, B, H}, x.options());
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "matrec_cpu_layers", [&] {
+      scalar_t* o = out.data_ptr<scalar_t>();
+      const c10::optional<at::Tensor> bi = b_ih[l], bh = b_hh[l];
+      const scalar_t* pi = bi.has_value() ? bi->data_ptr<scalar_t>() : nullptr;
+      const scalar_t* ph = bh.has_value() ? bh->data_ptr<scalar_t>() : nullptr;
+      for (int64_t r = 0; r < T * B; ++r) {
+        scalar_t* row = o + r * H;
+        for (int64_t j = 0; j < H; ++j) row[j] = (pi ? pi[j] : scalar_t(0)) + (ph ? ph[j] : scalar_t(0));
+      }
+      gemm_acc<scalar_t>(inp.data_ptr<scalar_t>(), w_ih[l].data_ptr<scalar_t>(), o, T * B, H, I,
+                         /*trans_w=*/true, w_ih[l]);
+      const scalar_t* h0 = hx.data_ptr<scalar_t>() + l * B * H;
+      run_loop<scalar_t>(o, w_hh[l].data_ptr<scalar_t>(), h0, pb.has_value() ? pb->data_ptr<scalar_t>() : nullptr,
+                         T, B, H, code, w_hh[l]);
+      std::memcpy(h_n.data_ptr<scalar_t>() + l * B * H, o + (T - 1) * B * H, sizeof(scalar_t) * B * H);
+    });
+    inp = out;
+  }
+  return {inp, h_n};
 }
 
 // The reverse recurrence from the states alone. grad_out [T, B, H] = dL/dh_t from outside, out
@@ -198,10 +267,10 @@ std::tuple<at::Tensor, at::Tensor> backward(const at::Tensor& grad_out, const at
     const scalar_t* W = w.data_ptr<scalar_t>();
     for (int64_t t = T - 1; t >= 0; --t) {
       scalar_t* gt = g + t * n;
-      if (t + 1 < T) gemm_acc<scalar_t>(gt + n, W, gt, B, H, /*trans_w=*/false, w);
+      if (t + 1 < T) gemm_acc<scalar_t>(gt + n, W, gt, B, H, H, /*trans_w=*/false, w);
       times_slope<scalar_t>(gt, h + t * n, n, code);
     }
-    gemm_acc<scalar_t>(g, W, gh0.data_ptr<scalar_t>(), B, H, /*trans_w=*/false, w);
+    gemm_acc<scalar_t>(g, W, gh0.data_ptr<scalar_t>(), B, H, H, /*trans_w=*/false, w);
   });
   return {gz, gh0};
 }
@@ -213,10 +282,13 @@ std::string gemm_path() { return have_blas() ? "blas" : "aten"; }
 TORCH_LIBRARY(matrec_cpu, m) {
   m.def("forward(Tensor x, Tensor w, Tensor? h0, Tensor? b, int code) -> Tensor");
   m.def("backward(Tensor grad_out, Tensor out, Tensor w, int code) -> (Tensor, Tensor)");
+  m.def("layers_forward(Tensor x, Tensor hx, Tensor[] w_ih, Tensor[] w_hh, Tensor?[] b_ih, Tensor?[] b_hh, "
+        "Tensor?[] phi_b, int code) -> (Tensor, Tensor)");
   m.def("gemm_path() -> str", &gemm_path);
 }
 
 TORCH_LIBRARY_IMPL(matrec_cpu, CPU, m) {
   m.impl("forward", &forward);
   m.impl("backward", &backward);
+  m.impl("layers_forward", &layers_forward);
 }
