@@ -60,16 +60,22 @@ def _cflags() -> list[str]:
     return ["-O3", "-fno-trapping-math"] + (["-mavx2", "-mfma"] if _capability() == "AVX2" else [])
 
 
+def cpp_extension_usable() -> bool:
+    """Whether torch.utils.cpp_extension.load can run a build here (it drives ninja)."""
+    from torch.utils import cpp_extension
+
+    return cpp_extension.is_ninja_available()
+
+
 def _why_not_buildable() -> str | None:
     """What is missing to build the library, or None."""
     if os.environ.get(DISABLE_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
         return f"disabled by {DISABLE_ENV}={os.environ[DISABLE_ENV]}"
-    from torch.utils import cpp_extension
 
     cxx = os.environ.get("CXX", "c++")
     if shutil.which(cxx) is None:
         return f"no C++ compiler: {cxx!r} not found (set CXX or install g++/clang++)"
-    if not cpp_extension.is_ninja_available():
+    if not cpp_extension_usable():
         return "ninja not found (pip install 'matrec[cpu-kernel]', or the system's ninja)"
     return None
 
