@@ -2,8 +2,9 @@
 
 Per step the C++ loop runs one small GEMM and one elementwise pass into preallocated ``[T, B, H]``
 buffers; the input projection (outside this op), ``dL/dW`` (one GEMM over all steps,
-:func:`~matrec.ops.rnn_recurrence.fused.parameter_grads`) and ``dL/db`` are computed outside the
-loop. Only the states ``h_1..h_T`` are saved: every nonlinearity's slope is read from ``h`` alone.
+:func:`~matrec.ops.rnn_recurrence.fused.weight_grad`) is computed outside the loop, modReLU's
+``dL/db`` inside the reverse loop. Only the states ``h_1..h_T`` are saved: every nonlinearity's
+slope is read from ``h`` alone.
 
 The source is compiled at first use with ``torch.utils.cpp_extension.load`` (a C++ compiler and
 ``ninja`` needed: ``pip install matrec[cpu-kernel]`` brings ninja) into a cache directory per torch
@@ -25,7 +26,7 @@ import torch
 from torch import Tensor
 
 from ..precision import compute_dtype
-from .fused import parameter_grads
+from .fused import weight_grad
 
 SOURCE = Path(__file__).with_name("cpu_kernel.cpp")
 # nonlinearity -> the kernel's code (the enum Phi in cpu_kernel.cpp)
@@ -122,7 +123,7 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("matrec_cpu::backward")
     def _(grad_out, out, w, code):
-        return torch.empty_like(out), out.new_empty(out.shape[1:])
+        return torch.empty_like(out), out.new_empty(out.shape[1:]), out.new_empty(out.shape[2:])
 
     @torch.library.register_fake("matrec_cpu::layers_forward")
     def _(x, hx, w_ih, w_hh, b_ih, b_hh, phi_b, code):
@@ -164,10 +165,10 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_out):
     out, weight, h0 = ctx.saved_tensors
     nonlinearity = ctx.nonlinearity
-    gz, grad_h0 = torch.ops.matrec_cpu.backward(grad_out.contiguous(), out, weight, _CODES[nonlinearity])
-    # modReLU's dL/db = gz * sign(z); where gz != 0 the unit is live and sign(z) = sign(h), and where
-    # it is not both products are 0, so the states stand in for z.
-    grad_W, grad_b = parameter_grads(gz, out, out, h0, nonlinearity)
+    # modReLU's dL/db comes out of the reverse loop (sign(h) standing in for sign(z): where
+    # dL/dz != 0 the unit is live and they agree); dL/dW is one GEMM over all steps
+    gz, grad_h0, grad_b = torch.ops.matrec_cpu.backward(grad_out.contiguous(), out, weight, _CODES[nonlinearity])
+    grad_W = weight_grad(gz, out, h0)
     return gz, grad_W, grad_h0 if ctx.has_h0 else None, grad_b if ctx.has_bias else None, None
 
 

@@ -20,6 +20,7 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <vector>
 #include <tuple>
 
 extern "C" {
@@ -123,8 +124,10 @@ void phi_inplace(scalar_t* z, int64_t n, int64_t H, const scalar_t* b, int64_t c
 // g *= phi'(z) over n elements, with phi' read from h = phi(z) alone (no saved z):
 // tanh 1 - h^2; relu [h > 0]; modReLU [h != 0] (h != 0 exactly when z != 0 and |z| + b > 0,
 // where the slope is sign(z)^2 = 1; torch's convention gives 0 at z = 0); identity 1.
+// For modReLU it also adds the step's dL/db = sum over rows of dL/dz * sign(z) into db [H] (double:
+// T * B terms), with sign(z) = sign(h) wherever dL/dz can be nonzero.
 template <typename scalar_t>
-void times_slope(scalar_t* g, const scalar_t* h, int64_t n, int64_t code) {
+void times_slope(scalar_t* g, const scalar_t* h, int64_t n, int64_t H, int64_t code, double* db) {
   switch (code) {
     case kTanh:
       for (int64_t i = 0; i < n; ++i) g[i] *= scalar_t(1) - h[i] * h[i];
@@ -133,7 +136,15 @@ void times_slope(scalar_t* g, const scalar_t* h, int64_t n, int64_t code) {
       for (int64_t i = 0; i < n; ++i) g[i] = h[i] > 0 ? g[i] : scalar_t(0);
       break;
     case kModrelu:
-      for (int64_t i = 0; i < n; ++i) g[i] = h[i] != 0 ? g[i] : scalar_t(0);
+      for (int64_t r = 0; r < n; r += H) {
+        scalar_t* gr = g + r;
+        const scalar_t* hr = h + r;
+        for (int64_t j = 0; j < H; ++j) {
+          const scalar_t v = hr[j] != 0 ? gr[j] : scalar_t(0);
+          gr[j] = v;
+          db[j] += static_cast<double>(v * (scalar_t(hr[j] > 0) - scalar_t(hr[j] < 0)));
+        }
+      }
       break;
     default:
       break;
@@ -252,8 +263,9 @@ std::tuple<at::Tensor, at::Tensor> layers_forward(const at::Tensor& x, const at:
 }
 
 // The reverse recurrence from the states alone. grad_out [T, B, H] = dL/dh_t from outside, out
-// the forward's states. Returns (gz [T, B, H] = dL/dz_t = dL/dx_t, dL/dh0 [B, H]).
-std::tuple<at::Tensor, at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& out,
+// the forward's states. Returns (gz [T, B, H] = dL/dz_t = dL/dx_t, dL/dh0 [B, H], dL/db [H]: the
+// modReLU bias's gradient, zeros for the other nonlinearities).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& out,
                                             const at::Tensor& w, int64_t code) {
   check(out, w, code);
   TORCH_CHECK(grad_out.sizes() == out.sizes() && grad_out.is_contiguous() &&
@@ -261,6 +273,8 @@ std::tuple<at::Tensor, at::Tensor> backward(const at::Tensor& grad_out, const at
   const int64_t T = out.size(0), B = out.size(1), H = out.size(2), n = B * H;
   at::Tensor gz = grad_out.clone();  // gz_t starts as g_t, gains gz_{t+1} W, then times phi'
   at::Tensor gh0 = at::zeros({B, H}, out.options());
+  at::Tensor gb = at::zeros({H}, out.options().dtype(at::kDouble));
+  std::vector<double> db(static_cast<size_t>(H), 0.0);
   AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "matrec_cpu_backward", [&] {
     scalar_t* g = gz.data_ptr<scalar_t>();
     const scalar_t* h = out.data_ptr<scalar_t>();
@@ -268,11 +282,12 @@ std::tuple<at::Tensor, at::Tensor> backward(const at::Tensor& grad_out, const at
     for (int64_t t = T - 1; t >= 0; --t) {
       scalar_t* gt = g + t * n;
       if (t + 1 < T) gemm_acc<scalar_t>(gt + n, W, gt, B, H, H, /*trans_w=*/false, w);
-      times_slope<scalar_t>(gt, h + t * n, n, code);
+      times_slope<scalar_t>(gt, h + t * n, n, H, code, db.data());
     }
     gemm_acc<scalar_t>(g, W, gh0.data_ptr<scalar_t>(), B, H, H, /*trans_w=*/false, w);
   });
-  return {gz, gh0};
+  std::memcpy(gb.data_ptr<double>(), db.data(), sizeof(double) * H);
+  return {gz, gh0, gb.to(out.scalar_type())};
 }
 
 std::string gemm_path() { return have_blas() ? "blas" : "aten"; }
@@ -281,7 +296,7 @@ std::string gemm_path() { return have_blas() ? "blas" : "aten"; }
 
 TORCH_LIBRARY(matrec_cpu, m) {
   m.def("forward(Tensor x, Tensor w, Tensor? h0, Tensor? b, int code) -> Tensor");
-  m.def("backward(Tensor grad_out, Tensor out, Tensor w, int code) -> (Tensor, Tensor)");
+  m.def("backward(Tensor grad_out, Tensor out, Tensor w, int code) -> (Tensor, Tensor, Tensor)");
   m.def("layers_forward(Tensor x, Tensor hx, Tensor[] w_ih, Tensor[] w_hh, Tensor?[] b_ih, Tensor?[] b_hh, "
         "Tensor?[] phi_b, int code) -> (Tensor, Tensor)");
   m.def("gemm_path() -> str", &gemm_path);
