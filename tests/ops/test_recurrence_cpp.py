@@ -246,3 +246,11 @@ def test_a_nonlinearity_it_does_not_know_runs_elsewhere(monkeypatch):
                                recurrence_reference(x, W, h0, None, "softsign"))
     with pytest.raises(ValueError, match="nonlinearity 'softsign' is not supported by backend='cpp'"):
         recurrence(x, W, h0, None, "softsign", backend="cpp")
+
+
+@pytest.mark.parametrize("nonlinearity", NONLINEARITIES)
+def test_double_backward(built, nonlinearity):
+    """A backward that is differentiated again (create_graph=True) runs the same reverse recurrence
+    in torch ops: gradgradcheck holds, as it does for nn.RNN's kernel."""
+    args = make(4, 2, 3, nonlinearity, torch.float64, True, seed=5)
+    assert torch.autograd.gradgradcheck(lambda *a: recurrence(*a, nonlinearity, backend="cpp"), args)

@@ -162,9 +162,35 @@ def _setup_context(ctx, inputs, output):
     ctx.has_h0, ctx.has_bias = h0 is not None, bias is not None
 
 
+# dh/dz read from h = phi(z) (see cpu_kernel.cpp), as differentiable torch ops
+_SLOPES = {"tanh": lambda h: 1 - h * h, "relu": lambda h: (h > 0).to(h.dtype),
+           "modrelu": lambda h: (h != 0).to(h.dtype), "identity": lambda h: torch.ones_like(h)}
+
+
+def _differentiable_backward(grad_out, out, weight, h0, nonlinearity):
+    """The same reverse recurrence in torch ops, for a backward that is itself differentiated
+    (``create_graph=True``: double backward, gradgradcheck) -- nn.RNN's kernel supports that, so
+    tanh/relu on this backend must too. Slow (a few ops per step); only taken in that case."""
+    slope = _SLOPES[nonlinearity](out)  # [T, B, H]
+    T = out.shape[0]
+    gz = [None] * T
+    gh = grad_out[T - 1]
+    for t in range(T - 1, -1, -1):
+        gz[t] = gh * slope[t]
+        if t > 0:
+            gh = grad_out[t - 1] + gz[t] @ weight
+    gz = torch.stack(gz)  # [T, B, H]
+    grad_b = (gz * torch.sign(out)).sum(dim=(0, 1))
+    return gz, gz[0] @ weight, grad_b
+
+
 def _backward(ctx, grad_out):
     out, weight, h0 = ctx.saved_tensors
     nonlinearity = ctx.nonlinearity
+    if torch.is_grad_enabled():  # create_graph=True
+        gz, grad_h0, grad_b = _differentiable_backward(grad_out, out, weight, h0, nonlinearity)
+        return (gz, weight_grad(gz, out, h0), grad_h0 if ctx.has_h0 else None,
+                grad_b if ctx.has_bias else None, None)
     # modReLU's dL/db comes out of the reverse loop (sign(h) standing in for sign(z): where
     # dL/dz != 0 the unit is live and they agree); dL/dW is one GEMM over all steps
     gz, grad_h0, grad_b = torch.ops.matrec_cpu.backward(grad_out.contiguous(), out, weight, _CODES[nonlinearity])
