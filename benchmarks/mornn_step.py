@@ -3,7 +3,9 @@ nn.RNN, and MORNNCell against nn.RNNCell.
 
     PYTHONPATH=src python benchmarks/mornn_step.py --hidden 64,256 --threads 1
 
-A frozen MORNN (``.freeze()``, or any forward under ``torch.no_grad``) reuses its built orthogonal
+On CPU a MORNN whose forward needs no gradient runs as one C++ call (the "cpp" recurrence backend,
+docs/mornn.md); the "torch backend" rows force the previous path. A frozen MORNN (``.freeze()``, or
+any forward under ``torch.no_grad``) reuses its built orthogonal
 matrix while its parameters are unchanged; the "rebuilt every step" row is the same module with its
 matrices trainable and autograd on, i.e. what each step cost before the matrix was kept. Every row
 runs under ``torch.no_grad`` except that one. Microseconds per step, best of --repeats rounds of
@@ -28,6 +30,10 @@ def candidates(H: int) -> dict[str, tuple[nn.Module, bool]]:
         "nn.RNN tanh": (nn.RNN(H, H), False),
         "MORNN tanh, frozen": (MORNN(H, H).freeze(), False),
         "MORNN modrelu, frozen": (MORNN(H, H, nonlinearity="modrelu").freeze(), False),
+        # the same on the "torch" backend: the path every step took before the compiled CPU loop
+        "MORNN tanh, frozen, torch backend": (MORNN(H, H, recurrence_backend="torch").freeze(), False),
+        "MORNN modrelu, frozen, torch backend": (MORNN(H, H, nonlinearity="modrelu",
+                                                       recurrence_backend="torch").freeze(), False),
         "MORNN tanh, rebuilt every step": (MORNN(H, H), True),
         "nn.RNNCell tanh": (nn.RNNCell(H, H), False),
         "MORNNCell tanh, frozen": (MORNNCell(H, H).freeze(), False),

@@ -204,8 +204,9 @@ def test_load_state_dict_from_another_precision_reprojects_every_base():
 
 @pytest.mark.parametrize("nonlinearity", ["tanh", "relu", "modrelu", "identity"])
 def test_recurrent_matrix_built_once_per_forward_on_the_fast_path(nonlinearity, monkeypatch):
-    """One W_hh per layer and direction per forward, whatever T; tanh/relu go to the fused kernel,
-    modrelu/identity to one recurrence op call per layer and direction (no step-by-step autograd)."""
+    """One W_hh per layer and direction per forward, whatever T; modrelu/identity go to one
+    recurrence op call per layer and direction (no step-by-step autograd), tanh/relu too on the
+    compiled CPU loop, and to the fused kernel where it is not used (recurrence_backend="torch")."""
     calls = {"map": 0, "fused": 0, "recurrence": 0}
 
     def counting(key, fn):
@@ -223,11 +224,17 @@ def test_recurrent_matrix_built_once_per_forward_on_the_fast_path(nonlinearity, 
     out, h_n = m(torch.randn(40, 2, 3))
     (out.sum() + h_n.sum()).backward()
     assert calls["map"] == 4
-    if nonlinearity in ("tanh", "relu"):
+    on_cpp = m._tanh_relu_on_cpp(out)
+    if nonlinearity in ("tanh", "relu") and not on_cpp:
         assert calls == {"map": 4, "fused": 1, "recurrence": 0}
     else:
         assert calls == {"map": 4, "fused": 0, "recurrence": 4}
     assert all(getattr(m, f"{n}_A").grad.abs().sum() > 0 for n in m._orthogonal_names)
+    if nonlinearity in ("tanh", "relu"):  # the fused kernel when asked for
+        calls.update(map=0, fused=0, recurrence=0)
+        m.recurrence_backend = "torch"
+        out, h_n = m(torch.randn(40, 2, 3))
+        assert calls == {"map": 4, "fused": 1, "recurrence": 0}
 
 
 def test_refold_of_a_diverged_parameter_names_it():

@@ -23,10 +23,11 @@ def make(T, B, H, nonlinearity, dtype, with_h0, seed=0):
 @pytest.mark.parametrize("T,B,H", [(1, 1, 1), (7, 3, 5), (100, 2, 9)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("with_h0", [False, True])
-def test_matches_reference(nonlinearity, T, B, H, dtype, with_h0):
+@pytest.mark.parametrize("backend", ["torch", "auto"])  # auto: "cpp" where it builds (test_recurrence_cpp.py)
+def test_matches_reference(nonlinearity, T, B, H, dtype, with_h0, backend):
     x, W, h0, b = make(T, B, H, nonlinearity, dtype, with_h0)
     inputs = [t for t in (x, W, h0, b) if t is not None]
-    out = recurrence(x, W, h0, b, nonlinearity)
+    out = recurrence(x, W, h0, b, nonlinearity, backend=backend)
     ref = recurrence_reference(x, W, h0, b, nonlinearity)
     assert out.dtype == dtype and out.shape == (T, B, H)
     # Same float32 state arithmetic on both sides; only summation order differs (dW as one GEMM).
@@ -45,7 +46,7 @@ def test_gradcheck_float64():
     for nl in NONLINEARITIES.names():
         x, W, h0, b = make(5, 2, 3, nl, torch.float64, True, seed=3)
         args = (x, W, h0, b)
-        assert torch.autograd.gradcheck(lambda *a: recurrence(*a, nonlinearity=nl), args)
+        assert torch.autograd.gradcheck(lambda *a: recurrence(*a, nonlinearity=nl, backend="torch"), args)
 
 
 def test_only_output_used_and_no_grad_inputs():
@@ -61,7 +62,7 @@ def test_every_output_written(monkeypatch):
     real = torch.empty_like
     monkeypatch.setattr(rec.torch, "empty_like", lambda *a, **k: real(*a, **k).fill_(float("nan")))
     x, W, h0, b = make(9, 3, 4, "modrelu", torch.float32, False)
-    out = recurrence(x, W, h0, b, "modrelu")
+    out = recurrence(x, W, h0, b, "modrelu", backend="torch")
     grads = torch.autograd.grad(out.sum(), [x, W, b])
     assert torch.isfinite(out).all() and all(torch.isfinite(g).all() for g in grads)
 
@@ -96,7 +97,7 @@ def test_backend_contract():
     """Unknown names, a missing package and "auto" are handled by the registry, naming the argument."""
     x, W, h0, b = make(4, 2, 3, "modrelu", torch.float32, False)
     with pytest.raises(ValueError,
-        match=r"backend must be one of \['auto', 'torch', 'loop', 'chunked', 'triton'\], got 'nope'"):
+        match=r"backend must be one of \['auto', 'torch', 'loop', 'cpp', 'chunked', 'triton'\], got 'nope'"):
         recurrence(x, W, h0, b, backend="nope")
     with pytest.raises(ValueError, match=r"recurrence_backend must be one of \['auto', "):
         RECURRENCE_BACKENDS.get("nope")  # what MORNN(recurrence_backend=...) checks

@@ -18,8 +18,9 @@ reused until ``A`` or the base changes: autograd's version counters, the storage
 anywhere and a state-dict load all invalidate it (a write through ``.data`` to ``A`` or the base is
 the one change they cannot see; docs/mornn.md, "Inference").
 
-tanh/relu then run in PyTorch's fused RNN kernel (cuDNN on GPU) with the materialised weights;
-modrelu/identity run through :func:`matrec.ops.recurrence.recurrence` (no autograd loop over time).
+modrelu/identity run through :func:`matrec.ops.recurrence.recurrence` (no autograd loop over time);
+so do tanh/relu on CPU where its compiled loop ("cpp") builds, and elsewhere they run in PyTorch's
+fused RNN kernel (cuDNN on GPU) with the materialised weights.
 
 The recipe that gives memory (copy task; see docs/mornn.md): ``nonlinearity="modrelu"``,
 ``init="henaff"``, RMSprop or Adam with :func:`mornn_param_groups` (orthogonal parameters at 1/10 of
@@ -44,6 +45,7 @@ from ..ops.orthogonal import (ORTHOGONAL_MAPS, lower_numel, lower_to_square, ort
                               orthogonality_error, project_orthogonal)
 from ..ops.precision import compute_dtype
 from ..ops.rnn_recurrence import NONLINEARITIES, RECURRENCE_BACKENDS, recurrence
+from ..ops.rnn_recurrence.cpp import cpp_available, cpp_layers_forward, cpp_supports
 from ..registry import Registry
 
 __all__ = ["MORNN", "MORNNCell", "MORNN_INITS", "OrthogonalMatrixProperty", "mornn_param_groups",
@@ -468,9 +470,11 @@ class MORNN(_OrthogonalRecurrent):
         init: initial recurrent matrices, one of ``MORNN_INITS``: "henaff" (default), "cayley",
             "random", "identity".
         refold_every: fold ``A`` into the base every this many training forwards (0: never).
-        recurrence_backend: for modrelu/identity, ``matrec.ops.recurrence.RECURRENCE_BACKENDS``
-            ("auto", "torch", "loop", "chunked", "triton"; "loop" is the autograd reference,
-            "chunked" identity only); tanh/relu always use PyTorch's fused kernel.
+        recurrence_backend: ``matrec.ops.recurrence.RECURRENCE_BACKENDS`` ("auto", "torch", "loop",
+            "cpp", "chunked", "triton"; "loop" is the autograd reference, "chunked" identity only).
+            modrelu/identity always run through it; tanh/relu run on the compiled CPU loop ("cpp")
+            when that is chosen ("auto" on CPU with float32/float64 inputs where it builds, or
+            "cpp" itself), and in PyTorch's fused RNN kernel otherwise.
 
     Parameters: ``weight_ih_l{k}[_reverse]``, ``bias_ih_l{k}``, ``bias_hh_l{k}`` exactly as nn.RNN;
     ``weight_hh_l{k}_A`` (``[H(H-1)/2]``) replaces the trainable ``weight_hh_l{k}``, which is a
@@ -634,7 +638,11 @@ class MORNN(_OrthogonalRecurrent):
         if self.training:
             self._maybe_refold()
         weights = self._weights()
-        if self.nonlinearity in _FUSED:
+        if not packed and self._inference_on_cpp(ref, hx, weights):
+            x = input.transpose(0, 1) if self.batch_first else input
+            out, h_n = cpp_layers_forward(x, hx, weights, self._modrelu_biases(), self.nonlinearity)
+            output = out.transpose(0, 1) if self.batch_first else out
+        elif self.nonlinearity in _FUSED and not self._tanh_relu_on_cpp(ref):
             run = _FUSED[self.nonlinearity][0]
             flat = [w for ws in weights for w in ws]
             if packed:
@@ -666,6 +674,36 @@ class MORNN(_OrthogonalRecurrent):
         if not is_batched:
             output, h_n = output.squeeze(0 if self.batch_first else 1), h_n.squeeze(1)
         return output, h_n
+
+    def _inference_on_cpp(self, ref: Tensor, hx: Tensor, weights: list[list[Tensor]]) -> bool:
+        """Whether the whole forward can be one C++ call (:func:`cpp_layers_forward`): the compiled
+        loop in use, one direction, no dropout to apply, and nothing that needs a gradient (decoding,
+        evaluation). A step then costs a few small GEMMs instead of a dozen framework ops."""
+        if self.bidirectional or (self.training and self.dropout > 0 and self.num_layers > 1):
+            return False
+        if not (cpp_supports(self.nonlinearity) and self._uses_cpp(ref) and cpp_available(ref.device)[0]):
+            return False
+        if torch.is_grad_enabled():
+            tensors = [ref, hx, *(w for ws in weights for w in ws),
+                       *(b for b in self._modrelu_biases() if b is not None)]
+            if any(t.requires_grad for t in tensors):
+                return False
+        return hx.dtype == ref.dtype and all(w.dtype == ref.dtype for ws in weights for w in ws)
+
+    def _uses_cpp(self, ref: Tensor) -> bool:
+        """Whether this forward runs the compiled loop: "cpp" asked for, or "auto" on CPU in
+        float32/float64 (not under autocast) where it builds."""
+        if self.recurrence_backend == "cpp":
+            return True
+        return (self.recurrence_backend == "auto" and ref.device.type == "cpu"
+                and ref.dtype in (torch.float32, torch.float64) and not torch.is_autocast_enabled("cpu")
+                and cpp_available(ref.device)[0])
+
+    def _tanh_relu_on_cpp(self, ref: Tensor) -> bool:
+        """Whether tanh/relu leave nn.RNN's kernel for the compiled loop: "cpp" asked for, or "auto"
+        on CPU in float32/float64 (not under autocast) where the loop builds (it runs ~2x faster
+        there, benchmarks/results/cpu_recurrence.md)."""
+        return self._uses_cpp(ref)
 
     def extra_repr(self) -> str:
         s = f"{self.input_size}, {self.hidden_size}"

@@ -6,7 +6,8 @@ input projection with both biases already added), ``W [H, H]`` acting on row vec
 :func:`matrec.ops.precision.compute_dtype`); the output has ``xproj``'s dtype.
 
 Backends (one :class:`RecurrenceBackend` each): "torch" (:mod:`.fused`), "loop" (:mod:`.naive`, the
-reference), "chunked" (:mod:`.chunked`, identity only) and "triton" (:mod:`.triton`, optional).
+reference), "chunked" (:mod:`.chunked`, identity only), "cpp" (:mod:`.cpp`, a compiled CPU loop built
+at first use) and "triton" (:mod:`.triton`, optional).
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from torch import Tensor
 
 from ..backends import BackendRegistry, always_available
 from ..triton_support import device_available
+from .cpp import cpp_available, cpp_recurrence, cpp_supports
 from .chunked import _rnn_recurrence_chunked, _rnn_recurrence_chunked_or_loop
 from .fused import _rnn_recurrence
 from .naive import check_inputs, recurrence_reference
@@ -79,7 +81,18 @@ AUTO_CHUNKED_MAX_HIDDEN = 128
 
 
 def _auto_backend(xproj: Tensor, nonlinearity: str) -> str:
-    """The backend "auto" runs: "chunked" (falling back to the loop on an unsuitable W) or "torch"."""
+    """The backend "auto" runs: "cpp" on CPU when it builds (:func:`cpp_available` keeps the reason
+    when it does not), else "chunked" (falling back to the loop on an unsuitable W) or "torch"."""
+    T, B, H = xproj.shape
+    if (xproj.device.type == "cpu" and cpp_supports(nonlinearity) and B * H < 2 ** 31
+            and cpp_available(xproj.device)[0]):
+        return "cpp"
+    return _auto_without_cpp(xproj, nonlinearity)
+
+
+def _auto_without_cpp(xproj: Tensor, nonlinearity: str) -> str:
+    """auto's rule where "cpp" cannot run (another device, no compiler): "chunked" or "torch". On CPU
+    "cpp" beats both at every measured shape, identity included (benchmarks/results/cpu_recurrence.md)."""
     T, B, H = xproj.shape
     if (nonlinearity == "identity" and xproj.device.type == "cpu" and H <= AUTO_CHUNKED_MAX_HIDDEN
             and T >= max(64, 4 * H) and B * H * H <= AUTO_CHUNKED_MAX_WORK):
@@ -104,6 +117,9 @@ RECURRENCE_BACKENDS: BackendRegistry[RecurrenceBackend] = BackendRegistry(
 RECURRENCE_BACKENDS.register("torch", RecurrenceBackend(_torch_backend))
 # the autograd loop: the reference, selectable so benchmarks time what the op replaces
 RECURRENCE_BACKENDS.register("loop", RecurrenceBackend(recurrence_reference))
+# the compiled CPU loop; "auto" picks it on CPU whenever it builds (benchmarks/results/cpu_recurrence.md)
+RECURRENCE_BACKENDS.register("cpp", RecurrenceBackend(cpp_recurrence, available=cpp_available,
+                                                     supports=cpp_supports))
 RECURRENCE_BACKENDS.register("chunked", RecurrenceBackend(_chunked_backend, supports=_identity_only))
 RECURRENCE_BACKENDS.register("triton", RecurrenceBackend(_triton_backend, available=_triton_available,
                                                          supports=_triton_supports))
@@ -131,9 +147,12 @@ def recurrence(xproj: Tensor, weight: Tensor, h0: Tensor | None = None, bias: Te
               and raises ValueError otherwise;
             - "triton": the persistent kernel of :mod:`matrec.ops.rnn_recurrence.triton` (hidden-size
               limit and dtypes: see there); opt-in, measured on no GPU yet;
-            - "auto": "chunked" where measured faster than "torch" (:func:`_auto_backend`: identity,
-              CPU, H <= 128, T >= max(64, 4H), B*H^2 <= 32768; on a W the chunked form cannot take
-              it falls back to the sequential loop inside the op, with no error), else "torch".
+            - "cpp": CPU only, the compiled loop of :mod:`matrec.ops.rnn_recurrence.cpp` (built at
+              first use; every nonlinearity; bfloat16/float16 computed in float32);
+            - "auto": on CPU "cpp" when it builds; otherwise "chunked" where measured faster than
+              "torch" (:func:`_auto_backend`: identity, CPU, H <= 128, T >= max(64, 4H),
+              B*H^2 <= 32768; on a W the chunked form cannot take it falls back to the sequential
+              loop inside the op, with no error), else "torch".
 
     Returns:
         ``[T, B, H]`` all states ``h_1..h_T``, in ``xproj``'s dtype.

@@ -51,12 +51,19 @@ def parameter_grads(gz: Tensor, z: Tensor, out: Tensor, h0: Tensor | None,
     when None); ``dL/db`` from the nonlinearity's ``bias_grad`` (zeros without a learned bias).
     Shared by every backend's backward."""
     H = gz.shape[-1]
-    grad_W = gz[1:].reshape(-1, H).t() @ out[:-1].reshape(-1, H)  # [H, H]
-    if h0 is not None:
-        grad_W.addmm_(gz[0].t(), h0.to(gz.dtype))
+    grad_W = weight_grad(gz, out, h0)
     phi = NONLINEARITIES.get(nonlinearity)
     grad_b = phi.bias_grad(z, gz).sum(dim=(0, 1)) if phi.bias_grad is not None else gz.new_zeros(H)
     return grad_W, grad_b
+
+
+def weight_grad(gz: Tensor, out: Tensor, h0: Tensor | None) -> Tensor:
+    """``dL/dW = sum_t gz_t^T h_{t-1} [H, H]`` as one GEMM over all steps (``h_{-1} = h0``)."""
+    H = gz.shape[-1]
+    grad_W = gz[1:].reshape(-1, H).t() @ out[:-1].reshape(-1, H)  # [H, H]
+    if h0 is not None:
+        grad_W.addmm_(gz[0].t(), h0.to(gz.dtype))
+    return grad_W
 
 
 @torch.library.custom_op("matrec::rnn_recurrence_backward", mutates_args=())
