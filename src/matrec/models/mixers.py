@@ -20,6 +20,8 @@ from torch import Tensor, nn
 
 from ..nn.attention import CausalSelfAttention, MRURotaryAttention
 from ..nn.linear_attention import LinearAttention
+from ..nn.lru import LRUMixer
+from ..nn.mamba import MambaMixer
 from ..nn.gate_init import gated
 from ..nn.mlp import MLP
 from ..nn.mru import MRU
@@ -87,3 +89,5 @@ MIXERS.register("attn", CausalSelfAttention)
 MIXERS.register("mru_rotary", MRURotaryAttention)
 MIXERS.register("linear_attn", LinearAttention)
 MIXERS.register("txl", TransformerXLAttention)
+MIXERS.register("lru", LRUMixer)
+MIXERS.register("mamba", MambaMixer)  # needs the mamba extra (mambapy), imported when built
