@@ -121,3 +121,20 @@ def test_bad_options_are_named():
     with pytest.raises(ValueError, match="bias=True"):
         init_gates(nn.LSTM(2, 4, bias=False), "forget_bias_1")
     assert GATE_INITS.names() == ["default", "forget_bias_1", "chrono"]
+
+
+def test_matrec_train_takes_the_option(tmp_path, capsys):
+    import json
+
+    from matrec import cli
+
+    args = ["train", "--task", "copy", "--task-arg", "delay=3", "--model", "lstm", "--hidden-size", "8",
+            "--model-arg", "init=chrono", "--steps", "1", "--batch-size", "2", "--out-dir", str(tmp_path),
+            "--no-progress", "--no-tensorboard", "--no-plot", "--threads", "1"]
+    assert cli.main([*args, "--model-arg", "t_max=50", "--run-name", "c"]) == 0
+    config = json.loads((tmp_path / "c" / "config.json").read_text())
+    assert config["model_args"] == {"hidden_size": 8, "init": "chrono", "t_max": 50}
+    with pytest.raises(SystemExit) as e:  # the model's error, as a one-line user error
+        cli.main([*args, "--run-name", "d"])
+    assert e.value.code == 2
+    assert "init='chrono' needs t_max" in capsys.readouterr().err
