@@ -1,4 +1,6 @@
 """SequenceModel / registered models: the build_model contract, state passing and generation."""
+from importlib.util import find_spec
+
 import pytest
 import torch
 
@@ -6,7 +8,8 @@ from matrec.models import MODELS, SequenceModel, build_model, generate, num_para
 from support import perturbed
 
 V = 13
-SEQUENCE_MODELS = ["mru", "attn", "linear_attn", "txl", "mru_rotary", "mlp"]
+SEQUENCE_MODELS = ["mru", "attn", "linear_attn", "txl", "mru_rotary", "mlp", "lru"]
+SEQUENCE_MODELS += ["mamba"] if find_spec("mambapy") else []  # the mamba extra
 ALL_MODELS = SEQUENCE_MODELS + ["rnn", "lstm", "gru", "mornn"]
 
 
@@ -146,7 +149,8 @@ def test_hybrid_pattern_streams_like_one_call_and_generates_identically():
 
 # mixer -> name of its residual (output) projection, the layer GPT-2 scales down by depth
 RESIDUAL_PROJ = {"mlp": "residual_proj", "attn": "residual_proj", "linear_attn": "residual_proj",
-                 "txl": "residual_proj", "mru_rotary": "residual_proj", "mru": "out_proj"}
+                 "txl": "residual_proj", "mru_rotary": "residual_proj", "mru": "out_proj",
+                 "lru": "residual_proj"}
 
 
 @pytest.mark.parametrize("name", sorted(RESIDUAL_PROJ))
@@ -161,7 +165,7 @@ def test_gpt2_init_scales_every_residual_projection_by_depth(name):
     assert abs(model.encoder.weight.std().item() - 0.02) < 0.002  # the embedding is not scaled
 
 
-STREAMING = ["mru", "linear_attn", "mru_rotary", "attn", "rnn", "lstm", "gru", "mornn"]
+STREAMING = ["mru", "linear_attn", "mru_rotary", "attn", "rnn", "lstm", "gru", "mornn", "lru"]
 
 
 def _numel(state) -> int:

@@ -1,4 +1,6 @@
 """Every mixer: causal, chunked-with-state == one call; mixer-specific properties."""
+from importlib.util import find_spec
+
 import pytest
 import torch
 
@@ -10,7 +12,8 @@ from matrec.ops.linear_attention import chunked_form, recurrent_form
 from support import perturbed
 
 E, H = 16, 2
-ALL_MIXERS = ["mlp", "mru", "attn", "linear_attn", "txl", "mru_rotary", "lstm", "gru", "rnn", "mornn"]
+ALL_MIXERS = ["mlp", "mru", "attn", "linear_attn", "txl", "mru_rotary", "lstm", "gru", "rnn", "mornn", "lru"]
+ALL_MIXERS += ["mamba"] if find_spec("mambapy") else []  # the mamba extra (tests/nn/test_mamba.py skips without it)
 OPTIONS = {"txl": {"mem_len": 64}, "mru_rotary": {"chunk_size": 4}}
 
 

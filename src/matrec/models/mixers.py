@@ -20,6 +20,9 @@ from torch import Tensor, nn
 
 from ..nn.attention import CausalSelfAttention, MRURotaryAttention
 from ..nn.linear_attention import LinearAttention
+from ..nn.lru import LRUMixer
+from ..nn.mamba import MambaMixer
+from ..nn.gate_init import gated
 from ..nn.mlp import MLP
 from ..nn.mru import MRU
 from ..nn.transformer_xl import TransformerXLAttention
@@ -79,10 +82,12 @@ def _rnn_mixer(rnn_cls, **defaults):
 MIXERS.register("mlp", MLP)
 MIXERS.register("mru", mru_mixer)
 MIXERS.register("rnn", _rnn_mixer(nn.RNN))
-MIXERS.register("lstm", _rnn_mixer(nn.LSTM))
-MIXERS.register("gru", _rnn_mixer(nn.GRU))
+MIXERS.register("lstm", _rnn_mixer(gated(nn.LSTM)))
+MIXERS.register("gru", _rnn_mixer(gated(nn.GRU)))
 MIXERS.register("mornn", _rnn_mixer(mornn, **MORNN_RECIPE))
 MIXERS.register("attn", CausalSelfAttention)
 MIXERS.register("mru_rotary", MRURotaryAttention)
 MIXERS.register("linear_attn", LinearAttention)
 MIXERS.register("txl", TransformerXLAttention)
+MIXERS.register("lru", LRUMixer)
+MIXERS.register("mamba", MambaMixer)  # needs the mamba extra (mambapy), imported when built

@@ -9,6 +9,7 @@ from typing import Callable
 
 from torch import Tensor, nn
 
+from ..nn.gate_init import gated
 from ..nn.mornn import MORNN
 from .generate import Generates
 from .registry import MODELS, embed_tokens
@@ -76,8 +77,9 @@ def recurrent_factory(rnn_cls: Callable[..., nn.Module], default_hidden: int = 1
 
 
 MODELS.register("rnn", recurrent_factory(nn.RNN))
-MODELS.register("lstm", recurrent_factory(nn.LSTM))
-MODELS.register("gru", recurrent_factory(nn.GRU))
+# init="chrono" (with t_max) or "forget_bias_1" set the gate biases (nn/gate_init.py)
+MODELS.register("lstm", recurrent_factory(gated(nn.LSTM)))
+MODELS.register("gru", recurrent_factory(gated(nn.GRU)))
 
 
 # the long-memory recipe (docs/mornn.md): modReLU and Henaff init (override by keyword)

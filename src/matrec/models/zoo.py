@@ -1,7 +1,8 @@
 """Registered sequence models and the presets of the experiments in docs/models.md.
 
 Plain models (small defaults, every size overridable): ``mru``, ``attn``, ``linear_attn``, ``txl``,
-``mru_rotary`` — ``n_layers`` x (mixer + MLP) — and ``mlp`` (``n_layers`` MLP sublayers). Extra
+``mru_rotary``, ``lru``, ``mamba`` (needs the ``mamba`` extra) — ``n_layers`` x (mixer + MLP) — and
+``mlp`` (``n_layers`` MLP sublayers). Extra
 keyword arguments go to the mixer (e.g. ``state_matrix="cayley"`` for ``mru``, ``pos="xpos"`` for
 ``attn``, ``mem_len=128`` for ``txl``). ``sequence`` takes an explicit ``pattern``.
 
@@ -48,7 +49,7 @@ def _plain(mixer: str | None):
     return build
 
 
-for _mixer in ("mru", "attn", "linear_attn", "txl", "mru_rotary"):
+for _mixer in ("mru", "attn", "linear_attn", "txl", "mru_rotary", "lru", "mamba"):
     MODELS.register(_mixer, _plain(_mixer))
 MODELS.register("mlp", _plain(None))
 
