@@ -261,13 +261,16 @@ def cmd_export(args) -> int:
     for p in (out, Path(str(out) + ".json")):
         if p.exists():
             raise ValueError(f"--out {str(p)!r} exists; nothing was overwritten (choose another path)")
-    cfg, _, model, meta = _load_for_inference(args.run_dir)
+    cfg, task, model, meta = _load_for_inference(args.run_dir)
     try:
         form = exportable(model, args.mode)
     except ValueError as e:
         raise ValueError(f"RUN_DIR {args.run_dir!r} (model {cfg.model!r}): {e}") from None
-    info = export(form, out, args.format, max_length=args.max_length)
+    # the run's vocabulary travels with the graph (tokenizer.json beside it, named in the sidecar)
+    tokenizer_json = meta.get("tokenizer") or getattr(task, "tokenizer_json", lambda: None)()
+    info = export(form, out, args.format, max_length=args.max_length, tokenizer_json=tokenizer_json)
     print(json.dumps({"out": str(out), "metadata": str(out) + ".json", "step": meta["step"],
+                      **({"tokenizer": str(out.parent / info["tokenizer"])} if "tokenizer" in info else {}),
                       "model": cfg.model, "format": args.format, "mode": args.mode,
                       "bytes": out.stat().st_size, **({"delegation": info["delegation"]}
                                                       if "delegation" in info else {})}))
