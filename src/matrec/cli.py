@@ -171,6 +171,13 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_export_hf(args) -> int:
+    from .quiet import known_noise
+    with known_noise():   # importing transformers brings torchao's known log lines with it
+        export = __import__("matrec.hf.export", fromlist=["cmd_export_hf"])
+    return export.cmd_export_hf(args)
+
+
 def cmd_import_hf(args) -> int:
     # the model and its arguments are the directory's: a flag that would change them is refused
     model_flags = [flag for flag, dest in (("--model", "model"), ("--model-arg", "model_args"),
@@ -182,10 +189,14 @@ def cmd_import_hf(args) -> int:
         raise FileNotFoundError(f"HF_DIR {args.hf_dir!r} has no config.json: not a transformers directory "
                                 f"(matrec export-hf writes one)")
     config = {k: v for k, v in _config_from_args(args).to_dict().items() if k not in ("model", "model_args")}
-    export = __import__("matrec.hf.export", fromlist=["workbench_run_from_hf"])  # transformers: only here
-    run = export.workbench_run_from_hf(args.hf_dir, args.run_dir, **config)
+    from .quiet import known_noise
+    with known_noise():   # importing transformers brings torchao's known log lines with it
+        export = __import__("matrec.hf.export", fromlist=["workbench_run_from_hf"])  # transformers: only here
+    with export.quiet_cli():
+        run = export.workbench_run_from_hf(args.hf_dir, args.run_dir, **config)
+    # --steps given: the run already has its length; else say how to set it
     print(f"wrote {run} (step 0: the weights of {args.hf_dir}); train it with: "
-          f"matrec train --resume {run} --steps N")
+          f"matrec train --resume {run}{'' if args.steps is not None else ' --steps N'}")
     return 0
 
 
@@ -267,14 +278,19 @@ def cmd_export(args) -> int:
     for p in (out, Path(str(out) + ".json")):
         if p.exists():
             raise ValueError(f"--out {str(p)!r} exists; nothing was overwritten (choose another path)")
-    cfg, _, model, meta = _load_for_inference(args.run_dir)
+    cfg, task, model, meta = _load_for_inference(args.run_dir)
     try:
         form = exportable(model, args.mode)
     except ValueError as e:
         raise ValueError(f"RUN_DIR {args.run_dir!r} (model {cfg.model!r}): {e}") from None
     check_max_length(form, args.format, args.max_length, "--max-length")
-    info = export(form, out, args.format, max_length=args.max_length)
+    # the run's vocabulary travels with the graph (tokenizer.json beside it, named in the sidecar)
+    tokenizer_json = meta.get("tokenizer") or getattr(task, "tokenizer_json", lambda: None)()
+    from .quiet import known_noise
+    with known_noise():
+        info = export(form, out, args.format, max_length=args.max_length, tokenizer_json=tokenizer_json)
     print(json.dumps({"out": str(out), "metadata": str(out) + ".json", "step": meta["step"],
+                      **({"tokenizer": str(out.parent / info["tokenizer"])} if "tokenizer" in info else {}),
                       "model": cfg.model, "format": args.format, "mode": args.mode,
                       "bytes": out.stat().st_size, **({"delegation": info["delegation"]}
                                                       if "delegation" in info else {})}))

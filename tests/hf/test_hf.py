@@ -1,5 +1,6 @@
 """matrec.hf: MatrecConfig / MatrecForCausalLM with transformers (save/load, Auto classes,
 generate, padding, tokenizers, export-hf)."""
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -374,7 +375,9 @@ def test_import_hf_command_starts_a_run_that_train_resume_fine_tunes(tmp_path, c
                "--steps", "3", "--batch-size", "4", "--eval-every", "3", "--eval-batches", "1",
                "--ckpt-every", "3", "--threads", "1", "--no-progress", "--no-tensorboard", "--no-plot"]
     assert cli.main(["import-hf", str(tmp_path / "hf"), str(tmp_path / "run"), *options]) == 0
-    assert f"matrec train --resume {tmp_path / 'run'}" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    # --steps was given: the run has its length, so no "--steps N" to fill in
+    assert out.rstrip().endswith(f"matrec train --resume {tmp_path / 'run'}") and "--steps N" not in out
     _, _, start, _ = cli._load_for_inference(tmp_path / "run")
     source = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
     for k, v in source.model.state_dict().items():
@@ -413,3 +416,74 @@ def test_export_hf_without_transformers_names_the_extra(tmp_path):
             f"cli.main(['export-hf', {str(tmp_path)!r}, {str(tmp_path / 'out')!r}])\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 2 and "pip install 'matrec[hf]'" in result.stderr, result.stderr
+
+
+# what the export extra's libraries print on their own (matrec.quiet drops exactly these)
+KNOWN_NOISE = ("Failed to load", "is an Enum subclass", "LeafSpec", "torchvision is not installed",
+               "Writing model shards", "will not be used, since it shares")
+
+
+@needs_shakespeare
+@pytest.mark.slow
+def test_export_hf_directory_loads_with_trust_remote_code_and_the_commands_are_quiet(tmp_path, capsys):
+    """export-hf writes auto_map + modeling_matrec.py: a fresh process that never imports matrec.hf
+    loads it with trust_remote_code=True (and, without, gets transformers' unknown-type error). The
+    commands, run as a user runs them, print none of the known third-party noise."""
+    import os
+
+    from support import ROOT
+
+    run = tmp_path / "run"
+    assert cli.main(["train", "--task", "shakespeare", "--task-arg", f"path={SHAKESPEARE_FILE}",
+                     "--task-arg", "seq_len=16", "--model", "mornn", "--hidden-size", "16", "--steps", "2",
+                     "--batch-size", "4", "--eval-every", "2", "--eval-batches", "1", "--log-every", "2",
+                     "--ckpt-every", "2", "--threads", "1", "--no-progress", "--no-tensorboard", "--no-plot",
+                     "--out-dir", str(tmp_path), "--run-name", "run"]) == 0
+    # a prompt typed with "\n" inside plain quotes (two characters): the error names them
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        cli.main(["sample", str(run), "--prompt", "ROMEO:\\nThe ", "--tokens", "2"])
+    assert e.value.code == 2 and "'\\\\' not in it" in capsys.readouterr().err
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    r = subprocess.run([sys.executable, "-m", "matrec.cli", "export-hf", str(run), str(tmp_path / "hf")],
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert not [n for n in KNOWN_NOISE if n in r.stdout + r.stderr], r.stderr
+    assert "trust_remote_code=True" in r.stdout
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_matrec.MatrecForCausalLM"
+    script = f"""
+import sys, torch
+from transformers import AutoModelForCausalLM
+try:
+    AutoModelForCausalLM.from_pretrained({str(tmp_path / 'hf')!r}, trust_remote_code=False)
+    print("loaded without remote code")
+except Exception as e:
+    print("refused:", type(e).__name__)
+model = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'hf')!r}, trust_remote_code=True).eval()
+print(type(model).__module__, type(model).__name__)
+torch.save(model(torch.arange(10)[None]).logits, {str(tmp_path / 'logits.pt')!r})
+"""
+    r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600,
+                       cwd=tmp_path, stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = r.stdout.strip().splitlines()
+    assert lines[0].startswith("refused:") and lines[-1] == "matrec.hf.modeling MatrecForCausalLM", r.stdout
+    _, _, trained, _ = cli._load_for_inference(run)
+    with torch.no_grad():
+        # another process (its own thread count): equal to float32 rounding
+        torch.testing.assert_close(torch.load(tmp_path / "logits.pt").detach(), trained(torch.arange(10)[None])[0],
+                                   atol=1e-5, rtol=1e-5)
+    # import-hf and export, as commands: nothing but their own output
+    r = subprocess.run([sys.executable, "-m", "matrec.cli", "import-hf", str(tmp_path / "hf"), str(tmp_path / "back"),
+                        "--task", "shakespeare", "--task-arg", f"path={SHAKESPEARE_FILE}", "--task-arg", "seq_len=16",
+                        "--threads", "1", "--no-progress", "--no-tensorboard", "--no-plot"],
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and "--steps N" in r.stdout, r.stderr   # no --steps given: say how to set it
+    assert not [n for n in KNOWN_NOISE if n in r.stdout + r.stderr] and "Loading weights" not in r.stderr, r.stderr
+    if importlib.util.find_spec("onnxscript") is not None:
+        r = subprocess.run([sys.executable, "-m", "matrec.cli", "export", str(run), "--format", "onnx"],
+                           env=env, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr
+        assert not [n for n in KNOWN_NOISE if n in r.stdout + r.stderr], r.stderr
+        assert json.loads(r.stdout)["tokenizer"] == str(run / "tokenizer.json")

@@ -1,9 +1,12 @@
 """matrec.keras: the Keras 3 MORNN on the backend KERAS_BACKEND names (default TensorFlow).
 
-The torch backend runs the portable tests of this module in a subprocess (test_torch_backend):
+The torch and JAX backends run the portable tests of this module in a subprocess
+(test_torch_backend, test_jax_backend; JAX only where the optional extra matrec[jax] is installed):
 Keras fixes its backend at import, and this process already has TensorFlow's.
 """
+import importlib.util
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -27,6 +30,9 @@ from keras import ops  # noqa: E402
 BACKEND = keras.backend.backend()
 ROOT = Path(__file__).resolve().parents[2]  # the repository
 tf_only = pytest.mark.skipif(BACKEND != "tensorflow", reason="TensorFlow-only (SavedModel, tf.function)")
+# JAX computes float64 only in its x64 mode, which Keras does not turn on
+needs_float64 = pytest.mark.skipif(BACKEND == "jax" and not os.environ.get("JAX_ENABLE_X64"),
+                                   reason="float64 needs JAX_ENABLE_X64 on the JAX backend")
 
 
 def np_(x):
@@ -160,6 +166,62 @@ def test_cell_alone_in_keras_rnn_matches_the_layer(x):
     np.testing.assert_allclose(np_(generic(x)), np_(layer(x)), atol=1e-6)
 
 
+def test_inputs_are_cast_to_the_compute_dtype(x):
+    """Keras's own Bidirectional test feeds int64; TimeDistributed under mixed_float16 feeds half
+    inputs: both run, as with SimpleRNN, and compute in the layer's dtype."""
+    ids = np.random.default_rng(0).integers(0, 5, (2, 4, 5)).astype("int64")
+    bi = keras.layers.Bidirectional(MORNN(3, seed=0))
+    out = bi(ids)
+    assert out.shape == (2, 6) and keras.backend.standardize_dtype(out.dtype) == "float32"
+    np.testing.assert_allclose(np_(out), np_(bi(ids.astype("float32"))), atol=1e-6)
+    td = keras.layers.TimeDistributed(MORNN(3, seed=0), dtype="mixed_float16")
+    y = td(np.stack([x, x], axis=1))   # [3, 2, 7, 5] -> [3, 2, 3]
+    simple = keras.layers.TimeDistributed(keras.layers.SimpleRNN(3), dtype="mixed_float16")(np.stack([x, x], 1))
+    assert y.shape == (3, 2, 3) and y.dtype == simple.dtype
+    np.testing.assert_allclose(np_(y)[:, 0].astype("float32"), np_(td.layer(x)), atol=1e-2)
+
+
+def test_activation_given_as_a_keras_function(x):
+    for fn, name in ((keras.activations.tanh, "tanh"), (keras.activations.relu, "relu"),
+                     (keras.activations.linear, "linear")):
+        layer = MORNN(4, activation=fn, seed=1)
+        assert layer.activation == name and layer.get_config()["activation"] == name
+    a, b = MORNN(4, activation=keras.activations.relu, seed=1), MORNN(4, activation="relu", seed=1)
+    a(x), b(x)
+    b.set_weights(a.get_weights())
+    np.testing.assert_array_equal(np_(a(x)), np_(b(x)))
+
+
+def test_calling_an_unbuilt_layer_builds_it(x):
+    from matrec.keras import MORNNCell
+
+    layer = MORNN(4)
+    out = layer.call(ops.convert_to_tensor(x))
+    assert layer.built and out.shape == (3, 4)
+    cell = MORNNCell(4)
+    h, _ = cell.call(ops.convert_to_tensor(x[:, 0]), [ops.zeros((3, 4))])
+    assert cell.built and h.shape == (3, 4)
+
+
+def test_cell_dropout_and_recurrent_dropout_as_simplernncell(x):
+    """Keras's stacked-cells test: RNN([MORNNCell(3, dropout=0.1, recurrent_dropout=0.1), ...])."""
+    from matrec.keras import MORNNCell
+
+    cells = [MORNNCell(n, dropout=0.1, recurrent_dropout=0.1, seed=n) for n in (3, 4, 5)]
+    rnn = keras.layers.RNN(cells, return_sequences=True)
+    y = np_(rnn(x))
+    assert y.shape == (3, 7, 5)
+    np.testing.assert_array_equal(np_(rnn(x)), y)             # inference: no dropout
+    assert not np.allclose(np_(rnn(x, training=True)), y)
+    assert cells[0].get_config()["recurrent_dropout"] == 0.1
+    # the layer: recurrent dropout acts in training only, and round-trips through its config
+    layer = MORNN(4, recurrent_dropout=0.5, seed=3, return_sequences=True)
+    b = np_(layer(x))
+    np.testing.assert_array_equal(np_(layer(x)), b)
+    assert not np.allclose(np_(layer(x, training=True)), b)
+    assert MORNN.from_config(layer.get_config()).recurrent_dropout == 0.5
+
+
 def test_recurrent_init_schemes_are_orthogonal(x):
     for init in ("henaff", "cayley", "random", "identity"):
         layer = MORNN(9, recurrent_init=init)
@@ -173,10 +235,9 @@ def test_recurrent_init_schemes_are_orthogonal(x):
 
 @pytest.mark.parametrize("key,value", [("recurrent_initializer", "orthogonal"),
                                        ("recurrent_regularizer", "l2"),
-                                       ("recurrent_constraint", "max_norm"),
-                                       ("recurrent_dropout", 0.2)])
+                                       ("recurrent_constraint", "max_norm")])
 def test_options_that_break_orthogonality_are_refused(key, value):
-    with pytest.raises(ValueError, match=f"MORNN does not accept {key}=.*(orthogonal|masked)"):
+    with pytest.raises(ValueError, match=f"MORNN does not accept {key}=.*orthogonal"):
         MORNN(4, **{key: value})
 
 
@@ -187,6 +248,9 @@ def test_options_that_break_orthogonality_are_refused(key, value):
     ({"recurrent_init": "xavier"}, "recurrent_init must be one of"),
     ({"refold_every": -1}, "refold_every must be an int >= 0"),
     ({"dropout": 1.5}, "dropout must be a number in"),
+    ({"recurrent_dropout": -0.1}, "recurrent_dropout must be a number in"),
+    ({"seed": "abc"}, "seed must be an int or None, got 'abc'"),
+    ({"activation": keras.activations.sigmoid}, "activation must be one of .*keras.activations.tanh"),
 ])
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -247,13 +311,87 @@ def test_orthogonal_after_500_steps_and_after_save_load(orthogonal_map, tmp_path
     np.testing.assert_allclose(loaded.predict(x[:32], verbose=0), model.predict(x[:32], verbose=0), atol=1e-6)
 
 
+def test_loading_without_importing_matrec_keras(x, tmp_path):
+    """In a process that never imported matrec.keras, Keras cannot find MORNN and says so, naming
+    the module to import (docs/keras.md); matrec.keras.load_model is the call with it done."""
+    import matrec.keras
+
+    model = keras.Sequential([keras.Input((None, 5)), MORNN(4, seed=0)])
+    model.compile(optimizer=orthogonal_optimizer("rmsprop"), loss="mse")
+    model.save(tmp_path / "m.keras")
+    code = (f"import keras\ntry:\n    keras.models.load_model({str(tmp_path / 'm.keras')!r})\n"
+            f"except Exception as e:\n    print('ERROR', e)\n")
+    env = {**os.environ, "KERAS_BACKEND": BACKEND, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert "ERROR" in r.stdout, r.stdout + r.stderr[-2000:]
+    assert "Could not locate class 'MORNN'" in r.stdout and "'module': 'matrec.keras.layers'" in r.stdout
+    loaded = matrec.keras.load_model(tmp_path / "m.keras")
+    assert type(loaded.optimizer).__name__ == "OrthogonalRMSprop"
+    np.testing.assert_allclose(np_(loaded(x)), np_(model(x)), atol=1e-6)
+
+
+def test_simplernn_weights_both_ways(x):
+    """SimpleRNN's list is [kernel, recurrent_kernel, bias]; a MORNN's get_weights() is not (its
+    recurrent matrix is computed). load_simplernn_weights / simplernn_weights convert."""
+    from matrec.keras import load_simplernn_weights, simplernn_weights
+
+    mornn = MORNN(4, recurrent_init="random", seed=0)
+    mornn(x)
+    names = [w.path.split("/")[-1] for w in mornn.weights]
+    assert names == ["kernel", "recurrent_A", "bias", "recurrent_base", "refold_count", "recurrent_A_origin"]
+    simple = keras.layers.SimpleRNN(4)
+    simple(x)
+    with pytest.raises(ValueError):   # the lists differ: SimpleRNN's set_weights refuses ours
+        simple.set_weights(mornn.get_weights())
+    simple.set_weights(simplernn_weights(mornn))
+    np.testing.assert_allclose(np_(simple(x)), np_(mornn(x)), atol=1e-6)
+    # back: an orthogonal recurrent_kernel gives the same outputs; a general one its nearest orthogonal
+    again = MORNN(4, seed=1)
+    again(x)
+    assert load_simplernn_weights(again, simple.get_weights()) < 1e-6
+    np.testing.assert_allclose(np_(again(x)), np_(simple(x)), atol=1e-6)
+    general = keras.layers.SimpleRNN(4)
+    general(x)
+    k, rk, b = general.get_weights()   # rk: SimpleRNN's orthogonal init; 1.1 rk is not orthogonal,
+    # its nearest orthogonal matrix is rk, so the returned distance is max |0.1 rk|
+    assert load_simplernn_weights(again, [k, rk * 1.1, b]) == pytest.approx(0.1 * np.abs(rk).max(), rel=1e-3)
+    assert orth_error(again) <= 1e-6
+    with pytest.raises(ValueError, match=r"weights must be SimpleRNN.get_weights\(\): 3 arrays"):
+        load_simplernn_weights(again, [k, rk])
+
+
+def test_from_torch_refuses_other_modules():
+    with pytest.raises(TypeError, match=r"module must be a PyTorch matrec.MORNN .*got torch.nn.modules.rnn.LSTM"):
+        from_torch(torch.nn.LSTM(3, 4))
+    layer = MORNN(4)
+    layer.build((None, None, 3))
+    with pytest.raises(TypeError, match="module must be a PyTorch matrec.MORNN"):
+        load_from_torch(layer, torch.nn.RNN(3, 4))
+
+
+def test_a_file_saved_before_the_origin_variable_loads(x):
+    """Saves made when a refold zeroed A (no recurrent_A_origin) load with A0 = 0."""
+    layer = MORNN(4, activation="modrelu", seed=0)
+    layer(x)
+    layer.recurrent_A.assign(np.random.default_rng(0).normal(0, 0.1, 6).astype("float32"))
+    store = {}
+    layer.cell.save_own_variables(store)
+    old = {k: v for k, v in store.items() if int(k) < len(store) - 1}   # the layout without A0
+    again = MORNN(4, activation="modrelu", seed=5)
+    again(x)
+    again.cell.load_own_variables(old)
+    np.testing.assert_array_equal(np_(again.recurrent_A_origin), 0)
+    np.testing.assert_allclose(np_(again(x)), np_(layer(x)), atol=1e-6)
+
+
 def test_refold_keeps_the_matrix_and_zeroes_A(x):
     layer = MORNN(6, orthogonal_map="householder")
     layer(x)
     layer.recurrent_A.assign(np.random.default_rng(0).normal(0, 0.3, 15).astype("float32"))
     W = np_(layer.recurrent_weight())
     layer.refold()
-    np.testing.assert_array_equal(np_(layer.recurrent_A), 0)
+    # the map's argument A - A0 is zero again (A itself is left to the optimizer)
+    np.testing.assert_array_equal(np_(layer.recurrent_A_origin), np_(layer.recurrent_A))
     np.testing.assert_allclose(np_(layer.recurrent_weight()), W, atol=2e-6)
     assert orth_error(layer) <= 1e-6
 
@@ -298,6 +436,7 @@ def test_orthogonal_optimizer_is_the_recipe(x, tmp_path):
 
 # --- parity with the PyTorch MORNN ------------------------------------------------------------
 
+@needs_float64
 @pytest.mark.parametrize("orthogonal_map", ["cayley", "householder"])
 def test_orthogonal_maps_match_pytorch(orthogonal_map):
     from matrec.keras.orthogonal import orthogonal_from
@@ -396,6 +535,35 @@ def test_time_loop_is_a_graph_loop_on_tensorflow():
     assert sizes[0] == sizes[1]  # not unrolled: the graph does not grow with T
 
 
+def test_readme_snippet_trains_and_stays_orthogonal(capsys):
+    """The README's Keras example as written (on every backend this module runs on): model.fit
+    with the recipe's optimizer, then the printed max |W^T W - I| (the README states it)."""
+    block = next(b for b in re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+                 if "from matrec.keras import" in b)
+    exec(compile(block, "README.md[keras]", "exec"), {})
+    assert float(capsys.readouterr().out.split()[-1]) <= 2e-6
+
+
+def test_fit_with_plain_rmsprop_refolds_and_saves(x, tmp_path):
+    """model.fit with a plain "rmsprop" (no recipe): the refold runs inside the compiled step, keeps
+    W and the loss, and the trained model saves and loads (on JAX, the refold's case in point)."""
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((7, 5)), MORNN(6, activation="modrelu", refold_every=3),
+                              keras.layers.Dense(1)])
+    model.compile(optimizer="rmsprop", loss="mse")
+    y = np.random.default_rng(0).standard_normal((48, 1)).astype("float32")
+    xs = np.concatenate([x] * 16)
+    model.fit(xs, y, batch_size=6, epochs=1, verbose=0)   # 8 steps: refolds at 3 and 6
+    layer = model.layers[0]
+    assert int(np_(layer.refold_count)) == 8
+    A0 = np_(layer.recurrent_A_origin)
+    assert np.abs(A0).max() > 0 and not np.allclose(np_(layer.recurrent_A), A0)
+    assert orth_error(layer) <= 1e-5
+    model.save(tmp_path / "r.keras")
+    loaded = keras.models.load_model(tmp_path / "r.keras")
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-6)
+
+
 def test_copy_task_small_delay():
     """examples/keras_copy.py: model.fit on matrec's copy task, delay 10, recall >= 0.99."""
     sys.path.insert(0, str(ROOT / "examples"))
@@ -459,7 +627,26 @@ def test_torch_backend():
     copy task and the benchmark smoke test, to keep the suite short)."""
     env = {**os.environ, "KERAS_BACKEND": "torch", "PYTHONPATH": str(ROOT / "src")}
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__,
-                        "-k", "not torch_backend and not copy_task and not speed_benchmark"],
+                        "-k", "not backend and not copy_task and not speed_benchmark"],
                        env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    assert " passed" in r.stdout and " failed" not in r.stdout
+
+
+@tf_only
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="jax not installed (pip install 'matrec[jax]')")
+def test_jax_backend():
+    """The tests of this module that matter on Keras's JAX backend (CPU), in a subprocess: fit with
+    the refold in the compiled step (recipe and plain optimizers), save/load, the README example,
+    masking, dropout, dtypes, parity with PyTorch. (All of its backend-independent tests pass on JAX;
+    the subset keeps the suite's time down: JAX compiles each new shape.)"""
+    path = os.pathsep.join([str(ROOT / "src")] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
+    env = {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu", "PYTHONPATH": path}
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__,
+                        "-k", "500_steps or plain_rmsprop or readme or refold or optimizer or parity_after or "
+                        "loading or masking or dropout or cast or stateful or simplernn_weights",
+                        "-W", "ignore::UserWarning:jax"],
+                       env=env, cwd=ROOT, capture_output=True, text=True, timeout=1500)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
     assert " passed" in r.stdout and " failed" not in r.stdout

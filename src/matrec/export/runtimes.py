@@ -3,7 +3,9 @@ run either from Python with the same calling convention as the form itself.
 
 Both need the ``export`` extra (onnx, onnxscript, onnxruntime, executorch); nothing here is imported
 by ``import matrec``. Each written model gets a sidecar ``<path>.json`` with the input/output names
-and the state layout (:meth:`ExportForm.state_spec`), which is all a runtime needs to stream.
+and the state layout (:meth:`ExportForm.state_spec`), which is all a runtime needs to stream, and,
+given the run's vocabulary, ``tokenizer.json`` beside it (a ``tokenizers`` file, named in the
+sidecar) to turn text into ids and back.
 """
 from __future__ import annotations
 
@@ -75,39 +77,57 @@ def io_names(form: ExportForm) -> tuple[list[str], list[str]]:
             ["out"] + [f"new_state.{n}" for n in form.state_names])
 
 
-def _sidecar(form: ExportForm, path: Path, fmt: str, batch_size: int, max_length: int, extra=None) -> dict:
+TOKENIZER_FILE = "tokenizer.json"
+
+
+def _sidecar(form: ExportForm, path: Path, fmt: str, batch_size: int, max_length: int, extra=None,
+             tokenizer_json: str | None = None) -> dict:
     inputs, outputs = io_names(form)
+    # a step graph takes exactly one token per call; max_length still bounds attention caches
+    T = "T" if form.mode == "sequence" else 1
     meta = {"format": fmt, "mode": form.mode, "batch_size": batch_size, "max_length": max_length,
-            "x": ({"dtype": "int64", "shape": [batch_size, "T"], "vocab_size": form.vocab_size}
+            "x": ({"dtype": "int64", "shape": [batch_size, T], "vocab_size": form.vocab_size}
                   if form.vocab_size is not None else
-                  {"dtype": "float32", "shape": [batch_size, "T", form.input_size]}),
+                  {"dtype": "float32", "shape": [batch_size, T, form.input_size]}),
             "inputs": inputs, "outputs": outputs, "state": form.state_spec(batch_size), **(extra or {})}
+    if tokenizer_json is not None:
+        target = path.parent / TOKENIZER_FILE
+        if not target.exists():   # checked by _check_out: absent, or this very vocabulary
+            target.write_text(tokenizer_json)
+        meta["tokenizer"] = TOKENIZER_FILE
     Path(str(path) + ".json").write_text(json.dumps(meta, indent=1) + "\n")
     return meta
 
 
-def _check_out(path) -> Path:
+def _check_out(path, tokenizer_json: str | None = None) -> Path:
     path = Path(path)
     for p in (path, Path(str(path) + ".json")):
         if p.exists():
             raise FileExistsError(f"out path {str(p)!r} exists; choose another (nothing is overwritten)")
     if not path.parent.is_dir():
         raise FileNotFoundError(f"out path's folder {str(path.parent)!r} does not exist")
+    tok = path.parent / TOKENIZER_FILE
+    # graphs of one run share its tokenizer file; another vocabulary's is never replaced
+    if tokenizer_json is not None and tok.exists() and tok.read_text() != tokenizer_json:
+        raise FileExistsError(f"{str(tok)!r} exists and holds another vocabulary; export into another "
+                              f"folder (nothing is overwritten)")
     return path
 
 
 def export_onnx(form: ExportForm, path, *, batch_size: int = 1, example_length: int = 8,
-                max_length: int = 4096) -> dict:
+                max_length: int = 4096, tokenizer_json: str | None = None) -> dict:
     """Write ``form`` to ``path`` through ``torch.onnx.export(dynamo=True)``; returns the sidecar
-    metadata. ``T`` (sequence mode) and attention caches are dynamic axes."""
+    metadata. ``T`` (sequence mode) and attention caches are dynamic axes. ``tokenizer_json`` (a
+    ``tokenizers`` JSON, e.g. a task's ``tokenizer_json()``) is written as ``tokenizer.json`` beside
+    ``path`` and named in the sidecar."""
     check_format("onnx")
-    path = _check_out(path)
+    path = _check_out(path, tokenizer_json)
     inputs, outputs = io_names(form)
     args = form.example_inputs(batch_size, example_length if form.mode == "sequence" else 1)
     program = torch.onnx.export(form, args, dynamic_shapes=form.dynamic_shapes(max_length), dynamo=True,
                                 input_names=inputs, output_names=outputs, verbose=False)
     program.save(str(path))
-    return _sidecar(form, path, "onnx", batch_size, max_length)
+    return _sidecar(form, path, "onnx", batch_size, max_length, tokenizer_json=tokenizer_json)
 
 
 def lower_executorch(form: ExportForm, *, batch_size: int = 1, example_length: int = 8,
@@ -155,15 +175,17 @@ def delegation(program) -> dict:
 
 
 def export_executorch(form: ExportForm, path, *, batch_size: int = 1, example_length: int = 8,
-                      max_length: int = 4096) -> dict:
+                      max_length: int = 4096, tokenizer_json: str | None = None) -> dict:
     """Write ``form`` to ``path`` (a ``.pte`` program, XNNPACK-delegated where the ops allow);
     returns the sidecar metadata, which includes :func:`delegation`. ExecuTorch plans memory for
-    the upper bounds, so ``max_length`` bounds ``T`` and the attention cache."""
-    path = _check_out(path)
+    the upper bounds, so ``max_length`` bounds ``T`` and the attention cache. ``tokenizer_json``: as
+    :func:`export_onnx`."""
+    path = _check_out(path, tokenizer_json)
     program = lower_executorch(form, batch_size=batch_size, example_length=example_length,
                                max_length=max_length)
     path.write_bytes(program.buffer)
-    return _sidecar(form, path, "executorch", batch_size, max_length, {"delegation": delegation(program)})
+    return _sidecar(form, path, "executorch", batch_size, max_length, {"delegation": delegation(program)},
+                    tokenizer_json=tokenizer_json)
 
 
 def export(form: ExportForm, path, fmt: str, **kwargs) -> dict:

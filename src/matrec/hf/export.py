@@ -2,18 +2,33 @@
 
 ``matrec export-hf RUN_DIR OUT_DIR`` (:func:`export_hf`) writes a checkpoint as a directory that
 holds ``config.json`` (:class:`~matrec.hf.MatrecConfig`), ``model.safetensors``,
-``generation_config.json`` and the tokenizer files, and loads with ``import matrec.hf`` then
-``AutoModelForCausalLM.from_pretrained(OUT_DIR)`` / ``AutoTokenizer.from_pretrained(OUT_DIR)``.
+``generation_config.json``, the tokenizer files and ``modeling_matrec.py`` (named by ``auto_map`` in
+``config.json``), and loads with ``import matrec.hf`` then ``AutoModelForCausalLM.from_pretrained(OUT_DIR)``
+/ ``AutoTokenizer.from_pretrained(OUT_DIR)``, or without that import, wherever matrec is installed,
+with ``from_pretrained(OUT_DIR, trust_remote_code=True)``: the module only imports matrec.hf's classes.
 :func:`workbench_run_from_hf` goes back: a run directory starting from a transformers directory's
 weights, which ``matrec train --resume`` fine-tunes.
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 from .configuration import MatrecConfig, config_from_model_spec
 from .modeling import MatrecForCausalLM
 from .tokenization import check_tokenizer, task_tokenizer, tokenizer_from_json, vocab_size_without_pad
+
+REMOTE_MODULE = "modeling_matrec"
+# What transformers runs for trust_remote_code=True: matrec's own classes, from the installed matrec
+# (transformers checks that `matrec` is importable and otherwise names the package to install).
+_REMOTE_CODE = '''"""Loads this directory with transformers' trust_remote_code=True: the classes are matrec's own
+(pip install 'matrec[hf]'); `import matrec.hf` before from_pretrained does the same without remote code."""
+from matrec.hf import MatrecConfig, MatrecForCausalLM
+
+__all__ = ["MatrecConfig", "MatrecForCausalLM"]
+'''
+AUTO_MAP = {"AutoConfig": f"{REMOTE_MODULE}.MatrecConfig",
+            "AutoModelForCausalLM": f"{REMOTE_MODULE}.MatrecForCausalLM"}
 
 
 def export_hf(run_dir: str | Path, out_dir: str | Path) -> Path:
@@ -45,11 +60,13 @@ def export_hf(run_dir: str | Path, out_dir: str | Path) -> Path:
         tokenizer, vocab_size = task_tokenizer(task), io["vocab_size"]
         check_tokenizer(tokenizer, vocab_size)
     config = config_from_model_spec(cfg["model"], vocab_size=vocab_size, **cfg.get("model_args", {}))
+    config.auto_map = dict(AUTO_MAP)
     model = MatrecForCausalLM(config)
     load_model_weights(model.model, ckpt_dir)  # a tokenizer of the wrong size fails here, by name
     out = Path(out_dir)
     model.eval().save_pretrained(out)
     tokenizer.save_pretrained(out)
+    (out / f"{REMOTE_MODULE}.py").write_text(_REMOTE_CODE)
     return out
 
 
@@ -131,10 +148,31 @@ def workbench_run_from_hf(hf_dir: str | Path, run_dir: str | Path, **config) -> 
     return Path(run_dir)
 
 
+@contextlib.contextmanager
+def quiet_cli():
+    """For the CLI commands: :func:`matrec.quiet.known_noise`, and no transformers progress bars
+    ("Writing model shards", "Loading weights" for a one-file model)."""
+    from transformers.utils import logging as hf_logging
+
+    from matrec.quiet import known_noise
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        with known_noise():
+            yield
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 def cmd_export_hf(args) -> int:
     """The ``matrec export-hf`` command (``args.run_dir``, ``args.out_dir``)."""
-    out = export_hf(args.run_dir, args.out_dir)
+    with quiet_cli():
+        out = export_hf(args.run_dir, args.out_dir)
     files = ", ".join(sorted(p.name for p in out.iterdir()))
     print(f"wrote {out}: {files}\nload it with: import matrec.hf; "
-          f"transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")
+          f"transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})\n"
+          f"or, without importing matrec.hf: AutoModelForCausalLM.from_pretrained({str(out)!r}, "
+          f"trust_remote_code=True)")
     return 0

@@ -16,9 +16,22 @@ if "tensorflow" not in sys.modules and importlib.util.find_spec("triton") is not
 from .layers import ACTIVATIONS, MORNN, MORNNCell
 from .optimizers import (OrthogonalAdam, OrthogonalAdamW, OrthogonalRMSprop, OrthogonalSGD,
                          orthogonal_optimizer, orthogonality_report)
-from .convert import from_torch, load_from_torch, to_torch
+from .convert import from_torch, load_from_torch, load_simplernn_weights, simplernn_weights, to_torch
 from .orthogonal import KERAS_MORNN_INITS, KERAS_ORTHOGONAL_MAPS
 
 __all__ = ["ACTIVATIONS", "KERAS_MORNN_INITS", "KERAS_ORTHOGONAL_MAPS", "MORNN", "MORNNCell",
            "OrthogonalAdam", "OrthogonalAdamW", "OrthogonalRMSprop", "OrthogonalSGD",
-           "from_torch", "load_from_torch", "orthogonal_optimizer", "orthogonality_report", "to_torch"]
+           "from_torch", "load_from_torch", "load_model", "load_simplernn_weights", "orthogonal_optimizer",
+           "orthogonality_report", "simplernn_weights", "to_torch"]
+
+
+def load_model(filepath, custom_objects=None, compile=True, safe_mode=True):
+    """``keras.models.load_model`` for a model holding matrec layers or optimizers.
+
+    Keras finds a saved custom class only if its module was imported before loading; importing
+    ``matrec.keras`` registers MORNN, MORNNCell and the Orthogonal* optimizers. Without that import
+    ``keras.models.load_model`` fails with "Could not locate class 'MORNN'" (its message shows
+    ``'module': 'matrec.keras.layers'``); this function is the same call with the import done."""
+    import keras
+    return keras.models.load_model(filepath, custom_objects=custom_objects, compile=compile,
+                                   safe_mode=safe_mode)

@@ -17,7 +17,7 @@ from keras import ops
 from .layers import MORNN
 from .orthogonal import project_orthogonal_np
 
-__all__ = ["from_torch", "load_from_torch", "to_torch"]
+__all__ = ["from_torch", "load_from_torch", "load_simplernn_weights", "simplernn_weights", "to_torch"]
 
 _TO_TORCH_ACT = {"tanh": "tanh", "relu": "relu", "linear": "identity", "modrelu": "modrelu"}
 _TO_KERAS_ACT = {v: k for k, v in _TO_TORCH_ACT.items()}
@@ -64,11 +64,58 @@ def _assign(layer: MORNN, w: dict[str, np.ndarray]) -> None:
         cell.modrelu_bias.assign(w["modrelu_bias"].astype(dt))
     cell.recurrent_base.assign(project_orthogonal_np(w["W"]).astype(cell.recurrent_base.dtype))
     cell.recurrent_A.assign(np.zeros(cell.recurrent_A.shape, dtype=cell.recurrent_A.dtype))
+    cell.recurrent_A_origin.assign(np.zeros(cell.recurrent_A_origin.shape, dtype=cell.recurrent_A_origin.dtype))
+
+
+def _check_torch_mornn(module) -> None:
+    from ..nn.mornn import MORNN as TorchMORNN
+
+    if not isinstance(module, TorchMORNN):
+        raise TypeError(f"module must be a PyTorch matrec.MORNN (matrec.nn.MORNN, e.g. the .rnn of a "
+                        f"matrec 'mornn' model), got {type(module).__module__}.{type(module).__name__}")
+
+
+def simplernn_weights(layer) -> list[np.ndarray]:
+    """A built MORNN's weights in ``keras.layers.SimpleRNN``'s order and layout, ``[kernel [I, H],
+    recurrent_kernel [H, H], bias [H]]`` (no bias without ``use_bias``), for
+    ``SimpleRNN.set_weights``: the same outputs for tanh/relu/linear. ``recurrent_kernel`` is
+    ``W^T``, computed from ``recurrent_A`` and ``recurrent_base``."""
+    cell = _directions(layer)[0].cell
+    if cell.activation == "modrelu":
+        raise ValueError("activation='modrelu' has no SimpleRNN equivalent (its learned modrelu_bias)")
+    out = [ops.convert_to_numpy(cell.kernel), ops.convert_to_numpy(cell.recurrent_kernel)]
+    return out + ([ops.convert_to_numpy(cell.bias)] if cell.use_bias else [])
+
+
+def load_simplernn_weights(layer, weights) -> float:
+    """Load a SimpleRNN's ``get_weights()`` (``[kernel, recurrent_kernel, bias]``) into the built
+    MORNN ``layer``: kernel and bias as they are; the recurrent matrix becomes the orthogonal
+    matrix nearest to ``recurrent_kernel^T`` (polar factor, float64) as the base, with ``A = A0 = 0``.
+    Returns ``max |W - recurrent_kernel^T|``: 0 (to rounding) when the SimpleRNN's matrix was
+    orthogonal, so the outputs are the same; larger, the orthogonal layer differs by that much."""
+    rnn = _directions(layer)[0]
+    if len(_directions(layer)) != 1:
+        raise ValueError("layer must be one MORNN (load each direction of a Bidirectional separately)")
+    if not rnn.built:
+        raise ValueError("layer must be built (call it once, or build it) before loading weights")
+    n = 3 if rnn.use_bias else 2
+    if not isinstance(weights, (list, tuple)) or len(weights) != n:
+        raise ValueError(f"weights must be SimpleRNN.get_weights(): {n} arrays [kernel, recurrent_kernel"
+                         f"{', bias' if n == 3 else ''}] for use_bias={rnn.use_bias}, got "
+                         f"{len(weights) if isinstance(weights, (list, tuple)) else type(weights).__name__}")
+    w = {"kernel": np.asarray(weights[0], np.float64), "W": np.asarray(weights[1], np.float64).T}
+    if rnn.use_bias:
+        w["bias"] = np.asarray(weights[2], np.float64)
+    if w["W"].shape != (rnn.units, rnn.units):
+        raise ValueError(f"recurrent_kernel must be [{rnn.units}, {rnn.units}], got {w['W'].shape}")
+    _assign(rnn, w)
+    return float(np.abs(ops.convert_to_numpy(ops.cast(rnn.cell.recurrent_weight(), "float64")) - w["W"]).max())
 
 
 def load_from_torch(layer, module, k: int = 0) -> None:
     """Copy layer ``k`` of the PyTorch ``matrec.MORNN`` ``module`` into the built Keras ``layer``
     (``MORNN``, or ``Bidirectional(MORNN)`` for a bidirectional module)."""
+    _check_torch_mornn(module)
     dirs = _directions(layer)
     if len(dirs) != (2 if module.bidirectional else 1):
         raise ValueError(f"module.bidirectional={module.bidirectional} needs "
@@ -91,6 +138,7 @@ def from_torch(module, **layer_kwargs) -> list:
     ``layer_kwargs`` go to every ``MORNN`` (e.g. ``orthogonal_map``; not units/activation/use_bias)."""
     import torch  # the PyTorch side is matrec's core dependency
 
+    _check_torch_mornn(module)
     layers = []
     in_size = module.input_size
     D = 2 if module.bidirectional else 1

@@ -1,12 +1,16 @@
 """Keras 3 MORNN: a drop-in for ``keras.layers.SimpleRNN`` whose recurrent matrix stays orthogonal.
 
-``h_t = phi(x_t @ kernel + bias + h_{t-1} @ W^T)`` with ``W = base @ f(A)`` (PyTorch's convention
-``W_hh``; Keras's ``recurrent_kernel`` is ``W^T``): ``A`` (``recurrent_A``, ``[H(H-1)/2]``) is the
-trainable parameter, ``f`` an orthogonal map, ``base`` (``recurrent_base``, ``[H, H]``) a
-non-trainable orthogonal matrix. Every ``refold_every`` training calls the base absorbs ``f(A)``
-(``base <- polar(base f(A))`` in float64, ``A <- 0``), so ``A`` stays small where the maps are most
-accurate and rounding never accumulates in the base. ``W`` is built once per call, outside the
-time loop, which is keras.layers.RNN's own (``tf.while_loop`` on TensorFlow, ``lax.scan`` on JAX).
+``h_t = phi(x_t @ kernel + bias + h_{t-1} @ W^T)`` with ``W = base @ f(A - A0)`` (PyTorch's
+convention ``W_hh``; Keras's ``recurrent_kernel`` is ``W^T``): ``A`` (``recurrent_A``,
+``[H(H-1)/2]``) is the trainable parameter, ``f`` an orthogonal map, ``base`` (``recurrent_base``,
+``[H, H]``) a non-trainable orthogonal matrix and ``A0`` (``recurrent_A_origin``) the non-trainable
+value of ``A`` at the last refold. Every ``refold_every`` training calls the base absorbs
+``f(A - A0)`` (``base <- polar(base f(A - A0))`` in float64, ``A0 <- A``), so the map's argument
+stays small where the maps are most accurate and rounding never accumulates in the base. The
+refold assigns only non-trainable variables, from values computed by a pure ``ops.cond``: JAX's
+training step keeps exactly those (an assignment to ``A`` inside it would be dropped). ``W`` is
+built once per call, outside the time loop, which is keras.layers.RNN's own (``tf.while_loop`` on
+TensorFlow, ``lax.scan`` on JAX).
 """
 from __future__ import annotations
 
@@ -15,6 +19,8 @@ import numpy as np
 from keras import ops
 # The time loop keras.layers.RNN runs (not exported by keras; its version is pinned in matrec[keras]).
 from keras.src.backend import rnn as _backend_rnn
+# The mixin that gives keras.layers.SimpleRNNCell its per-sequence dropout masks (RNN resets them).
+from keras.src.layers.rnn.dropout_rnn_cell import DropoutRNNCell
 
 from .orthogonal import (KERAS_MORNN_INITS, KERAS_ORTHOGONAL_MAPS, initial_matrix, lower_numel,
                          matmul2d, orthogonal_from, orthogonality_error_np, polar, project_orthogonal_np)
@@ -22,6 +28,8 @@ from .orthogonal import (KERAS_MORNN_INITS, KERAS_ORTHOGONAL_MAPS, initial_matri
 __all__ = ["MORNN", "MORNNCell", "ACTIVATIONS"]
 
 ACTIVATIONS = ("tanh", "relu", "linear", "modrelu")
+# the Keras functions a user may pass instead of a name (keras.activations.get maps names to them)
+_ACTIVATION_FUNCTIONS = ("tanh", "relu", "linear")
 
 # SimpleRNN options that would make the recurrent matrix non-orthogonal, and why.
 _REFUSED = {
@@ -31,8 +39,6 @@ _REFUSED = {
                              "does nothing or pulls against the constraint",
     "recurrent_constraint": "a constraint applied after each update would replace the orthogonal "
                             "parametrisation by a matrix that need not be orthogonal",
-    "recurrent_dropout": "dropping units of the recurrent state makes the step matrix a masked, "
-                         "non-orthogonal one; use dropout (on the inputs) instead",
 }
 
 
@@ -42,39 +48,66 @@ def _check_refused(kwargs: dict) -> None:
             continue
         value = kwargs.pop(key)
         # The values SimpleRNN.get_config writes for "off" are accepted, so its configs load.
-        if value is None or (key == "recurrent_dropout" and value == 0):
+        if value is None:
             continue
         raise ValueError(f"MORNN does not accept {key}={value!r}: {why}")
+
+
+def _activation_name(activation) -> str:
+    """A supported activation's name, from a name, None ("linear") or the Keras function itself."""
+    if activation is None:
+        return "linear"
+    if callable(activation):
+        for name in _ACTIVATION_FUNCTIONS:
+            if activation is getattr(keras.activations, name):
+                return name
+    if isinstance(activation, str) and activation in ACTIVATIONS:
+        return activation
+    raise ValueError(f"activation must be one of {ACTIVATIONS}, None (means 'linear') or one of the functions "
+                     f"{', '.join('keras.activations.' + n for n in _ACTIVATION_FUNCTIONS)}, got {activation!r}")
+
+
+def _check_rate(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
+    return float(value)
+
+
+def _check_seed(seed):
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
+        raise ValueError(f"seed must be an int or None, got {seed!r}")
+    return None if seed is None else int(seed)
 
 
 def _modrelu(z, b):
     return ops.sign(z) * ops.relu(ops.abs(z) + b)
 
 
-class MORNNCell(keras.layers.Layer):
+class MORNNCell(keras.layers.Layer, DropoutRNNCell):
     """One step of :class:`MORNN`; holds its variables.
 
-    Variables: ``kernel [I, H]``, ``bias [H]`` (``use_bias``), ``recurrent_A [H(H-1)/2]``
-    (trainable), ``recurrent_base [H, H]`` (not trainable), ``modrelu_bias [H]`` (modrelu),
-    ``refold_count`` (int, not trainable: training calls since the layer was built).
+    Variables, in ``get_weights()`` order: ``kernel [I, H]``, ``recurrent_A [H(H-1)/2]``,
+    ``bias [H]`` (``use_bias``), ``modrelu_bias [H]`` (modrelu) -- trainable -- then
+    ``recurrent_base [H, H]``, ``refold_count`` (int: training calls since the layer was built) and
+    ``recurrent_A_origin [H(H-1)/2]`` -- not trainable.
 
     Used alone in ``keras.layers.RNN(MORNNCell(...))`` it rebuilds ``W`` at every step and never
-    refolds; :class:`MORNN` builds ``W`` once per call and refolds.
+    refolds; :class:`MORNN` builds ``W`` once per call and refolds. ``dropout`` / ``recurrent_dropout``
+    act as SimpleRNNCell's: one mask per sequence on ``x_t`` / ``h_{t-1}``, in training only.
     """
 
     def __init__(self, units, activation="tanh", use_bias=True, kernel_initializer="glorot_uniform",
                  bias_initializer="zeros", kernel_regularizer=None, bias_regularizer=None,
-                 kernel_constraint=None, bias_constraint=None, orthogonal_map="cayley",
-                 recurrent_init="henaff", refold_every=100, seed=None, **kwargs):
+                 kernel_constraint=None, bias_constraint=None, dropout=0.0, recurrent_dropout=0.0,
+                 orthogonal_map="cayley", recurrent_init="henaff", refold_every=100, seed=None, **kwargs):
         _check_refused(kwargs)
         super().__init__(**kwargs)
         if not isinstance(units, (int, np.integer)) or isinstance(units, bool) or units <= 0:
             raise ValueError(f"units must be a positive int, got {units!r}")
-        if activation is None:
-            activation = "linear"
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {ACTIVATIONS} (None means 'linear'), got "
-                             f"{activation!r}")
+        activation = _activation_name(activation)
+        self.dropout = _check_rate("dropout", dropout)
+        self.recurrent_dropout = _check_rate("recurrent_dropout", recurrent_dropout)
+        seed = _check_seed(seed)
         if orthogonal_map not in KERAS_ORTHOGONAL_MAPS:
             extra = (" ('expm' is PyTorch-only: keras.ops has no matrix exponential)"
                      if orthogonal_map == "expm" else "")
@@ -99,6 +132,8 @@ class MORNNCell(keras.layers.Layer):
         self.kernel_constraint = keras.constraints.get(kernel_constraint)
         self.bias_constraint = keras.constraints.get(bias_constraint)
         self.seed = seed
+        self.seed_generator = (keras.random.SeedGenerator(seed)
+                               if self.dropout or self.recurrent_dropout else None)
         self.state_size = self.units
         self.output_size = self.units
 
@@ -123,6 +158,9 @@ class MORNNCell(keras.layers.Layer):
                              if self.activation == "modrelu" else None)
         self.refold_count = self.add_weight(shape=(), name="refold_count", dtype="int64",
                                             initializer="zeros", trainable=False)
+        # Last, so that a file saved before it existed loads (load_own_variables).
+        self.recurrent_A_origin = self.add_weight(shape=(lower_numel(H),), name="recurrent_A_origin",
+                                                  initializer="zeros", trainable=False)
 
     def _sub_seed(self, k: int):
         return None if self.seed is None else int(self.seed) + k
@@ -142,11 +180,11 @@ class MORNNCell(keras.layers.Layer):
         return "float64" if self.variable_dtype == "float64" else "float32"
 
     def recurrent_weight(self):
-        """``W = base @ f(A)`` ``[H, H]`` (PyTorch's ``weight_hh``; acts as ``h @ W^T``), built in
-        float32 (float64 for float64 variables) whatever the compute dtype, as a differentiable
+        """``W = base @ f(A - A0)`` ``[H, H]`` (PyTorch's ``weight_hh``; acts as ``h @ W^T``), built
+        in float32 (float64 for float64 variables) whatever the compute dtype, as a differentiable
         function of ``A``."""
         dt = self._matrix_dtype()
-        A = ops.cast(self.recurrent_A, dt)
+        A = ops.cast(self.recurrent_A, dt) - ops.cast(self.recurrent_A_origin, dt)
         base = ops.cast(self.recurrent_base, dt)
         return matmul2d(base, orthogonal_from(A, self.units, self.orthogonal_map))
 
@@ -155,25 +193,40 @@ class MORNNCell(keras.layers.Layer):
         """Keras's convention: ``h_t = phi(x_t @ kernel + bias + h_{t-1} @ recurrent_kernel)``."""
         return ops.transpose(self.recurrent_weight())
 
+    def _folded(self, base, A, origin):
+        """The refold as a pure function of the variables' values: ``(polar(base f(A - A0)), A)``
+        computed in float64 (float32 on JAX without x64), in the variables' dtypes."""
+        f = orthogonal_from(ops.cast(A, "float64") - ops.cast(origin, "float64"), self.units,
+                            self.orthogonal_map)
+        W = matmul2d(ops.cast(base, "float64"), f)
+        return ops.cast(polar(W), base.dtype), ops.cast(A, origin.dtype)
+
+    def _variable_values(self):
+        return tuple(ops.convert_to_tensor(v) for v in (self.recurrent_base, self.recurrent_A,
+                                                         self.recurrent_A_origin))
+
     def refold(self):
-        """Fold ``f(A)`` into the base and zero ``A``: ``base <- polar(base f(A))`` in float64."""
-        W = matmul2d(ops.cast(self.recurrent_base, "float64"),
-                     orthogonal_from(ops.cast(self.recurrent_A, "float64"), self.units,
-                                     self.orthogonal_map))
-        self.recurrent_base.assign(ops.cast(polar(W), self.recurrent_base.dtype))
-        self.recurrent_A.assign(ops.zeros_like(self.recurrent_A))
+        """Fold ``f(A - A0)`` into the base and set ``A0 <- A``: ``W`` is unchanged and the map's
+        argument is 0 again."""
+        base, origin = self._folded(*self._variable_values())
+        self.recurrent_base.assign(base)
+        self.recurrent_A_origin.assign(origin)
 
     def maybe_refold(self):
-        """Count one training call; refold on every ``refold_every``-th (inside compiled steps too)."""
+        """Count one training call; refold on every ``refold_every``-th (inside compiled steps too).
+
+        Trace-safe on every backend: the branches of ``ops.cond`` are pure functions of values read
+        before it, and only non-trainable variables are assigned (JAX's stateless training step
+        returns those; it drops assignments to trainable ones)."""
         if not self.refold_every:
             return
-        self.refold_count.assign_add(ops.cast(1, "int64"))
-
-        def fold():
-            self.refold()
-            return ops.zeros(())
-
-        ops.cond(ops.equal(self.refold_count % self.refold_every, 0), fold, lambda: ops.zeros(()))
+        count = ops.convert_to_tensor(self.refold_count) + ops.cast(1, self.refold_count.dtype)
+        self.refold_count.assign(count)
+        base, A, origin = values = self._variable_values()
+        base, origin = ops.cond(ops.equal(count % self.refold_every, 0), lambda: self._folded(*values),
+                                lambda: (base, origin))
+        self.recurrent_base.assign(ops.stop_gradient(base))
+        self.recurrent_A_origin.assign(ops.stop_gradient(origin))
 
     def reproject(self, tol=None):
         """Replace the base by its polar factor if ``max|B^T B - I|`` exceeds ``tol`` (default 32
@@ -184,7 +237,14 @@ class MORNNCell(keras.layers.Layer):
             self.recurrent_base.assign(project_orthogonal_np(base).astype(base.dtype))
 
     def load_own_variables(self, store):
-        super().load_own_variables(store)
+        variables = self._trainable_variables + self._non_trainable_variables
+        if len(store.keys()) == len(variables) - 1 and self.recurrent_A_origin is variables[-1]:
+            # saved before recurrent_A_origin existed: A was zeroed at each refold, so A0 = 0
+            for i, v in enumerate(variables[:-1]):
+                v.assign(store[f"{i}"])
+            self.recurrent_A_origin.assign(np.zeros(self.recurrent_A_origin.shape, "float32"))
+        else:
+            super().load_own_variables(store)
         # A base from another precision or an edited file is made exactly orthogonal again.
         self.reproject()
 
@@ -200,14 +260,24 @@ class MORNNCell(keras.layers.Layer):
         return z
 
     def project_inputs(self, x):
-        """``x @ kernel + bias`` for ``x [..., I]`` -> ``[..., H]``."""
-        z = ops.matmul(x, ops.cast(self.kernel, x.dtype))
-        return z + ops.cast(self.bias, x.dtype) if self.use_bias else z
+        """``x @ kernel + bias`` for ``x [..., I]`` -> ``[..., H]``, in the compute dtype (inputs
+        of any dtype, integers included, are cast to it, as SimpleRNN's are)."""
+        dt = self.compute_dtype
+        z = ops.matmul(ops.cast(x, dt), ops.cast(self.kernel, dt))
+        return z + ops.cast(self.bias, dt) if self.use_bias else z
 
     def call(self, inputs, states, training=False):
+        if not self.built:  # called directly, before any __call__ (SimpleRNNCell's __call__ builds)
+            self.build(tuple(inputs.shape))
         h = states[0] if isinstance(states, (list, tuple)) else states
+        h = ops.cast(h, self.compute_dtype)
+        x = ops.cast(inputs, self.compute_dtype)
+        x_mask, h_mask = self.get_dropout_mask(x), self.get_recurrent_dropout_mask(h)
+        if training and x_mask is not None:
+            x = x * x_mask
+        h_in = h * h_mask if training and h_mask is not None else h
         W_t = ops.cast(self.recurrent_kernel, h.dtype)
-        h = self.phi(self.project_inputs(inputs) + ops.matmul(h, W_t))
+        h = self.phi(self.project_inputs(x) + ops.matmul(h_in, W_t))
         return h, [h]
 
     def get_config(self):
@@ -222,6 +292,8 @@ class MORNNCell(keras.layers.Layer):
             "bias_regularizer": keras.regularizers.serialize(self.bias_regularizer),
             "kernel_constraint": keras.constraints.serialize(self.kernel_constraint),
             "bias_constraint": keras.constraints.serialize(self.bias_constraint),
+            "dropout": self.dropout,
+            "recurrent_dropout": self.recurrent_dropout,
             "orthogonal_map": self.orthogonal_map,
             "recurrent_init": self.recurrent_init,
             "refold_every": self.refold_every,
@@ -241,12 +313,13 @@ class MORNN(keras.layers.RNN):
     Args (as SimpleRNN): units, activation ("tanh", "relu", "linear" or None, and "modrelu":
         ``sign(z) relu(|z| + b)`` with a learned ``b [H]``), use_bias, kernel_initializer,
         bias_initializer, kernel/bias regularizer and constraint, activity_regularizer, dropout
-        (on the inputs, one mask per sequence), return_sequences, return_state, go_backwards,
-        stateful, unroll, seed.
+        (on the inputs) and recurrent_dropout (on ``h_{t-1}``; one mask per sequence, training
+        only), return_sequences, return_state, go_backwards, stateful, unroll, seed. ``activation``
+        may also be the function ``keras.activations.tanh`` / ``relu`` / ``linear``.
     Extras: orthogonal_map ("cayley", "householder"), recurrent_init ("henaff", "cayley",
         "random", "identity"), refold_every (training calls between refolds; 0: never).
     Refused (they would break orthogonality): recurrent_initializer, recurrent_regularizer,
-        recurrent_constraint, recurrent_dropout.
+        recurrent_constraint.
 
     Shapes: input ``[B, T, I]``, mask ``[B, T]``, initial_state ``[B, H]`` (or a list of one).
     Output ``[B, T, H]`` (return_sequences) or ``[B, H]``; with return_state, also ``h_T [B, H]``.
@@ -255,12 +328,14 @@ class MORNN(keras.layers.RNN):
     def __init__(self, units, activation="tanh", use_bias=True, kernel_initializer="glorot_uniform",
                  bias_initializer="zeros", kernel_regularizer=None, bias_regularizer=None,
                  activity_regularizer=None, kernel_constraint=None, bias_constraint=None,
-                 dropout=0.0, return_sequences=False, return_state=False, go_backwards=False,
-                 stateful=False, unroll=False, seed=None, orthogonal_map="cayley",
+                 dropout=0.0, recurrent_dropout=0.0, return_sequences=False, return_state=False,
+                 go_backwards=False, stateful=False, unroll=False, seed=None, orthogonal_map="cayley",
                  recurrent_init="henaff", refold_every=100, zero_output_for_mask=False, **kwargs):
         _check_refused(kwargs)
-        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
-            raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
+        dropout = _check_rate("dropout", dropout)
+        recurrent_dropout = _check_rate("recurrent_dropout", recurrent_dropout)
+        seed = _check_seed(seed)
+        # the cell gets no dropout: inner_loop draws the masks (the cell's own serve keras.layers.RNN)
         cell = MORNNCell(units, activation=activation, use_bias=use_bias,
                          kernel_initializer=kernel_initializer, bias_initializer=bias_initializer,
                          kernel_regularizer=kernel_regularizer, bias_regularizer=bias_regularizer,
@@ -272,9 +347,9 @@ class MORNN(keras.layers.RNN):
                          go_backwards=go_backwards, stateful=stateful, unroll=unroll,
                          zero_output_for_mask=zero_output_for_mask,
                          activity_regularizer=activity_regularizer, **kwargs)
-        self.dropout = float(dropout)
+        self.dropout, self.recurrent_dropout = dropout, recurrent_dropout
         self.seed = seed
-        self.seed_generator = keras.random.SeedGenerator(seed) if self.dropout else None
+        self.seed_generator = keras.random.SeedGenerator(seed) if dropout or recurrent_dropout else None
         self.input_spec = keras.layers.InputSpec(ndim=3)
 
     def recurrent_weight(self):
@@ -285,6 +360,8 @@ class MORNN(keras.layers.RNN):
         self.cell.refold()
 
     def call(self, sequences, initial_state=None, mask=None, training=False):
+        if not self.built:  # called directly, before any __call__: build as SimpleRNN's cell would
+            self.build(tuple(sequences.shape))
         T = sequences.shape[1]
         if mask is not None:
             mask = mask[0] if isinstance(mask, (list, tuple)) else mask
@@ -304,17 +381,24 @@ class MORNN(keras.layers.RNN):
 
     def inner_loop(self, sequences, initial_state, mask, training=False):
         cell = self.cell
+        # integer or other-precision inputs compute in the layer's dtype, as SimpleRNN's do
+        sequences = ops.cast(sequences, cell.compute_dtype)
         if self.dropout and training:
             # one input mask per sequence, as SimpleRNN's cell draws it once for all steps
             keep = keras.random.dropout(ops.ones_like(sequences[:, 0, :]), self.dropout,
                                         seed=self.seed_generator)
             sequences = sequences * ops.expand_dims(keep, 1)
+        h_keep = None
+        if self.recurrent_dropout and training:
+            h_keep = keras.random.dropout(ops.ones_like(initial_state[0]), self.recurrent_dropout,
+                                          seed=self.seed_generator)   # [B, H]
         xp = cell.project_inputs(sequences)                     # [B, T, H], one matmul for all steps
         W_t = ops.cast(cell.recurrent_kernel, xp.dtype)         # [H, H], built once per call
         phi = cell.phi
 
         def step(x_t, states):
-            h = phi(x_t + ops.matmul(states[0], W_t))           # [B, H]
+            h = states[0] if h_keep is None else states[0] * h_keep
+            h = phi(x_t + ops.matmul(h, W_t))                   # [B, H]
             return h, [h]
 
         # keras.layers.RNN's own loop (tf.while_loop on TensorFlow, lax.scan on JAX), with its
@@ -330,6 +414,7 @@ class MORNN(keras.layers.RNN):
         cell_config = self.cell.get_config()
         config.update({k: cell_config[k] for k in _CELL_ARGS})
         config["dropout"] = self.dropout
+        config["recurrent_dropout"] = self.recurrent_dropout
         config["activity_regularizer"] = keras.regularizers.serialize(self.activity_regularizer)
         return config
 
@@ -347,5 +432,5 @@ def _read_through(name):
 
 # units, activation, orthogonal_map, kernel, ... read through to the cell, as SimpleRNN's properties do
 for _name in _CELL_ARGS[:-1] + ("recurrent_A", "recurrent_base", "kernel", "bias", "modrelu_bias",
-                                "refold_count", "recurrent_kernel"):
+                                "refold_count", "recurrent_A_origin", "recurrent_kernel"):
     setattr(MORNN, _name, _read_through(_name))

@@ -142,8 +142,19 @@ class StoredVocabulary:
         try:
             ids = self.tokenizer.encode(text).ids
         except Exception as err:  # the character vocabulary has no unknown token
-            raise ValueError(f"text cannot be encoded with this run's vocabulary ({err})") from None
+            raise ValueError(f"text cannot be encoded with this run's vocabulary: {self._unknown(text)} "
+                             f"not in it ({err})") from None
         return torch.tensor(ids, dtype=torch.long)
+
+    def _unknown(self, text: str) -> str:
+        """The characters of ``text`` the vocabulary cannot encode, e.g. ``'\\n'`` typed as two."""
+        bad = []
+        for c in dict.fromkeys(text):
+            try:
+                self.tokenizer.encode(c)
+            except Exception:
+                bad.append(c)
+        return ", ".join(repr(c) for c in bad) if bad else "some character"
 
     def decode(self, ids) -> str:
         return self.tokenizer.decode([int(i) for i in ids])
