@@ -171,13 +171,6 @@ def cmd_train(args) -> int:
     return 0
 
 
-def cmd_export_hf(args) -> int:
-    from .quiet import known_noise
-    with known_noise():   # importing transformers brings torchao's known log lines with it
-        export = __import__("matrec.hf.export", fromlist=["cmd_export_hf"])
-    return export.cmd_export_hf(args)
-
-
 def cmd_import_hf(args) -> int:
     # the model and its arguments are the directory's: a flag that would change them is refused
     model_flags = [flag for flag, dest in (("--model", "model"), ("--model-arg", "model_args"),
@@ -203,7 +196,10 @@ def cmd_import_hf(args) -> int:
 def cmd_export_hf(args) -> int:
     from .train.rundir import check_new_output
     check_new_output(args.out_dir, "OUT_DIR")   # before transformers' import: a refusal is instant
-    return __import__("matrec.hf.export", fromlist=["cmd_export_hf"]).cmd_export_hf(args)
+    from .quiet import known_noise
+    with known_noise():   # importing transformers brings torchao's known log lines with it
+        export = __import__("matrec.hf.export", fromlist=["cmd_export_hf"])
+    return export.cmd_export_hf(args)
 
 
 def _single_process() -> bool:
