@@ -568,7 +568,7 @@ def main(argv: list[str] | None = None) -> int:
         mark_failed()
         print(f"matrec: {e}", file=sys.stderr)
         return 1
-    except (ValueError, TypeError, FileNotFoundError, ImportError, CheckpointError, DataFileError,
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError, ImportError, CheckpointError, DataFileError,
             RunDirError) as e:
         fail(2, str(e))
     except KeyboardInterrupt:
