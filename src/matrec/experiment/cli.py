@@ -18,7 +18,7 @@ def add_parser(sub) -> None:
                         description="Run every cell of FILE at --scale into <out>/<name>/<scale>/<run>/; "
                         "finished and failed runs are skipped, interrupted ones resumed.")
     r.add_argument("file", help="experiment file (.toml or .json)")
-    r.add_argument("--scale", default="cpu", help="which of the file's scales: cpu (default) or gpu")
+    r.add_argument("--scale", default="cpu", help="which of the file's scales: cpu (default), gpu or gpu-full")
     r.add_argument("--out", default=DEFAULT_OUT, help=f"experiments folder (default {DEFAULT_OUT})")
     r.add_argument("--dry-run", action="store_true", help="list the runs and their state "
                    "(new / partial / done / failed) and the model sizes; train nothing")
@@ -44,15 +44,15 @@ def cmd_run(args) -> int:
     import torch
 
     from .runner import InlineBackend, LocalBackend, RayBackend, run_experiment, run_state, specs_of
-    from .spec import SCALES, check, load_experiment
+    from .spec import OPTIONAL_SCALES, SCALES, check, load_experiment
 
     jobs = args.jobs
     try:
         jobs = check_int("--jobs", int(jobs), 1)
     except ValueError:
         raise ValueError(f"--jobs must be an int >= 1, got {args.jobs!r}") from None
-    if args.scale not in SCALES:
-        raise ValueError(f"--scale must be one of {list(SCALES)}, got {args.scale!r}")
+    if args.scale not in SCALES + OPTIONAL_SCALES:
+        raise ValueError(f"--scale must be one of {list(SCALES + OPTIONAL_SCALES)}, got {args.scale!r}")
     exp = load_experiment(args.file, args.scale, args.out)
     check(exp)
     # a Ray task asks for its threads as CPUs: one each unless the file says otherwise, not this
