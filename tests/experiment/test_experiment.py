@@ -407,3 +407,35 @@ def test_report_rows_follow_the_swept_numbers_not_the_folder_names():
     cells = summarise(runs)[0]["cells"]
     assert [c["swept"]["task_args.delay"] for c in cells] == [50, 300, 1000]
     assert all(c["step_ms"]["mean"] == pytest.approx(100.0) for c in cells)
+
+
+def test_dry_run_estimates_each_run_from_measured_step_times(tmp_path, capsys, monkeypatch):
+    from matrec.experiment import estimate as est
+    table = {"machine": "a test box", "fwd_bwd_ms_per_timestep": {"rnn": 0.5}, "forward_share": 0.5,
+             "startup_s": 1}
+    (tmp_path / "t.json").write_text(json.dumps(table))
+    monkeypatch.setitem(est.TABLES, "cpu", tmp_path / "t.json")
+    path = write_experiment(tmp_path, seeds=[0], grid={"task_args.delay": [6]},
+                            task_args={"n_symbols": 2}, eval_at=[{"delay": 16}],
+                            train={**TRAIN, "eval_every": 2, "eval_batches": 1},
+                            models={"rnn": {"model": "rnn"}, "gru": {"model": "gru"}},
+                            budget={"steps": 4})
+    status, text = run_cli(capsys, "experiment", "run", str(path), "--out", str(tmp_path / "out"), "--dry-run")
+    # T = 6 + 2*2 = 10; 4 steps * 10 * 0.5 ms + 3 evaluations * 1 batch * 10 * 0.5 * 0.5
+    # + the eval_at setting (T' = 20) 1 batch * 20 * 0.5 * 0.5 = 32.5 ms, plus 1 s to start
+    assert status == 0 and "rnn-delay6-seed0  (est. 1 s)" in text
+    spec = {"run_dir": "r", "config": load_experiment(path, "cpu", tmp_path).cells[0].config}
+    assert est.estimate([spec], [{"delay": 16}])["total"] == pytest.approx(1.0325)
+    assert "no figure for 1 run(s), not counted" in text and "a test box" in text
+    monkeypatch.setitem(est.TABLES, "cpu", tmp_path / "none.json")
+    assert "no measured step times for this device" in run_cli(
+        capsys, "experiment", "run", str(path), "--out", str(tmp_path / "out"), "--dry-run")[1]
+
+
+def test_shipped_gpu_scales_of_the_memory_files_fit_one_8_minute_window(tmp_path):
+    from matrec.experiment.estimate import estimate
+    from matrec.experiment.runner import specs_of
+    for name in ("memory_long_delay", "memory_variable_delay"):
+        exp = load_experiment(SRC.parent / "experiments" / f"{name}.toml", "gpu", tmp_path)
+        result = estimate(specs_of(exp), exp.eval_at)
+        assert not result["missing"] and result["total"] <= 8 * 60, (name, result["total"])

@@ -43,6 +43,7 @@ def main(args) -> int:
 def cmd_run(args) -> int:
     import torch
 
+    from .estimate import estimate
     from .runner import InlineBackend, LocalBackend, RayBackend, run_experiment, run_state, specs_of
     from .spec import OPTIONAL_SCALES, SCALES, check, load_experiment
 
@@ -66,8 +67,16 @@ def cmd_run(args) -> int:
     if exp.matching:
         print(f"  matched: {exp.matching}")
     if args.dry_run:
+        est = estimate(specs, exp.eval_at)
         for s in specs:
-            print(f"{run_state(s['run_dir']):<8} {s['run_dir']}")
+            t = est["runs"].get(s["run_dir"])
+            print(f"{run_state(s['run_dir']):<8} {s['run_dir']}" + ("" if t is None else f"  (est. {t:,.0f} s)"))
+        if est["table"] is None:
+            print("estimated time: no measured step times for this device")
+        else:
+            print(f"estimated time at --jobs 1: {est['total']:,.0f} s ({est['total'] / 60:.1f} min) for the "
+                  f"whole step budgets, from the step times measured on {est['machine']} ({est['table']})"
+                  + (f"; no figure for {len(est['missing'])} run(s), not counted" if est["missing"] else ""))
         return 0
     if args.ray:
         backend = RayBackend(args.ray)
