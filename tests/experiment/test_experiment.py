@@ -210,6 +210,23 @@ def test_eval_at_columns_in_the_report(tmp_path, capsys):
            for s in (0, 1)]
     assert cell["eval_at"][0]["task_args"] == {"delay": 7}
     assert cell["eval_at"][0]["metric"]["mean"] == pytest.approx(statistics.fmean(at7))
+    assert (out / "tiny-cpu-eval_at.png").is_file() and "tiny-cpu-eval_at.png" in text
+
+
+def test_report_says_below_chance_where_recall_is_under_one_eighth():
+    from matrec.experiment.report import summarise, table
+
+    def run(label, recall, at):
+        return {"experiment": "e", "scale": "cpu", "label": label, "swept": {}, "metric": "recall",
+                "target": None, "matching": "", "size": "", "parameters": 1, "seed": 0, "state": "done",
+                "reason": "steps", "step": 10, "train_seconds": 1.0, "final": {"recall": recall, "loss": 1.0},
+                "eval_at": [{"task_args": {"delay": 9}, "recall": at}], "target_step": None,
+                "target_seconds": None, "target_seconds_estimated": False, "run_dir": label}
+
+    text = table(summarise([run("a", 0.1, 0.125), run("b", 0.125, 0.0)])[0])
+    rows = {line.split(" | ")[0][2:]: line for line in text.splitlines()[2:]}
+    assert "| 0.1 ± 0 (below chance) |" in rows["a"] and "| 0.125 ± 0 |" in rows["a"]
+    assert "| 0.125 ± 0 |" in rows["b"] and "| 0 ± 0 (below chance) |" in rows["b"]
 
 
 def test_loss_spikes_are_losses_above_1_5x_the_running_median():
