@@ -456,3 +456,16 @@ def test_shipped_gpu_scales_of_the_memory_files_fit_one_8_minute_window(tmp_path
         exp = load_experiment(SRC.parent / "experiments" / f"{name}.toml", "gpu", tmp_path)
         result = estimate(specs_of(exp), exp.eval_at)
         assert not result["missing"] and result["total"] <= 8 * 60, (name, result["total"])
+
+
+def test_only_runs_the_runs_whose_names_match(tmp_path, capsys):
+    path = write_experiment(tmp_path)
+    out = tmp_path / "out"
+    status, text = run_cli(capsys, "experiment", "run", str(path), "--out", str(out), "--only", "rnn-delay5-*",
+                           "--only", "gru-delay3-seed1")
+    assert status == 0
+    assert sorted(p.name for p in (out / "tiny" / "cpu").iterdir()) == [
+        "gru-delay3-seed1", "rnn-delay5-seed0", "rnn-delay5-seed1"]
+    with pytest.raises(SystemExit) as e:
+        cli.main(["experiment", "run", str(path), "--out", str(out), "--only", "lstm-*"])
+    assert e.value.code == 2 and "--only ['lstm-*'] matches none of the runs" in capsys.readouterr().err

@@ -25,6 +25,9 @@ def add_parser(sub) -> None:
     r.add_argument("--jobs", default="1", help="runs at once, each in its own process (default 1: "
                    "one after the other in this process); a CPU run without a threads setting gets "
                    "cores // jobs threads, and with several GPUs each job its own")
+    r.add_argument("--only", metavar="PATTERN", action="append", default=None,
+                   help="run only the runs whose name matches this shell pattern (e.g. 'mornn-*-seed0'; "
+                   "repeat for several); the others are left as they are")
     r.add_argument("--ray", metavar="ADDRESS", default=None, help="submit each run as a task to the "
                    "Ray cluster at ADDRESS (needs the ray extra; --out on a shared file system)")
     r.set_defaults(func=cmd_run)
@@ -41,6 +44,8 @@ def main(args) -> int:
 
 
 def cmd_run(args) -> int:
+    import fnmatch
+
     import torch
 
     from .estimate import estimate
@@ -59,6 +64,10 @@ def cmd_run(args) -> int:
     # a Ray task asks for its threads as CPUs: one each unless the file says otherwise, not this
     # machine's cores (which would make the cluster run one task per node)
     threads = 1 if args.ray else None
+    if args.only:
+        exp.cells = [c for c in exp.cells if any(fnmatch.fnmatchcase(c.name, p) for p in args.only)]
+        if not exp.cells:
+            raise ValueError(f"--only {args.only} matches none of the runs of {args.file}")
     specs = specs_of(exp, jobs, threads)
     print(f"experiment {exp.name} ({exp.scale} scale): {len(specs)} runs in {Path(args.out) / exp.name / exp.scale}")
     for label, count in exp.parameters.items():
