@@ -67,10 +67,11 @@ def test_copy_variable_layout_marker_and_answer_per_sequence():
 
 def test_copy_variable_default_range_and_bad_options():
     assert build_task("copy_variable", delay=1000).min_delay == 500
+    assert build_task("copy_variable", delay=1000, min_delay=0).min_delay == 500
     with pytest.raises(ValueError, match=r"min_delay must be <= delay \(10\), got 11"):
         build_task("copy_variable", delay=10, min_delay=11)
     with pytest.raises(ValueError, match="min_delay must be an int >= 1"):
-        build_task("copy_variable", delay=10, min_delay=0)
+        build_task("copy_variable", delay=10, min_delay=-1)
     with pytest.raises(ValueError, match=r"loss_on must be one of \['all', 'answers'\], got 'last'"):
         build_task("copy", loss_on="last")
 
@@ -126,3 +127,10 @@ def test_copy_chunks_are_the_batch_in_pieces_and_metrics_sum(name, args, chunk):
     whole = task.metrics(out, y)
     assert 0 < whole["recall"] < 1
     assert {k: s / c for k, (s, c) in sums.items()} == pytest.approx(whole, rel=1e-9)
+
+
+def test_copy_variable_options_parse_from_the_command_line():
+    from matrec.data.tasks import parse_task_options
+    assert parse_task_options("copy_variable", {"delay": "1000000", "min_delay": "1000000",
+                                                "loss_on": "answers"}) == {
+        "delay": 1000000, "min_delay": 1000000, "loss_on": "answers"}

@@ -110,8 +110,8 @@ class Copy(Task):
 
 @TASKS.register("copy_variable")
 class CopyVariable(Copy):
-    """Copy with a delay drawn per sequence, uniform in ``[min_delay, delay]`` (default
-    ``min_delay = delay // 2``): ``n`` symbols, ``d - 1`` blanks, the marker 9, the ``n``-symbol
+    """Copy with a delay drawn per sequence, uniform in ``[min_delay, delay]`` (``min_delay=0``, the
+    default: ``delay // 2``): ``n`` symbols, ``d - 1`` blanks, the marker 9, the ``n``-symbol
     answer, then blanks up to the common length ``delay + 2n``. Only the marker says when to answer,
     so a model learns to hold the symbols for any delay, not for one. ``min_delay = delay`` is the
     plain copy task (what an evaluation at one long delay uses).
@@ -122,10 +122,11 @@ class CopyVariable(Copy):
 
     name = "copy_variable"
 
-    def __init__(self, delay: int = 1000, min_delay: int | None = None, n_symbols: int = 10,
+    def __init__(self, delay: int = 1000, min_delay: int = 0, n_symbols: int = 10,
                  alphabet: int = 8, loss_on: str = "all") -> None:
         super().__init__(delay, n_symbols, alphabet, loss_on)
-        self.min_delay = check_int("min_delay", max(1, delay // 2) if min_delay is None else min_delay)
+        # 0: the default range [delay // 2, delay] (an int, so `--task-arg min_delay=N` parses as one)
+        self.min_delay = check_int("min_delay", max(1, delay // 2) if min_delay == 0 else min_delay)
         if self.min_delay > delay:
             raise ValueError(f"min_delay must be <= delay ({delay}), got {min_delay!r}")
 
