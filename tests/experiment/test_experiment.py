@@ -47,7 +47,8 @@ def test_dry_run_lists_runs_and_states_then_run_skips_finished(tmp_path, capsys)
     out = tmp_path / "out"
     status, text = run_cli(capsys, "experiment", "run", str(path), "--out", str(out), "--dry-run")
     assert status == 0
-    runs = [line.split() for line in text.splitlines() if line.startswith(("new", "partial", "done", "failed"))]
+    # state, run directory (and the run's estimated time where step times are measured)
+    runs = [line.split()[:2] for line in text.splitlines() if line.startswith(("new", "partial", "done", "failed"))]
     assert [Path(p).name for _, p in runs] == [f"{m}-delay{d}-seed{s}" for m in ("rnn", "gru")
                                                 for d in (3, 5) for s in (0, 1)]
     assert {state for state, _ in runs} == {"new"} and not out.exists()   # a dry run writes nothing
