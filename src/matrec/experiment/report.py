@@ -425,8 +425,9 @@ def plot_eval_at(exp: dict, path: Path) -> Path | None:
     for label, pts in lines.items():
         ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o",
                     capsize=3, label=label)
-    if exp["metric"] in CHANCE:
+    if exp["metric"] in CHANCE:   # a share: the whole range, so chance does not look like a rise
         ax.axhline(CHANCE[exp["metric"]], color="grey", lw=0.8, ls=":", label="chance")
+        ax.set_ylim(0, 1.02)
     values = [p[0] for pts in lines.values() for p in pts]
     if min(values) > 0 and max(values) / min(values) >= 20:
         ax.set_xscale("log")
