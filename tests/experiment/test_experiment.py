@@ -12,7 +12,7 @@ import pytest
 from matrec import cli
 from matrec.experiment.report import loss_spikes, write_report
 from matrec.experiment.runner import RayBackend, _result_of, run_experiment, run_state
-from matrec.experiment.spec import check, load_experiment
+from matrec.experiment.spec import ExperimentError, check, load_experiment
 from matrec.train import Trainer, TrainConfig
 from matrec.train.checkpoint import load_checkpoint, load_model_weights
 from matrec.train.rundir import read_metrics
@@ -47,7 +47,8 @@ def test_dry_run_lists_runs_and_states_then_run_skips_finished(tmp_path, capsys)
     out = tmp_path / "out"
     status, text = run_cli(capsys, "experiment", "run", str(path), "--out", str(out), "--dry-run")
     assert status == 0
-    runs = [line.split() for line in text.splitlines() if line.startswith(("new", "partial", "done", "failed"))]
+    # state, run directory (and the run's estimated time where step times are measured)
+    runs = [line.split()[:2] for line in text.splitlines() if line.startswith(("new", "partial", "done", "failed"))]
     assert [Path(p).name for _, p in runs] == [f"{m}-delay{d}-seed{s}" for m in ("rnn", "gru")
                                                 for d in (3, 5) for s in (0, 1)]
     assert {state for state, _ in runs} == {"new"} and not out.exists()   # a dry run writes nothing
@@ -210,6 +211,23 @@ def test_eval_at_columns_in_the_report(tmp_path, capsys):
            for s in (0, 1)]
     assert cell["eval_at"][0]["task_args"] == {"delay": 7}
     assert cell["eval_at"][0]["metric"]["mean"] == pytest.approx(statistics.fmean(at7))
+    assert (out / "tiny-cpu-eval_at.png").is_file() and "tiny-cpu-eval_at.png" in text
+
+
+def test_report_says_below_chance_where_recall_is_under_one_eighth():
+    from matrec.experiment.report import summarise, table
+
+    def run(label, recall, at):
+        return {"experiment": "e", "scale": "cpu", "label": label, "swept": {}, "metric": "recall",
+                "target": None, "matching": "", "size": "", "parameters": 1, "seed": 0, "state": "done",
+                "reason": "steps", "step": 10, "train_seconds": 1.0, "final": {"recall": recall, "loss": 1.0},
+                "eval_at": [{"task_args": {"delay": 9}, "recall": at}], "target_step": None,
+                "target_seconds": None, "target_seconds_estimated": False, "run_dir": label}
+
+    text = table(summarise([run("a", 0.1, 0.125), run("b", 0.125, 0.0)])[0])
+    rows = {line.split(" | ")[0][2:]: line for line in text.splitlines()[2:]}
+    assert "| 0.1 ± 0 (below chance) |" in rows["a"] and "| 0.125 ± 0 |" in rows["a"]
+    assert "| 0.125 ± 0 |" in rows["b"] and "| 0 ± 0 (below chance) |" in rows["b"]
 
 
 def test_loss_spikes_are_losses_above_1_5x_the_running_median():
@@ -293,7 +311,9 @@ BAD = [
     ({"target": "accuracy >= 0.9"}, "target names metric 'accuracy', which task 'copy' does not report"),
     ({"metric": "r2"}, "metric names metric 'r2'"),
     ({"task": "copyy"}, "task must be one of"),
-    ({"scales": {"cpu": {}}}, "scales must be a table with the keys ['cpu', 'gpu'] and optionally 'gpu-full'"),
+    ({"scales": {"cpu": {}}}, "scales must be a table with the keys ['cpu', 'gpu'] (and optionally ['gpu-full'])"),
+    ({"scales": {"cpu": {}, "gpu": {}, "tpu": {}}}, "scales must be a table with the keys ['cpu', 'gpu']"),
+    ({"models": {"lstm": {"model": "lstm", "seeds": []}}}, "models.lstm.seeds must be a non-empty list"),
     ({"scales": {"cpu": {"seed": 1}, "gpu": {}}}, "unknown key(s) ['scales.cpu.seed']"),
     ({"grid": {"delay": [1, 2]}}, "unknown grid key 'delay'"),
     ({"grid": {"task_args.delay": 3}}, "grid.task_args.delay must be a non-empty list"),
@@ -357,16 +377,30 @@ EXPERIMENTS = sorted((SRC.parent / "experiments").glob("*.toml"))
 @pytest.mark.parametrize("path", EXPERIMENTS, ids=[p.stem for p in EXPERIMENTS])
 def test_shipped_experiment_files_are_valid_at_both_scales(path, tmp_path):
     assert len(EXPERIMENTS) >= 4
-    scales = ("cpu", "gpu") + (("gpu-full",) if "[scales.gpu-full]" in path.read_text() else ())
+    scales = ["cpu", "gpu"] + (["gpu-full"] if "[scales.gpu-full" in path.read_text() else [])
     for scale in scales:
         exp = load_experiment(path, scale, tmp_path)     # every key and every run's TrainConfig
-        # three seeds, except a sweep (a grid over train.lr, or a file named *_sweep) or a diagnosis
-        # whose description says it uses one seed: the files that use their settings have the seeds
+        # three seeds, except a sweep (a grid over train.lr, or a file named *_sweep), a diagnosis
+        # whose description says it uses one seed (the files that use their settings have the seeds),
+        # and a gpu scale that must fit one 8-minute window (its decisive cells may keep one seed)
         sweep = exp.name.endswith("_sweep") or any(k == "train.lr" for c in exp.cells for k in c.swept)
         seeds = len({c.seed for c in exp.cells})
-        assert exp.cells and (seeds >= 3 or sweep or "one seed" in exp.description.lower())
+        assert exp.cells and (seeds >= 3 or sweep or scale == "gpu" or "one seed" in exp.description.lower())
         assert all(c.size for c in exp.cells) and exp.matching
         assert all(c.config["device"] == ("cpu" if scale == "cpu" else "cuda") for c in exp.cells)
+
+
+def test_per_model_seeds_and_an_optional_gpu_full_scale(tmp_path):
+    path = write_experiment(tmp_path, models={"rnn": {"model": "rnn", "model_args": {"hidden_size": 8}},
+                                              "gru": {"model": "gru", "seeds": [4]}},
+                            scales={"cpu": {}, "gpu": {}, "gpu-full": {"seeds": [0, 1, 2]}})
+    names = [c.name for c in load_experiment(path, "cpu", tmp_path).cells]
+    assert names == ["rnn-delay3-seed0", "rnn-delay3-seed1", "rnn-delay5-seed0", "rnn-delay5-seed1",
+                     "gru-delay3-seed4", "gru-delay5-seed4"]
+    full = load_experiment(path, "gpu-full", tmp_path)
+    assert len(full.cells) == 8 and str(full.cells[0].config["out_dir"]).endswith("gpu-full")
+    with pytest.raises(ExperimentError, match=r"scale must be one of the file's scales \['cpu', 'gpu'\]"):
+        load_experiment(write_experiment(tmp_path, name="two"), "gpu-full", tmp_path)
 
 
 def test_a_run_killed_before_its_first_checkpoint_starts_again(tmp_path, capsys):
@@ -413,3 +447,48 @@ def test_report_rows_follow_the_swept_numbers_not_the_folder_names():
     cells = summarise(runs)[0]["cells"]
     assert [c["swept"]["task_args.delay"] for c in cells] == [50, 300, 1000]
     assert all(c["step_ms"]["mean"] == pytest.approx(100.0) for c in cells)
+
+
+def test_dry_run_estimates_each_run_from_measured_step_times(tmp_path, capsys, monkeypatch):
+    from matrec.experiment import estimate as est
+    table = {"machine": "a test box", "fwd_bwd_ms_per_timestep": {"rnn": 0.5}, "forward_share": 0.5,
+             "startup_s": 1}
+    (tmp_path / "t.json").write_text(json.dumps(table))
+    monkeypatch.setitem(est.TABLES, "cpu", tmp_path / "t.json")
+    path = write_experiment(tmp_path, seeds=[0], grid={"task_args.delay": [6]},
+                            task_args={"n_symbols": 2}, eval_at=[{"delay": 16}],
+                            train={**TRAIN, "eval_every": 2, "eval_batches": 1},
+                            models={"rnn": {"model": "rnn"}, "gru": {"model": "gru"}},
+                            budget={"steps": 4})
+    status, text = run_cli(capsys, "experiment", "run", str(path), "--out", str(tmp_path / "out"), "--dry-run")
+    # T = 6 + 2*2 = 10; 4 steps * 10 * 0.5 ms + 3 evaluations * 1 batch * 10 * 0.5 * 0.5
+    # + the eval_at setting (T' = 20) 1 batch * 20 * 0.5 * 0.5 = 32.5 ms, plus 1 s to start
+    assert status == 0 and "rnn-delay6-seed0  (est. 1 s)" in text
+    spec = {"run_dir": "r", "config": load_experiment(path, "cpu", tmp_path).cells[0].config}
+    assert est.estimate([spec], [{"delay": 16}])["total"] == pytest.approx(1.0325)
+    assert "no figure for 1 run(s), not counted" in text and "a test box" in text
+    monkeypatch.setitem(est.TABLES, "cpu", tmp_path / "none.json")
+    assert "no measured step times for this device" in run_cli(
+        capsys, "experiment", "run", str(path), "--out", str(tmp_path / "out"), "--dry-run")[1]
+
+
+def test_shipped_gpu_scales_of_the_memory_files_fit_one_8_minute_window(tmp_path):
+    from matrec.experiment.estimate import estimate
+    from matrec.experiment.runner import specs_of
+    for name in ("memory_long_delay", "memory_variable_delay"):
+        exp = load_experiment(SRC.parent / "experiments" / f"{name}.toml", "gpu", tmp_path)
+        result = estimate(specs_of(exp), exp.eval_at)
+        assert not result["missing"] and result["total"] <= 8 * 60, (name, result["total"])
+
+
+def test_only_runs_the_runs_whose_names_match(tmp_path, capsys):
+    path = write_experiment(tmp_path)
+    out = tmp_path / "out"
+    status, text = run_cli(capsys, "experiment", "run", str(path), "--out", str(out), "--only", "rnn-delay5-*",
+                           "--only", "gru-delay3-seed1")
+    assert status == 0
+    assert sorted(p.name for p in (out / "tiny" / "cpu").iterdir()) == [
+        "gru-delay3-seed1", "rnn-delay5-seed0", "rnn-delay5-seed1"]
+    with pytest.raises(SystemExit) as e:
+        cli.main(["experiment", "run", str(path), "--out", str(out), "--only", "lstm-*"])
+    assert e.value.code == 2 and "--only ['lstm-*'] matches none of the runs" in capsys.readouterr().err

@@ -21,6 +21,7 @@ def _text_file(folder: Path) -> str:
 # name -> (task options, steps, batch size, learning rate); small enough to run in about a second.
 SETTINGS = {
     "copy": ({"delay": 5, "n_symbols": 3}, 40, 32, 1e-2),
+    "copy_variable": ({"delay": 6, "min_delay": 3, "n_symbols": 3}, 40, 32, 1e-2),
     "adding": ({"length": 16}, 40, 32, 1e-2),
     "selective_copy": ({"length": 8, "n_symbols": 2, "alphabet": 3}, 60, 64, 1e-2),
     "assoc_recall": ({"n_pairs": 2, "n_queries": 1, "n_keys": 3, "n_values": 3}, 60, 64, 1e-2),

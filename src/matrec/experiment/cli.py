@@ -25,9 +25,10 @@ def add_parser(sub) -> None:
     r.add_argument("--jobs", default="1", help="runs at once, each in its own process (default 1: "
                    "one after the other in this process); a CPU run without a threads setting gets "
                    "cores // jobs threads, and with several GPUs each job its own")
-    r.add_argument("--only", metavar="LABELS", default=None, help="run only the models with these "
-                   "labels (comma-separated, e.g. mornn,lstm): the decisive cells first; the others "
-                   "stay new and a later run without --only does them")
+    r.add_argument("--only", metavar="SELECTION", action="append", default=None,
+                   help="run only some runs: model labels (e.g. mornn,lstm) or shell patterns of run "
+                   "names (e.g. 'mornn-*-seed0'), comma-separated or repeated; the decisive cells first, "
+                   "the others stay as they are and a later run without --only does them")
     r.add_argument("--ray", metavar="ADDRESS", default=None, help="submit each run as a task to the "
                    "Ray cluster at ADDRESS (needs the ray extra; --out on a shared file system)")
     r.set_defaults(func=cmd_run)
@@ -44,10 +45,13 @@ def main(args) -> int:
 
 
 def cmd_run(args) -> int:
+    import fnmatch
+
     import torch
 
+    from .estimate import estimate
     from .runner import InlineBackend, LocalBackend, RayBackend, run_experiment, specs_of
-    from .spec import LARGE_GRID, SCALES, check, load_experiment
+    from .spec import LARGE_GRID, OPTIONAL_SCALES, SCALES, check, load_experiment
     from .state import check_settings, inspect
 
     jobs = args.jobs
@@ -55,16 +59,18 @@ def cmd_run(args) -> int:
         jobs = check_int("--jobs", int(jobs), 1)
     except ValueError:
         raise ValueError(f"--jobs must be an int >= 1, got {args.jobs!r}") from None
-    if args.scale not in SCALES:
-        raise ValueError(f"--scale must be one of {list(SCALES)}, got {args.scale!r}")
+    if args.scale not in SCALES + OPTIONAL_SCALES:
+        raise ValueError(f"--scale must be one of {list(SCALES + OPTIONAL_SCALES)}, got {args.scale!r}")
     exp = load_experiment(args.file, args.scale, args.out)
     if args.only:
-        labels = [label.strip() for label in args.only.split(",") if label.strip()]
+        wanted = [w.strip() for arg in args.only for w in arg.split(",") if w.strip()]
         known = list(dict.fromkeys(c.label for c in exp.cells))
-        unknown = [label for label in labels if label not in known]
-        if unknown or not labels:
-            raise ValueError(f"--only must name model labels of {exp.path!r} ({known}), got {args.only!r}")
-        exp.cells = [c for c in exp.cells if c.label in labels]
+        chosen = [c for c in exp.cells
+                  if any(c.label == w or fnmatch.fnmatchcase(c.name, w) for w in wanted)]
+        if not chosen:
+            raise ValueError(f"--only must name model labels of {exp.path!r} ({known}) or patterns of its "
+                             f"run names, got {args.only!r}")
+        exp.cells = chosen
     if len(exp.cells) > LARGE_GRID:
         print(f"warning: {len(exp.cells):,} runs (more than {LARGE_GRID:,}): each is its own run "
               f"directory and process start; check that this grid is the one you meant")
@@ -81,9 +87,18 @@ def cmd_run(args) -> int:
         print(f"  matched: {exp.matching}")
     if args.dry_run:
         check_settings(specs, f"experiment file {exp.path!r}")
+        est = estimate(specs, exp.eval_at)
         for s in specs:
             state, detail = inspect(s["run_dir"])
-            print(f"{state:<8} {s['run_dir']}" + (f"  ({detail})" if detail else ""))
+            t = est["runs"].get(s["run_dir"])
+            print(f"{state:<8} {s['run_dir']}" + ("" if t is None else f"  (est. {t:,.0f} s)")
+                  + (f"  ({detail})" if detail else ""))
+        if est["table"] is None:
+            print("estimated time: no measured step times for this device")
+        else:
+            print(f"estimated time at --jobs 1: {est['total']:,.0f} s ({est['total'] / 60:.1f} min) for the "
+                  f"whole step budgets, from the step times measured on {est['machine']} ({est['table']})"
+                  + (f"; no figure for {len(est['missing'])} run(s), not counted" if est["missing"] else ""))
         return 0
     if args.ray:
         backend = RayBackend(args.ray)

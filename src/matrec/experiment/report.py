@@ -181,6 +181,15 @@ def _order(value) -> tuple:
         1, 0, json.dumps(value, sort_keys=True))
 
 
+# a metric's chance level, where a table marks means under it: the copy tasks' recall (8 symbols)
+CHANCE = {"recall": 1 / 8}
+
+
+def _fmt_metric(s: dict, metric: str) -> str:
+    below = s["n"] and metric in CHANCE and s["mean"] < CHANCE[metric]
+    return _fmt(s) + (" (below chance)" if below else "")
+
+
 def _fmt_count(s: dict) -> str:
     # step counts: a fraction of a step in the mean says nothing
     return f"{s['mean']:.0f} ± {s['std']:.0f}" if s["n"] else "-"
@@ -284,8 +293,9 @@ def table(exp: dict) -> str:
             f" ({c['damaged']} damaged)" if c.get("damaged") else "")
         row = [c["label"], *(json.dumps(c["swept"].get(k)) for k in swept),
                "-" if c["parameters"] is None else f"{c['parameters']:,}", ok, _fmt_count(c["steps"]),
-               _fmt(c["metric"]), *([_fmt(c["loss"])] if metric != "loss" else []),
-               *(next((_fmt(e["metric"]) for e in c["eval_at"] if e["task_args"] == o), "-") for o in extra),
+               _fmt_metric(c["metric"], metric), *([_fmt(c["loss"])] if metric != "loss" else []),
+               *(next((_fmt_metric(e["metric"], metric) for e in c["eval_at"] if e["task_args"] == o), "-")
+                 for o in extra),
                _fmt(c["train_seconds"], 3), _fmt(c["step_ms"], 3), str(c["loss_spikes"])]
         if exp["target"]:
             if not c["target_reached"]:
@@ -322,7 +332,8 @@ def write_report(root: str | Path, out: str | Path | None = None, warn=None) -> 
                 f"{Path(r['run_dir']).name}: {r['reason']}" for r in damaged), ""]
         stem = f"{exp['name']}-{exp['scale']}" if exp["scale"] else exp["name"]
         for path in (plot_swept(exp, out / f"{stem}-{exp['metric']}.png"),
-                     plot_curves(exp, out / f"{stem}-curves.png")):
+                     plot_curves(exp, out / f"{stem}-curves.png"),
+                     plot_eval_at(exp, out / f"{stem}-eval_at.png")):
             if path is not None:
                 plots.append(str(path))
                 md += [f"![{path.stem}]({path.name})", ""]
@@ -438,6 +449,43 @@ def plot_swept(exp: dict, path: Path) -> Path | None:
     if min(values) > 0 and max(values) / min(values) >= 20:
         ax.set_xscale("log")
     ax.set(xlabel=x_key.rsplit(".", 1)[-1], ylabel=f"final eval {exp['metric']}", title=exp["name"])
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_eval_at(exp: dict, path: Path) -> Path | None:
+    """The metric at each ``eval_at`` setting (mean, error bar = std over seeds) against the first
+    task option they share with a number in every setting (e.g. the evaluation delay), one line per
+    cell; None when the runs have no such settings."""
+    settings = [e["task_args"] for c in exp["cells"] for e in c["eval_at"]]
+    keys = [k for k in (settings[0] if settings else {})
+            if all(isinstance(o.get(k), (int, float)) and not isinstance(o.get(k), bool) for o in settings)]
+    if not keys:
+        return None
+    x_key, lines = keys[0], {}
+    for c in exp["cells"]:
+        pts = sorted((e["task_args"][x_key], e["metric"]["mean"], e["metric"]["std"])
+                     for e in c["eval_at"] if e["metric"]["n"])
+        if pts:
+            swept = ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in c["swept"].items())
+            lines[c["label"] + (f" (trained at {swept})" if swept else "")] = pts
+    if not lines:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, pts in lines.items():
+        ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o",
+                    capsize=3, label=label)
+    if exp["metric"] in CHANCE:   # a share: the whole range, so chance does not look like a rise
+        ax.axhline(CHANCE[exp["metric"]], color="grey", lw=0.8, ls=":", label="chance")
+        ax.set_ylim(0, 1.02)
+    values = [p[0] for pts in lines.values() for p in pts]
+    if min(values) > 0 and max(values) / min(values) >= 20:
+        ax.set_xscale("log")
+    ax.set(xlabel=f"evaluation {x_key}", ylabel=exp["metric"], title=f"{exp['name']}: evaluated beyond training")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

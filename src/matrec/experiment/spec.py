@@ -25,12 +25,12 @@ from ..models import MODELS, build_model, num_parameters
 from ..train.config import TrainConfig
 from ..train.context import check_bins, plan
 
-SCALES = ("cpu", "gpu", "gpu-full")
-REQUIRED_SCALES = ("cpu", "gpu")   # every file has these; gpu-full (the full-size grid) is optional
+SCALES = ("cpu", "gpu")            # every file has both
+OPTIONAL_SCALES = ("gpu-full",)    # a file may add the full-size grid (hours; the Ray backend's home)
 TOP_KEYS = {"name", "description", "task", "task_args", "models", "train", "grid", "seeds", "budget",
             "target", "stop_at_target", "metric", "matching", "position_eval", "eval_at", "scales"}
 POSITION_KEYS = {"bins", "rows"}
-MODEL_KEYS = {"model", "model_args", "train", "size", "grid"}
+MODEL_KEYS = {"model", "model_args", "train", "size", "grid", "seeds"}
 BUDGET_KEYS = {"steps", "seconds"}
 GRID_PREFIXES = ("task_args.", "model_args.", "train.")
 # fields the experiment sets itself: a run's identity and place come from its cell
@@ -175,15 +175,13 @@ def load_experiment(path: str | Path, scale: str, out_dir: str | Path) -> Experi
                                   f"{sorted(prefix + k for k in allowed)}")
 
     unknown(data, TOP_KEYS, "")
-    if scale not in SCALES:
-        raise ExperimentError(f"scale must be one of {list(SCALES)}, got {scale!r}")
     scales = data.get("scales")
-    if (not isinstance(scales, dict) or not set(REQUIRED_SCALES) <= set(scales)
-            or not set(scales) <= set(SCALES)):
-        raise bad("scales", f"a table with the keys {list(REQUIRED_SCALES)} and optionally 'gpu-full'",
+    if (not isinstance(scales, dict) or not set(SCALES) <= set(scales)
+            or not set(scales) <= set(SCALES + OPTIONAL_SCALES)):
+        raise bad("scales", f"a table with the keys {list(SCALES)} (and optionally {list(OPTIONAL_SCALES)})",
                   sorted(scales) if isinstance(scales, dict) else scales)
     if scale not in scales:
-        raise ExperimentError(f"{where}: this file has no {scale} scale; its scales are {sorted(scales)}")
+        raise ExperimentError(f"scale must be one of the file's scales {sorted(scales)}, got {scale!r}")
     for s in scales:
         if not isinstance(scales[s], dict):
             raise bad(f"scales.{s}", "a table", scales[s])
@@ -260,6 +258,11 @@ def load_experiment(path: str | Path, scale: str, out_dir: str | Path) -> Experi
                                       f"({sorted(grid)})")
             if not isinstance(values, list) or not values:
                 raise bad(f"models.{label}.grid.{key}", "a non-empty list of values", values)
+        # a model's own seeds (e.g. one seed where three at shorter settings already show chance)
+        own_seeds = m.get("seeds", seeds)
+        if (not isinstance(own_seeds, list) or not own_seeds or len(set(own_seeds)) != len(own_seeds)
+                or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in own_seeds)):
+            raise bad(f"models.{label}.seeds", "a non-empty list of distinct ints >= 0", own_seeds)
 
     target = None
     if spec.get("target") is not None:
@@ -305,7 +308,7 @@ def load_experiment(path: str | Path, scale: str, out_dir: str | Path) -> Experi
         own_grid = {**grid, **m.get("grid", {})}
         for combo in itertools.product(*(own_grid[k] for k in keys)):
             swept = dict(zip(keys, combo))
-            for seed in seeds:
+            for seed in m.get("seeds", seeds):
                 config = {**RUN_DEFAULTS, **train, **m.get("train", {}),
                           "task": task, "task_args": dict(spec.get("task_args", {})),
                           "model": m.get("model", label), "model_args": dict(m.get("model_args", {})),

@@ -36,6 +36,11 @@ from .optim import OPTIMIZERS, lr_factor, param_groups
 from .rundir import MetricsLog, RunDirError, RunLock, claim_new_run, plot_metrics, read_metrics
 
 
+# steps per forward call when a long sequence is evaluated in pieces (Trainer.evaluate): the memory
+# held is that of one piece, whatever the sequence's length
+EVAL_CHUNK = 4096
+
+
 class NonFiniteError(RuntimeError):
     """Training produced a NaN/Inf loss, gradient or weight; the run stopped, its last checkpoint
     is good."""
@@ -302,10 +307,13 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation / checkpoints
 
     @torch.no_grad()
-    def evaluate(self, batches: int | None = None, task_args: dict | None = None) -> dict[str, float]:
+    def evaluate(self, batches: int | None = None, task_args: dict | None = None,
+                 chunk: int = EVAL_CHUNK) -> dict[str, float]:
         """Mean task metrics over ``batches`` validation batches (a fixed set: the same every call).
 
         Stream tasks are read from the start of the validation stream with the state carried.
+        A ``chunkable`` task (copy: delays up to millions of steps) is read ``chunk`` steps at a time
+        with the state carried, forward only, so the memory held does not grow with the length.
         ``task_args`` overrides some of the run's task options for this evaluation alone (the task
         is rebuilt with them), e.g. ``{"seq_len": 1024}`` to measure length extrapolation.
         """
@@ -321,17 +329,34 @@ class Trainer:
         totals: dict[str, float] = defaultdict(float)
         state = None
         for _ in range(batches):
-            x, y = task.get_batch("val", self.cfg.batch_size, gen)  # full batch on every rank
-            x, y = x.to(self.device), y.to(self.device)
-            with self._autocast():
-                out, new_state = self.model(x, state)
-            if task.stream:
-                state = new_state
-            for k, v in task.metrics(out.float(), y).items():
+            if task.chunkable:
+                metrics = self._evaluate_chunked(task, gen, chunk)
+            else:
+                x, y = task.get_batch("val", self.cfg.batch_size, gen)  # full batch on every rank
+                x, y = x.to(self.device), y.to(self.device)
+                with self._autocast():
+                    out, new_state = self.model(x, state)
+                if task.stream:
+                    state = new_state
+                metrics = task.metrics(out.float(), y)
+            for k, v in metrics.items():
                 totals[k] += v / batches
         task.load_state_dict(saved)
         self.model.train(was_training)
         return task.summarize(dict(totals))
+
+    def _evaluate_chunked(self, task, gen: torch.Generator, chunk: int) -> dict[str, float]:
+        """One validation batch of ``task`` read in pieces of ``chunk`` steps, the state carried."""
+        sums: dict[str, list] = defaultdict(lambda: [0.0, 0])
+        state = None
+        for x, y in task.chunks("val", self.cfg.batch_size, gen, chunk):   # x, y: [B, <= chunk]
+            x, y = x.to(self.device), y.to(self.device)
+            with self._autocast():
+                out, state = self.model(x, state)
+            for k, (s, c) in task.metric_sums(out.float(), y).items():
+                sums[k][0] += s
+                sums[k][1] += c
+        return {k: s / max(c, 1) for k, (s, c) in sums.items()}
 
     def save(self) -> Path | None:
         """Checkpoint the current step (rank 0 writes; every rank waits for it).

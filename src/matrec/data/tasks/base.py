@@ -38,7 +38,9 @@ class Task(abc.ABC):
     Optional capabilities have defaults here, so callers never probe for them: a text task sets
     ``has_vocabulary = True`` and overrides ``encode``/``decode`` (for sampling) and, when its
     vocabulary has a ``tokenizers`` form, ``tokenizer_json`` (checkpoints keep it); a stream task
-    overrides ``reset``, ``state_dict`` and ``load_state_dict``.
+    overrides ``reset``, ``state_dict`` and ``load_state_dict``; a task whose sequences can be very
+    long (copy) sets ``chunkable = True`` and overrides ``chunks`` and ``metric_sums``, so an
+    evaluation reads one piece at a time.
     """
 
     name: str = "task"
@@ -48,6 +50,7 @@ class Task(abc.ABC):
     baseline: float | None = None
     stream: bool = False
     has_vocabulary: bool = False
+    chunkable: bool = False   # True: chunks() and metric_sums() read one batch in pieces (evaluation)
 
     @abc.abstractmethod
     def get_batch(self, split: str, batch_size: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
@@ -61,6 +64,15 @@ class Task(abc.ABC):
     def metrics(self, output: Tensor, target: Tensor) -> dict[str, float]:
         """Named evaluation numbers (loss always; accuracy-like ones where they make sense)."""
         return {"loss": float(self.loss(output, target))}
+
+    def chunks(self, split: str, batch_size: int, generator: torch.Generator, chunk: int):
+        """The batch :meth:`get_batch` would draw, as consecutive ``(x, y)`` pieces of at most
+        ``chunk`` steps (tasks with ``chunkable = True``; with :meth:`metric_sums`)."""
+        raise TypeError(f"task {self.name!r} cannot be read in chunks")
+
+    def metric_sums(self, output: Tensor, target: Tensor) -> dict[str, tuple[float, int]]:
+        """Each metric of a piece of a batch as ``(sum, count)`` (tasks with ``chunkable = True``)."""
+        raise TypeError(f"task {self.name!r} has no metrics summable over chunks")
 
     def token_losses(self, output: Tensor, target: Tensor) -> Tensor:
         """The loss at every position ``[B, T]`` (its mean is :meth:`loss`), for the loss by
