@@ -37,8 +37,26 @@ def echo_series(steps: int, periods: tuple[int, ...], lag: int, echo: float, noi
     return (math.sqrt(1 - noise_share) * sines + math.sqrt(noise_share) * e).astype(np.float32)
 
 
+class SeriesMixin:
+    """One scalar series per split (``self.series[split]``) forecast one step ahead: features the
+    values, targets the next ones, loss MSE. Shared by every forecasting task."""
+
+    def _series(self, split: str) -> np.ndarray:
+        return self.series[split]
+
+    def _pair(self, chunk: np.ndarray) -> tuple[Tensor, Tensor]:
+        chunk = torch.from_numpy(chunk)                                           # [B, T + 1]
+        return chunk[:, :-1].unsqueeze(-1), chunk[:, 1:]                          # [B, T, 1], [B, T]
+
+    def loss(self, output: Tensor, target: Tensor) -> Tensor:
+        return F.mse_loss(output[..., 0].float(), target)
+
+    def token_losses(self, output: Tensor, target: Tensor) -> Tensor:
+        return (output[..., 0].float() - target) ** 2                              # [B, T]
+
+
 @TASKS.register("forecast")
-class Forecast(StreamMixin, Task):
+class Forecast(SeriesMixin, StreamMixin, Task):
     """Predict the next value of one long synthetic series (``length`` training steps, default
     2^20; val: the next ``length // 8`` steps), read as ``batch_size`` streams of ``seq_len``-step
     chunks that continue across batches (``stream = True``; position in ``state_dict()``).
@@ -95,19 +113,6 @@ class Forecast(StreamMixin, Task):
         self.series = {"train": series[:length], "val": series[length:]}
         self.baseline = float(self.series["train"].astype(np.float64).var())
         self.floor = noise_share * (1 - echo ** 2)
-
-    def _series(self, split: str) -> np.ndarray:
-        return self.series[split]
-
-    def _pair(self, chunk: np.ndarray) -> tuple[Tensor, Tensor]:
-        chunk = torch.from_numpy(chunk)                                           # [B, T + 1]
-        return chunk[:, :-1].unsqueeze(-1), chunk[:, 1:]                          # [B, T, 1], [B, T]
-
-    def loss(self, output: Tensor, target: Tensor) -> Tensor:
-        return F.mse_loss(output[..., 0].float(), target)
-
-    def token_losses(self, output: Tensor, target: Tensor) -> Tensor:
-        return (output[..., 0].float() - target) ** 2                              # [B, T]
 
     @torch.no_grad()   # plain numbers: no graph, and no warning for a float() of a grad tensor
     def metrics(self, output: Tensor, target: Tensor) -> dict[str, float]:

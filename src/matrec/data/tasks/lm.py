@@ -76,8 +76,25 @@ class TokenLM(Task):
                 "bits_per_token": loss / math.log(2)}
 
 
+class CharVocabulary:
+    """Characters as tokens: ``self.chars`` (sorted) and ``self.stoi``, shared by the character tasks."""
+
+    def encode(self, text: str) -> Tensor:
+        unknown = sorted(set(text) - set(self.stoi))
+        if unknown:
+            raise ValueError(f"text has characters outside the {len(self.chars)}-symbol vocabulary: {unknown}")
+        return torch.tensor([self.stoi[c] for c in text], dtype=torch.long)
+
+    def decode(self, ids) -> str:
+        return "".join(self.chars[int(i)] for i in ids)
+
+    def tokenizer_json(self) -> str:
+        """The vocabulary as a ``tokenizers`` JSON (checkpoints keep it; see :func:`char_tokenizer`)."""
+        return char_tokenizer(self.chars).to_str()
+
+
 @TASKS.register("shakespeare")
-class CharLM(TokenLM):
+class CharLM(CharVocabulary, TokenLM):
     """Character-level LM on tiny-shakespeare (1,115,394 characters, 65 symbols; first 90% train,
     last 10% val). Tokens ``[B, seq_len]``, targets the next characters. The file is downloaded
     from karpathy/char-rnn and verified (sha256), or read from ``path=`` / ``$MATREC_SHAKESPEARE``.
@@ -99,18 +116,6 @@ class CharLM(TokenLM):
         cut = int(0.9 * len(ids))
         self._set_ids(ids[:cut], ids[cut:], len(self.chars))
 
-    def encode(self, text: str) -> Tensor:
-        unknown = sorted(set(text) - set(self.stoi))
-        if unknown:
-            raise ValueError(f"text has characters outside the {len(self.chars)}-symbol vocabulary: {unknown}")
-        return torch.tensor([self.stoi[c] for c in text], dtype=torch.long)
-
-    def decode(self, ids) -> str:
-        return "".join(self.chars[int(i)] for i in ids)
-
-    def tokenizer_json(self) -> str:
-        """The vocabulary as a ``tokenizers`` JSON (checkpoints keep it; see :func:`char_tokenizer`)."""
-        return char_tokenizer(self.chars).to_str()
 
 
 @TASKS.register("shakespeare_stream")

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from ..download import SHAKESPEARE, fetch
 from .base import TASKS, Task, check_int
-from .lm import char_tokenizer
+from .lm import CharVocabulary
 from .stream import StreamMixin
 
 DIGITS = "0123456789"
@@ -62,7 +62,7 @@ def episodes(filler: np.ndarray, n: int, lo: int, hi: int, digits: int, ids: dic
 
 
 @TASKS.register("passkey")
-class Passkey(StreamMixin, Task):
+class Passkey(CharVocabulary, StreamMixin, Task):
     """Pass-key retrieval in natural text, character level. Each episode: "The pass key is 48213.
     Remember it." (a new random key of ``digits`` digits), then filler text (tiny-shakespeare
     with its digits removed, a window at a random place of the split's text), then "What is the
@@ -156,14 +156,3 @@ class Passkey(StreamMixin, Task):
         return {**means, "loss": means["nll"] / count if count else math.nan,
                 "accuracy": means["hits"] / count if count else math.nan}
 
-    def encode(self, text: str) -> Tensor:
-        unknown = sorted(set(text) - set(self.stoi))
-        if unknown:
-            raise ValueError(f"text has characters outside the {len(self.chars)}-symbol vocabulary: {unknown}")
-        return torch.tensor([self.stoi[c] for c in text], dtype=torch.long)
-
-    def decode(self, ids) -> str:
-        return "".join(self.chars[int(i)] for i in ids)
-
-    def tokenizer_json(self) -> str:
-        return char_tokenizer(self.chars).to_str()

@@ -14,10 +14,10 @@ import math
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .base import TASKS, Task, check_int, check_number
+from .forecast import SeriesMixin
 from .stream import StreamMixin
 
 BACKGROUND, SWITCH, QUERY, RESPONSE = 0, 1, 2, 3
@@ -77,7 +77,7 @@ def regime_errors(dwell: float, query_every: float, noise: float, marker: float,
 
 
 @TASKS.register("forecast_regime")
-class ForecastRegime(StreamMixin, Task):
+class ForecastRegime(SeriesMixin, StreamMixin, Task):
     """Predict the next value of a series with a hidden regime (+-1) that only rare steps reveal.
 
     Background steps are noise (``noise`` times N(0, 1)). A switch (on average every ``dwell``
@@ -128,19 +128,6 @@ class ForecastRegime(StreamMixin, Task):
         self.regime = {"train": regime[:length], "val": regime[length:]}
         errors = regime_errors(**self.options)
         self.baseline, self.floor, self.memoryless = errors["variance"], errors["floor"], errors["memoryless"]
-
-    def _series(self, split: str) -> np.ndarray:
-        return self.series[split]
-
-    def _pair(self, chunk: np.ndarray) -> tuple[Tensor, Tensor]:
-        chunk = torch.from_numpy(chunk)                                           # [B, T + 1]
-        return chunk[:, :-1].unsqueeze(-1), chunk[:, 1:]                          # [B, T, 1], [B, T]
-
-    def loss(self, output: Tensor, target: Tensor) -> Tensor:
-        return F.mse_loss(output[..., 0].float(), target)
-
-    def token_losses(self, output: Tensor, target: Tensor) -> Tensor:
-        return (output[..., 0].float() - target) ** 2                              # [B, T]
 
     @torch.no_grad()   # plain numbers: no graph, and no warning for a float() of a grad tensor
     def metrics(self, output: Tensor, target: Tensor) -> dict[str, float]:
