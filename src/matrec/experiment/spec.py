@@ -181,7 +181,7 @@ def load_experiment(path: str | Path, scale: str, out_dir: str | Path) -> Experi
         raise bad("scales", f"a table with the keys {list(SCALES)} (and optionally {list(OPTIONAL_SCALES)})",
                   sorted(scales) if isinstance(scales, dict) else scales)
     if scale not in scales:
-        raise ExperimentError(f"scale must be one of the file's scales {sorted(scales)}, got {scale!r}")
+        raise ExperimentError(f"{where}: this file has no {scale} scale; its scales are {sorted(scales)}")
     for s in scales:
         if not isinstance(scales[s], dict):
             raise bad(f"scales.{s}", "a table", scales[s])
