@@ -58,6 +58,16 @@ def best_ms(fn: Callable[[], object], device, repeats: int, warmup: int = 1) -> 
     return best_ms_each({"fn": fn}, device, repeats, warmup)["fn"]
 
 
+def module_fwd_bwd(module, x) -> Callable[[], None]:
+    """One forward and backward of a recurrent module (``out, state = module(x)``), grads cleared after."""
+    def run():
+        out, _ = module(x)
+        out.sum().backward()
+        module.zero_grad(set_to_none=True)
+
+    return run
+
+
 def relative_error(a: Tensor, b: Tensor) -> float:
     """``max |a - b| / max |b|`` in float64."""
     a, b = a.detach().double(), b.detach().double()

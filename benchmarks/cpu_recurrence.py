@@ -20,20 +20,11 @@ from __future__ import annotations
 import argparse
 
 import torch
-from _harness import Table, add_json_argument, best_ms_each, write_json
+from _harness import Table, add_json_argument, best_ms_each, module_fwd_bwd, write_json
 from torch import nn
 
 from matrec.nn.mornn import MORNN
 from matrec.ops.rnn_recurrence import RECURRENCE_BACKENDS
-
-
-def fwd_bwd(module, x):
-    def run():
-        out, _ = module(x)
-        out.sum().backward()
-        module.zero_grad(set_to_none=True)
-
-    return run
 
 
 def gemm_limit(B: int, T: int, H: int, repeats: int) -> dict[str, float]:
@@ -73,7 +64,7 @@ def candidates_grid(H: int) -> dict[str, nn.Module]:
 
 def per_step_us(candidates: dict[str, nn.Module], B: int, T: int, H: int, repeats: int) -> dict[str, float]:
     x = torch.randn(T, B, H)
-    fns = {name: fwd_bwd(mod, x) for name, mod in candidates.items()}
+    fns = {name: module_fwd_bwd(mod, x) for name, mod in candidates.items()}
     return {name: ms * 1e3 / T for name, ms in best_ms_each(fns, "cpu", repeats, warmup=1).items()}
 
 

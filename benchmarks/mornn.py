@@ -14,25 +14,16 @@ from __future__ import annotations
 import argparse
 
 import torch
-from _harness import Table, add_json_argument, best_ms, best_ms_each, write_json
+from _harness import Table, add_json_argument, best_ms, best_ms_each, module_fwd_bwd, write_json
 from torch import nn
 
 from matrec.nn.mornn import MORNN
 from matrec.ops.orthogonal import ORTHOGONAL_MAPS
 
 
-def fwd_bwd(module, x):
-    def run():
-        out, _ = module(x)
-        out.sum().backward()
-        module.zero_grad(set_to_none=True)
-
-    return run
-
-
 def fwd_bwd_once(module, x) -> float:
     """Seconds of one forward+backward of ``module`` on ``x`` (benchmarks/gpu_check.py times with it)."""
-    return best_ms(fwd_bwd(module, x), x.device, repeats=1, warmup=0) / 1e3
+    return best_ms(module_fwd_bwd(module, x), x.device, repeats=1, warmup=0) / 1e3
 
 
 def rows(B, T, H, device, repeats, warmup, skip_loop) -> dict[str, float]:
@@ -50,7 +41,7 @@ def rows(B, T, H, device, repeats, warmup, skip_loop) -> dict[str, float]:
     candidates["MORNN identity (chunked)"] = MORNN(H, H, nonlinearity="identity", recurrence_backend="chunked")
     if not skip_loop:
         candidates["MORNN modrelu (autograd loop)"] = MORNN(H, H, nonlinearity="modrelu", recurrence_backend="loop")
-    fns = {name: fwd_bwd(mod.to(device), x) for name, mod in candidates.items()}
+    fns = {name: module_fwd_bwd(mod.to(device), x) for name, mod in candidates.items()}
     return best_ms_each(fns, device, repeats, warmup)
 
 
