@@ -106,3 +106,16 @@ def one_line_error(proc, command: str, *fragments: str) -> str:
     for fragment in fragments:
         assert fragment in lines[0], (fragment, lines[0])
     return lines[0]
+
+
+def refused_in_process(capsys, *argv) -> str:
+    """Run ``matrec ARGV`` in this process (``cli.main``) and assert a one-line user error (exit 2, no
+    traceback); return the error text."""
+    import pytest
+
+    from matrec import cli
+    with pytest.raises(SystemExit) as e:
+        cli.main(list(map(str, argv)))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    return err

@@ -12,7 +12,7 @@ import pytest
 
 from matrec import cli
 from matrec.train.checkpoint import load_checkpoint
-from support import TINY_TRAIN, matrec_cli, one_line_error
+from support import TINY_TRAIN, matrec_cli, one_line_error, refused_in_process
 
 
 @pytest.fixture(scope="module")
@@ -37,20 +37,13 @@ def runs(tmp_path_factory):
     return root
 
 
-def _refused(capsys, *argv) -> str:
-    with pytest.raises(SystemExit) as e:
-        cli.main(list(map(str, argv)))
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
-    return err
-
 
 def test_export_max_length_is_checked_before_any_work(runs, tmp_path, capsys):
     one_line_error(matrec_cli("export", runs / "mornn", "--format", "onnx", "--max-length", "1",
                               "--out", tmp_path / "m.onnx"),
                    "export", "--max-length must be an int in [8, 16777216], got 1")
     for bad in (2 ** 63, 10 ** 12, 0, -5):
-        assert "--max-length must be an int in [8, 16777216]" in _refused(
+        assert "--max-length must be an int in [8, 16777216]" in refused_in_process(
             capsys, "export", runs / "mornn", "--format", "onnx", "--max-length", bad, "--out", tmp_path / "m.onnx")
     assert not (tmp_path / "m.onnx").exists()
 
@@ -101,14 +94,14 @@ def test_forged_weights_and_bad_stored_tokenizers_are_clear_errors(runs, tmp_pat
     shutil.copytree(runs / "lm", forged)
     ckpt = _forge(forged, "model.safetensors", b"\x08\x00\x00\x00\x00\x00\x00\x00{}garbage")
     for argv in (["sample", forged, "--tokens", "2"], ["export", forged, "--format", "onnx", "--out", tmp_path / "x"]):
-        err = _refused(capsys, *argv)
+        err = refused_in_process(capsys, *argv)
         assert "cannot be read as safetensors" in err and str(ckpt / "model.safetensors") in err
     one_line_error(matrec_cli("sample", forged, "--tokens", "2"), "sample", "cannot be read as safetensors")
     # a valid safetensors file of other tensors
     from safetensors.torch import save
     import torch
     _forge(forged, "model.safetensors", save({"w": torch.zeros(3)}))
-    assert "do not fit the model" in _refused(capsys, "sample", forged, "--tokens", "2")
+    assert "do not fit the model" in refused_in_process(capsys, "sample", forged, "--tokens", "2")
 
     bad = tmp_path / "bad-tokenizer"
     shutil.copytree(runs / "lm", bad)
@@ -116,13 +109,13 @@ def test_forged_weights_and_bad_stored_tokenizers_are_clear_errors(runs, tmp_pat
     state = json.loads((ckpt / "state.json").read_text())
     for tokenizer in ('{"not": "a tokenizer"}', "garbage"):
         (ckpt / "state.json").write_text(json.dumps({**state, "tokenizer": tokenizer}))
-        err = _refused(capsys, "sample", bad, "--tokens", "2")
+        err = refused_in_process(capsys, "sample", bad, "--tokens", "2")
         assert "the tokenizer in state.json cannot be read" in err and str(ckpt) in err
     one_line_error(matrec_cli("sample", bad, "--tokens", "2"), "sample", "the tokenizer in state.json cannot be read")
     if importlib.util.find_spec("transformers") is not None:
-        err = _refused(capsys, "export-hf", bad, tmp_path / "hf")
+        err = refused_in_process(capsys, "export-hf", bad, tmp_path / "hf")
         assert "the tokenizer in state.json cannot be read" in err and not (tmp_path / "hf").exists()
-        err = _refused(capsys, "export-hf", forged, tmp_path / "hf")
+        err = refused_in_process(capsys, "export-hf", forged, tmp_path / "hf")
         assert "do not fit the model" in err and not (tmp_path / "hf").exists()
 
 

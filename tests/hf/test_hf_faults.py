@@ -8,7 +8,7 @@ import pytest
 pytest.importorskip("transformers")
 
 from matrec import cli  # noqa: E402
-from support import TINY_TRAIN, matrec_cli, one_line_error  # noqa: E402
+from support import TINY_TRAIN, matrec_cli, one_line_error, refused_in_process  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -31,13 +31,6 @@ def _snapshot(folder):
     return {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
 
 
-def _refused(capsys, *argv) -> str:
-    with pytest.raises(SystemExit) as e:
-        cli.main(list(map(str, argv)))
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and len(err.strip().splitlines()) == 1, err
-    return err
-
 
 def test_export_hf_never_writes_into_a_run_or_over_a_folder(lm_run, tmp_path, capsys):
     before = _snapshot(lm_run)
@@ -45,7 +38,8 @@ def test_export_hf_never_writes_into_a_run_or_over_a_folder(lm_run, tmp_path, ca
     one_line_error(matrec_cli("export-hf", lm_run, lm_run), "export-hf", "exists and is not an empty folder")
     one_line_error(matrec_cli("export-hf", lm_run, lm_run / "hf"), "export-hf",
                    "lies inside the run directory", str(lm_run.resolve()))
-    assert "lies inside the run directory" in _refused(capsys, "export-hf", lm_run, lm_run / "checkpoints" / "hf")
+    assert "lies inside the run directory" in refused_in_process(capsys, "export-hf", lm_run,
+                                                                 lm_run / "checkpoints" / "hf")
     assert not (lm_run / "hf").exists() and not (lm_run / "checkpoints" / "hf").exists()
     # another run as OUT: refused whole, and that run keeps its config
     other = tmp_path / "other"
@@ -55,7 +49,7 @@ def test_export_hf_never_writes_into_a_run_or_over_a_folder(lm_run, tmp_path, ca
     one_line_error(matrec_cli("export-hf", lm_run, other), "export-hf", "not an empty folder")
     assert (other / "config.json").read_text() == '{"model": "rnn"}'
     (tmp_path / "file").write_text("x")
-    assert "not an empty folder" in _refused(capsys, "export-hf", lm_run, tmp_path / "file")
+    assert "not an empty folder" in refused_in_process(capsys, "export-hf", lm_run, tmp_path / "file")
     assert _snapshot(lm_run) == before
     # a new folder, or an empty one, is what it writes
     (tmp_path / "empty").mkdir()
@@ -90,7 +84,7 @@ def test_import_hf_damaged_or_edited_directories_are_clear_errors(hf_dir, tmp_pa
     run = tmp_path / "run"
     for field, value in (("vocab_size", 14), ("d_model", 32)):
         folder = _edited(hf_dir, tmp_path, **{field: value})
-        err = _refused(capsys, "import-hf", folder, run)
+        err = refused_in_process(capsys, "import-hf", folder, run)
         assert str(folder / "model.safetensors") in err and f"{field}={value}" in err and "has shape" in err
         shutil.rmtree(folder)
     folder = _edited(hf_dir, tmp_path)
@@ -101,11 +95,11 @@ def test_import_hf_damaged_or_edited_directories_are_clear_errors(hf_dir, tmp_pa
     folder = _edited(hf_dir, tmp_path)
     data = (folder / "model.safetensors").read_bytes()
     (folder / "model.safetensors").write_bytes(data[:len(data) // 2])
-    err = _refused(capsys, "import-hf", folder, run)
+    err = refused_in_process(capsys, "import-hf", folder, run)
     assert str(folder / "model.safetensors") in err and "cannot be read as safetensors" in err
     tensors = load_file(hf_dir / "model.safetensors")
     (folder / "model.safetensors").unlink()
     torch.save(tensors, folder / "pytorch_model.bin")   # a pickle: never loaded
-    err = _refused(capsys, "import-hf", folder, run)
+    err = refused_in_process(capsys, "import-hf", folder, run)
     assert "has no model.safetensors" in err and "['pytorch_model.bin'] are pickles" in err
     assert not run.exists()
