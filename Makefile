@@ -26,8 +26,10 @@ demo: install
 lint: install
 	$(BIN)/ruff check .
 
+# Two worker processes by default (the CI machine has 2 cores); TEST_WORKERS=0 runs in one process.
+TEST_WORKERS ?= 2
 test: lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 
 bench: install
 	$(BIN)/matrec bench
