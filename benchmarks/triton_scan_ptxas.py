@@ -10,7 +10,7 @@ import subprocess
 import tempfile
 import warnings
 
-from matrec.ops.mru_scan.triton import _num_warps, _padded, compile_for_target
+from matrec.ops.mru_scan.triton import compile_for_target, launch_config
 
 KERNELS = [  # (body, constexpr flags) as the launches use them in the multi-chunk case
     ("mru_fwd_chunk_total", {}),
@@ -33,8 +33,8 @@ def main():
     from triton.backends.nvidia.compiler import get_ptxas
 
     ptxas = get_ptxas(args.arch).path
-    print("| io dtype | d | kernel | num_warps | registers/thread | spill stores (bytes) |")
-    print("|---|---|---|---|---|---|")
+    print("| io dtype | d | kernel | sequences/program | num_warps | stages | registers/thread | spill stores (bytes) |")
+    print("|---|---|---|---|---|---|---|---|")
     for io in args.dtypes.split(","):
         for d in map(int, args.dims.split(",")):
             for name, flags in KERNELS:
@@ -49,8 +49,9 @@ def main():
                 report = run.stdout + run.stderr
                 regs = re.search(r"Used (\d+) registers", report).group(1)
                 spills = re.search(r"(\d+) bytes spill stores", report).group(1)
-                warps = _num_warps(_padded(d), backward=name.startswith("mru_bwd"))
-                print(f"| {io} | {d} | {name} | {warps} | {regs} | {spills} |")
+                cfg = launch_config(d)
+                warps = cfg.warps_bwd if name.startswith("mru_bwd") else cfg.warps_fwd
+                print(f"| {io} | {d} | {name} | {cfg.seq} | {warps} | {cfg.stages} | {regs} | {spills} |")
 
 
 if __name__ == "__main__":
