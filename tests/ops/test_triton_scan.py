@@ -86,6 +86,11 @@ CASES = [
     (1, 9, 32, 4),
     (2, 5, 1, 2),  # d = 1 and d = 64: the ends of the documented 1 <= d <= 64
     (1, 5, 64, 2),
+    # several sequences per program (8 at d <= 8, 4 at d = 16): odd N leaves the last program a tail
+    (9, 7, 8, 3),
+    (5, 33, 16, 10),
+    (3, 1, 16, None),
+    (11, 7, 3, None),
 ]
 
 
@@ -137,29 +142,50 @@ def test_empty_sequence(device):
 def test_opcheck(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     gen = torch.Generator().manual_seed(3)
-    M = _states(2, 3, 2, torch.float32, "cpu", gen).requires_grad_()
-    H0 = torch.randn(2, 2, 2, generator=gen, requires_grad=True)
+    M = _states(3, 5, 2, torch.float32, "cpu", gen).requires_grad_()
+    H0 = torch.randn(3, 2, 2, generator=gen, requires_grad=True)
     torch.library.opcheck(torch.ops.matrec.triton_mru_scan_fwd, (M, H0, 2))
     torch.library.opcheck(torch.ops.matrec.triton_mru_scan_fwd, (M, None, 0))
-    H = mru_scan_triton(M.detach(), H0.detach())
-    G = torch.randn_like(H)
-    torch.library.opcheck(torch.ops.matrec.triton_mru_scan_bwd, (G, M.detach(), H, H0.detach(), 2))
-    torch.library.opcheck(torch.ops.matrec.triton_mru_scan_bwd, (G, M.detach(), H, None, 0))
+    for chunk_size, h0 in ((2, H0.detach()), (0, None)):  # three chunks (totals kept), one (none)
+        H, P = torch.ops.matrec.triton_mru_scan_fwd(M.detach(), h0, chunk_size)
+        assert P.numel() == (3 * 3 * 8 * 8 if chunk_size else 0)  # N * n_chunks * D * D, D = 8
+        G = torch.randn_like(H)
+        torch.library.opcheck(torch.ops.matrec.triton_mru_scan_bwd, (G, M.detach(), H, P, h0, chunk_size))
 
 
 def test_default_chunking_on_a_gpu(monkeypatch):
-    """The CUDA heuristic, with the SM count of an H100 (132) faked: enough sequences -> one chunk
-    each; few sequences -> chunks of >= 32 steps, at most ~2 sqrt(T) of them; never > 65535 chunks."""
+    """The CUDA heuristic, with the SM count of an H100/H200 (132) faked: enough sequence groups for
+    4 programs per SM -> one chunk each; fewer -> chunks of max(16, ceil(sqrt(T))) steps; never more
+    than 65535 chunks."""
     props = type("Props", (), {"multi_processor_count": 132})()
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
+    triton_scan._sm_count.cache_clear()
     cuda = torch.device("cuda")
-    assert triton_scan._chunk_size(4 * 132, 512, cuda, 0) == 512
-    assert triton_scan._chunk_size(240, 512, cuda, 0) == 171  # (80, 3, 512, 16): 3 chunks
-    assert triton_scan._chunk_size(1, 65536, cuda, 0) == 128  # 512 chunks
-    assert triton_scan._chunk_size(1, 40, cuda, 0) == 40  # too short to split into >= 32 steps
-    assert triton_scan._chunk_size(1, 10**8, cuda, 1) == math.ceil(10**8 / 65535)
-    assert triton_scan._chunk_size(2, 100, torch.device("cpu"), 0) == 100
-    assert triton_scan._chunk_size(2, 100, torch.device("cpu"), 7) == 7
+    try:
+        assert triton_scan._chunk_size(4 * 132 * 4, 512, cuda, 0, seq=4) == 512
+        assert triton_scan._chunk_size(240, 512, cuda, 0, seq=4) == 23  # (80, 3, 512, 16): 23 chunks
+        assert triton_scan._chunk_size(384, 256, cuda, 0, seq=8) == 16  # (64, 6, 256, 8): 16 chunks
+        assert triton_scan._chunk_size(32, 4096, cuda, 0, seq=4) == 64  # (8, 4, 4096, 16): 64 chunks
+        assert triton_scan._chunk_size(1, 65536, cuda, 0) == 256
+        assert triton_scan._chunk_size(1, 40, cuda, 0) == 16
+        assert triton_scan._chunk_size(1, 10, cuda, 0) == 10  # never longer than the sequence
+        assert triton_scan._chunk_size(1, 10**8, cuda, 1) == math.ceil(10**8 / 65535)
+        assert triton_scan._chunk_size(2, 100, torch.device("cpu"), 0) == 100
+        assert triton_scan._chunk_size(2, 100, torch.device("cpu"), 7) == 7
+    finally:
+        triton_scan._sm_count.cache_clear()
+
+
+def test_launch_plan_is_cached():
+    """A call resolves nothing on the host beyond a cache lookup: the same shape gives the same plan
+    object, and its grids cover every sequence with SEQ per program."""
+    cpu = torch.device("cpu")
+    plan = triton_scan._plan(9, 100, 3, cpu, 7)
+    assert triton_scan._plan(9, 100, 3, cpu, 7) is plan
+    assert (plan.D, plan.cfg.seq, plan.chunk, plan.n_chunks) == (8, 8, 7, 15)
+    assert plan.grid == (2, 15) and plan.grid_seq == (2,)  # ceil(9 / 8) groups: the last one masked
+    assert plan.totals_shape() == (9 * 15 * 8 * 8,)
+    assert triton_scan._plan(9, 100, 3, cpu, 0).totals_shape() == (0,)  # one chunk: no totals
 
 
 @pytest.mark.cuda
@@ -192,16 +218,56 @@ KERNEL_LAUNCHES = [  # every body with each constexpr branch its launches use
     ("mru_bwd_apply", {"FROM_CARRY": False, "HAS_H0": True}),
     ("mru_bwd_apply", {"FROM_CARRY": True, "HAS_H0": False}),
 ]
+TIME_LOOPS = {  # body -> global loads per step of its time loop (all pipelined)
+    "mru_fwd_chunk_total": 1, "mru_fwd_chunk_carry": 1, "mru_fwd_apply": 1,
+    "mru_bwd_chunk_affine": 2, "mru_bwd_chunk_carry": 2, "mru_bwd_apply": 3,
+}
 
 
-@pytest.mark.parametrize("io_dtype,d", [("fp32", 16), ("bf16", 5)])
+def _assert_static(kernel, name, pipelined=True):
+    """The sm_90 facts the issue asks of every kernel: a cubin, no TF32, no register spill, and the time
+    loop's loads all issued ahead as asynchronous copies (no synchronous global load in the loop)."""
+    from matrec.ops.triton_inspect import loop_loads, ptxas_usage
+
+    assert kernel.asm["cubin"]
+    assert "tf32" not in kernel.asm["ptx"]
+    usage = ptxas_usage(kernel, 90)
+    assert usage["spill_stores"] == 0 and usage["spill_loads"] == 0, f"{name} spills: {usage}"
+    (loop,) = loop_loads(kernel.asm["ttgir"])  # one time loop per body
+    if pipelined:
+        assert loop == {"sync": 0, "async": TIME_LOOPS[name]}, f"{name}: loads in the loop {loop}"
+
+
+@pytest.mark.parametrize("io_dtype,d", [("fp32", 16), ("bf16", 8)])
 @pytest.mark.parametrize("name,flags", KERNEL_LAUNCHES)
 def test_kernels_compile_for_h100(name, flags, io_dtype, d):
     """The interpreter runs Python, so it accepts code Triton's compiler rejects; compiling each body
-    to a cubin for sm_90 (no GPU needed) checks the GPU path. No TF32 may appear: fp32 means fp32."""
+    to a cubin for sm_90 (no GPU needed) checks the GPU path, with the static checks above."""
     kernel = triton_scan.compile_for_target(name, d=d, io_dtype=io_dtype, arch=90, **flags)
-    assert kernel.asm["cubin"]
-    assert "tf32" not in kernel.asm["ptx"]
+    _assert_static(kernel, name)
+
+
+HOT_LOOPS = [("mru_fwd_apply", {"CARRY": 2}), ("mru_bwd_chunk_affine", {}),
+             ("mru_bwd_apply", {"FROM_CARRY": True, "HAS_H0": True})]
+
+
+@pytest.mark.parametrize("d", [3, 8, 32])
+@pytest.mark.parametrize("name,flags", HOT_LOOPS)
+def test_hot_loops_for_every_order_used(name, flags, d):
+    """The per-step kernels at the other padded orders (D = 8 with real d < 8, D = 8, 32): each entry of
+    CONFIGS that the kernel is meant for (d <= 32) builds without spills and pipelines its loads.
+    (d = 64's backward spills, see CONFIGS.)"""
+    _assert_static(triton_scan.compile_for_target(name, d=d, arch=90, **flags), name)
+
+
+def test_pipelining_check_can_fail():
+    """The control for the check above: with one stage Triton's pipeliner is off, and the same check
+    sees every load of the backward's step as synchronous."""
+    from matrec.ops.triton_inspect import loop_loads
+
+    kernel = triton_scan.compile_for_target("mru_bwd_apply", d=16, arch=90, stages=1, FROM_CARRY=True,
+                                            HAS_H0=True)
+    assert loop_loads(kernel.asm["ttgir"]) == [{"sync": 3, "async": 0}]
 
 
 class _TinyMixer(torch.nn.Module):

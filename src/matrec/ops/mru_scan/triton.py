@@ -163,7 +163,8 @@ class _Plan:
     bwd_carry_kw: dict  # ... of mru_bwd_chunk_carry (no DIM: it reads fp32 chunk buffers only)
 
     def totals_shape(self) -> tuple:
-        return (self.N, self.n_chunks, self.D, self.D) if self.n_chunks > 1 else (0,)
+        """The chunk totals' buffer, flat (its length is then the one symbolic size a fake needs)."""
+        return (self.N * self.n_chunks * self.D * self.D if self.n_chunks > 1 else 0,)
 
 
 @functools.lru_cache(maxsize=256)
@@ -186,8 +187,8 @@ def _on(device: torch.device):
 
 
 def _forward(states: Tensor, initial_state: Optional[Tensor], chunk_size: int) -> tuple[Tensor, Tensor]:
-    """``(H, P)``: the states and the chunk totals (fp32 ``[N, n_chunks, D, D]``, or ``[0]`` when a
-    sequence is one chunk), kept for the backward."""
+    """``(H, P)``: the states and the chunk totals (fp32 ``[N, n_chunks, D, D]`` flattened, or ``[0]``
+    when a sequence is one chunk), kept for the backward."""
     N, T, d, _ = states.shape
     out = _empty(states.shape, states)
     if out.numel() == 0:
@@ -201,7 +202,7 @@ def _forward(states: Tensor, initial_state: Optional[Tensor], chunk_size: int) -
     if plan.n_chunks == 1:
         carry, S = (1 if initial_state is not None else 0), M
     else:
-        S = _empty(P.shape, P)
+        S = _empty(P.shape, P)  # [N * n_chunks * D * D]
         _kernel("mru_fwd_chunk_total", dev)[plan.grid](M, P, N, T, plan.n_chunks, plan.chunk, **kw)
         _kernel("mru_fwd_chunk_carry", dev)[plan.grid_seq](P, S, H0, N, plan.n_chunks,
                                                            HAS_H0=initial_state is not None, **kw)
@@ -247,7 +248,8 @@ def _backward(grad: Tensor, states: Tensor, output: Tensor, totals: Tensor,
 def triton_mru_scan_fwd(states: Tensor, initial_state: Optional[Tensor],
                         chunk_size: int) -> tuple[Tensor, Tensor]:
     """``(H [N, T, d, d], chunk totals)`` from ``states [N, T, d, d]`` and ``initial_state [N, d, d]``
-    or None. The totals (fp32 ``[N, n_chunks, D, D]``, ``[0]`` for one chunk) are for the backward."""
+    or None. The totals (fp32 ``[N, n_chunks, D, D]`` flattened, ``[0]`` for one chunk) are for the
+    backward."""
     with _on(states.device):
         return _forward(states, initial_state, chunk_size)
 
@@ -255,9 +257,10 @@ def triton_mru_scan_fwd(states: Tensor, initial_state: Optional[Tensor],
 @triton_mru_scan_fwd.register_fake
 def _(states, initial_state, chunk_size):
     N, T, d, _ = states.shape
-    if states.numel() == 0:
-        return states.new_empty(states.shape), states.new_empty(0, dtype=torch.float32)
-    totals = _plan(N, T, d, states.device, chunk_size).totals_shape()
+    if all(isinstance(s, int) for s in states.shape) and isinstance(chunk_size, int):
+        totals = (0,) if states.numel() == 0 else _plan(N, T, d, states.device, chunk_size).totals_shape()
+    else:  # symbolic shapes (dynamic torch.compile): the chunking is decided at run time
+        totals = (torch.library.get_ctx().new_dynamic_size(),)
     return states.new_empty(states.shape), states.new_empty(totals, dtype=torch.float32)
 
 
