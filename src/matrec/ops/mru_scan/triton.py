@@ -181,6 +181,33 @@ def _plan(N: int, T: int, d: int, device: torch.device, chunk_size: int) -> _Pla
                  dict(num_warps=cfg.warps_bwd, **sizes))
 
 
+def scan_cost(N: int, T: int, d: int, io_bytes: int = 4, device="cuda", chunk_size: int = 0) -> dict:
+    """The kernel's analytic cost for ``N`` sequences of ``T`` steps of order ``d`` (no initial state),
+    as the plan of this device launches it: HBM bytes and FMAs of the forward and the backward.
+
+    ``floor_bytes``: what any implementation must move (forward reads M and writes H; backward reads
+    M, H, dH and writes dM), ``bytes``: what these kernels move (M and dH read twice when a sequence is
+    split into chunks, plus the fp32 chunk buffers), ``fmas``: multiply-adds executed (padded
+    ``D x D`` blocks), ``useful_fmas``: ``d^3`` per product of the definition (``T`` forward, ``2T``
+    backward). Caches are ignored: each buffer access counts once.
+    """
+    plan = _plan(N, T, d, torch.device(device), chunk_size)
+    unit = N * T * d * d * io_bytes  # one [N, T, d, d] tensor
+    block = N * plan.n_chunks * plan.D ** 2 * 4  # one fp32 chunk buffer
+    cube, chunks = plan.D ** 3, plan.n_chunks
+    split = chunks > 1
+    fwd_bytes = 2 * unit + (unit + 4 * block if split else 0)  # + M again; P and S written, read
+    bwd_bytes = 4 * unit + (2 * unit + 5 * block if split else 0)  # + M, dH again; L w/r, P r, BC w/r
+    fwd_fmas = N * (T + (T + chunks if split else 0)) * cube
+    bwd_fmas = N * (2 * T + (T + chunks if split else 0)) * cube
+    return {"n_chunks": chunks, "chunk": plan.chunk, "seq_per_program": plan.cfg.seq,
+            "programs": plan.grid[0] * plan.grid[1],
+            "floor_bytes": {"fwd": 2 * unit, "bwd": 4 * unit},
+            "bytes": {"fwd": fwd_bytes, "bwd": bwd_bytes},
+            "fmas": {"fwd": fwd_fmas, "bwd": bwd_fmas},
+            "useful_fmas": {"fwd": N * T * d ** 3, "bwd": 2 * N * T * d ** 3}}
+
+
 def _on(device: torch.device):
     """Triton launches on the current CUDA device: make it the tensors' one (cuda:1 etc.)."""
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
