@@ -176,6 +176,38 @@ def test_default_chunking_on_a_gpu(monkeypatch):
         triton_scan._sm_count.cache_clear()
 
 
+def test_padding_follows_the_installed_triton(monkeypatch):
+    """D = d rounded up to a power of two, at least the K the installed Triton's fp32 dot accepts:
+    8 in Triton 3.9 (so d = 8 runs unpadded), 16 where an older Triton asks for it."""
+    import triton
+
+    if tuple(int(x) for x in triton.__version__.split(".")[:2]) >= (3, 9):
+        assert triton_scan._min_dot_k() == 8
+    k = triton_scan._min_dot_k()
+    assert [triton_scan._padded(d) for d in (5, 8, 9, 17, 64)] == [max(k, x) for x in (8, 8, 16, 32, 64)]
+    monkeypatch.setattr(triton_scan, "_min_dot_k", lambda: 16)
+    assert [triton_scan._padded(d) for d in (1, 3, 8, 16, 17)] == [16, 16, 16, 16, 32]
+    assert triton_scan.launch_config(8) is triton_scan.CONFIGS[16]
+
+
+def test_scan_cost_counts_bytes_and_fmas():
+    """The analytic model gpu_check prints beside each timing, against a count by hand: one chunk
+    moves exactly the floor; split, M and dH are read twice and the fp32 chunk buffers move."""
+    cpu = torch.device("cpu")
+    D = triton_scan._padded(8)
+    one = triton_scan.scan_cost(3, 10, 8, 4, cpu)  # one chunk (the CPU default)
+    unit = 3 * 10 * 8 * 8 * 4
+    assert one["n_chunks"] == 1 and one["bytes"] == one["floor_bytes"] == {"fwd": 2 * unit, "bwd": 4 * unit}
+    assert one["fmas"] == {"fwd": 3 * 10 * D**3, "bwd": 2 * 3 * 10 * D**3}
+    D = triton_scan._padded(3)
+    split = triton_scan.scan_cost(3, 10, 3, 2, cpu, chunk_size=4)  # bf16, 3 chunks of <= 4 steps
+    unit, block = 3 * 10 * 3 * 3 * 2, 3 * 3 * D * D * 4
+    assert split["n_chunks"] == 3 and split["floor_bytes"] == {"fwd": 2 * unit, "bwd": 4 * unit}
+    assert split["bytes"] == {"fwd": 3 * unit + 4 * block, "bwd": 6 * unit + 5 * block}
+    assert split["fmas"] == {"fwd": 3 * (2 * 10 + 3) * D**3, "bwd": 3 * (3 * 10 + 3) * D**3}
+    assert split["useful_fmas"] == {"fwd": 3 * 10 * 27, "bwd": 2 * 3 * 10 * 27}
+
+
 def test_launch_plan_is_cached():
     """A call resolves nothing on the host beyond a cache lookup: the same shape gives the same plan
     object, and its grids cover every sequence with SEQ per program."""

@@ -77,9 +77,25 @@ def _kernel(name: str, device: torch.device):
     return launchable(getattr(bodies, name), device)
 
 
+@functools.lru_cache(maxsize=None)
+def _min_dot_k() -> int:
+    """The smallest K the installed Triton's fp32 ``tl.dot`` takes on NVIDIA GPUs: 8 in Triton 3.9,
+    16 in older releases (asked of Triton's own rule, so the interpreter pads as the GPU would)."""
+    from types import SimpleNamespace
+
+    try:
+        from triton.backends.compiler import GPUTarget
+        from triton.backends.nvidia.compiler import min_dot_size
+
+        fp32 = SimpleNamespace(scalar=SimpleNamespace(primitive_bitwidth=32))
+        return max(1, int(min_dot_size(GPUTarget("cuda", 90, 32))(fp32, fp32)[2]))
+    except Exception:  # an older or newer layout of triton's backend: the long-standing minimum
+        return 16
+
+
 def _padded(d: int) -> int:
-    """``d`` rounded up to a power of two, at least 8: Triton's fp32 ``tl.dot`` needs K >= 8."""
-    return max(8, 1 << (d - 1).bit_length())
+    """``d`` rounded up to a power of two, at least the K an fp32 ``tl.dot`` needs (:func:`_min_dot_k`)."""
+    return max(_min_dot_k(), 1 << (d - 1).bit_length())
 
 
 def launch_config(d: int) -> LaunchConfig:
