@@ -51,7 +51,7 @@ class LaunchConfig:
 # Untimed (no GPU has run this kernel form yet): chosen from the sm_90 compile alone, ptxas's registers
 # and spills (benchmarks/triton_scan_ptxas.py, table in docs/kernel.md): as many sequences per program
 # as keep the backward's live blocks in registers without spilling. d = 64's backward still spills
-# (220 bytes at 16 warps; more at 8 or 32): the kernel is meant for d <= 32.
+# (236 bytes at 16 warps for fp32 I/O, 900 for bf16; more at 8 or 32): the kernel is meant for d <= 32.
 # tests/ops/test_triton_scan.py compiles the d <= 32 entries for sm_90 and fails on any spill.
 CONFIGS = {
     8: LaunchConfig(seq=8, warps_fwd=4, warps_bwd=4, stages=3),
