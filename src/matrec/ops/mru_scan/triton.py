@@ -17,7 +17,8 @@ lookup, its output allocations and 1 or 3 launches per direction, with no host s
 (CUDA-graph capturable).
 
 Registered with ``torch.library`` (``matrec::triton_mru_scan_fwd`` / ``_bwd``, fake impls, autograd),
-so ``torch.compile(fullgraph=True)`` sees one opaque op. ``triton`` is imported lazily: this module
+so ``torch.compile(fullgraph=True)`` sees one opaque op; eager calls take the same forward and backward
+through a plain ``autograd.Function``, skipping the ops' dispatch layers. ``triton`` is imported lazily: this module
 imports without it and ``triton_available`` says why the kernel cannot run.
 """
 import contextlib
@@ -28,6 +29,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from ...checks import check_int
 from ..triton_support import compile_ahead, device_available, launchable
@@ -128,9 +130,16 @@ def compile_for_target(name: str, *, d: int, io_dtype: str = "fp32", arch: int =
 
 
 def _check_runnable(device: torch.device) -> None:
+    if device.type == "cuda" and _cuda_runnable(device):
+        return  # a CUDA verdict cannot change within a process: asked once per device
     ok, reason = triton_available(device)
     if not ok:
         raise RuntimeError(f"mru_scan_triton cannot run on {device}: {reason}")
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_runnable(device: torch.device) -> bool:
+    return triton_available(device)[0]
 
 
 def _empty(shape, like: Tensor, dtype=None) -> Tensor:
@@ -339,6 +348,28 @@ def _scan_backward(ctx, grad, _grad_totals):
 triton_mru_scan_fwd.register_autograd(_scan_backward, setup_context=_setup_context)
 
 
+class _EagerScan(torch.autograd.Function):
+    """The ops' forward and backward without torch.library's dispatch layers, for eager calls: they
+    are most of a call's host work when the kernels themselves are quick
+    (``benchmarks/scan_host_overhead.py``). Traced calls (torch.compile, export) use the ops."""
+
+    @staticmethod
+    def forward(ctx, states, initial_state, chunk_size):
+        with _on(states.device):
+            H, totals = _forward(states, initial_state, chunk_size)
+        ctx.save_for_backward(states, initial_state, H, totals)
+        ctx.chunk_size = chunk_size
+        return H
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        states, initial_state, output, totals = ctx.saved_tensors
+        with _on(states.device):
+            d_states, d_init = _backward(grad, states, output, totals, initial_state, ctx.chunk_size)
+        return d_states, (d_init if initial_state is not None else None), None
+
+
 def mru_scan_triton(states: Tensor, initial_state: Optional[Tensor] = None, *,
                     chunk_size: Optional[int] = None) -> Tensor:
     """All MRU states ``H_t = H_{t-1} @ M_t`` by the fused Triton kernel; differentiable.
@@ -370,4 +401,6 @@ def mru_scan_triton(states: Tensor, initial_state: Optional[Tensor] = None, *,
         if initial_state.device != states.device:
             raise ValueError(f"initial_state is on {initial_state.device}, states on {states.device}")
     check_int("chunk_size", chunk_size, allow_none=True)
-    return triton_mru_scan_fwd(states, initial_state, chunk_size or 0)[0]
+    if torch.compiler.is_compiling():  # one opaque op in the graph
+        return triton_mru_scan_fwd(states, initial_state, chunk_size or 0)[0]
+    return _EagerScan.apply(states, initial_state, chunk_size or 0)
