@@ -198,13 +198,15 @@ def test_scan_cost_counts_bytes_and_fmas():
     one = triton_scan.scan_cost(3, 10, 8, 4, cpu)  # one chunk (the CPU default)
     unit = 3 * 10 * 8 * 8 * 4
     assert one["n_chunks"] == 1 and one["bytes"] == one["floor_bytes"] == {"fwd": 2 * unit, "bwd": 4 * unit}
-    assert one["fmas"] == {"fwd": 3 * 10 * D**3, "bwd": 2 * 3 * 10 * D**3}
+    seq = triton_scan.launch_config(8).seq  # FMAs executed count whole groups of sequences
+    assert one["fmas"] == {"fwd": seq * 10 * D**3, "bwd": 2 * seq * 10 * D**3}
     D = triton_scan._padded(3)
     split = triton_scan.scan_cost(3, 10, 3, 2, cpu, chunk_size=4)  # bf16, 3 chunks of <= 4 steps
     unit, block = 3 * 10 * 3 * 3 * 2, 3 * 3 * D * D * 4
     assert split["n_chunks"] == 3 and split["floor_bytes"] == {"fwd": 2 * unit, "bwd": 4 * unit}
     assert split["bytes"] == {"fwd": 3 * unit + 4 * block, "bwd": 6 * unit + 5 * block}
-    assert split["fmas"] == {"fwd": 3 * (2 * 10 + 3) * D**3, "bwd": 3 * (3 * 10 + 3) * D**3}
+    seq = triton_scan.launch_config(3).seq
+    assert split["fmas"] == {"fwd": seq * (2 * 10 + 3) * D**3, "bwd": seq * (3 * 10 + 3) * D**3}
     assert split["useful_fmas"] == {"fwd": 3 * 10 * 27, "bwd": 2 * 3 * 10 * 27}
 
 

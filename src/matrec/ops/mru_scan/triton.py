@@ -213,8 +213,8 @@ def scan_cost(N: int, T: int, d: int, io_bytes: int = 4, device="cuda", chunk_si
     ``floor_bytes``: what any implementation must move (forward reads M and writes H; backward reads
     M, H, dH and writes dM), ``bytes``: what these kernels move (M and dH read twice when a sequence is
     split into chunks, plus the fp32 chunk buffers), ``fmas``: multiply-adds executed (padded
-    ``D x D`` blocks), ``useful_fmas``: ``d^3`` per product of the definition (``T`` forward, ``2T``
-    backward). Caches are ignored: each buffer access counts once.
+    ``D x D`` blocks, whole groups of sequences), ``useful_fmas``: ``d^3`` per product of the
+    definition (``T`` forward, ``2T`` backward). Caches are ignored: each buffer access counts once.
     """
     plan = _plan(N, T, d, torch.device(device), chunk_size)
     unit = N * T * d * d * io_bytes  # one [N, T, d, d] tensor
@@ -223,8 +223,9 @@ def scan_cost(N: int, T: int, d: int, io_bytes: int = 4, device="cuda", chunk_si
     split = chunks > 1
     fwd_bytes = 2 * unit + (unit + 4 * block if split else 0)  # + M again; P and S written, read
     bwd_bytes = 4 * unit + (2 * unit + 5 * block if split else 0)  # + M, dH again; L w/r, P r, BC w/r
-    fwd_fmas = N * (T + (T + chunks if split else 0)) * cube
-    bwd_fmas = N * (2 * T + (T + chunks if split else 0)) * cube
+    rows = plan.grid[0] * plan.cfg.seq  # sequences computed: the last group's missing ones too
+    fwd_fmas = rows * (T + (T + chunks if split else 0)) * cube
+    bwd_fmas = rows * (2 * T + (T + chunks if split else 0)) * cube
     return {"n_chunks": chunks, "chunk": plan.chunk, "seq_per_program": plan.cfg.seq,
             "programs": plan.grid[0] * plan.grid[1],
             "floor_bytes": {"fwd": 2 * unit, "bwd": 4 * unit},
