@@ -1,16 +1,15 @@
 """Static resource use of the Triton scan kernels for a GPU target, with no GPU: registers per thread
-and spill bytes as ptxas reports them. A check on block sizes and ``num_warps``, not a timing.
+and spill bytes as ptxas reports them, and the loads of each time loop (synchronous / pipelined).
+A check on the launch configuration table (``CONFIGS``), not a timing.
 
     PYTHONPATH=src python benchmarks/triton_scan_ptxas.py --arch 90
 """
 import argparse
 import os
-import re
-import subprocess
-import tempfile
 import warnings
 
-from matrec.ops.mru_scan.triton import _num_warps, _padded, compile_for_target
+from matrec.ops.mru_scan.triton import compile_for_target, launch_config
+from matrec.ops.triton_inspect import loop_loads, ptxas_usage
 
 KERNELS = [  # (body, constexpr flags) as the launches use them in the multi-chunk case
     ("mru_fwd_chunk_total", {}),
@@ -30,27 +29,19 @@ def main():
     args = parser.parse_args()
     os.environ.pop("TRITON_INTERPRET", None)  # compile, never interpret
     warnings.filterwarnings("ignore")
-    from triton.backends.nvidia.compiler import get_ptxas
-
-    ptxas = get_ptxas(args.arch).path
-    print("| io dtype | d | kernel | num_warps | registers/thread | spill stores (bytes) |")
-    print("|---|---|---|---|---|---|")
+    print("| io dtype | d | kernel | sequences/program | num_warps | stages | registers/thread "
+          "| spill stores (bytes) | loop loads sync/async |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for io in args.dtypes.split(","):
         for d in map(int, args.dims.split(",")):
+            cfg = launch_config(d)
             for name, flags in KERNELS:
                 kernel = compile_for_target(name, d=d, io_dtype=io, arch=args.arch, **flags)
-                with tempfile.TemporaryDirectory() as tmp:
-                    ptx = os.path.join(tmp, "k.ptx")
-                    with open(ptx, "w") as f:
-                        f.write(kernel.asm["ptx"])
-                    sm = f"sm_{args.arch}a" if args.arch >= 90 else f"sm_{args.arch}"
-                    cmd = [ptxas, "--gpu-name", sm, "-v", ptx, "-o", os.path.join(tmp, "k.cubin")]
-                    run = subprocess.run(cmd, capture_output=True, text=True, check=True)
-                report = run.stdout + run.stderr
-                regs = re.search(r"Used (\d+) registers", report).group(1)
-                spills = re.search(r"(\d+) bytes spill stores", report).group(1)
-                warps = _num_warps(_padded(d), backward=name.startswith("mru_bwd"))
-                print(f"| {io} | {d} | {name} | {warps} | {regs} | {spills} |")
+                use = ptxas_usage(kernel, args.arch)
+                loops = "; ".join(f"{x['sync']}/{x['async']}" for x in loop_loads(kernel.asm["ttgir"]))
+                warps = cfg.warps_bwd if name.startswith("mru_bwd") else cfg.warps_fwd
+                print(f"| {io} | {d} | {name} | {cfg.seq} | {warps} | {cfg.stages} | {use['registers']} "
+                      f"| {use['spill_stores']} | {loops} |")
 
 
 if __name__ == "__main__":

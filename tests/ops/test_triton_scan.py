@@ -86,6 +86,11 @@ CASES = [
     (1, 9, 32, 4),
     (2, 5, 1, 2),  # d = 1 and d = 64: the ends of the documented 1 <= d <= 64
     (1, 5, 64, 2),
+    # several sequences per program (8 at d <= 8, 4 at d = 16): odd N leaves the last program a tail
+    (9, 7, 8, 3),
+    (5, 33, 16, 10),
+    (3, 1, 16, None),
+    (11, 7, 3, None),
 ]
 
 
@@ -137,29 +142,84 @@ def test_empty_sequence(device):
 def test_opcheck(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     gen = torch.Generator().manual_seed(3)
-    M = _states(2, 3, 2, torch.float32, "cpu", gen).requires_grad_()
-    H0 = torch.randn(2, 2, 2, generator=gen, requires_grad=True)
+    M = _states(3, 5, 2, torch.float32, "cpu", gen).requires_grad_()
+    H0 = torch.randn(3, 2, 2, generator=gen, requires_grad=True)
     torch.library.opcheck(torch.ops.matrec.triton_mru_scan_fwd, (M, H0, 2))
     torch.library.opcheck(torch.ops.matrec.triton_mru_scan_fwd, (M, None, 0))
-    H = mru_scan_triton(M.detach(), H0.detach())
-    G = torch.randn_like(H)
-    torch.library.opcheck(torch.ops.matrec.triton_mru_scan_bwd, (G, M.detach(), H, H0.detach(), 2))
-    torch.library.opcheck(torch.ops.matrec.triton_mru_scan_bwd, (G, M.detach(), H, None, 0))
+    for chunk_size, h0 in ((2, H0.detach()), (0, None)):  # three chunks (totals kept), one (none)
+        H, P = torch.ops.matrec.triton_mru_scan_fwd(M.detach(), h0, chunk_size)
+        assert P.numel() == (3 * 3 * 8 * 8 if chunk_size else 0)  # N * n_chunks * D * D, D = 8
+        G = torch.randn_like(H)
+        torch.library.opcheck(torch.ops.matrec.triton_mru_scan_bwd, (G, M.detach(), H, P, h0, chunk_size))
 
 
 def test_default_chunking_on_a_gpu(monkeypatch):
-    """The CUDA heuristic, with the SM count of an H100 (132) faked: enough sequences -> one chunk
-    each; few sequences -> chunks of >= 32 steps, at most ~2 sqrt(T) of them; never > 65535 chunks."""
+    """The CUDA heuristic, with the SM count of an H100/H200 (132) faked: enough sequence groups for
+    4 programs per SM -> one chunk each; fewer -> chunks of max(16, ceil(sqrt(T))) steps; never more
+    than 65535 chunks."""
     props = type("Props", (), {"multi_processor_count": 132})()
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
+    triton_scan._sm_count.cache_clear()
     cuda = torch.device("cuda")
-    assert triton_scan._chunk_size(4 * 132, 512, cuda, 0) == 512
-    assert triton_scan._chunk_size(240, 512, cuda, 0) == 171  # (80, 3, 512, 16): 3 chunks
-    assert triton_scan._chunk_size(1, 65536, cuda, 0) == 128  # 512 chunks
-    assert triton_scan._chunk_size(1, 40, cuda, 0) == 40  # too short to split into >= 32 steps
-    assert triton_scan._chunk_size(1, 10**8, cuda, 1) == math.ceil(10**8 / 65535)
-    assert triton_scan._chunk_size(2, 100, torch.device("cpu"), 0) == 100
-    assert triton_scan._chunk_size(2, 100, torch.device("cpu"), 7) == 7
+    try:
+        assert triton_scan._chunk_size(4 * 132 * 4, 512, cuda, 0, seq=4) == 512
+        assert triton_scan._chunk_size(240, 512, cuda, 0, seq=4) == 23  # (80, 3, 512, 16): 23 chunks
+        assert triton_scan._chunk_size(384, 256, cuda, 0, seq=8) == 16  # (64, 6, 256, 8): 16 chunks
+        assert triton_scan._chunk_size(32, 4096, cuda, 0, seq=4) == 64  # (8, 4, 4096, 16): 64 chunks
+        assert triton_scan._chunk_size(1, 65536, cuda, 0) == 256
+        assert triton_scan._chunk_size(1, 40, cuda, 0) == 16
+        assert triton_scan._chunk_size(1, 10, cuda, 0) == 10  # never longer than the sequence
+        assert triton_scan._chunk_size(1, 10**8, cuda, 1) == math.ceil(10**8 / 65535)
+        assert triton_scan._chunk_size(2, 100, torch.device("cpu"), 0) == 100
+        assert triton_scan._chunk_size(2, 100, torch.device("cpu"), 7) == 7
+    finally:
+        triton_scan._sm_count.cache_clear()
+
+
+def test_padding_follows_the_installed_triton(monkeypatch):
+    """D = d rounded up to a power of two, at least the K the installed Triton's fp32 dot accepts:
+    8 in Triton 3.9 (so d = 8 runs unpadded), 16 where an older Triton asks for it."""
+    import triton
+
+    if tuple(int(x) for x in triton.__version__.split(".")[:2]) >= (3, 9):
+        assert triton_scan._min_dot_k() == 8
+    k = triton_scan._min_dot_k()
+    assert [triton_scan._padded(d) for d in (5, 8, 9, 17, 64)] == [max(k, x) for x in (8, 8, 16, 32, 64)]
+    monkeypatch.setattr(triton_scan, "_min_dot_k", lambda: 16)
+    assert [triton_scan._padded(d) for d in (1, 3, 8, 16, 17)] == [16, 16, 16, 16, 32]
+    assert triton_scan.launch_config(8) is triton_scan.CONFIGS[16]
+
+
+def test_scan_cost_counts_bytes_and_fmas():
+    """The analytic model gpu_check prints beside each timing, against a count by hand: one chunk
+    moves exactly the floor; split, M and dH are read twice and the fp32 chunk buffers move."""
+    cpu = torch.device("cpu")
+    D = triton_scan._padded(8)
+    one = triton_scan.scan_cost(3, 10, 8, 4, cpu)  # one chunk (the CPU default)
+    unit = 3 * 10 * 8 * 8 * 4
+    assert one["n_chunks"] == 1 and one["bytes"] == one["floor_bytes"] == {"fwd": 2 * unit, "bwd": 4 * unit}
+    seq = triton_scan.launch_config(8).seq  # FMAs executed count whole groups of sequences
+    assert one["fmas"] == {"fwd": seq * 10 * D**3, "bwd": 2 * seq * 10 * D**3}
+    D = triton_scan._padded(3)
+    split = triton_scan.scan_cost(3, 10, 3, 2, cpu, chunk_size=4)  # bf16, 3 chunks of <= 4 steps
+    unit, block = 3 * 10 * 3 * 3 * 2, 3 * 3 * D * D * 4
+    assert split["n_chunks"] == 3 and split["floor_bytes"] == {"fwd": 2 * unit, "bwd": 4 * unit}
+    assert split["bytes"] == {"fwd": 3 * unit + 4 * block, "bwd": 6 * unit + 5 * block}
+    seq = triton_scan.launch_config(3).seq
+    assert split["fmas"] == {"fwd": seq * (2 * 10 + 3) * D**3, "bwd": seq * (3 * 10 + 3) * D**3}
+    assert split["useful_fmas"] == {"fwd": 3 * 10 * 27, "bwd": 2 * 3 * 10 * 27}
+
+
+def test_launch_plan_is_cached():
+    """A call resolves nothing on the host beyond a cache lookup: the same shape gives the same plan
+    object, and its grids cover every sequence with SEQ per program."""
+    cpu = torch.device("cpu")
+    plan = triton_scan._plan(9, 100, 3, cpu, 7)
+    assert triton_scan._plan(9, 100, 3, cpu, 7) is plan
+    assert (plan.D, plan.cfg.seq, plan.chunk, plan.n_chunks) == (8, 8, 7, 15)
+    assert plan.grid == (2, 15) and plan.grid_seq == (2,)  # ceil(9 / 8) groups: the last one masked
+    assert plan.totals_shape() == (9 * 15 * 8 * 8,)
+    assert triton_scan._plan(9, 100, 3, cpu, 0).totals_shape() == (0,)  # one chunk: no totals
 
 
 @pytest.mark.cuda
@@ -192,16 +252,56 @@ KERNEL_LAUNCHES = [  # every body with each constexpr branch its launches use
     ("mru_bwd_apply", {"FROM_CARRY": False, "HAS_H0": True}),
     ("mru_bwd_apply", {"FROM_CARRY": True, "HAS_H0": False}),
 ]
+TIME_LOOPS = {  # body -> global loads per step of its time loop (all pipelined)
+    "mru_fwd_chunk_total": 1, "mru_fwd_chunk_carry": 1, "mru_fwd_apply": 1,
+    "mru_bwd_chunk_affine": 2, "mru_bwd_chunk_carry": 2, "mru_bwd_apply": 3,
+}
 
 
-@pytest.mark.parametrize("io_dtype,d", [("fp32", 16), ("bf16", 5)])
+def _assert_static(kernel, name, pipelined=True):
+    """The sm_90 facts the issue asks of every kernel: a cubin, no TF32, no register spill, and the time
+    loop's loads all issued ahead as asynchronous copies (no synchronous global load in the loop)."""
+    from matrec.ops.triton_inspect import loop_loads, ptxas_usage
+
+    assert kernel.asm["cubin"]
+    assert "tf32" not in kernel.asm["ptx"]
+    usage = ptxas_usage(kernel, 90)
+    assert usage["spill_stores"] == 0 and usage["spill_loads"] == 0, f"{name} spills: {usage}"
+    (loop,) = loop_loads(kernel.asm["ttgir"])  # one time loop per body
+    if pipelined:
+        assert loop == {"sync": 0, "async": TIME_LOOPS[name]}, f"{name}: loads in the loop {loop}"
+
+
+@pytest.mark.parametrize("io_dtype,d", [("fp32", 16), ("bf16", 8)])
 @pytest.mark.parametrize("name,flags", KERNEL_LAUNCHES)
 def test_kernels_compile_for_h100(name, flags, io_dtype, d):
     """The interpreter runs Python, so it accepts code Triton's compiler rejects; compiling each body
-    to a cubin for sm_90 (no GPU needed) checks the GPU path. No TF32 may appear: fp32 means fp32."""
+    to a cubin for sm_90 (no GPU needed) checks the GPU path, with the static checks above."""
     kernel = triton_scan.compile_for_target(name, d=d, io_dtype=io_dtype, arch=90, **flags)
-    assert kernel.asm["cubin"]
-    assert "tf32" not in kernel.asm["ptx"]
+    _assert_static(kernel, name)
+
+
+HOT_LOOPS = [("mru_fwd_apply", {"CARRY": 2}), ("mru_bwd_chunk_affine", {}),
+             ("mru_bwd_apply", {"FROM_CARRY": True, "HAS_H0": True})]
+
+
+@pytest.mark.parametrize("d", [3, 8, 32])
+@pytest.mark.parametrize("name,flags", HOT_LOOPS)
+def test_hot_loops_for_every_order_used(name, flags, d):
+    """The per-step kernels at the other padded orders (D = 8 with real d < 8, D = 8, 32): each entry of
+    CONFIGS that the kernel is meant for (d <= 32) builds without spills and pipelines its loads.
+    (d = 64's backward spills, see CONFIGS.)"""
+    _assert_static(triton_scan.compile_for_target(name, d=d, arch=90, **flags), name)
+
+
+def test_pipelining_check_can_fail():
+    """The control for the check above: with one stage Triton's pipeliner is off, and the same check
+    sees every load of the backward's step as synchronous."""
+    from matrec.ops.triton_inspect import loop_loads
+
+    kernel = triton_scan.compile_for_target("mru_bwd_apply", d=16, arch=90, stages=1, FROM_CARRY=True,
+                                            HAS_H0=True)
+    assert loop_loads(kernel.asm["ttgir"]) == [{"sync": 3, "async": 0}]
 
 
 class _TinyMixer(torch.nn.Module):

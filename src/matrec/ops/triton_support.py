@@ -74,13 +74,15 @@ def launchable(fn, device: torch.device):
     return _KERNELS[key]
 
 
-def compile_ahead(fn, signature_of, constexprs: dict, num_warps: int, arch: int = 90):
+def compile_ahead(fn, signature_of, constexprs: dict, num_warps: int, arch: int = 90,
+                  aligned_pointers: bool = False):
     """Compile kernel body ``fn`` for ``sm_<arch>`` with no GPU: what the interpreter cannot check.
 
     ``signature_of(arg) -> str`` gives each non-constexpr argument's Triton type (``"i32"``,
     ``"*fp32"``, ...); ``constexprs`` maps the compile-time arguments to their values. Options are
-    those of a launch (``num_warps``, fp fusion on). Returns Triton's compiled kernel (``.asm``,
-    ``.metadata``).
+    those of a launch (``num_warps``, fp fusion on). ``aligned_pointers``: specialise every pointer as
+    16-byte aligned, as a launch does for torch's allocations (vector widths, and so which loads can be
+    asynchronous copies, depend on it). Returns Triton's compiled kernel (``.asm``, ``.metadata``).
     """
     import triton
     from triton.backends.compiler import GPUTarget
@@ -89,6 +91,8 @@ def compile_ahead(fn, signature_of, constexprs: dict, num_warps: int, arch: int 
     jit = JITFunction(fn)
     constexprs = {k: v for k, v in constexprs.items() if k in jit.arg_names}
     signature = {arg: "constexpr" if arg in constexprs else signature_of(arg) for arg in jit.arg_names}
-    source = triton.compiler.ASTSource(fn=jit, signature=signature, constexprs=constexprs)
+    attrs = {(k,): [["tt.divisibility", 16]] for k, arg in enumerate(jit.arg_names)
+             if aligned_pointers and signature[arg].startswith("*")}
+    source = triton.compiler.ASTSource(fn=jit, signature=signature, constexprs=constexprs, attrs=attrs)
     options = {"num_warps": num_warps, "enable_fp_fusion": True}
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)

@@ -160,20 +160,21 @@ def check_triton_kernel(device: torch.device, dtype: torch.dtype, d: int) -> str
     """The first-use check of the fused kernel (:mod:`matrec.ops.kernel_guard`): None if it agrees
     with the float64 reference on a small random problem, else why not.
 
-    Two sequences of 37 rotations with an initial state, once as one chunk and once in chunks of 8
-    (so the chunk-total and carry phases run too); outputs and the gradients of both inputs.
+    Five sequences of 37 rotations with an initial state (more than one program's group of sequences
+    at d >= 16, a partial group at every d), once as one chunk and once in chunks of 8 (so the
+    chunk-total and carry phases run too); outputs and the gradients of both inputs.
     """
     gen = torch.Generator().manual_seed(0)
-    A = torch.randn(2, 37, d, d, generator=gen, dtype=torch.float64)
-    M = torch.linalg.matrix_exp((A - A.mT) * (0.3 / d**0.5))  # [2, 37, d, d]
-    A0 = torch.randn(2, d, d, generator=gen, dtype=torch.float64)
-    H0 = torch.linalg.matrix_exp(A0 - A0.mT)  # [2, d, d]
-    G = torch.randn(2, 37, d, d, generator=gen, dtype=torch.float64)
+    A = torch.randn(5, 37, d, d, generator=gen, dtype=torch.float64)
+    M = torch.linalg.matrix_exp((A - A.mT) * (0.3 / d**0.5))  # [5, 37, d, d]
+    A0 = torch.randn(5, d, d, generator=gen, dtype=torch.float64)
+    H0 = torch.linalg.matrix_exp(A0 - A0.mT)  # [5, d, d]
+    G = torch.randn(5, 37, d, d, generator=gen, dtype=torch.float64)
     ref_in = (M.clone().requires_grad_(), H0.clone().requires_grad_())
     ref = _PatternScan.apply(*ref_in, sequential_scan, None)
     ref_grads = torch.autograd.grad(ref, ref_in, G)
     tol = 1e-4 if dtype == torch.float32 else 3e-2  # fp32 arithmetic; bf16/fp16 rounding of I/O
-    for chunk_size in (None, 8):
+    for chunk_size in (37, 8):  # one chunk per sequence (no totals), and split into 5
         x = M.to(device, dtype).requires_grad_()
         h = H0.to(device, dtype).requires_grad_()
         out = _triton_function(x, h, chunk_size=chunk_size)
