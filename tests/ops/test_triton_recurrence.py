@@ -3,6 +3,8 @@
 CPU tensors run in Triton's interpreter (the same kernel bodies and block sizes as on a GPU, executed
 in numpy), CUDA tensors compiled; ptxas checks what the interpreter cannot (spills, shared memory).
 """
+import functools
+
 import pytest
 import torch
 
@@ -212,3 +214,235 @@ def test_forward_without_h0_compiles(H):
 @pytest.mark.parametrize("weight_dtype", [F32, BF16])
 def test_cuda_matches_reference(nonlinearity, T, B, H, dtype, with_h0, weight_dtype):
     check(T, B, H, nonlinearity, dtype, with_h0, weight_dtype=weight_dtype, device="cuda")
+
+
+# ------------------------------------------------------------------------------------------------
+# The column-split kernels (matrec.ops.rnn_recurrence.triton_split). The interpreter runs their one-step
+# launches (the persistent kernel's body without its barrier); the sm_90 compile checks the barrier.
+
+from matrec.ops.rnn_recurrence import dispatch  # noqa: E402
+from matrec.ops.rnn_recurrence import triton_split as ts  # noqa: E402
+
+
+def check_split(T, B, H, nonlinearity, with_h0, seed=0):
+    """The split kernel's outputs, final state and every gradient against the float64 loop on the same
+    (float32) inputs; rows on a kink are left out as in ``check``."""
+    x, W, h0, b = make(T, B, H, nonlinearity, F32, with_h0, seed=seed)
+    keep = rows_off_the_kinks(x, W, h0, b, nonlinearity)
+    assert keep.float().mean() >= 0.5, "the case is too close to the kinks to test anything"
+    x, h0 = (None if t is None else t.detach()[..., keep, :].requires_grad_() for t in (x, h0))
+    inputs = [t for t in (x, W, h0, b) if t is not None]
+    ts.LAST_RUN.clear()
+    out = tr.triton_recurrence(x, W, h0, b, nonlinearity, kernel="split")
+    assert ts.LAST_RUN["forward"] == ("split", "interpreter: one launch per step")
+    ref_inputs = [t.detach().double().requires_grad_() for t in inputs]
+    ref_args = iter(ref_inputs)
+    ref = recurrence_reference(*[None if t is None else next(ref_args) for t in (x, W, h0, b)], nonlinearity)
+    assert out.shape == x.shape and torch.isfinite(out).all()  # the buffers start NaN: all written
+    assert_close(out, ref.float())
+    assert_close(out[-1], ref[-1].float())  # the final state, which a caller carries on
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    got, want = torch.autograd.grad(out, inputs, grad), torch.autograd.grad(ref, ref_inputs, grad.double())
+    assert ts.LAST_RUN["backward"][0] == "split"
+    for a, r, t in zip(got, want, inputs):
+        assert a.dtype == t.dtype and a.shape == t.shape and torch.isfinite(a).all()
+        assert_close(a, r.float())
+
+
+# (T, B, H): one step; two row blocks and three column slices (a partial one) of 16; a long run with one
+# slice (a single launch) and one with two slices (100 forward and 101 backward launches, slow interpreted)
+@pytest.mark.parametrize("T,B,H,with_h0", [(1, 2, 5, True), (7, 17, 37, False), (7, 3, 20, True),
+                                           (100, 3, 13, True)])
+@pytest.mark.parametrize("nonlinearity", ["modrelu", "identity", "tanh"])
+def test_split_matches_float64_reference(T, B, H, with_h0, nonlinearity):
+    if T == 100 and nonlinearity == "tanh":
+        pytest.skip("tanh is covered by the short cases")
+    check_split(T, B, H, nonlinearity, with_h0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nonlinearity", ["modrelu", "identity"])
+def test_split_long_run_across_slices(nonlinearity):
+    """100 steps whose state crosses between two column slices every step (~8 s interpreted)."""
+    check_split(100, 3, 20, nonlinearity, True)
+
+
+def test_split_relu():
+    check_split(7, 3, 20, "relu", True)
+
+
+class _Props:
+    multi_processor_count = 132  # an H100/H200
+
+
+@pytest.mark.parametrize("B,H,block_h,persistent", [(128, 256, 16, True), (128, 512, 32, True),
+                                                    (64, 512, 16, True), (3, 5, 16, True),
+                                                    (512, 512, 32, False)])
+def test_split_plan_on_a_132_sm_gpu(B, H, block_h, persistent, monkeypatch):
+    """The narrowest slice whose grid fits one program per SM; beyond, the row kernel, with the reason."""
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: _Props())
+    p = ts.plan(B, H, torch.device("cuda"))
+    assert p.block_h == block_h and p.persistent == persistent
+    assert p.grid == (-(-B // 16), -(-H // block_h))
+    if not persistent:
+        assert p.reason.endswith("row kernel") and "exceeds the 132 SMs" in p.reason
+
+
+def test_split_falls_back_when_a_wait_expires(monkeypatch):
+    """A persistent launch whose bounded wait expired: the call is recomputed by the row kernel, with a
+    warning naming the reason (the launch itself is simulated: no barrier runs on CPU)."""
+    monkeypatch.setattr(ts, "plan", lambda B, H, device: ts.SplitPlan(16, (1, 2), True, "persistent: 2 programs"))
+    monkeypatch.setattr(ts, "_run", lambda *args: False)
+    x, W, h0, b = make(3, 2, 20, "modrelu", F32, True)
+    with pytest.warns(RuntimeWarning, match="fell back to the row kernel: a bounded wait expired"):
+        out = tr.triton_recurrence(x, W, h0, b, "modrelu", kernel="split")
+    assert ts.LAST_RUN["forward"][0] == "rows"
+    assert_close(out, recurrence_reference(x, W, h0, b, "modrelu"))
+    with pytest.warns(RuntimeWarning, match=r"\(backward\) fell back"):
+        out.sum().backward()
+    assert ts.LAST_RUN["backward"][0] == "rows" and torch.isfinite(W.grad).all()
+
+
+def test_split_bad_arguments():
+    x, W, h0, b = make(3, 2, 4, "modrelu", F32, True)
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        tr.triton_recurrence(x, W, h0, b, kernel="columns")
+    with pytest.raises(ValueError, match="kernel='split' needs weight_dtype=torch.float32"):
+        tr.triton_recurrence(x, W, h0, b, kernel="split", weight_dtype=BF16)
+
+
+def test_split_op_registration():
+    x, W, h0, b = (t.detach() for t in make(3, 2, 20, "modrelu", F32, True))
+    torch.library.opcheck(ts.split_op, (x, W, h0, b, "modrelu"))
+
+
+# --- static checks of the sm_90 compile -----------------------------------------------------------
+
+
+def loads_in_time_loop_from(ttgir: str, arg: str) -> list[str]:
+    """The global loads (``tt.load``, async copies to shared memory, TMA loads) inside the kernel's first
+    top-level ``scf.for`` (the time loop) whose pointer
+    derives (through addptr, splat, broadcast, ...) from the kernel argument ``arg``.
+
+    The printed names are scoped per region (two branches may both define ``%hp``), so a name stands for
+    every op that defines it: a load is reported if any of them leads to ``arg``, which can only add
+    reports, never hide one."""
+    import re
+
+    defs = {}  # SSA name -> the values read by every op that defines that name
+    for line in ttgir.splitlines():
+        m = re.match(r"\s*(%[\w.]+)(?::\d+)? = (.*)$", line)
+        if m:
+            defs.setdefault(m.group(1), []).extend(r.split("#")[0] for r in re.findall(r"%[\w.#]+", m.group(2)))
+        for inner, init in re.findall(r"(%[\w.]+) = (%[\w.#]+)[,)]", line):  # loop-carried: iter_args(%a = %init)
+            defs.setdefault(inner, []).append(init.split("#")[0])
+
+    def from_arg(value, seen):
+        if value == f"%{arg}":
+            return True
+        seen.add(value)
+        return any(from_arg(v, seen) for v in defs.get(value, ()) if v not in seen)
+
+    lines = ttgir.splitlines()
+    start = next(i for i, line in enumerate(lines) if " scf.for " in line)
+    depth, hits = 0, []
+    for line in lines[start:]:
+        depth += line.count("{") - line.count("}")
+        m = re.search(r"(?:tt\.load|async_copy_global_to_local|descriptor_load) (%[\w.#]+)", line)
+        if m and from_arg(m.group(1).split("#")[0], set()):
+            hits.append(line.strip()[:120])
+        if depth <= 0:
+            break
+    return hits
+
+
+@functools.lru_cache(maxsize=None)
+def split_report(H, backward, block_h, nonlinearity="modrelu", persistent=True):
+    return ts.compile_report(H, backward, nonlinearity, block_h=block_h, persistent=persistent)
+
+
+SPLIT_BUILDS = [(256, 16), (512, 32)]  # B = 128's plans at H 256 and 512 (test_split_plan_on_a_132_sm_gpu)
+
+
+@pytest.mark.parametrize("H,block_h", SPLIT_BUILDS)
+@pytest.mark.parametrize("backward", [False, True])
+def test_split_compiled_for_h100(H, block_h, backward):
+    """The persistent kernel builds for sm_90, does not spill, fits the shared memory, uses no TF32, and
+    its barrier is in the PTX: a release add at GPU scope and acquire loads (a relaxed load followed by
+    an acquire fence, or ld.acquire)."""
+    import re
+
+    r = split_report(H, backward, block_h)
+    assert r["spills"] == 0 and r["shared_kib"] <= H100_SHARED_KIB and "tf32" not in r["ptx"]
+    assert re.search(r"(red|atom)\.global\.gpu\.release\.add", r["ptx"])
+    assert re.search(r"ld\.acquire\.gpu|ld\.global\.acquire\.gpu", r["ptx"]) or (
+        re.search(r"ld\.relaxed\.gpu\.global", r["ptx"]) and re.search(r"fence\.(acquire|acq_rel)\.gpu", r["ptx"]))
+    assert re.search(r"ld\.global\.cg", r["ptx"])  # h_{t-1} (dL/dz_{t+1}) read from L2, past a stale L1
+
+
+def test_split_one_step_variant_has_no_barrier():
+    """The same body with PERSISTENT off (what the interpreter tests) compiles without the barrier
+    instructions, so the check above sees the barrier's, not something else's."""
+    ptx = split_report(256, False, 16, persistent=False)["ptx"]
+    assert "release" not in ptx and "fence.acquire" not in ptx
+
+
+@pytest.mark.parametrize("H,block_h", SPLIT_BUILDS)
+@pytest.mark.parametrize("backward", [False, True])
+def test_split_loads_w_once_before_the_time_loop(H, block_h, backward):
+    r = split_report(H, backward, block_h)
+    assert loads_in_time_loop_from(r["ttgir"], "W") == []
+    assert loads_in_time_loop_from(r["ttgir"], "OUT" if not backward else "GZ")  # the state is read per step
+
+
+def test_w_load_check_finds_a_load_in_the_loop():
+    """The tiled row kernel streams W^T tiles inside its time loop: the check must say so."""
+    from matrec.ops.triton_support import compile_ahead
+
+    fn, consts, warps = tr.kernel_plan(200, F32, False, "modrelu")
+    kernel = compile_ahead(fn, lambda a: "i32" if a in ("T", "B", "H") else "*fp32", consts, warps)
+    assert loads_in_time_loop_from(kernel.asm["ttgir"], "W")
+
+
+# --- auto on CUDA, behind the first-use check ----------------------------------------------------
+
+
+@pytest.fixture
+def fake_cuda_triton(monkeypatch):
+    """A device that Triton can run on, as far as auto can tell, with the check's verdict settable."""
+    from matrec.ops import kernel_guard
+
+    kernel_guard.reset()
+    monkeypatch.setattr(dispatch, "_triton_available", lambda device: (True, "triton on CUDA"))
+    verdict = {"reason": None}
+    monkeypatch.setitem(kernel_guard.KERNEL_CHECKS._items, "rnn_recurrence",
+                        lambda device, dtype, size: verdict["reason"])
+    yield verdict
+    kernel_guard.reset()
+
+
+def test_auto_picks_triton_on_cuda_for_modrelu_and_identity(fake_cuda_triton):
+    cuda = torch.device("cuda")
+    for nonlinearity in ("modrelu", "identity"):
+        assert dispatch._triton_auto(cuda, F32, (1000, 128, 256), nonlinearity)
+    assert dispatch._triton_auto(cuda, BF16, (10, 4, 512), "modrelu")
+    assert not dispatch._triton_auto(cuda, F32, (10, 4, 256), "tanh")  # MORNN runs it on cuDNN
+    assert not dispatch._triton_auto(cuda, torch.float64, (10, 4, 256), "modrelu")
+    assert not dispatch._triton_auto(cuda, F32, (10, 4, 513), "modrelu")
+
+
+def test_auto_keeps_torch_when_the_check_fails(fake_cuda_triton):
+    fake_cuda_triton["reason"] = "d weight relative error 1e-1 > 1e-04 (modrelu)"
+    with pytest.warns(RuntimeWarning, match="failed its first-use check"):
+        assert not dispatch._triton_auto(torch.device("cuda"), F32, (10, 4, 96), "modrelu")
+
+
+def test_first_use_check_passes_and_catches_a_wrong_kernel(monkeypatch):
+    """The check itself (on the interpreted kernel): None on the real kernel, the reason on a wrong one."""
+    assert dispatch.check_triton_kernel(torch.device("cpu"), F32, 6) is None
+    import dataclasses
+
+    spec = dispatch.RECURRENCE_BACKENDS.get("triton")
+    wrong = dataclasses.replace(spec, function=lambda x, W, h0, b, nl: spec.function(x, W * 1.001, h0, b, nl))
+    monkeypatch.setitem(dispatch.RECURRENCE_BACKENDS._items, "triton", wrong)
+    assert "relative error" in dispatch.check_triton_kernel(torch.device("cpu"), F32, 6)
