@@ -286,6 +286,8 @@ def test_split_plan_on_a_132_sm_gpu(B, H, block_h, persistent, monkeypatch):
     assert p.grid == (-(-B // 16), -(-H // block_h))
     if not persistent:
         assert p.reason.endswith("row kernel") and "exceeds the 132 SMs" in p.reason
+    with ts.only_width(32):  # what the first-use check uses to prove each width
+        assert ts.plan(B, H, torch.device("cuda")).block_h == 32
 
 
 def test_split_falls_back_when_a_wait_expires(monkeypatch):
@@ -357,8 +359,19 @@ def loads_in_time_loop_from(ttgir: str, arg: str) -> list[str]:
 
 
 @functools.lru_cache(maxsize=None)
-def split_report(H, backward, block_h, nonlinearity="modrelu", persistent=True):
-    return ts.compile_report(H, backward, nonlinearity, block_h=block_h, persistent=persistent)
+def split_report(H, backward, block_h, nonlinearity="modrelu", persistent=True, atomic_load=ts._HAS_ATOMIC_LOAD):
+    return ts.compile_report(H, backward, nonlinearity, block_h=block_h, persistent=persistent,
+                             atomic_load=atomic_load)
+
+
+def has_acquire_load(ptx: str) -> bool:
+    """An acquire load at GPU scope: ``ld.acquire`` (as ptxas spells it with or without the state space),
+    an acquire atomic, or a relaxed load followed by an acquire fence (how tl.atomic_load lowers)."""
+    import re
+
+    if re.search(r"ld\.(global\.)?(gpu\.)?acquire|ld\.acquire\.gpu|atom\.global\.gpu\.acquire", ptx):
+        return True
+    return bool(re.search(r"ld\.relaxed\.gpu\.global[^\n]*\n(?:[^\n]*\n){0,3}?\s*fence\.(acquire|acq_rel)\.gpu", ptx))
 
 
 SPLIT_BUILDS = [(256, 16), (512, 32)]  # B = 128's plans at H 256 and 512 (test_split_plan_on_a_132_sm_gpu)
@@ -375,16 +388,25 @@ def test_split_compiled_for_h100(H, block_h, backward):
     r = split_report(H, backward, block_h)
     assert r["spills"] == 0 and r["shared_kib"] <= H100_SHARED_KIB and "tf32" not in r["ptx"]
     assert re.search(r"(red|atom)\.global\.gpu\.release\.add", r["ptx"])
-    assert re.search(r"ld\.acquire\.gpu|ld\.global\.acquire\.gpu", r["ptx"]) or (
-        re.search(r"ld\.relaxed\.gpu\.global", r["ptx"]) and re.search(r"fence\.(acquire|acq_rel)\.gpu", r["ptx"]))
+    assert has_acquire_load(r["ptx"])
     assert re.search(r"ld\.global\.cg", r["ptx"])  # h_{t-1} (dL/dz_{t+1}) read from L2, past a stale L1
+
+
+@pytest.mark.parametrize("backward", [False, True])
+def test_split_barrier_without_atomic_load(backward):
+    """Triton releases without tl.atomic_load spin on an acquire read-modify-write of 0 instead."""
+    import re
+
+    r = split_report(256, backward, 16, atomic_load=False)
+    assert r["spills"] == 0 and has_acquire_load(r["ptx"])
+    assert re.search(r"(red|atom)\.global\.gpu\.release\.add", r["ptx"])
 
 
 def test_split_one_step_variant_has_no_barrier():
     """The same body with PERSISTENT off (what the interpreter tests) compiles without the barrier
     instructions, so the check above sees the barrier's, not something else's."""
     ptx = split_report(256, False, 16, persistent=False)["ptx"]
-    assert "release" not in ptx and "fence.acquire" not in ptx
+    assert "release" not in ptx and not has_acquire_load(ptx)
 
 
 @pytest.mark.parametrize("H,block_h", SPLIT_BUILDS)

@@ -139,6 +139,20 @@ def check_triton_kernel(device: torch.device, dtype: torch.dtype, H: int) -> str
     h0 = torch.randn(B, H, generator=gen).to(dtype)     # [B, H]
     G = torch.randn(T, B, H, generator=gen).to(dtype)   # [T, B, H] dL/d out
     tol = 1e-4 if dtype == torch.float32 else 3e-2  # fp32 arithmetic; bf16/fp16 rounding of I/O
+    if device.type == "cuda":  # the column-split kernel: every slice width a call at this H may get
+        from . import triton_split
+
+        for width in triton_split.widths_for(H):
+            with triton_split.only_width(width):
+                reason = _check_once(device, dtype, x, W, h0, G, tol, gen)
+            if reason is not None:
+                return f"{reason}, column slices of {width}"
+        return None
+    return _check_once(device, dtype, x, W, h0, G, tol, gen)
+
+
+def _check_once(device, dtype, x, W, h0, G, tol, gen) -> str | None:
+    H = W.shape[0]
     names = ("output", "d xproj", "d weight", "d h0", "d bias")
     for nonlinearity in AUTO_TRITON_NONLINEARITIES:
         b = -0.1 * torch.rand(H, generator=gen) if nonlinearity == "modrelu" else None  # [H]

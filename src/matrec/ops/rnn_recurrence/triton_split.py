@@ -37,6 +37,7 @@ PyTorch (:func:`.fused.parameter_grads`). Products are IEEE float32 (no TF32), `
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
 from typing import NamedTuple
 
@@ -205,13 +206,32 @@ FORCE_STEP_LAUNCHES = False
 LAST_RUN: dict[str, tuple[str, str]] = {}
 
 
+def widths_for(H: int) -> list[int]:
+    """The column-slice widths :func:`plan` may pick at hidden size ``H``, narrowest first."""
+    hp = max(16, triton.next_power_of_2(H))
+    return [w for w in BLOCK_HS if w <= hp] or [BLOCK_HS[0]]
+
+
+_WIDTH_OVERRIDE: list[int] = []  # set by only_width()
+
+
+@contextlib.contextmanager
+def only_width(block_h: int):
+    """Within the block, :func:`plan` considers only ``block_h``: the first-use check proves each width
+    that calls at this hidden size may run with (it runs a small batch, which would always get the narrowest)."""
+    _WIDTH_OVERRIDE.append(block_h)
+    try:
+        yield
+    finally:
+        _WIDTH_OVERRIDE.pop()
+
+
 def plan(B: int, H: int, device: torch.device) -> SplitPlan:
     """The launch for ``B`` rows of hidden size ``H`` on ``device``: the narrowest column slice whose grid
     fits one program per SM (co-residency, see the module docstring); the persistent kernel only compiled
     on CUDA with such a grid."""
     nb = triton.cdiv(B, BLOCK_B)
-    hp = max(16, triton.next_power_of_2(H))
-    widths = [w for w in BLOCK_HS if w <= hp] or [BLOCK_HS[0]]
+    widths = _WIDTH_OVERRIDE[-1:] or widths_for(H)
     if device.type != "cuda" or interpret_requested():
         w = widths[0]
         return SplitPlan(w, (nb, triton.cdiv(H, w)), False, "interpreter: one launch per step")
@@ -328,12 +348,14 @@ register_recurrence_autograd(split_op, split_backward_op)
 
 
 def compile_report(hidden: int, backward: bool = False, nonlinearity: str = "modrelu", *, block_h: int = 16,
-                   has_h0: bool = True, persistent: bool = True, arch: int = 90) -> dict:
+                   has_h0: bool = True, persistent: bool = True, atomic_load: bool = _HAS_ATOMIC_LOAD,
+                   arch: int = 90) -> dict:
     """Compile the split kernel for ``sm_<arch>`` (no GPU needed): ptxas's ``registers`` per thread and
     ``spills`` (spill-store bytes), ``shared_kib``, and the ``ptx`` and ``ttgir`` text, for the static checks
     (barrier instructions present, no load of ``W`` inside the time loop)."""
     fn = _bwd_split_kernel if backward else _fwd_split_kernel
     consts = kernel_consts(hidden, block_h, backward, nonlinearity, has_h0=has_h0, persistent=persistent)
+    consts["ATOMIC_LOAD"] = atomic_load  # False: the acquire read-modify-write older Triton releases get
 
     def signature_of(arg: str) -> str:
         if arg in ("T", "B", "H", "t0", "n_steps", "max_spins"):
