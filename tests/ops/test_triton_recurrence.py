@@ -468,3 +468,50 @@ def test_first_use_check_passes_and_catches_a_wrong_kernel(monkeypatch):
     wrong = dataclasses.replace(spec, function=lambda x, W, h0, b, nl: spec.function(x, W * 1.001, h0, b, nl))
     monkeypatch.setitem(dispatch.RECURRENCE_BACKENDS._items, "triton", wrong)
     assert "relative error" in dispatch.check_triton_kernel(torch.device("cpu"), F32, 6)
+
+
+# --- on a GPU (pytest -m cuda; benchmarks/gpu_check.py part tests) -------------------------------
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("nonlinearity", ["modrelu", "identity", "tanh"])
+def test_cuda_split_persistent_matches_reference_and_one_step_launches(nonlinearity, monkeypatch):
+    """The persistent kernel at B 128, H 256 (128 programs, a barrier per step) against the float64
+    reference, and bitwise equal to the one-step launches of the same body (same per-step maths, same
+    summation order): a barrier that let a program read a stale h_{t-1} would show as a difference."""
+    T, B, H = 300, 128, 256
+    x, W, h0, b = make(T, B, H, nonlinearity, F32, True, device="cuda")
+    out = tr.triton_recurrence(x, W, h0, b, nonlinearity, kernel="split")
+    assert ts.LAST_RUN["forward"][0] == "split" and ts.LAST_RUN["forward"][1].startswith("persistent")
+    grad = torch.randn_like(out)
+    grads = torch.autograd.grad(out, [t for t in (x, W, h0, b) if t is not None], grad)
+    assert ts.LAST_RUN["backward"][1].startswith("persistent")
+    monkeypatch.setattr(ts, "FORCE_STEP_LAUNCHES", True)
+    steps = tr.triton_recurrence(x, W, h0, b, nonlinearity, kernel="split")
+    assert ts.LAST_RUN["forward"][1].startswith("FORCE_STEP_LAUNCHES")
+    steps_grads = torch.autograd.grad(steps, [t for t in (x, W, h0, b) if t is not None], grad)
+    assert torch.equal(out, steps) and all(torch.equal(a, c) for a, c in zip(grads, steps_grads))
+    ref = recurrence_reference(*[None if t is None else t.detach().double() for t in (x, W, h0, b)], nonlinearity)
+    assert_close(out.double(), ref)
+
+
+@pytest.mark.cuda
+def test_cuda_split_bounded_wait_expires_when_programs_are_not_co_resident(monkeypatch):
+    """A grid far larger than the GPU holds at once (2048 column programs of one row block, all in one
+    barrier): the first wave's waits expire, STATUS is set, and _run says so instead of hanging."""
+    monkeypatch.setattr(ts, "MAX_SPINS", 1 << 12)
+    T, B, H = 3, 2, 16
+    x, W, h0, b = (t.detach() for t in make(T, B, H, "modrelu", F32, True, device="cuda"))
+    out, z = torch.full_like(x, float("nan")), torch.full_like(x, float("nan"))
+    p = ts.SplitPlan(16, (1, 2048), True, "a test grid")
+    consts = ts.kernel_consts(H, 16, False, "modrelu", persistent=True)
+    assert not ts._run(ts._fwd_split_kernel, x.device, p, (x, W, h0, b, out, z), (T, B, H), T, consts)
+
+
+@pytest.mark.cuda
+def test_cuda_split_falls_back_on_a_grid_larger_than_the_gpu():
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    B = 16 * (sms // 16 + 1)  # with H 512 and 32-wide slices: 16 column programs per row block
+    x, W, h0, b = make(2, B, 512, "modrelu", F32, True, device="cuda")
+    tr.triton_recurrence(x, W, h0, b, "modrelu", kernel="split")
+    assert ts.LAST_RUN["forward"][0] == "rows" and "co-resident" in ts.LAST_RUN["forward"][1]

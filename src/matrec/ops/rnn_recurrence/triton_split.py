@@ -265,13 +265,14 @@ def _run(fn, device, p: SplitPlan, buffers: tuple, dims: tuple[int, int, int], n
     count = torch.zeros(p.grid[0], dtype=torch.int32, device=device)  # [row blocks] barrier counters
     status = torch.zeros(1, dtype=torch.int32, device=device)
     kernel = _launcher(fn, device)[p.grid]
+    options = dict(consts, num_warps=NUM_WARPS, enable_fp_fusion=True)
     if p.persistent:
-        kernel(*buffers, count, status, *dims, 0, n_total, MAX_SPINS, **consts, num_warps=NUM_WARPS)
+        kernel(*buffers, count, status, *dims, 0, n_total, MAX_SPINS, **options)
         return status.item() == 0  # the one host sync per call
     # one column block: no program reads another's output, so one launch runs every step
     per_launch = n_total if p.grid[1] == 1 else 1
     for t in range(0, n_total, per_launch):
-        kernel(*buffers, count, status, *dims, t, per_launch, MAX_SPINS, **consts, num_warps=NUM_WARPS)
+        kernel(*buffers, count, status, *dims, t, per_launch, MAX_SPINS, **options)
     return True
 
 
