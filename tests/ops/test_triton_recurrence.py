@@ -512,3 +512,21 @@ def test_cuda_split_falls_back_on_a_grid_larger_than_the_gpu():
     x, W, h0, b = make(2, B, 512, "modrelu", F32, True, device="cuda")
     tr.triton_recurrence(x, W, h0, b, "modrelu", kernel="split")
     assert ts.LAST_RUN["forward"][0] == "rows" and "co-resident" in ts.LAST_RUN["forward"][1]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("nonlinearity", ["modrelu", "identity"])
+def test_cuda_auto_proves_the_split_kernel_then_uses_it(nonlinearity, monkeypatch):
+    from matrec.ops import kernel_guard
+
+    monkeypatch.delenv(kernel_guard.ENV_VAR, raising=False)
+    kernel_guard.reset()
+    x, W, h0, b = make(50, 40, 96, nonlinearity, F32, True, device="cuda")
+    out = dispatch.recurrence(x, W, h0, b, nonlinearity)  # auto
+    key = ("rnn_recurrence", str(torch.device("cuda", torch.cuda.current_device())), F32, 96)
+    ok, reason = kernel_guard.verdicts()[key]
+    assert ok, reason
+    assert ts.LAST_RUN["forward"] == ("split", "persistent: 18 programs on "
+                                      f"{torch.cuda.get_device_properties(0).multi_processor_count} SMs")
+    ref = recurrence_reference(*[None if t is None else t.detach().double() for t in (x, W, h0, b)], nonlinearity)
+    assert_close(out.double(), ref)

@@ -23,6 +23,10 @@ kernel) and widened to float32 in the kernel, so the result is exactly the float
 cores (``h`` rounded too) are not offered: Triton's interpreter cannot run a bf16 ``tl.dot``, so that
 path could not be tested without a GPU.
 
+These are the *row* kernels: a program per ``BLOCK_B`` batch rows, so few programs at small B. On CUDA,
+:func:`triton_recurrence` runs the column-split persistent kernels of :mod:`.triton_split` instead
+(``kernel="auto"``, float32 ``W``), which fall back to these where their programs cannot all be resident.
+
 Registered as ``matrec::rnn_recurrence_triton`` (float32 ``W``) and
 ``matrec::rnn_recurrence_triton_bf16w`` (custom ops, fake kernels, autograd). CPU tensors run in
 Triton's interpreter (slow: how the tests check it), CUDA tensors compiled.
