@@ -323,7 +323,7 @@ def _tf32(on: bool) -> None:
     torch.backends.cudnn.allow_tf32 = on        # cuDNN's RNN/LSTM/GRU kernels (torch's default: on)
 
 
-def part_mornn(record, device, quick):
+def part_mornn(record, device, quick, shape=None):
     """MORNN against cuDNN, then the recurrence kernels alone. Correctness first (each backend against the
     autograd loop on a small problem; the column-split kernel against the torch op at the timed shape),
     then every candidate compiled and warmed (auto's first-use check included), then timed round-robin
@@ -337,7 +337,7 @@ def part_mornn(record, device, quick):
     from matrec.ops.rnn_recurrence import triton as tr
 
     bench = _load_bench("mornn")
-    B, T, H = (4, 20, 16) if quick else (128, 1000, 256)
+    B, T, H = shape or ((4, 20, 16) if quick else (128, 1000, 256))  # shape: (B, T, H), for a dry run
     reps = 2 if quick else 5
     shape = f"B={B}, T={T}, H={H}"
     backends = {"modrelu": ["torch", "triton"], "identity": ["torch", "chunked", "triton"]}
