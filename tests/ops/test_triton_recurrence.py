@@ -387,6 +387,11 @@ def test_split_compiled_for_h100(H, block_h, backward):
     assert re.search(r"(red|atom)\.global\.gpu\.release\.add", r["ptx"])
     assert has_acquire_load(r["ptx"])
     assert re.search(r"ld\.global\.cg", r["ptx"])  # h_{t-1} (dL/dz_{t+1}) read from L2, past a stale L1
+    # the step's stores reach the release through a CTA barrier: between the last global store before
+    # the release add and the add itself there is a bar.sync (all threads' stores, not just thread 0's)
+    release = re.search(r"(red|atom)\.global\.gpu\.release\.add", r["ptx"]).start()
+    last_store = r["ptx"].rfind("st.global", 0, release)
+    assert 0 <= last_store and "bar.sync" in r["ptx"][last_store:release]
 
 
 @pytest.mark.parametrize("backward", [False, True])
