@@ -302,6 +302,43 @@ def test_split_falls_back_when_a_wait_expires(monkeypatch):
     assert ts.LAST_RUN["backward"][0] == "rows" and torch.isfinite(W.grad).all()
 
 
+def run_split_kernels(grid, persistent, T=5, B=19, H=13, nonlinearity="modrelu"):
+    """The forward and backward split kernels launched directly on ``grid`` (interpreted): ``(ok forward,
+    ok backward, out, dL/dz, dL/dh0)``."""
+    x, W, h0, b = (t.detach() for t in make(T, B, H, nonlinearity, F32, True))
+    W = W.contiguous()
+    p = ts.SplitPlan(16, grid, persistent, "a test grid")
+    out, z = torch.full_like(x, float("nan")), torch.full_like(x, float("nan"))
+    consts = ts.kernel_consts(H, 16, False, nonlinearity, persistent=persistent)
+    ok_f = ts._run(ts._fwd_split_kernel, x.device, p, (x, W, h0, b, out, z), (T, B, H), T, consts)
+    g = torch.randn(T, B, H, generator=torch.Generator().manual_seed(1))
+    gz, gh0 = torch.full_like(x, float("nan")), torch.full((B, H), float("nan"))
+    consts = ts.kernel_consts(H, 16, True, nonlinearity, persistent=persistent)
+    ok_b = ts._run(ts._bwd_split_kernel, x.device, p, (g, z, out, W, b, gz, gh0), (T, B, H), T + 1, consts)
+    return ok_f, ok_b, out, gz, gh0
+
+
+def test_split_persistent_body_with_its_barrier_in_the_interpreter(monkeypatch):
+    """The persistent kernel itself, barrier code included, on a grid where each program waits only for
+    itself (one column slice; two row blocks, each with its own counter): every wait is met (a target
+    counting one arrival too many would expire: STATUS set, _run False) and the results are the
+    one-step form's, bitwise."""
+    monkeypatch.setattr(ts, "MAX_SPINS", 20)
+    ok_f, ok_b, *persistent = run_split_kernels((2, 1), True)
+    assert ok_f and ok_b
+    _, _, *steps = run_split_kernels((2, 1), False)
+    assert all(torch.equal(a, c) and torch.isfinite(a).all() for a, c in zip(persistent, steps))
+
+
+def test_split_bounded_wait_expires_in_the_interpreter(monkeypatch):
+    """Two column slices run one after the other (the interpreter's order): the first program's wait at
+    step 1 can never be met, so it must expire and say so (a target one arrival too low would not
+    wait at all), in the forward and the backward."""
+    monkeypatch.setattr(ts, "MAX_SPINS", 20)
+    ok_f, ok_b, *_ = run_split_kernels((1, 2), True, T=2, B=3, H=20)
+    assert not ok_f and not ok_b
+
+
 def test_split_bad_arguments():
     x, W, h0, b = make(3, 2, 4, "modrelu", F32, True)
     with pytest.raises(ValueError, match="kernel must be one of"):
