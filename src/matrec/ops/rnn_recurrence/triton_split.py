@@ -51,15 +51,15 @@ from ..triton_support import launchable as _launcher
 from . import triton as rows_kernel
 from .fused import parameter_grads, register_recurrence_autograd
 
-# Spin budget of one wait: each spin is an acquire load that goes to L2 (about 1 us on an H100-class GPU),
-# so ~2**20 spins is of the order of a second, far above a step's few microseconds.
+# Spin budget of one wait: each spin is an acquire load served by L2 and a CTA barrier, so 2**20 of them
+# outlast any step (a few loads and one small dot) by orders of magnitude. Unmeasured on a GPU.
 MAX_SPINS = 1 << 20
 BLOCK_B = 16  # tl.dot needs every dimension >= 16
 BLOCK_HS = (16, 32)  # column-slice widths tried, narrowest first (more programs, less W per program)
 NUM_WARPS = 8  # ptxas for sm_90: 4 warps spill in the BLOCK_H = 32 forward (H 256 and 512), 8 do not
 _CODES = rows_kernel._CODES
-# tl.atomic_load (Triton >= 3.7?) is the plain acquire load; older releases get the same semantics from an
-# acquire read-modify-write of 0.
+# tl.atomic_load is the plain acquire load; Triton releases without it (the H200 runs had 3.6) get the same
+# semantics from an acquire read-modify-write of 0 (both forms are compiled by the tests).
 _HAS_ATOMIC_LOAD = hasattr(tl, "atomic_load")
 
 # As in .triton: plain kernel bodies of tl.* builtins, wrapped per call (interpreted or compiled).
