@@ -58,8 +58,8 @@ BLOCK_B = 16  # tl.dot needs every dimension >= 16
 BLOCK_HS = (16, 32)  # column-slice widths tried, narrowest first (more programs, less W per program)
 NUM_WARPS = 8  # ptxas for sm_90: 4 warps spill in the BLOCK_H = 32 forward (H 256 and 512), 8 do not
 _CODES = rows_kernel._CODES
-# tl.atomic_load is the plain acquire load; a Triton release without it (the H200 runs used 3.6) gets the same
-# semantics from an acquire read-modify-write of 0 (both forms are compiled by the tests).
+# tl.atomic_load is the plain acquire load; a Triton release without it gets the same semantics from an acquire
+# read-modify-write of 0 (both forms are compiled by the tests; the H200 runs had Triton 3.6, pinned here: 3.9).
 _HAS_ATOMIC_LOAD = hasattr(tl, "atomic_load")
 
 # As in .triton: plain kernel bodies of tl.* builtins, wrapped per call (interpreted or compiled).
