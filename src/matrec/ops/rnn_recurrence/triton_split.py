@@ -25,10 +25,12 @@ device-to-host sync) and recomputes the call with the row kernel of :mod:`.trito
 
 **Without a grid barrier.** ``PERSISTENT`` is a compile-time switch of the same kernel body: off, the
 kernel runs ``n_steps`` steps from ``t0`` with no barrier code, and the host launches it once per step
-(the launch boundary is the barrier). Triton's interpreter runs a grid's programs one after another, so
-it cannot run a grid barrier; it runs the one-step launches, which execute every line of the persistent
-kernel except the barrier. The barrier itself is checked in the sm_90 compile (release/acquire
-instructions present) and on a GPU.
+(the launch boundary is the barrier; with one column slice a single launch runs every step). Triton's
+interpreter runs a grid's programs one after another, so it cannot run programs that wait for each other;
+it runs the one-step launches, which execute every line of the persistent kernel except the barrier
+(the tests also run the persistent body where no program waits for another, and where a wait must
+expire). The barrier itself is checked in the sm_90 compile (release/acquire instructions present) and
+by the CUDA tests.
 
 The backward is the same recurrence transposed: ``dL/dz_t = (g_t + dL/dz_{t+1} @ W) * phi'(z_t)``, each
 program owning columns of ``dL/dz_t`` and keeping ``W[:, cols]`` on chip, one extra step writing
