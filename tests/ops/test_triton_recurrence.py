@@ -3,6 +3,8 @@
 CPU tensors run in Triton's interpreter (the same kernel bodies and block sizes as on a GPU, executed
 in numpy), CUDA tensors compiled; ptxas checks what the interpreter cannot (spills, shared memory).
 """
+import functools
+
 import pytest
 import torch
 
@@ -212,3 +214,361 @@ def test_forward_without_h0_compiles(H):
 @pytest.mark.parametrize("weight_dtype", [F32, BF16])
 def test_cuda_matches_reference(nonlinearity, T, B, H, dtype, with_h0, weight_dtype):
     check(T, B, H, nonlinearity, dtype, with_h0, weight_dtype=weight_dtype, device="cuda")
+
+
+# ------------------------------------------------------------------------------------------------
+# The column-split kernels (matrec.ops.rnn_recurrence.triton_split). The interpreter runs their one-step
+# launches (the persistent kernel's body without its barrier); the sm_90 compile checks the barrier.
+
+from matrec.ops.rnn_recurrence import dispatch  # noqa: E402
+from matrec.ops.rnn_recurrence import triton_split as ts  # noqa: E402
+
+
+def check_split(T, B, H, nonlinearity, with_h0, seed=0):
+    """The split kernel's outputs, final state and every gradient against the float64 loop on the same
+    (float32) inputs; rows on a kink are left out as in ``check``."""
+    x, W, h0, b = make(T, B, H, nonlinearity, F32, with_h0, seed=seed)
+    keep = rows_off_the_kinks(x, W, h0, b, nonlinearity)
+    assert keep.float().mean() >= 0.5, "the case is too close to the kinks to test anything"
+    x, h0 = (None if t is None else t.detach()[..., keep, :].requires_grad_() for t in (x, h0))
+    inputs = [t for t in (x, W, h0, b) if t is not None]
+    ts.LAST_RUN.clear()
+    out = tr.triton_recurrence(x, W, h0, b, nonlinearity, kernel="split")
+    assert ts.LAST_RUN["forward"] == ("split", "interpreter: one launch per step")
+    ref_inputs = [t.detach().double().requires_grad_() for t in inputs]
+    ref_args = iter(ref_inputs)
+    ref = recurrence_reference(*[None if t is None else next(ref_args) for t in (x, W, h0, b)], nonlinearity)
+    assert out.shape == x.shape and torch.isfinite(out).all()  # the buffers start NaN: all written
+    assert_close(out, ref.float())
+    assert_close(out[-1], ref[-1].float())  # the final state, which a caller carries on
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    got, want = torch.autograd.grad(out, inputs, grad), torch.autograd.grad(ref, ref_inputs, grad.double())
+    assert ts.LAST_RUN["backward"][0] == "split"
+    for a, r, t in zip(got, want, inputs):
+        assert a.dtype == t.dtype and a.shape == t.shape and torch.isfinite(a).all()
+        assert_close(a, r.float())
+
+
+# (T, B, H, with_h0, nonlinearities): one step; two row blocks and three column slices of 16 (one partial);
+# a long run with one slice (a single launch; the slow test below crosses slices for 100 steps)
+SPLIT_CASES = [(1, 2, 5, True, ("modrelu", "identity", "tanh")), (7, 17, 37, True, ("modrelu", "identity")),
+               (7, 3, 20, False, ("tanh", "relu")), (100, 3, 13, True, ("modrelu", "identity"))]
+
+
+@pytest.mark.parametrize("T,B,H,with_h0,nonlinearity",
+                         [(T, B, H, h0, nl) for T, B, H, h0, nls in SPLIT_CASES for nl in nls])
+def test_split_matches_float64_reference(T, B, H, with_h0, nonlinearity):
+    check_split(T, B, H, nonlinearity, with_h0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nonlinearity", ["modrelu", "identity"])
+def test_split_long_run_across_slices(nonlinearity):
+    """100 steps whose state crosses between two column slices every step (~8 s interpreted)."""
+    check_split(100, 3, 20, nonlinearity, True)
+
+
+class _Props:
+    multi_processor_count = 132  # an H100/H200
+
+
+@pytest.mark.parametrize("B,H,block_h,persistent", [(128, 256, 16, True), (128, 512, 32, True),
+                                                    (64, 512, 16, True), (3, 5, 16, True),
+                                                    (512, 512, 32, False)])
+def test_split_plan_on_a_132_sm_gpu(B, H, block_h, persistent, monkeypatch):
+    """The narrowest slice whose grid fits one program per SM; beyond, the row kernel, with the reason."""
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: _Props())
+    p = ts.plan(B, H, torch.device("cuda"))
+    assert p.block_h == block_h and p.persistent == persistent
+    assert p.grid == (-(-B // 16), -(-H // block_h))
+    if not persistent:
+        assert p.reason.endswith("row kernel") and "exceeds the 132 SMs" in p.reason
+    with ts.only_width(32):  # what the first-use check uses to prove each width
+        assert ts.plan(B, H, torch.device("cuda")).block_h == 32
+
+
+def test_split_falls_back_when_a_wait_expires(monkeypatch):
+    """A persistent launch whose bounded wait expired: the call is recomputed by the row kernel, with a
+    warning naming the reason (the launch itself is simulated: no barrier runs on CPU)."""
+    monkeypatch.setattr(ts, "plan", lambda B, H, device: ts.SplitPlan(16, (1, 2), True, "persistent: 2 programs"))
+    monkeypatch.setattr(ts, "_run", lambda *args: False)
+    x, W, h0, b = make(3, 2, 20, "modrelu", F32, True)
+    with pytest.warns(RuntimeWarning, match="fell back to the row kernel: a bounded wait expired"):
+        out = tr.triton_recurrence(x, W, h0, b, "modrelu", kernel="split")
+    assert ts.LAST_RUN["forward"][0] == "rows"
+    assert_close(out, recurrence_reference(x, W, h0, b, "modrelu"))
+    with pytest.warns(RuntimeWarning, match=r"\(backward\) fell back"):
+        out.sum().backward()
+    assert ts.LAST_RUN["backward"][0] == "rows" and torch.isfinite(W.grad).all()
+
+
+def run_split_kernels(grid, persistent, T=5, B=19, H=13, nonlinearity="modrelu"):
+    """The forward and backward split kernels launched directly on ``grid`` (interpreted): ``(ok forward,
+    ok backward, out, dL/dz, dL/dh0)``."""
+    x, W, h0, b = (t.detach() for t in make(T, B, H, nonlinearity, F32, True))
+    W = W.contiguous()
+    p = ts.SplitPlan(16, grid, persistent, "a test grid")
+    out, z = torch.full_like(x, float("nan")), torch.full_like(x, float("nan"))
+    consts = ts.kernel_consts(H, 16, False, nonlinearity, persistent=persistent)
+    ok_f = ts._run(ts._fwd_split_kernel, x.device, p, (x, W, h0, b, out, z), (T, B, H), T, consts)
+    g = torch.randn(T, B, H, generator=torch.Generator().manual_seed(1))
+    gz, gh0 = torch.full_like(x, float("nan")), torch.full((B, H), float("nan"))
+    consts = ts.kernel_consts(H, 16, True, nonlinearity, persistent=persistent)
+    ok_b = ts._run(ts._bwd_split_kernel, x.device, p, (g, z, out, W, b, gz, gh0), (T, B, H), T + 1, consts)
+    return ok_f, ok_b, out, gz, gh0
+
+
+def test_split_persistent_body_with_its_barrier_in_the_interpreter(monkeypatch):
+    """The persistent kernel itself, barrier code included, on a grid where each program waits only for
+    itself (one column slice; two row blocks, each with its own counter): every wait is met (a target
+    counting one arrival too many would expire: STATUS set, _run False) and the results are the
+    one-step form's, bitwise."""
+    monkeypatch.setattr(ts, "MAX_SPINS", 20)
+    ok_f, ok_b, *persistent = run_split_kernels((2, 1), True)
+    assert ok_f and ok_b
+    _, _, *steps = run_split_kernels((2, 1), False)
+    assert all(torch.equal(a, c) and torch.isfinite(a).all() for a, c in zip(persistent, steps))
+
+
+def test_split_bounded_wait_expires_in_the_interpreter(monkeypatch):
+    """Two column slices run one after the other (the interpreter's order): the first program's wait at
+    step 1 can never be met, so it must expire and say so (a target one arrival too low would not
+    wait at all), in the forward and the backward."""
+    monkeypatch.setattr(ts, "MAX_SPINS", 20)
+    ok_f, ok_b, *_ = run_split_kernels((1, 2), True, T=2, B=3, H=20)
+    assert not ok_f and not ok_b
+
+
+def test_split_bad_arguments():
+    x, W, h0, b = make(3, 2, 4, "modrelu", F32, True)
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        tr.triton_recurrence(x, W, h0, b, kernel="columns")
+    with pytest.raises(ValueError, match="kernel='split' needs weight_dtype=torch.float32"):
+        tr.triton_recurrence(x, W, h0, b, kernel="split", weight_dtype=BF16)
+
+
+def test_split_op_registration():
+    x, W, h0, b = (t.detach() for t in make(3, 2, 20, "modrelu", F32, True))
+    torch.library.opcheck(ts.split_op, (x, W, h0, b, "modrelu"))
+
+
+# --- static checks of the sm_90 compile -----------------------------------------------------------
+
+
+def loads_in_time_loop_from(ttgir: str, arg: str) -> list[str]:
+    """The global loads (``tt.load``, async copies to shared memory, TMA loads) inside the kernel's first
+    top-level ``scf.for`` (the time loop) whose pointer
+    derives (through addptr, splat, broadcast, ...) from the kernel argument ``arg``.
+
+    The printed names are scoped per region (two branches may both define ``%hp``), so a name stands for
+    every op that defines it: a load is reported if any of them leads to ``arg``, which can only add
+    reports, never hide one."""
+    import re
+
+    defs = {}  # SSA name -> the values read by every op that defines that name
+    for line in ttgir.splitlines():
+        m = re.match(r"\s*(%[\w.]+)(?::\d+)? = (.*)$", line)
+        if m:
+            defs.setdefault(m.group(1), []).extend(r.split("#")[0] for r in re.findall(r"%[\w.#]+", m.group(2)))
+        for inner, init in re.findall(r"(%[\w.]+) = (%[\w.#]+)[,)]", line):  # loop-carried: iter_args(%a = %init)
+            defs.setdefault(inner, []).append(init.split("#")[0])
+
+    def from_arg(value, seen):
+        if value == f"%{arg}":
+            return True
+        seen.add(value)
+        return any(from_arg(v, seen) for v in defs.get(value, ()) if v not in seen)
+
+    lines = ttgir.splitlines()
+    start = next(i for i, line in enumerate(lines) if " scf.for " in line)
+    depth, hits = 0, []
+    for line in lines[start:]:
+        depth += line.count("{") - line.count("}")
+        m = re.search(r"(?:tt\.load|async_copy_global_to_local|descriptor_load) (%[\w.#]+)", line)
+        if m and from_arg(m.group(1).split("#")[0], set()):
+            hits.append(line.strip()[:120])
+        if depth <= 0:
+            break
+    return hits
+
+
+@functools.lru_cache(maxsize=None)
+def split_report(H, backward, block_h, nonlinearity="modrelu", persistent=True, atomic_load=ts._HAS_ATOMIC_LOAD):
+    return ts.compile_report(H, backward, nonlinearity, block_h=block_h, persistent=persistent,
+                             atomic_load=atomic_load)
+
+
+def has_acquire_load(ptx: str) -> bool:
+    """An acquire load at GPU scope: ``ld.acquire`` (as ptxas spells it with or without the state space),
+    an acquire atomic, or a relaxed load followed by an acquire fence (how tl.atomic_load lowers)."""
+    import re
+
+    if re.search(r"ld\.(global\.)?(gpu\.)?acquire|ld\.acquire\.gpu|atom\.global\.gpu\.acquire", ptx):
+        return True
+    return bool(re.search(r"ld\.relaxed\.gpu\.global[^\n]*\n(?:[^\n]*\n){0,3}?\s*fence\.(acquire|acq_rel)\.gpu", ptx))
+
+
+SPLIT_BUILDS = [(256, 16), (512, 32)]  # B = 128's plans at H 256 and 512 (test_split_plan_on_a_132_sm_gpu)
+
+
+@pytest.mark.parametrize("H,block_h", SPLIT_BUILDS)
+@pytest.mark.parametrize("backward", [False, True])
+def test_split_compiled_for_h100(H, block_h, backward):
+    """The persistent kernel builds for sm_90, does not spill, fits the shared memory, uses no TF32, and
+    its barrier is in the PTX: a release add at GPU scope and acquire loads (a relaxed load followed by
+    an acquire fence, or ld.acquire)."""
+    import re
+
+    r = split_report(H, backward, block_h)
+    assert r["spills"] == 0 and r["shared_kib"] <= H100_SHARED_KIB and "tf32" not in r["ptx"]
+    assert re.search(r"(red|atom)\.global\.gpu\.release\.add", r["ptx"])
+    assert has_acquire_load(r["ptx"])
+    assert re.search(r"ld\.global\.cg", r["ptx"])  # h_{t-1} (dL/dz_{t+1}) read from L2, past a stale L1
+    # the step's stores reach the release through a CTA barrier: between the last global store before
+    # the release add and the add itself there is a bar.sync (all threads' stores, not just thread 0's)
+    release = re.search(r"(red|atom)\.global\.gpu\.release\.add", r["ptx"]).start()
+    last_store = r["ptx"].rfind("st.global", 0, release)
+    assert 0 <= last_store and "bar.sync" in r["ptx"][last_store:release]
+
+
+@pytest.mark.parametrize("backward", [False, True])
+def test_split_barrier_without_atomic_load(backward):
+    """Triton releases without tl.atomic_load spin on an acquire read-modify-write of 0 instead."""
+    import re
+
+    r = split_report(256, backward, 16, atomic_load=False)
+    assert r["spills"] == 0 and has_acquire_load(r["ptx"])
+    assert re.search(r"(red|atom)\.global\.gpu\.release\.add", r["ptx"])
+
+
+def test_split_one_step_variant_has_no_barrier():
+    """The same body with PERSISTENT off (what the interpreter tests) compiles without the barrier
+    instructions, so the check above sees the barrier's, not something else's."""
+    ptx = split_report(256, False, 16, persistent=False)["ptx"]
+    assert "release" not in ptx and not has_acquire_load(ptx)
+
+
+@pytest.mark.parametrize("H,block_h", SPLIT_BUILDS)
+@pytest.mark.parametrize("backward", [False, True])
+def test_split_loads_w_once_before_the_time_loop(H, block_h, backward):
+    r = split_report(H, backward, block_h)
+    assert loads_in_time_loop_from(r["ttgir"], "W") == []
+    assert loads_in_time_loop_from(r["ttgir"], "OUT" if not backward else "GZ")  # the state is read per step
+
+
+def test_w_load_check_finds_a_load_in_the_loop():
+    """The tiled row kernel streams W^T tiles inside its time loop: the check must say so."""
+    from matrec.ops.triton_support import compile_ahead
+
+    fn, consts, warps = tr.kernel_plan(200, F32, False, "modrelu")
+    kernel = compile_ahead(fn, lambda a: "i32" if a in ("T", "B", "H") else "*fp32", consts, warps)
+    assert loads_in_time_loop_from(kernel.asm["ttgir"], "W")
+
+
+# --- auto on CUDA, behind the first-use check ----------------------------------------------------
+
+
+@pytest.fixture
+def fake_cuda_triton(monkeypatch):
+    """A device that Triton can run on, as far as auto can tell, with the check's verdict settable."""
+    from matrec.ops import kernel_guard
+
+    kernel_guard.reset()
+    monkeypatch.setattr(dispatch, "_triton_available", lambda device: (True, "triton on CUDA"))
+    verdict = {"reason": None}
+    monkeypatch.setitem(kernel_guard.KERNEL_CHECKS._items, "rnn_recurrence",
+                        lambda device, dtype, size: verdict["reason"])
+    yield verdict
+    kernel_guard.reset()
+
+
+def test_auto_picks_triton_on_cuda_for_modrelu_and_identity(fake_cuda_triton):
+    cuda = torch.device("cuda")
+    for nonlinearity in ("modrelu", "identity"):
+        assert dispatch._triton_auto(cuda, F32, (1000, 128, 256), nonlinearity)
+    assert dispatch._triton_auto(cuda, BF16, (10, 4, 512), "modrelu")
+    assert not dispatch._triton_auto(cuda, F32, (10, 4, 256), "tanh")  # MORNN runs it on cuDNN
+    assert not dispatch._triton_auto(cuda, torch.float64, (10, 4, 256), "modrelu")
+    assert not dispatch._triton_auto(cuda, F32, (10, 4, 513), "modrelu")
+
+
+def test_auto_keeps_torch_when_the_check_fails(fake_cuda_triton):
+    fake_cuda_triton["reason"] = "d weight relative error 1e-1 > 1e-04 (modrelu)"
+    with pytest.warns(RuntimeWarning, match="failed its first-use check"):
+        assert not dispatch._triton_auto(torch.device("cuda"), F32, (10, 4, 96), "modrelu")
+
+
+def test_first_use_check_passes_and_catches_a_wrong_kernel(monkeypatch):
+    """The check itself (on the interpreted kernel): None on the real kernel, the reason on a wrong one."""
+    assert dispatch.check_triton_kernel(torch.device("cpu"), F32, 6) is None
+    import dataclasses
+
+    spec = dispatch.RECURRENCE_BACKENDS.get("triton")
+    wrong = dataclasses.replace(spec, function=lambda x, W, h0, b, nl: spec.function(x, W * 1.001, h0, b, nl))
+    monkeypatch.setitem(dispatch.RECURRENCE_BACKENDS._items, "triton", wrong)
+    assert "relative error" in dispatch.check_triton_kernel(torch.device("cpu"), F32, 6)
+
+
+# --- on a GPU (pytest -m cuda; benchmarks/gpu_check.py part tests) -------------------------------
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("nonlinearity", ["modrelu", "identity", "tanh"])
+def test_cuda_split_persistent_matches_reference_and_one_step_launches(nonlinearity, monkeypatch):
+    """The persistent kernel at B 128, H 256 (128 programs, a barrier per step) against the float64
+    reference, and bitwise equal to the one-step launches of the same body (same per-step maths, same
+    summation order): a barrier that let a program read a stale h_{t-1} would show as a difference."""
+    T, B, H = 300, 128, 256
+    x, W, h0, b = make(T, B, H, nonlinearity, F32, True, device="cuda")
+    out = tr.triton_recurrence(x, W, h0, b, nonlinearity, kernel="split")
+    assert ts.LAST_RUN["forward"][0] == "split" and ts.LAST_RUN["forward"][1].startswith("persistent")
+    grad = torch.randn_like(out)
+    grads = torch.autograd.grad(out, [t for t in (x, W, h0, b) if t is not None], grad)
+    assert ts.LAST_RUN["backward"][1].startswith("persistent")
+    monkeypatch.setattr(ts, "FORCE_STEP_LAUNCHES", True)
+    steps = tr.triton_recurrence(x, W, h0, b, nonlinearity, kernel="split")
+    assert ts.LAST_RUN["forward"][1].startswith("FORCE_STEP_LAUNCHES")
+    steps_grads = torch.autograd.grad(steps, [t for t in (x, W, h0, b) if t is not None], grad)
+    assert torch.equal(out, steps) and all(torch.equal(a, c) for a, c in zip(grads, steps_grads))
+    ref = recurrence_reference(*[None if t is None else t.detach().double() for t in (x, W, h0, b)], nonlinearity)
+    assert_close(out.double(), ref)
+
+
+@pytest.mark.cuda
+def test_cuda_split_bounded_wait_expires_when_programs_are_not_co_resident(monkeypatch):
+    """A grid far larger than the GPU holds at once (2048 column programs of one row block, all in one
+    barrier): the first wave's waits expire, STATUS is set, and _run says so instead of hanging."""
+    monkeypatch.setattr(ts, "MAX_SPINS", 1 << 12)
+    T, B, H = 3, 2, 16
+    x, W, h0, b = (t.detach() for t in make(T, B, H, "modrelu", F32, True, device="cuda"))
+    out, z = torch.full_like(x, float("nan")), torch.full_like(x, float("nan"))
+    p = ts.SplitPlan(16, (1, 2048), True, "a test grid")
+    consts = ts.kernel_consts(H, 16, False, "modrelu", persistent=True)
+    assert not ts._run(ts._fwd_split_kernel, x.device, p, (x, W, h0, b, out, z), (T, B, H), T, consts)
+
+
+@pytest.mark.cuda
+def test_cuda_split_falls_back_on_a_grid_larger_than_the_gpu():
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    B = 16 * (sms // 16 + 1)  # with H 512 and 32-wide slices: 16 column programs per row block
+    x, W, h0, b = make(2, B, 512, "modrelu", F32, True, device="cuda")
+    tr.triton_recurrence(x, W, h0, b, "modrelu", kernel="split")
+    assert ts.LAST_RUN["forward"][0] == "rows" and "co-resident" in ts.LAST_RUN["forward"][1]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("nonlinearity", ["modrelu", "identity"])
+def test_cuda_auto_proves_the_split_kernel_then_uses_it(nonlinearity, monkeypatch):
+    from matrec.ops import kernel_guard
+
+    monkeypatch.delenv(kernel_guard.ENV_VAR, raising=False)
+    kernel_guard.reset()
+    x, W, h0, b = make(50, 40, 96, nonlinearity, F32, True, device="cuda")
+    out = dispatch.recurrence(x, W, h0, b, nonlinearity)  # auto
+    key = ("rnn_recurrence", str(torch.device("cuda", torch.cuda.current_device())), F32, 96)
+    ok, reason = kernel_guard.verdicts()[key]
+    assert ok, reason
+    assert ts.LAST_RUN["forward"] == ("split", "persistent: 18 programs on "
+                                      f"{torch.cuda.get_device_properties(0).multi_processor_count} SMs")
+    ref = recurrence_reference(*[None if t is None else t.detach().double() for t in (x, W, h0, b)], nonlinearity)
+    assert_close(out.double(), ref)

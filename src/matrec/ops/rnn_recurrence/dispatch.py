@@ -17,12 +17,14 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from .. import kernel_guard
 from ..backends import BackendRegistry, always_available
 from ..triton_support import device_available
 from .cpp import cpp_available, cpp_recurrence, cpp_supports
 from .chunked import _rnn_recurrence_chunked, _rnn_recurrence_chunked_or_loop
 from .fused import _rnn_recurrence
 from .naive import check_inputs, recurrence_reference
+from .nonlinearities import modrelu
 
 
 def _all(nonlinearity: str) -> bool:
@@ -91,13 +93,99 @@ def _auto_backend(xproj: Tensor, nonlinearity: str) -> str:
 
 
 def _auto_without_cpp(xproj: Tensor, nonlinearity: str) -> str:
-    """auto's rule where "cpp" cannot run (another device, no compiler): "chunked" or "torch". On CPU
-    "cpp" beats both at every measured shape, identity included (benchmarks/results/cpu_recurrence.md)."""
+    """auto's rule where "cpp" cannot run (another device, no compiler): "triton" on CUDA where
+    :func:`_triton_auto` allows it, else "chunked" or "torch". On CPU "cpp" beats both at every measured
+    shape, identity included (benchmarks/results/cpu_recurrence.md)."""
     T, B, H = xproj.shape
+    if xproj.device.type == "cuda" and _triton_auto(xproj.device, xproj.dtype, xproj.shape, nonlinearity):
+        return "triton"
     if (nonlinearity == "identity" and xproj.device.type == "cpu" and H <= AUTO_CHUNKED_MAX_HIDDEN
             and T >= max(64, 4 * H) and B * H * H <= AUTO_CHUNKED_MAX_WORK):
         return "chunked"
     return "torch"
+
+
+# auto on CUDA: the Triton kernels (the column-split one, :mod:`.triton_split`) for the nonlinearities
+# cuDNN does not have (tanh and relu run on cuDNN in MORNN); unmeasured on a GPU so far, see docs/kernel.md.
+AUTO_TRITON_NONLINEARITIES = ("modrelu", "identity")
+_AUTO_TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # float64 would be computed in float32
+
+
+def _triton_auto(device: torch.device, dtype: torch.dtype, shape: tuple[int, int, int], nonlinearity: str) -> bool:
+    """Whether auto runs "triton" for an ``xproj`` of ``shape`` ``[T, B, H]``: a nonlinearity of
+    AUTO_TRITON_NONLINEARITIES, an I/O dtype the kernel computes exactly enough (not float64), triton
+    usable on ``device``, a size the kernels take, and the first-use check (:func:`check_triton_kernel`,
+    via :mod:`matrec.ops.kernel_guard`) passed for (device, dtype, H)."""
+    T, B, H = shape
+    if (nonlinearity not in AUTO_TRITON_NONLINEARITIES or dtype not in _AUTO_TRITON_DTYPES
+            or T * B * H >= 2**31 or not _triton_available(device)[0]):
+        return False
+    if not 1 <= H <= _triton_module().MAX_HIDDEN:
+        return False
+    return kernel_guard.proven("rnn_recurrence", device, dtype, H)
+
+
+def check_triton_kernel(device: torch.device, dtype: torch.dtype, H: int) -> str | None:
+    """The first-use check of the Triton recurrence (:mod:`matrec.ops.kernel_guard`): None if
+    ``backend="triton"`` agrees with the float64 loop on a small problem (3 rows, 37 steps, hidden size
+    ``H``, an initial state; outputs and every gradient) for each of AUTO_TRITON_NONLINEARITIES, else why
+    not. The reference runs on the very inputs the kernel gets (rounded to ``dtype``); rows with a modReLU
+    pre-activation within 1e-5 of its kink (where float32 and float64 may take different branches) are
+    left out."""
+    gen = torch.Generator().manual_seed(0)
+    T, B = 37, 3
+    W = torch.linalg.qr(torch.randn(H, H, generator=gen, dtype=torch.float64))[0].float()  # [H, H]
+    x = torch.randn(T, B, H, generator=gen).to(dtype)   # [T, B, H]
+    h0 = torch.randn(B, H, generator=gen).to(dtype)     # [B, H]
+    G = torch.randn(T, B, H, generator=gen).to(dtype)   # [T, B, H] dL/d out
+    tol = 1e-4 if dtype == torch.float32 else 3e-2  # fp32 arithmetic; bf16/fp16 rounding of I/O
+    if device.type == "cuda":  # the column-split kernel: every slice width a call at this H may get
+        from . import triton_split
+
+        for width in triton_split.widths_for(H):
+            with triton_split.only_width(width):
+                reason = _check_once(device, dtype, x, W, h0, G, tol, gen)
+            if reason is not None:
+                return f"{reason}, column slices of {width}"
+        return None
+    return _check_once(device, dtype, x, W, h0, G, tol, gen)
+
+
+def _check_once(device, dtype, x, W, h0, G, tol, gen) -> str | None:
+    H = W.shape[0]
+    names = ("output", "d xproj", "d weight", "d h0", "d bias")
+    for nonlinearity in AUTO_TRITON_NONLINEARITIES:
+        b = -0.1 * torch.rand(H, generator=gen) if nonlinearity == "modrelu" else None  # [H]
+        keep = _rows_off_the_kinks(x.double(), W.double(), h0.double(), None if b is None else b.double())
+        inputs = (x[:, keep], W, h0[keep], b)
+        ref_in = [None if t is None else t.double().requires_grad_() for t in inputs]
+        dev_in = [None if t is None else t.to(device).requires_grad_() for t in inputs]
+        ref = recurrence_reference(*ref_in, nonlinearity)
+        out = recurrence(*dev_in, nonlinearity, backend="triton")
+        ref_grads = torch.autograd.grad(ref, [t for t in ref_in if t is not None], G[:, keep].double())
+        grads = torch.autograd.grad(out, [t for t in dev_in if t is not None], G[:, keep].to(device))
+        for name, got, want in zip(names, (out, *grads), (ref, *ref_grads)):
+            err = ((got.detach().double().cpu() - want.detach()).abs().max() / want.abs().max()).item()
+            if not err <= tol:  # NaN fails too
+                return f"{name} relative error {err:.2e} > {tol:.0e} ({nonlinearity})"
+    return None
+
+
+def _rows_off_the_kinks(x: Tensor, W: Tensor, h0: Tensor, b: Tensor | None, eps: float = 1e-5) -> Tensor:
+    """``[B]`` bool: the rows whose modReLU pre-activations all stay ``eps`` from ``|z| = -b`` (every row
+    without a bias; every row if none would be left)."""
+    keep = torch.ones(x.shape[1], dtype=torch.bool)
+    if b is None:
+        return keep
+    h = h0  # [B, H]
+    for t in range(x.shape[0]):
+        z = x[t] + h @ W.T  # [B, H]
+        keep &= ~((z.abs() + b).abs() < eps).any(dim=1)
+        h = modrelu(z, b)
+    return keep if keep.any() else torch.ones_like(keep)
+
+
+kernel_guard.KERNEL_CHECKS.register("rnn_recurrence", check_triton_kernel)
 
 
 def _auto_rule(device: torch.device, *, xproj: Tensor, nonlinearity: str) -> str:
@@ -145,11 +233,14 @@ def recurrence(xproj: Tensor, weight: Tensor, h0: Tensor | None = None, bias: Te
             - "chunked": identity only, the parallel form (chunks of C steps through W's powers,
               sequential over T/C chunk states); needs W with well-conditioned powers (orthogonal)
               and raises ValueError otherwise;
-            - "triton": the persistent kernel of :mod:`matrec.ops.rnn_recurrence.triton` (hidden-size
-              limit and dtypes: see there); opt-in, measured on no GPU yet;
+            - "triton": the persistent kernels of :mod:`matrec.ops.rnn_recurrence.triton` (hidden-size
+              limit and dtypes: see there; on CUDA the column-split kernel of
+              :mod:`matrec.ops.rnn_recurrence.triton_split`);
             - "cpp": CPU only, the compiled loop of :mod:`matrec.ops.rnn_recurrence.cpp` (built at
               first use; every nonlinearity; bfloat16/float16 computed in float32);
-            - "auto": on CPU "cpp" when it builds; otherwise "chunked" where measured faster than
+            - "auto": on CUDA "triton" for modrelu/identity (float32/bf16/fp16 I/O, H <= 512) once its
+              first-use check (:func:`check_triton_kernel`, :mod:`matrec.ops.kernel_guard`) has passed
+              for (device, dtype, H); on CPU "cpp" when it builds; otherwise "chunked" where measured faster than
               "torch" (:func:`_auto_backend`: identity, CPU, H <= 128, T >= max(64, 4H),
               B*H^2 <= 32768; on a W the chunked form cannot take it falls back to the sequential
               loop inside the op, with no error), else "torch".

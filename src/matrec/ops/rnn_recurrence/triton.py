@@ -23,6 +23,10 @@ kernel) and widened to float32 in the kernel, so the result is exactly the float
 cores (``h`` rounded too) are not offered: Triton's interpreter cannot run a bf16 ``tl.dot``, so that
 path could not be tested without a GPU.
 
+These are the *row* kernels: a program per ``BLOCK_B`` batch rows, so few programs at small B. On CUDA,
+:func:`triton_recurrence` runs the column-split persistent kernels of :mod:`.triton_split` instead
+(``kernel="auto"``, float32 ``W``), which fall back to these where their programs cannot all be resident.
+
 Registered as ``matrec::rnn_recurrence_triton`` (float32 ``W``) and
 ``matrec::rnn_recurrence_triton_bf16w`` (custom ops, fake kernels, autograd). CPU tensors run in
 Triton's interpreter (slow: how the tests check it), CUDA tensors compiled.
@@ -36,7 +40,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..triton_support import compile_ahead
+from ..triton_support import compile_ahead, interpret_requested
 from ..triton_support import launchable as _launcher  # interpreted for CPU tensors, compiled for CUDA
 from .fused import parameter_grads, register_recurrence_autograd
 from .naive import check_inputs
@@ -316,9 +320,12 @@ _OPS = {torch.float32: _define_ops("rnn_recurrence_triton", torch.float32),
         torch.bfloat16: _define_ops("rnn_recurrence_triton_bf16w", torch.bfloat16)}
 
 
+KERNELS = ("auto", "rows", "split")
+
+
 def triton_recurrence(xproj: Tensor, weight: Tensor, h0: Tensor | None = None,
                       bias: Tensor | None = None, nonlinearity: str = "modrelu", *,
-                      weight_dtype: torch.dtype = torch.float32) -> Tensor:
+                      weight_dtype: torch.dtype = torch.float32, kernel: str = "auto") -> Tensor:
     """Same contract as :func:`matrec.ops.rnn_recurrence.recurrence` (float32 state; float64 inputs are
     computed in float32 here), for ``1 <= H <= MAX_HIDDEN``.
 
@@ -326,6 +333,11 @@ def triton_recurrence(xproj: Tensor, weight: Tensor, h0: Tensor | None = None,
     products and the state in float32): a precision trade, relative weight error ~4e-3, for half the
     weight bytes. Gradients, ``dL/dW`` included, are float32 (taken at the rounded ``W``) and reach
     ``weight`` in its own dtype.
+
+    ``kernel``: "rows" (this module's kernels: a program per ``BLOCK_B`` batch rows), "split" (the
+    column-split persistent kernels of :mod:`.triton_split`, float32 ``W`` only; on a grid that cannot be
+    co-resident they fall back to "rows" with a warning), or "auto": "split" on CUDA (compiled) for a
+    float32 ``W``, else "rows".
     """
     check_inputs(xproj, weight, h0, bias, nonlinearity)
     if nonlinearity not in _CODES:  # registered after this kernel was written
@@ -334,6 +346,17 @@ def triton_recurrence(xproj: Tensor, weight: Tensor, h0: Tensor | None = None,
     if xproj.numel() >= 2**31:  # the kernels index with 32-bit offsets
         raise ValueError(f"xproj must have fewer than 2**31 elements for the Triton recurrence, "
                          f"got {list(xproj.shape)}")
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {list(KERNELS)}, got {kernel!r}")
+    if kernel == "split" and weight_dtype != torch.float32:
+        raise ValueError(f"kernel='split' needs weight_dtype=torch.float32, got {weight_dtype}")
+    if kernel == "auto":
+        compiled = xproj.device.type == "cuda" and not interpret_requested()
+        kernel = "split" if compiled and weight_dtype == torch.float32 else "rows"
+    if kernel == "split":
+        from .triton_split import split_op  # an import statement: torch.compile traces it
+
+        return split_op(xproj, weight, h0, bias, nonlinearity)[0].to(xproj.dtype)
     return _OPS[weight_dtype](xproj, weight, h0, bias, nonlinearity)[0].to(xproj.dtype)
 
 
@@ -344,13 +367,6 @@ def compile_report(hidden: int, weight_dtype: torch.dtype = torch.float32, backw
     ptxas's verdict: ``registers`` per thread, ``spills`` (spill-store bytes), ``shared_kib`` per program,
     and the ``ptx`` text. What the interpreter cannot show; used by the tests and
     ``benchmarks/triton_recurrence_ptxas.py``."""
-    import os
-    import re
-    import subprocess
-    import tempfile
-
-    from triton.backends.nvidia.compiler import get_ptxas
-
     fn, consts, warps = kernel_plan(hidden, weight_dtype, backward, nonlinearity, has_h0, config=config)
     wtype = "*bf16" if weight_dtype == torch.bfloat16 else "*fp32"
 
@@ -358,6 +374,19 @@ def compile_report(hidden: int, weight_dtype: torch.dtype = torch.float32, backw
         return "i32" if arg in ("T", "B", "H") else wtype if arg == "W" else "*fp32"
 
     kernel = compile_ahead(fn, signature_of, consts, warps, arch)  # the options of a launch
+    return ptxas_report(kernel, arch) | dict(constexprs=consts, num_warps=warps)
+
+
+def ptxas_report(kernel, arch: int = 90) -> dict:
+    """ptxas's verdict on a kernel compiled by :func:`matrec.ops.triton_support.compile_ahead`:
+    ``registers`` per thread, ``spills`` (spill-store bytes), ``shared_kib`` per program, and the ``ptx``."""
+    import os
+    import re
+    import subprocess
+    import tempfile
+
+    from triton.backends.nvidia.compiler import get_ptxas
+
     with tempfile.TemporaryDirectory() as tmp:
         ptx = os.path.join(tmp, "k.ptx")
         with open(ptx, "w") as f:
@@ -368,4 +397,4 @@ def compile_report(hidden: int, weight_dtype: torch.dtype = torch.float32, backw
     report = run.stdout + run.stderr
     return dict(registers=int(re.search(r"Used (\d+) registers", report).group(1)),
                 spills=int(re.search(r"(\d+) bytes spill stores", report).group(1)),
-                shared_kib=kernel.metadata.shared / 1024, ptx=kernel.asm["ptx"], constexprs=consts, num_warps=warps)
+                shared_kib=kernel.metadata.shared / 1024, ptx=kernel.asm["ptx"])
