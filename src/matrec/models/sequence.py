@@ -28,8 +28,10 @@ class Residual(nn.Module):
         self.mixer = mixer
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x: Tensor, state=None):
-        y, new_state = self.mixer(self.norm(x), state)
+    def forward(self, x: Tensor, state=None, *, mask: Tensor | None = None):
+        # without a mask, the plain call: a mixer outside the protocol still runs (it cannot take a mask)
+        y, new_state = (self.mixer(self.norm(x), state) if mask is None
+                        else self.mixer(self.norm(x), state, mask=mask))
         return x + self.dropout(y), new_state
 
 
@@ -49,8 +51,9 @@ class SequenceModel(Generates, nn.Module):
         context_length: the training length this model was configured for (informational: no
             mixer here has a hard limit).
 
-    ``forward(x, state=None) -> (out, new_state)``; ``state`` is a list with one entry per sublayer
-    (None for stateless ones). Weights follow GPT-2: N(0, 0.02), residual projections
+    ``forward(x, state=None, *, mask=None) -> (out, new_state)``; ``state`` is a list with one entry
+    per sublayer (None for stateless ones); ``mask [B, T]`` (bool) marks padding, which every mixer
+    skips (the mixer protocol, :mod:`matrec.nn.protocol`). Weights follow GPT-2: N(0, 0.02), residual projections
     N(0, 0.02 / sqrt(len(pattern))), through every mixer's ``init_weights`` (:mod:`matrec.models.mixers`).
     """
 
@@ -105,7 +108,8 @@ class SequenceModel(Generates, nn.Module):
                                 f"init_weights(std, residual_std); see docs/architecture.md")
             init(std, residual_std)
 
-    def forward(self, x: Tensor, state: list | None = None) -> tuple[Tensor, list]:
+    def forward(self, x: Tensor, state: list | None = None, *,
+                mask: Tensor | None = None) -> tuple[Tensor, list]:
         if not isinstance(x, Tensor):
             raise TypeError(f"x must be a Tensor, got {type(x).__name__}")
         if self.vocab_size is not None:
@@ -122,7 +126,7 @@ class SequenceModel(Generates, nn.Module):
                          else self.encoder(x))  # [B, T, E]
         new_state = []
         for layer, s in zip(self.layers, state):
-            h, s = layer(h, s)
+            h, s = layer(h, s, mask=mask)
             new_state.append(s)
         return self.head(self.norm(h)), new_state
 

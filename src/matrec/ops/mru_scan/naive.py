@@ -4,7 +4,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["naive_mru_scan"]
+from ..time_scan import time_scan
+
+__all__ = ["naive_mru_scan", "mru_step", "scan_mru_scan"]
+
+
+def mru_step(H: Tensor, M: Tensor) -> Tensor:
+    """One step of the definition: ``H_t = H_{t-1} @ M_t``."""
+    return H @ M
 
 
 def naive_mru_scan(states: Tensor, initial_state: Tensor | None = None) -> Tensor:
@@ -21,6 +28,22 @@ def naive_mru_scan(states: Tensor, initial_state: Tensor | None = None) -> Tenso
     out = []
     for t in range(T):
         M = states[..., t, :, :]
-        H = M if H is None else H @ M
+        H = M if H is None else mru_step(H, M)
         out.append(H)
     return torch.stack(out, dim=-3)
+
+
+def scan_mru_scan(states: Tensor, initial_state: Tensor | None = None, **_) -> Tensor:
+    """The definition's step through :func:`matrec.ops.time_scan.time_scan`: one loop node whose
+    length stays dynamic under ``torch.export`` (the export-safe backend ``"scan"``). Flat shapes
+    ``states [N, T, d, d]``, ``initial_state [N, d, d]`` or None -> ``[N, T, d, d]``."""
+    if initial_state is None:
+        eye = torch.eye(states.shape[-1], dtype=states.dtype, device=states.device)
+        initial_state = eye.expand(states.shape[0], -1, -1).clone()
+
+    def step(H, M):
+        H = mru_step(H, M)
+        return H, H
+
+    _, H = time_scan(step, initial_state, states.transpose(0, 1))  # [T, N, d, d]
+    return H.transpose(0, 1)

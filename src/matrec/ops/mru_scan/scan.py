@@ -37,7 +37,7 @@ from ...checks import check_int
 from .. import kernel_guard
 from ..backends import BackendRegistry, always_available
 from ..precision import compute_dtype
-from .naive import naive_mru_scan
+from .naive import naive_mru_scan, scan_mru_scan
 from .patterns import brent_kung_scan, chunked_scan, hillis_steele_scan, sequential_scan, sklansky_scan
 
 __all__ = ["mru_scan", "naive_mru_scan", "SCAN_BACKENDS", "ScanBackend", "auto_backend"]
@@ -118,12 +118,16 @@ class ScanBackend:
             raise ValueError("ScanBackend needs exactly one of pattern= or function=")
 
 
-SCAN_BACKENDS: BackendRegistry[ScanBackend] = BackendRegistry("scan backend", argument="backend")
+SCAN_BACKENDS: BackendRegistry[ScanBackend] = BackendRegistry("scan backend", argument="backend",
+                                                               export_safe="scan")
 SCAN_BACKENDS.register("sequential", ScanBackend(pattern=sequential_scan))
 SCAN_BACKENDS.register("hillis_steele", ScanBackend(pattern=hillis_steele_scan))
 SCAN_BACKENDS.register("brent_kung", ScanBackend(pattern=brent_kung_scan))
 SCAN_BACKENDS.register("sklansky", ScanBackend(pattern=sklansky_scan))
 SCAN_BACKENDS.register("chunked", ScanBackend(pattern=chunked_scan, uses_chunk_size=True))
+# the definition's step in PyTorch's scan op: what an exported graph runs (dynamic T); autograd
+# differentiates the loop (no fused backward), so it is the export path, not a training one
+SCAN_BACKENDS.register("scan", ScanBackend(function=scan_mru_scan))
 
 
 def _triton_module():

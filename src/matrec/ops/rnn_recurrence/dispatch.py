@@ -22,7 +22,7 @@ from ..triton_support import device_available
 from .cpp import cpp_available, cpp_recurrence, cpp_supports
 from .chunked import _rnn_recurrence_chunked, _rnn_recurrence_chunked_or_loop
 from .fused import _rnn_recurrence
-from .naive import check_inputs, recurrence_reference
+from .naive import check_inputs, check_mask, recurrence_reference, recurrence_scan
 
 
 def _all(nonlinearity: str) -> bool:
@@ -38,11 +38,13 @@ class RecurrenceBackend:
             differentiable on its own.
         available: ``device -> (ok, reason)``.
         supports: ``nonlinearity -> bool``; asked only once the backend is available.
+        masks: whether ``function`` takes ``mask=`` (padded steps that keep the state).
     """
 
     function: Callable[..., Tensor]
     available: Callable[[torch.device], tuple[bool, str]] = always_available
     supports: Callable[[str], bool] = _all
+    masks: bool = False
 
 
 def _torch_backend(xproj, weight, h0, bias, nonlinearity):
@@ -100,8 +102,9 @@ def _auto_without_cpp(xproj: Tensor, nonlinearity: str) -> str:
     return "torch"
 
 
-def _auto_rule(device: torch.device, *, xproj: Tensor, nonlinearity: str) -> str:
-    return _auto_backend(xproj, nonlinearity)
+def _auto_rule(device: torch.device, *, xproj: Tensor, nonlinearity: str, masked: bool = False) -> str:
+    # with a padding mask: the reference loop, the one training-capable backend that keeps a state
+    return "loop" if masked else _auto_backend(xproj, nonlinearity)
 
 
 def _identity_only(nonlinearity: str) -> bool:
@@ -113,10 +116,12 @@ def _triton_supports(nonlinearity: str) -> bool:
 
 
 RECURRENCE_BACKENDS: BackendRegistry[RecurrenceBackend] = BackendRegistry(
-    "recurrence backend", argument="recurrence_backend", auto=_auto_rule)
+    "recurrence backend", argument="recurrence_backend", auto=_auto_rule, export_safe="scan")
 RECURRENCE_BACKENDS.register("torch", RecurrenceBackend(_torch_backend))
 # the autograd loop: the reference, selectable so benchmarks time what the op replaces
-RECURRENCE_BACKENDS.register("loop", RecurrenceBackend(recurrence_reference))
+RECURRENCE_BACKENDS.register("loop", RecurrenceBackend(recurrence_reference, masks=True))
+# the definition's step in PyTorch's scan op (a dynamic length under torch.export): the export path
+RECURRENCE_BACKENDS.register("scan", RecurrenceBackend(recurrence_scan, masks=True))
 # the compiled CPU loop; "auto" picks it on CPU whenever it builds (benchmarks/results/cpu_recurrence.md)
 RECURRENCE_BACKENDS.register("cpp", RecurrenceBackend(cpp_recurrence, available=cpp_available,
                                                      supports=cpp_supports))
@@ -129,7 +134,7 @@ _AUTO_CHUNKED = RecurrenceBackend(_chunked_or_loop, supports=_identity_only)
 
 
 def recurrence(xproj: Tensor, weight: Tensor, h0: Tensor | None = None, bias: Tensor | None = None,
-               nonlinearity: str = "modrelu", *, backend: str = "auto") -> Tensor:
+               nonlinearity: str = "modrelu", *, backend: str = "auto", mask: Tensor | None = None) -> Tensor:
     """Run ``h_t = phi(xproj_t + h_{t-1} @ weight^T (; bias))`` over time, fused forward and backward.
 
     Args:
@@ -149,23 +154,34 @@ def recurrence(xproj: Tensor, weight: Tensor, h0: Tensor | None = None, bias: Te
               limit and dtypes: see there); opt-in, measured on no GPU yet;
             - "cpp": CPU only, the compiled loop of :mod:`matrec.ops.rnn_recurrence.cpp` (built at
               first use; every nonlinearity; bfloat16/float16 computed in float32);
-            - "auto": on CPU "cpp" when it builds; otherwise "chunked" where measured faster than
-              "torch" (:func:`_auto_backend`: identity, CPU, H <= 128, T >= max(64, 4H),
+            - "scan": the definition's step in PyTorch's scan op, what an exported graph runs;
+            - "auto": with a ``mask``, "loop"; on CPU "cpp" when it builds; otherwise "chunked" where
+              measured faster than "torch" (:func:`_auto_backend`: identity, CPU, H <= 128, T >= max(64, 4H),
               B*H^2 <= 32768; on a W the chunked form cannot take it falls back to the sequential
               loop inside the op, with no error), else "torch".
+
+        mask: ``[T, B]`` bool or None: where unset, the step keeps the state (and outputs it), so
+            ``h`` after a padded tail is the state after the valid prefix ("loop" and "scan").
 
     Returns:
         ``[T, B, H]`` all states ``h_1..h_T``, in ``xproj``'s dtype.
     """
     check_inputs(xproj, weight, h0, bias, nonlinearity)
-    name, spec = _resolve(backend, xproj, nonlinearity)
+    check_mask(mask, xproj)
+    name, spec = _resolve(backend, xproj, nonlinearity, mask is not None)
     if not spec.supports(nonlinearity):
         raise ValueError(f"nonlinearity {nonlinearity!r} is not supported by backend={name!r} "
                          f"(use backend='torch', which runs every registered nonlinearity)")
-    return spec.function(xproj, weight, h0, bias, nonlinearity)
+    if mask is None:
+        return spec.function(xproj, weight, h0, bias, nonlinearity)
+    if not spec.masks:
+        raise ValueError(f"mask is not supported by backend={name!r} (backends that take one: "
+                         f"{[n for n in RECURRENCE_BACKENDS.names() if RECURRENCE_BACKENDS.get(n).masks]})")
+    return spec.function(xproj, weight, h0, bias, nonlinearity, mask=mask)
 
 
-def _resolve(backend: str, xproj: Tensor, nonlinearity: str) -> tuple[str, RecurrenceBackend]:
+def _resolve(backend: str, xproj: Tensor, nonlinearity: str,
+             masked: bool = False) -> tuple[str, RecurrenceBackend]:
     name, spec = RECURRENCE_BACKENDS.resolve(backend, xproj.device, argument="backend",
-                                             xproj=xproj, nonlinearity=nonlinearity)
+                                             xproj=xproj, nonlinearity=nonlinearity, masked=masked)
     return name, (_AUTO_CHUNKED if backend == "auto" and name == "chunked" else spec)
