@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from ..registry import Registry
+from . import export_linalg
 from .backends import exporting
 
 ORTHOGONAL_MAPS: Registry = Registry("orthogonal map", argument="orthogonal_map")
@@ -23,7 +24,6 @@ ORTHOGONAL_MAPS: Registry = Registry("orthogonal map", argument="orthogonal_map"
 
 def _primitive(name: str) -> Callable:
     if exporting():
-        from . import export_linalg
         return getattr(export_linalg, name)
     return {"solve": torch.linalg.solve, "matrix_exp": torch.linalg.matrix_exp,
             "householder_product": torch.linalg.householder_product}[name]
@@ -42,8 +42,7 @@ def lower_to_square(x: Tensor, n: int) -> Tensor:
             f"got {x.shape[-1]}"
         )
     if exporting():  # tril_indices and index assignment do not export
-        from .export_linalg import lower_to_square as export_safe
-        return export_safe(x, n)
+        return export_linalg.lower_to_square(x, n)
     rows, cols = torch.tril_indices(n, n, offset=-1, device=x.device)
     out = x.new_zeros(*x.shape[:-1], n, n)
     out[..., rows, cols] = x

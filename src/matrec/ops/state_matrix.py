@@ -35,6 +35,7 @@ from torch import Tensor
 
 from ..checks import check_int
 from ..registry import Registry
+from . import export_linalg
 from .backends import NoExportForm, exporting
 from .orthogonal import cayley, lower_numel, lower_to_square, orthogonal_from
 
@@ -72,8 +73,7 @@ def _block(x: Tensor, d: int) -> Tensor:
 
 def _logabsdet(A: Tensor) -> Tensor:
     if exporting():  # slogdet does not export
-        from .export_linalg import logabsdet
-        return logabsdet(A)
+        return export_linalg.logabsdet(A)
     return torch.linalg.slogdet(A).logabsdet  # [...]; -inf when A is singular (not masked)
 
 
