@@ -125,9 +125,6 @@ SCAN_BACKENDS.register("hillis_steele", ScanBackend(pattern=hillis_steele_scan))
 SCAN_BACKENDS.register("brent_kung", ScanBackend(pattern=brent_kung_scan))
 SCAN_BACKENDS.register("sklansky", ScanBackend(pattern=sklansky_scan))
 SCAN_BACKENDS.register("chunked", ScanBackend(pattern=chunked_scan, uses_chunk_size=True))
-# the definition's step in PyTorch's scan op: what an exported graph runs (dynamic T); autograd
-# differentiates the loop (no fused backward), so it is the export path, not a training one
-SCAN_BACKENDS.register("scan", ScanBackend(function=scan_mru_scan))
 
 
 def _triton_module():
@@ -157,6 +154,9 @@ SCAN_BACKENDS.register(
         low_precision_io=True,
     ),
 )
+# the definition's step in PyTorch's scan op: what an exported graph runs (dynamic T); autograd
+# differentiates the loop (no fused backward), so it is the export path, not a training one
+SCAN_BACKENDS.register("scan", ScanBackend(function=scan_mru_scan))
 
 
 

@@ -120,14 +120,14 @@ RECURRENCE_BACKENDS: BackendRegistry[RecurrenceBackend] = BackendRegistry(
 RECURRENCE_BACKENDS.register("torch", RecurrenceBackend(_torch_backend))
 # the autograd loop: the reference, selectable so benchmarks time what the op replaces
 RECURRENCE_BACKENDS.register("loop", RecurrenceBackend(recurrence_reference, masks=True))
-# the definition's step in PyTorch's scan op (a dynamic length under torch.export): the export path
-RECURRENCE_BACKENDS.register("scan", RecurrenceBackend(recurrence_scan, masks=True))
 # the compiled CPU loop; "auto" picks it on CPU whenever it builds (benchmarks/results/cpu_recurrence.md)
 RECURRENCE_BACKENDS.register("cpp", RecurrenceBackend(cpp_recurrence, available=cpp_available,
                                                      supports=cpp_supports))
 RECURRENCE_BACKENDS.register("chunked", RecurrenceBackend(_chunked_backend, supports=_identity_only))
 RECURRENCE_BACKENDS.register("triton", RecurrenceBackend(_triton_backend, available=_triton_available,
                                                          supports=_triton_supports))
+# the definition's step in PyTorch's scan op (a dynamic length under torch.export): the export path
+RECURRENCE_BACKENDS.register("scan", RecurrenceBackend(recurrence_scan, masks=True))
 # what "auto" runs when it picks "chunked": the same form, but it never refuses a W (it falls back
 # to the sequential loop instead)
 _AUTO_CHUNKED = RecurrenceBackend(_chunked_or_loop, supports=_identity_only)
