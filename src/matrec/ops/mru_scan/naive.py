@@ -14,12 +14,13 @@ def mru_step(H: Tensor, M: Tensor) -> Tensor:
     return H @ M
 
 
-def naive_mru_scan(states: Tensor, initial_state: Tensor | None = None) -> Tensor:
+def naive_mru_scan(states: Tensor, initial_state: Tensor | None = None, resets: Tensor | None = None) -> Tensor:
     """The definition, one product per step; autograd runs through the loop. Reference only.
 
     Args:
         states: ``[..., T, d, d]`` input state matrices ``M_t``.
         initial_state: ``[..., d, d]`` or None (the identity).
+        resets: ``[..., T]`` bool or None: where set, a document starts and ``H_t = M_t``.
     Returns:
         ``[..., T, d, d]``: every ``H_t``.
     """
@@ -28,12 +29,18 @@ def naive_mru_scan(states: Tensor, initial_state: Tensor | None = None) -> Tenso
     out = []
     for t in range(T):
         M = states[..., t, :, :]
-        H = M if H is None else mru_step(H, M)
+        if H is None:
+            H = M
+        else:
+            H = mru_step(H, M)
+            if resets is not None:
+                H = torch.where(resets[..., t, None, None], M, H)
         out.append(H)
     return torch.stack(out, dim=-3)
 
 
-def scan_mru_scan(states: Tensor, initial_state: Tensor | None = None, **_) -> Tensor:
+def scan_mru_scan(states: Tensor, initial_state: Tensor | None = None, resets: Tensor | None = None,
+                  **_) -> Tensor:
     """The definition's step through :func:`matrec.ops.time_scan.time_scan`: one loop node whose
     length stays dynamic under ``torch.export`` (the export-safe backend ``"scan"``). Flat shapes
     ``states [N, T, d, d]``, ``initial_state [N, d, d]`` or None -> ``[N, T, d, d]``."""
@@ -41,9 +48,11 @@ def scan_mru_scan(states: Tensor, initial_state: Tensor | None = None, **_) -> T
         eye = torch.eye(states.shape[-1], dtype=states.dtype, device=states.device)
         initial_state = eye.expand(states.shape[0], -1, -1).clone()
 
-    def step(H, M):
-        H = mru_step(H, M)
+    def step(H, x):
+        M, r = x if resets is not None else (x, None)
+        H = mru_step(H, M) if r is None else torch.where(r[:, None, None], M, mru_step(H, M))
         return H, H
 
-    _, H = time_scan(step, initial_state, states.transpose(0, 1))  # [T, N, d, d]
+    xs = states.transpose(0, 1) if resets is None else (states.transpose(0, 1), resets.t())
+    _, H = time_scan(step, initial_state, xs)  # [T, N, d, d]
     return H.transpose(0, 1)
