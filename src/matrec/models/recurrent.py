@@ -40,14 +40,14 @@ class RecurrentModel(Generates, nn.Module):
         num_directions = 2 if getattr(rnn, "bidirectional", False) else 1
         self.head = nn.Linear(hidden_size * num_directions, output_size)
 
-    def forward(self, x: Tensor, state=None, *, mask: Tensor | None = None):
-        """``mask [B, T]`` (bool) marks padding, whose steps keep the state (Elman RNNs only:
-        :func:`matrec.nn.rnn_mixer.run_rnn`)."""
+    def forward(self, x: Tensor, state=None, *, mask: Tensor | None = None, starts: Tensor | None = None):
+        """``mask [B, T]`` (bool) marks padding, whose steps keep the state; ``starts [B, T]`` packed
+        documents, each from a zero state (Elman RNNs only: :func:`matrec.nn.rnn_mixer.run_rnn`)."""
         inputs = embed_tokens(self.encoder, x) if self.vocab_size is not None else self.encoder(x)
-        if mask is None and not exporting():
+        if mask is None and starts is None and not exporting():
             h, new_state = self.rnn(inputs, state)  # [B, T, H * directions]
         else:
-            h, new_state = run_rnn(self.rnn, inputs, state, mask)
+            h, new_state = run_rnn(self.rnn, inputs, state, mask, starts)
         return self.head(h), new_state
 
 

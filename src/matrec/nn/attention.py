@@ -86,12 +86,14 @@ class CausalSelfAttention(nn.Module):
             third = torch.ones(k.shape[0], k.shape[-2], dtype=torch.bool, device=k.device)
         return (k, v, third)
 
-    def forward(self, x: Tensor, state: tuple | None = None, *, mask: Tensor | None = None) -> tuple[Tensor, tuple]:
+    def forward(self, x: Tensor, state: tuple | None = None, *, mask: Tensor | None = None,
+                starts: Tensor | None = None) -> tuple[Tensor, tuple]:
         check_mask(mask, x)
+        check_mask(starts, x, "starts")
         B, T, E = x.shape
         q, k, v = (self._heads(t) for t in self.qkv(x).split(E, dim=-1))  # [B, H, T, D] each
-        if mask is not None or (state is not None and state[2].dim() > 0):
-            return self._forward_masked(x, q, k, v, state, mask)
+        if mask is not None or starts is not None or (state is not None and state[2].dim() > 0):
+            return self._forward_masked(x, q, k, v, state, mask, starts)
         past_k = past_v = None
         offset, extra = 0, ()
         if state is not None:
@@ -108,8 +110,10 @@ class CausalSelfAttention(nn.Module):
         position = torch.tensor(offset + T, device=x.device)
         return y, (k, v, position, *extra)
 
-    def _forward_masked(self, x: Tensor, q: Tensor, k: Tensor, v: Tensor, state, mask: Tensor | None):
-        """The forward over an ``(k, v, valid)`` cache (see the module docstring)."""
+    def _forward_masked(self, x: Tensor, q: Tensor, k: Tensor, v: Tensor, state, mask: Tensor | None,
+                        starts: Tensor | None = None):
+        """The forward over an ``(k, v, valid)`` cache (see the module docstring). With packed
+        documents (``starts``) a query sees its own document only and positions restart at each."""
         if self.window is not None:
             raise NoExportForm(f"sliding-window attention (window={self.window}) takes no mask: its cache "
                                f"is trimmed by position, which padding makes per-row")
@@ -123,11 +127,21 @@ class CausalSelfAttention(nn.Module):
             past_valid = mask[:, :0]
         else:
             past_k, past_v, past_valid = self.as_masked_state(state)
-        positions = past_valid.sum(-1, keepdim=True) + mask.long().cumsum(-1) - 1  # [B, T]
+        m = mask.long()
+        count = m.cumsum(-1)  # [B, T]: valid tokens of this call up to each
+        past = past_valid.sum(-1, keepdim=True)  # [B, 1]
+        docs = None
+        if starts is None:
+            positions = past + count - 1  # [B, T]
+        else:  # count from the latest document start (the carried cache for the first document)
+            positions = count - torch.where(starts, count - m, -past).cummax(-1).values - 1
+            docs = torch.cat((past_valid.long() * 0, starts.long().cumsum(-1)), dim=-1)  # [B, S + T]
         q, k = self.position(q, k, positions)
         k, v = torch.cat((past_k, k), dim=-2), torch.cat((past_v, v), dim=-2)  # [B, H, S + T, D]
         valid = torch.cat((past_valid, mask), dim=-1)  # [B, S + T]
-        y = padded_causal_attention(q, k, v, valid, self.dropout if self.training else 0.0)  # [B, H, T, D]
+        y = padded_causal_attention(q, k, v, valid, self.dropout if self.training else 0.0, docs)  # [B, H, T, D]
+        if docs is not None:  # a next call continues the last document only
+            valid = valid & (docs == docs[:, -1:])
         return self.residual_proj(y.transpose(1, 2).reshape(B, T, E)), (k, v, valid)
 
 

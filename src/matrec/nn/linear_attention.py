@@ -54,8 +54,11 @@ class LinearAttention(nn.Module):
         H, D = self.n_heads, self.head_dim
         return [StateSpec("S", ("B", H, D, D)), StateSpec("z", ("B", H, D))]
 
-    def forward(self, x: Tensor, state: tuple[Tensor, Tensor] | None = None, *, mask: Tensor | None = None):
+    def forward(self, x: Tensor, state: tuple[Tensor, Tensor] | None = None, *, mask: Tensor | None = None,
+                starts: Tensor | None = None):
+        """``starts [B, T]`` (bool): packed documents, each starting from a zero state (every form)."""
         check_mask(mask, x)
+        check_mask(starts, x, "starts")
         B, T, E = x.shape
         q, k, v = (t.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
                    for t in self.qkv(x).split(E, dim=-1))  # [B, H, T, D] each
@@ -72,6 +75,7 @@ class LinearAttention(nn.Module):
             q, k = F.elu(q) + 1, F.elu(k) + 1
             if mask is not None:
                 k = k * mask[:, None, :, None].to(k.dtype)  # [B, H, T, D]
-            y, S, z = form(q, k, v, S, z, self.eps, self.chunk_size)
+            y, S, z = (form(q, k, v, S, z, self.eps, self.chunk_size) if starts is None
+                       else form(q, k, v, S, z, self.eps, self.chunk_size, starts=starts))
         y = y.to(x.dtype).transpose(1, 2).reshape(B, T, E)
         return self.residual_proj(y), (S, z)

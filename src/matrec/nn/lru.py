@@ -94,11 +94,13 @@ class LRU(nn.Module):
         return (h @ Cc.T).real + self.D.to(x.dtype) * x
 
     def forward(self, x: Tensor, state: Tensor | None = None, *, scan=diagonal_scan,
-                mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """A padded step (``mask [B, T]`` False) multiplies by 1 and adds 0: the state stays."""
+                mask: Tensor | None = None, starts: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """A padded step (``mask [B, T]`` False) multiplies by 1 and adds 0: the state stays; a
+        document start (``starts [B, T]``) multiplies the carried state by 0."""
         if x.dim() != 3 or x.shape[-1] != self.d_model:
             raise ValueError(f"x must be [B, T, {self.d_model}], got {tuple(x.shape)}")
         check_mask(mask, x)
+        check_mask(starts, x, "starts")
         if exporting():
             raise NoExportForm("the LRU has no export form: its state is complex (ONNX and ExecuTorch have "
                                "no complex tensors) and diagonal_scan no export-safe backend")
@@ -114,6 +116,8 @@ class LRU(nn.Module):
                                  f"{self.state_size}] this layer returned, got "
                                  f"{getattr(state, 'shape', type(state).__name__)}")
             lam, u = self.lambdas(cdtype), self.inputs(xc)  # [N], [B, T, N]
+            if starts is not None:
+                lam = torch.where(starts[..., None], torch.zeros_like(lam), lam)  # [B, T, N]
             if mask is not None:
                 keep = mask[..., None]  # [B, T, 1]
                 lam = torch.where(keep, lam, torch.ones_like(lam))  # [B, T, N]
@@ -141,6 +145,7 @@ class LRUMixer(nn.Module):
         """``h [B, N]``, complex64, zeros at the start."""
         return [StateSpec("h", ("B", self.lru.state_size), "zeros", torch.complex64)]
 
-    def forward(self, x: Tensor, state: Tensor | None = None, *, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        y, h = self.lru(x, state, mask=mask)
+    def forward(self, x: Tensor, state: Tensor | None = None, *, mask: Tensor | None = None,
+                starts: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        y, h = self.lru(x, state, mask=mask, starts=starts)
         return self.residual_proj(F.gelu(y)), h

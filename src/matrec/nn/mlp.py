@@ -34,5 +34,6 @@ class MLP(nn.Module):
         """No state."""
         return []
 
-    def forward(self, x: Tensor, state=None, *, mask: Tensor | None = None) -> tuple[Tensor, None]:
+    def forward(self, x: Tensor, state=None, *, mask: Tensor | None = None,
+                starts: Tensor | None = None) -> tuple[Tensor, None]:
         return self.residual_proj(F.gelu(self.fc(x))), None

@@ -156,10 +156,11 @@ class MRU(nn.Module):
         """The mixer protocol's state: ``H [B, h, d, d]``, the identity at the start."""
         return [StateSpec("H", ("B", self.num_heads, self.order, self.order), "identity")]
 
-    def forward(self, x: Tensor, state: Tensor | None = None, *,
-                mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, state: Tensor | None = None, *, mask: Tensor | None = None,
+                starts: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``x [B, T, E]``, ``state [B, h, d, d]`` or None (identity), ``mask [B, T]`` (bool) or None
-        -> ``(y [B, T, E], H_T [B, h, d, d])``.
+        -> ``(y [B, T, E], H_T [B, h, d, d])``. ``starts [B, T]`` (bool): packed documents, each
+        product restarting from the identity (a segmented scan; not on the Triton kernel).
 
         ``H_T`` (the state after the last step) is in the scan's dtype (float32 for bf16/fp16 input);
         pass it back as ``state`` to continue the sequence.
@@ -188,6 +189,7 @@ class MRU(nn.Module):
             raise ValueError(f"state must be a floating-point tensor (an H_T this layer returned), "
                              f"got {state.dtype}")
         check_mask(mask, x)
+        check_mask(starts, x, "starts")
         if (not exporting() and T > LONG_SEQUENCE_WARNING and self.normalize is None and not self._warned_long
                 and not STATE_MATRICES.get(self.state_matrix).norm_preserving):
             self._warned_long = True
@@ -208,7 +210,8 @@ class MRU(nn.Module):
                 eye = torch.eye(d, dtype=M.dtype, device=M.device)
                 M = torch.where(mask[:, None, :, None, None], M, eye)
             h0 = None if state is None else state.to(compute)
-            H = mru_scan(M, h0, backend=self.backend)  # [B, h, T, d, d]
+            resets = None if starts is None else starts[:, None, :].expand(B, h, T)
+            H = mru_scan(M, h0, backend=self.backend, resets=resets)  # [B, h, T, d, d]
         # read-out per head: [B, h, T, d, d] @ [h, 1, d, E/(h d)] -> [B, h, T, d, E/(h d)]
         # (in the parameters' dtype; under autocast the matmul itself drops to bf16/fp16 as usual)
         y = H.to(self.down.dtype) @ self.down.unsqueeze(1)

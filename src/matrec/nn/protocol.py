@@ -15,6 +15,12 @@ next. Three things make one (docs/architecture.md, "The mixer protocol")::
   :meth:`state_spec`. When the layer is called with a ``mask`` it returns its state in exactly that
   layout, which is what lets :func:`flatten_state` / :func:`unflatten_state` turn the states of a
   whole model into a flat list of tensors and back (``matrec.export`` does nothing else with them).
+- Packed documents, ``starts [B, T]`` (bool, optional keyword of the layers that support it): True
+  at the first token of each document packed into a row (as flash-attention's ``cu_seqlens`` mark
+  them; :func:`starts_from_cu_seqlens` converts). The state restarts from its initial value there,
+  so each document computes as if run alone, gradients included: the MRU and linear-attention scans
+  become segmented scans, attention a block-diagonal causal mask, the recurrences restart from a zero
+  state. A call continues the last document of the previous call unless its first token is a start.
 - Optional: ``for_inference()`` returns the layer for inference-only graphs (a training-time
   parametrisation materialised as constants); ``as_masked_state(state)`` turns the state an
   unmasked call returned into the :meth:`state_spec` layout, when the two differ.
@@ -34,7 +40,8 @@ from torch import Tensor, nn
 from ..ops.backends import NoExportForm
 
 __all__ = ["StateSpec", "Mixer", "NoExportForm", "STATE_INITS", "flatten_state", "unflatten_state",
-           "missing_protocol", "check_mask", "for_inference", "as_masked_state"]
+           "missing_protocol", "check_mask", "for_inference", "as_masked_state", "starts_from_cu_seqlens",
+           "takes_starts"]
 
 #: how a state tensor starts: all zeros, the identity over its last two dims, all False
 STATE_INITS = ("zeros", "identity", "false")
@@ -121,11 +128,11 @@ def unflatten_state(specs: list[StateSpec], tensors):
     return None if not specs else tensors[0] if len(specs) == 1 else tuple(tensors)
 
 
-def check_mask(mask: Tensor | None, x: Tensor) -> None:
-    """``mask`` must be None or bool ``[B, T]`` matching ``x [B, T, ...]``."""
+def check_mask(mask: Tensor | None, x: Tensor, argument: str = "mask") -> None:
+    """``mask`` (or ``starts``) must be None or bool ``[B, T]`` matching ``x [B, T, ...]``."""
     if mask is not None and (not isinstance(mask, Tensor) or mask.dtype != torch.bool
                              or tuple(mask.shape) != tuple(x.shape[:2])):
-        raise ValueError(f"mask must be None or a bool tensor [B, T] = {list(x.shape[:2])}, got "
+        raise ValueError(f"{argument} must be None or a bool tensor [B, T] = {list(x.shape[:2])}, got "
                          f"{getattr(mask, 'dtype', type(mask).__name__)} {list(getattr(mask, 'shape', []))}")
 
 
@@ -139,3 +146,28 @@ def as_masked_state(mixer: nn.Module, state):
     """``state`` in the layout of ``mixer.state_spec()`` (see ``as_masked_state`` in the module docstring)."""
     convert = getattr(mixer, "as_masked_state", None)
     return convert(state) if callable(convert) and state is not None else state
+
+
+def starts_from_cu_seqlens(cu_seqlens: Tensor, T: int | None = None) -> Tensor:
+    """``starts [1, T]`` from flash-attention's cumulative lengths ``cu_seqlens [n + 1]`` (``0, l_1,
+    l_1 + l_2, ..., T``) of ``n`` documents packed into one row."""
+    if not isinstance(cu_seqlens, Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(f"cu_seqlens must be a 1-D tensor [n + 1] of cumulative lengths, got "
+                         f"{getattr(cu_seqlens, 'shape', type(cu_seqlens).__name__)}")
+    cu = cu_seqlens.long()
+    if int(cu[0]) != 0 or bool((cu[1:] <= cu[:-1]).any()):
+        raise ValueError(f"cu_seqlens must start at 0 and increase strictly, got {cu.tolist()}")
+    T = int(cu[-1]) if T is None else T
+    if int(cu[-1]) != T:
+        raise ValueError(f"cu_seqlens must end at T = {T}, got {int(cu[-1])}")
+    starts = torch.zeros(1, T, dtype=torch.bool, device=cu.device)
+    starts[0, cu[:-1]] = True
+    return starts
+
+
+def takes_starts(mixer: nn.Module) -> bool:
+    """Whether ``mixer.forward`` takes ``starts=`` (packed documents)."""
+    try:
+        return "starts" in inspect.signature(mixer.forward).parameters
+    except (TypeError, ValueError):
+        return False

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from ..ops.backends import exporting
+from ..ops.rnn_recurrence import RECURRENCE_BACKENDS
 from .mornn import rnn_layers
 from .protocol import NoExportForm, StateSpec, check_mask
 
@@ -19,27 +20,35 @@ from .protocol import NoExportForm, StateSpec, check_mask
 def _elman(rnn: nn.Module) -> None:
     """NoExportForm unless ``rnn`` is a one-direction Elman RNN with ``all_weights``."""
     if not (hasattr(rnn, "nonlinearity") and hasattr(rnn, "all_weights")):
-        raise NoExportForm(f"{type(rnn).__name__} takes no mask and has no export form: matrec's recurrence "
-                           f"op runs Elman RNNs (nn.RNN, MORNN) only")
+        raise NoExportForm(f"{type(rnn).__name__} takes no mask (nor starts) and has no export form: matrec's "
+                           f"recurrence op runs Elman RNNs (nn.RNN, MORNN) only")
     if getattr(rnn, "bidirectional", False):
         raise NoExportForm("a bidirectional RNN takes no mask and cannot stream (it reads the future)")
 
 
-def run_rnn(rnn: nn.Module, x: Tensor, hx: Tensor | None, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+def run_rnn(rnn: nn.Module, x: Tensor, hx: Tensor | None, mask: Tensor | None,
+            starts: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """``rnn`` (batch_first, one direction) on ``x [B, T, I]`` from ``hx [L, B, H]`` (zeros if None)
-    with ``mask [B, T]`` (None: every step valid) -> ``(out [B, T, H], h_n [L, B, H])``."""
+    with ``mask [B, T]`` (None: every step valid) and ``starts [B, T]`` (packed documents, each
+    from a zero state) -> ``(out [B, T, H], h_n [L, B, H])``."""
     _elman(rnn)
     check_mask(mask, x)
+    check_mask(starts, x, "starts")
     B = x.shape[0]
     L, H = rnn.num_layers, rnn.hidden_size
     if hx is None:
         hx = x.new_zeros(L, B, H)
     biases = [getattr(rnn, f"modrelu_bias_l{k}", None) for k in range(L)]
+    # the layer's backend if it takes masks and restarts, else "auto" (the reference loop)
+    backend = getattr(rnn, "recurrence_backend", "auto")
+    if backend != "auto" and not RECURRENCE_BACKENDS.get(backend).masks:
+        backend = "auto"
     out, h_n = rnn_layers(x.transpose(0, 1), hx, rnn.all_weights, biases, rnn.nonlinearity.lower(),
                           num_layers=L, bidirectional=False,
                           dropout=rnn.dropout if rnn.training else 0.0,
-                          backend=getattr(rnn, "recurrence_backend", "auto"),
-                          mask=None if mask is None else mask.t())
+                          backend=backend,
+                          mask=None if mask is None else mask.t(),
+                          resets=None if starts is None else starts.t())
     return out.transpose(0, 1), h_n
 
 
@@ -103,7 +112,7 @@ class RNNMixer(nn.Module):
         except NoExportForm:
             return self
 
-    def forward(self, x: Tensor, state=None, *, mask: Tensor | None = None):
-        if mask is None and not exporting():
+    def forward(self, x: Tensor, state=None, *, mask: Tensor | None = None, starts: Tensor | None = None):
+        if mask is None and starts is None and not exporting():
             return self.rnn(x, state)
-        return run_rnn(self.rnn, x, state, mask)
+        return run_rnn(self.rnn, x, state, mask, starts)

@@ -19,7 +19,8 @@ def causal_attention_reference(q: Tensor, k: Tensor, v: Tensor, offset: int,
     return scores.masked_fill(~mask, float("-inf")).softmax(-1) @ v
 
 
-def padded_causal_attention_reference(q: Tensor, k: Tensor, v: Tensor, valid: Tensor) -> Tensor:
+def padded_causal_attention_reference(q: Tensor, k: Tensor, v: Tensor, valid: Tensor,
+                                      docs: Tensor | None = None) -> Tensor:
     """Same contract as :func:`matrec.ops.attention.padded_causal_attention` (without dropout)."""
     scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])  # [B, H, T, S]
-    return scores.masked_fill(~padded_causal_mask(valid, q.shape[-2]), float("-inf")).softmax(-1) @ v
+    return scores.masked_fill(~padded_causal_mask(valid, q.shape[-2], docs), float("-inf")).softmax(-1) @ v

@@ -38,7 +38,8 @@ class RecurrenceBackend:
             differentiable on its own.
         available: ``device -> (ok, reason)``.
         supports: ``nonlinearity -> bool``; asked only once the backend is available.
-        masks: whether ``function`` takes ``mask=`` (padded steps that keep the state).
+        masks: whether ``function`` takes ``mask=`` (padded steps that keep the state) and
+            ``resets=`` (packed documents).
     """
 
     function: Callable[..., Tensor]
@@ -103,7 +104,8 @@ def _auto_without_cpp(xproj: Tensor, nonlinearity: str) -> str:
 
 
 def _auto_rule(device: torch.device, *, xproj: Tensor, nonlinearity: str, masked: bool = False) -> str:
-    # with a padding mask: the reference loop, the one training-capable backend that keeps a state
+    # with a padding mask or packed documents: the reference loop, the one training-capable backend
+    # that takes them
     return "loop" if masked else _auto_backend(xproj, nonlinearity)
 
 
@@ -134,7 +136,8 @@ _AUTO_CHUNKED = RecurrenceBackend(_chunked_or_loop, supports=_identity_only)
 
 
 def recurrence(xproj: Tensor, weight: Tensor, h0: Tensor | None = None, bias: Tensor | None = None,
-               nonlinearity: str = "modrelu", *, backend: str = "auto", mask: Tensor | None = None) -> Tensor:
+               nonlinearity: str = "modrelu", *, backend: str = "auto", mask: Tensor | None = None,
+               resets: Tensor | None = None) -> Tensor:
     """Run ``h_t = phi(xproj_t + h_{t-1} @ weight^T (; bias))`` over time, fused forward and backward.
 
     Args:
@@ -162,22 +165,26 @@ def recurrence(xproj: Tensor, weight: Tensor, h0: Tensor | None = None, bias: Te
 
         mask: ``[T, B]`` bool or None: where unset, the step keeps the state (and outputs it), so
             ``h`` after a padded tail is the state after the valid prefix ("loop" and "scan").
+        resets: ``[T, B]`` bool or None: packed documents; where set, the step starts from
+            ``h = 0`` instead of the carried state ("loop" and "scan").
 
     Returns:
         ``[T, B, H]`` all states ``h_1..h_T``, in ``xproj``'s dtype.
     """
     check_inputs(xproj, weight, h0, bias, nonlinearity)
     check_mask(mask, xproj)
-    name, spec = _resolve(backend, xproj, nonlinearity, mask is not None)
+    check_mask(resets, xproj, "resets")
+    name, spec = _resolve(backend, xproj, nonlinearity, mask is not None or resets is not None)
     if not spec.supports(nonlinearity):
         raise ValueError(f"nonlinearity {nonlinearity!r} is not supported by backend={name!r} "
                          f"(use backend='torch', which runs every registered nonlinearity)")
-    if mask is None:
+    if mask is None and resets is None:
         return spec.function(xproj, weight, h0, bias, nonlinearity)
     if not spec.masks:
-        raise ValueError(f"mask is not supported by backend={name!r} (backends that take one: "
+        raise ValueError(f"{'mask' if mask is not None else 'resets'} is not supported by backend={name!r} "
+                         f"(backends that take one: "
                          f"{[n for n in RECURRENCE_BACKENDS.names() if RECURRENCE_BACKENDS.get(n).masks]})")
-    return spec.function(xproj, weight, h0, bias, nonlinearity, mask=mask)
+    return spec.function(xproj, weight, h0, bias, nonlinearity, mask=mask, resets=resets)
 
 
 def _resolve(backend: str, xproj: Tensor, nonlinearity: str,
