@@ -1,4 +1,6 @@
 """Every recipe of docs/architecture.md, done exactly as the page says: one registration, then use."""
+import importlib.util
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -8,6 +10,7 @@ from matrec import MRU, build_model, generate, mru_scan
 from matrec.data.tasks import TASKS, Task, build_task
 from matrec.models.mixers import MIXERS
 from matrec.nn.init import init_linear
+from matrec.nn.protocol import StateSpec
 from matrec.ops.mru_scan import SCAN_BACKENDS, ScanBackend, naive_mru_scan
 from matrec.ops.rnn_recurrence import NONLINEARITIES, Phi, recurrence, recurrence_reference
 from matrec.ops.state_matrix import STATE_MATRICES, StateMatrix
@@ -29,20 +32,26 @@ def registered():
 
 
 class CumulativeMean(nn.Module):
-    """A causal mixer: y_t = W (mean of x_1..x_t); state (running sum, count)."""
+    """A causal mixer: y_t = W (mean of the valid x_1..x_t); state (running sum [B, E], count [B, 1])."""
 
     def __init__(self, d_model: int, *, n_heads: int = 1, dropout: float = 0.0) -> None:
         super().__init__()
+        self.d_model = d_model
         self.proj = nn.Linear(d_model, d_model)
 
     def init_weights(self, std: float, residual_std: float) -> None:
         init_linear(self.proj, residual_std)
 
-    def forward(self, x: Tensor, state=None):
-        total, count = (x.new_zeros(x.shape[0], x.shape[-1]), 0) if state is None else state
-        sums = total[:, None] + x.cumsum(1)  # [B, T, E]
-        counts = count + torch.arange(1, x.shape[1] + 1, dtype=x.dtype)[:, None]  # [T, 1]
-        return self.proj(sums / counts), (sums[:, -1], count + x.shape[1])
+    def state_spec(self) -> list[StateSpec]:
+        return [StateSpec("total", ("B", self.d_model)), StateSpec("count", ("B", 1))]
+
+    def forward(self, x: Tensor, state=None, *, mask: Tensor | None = None):
+        B, T, E = x.shape
+        total, count = (x.new_zeros(B, E), x.new_zeros(B, 1)) if state is None else state
+        keep = x.new_ones(B, T, 1) if mask is None else mask[..., None].to(x.dtype)  # padding adds nothing
+        sums = total[:, None] + (x * keep).cumsum(1)  # [B, T, E]
+        counts = count[:, None] + keep.cumsum(1)  # [B, T, 1]
+        return self.proj(sums / counts.clamp(min=1)), (sums[:, -1], counts[:, -1])
 
 
 def test_add_a_mixer(registered):
@@ -59,6 +68,73 @@ def test_add_a_mixer(registered):
     streamed = generate(model, x[:, :3], 5, temperature=0)
     refed = generate(model, x[:, :3], 5, temperature=0, use_state=False)
     assert torch.equal(streamed, refed)
+
+
+def test_an_added_mixer_exports(registered):
+    """The mixer of the recipe exports as it is (export/ knows nothing of it): the export form is
+    the model's own forward, streamed, with padding; below, its ONNX graph matches the model."""
+    from matrec.export import exportable
+
+    registered(MIXERS, "cumulative_mean", CumulativeMean)
+    torch.manual_seed(0)
+    model = build_model("sequence", pattern=["cumulative_mean", "mlp"], vocab_size=11, output_size=11).eval()
+    x = torch.randint(0, 11, (1, 9))
+    with torch.no_grad():
+        want = model(x)[0]
+        form = exportable(model, "step")
+        out, *state = form(x[:, :4], torch.ones(1, 4, dtype=torch.bool), *form.initial_state())
+        torch.testing.assert_close(out, want[:, :4])
+        assert form.state_names == ["0.total", "0.count"] and state[1].item() == 4
+        mask = torch.tensor([[True] * 3 + [False] * 2])   # two padded steps add nothing
+        _, *state = form(x[:, 4:9], mask, *state)
+        torch.testing.assert_close(state[1], torch.tensor([[7.0]]))
+
+
+@pytest.mark.slow  # an ONNX export: ~10 s
+@pytest.mark.skipif(importlib.util.find_spec("onnxruntime") is None, reason="onnxruntime not installed (export extra)")
+def test_an_added_mixer_runs_in_onnx_runtime(registered, tmp_path):
+    from matrec.export import export, exportable, load
+
+    registered(MIXERS, "cumulative_mean", CumulativeMean)
+    torch.manual_seed(0)
+    model = build_model("sequence", pattern=["cumulative_mean", "mlp"], vocab_size=11, output_size=11).eval()
+    x = torch.randint(0, 11, (1, 9))
+    with torch.no_grad():
+        want = model(x)[0]
+    path = tmp_path / "mean.onnx"
+    export(exportable(model), path, "onnx", max_length=32)
+    runner = load(path, threads=1)
+    for T in (1, 7):
+        got, _ = runner(x[:, :T])
+        torch.testing.assert_close(got, want[:, :T], atol=1e-5, rtol=1e-5)
+    got, state = runner(x[:, :4])
+    got2, _ = runner(x[:, 4:], state=state)
+    torch.testing.assert_close(torch.cat((got, got2), 1), want, atol=1e-5, rtol=1e-5)
+
+
+class Stateless(nn.Module):
+    """A mixer outside the protocol (no mask, no state_spec): it runs, and export names what it lacks."""
+
+    def __init__(self, d_model: int, *, n_heads: int = 1, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.proj = nn.Linear(d_model, d_model)
+
+    def init_weights(self, std: float, residual_std: float) -> None:
+        init_linear(self.proj, residual_std)
+
+    def forward(self, x: Tensor, state=None):
+        return self.proj(x), None
+
+
+def test_a_mixer_outside_the_protocol_is_refused_by_export_naming_what_it_lacks(registered):
+    from matrec.export import UnsupportedModelError, exportable
+
+    registered(MIXERS, "stateless", Stateless)
+    model = build_model("sequence", pattern=["mlp", "stateless"], vocab_size=5, output_size=5)
+    assert model(torch.randint(0, 5, (1, 3)))[0].shape == (1, 3, 5)
+    with pytest.raises(UnsupportedModelError, match=r"layer 1 \(mixer 'stateless', Stateless\) does not implement "
+                       r"the mixer protocol .*its forward takes no mask\); state_spec\(\)"):
+        exportable(model)
 
 
 class NoInit(CumulativeMean):

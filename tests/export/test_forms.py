@@ -40,6 +40,8 @@ MODELS = {
     "mornn": lambda: noisy(build_model("mornn", vocab_size=V, output_size=V, hidden_size=8, num_layers=2)),
     "rnn": lambda: noisy(build_model("rnn", vocab_size=V, output_size=V, hidden_size=8)),
     "features": lambda: noisy(build_model("mru", input_size=3, output_size=2, d_model=8, n_layers=1)),
+    # per-row positions (the masked path) serve xPos as they serve RoPE
+    "xpos": lambda: noisy(build_model("attn", vocab_size=V, output_size=V, d_model=8, n_layers=1, pos="xpos")),
 }
 
 
@@ -66,7 +68,7 @@ def test_form_matches_model_whole_and_streamed(name):
             torch.testing.assert_close(out, ref[:, a:b], **TOL)
 
 
-@pytest.mark.parametrize("name", ["zoo", "mornn"])
+@pytest.mark.parametrize("name", ["zoo", "mornn", "xpos"])
 def test_padding_leaves_the_state_as_after_the_valid_prefix(name):
     model = MODELS[name]()
     form = exportable(model, "step")
@@ -98,8 +100,9 @@ def test_mornn_matrix_is_materialised_once():
     model = MODELS["mornn"]()
     form = exportable(model, "step")
     W = model.rnn.orthogonal_weight("weight_hh_l0")
-    torch.testing.assert_close(form.forms[0].w_hh_0, W)
-    assert not any(n.endswith("_A") for n, _ in form.forms[0].named_parameters())
+    torch.testing.assert_close(form.model.rnn.all_weights[0][1], W)
+    names = [n for n, _ in form.named_parameters()] + [n for n, _ in form.named_buffers()]
+    assert not any(n.endswith(("_A", "_base")) for n in names)
 
 
 @pytest.mark.parametrize("model, match", [
@@ -108,7 +111,11 @@ def test_mornn_matrix_is_materialised_once():
     (lambda: build_model("mornn", vocab_size=V, output_size=V, hidden_size=4, bidirectional=True),
      "bidirectional"),
     (lambda: build_model("txl", vocab_size=V, output_size=V, d_model=8, n_layers=1), "TransformerXL"),
-    (lambda: build_model("attn", vocab_size=V, output_size=V, d_model=8, n_layers=1, pos="xpos"), "XPos"),
+    (lambda: build_model("attn", vocab_size=V, output_size=V, d_model=8, n_layers=1, window=4),
+     "sliding-window attention"),
+    (lambda: build_model("mru_rotary", vocab_size=V, output_size=V, d_model=8, n_layers=1, chunk_size=2),
+     "MRURotaryAttention takes no mask"),
+    (lambda: build_model("lru", vocab_size=V, output_size=V, d_model=8, n_layers=1), "its state is complex"),
     (lambda: build_model("mru", vocab_size=V, output_size=V, d_model=8, n_layers=1, n_heads=1,
                          normalize="spectral"), "normalize='spectral' has no export form"),
 ])

@@ -97,7 +97,7 @@ def test_backend_contract():
     """Unknown names, a missing package and "auto" are handled by the registry, naming the argument."""
     x, W, h0, b = make(4, 2, 3, "modrelu", torch.float32, False)
     with pytest.raises(ValueError,
-        match=r"backend must be one of \['auto', 'torch', 'loop', 'cpp', 'chunked', 'triton'\], got 'nope'"):
+        match=r"backend must be one of \['auto', 'torch', 'loop', 'cpp', 'chunked', 'triton', 'scan'\], got 'nope'"):
         recurrence(x, W, h0, b, backend="nope")
     with pytest.raises(ValueError, match=r"recurrence_backend must be one of \['auto', "):
         RECURRENCE_BACKENDS.get("nope")  # what MORNN(recurrence_backend=...) checks

@@ -50,7 +50,7 @@ def planned_bytes(form: ExportForm, max_length: int, batch_size: int = 1) -> int
         out = form(*args)
     T = max_length if form.mode == "sequence" else 1
     per_token = sum(t.numel() * t.element_size() for t in (args[0], args[1], out[0])) // length
-    caches = [s for n, s in zip(form.state_names, args[2:]) if n.endswith((".k", ".v", ".valid"))]
+    caches = [s for spec, s in zip(form.state_spec(batch_size), args[2:]) if "grows" in spec]
     per_slot = sum(s.numel() * s.element_size() for s in caches) // 2   # the example has two slots
     scores = 4 * batch_size * T * (max_length + 1) if caches else 0
     return per_token * T + 2 * per_slot * (max_length + 1) + scores

@@ -1,12 +1,13 @@
 """Sequence mixers: the layers a :class:`~matrec.models.SequenceModel` stacks, registered by name.
 
-One calling convention for all of them::
+One calling convention for all of them, the mixer protocol (:mod:`matrec.nn.protocol`)::
 
-    y, new_state = mixer(x, state=None)     # x, y: [B, T, E]
+    y, new_state = mixer(x, state=None, *, mask=None)     # x, y: [B, T, E]; mask [B, T] bool
 
 ``state`` is whatever the mixer needs to continue the sequence: a recurrent state, a KV cache,
-segment memory, or None for stateless layers. Calling on a sequence in chunks and passing the state
-along equals one call on the whole sequence. Every mixer is causal.
+segment memory, or None for stateless layers; ``mixer.state_spec()`` describes it. Calling on a
+sequence in chunks and passing the state along equals one call on the whole sequence. Every mixer is
+causal.
 
 Mixers are built by name as ``MIXERS.get(name)(d_model, n_heads=..., dropout=..., **options)``. The
 layers themselves live in :mod:`matrec.nn`; this file only names them. Every mixer defines
@@ -16,7 +17,7 @@ implement it for their residual-stream projection only, or as a no-op.
 """
 from __future__ import annotations
 
-from torch import Tensor, nn
+from torch import nn
 
 from ..nn.attention import CausalSelfAttention, MRURotaryAttention
 from ..nn.linear_attention import LinearAttention
@@ -25,8 +26,11 @@ from ..nn.mamba import MambaMixer
 from ..nn.gate_init import gated
 from ..nn.mlp import MLP
 from ..nn.mru import MRU
+from ..nn.rnn_mixer import RNNMixer
 from ..nn.transformer_xl import TransformerXLAttention
 from ..registry import Registry
+
+__all__ = ["MIXERS", "MRUMixer", "RNNMixer", "mru_mixer"]
 from .recurrent import MORNN_RECIPE, mornn
 
 MIXERS: Registry = Registry("mixer", argument="mixer")
@@ -49,26 +53,6 @@ def mru_mixer(d_model: int, *, n_heads: int = 1, dropout: float = 0.0, **options
     The MRU's own output dropout stays off: the residual wrapper applies ``dropout`` to every mixer.
     """
     return MRUMixer(d_model, num_heads=n_heads, **options)
-
-
-class RNNMixer(nn.Module):
-    """An ``nn.RNN``-like module (batch_first, hidden size = input size) as a mixer.
-
-    State is the RNN's own: ``h [layers, B, E]`` (``(h, c)`` for an LSTM). The RNN keeps its own
-    initialisation.
-    """
-
-    def __init__(self, rnn: nn.Module) -> None:
-        super().__init__()
-        if not getattr(rnn, "batch_first", False):
-            raise ValueError("rnn must be built with batch_first=True")
-        self.rnn = rnn
-
-    def init_weights(self, std: float, residual_std: float) -> None:
-        """Nothing: an RNN's initialisation is part of its recipe (MORNN's Henaff init, say)."""
-
-    def forward(self, x: Tensor, state=None):
-        return self.rnn(x, state)
 
 
 def _rnn_mixer(rnn_cls, **defaults):

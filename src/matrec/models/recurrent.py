@@ -11,6 +11,8 @@ from torch import Tensor, nn
 
 from ..nn.gate_init import gated
 from ..nn.mornn import MORNN
+from ..nn.rnn_mixer import run_rnn
+from ..ops.backends import exporting
 from .generate import Generates
 from .registry import MODELS, embed_tokens
 
@@ -38,9 +40,14 @@ class RecurrentModel(Generates, nn.Module):
         num_directions = 2 if getattr(rnn, "bidirectional", False) else 1
         self.head = nn.Linear(hidden_size * num_directions, output_size)
 
-    def forward(self, x: Tensor, state=None):
+    def forward(self, x: Tensor, state=None, *, mask: Tensor | None = None, starts: Tensor | None = None):
+        """``mask [B, T]`` (bool) marks padding, whose steps keep the state; ``starts [B, T]`` packed
+        documents, each from a zero state (Elman RNNs only: :func:`matrec.nn.rnn_mixer.run_rnn`)."""
         inputs = embed_tokens(self.encoder, x) if self.vocab_size is not None else self.encoder(x)
-        h, new_state = self.rnn(inputs, state)  # [B, T, H * directions]
+        if mask is None and starts is None and not exporting():
+            h, new_state = self.rnn(inputs, state)  # [B, T, H * directions]
+        else:
+            h, new_state = run_rnn(self.rnn, inputs, state, mask, starts)
         return self.head(h), new_state
 
 

@@ -14,6 +14,7 @@ from typing import Sequence
 
 from torch import Tensor, nn
 
+from ..nn.protocol import takes_starts
 from .generate import Generates
 from .mixers import MIXERS
 from .registry import embed_tokens
@@ -28,8 +29,13 @@ class Residual(nn.Module):
         self.mixer = mixer
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x: Tensor, state=None):
-        y, new_state = self.mixer(self.norm(x), state)
+    def forward(self, x: Tensor, state=None, *, mask: Tensor | None = None, starts: Tensor | None = None):
+        # only the keywords given: a mixer outside the protocol still runs without them
+        kwargs = {k: v for k, v in (("mask", mask), ("starts", starts)) if v is not None}
+        if starts is not None and not takes_starts(self.mixer):
+            raise ValueError(f"starts (packed documents) is not supported by mixer {type(self.mixer).__name__}: "
+                             f"its forward takes no starts= (see matrec.nn.protocol)")
+        y, new_state = self.mixer(self.norm(x), state, **kwargs)
         return x + self.dropout(y), new_state
 
 
@@ -49,8 +55,11 @@ class SequenceModel(Generates, nn.Module):
         context_length: the training length this model was configured for (informational: no
             mixer here has a hard limit).
 
-    ``forward(x, state=None) -> (out, new_state)``; ``state`` is a list with one entry per sublayer
-    (None for stateless ones). Weights follow GPT-2: N(0, 0.02), residual projections
+    ``forward(x, state=None, *, mask=None) -> (out, new_state)``; ``state`` is a list with one entry
+    per sublayer (None for stateless ones); ``mask [B, T]`` (bool) marks padding, which every mixer
+    skips, and ``starts [B, T]`` (bool) the first token of each document packed into a row, where
+    every mixer restarts its state (the mixer protocol, :mod:`matrec.nn.protocol`). Weights follow
+    GPT-2: N(0, 0.02), residual projections
     N(0, 0.02 / sqrt(len(pattern))), through every mixer's ``init_weights`` (:mod:`matrec.models.mixers`).
     """
 
@@ -105,7 +114,8 @@ class SequenceModel(Generates, nn.Module):
                                 f"init_weights(std, residual_std); see docs/architecture.md")
             init(std, residual_std)
 
-    def forward(self, x: Tensor, state: list | None = None) -> tuple[Tensor, list]:
+    def forward(self, x: Tensor, state: list | None = None, *, mask: Tensor | None = None,
+                starts: Tensor | None = None) -> tuple[Tensor, list]:
         if not isinstance(x, Tensor):
             raise TypeError(f"x must be a Tensor, got {type(x).__name__}")
         if self.vocab_size is not None:
@@ -122,7 +132,7 @@ class SequenceModel(Generates, nn.Module):
                          else self.encoder(x))  # [B, T, E]
         new_state = []
         for layer, s in zip(self.layers, state):
-            h, s = layer(h, s)
+            h, s = layer(h, s, mask=mask, starts=starts)
             new_state.append(s)
         return self.head(self.norm(h)), new_state
 

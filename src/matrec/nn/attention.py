@@ -4,6 +4,12 @@ State (cache) of ``attn``: ``(k, v, position)``: keys and values ``[B, H, S, hea
 ``S`` most recent tokens (all of them, or the last ``window``), keys already position-encoded, and
 ``position``, a 0-dim int64 tensor, the absolute position of the next token. MRU-rotary adds the
 running product of rotations: ``(k, v, position, P)`` with ``P [B, H, C, d, d]``.
+
+With a padding ``mask`` (the mixer protocol, :mod:`matrec.nn.protocol`) rows are padded differently,
+so one position no longer fits all: the cache is then ``(k, v, valid)``, ``valid [B, S]`` marking the
+slots that hold tokens, and a token's position is the number of valid slots before it. A call with
+such a cache takes the masked path too (an ``(k, v, position)`` cache is accepted there, every slot
+valid).
 """
 from __future__ import annotations
 
@@ -13,12 +19,13 @@ import torch
 from torch import Tensor, nn
 
 from ..checks import check_divides, check_int
-from ..ops.attention import causal_attention
+from ..ops.attention import causal_attention, padded_causal_attention
 from ..ops.mru_scan import mru_scan
 from ..ops.orthogonal import ORTHOGONAL_MAPS, lower_numel, lower_to_square, orthogonal_from
 from ..ops.precision import compute_dtype
 from .init import init_linear
 from .positional import POSITIONS
+from .protocol import NoExportForm, StateSpec, check_mask
 
 
 class CausalSelfAttention(nn.Module):
@@ -65,9 +72,28 @@ class CausalSelfAttention(nn.Module):
         q, k = self.position(q, k, offset)
         return q, k, ()
 
-    def forward(self, x: Tensor, state: tuple | None = None) -> tuple[Tensor, tuple]:
+    def state_spec(self) -> list[StateSpec]:
+        """The mixer protocol's state (the masked layout): ``k, v [B, H, P, D]`` and ``valid [B, P]``
+        over ``P`` cache slots, each call appending its ``T`` tokens."""
+        H, D = self.n_heads, self.head_dim
+        return [StateSpec("k", ("B", H, "P", D)), StateSpec("v", ("B", H, "P", D)),
+                StateSpec("valid", ("B", "P"), "false", torch.bool)]
+
+    def as_masked_state(self, state: tuple) -> tuple:
+        """``(k, v, position)`` -> ``(k, v, valid)`` with every slot valid."""
+        k, v, third = state[:3]
+        if third.dim() == 0:
+            third = torch.ones(k.shape[0], k.shape[-2], dtype=torch.bool, device=k.device)
+        return (k, v, third)
+
+    def forward(self, x: Tensor, state: tuple | None = None, *, mask: Tensor | None = None,
+                starts: Tensor | None = None) -> tuple[Tensor, tuple]:
+        check_mask(mask, x)
+        check_mask(starts, x, "starts")
         B, T, E = x.shape
         q, k, v = (self._heads(t) for t in self.qkv(x).split(E, dim=-1))  # [B, H, T, D] each
+        if mask is not None or starts is not None or (state is not None and state[2].dim() > 0):
+            return self._forward_masked(x, q, k, v, state, mask, starts)
         past_k = past_v = None
         offset, extra = 0, ()
         if state is not None:
@@ -83,6 +109,40 @@ class CausalSelfAttention(nn.Module):
             k, v = k[..., -self.window:, :], v[..., -self.window:, :]
         position = torch.tensor(offset + T, device=x.device)
         return y, (k, v, position, *extra)
+
+    def _forward_masked(self, x: Tensor, q: Tensor, k: Tensor, v: Tensor, state, mask: Tensor | None,
+                        starts: Tensor | None = None):
+        """The forward over an ``(k, v, valid)`` cache (see the module docstring). With packed
+        documents (``starts``) a query sees its own document only and positions restart at each."""
+        if self.window is not None:
+            raise NoExportForm(f"sliding-window attention (window={self.window}) takes no mask: its cache "
+                               f"is trimmed by position, which padding makes per-row")
+        if type(self).encode_positions is not CausalSelfAttention.encode_positions:
+            raise NoExportForm(f"{type(self).__name__} takes no mask: its positions carry their own state")
+        B, T, E = x.shape
+        if mask is None:
+            mask = torch.ones(B, T, dtype=torch.bool, device=x.device)
+        if state is None:
+            past_k, past_v = k[..., :0, :], v[..., :0, :]
+            past_valid = mask[:, :0]
+        else:
+            past_k, past_v, past_valid = self.as_masked_state(state)
+        m = mask.long()
+        count = m.cumsum(-1)  # [B, T]: valid tokens of this call up to each
+        past = past_valid.sum(-1, keepdim=True)  # [B, 1]
+        docs = None
+        if starts is None:
+            positions = past + count - 1  # [B, T]
+        else:  # count from the latest document start (the carried cache for the first document)
+            positions = count - torch.where(starts, count - m, -past).cummax(-1).values - 1
+            docs = torch.cat((past_valid.long() * 0, starts.long().cumsum(-1)), dim=-1)  # [B, S + T]
+        q, k = self.position(q, k, positions)
+        k, v = torch.cat((past_k, k), dim=-2), torch.cat((past_v, v), dim=-2)  # [B, H, S + T, D]
+        valid = torch.cat((past_valid, mask), dim=-1)  # [B, S + T]
+        y = padded_causal_attention(q, k, v, valid, self.dropout if self.training else 0.0, docs)  # [B, H, T, D]
+        if docs is not None:  # a next call continues the last document only
+            valid = valid & (docs == docs[:, -1:])
+        return self.residual_proj(y.transpose(1, 2).reshape(B, T, E)), (k, v, valid)
 
 
 def rotate_chunks(x: Tensor, P: Tensor) -> Tensor:
@@ -143,6 +203,12 @@ class MRURotaryAttention(CausalSelfAttention):
         bias = torch.randn(self.n_heads, self.n_chunks, lower_numel(self.chunk_size)) * scale[:, None]
         with torch.no_grad():
             self.rotation.bias.copy_(bias.flatten())
+
+    def state_spec(self) -> list[StateSpec]:
+        """As :class:`CausalSelfAttention`'s, plus the running rotations ``R [B, H, C, d, d]``
+        (this layer takes no mask yet: see ``_forward_masked``)."""
+        d = self.chunk_size
+        return super().state_spec() + [StateSpec("R", ("B", self.n_heads, self.n_chunks, d, d), "identity")]
 
     def rotations(self, x: Tensor) -> Tensor:
         """Per-token orthogonal ``M_t``: ``x [B, T, E]`` -> ``[B, H, C, T, d, d]`` (float32 or wider)."""

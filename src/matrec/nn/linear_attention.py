@@ -6,7 +6,8 @@ With the feature map ``phi(x) = elu(x) + 1`` (positive), causal attention become
     z_t = z_{t-1} + phi(k_t)              # [D]
     y_t = phi(q_t)^T S_t / (phi(q_t)^T z_t + eps)
 
-State: ``(S [B, H, D, D], z [B, H, D])``. The two forms that compute it (``recurrent``, the
+State: ``(S [B, H, D, D], z [B, H, D])``. A padded step (mask False) has its key features zeroed, so it
+adds nothing to ``S`` or ``z``. The two forms that compute it (``recurrent``, the
 definition; ``chunked``, the training path) are ops: :mod:`matrec.ops.linear_attention`.
 """
 from __future__ import annotations
@@ -19,6 +20,7 @@ from ..checks import check_divides, check_int
 from ..ops.linear_attention import LINEAR_ATTENTION_FORMS
 from ..ops.precision import compute_dtype
 from .init import init_linear
+from .protocol import StateSpec, check_mask
 
 
 class LinearAttention(nn.Module):
@@ -47,7 +49,16 @@ class LinearAttention(nn.Module):
         init_linear(self.qkv, std)
         init_linear(self.residual_proj, residual_std)
 
-    def forward(self, x: Tensor, state: tuple[Tensor, Tensor] | None = None):
+    def state_spec(self) -> list[StateSpec]:
+        """The mixer protocol's state: ``S [B, H, D, D]`` and ``z [B, H, D]``, zeros at the start."""
+        H, D = self.n_heads, self.head_dim
+        return [StateSpec("S", ("B", H, D, D)), StateSpec("z", ("B", H, D))]
+
+    def forward(self, x: Tensor, state: tuple[Tensor, Tensor] | None = None, *, mask: Tensor | None = None,
+                starts: Tensor | None = None):
+        """``starts [B, T]`` (bool): packed documents, each starting from a zero state (every form)."""
+        check_mask(mask, x)
+        check_mask(starts, x, "starts")
         B, T, E = x.shape
         q, k, v = (t.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
                    for t in self.qkv(x).split(E, dim=-1))  # [B, H, T, D] each
@@ -62,6 +73,9 @@ class LinearAttention(nn.Module):
         _, form = LINEAR_ATTENTION_FORMS.resolve(self.form, x.device, T=T)
         with torch.autocast(device_type=x.device.type, enabled=False):
             q, k = F.elu(q) + 1, F.elu(k) + 1
-            y, S, z = form(q, k, v, S, z, self.eps, self.chunk_size)
+            if mask is not None:
+                k = k * mask[:, None, :, None].to(k.dtype)  # [B, H, T, D]
+            y, S, z = (form(q, k, v, S, z, self.eps, self.chunk_size) if starts is None
+                       else form(q, k, v, S, z, self.eps, self.chunk_size, starts=starts))
         y = y.to(x.dtype).transpose(1, 2).reshape(B, T, E)
         return self.residual_proj(y), (S, z)

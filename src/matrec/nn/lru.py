@@ -25,7 +25,9 @@ from torch import Tensor, nn
 from ..checks import check_int
 from ..ops.diagonal_scan import diagonal_scan
 from ..ops.precision import compute_dtype
+from ..ops.backends import exporting
 from .init import init_linear
+from .protocol import NoExportForm, StateSpec, check_mask
 
 
 class LRU(nn.Module):
@@ -91,9 +93,17 @@ class LRU(nn.Module):
         Cc = torch.complex(self.C_re.to(x.dtype), self.C_im.to(x.dtype))  # [E, N]
         return (h @ Cc.T).real + self.D.to(x.dtype) * x
 
-    def forward(self, x: Tensor, state: Tensor | None = None, *, scan=diagonal_scan) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, state: Tensor | None = None, *, scan=diagonal_scan,
+                mask: Tensor | None = None, starts: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """A padded step (``mask [B, T]`` False) multiplies by 1 and adds 0: the state stays; a
+        document start (``starts [B, T]``) multiplies the carried state by 0."""
         if x.dim() != 3 or x.shape[-1] != self.d_model:
             raise ValueError(f"x must be [B, T, {self.d_model}], got {tuple(x.shape)}")
+        check_mask(mask, x)
+        check_mask(starts, x, "starts")
+        if exporting():
+            raise NoExportForm("the LRU has no export form: its state is complex (ONNX and ExecuTorch have "
+                               "no complex tensors) and diagonal_scan no export-safe backend")
         dtype = x.dtype
         xc = x.to(compute_dtype(dtype))
         # complex64 unless the input is float64; autocast must not touch the complex arithmetic
@@ -105,8 +115,14 @@ class LRU(nn.Module):
                 raise ValueError(f"state must be None or the complex LRU state [{x.shape[0]}, "
                                  f"{self.state_size}] this layer returned, got "
                                  f"{getattr(state, 'shape', type(state).__name__)}")
-            h = scan(self.lambdas(cdtype), self.inputs(xc),
-                     None if state is None else state.to(cdtype))  # [B, T, N]
+            lam, u = self.lambdas(cdtype), self.inputs(xc)  # [N], [B, T, N]
+            if starts is not None:
+                lam = torch.where(starts[..., None], torch.zeros_like(lam), lam)  # [B, T, N]
+            if mask is not None:
+                keep = mask[..., None]  # [B, T, 1]
+                lam = torch.where(keep, lam, torch.ones_like(lam))  # [B, T, N]
+                u = torch.where(keep, u, torch.zeros_like(u))
+            h = scan(lam, u, None if state is None else state.to(cdtype))  # [B, T, N]
             y = self.readout(h, xc)
         return y.to(dtype), h[:, -1]
 
@@ -125,6 +141,11 @@ class LRUMixer(nn.Module):
         """The LRU keeps its own initialisation (the ring); the residual projection gets the residual init."""
         init_linear(self.residual_proj, residual_std)
 
-    def forward(self, x: Tensor, state: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        y, h = self.lru(x, state)
+    def state_spec(self) -> list[StateSpec]:
+        """``h [B, N]``, complex64, zeros at the start."""
+        return [StateSpec("h", ("B", self.lru.state_size), "zeros", torch.complex64)]
+
+    def forward(self, x: Tensor, state: Tensor | None = None, *, mask: Tensor | None = None,
+                starts: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        y, h = self.lru(x, state, mask=mask, starts=starts)
         return self.residual_proj(F.gelu(y)), h

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from ..checks import check_int
 from ..ops.precision import compute_dtype
 from .init import init_linear
+from .protocol import NoExportForm, StateSpec, check_mask
 
 EXTRA = "mamba"
 
@@ -65,7 +66,17 @@ class MambaMixer(nn.Module):
         projection writes into the residual stream and gets the residual init."""
         init_linear(self.block.out_proj, residual_std)
 
-    def forward(self, x: Tensor, state: tuple | None = None) -> tuple[Tensor, tuple]:
+    def state_spec(self) -> list[StateSpec]:
+        """``h [B, expand*E, d_state]`` and ``conv_inputs [B, expand*E, d_conv - 1]``, zeros at the start."""
+        cfg = self.config
+        return [StateSpec("h", ("B", cfg.d_inner, cfg.d_state)),
+                StateSpec("conv_inputs", ("B", cfg.d_inner, cfg.d_conv - 1))]
+
+    def forward(self, x: Tensor, state: tuple | None = None, *, mask: Tensor | None = None) -> tuple[Tensor, tuple]:
+        check_mask(mask, x)
+        if mask is not None:
+            raise NoExportForm("MambaMixer takes no mask: its causal convolution reads the last d_conv - 1 "
+                               "inputs by count, padded or not (and mambapy's scan does not export)")
         _, pscan = _mambapy()
         blk, cfg = self.block, self.config
         B, T, _ = x.shape

@@ -6,6 +6,7 @@ from torch import Tensor, nn
 
 from ..checks import check_int
 from .init import init_linear
+from .protocol import StateSpec
 
 
 class MLP(nn.Module):
@@ -29,5 +30,10 @@ class MLP(nn.Module):
         init_linear(self.fc, std)
         init_linear(self.residual_proj, residual_std)
 
-    def forward(self, x: Tensor, state=None) -> tuple[Tensor, None]:
+    def state_spec(self) -> list[StateSpec]:
+        """No state."""
+        return []
+
+    def forward(self, x: Tensor, state=None, *, mask: Tensor | None = None,
+                starts: Tensor | None = None) -> tuple[Tensor, None]:
         return self.residual_proj(F.gelu(self.fc(x))), None

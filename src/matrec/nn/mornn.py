@@ -728,11 +728,14 @@ def _reverse_padded(x: Tensor, lengths: Tensor | None) -> Tensor:
 
 def rnn_layers(x: Tensor, hx: Tensor, weights: list[list[Tensor]], modrelu_biases: list[Tensor | None],
                nonlinearity: str, *, num_layers: int, bidirectional: bool, dropout: float = 0.0,
-               lengths: Tensor | None = None, backend: str = "auto") -> tuple[Tensor, Tensor]:
+               lengths: Tensor | None = None, backend: str = "auto",
+               mask: Tensor | None = None, resets: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Stacked (bi)directional RNN on padded time-major ``x [T, B, I]`` via :func:`recurrence`.
 
     ``weights[layer * D + d] = [w_ih, W_hh, (b_ih, b_hh)]``; ``hx [L * D, B, H]``; ``lengths [B]``
-    (CPU int, original batch order) when sequences are padded. Returns ``(output [T, B, D * H],
+    (CPU int, original batch order) when sequences are padded; or ``mask [T, B]`` (bool, one
+    direction only): padded steps keep the state (the mixer protocol); ``resets [T, B]``: packed
+    documents, each starting from a zero state. Returns ``(output [T, B, D * H],
     h_n [L * D, B, H])`` with ``h_n`` taken at each sequence's last valid step.
     """
     D = 2 if bidirectional else 1
@@ -748,7 +751,8 @@ def rnn_layers(x: Tensor, hx: Tensor, weights: list[list[Tensor]], modrelu_biase
             xp = F.linear(layer_in, w_ih, b)                 # [T, B, H]
             if d == 1:
                 xp = _reverse_padded(xp, lengths)
-            h = recurrence(xp, W, hx[k], modrelu_biases[k], nonlinearity, backend=backend)  # [T, B, H]
+            h = recurrence(xp, W, hx[k], modrelu_biases[k], nonlinearity, backend=backend, mask=mask,
+                           resets=resets)  # [T, B, H]
             last = h[-1] if lengths is None else h[lengths.to(h.device) - 1, torch.arange(B, device=h.device)]
             h_n.append(last)
             outs.append(_reverse_padded(h, lengths) if d == 1 else h)

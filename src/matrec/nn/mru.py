@@ -8,9 +8,12 @@ import torch
 from torch import Tensor, nn
 
 from ..checks import check_int, check_number
+from ..ops.backends import exporting
 from ..ops.mru_scan import SCAN_BACKENDS, mru_scan
 from ..ops.precision import compute_dtype
-from ..ops.state_matrix import STATE_MATRICES, STATE_NORMALIZATIONS, state_matrix, state_matrix_numel
+from ..ops.state_matrix import (STATE_MATRICES, STATE_NORMALIZATIONS, normalize_states, state_matrix,
+                                state_matrix_numel)
+from .protocol import StateSpec, check_mask
 
 
 _AUTOCAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -66,7 +69,9 @@ class MRU(nn.Module):
             :data:`LONG_SEQUENCE_WARNING`.
 
     Shapes:
-        ``forward(x [B, T, E], state [B, h, d, d] | None) -> (y [B, T, E], new_state [B, h, d, d])``.
+        ``forward(x [B, T, E], state [B, h, d, d] | None, *, mask [B, T] | None) -> (y [B, T, E],
+        new_state [B, h, d, d])``; a padded step (mask False) multiplies by the identity, so it
+        leaves the state as it was (the mixer protocol, :mod:`matrec.nn.protocol`).
     """
 
     def __init__(
@@ -147,8 +152,15 @@ class MRU(nn.Module):
             + ("" if self.normalize is None else f", normalize={self.normalize!r}")
         )
 
-    def forward(self, x: Tensor, state: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """``x [B, T, E]``, ``state [B, h, d, d]`` or None (identity) -> ``(y [B, T, E], H_T [B, h, d, d])``.
+    def state_spec(self) -> list[StateSpec]:
+        """The mixer protocol's state: ``H [B, h, d, d]``, the identity at the start."""
+        return [StateSpec("H", ("B", self.num_heads, self.order, self.order), "identity")]
+
+    def forward(self, x: Tensor, state: Tensor | None = None, *, mask: Tensor | None = None,
+                starts: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``x [B, T, E]``, ``state [B, h, d, d]`` or None (identity), ``mask [B, T]`` (bool) or None
+        -> ``(y [B, T, E], H_T [B, h, d, d])``. ``starts [B, T]`` (bool): packed documents, each
+        product restarting from the identity (a segmented scan; not on the Triton kernel).
 
         ``H_T`` (the state after the last step) is in the scan's dtype (float32 for bf16/fp16 input);
         pass it back as ``state`` to continue the sequence.
@@ -176,7 +188,9 @@ class MRU(nn.Module):
         if state is not None and not state.is_floating_point():
             raise ValueError(f"state must be a floating-point tensor (an H_T this layer returned), "
                              f"got {state.dtype}")
-        if (T > LONG_SEQUENCE_WARNING and self.normalize is None and not self._warned_long
+        check_mask(mask, x)
+        check_mask(starts, x, "starts")
+        if (not exporting() and T > LONG_SEQUENCE_WARNING and self.normalize is None and not self._warned_long
                 and not STATE_MATRICES.get(self.state_matrix).norm_preserving):
             self._warned_long = True
             warnings.warn(
@@ -191,9 +205,13 @@ class MRU(nn.Module):
         with torch.autocast(device_type=x.device.type, enabled=False):
             M = state_matrix(self.state_matrix, raw.to(compute), d)  # [B, h, T, d, d]
             if self.normalize is not None:
-                M = STATE_NORMALIZATIONS.get(self.normalize)(M)  # every sigma_max(M_t) = 1
+                M = normalize_states(self.normalize, M)  # every sigma_max(M_t) = 1
+            if mask is not None:  # a padded step multiplies by the identity: the state stays
+                eye = torch.eye(d, dtype=M.dtype, device=M.device)
+                M = torch.where(mask[:, None, :, None, None], M, eye)
             h0 = None if state is None else state.to(compute)
-            H = mru_scan(M, h0, backend=self.backend)  # [B, h, T, d, d]
+            resets = None if starts is None else starts[:, None, :].expand(B, h, T)
+            H = mru_scan(M, h0, backend=self.backend, resets=resets)  # [B, h, T, d, d]
         # read-out per head: [B, h, T, d, d] @ [h, 1, d, E/(h d)] -> [B, h, T, d, E/(h d)]
         # (in the parameters' dtype; under autocast the matmul itself drops to bf16/fp16 as usual)
         y = H.to(self.down.dtype) @ self.down.unsqueeze(1)

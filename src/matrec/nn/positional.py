@@ -3,7 +3,8 @@
 Each encoding is built as ``POSITIONS.get(name)(head_dim, **options)`` and called as
 ``enc(q, k, offset) -> (q, k)`` with ``q, k [B, H, T, head_dim]`` whose first row sits at absolute
 position ``offset`` (the length of the KV cache), so cached generation sees the same positions as a
-full recomputation.
+full recomputation. ``offset`` may also be a tensor ``[B, T]`` of every token's position (rows
+padded differently: the attention's masked path).
 """
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ POSITIONS: Registry = Registry("positional encoding", argument="pos")
 
 
 def _rotate_half(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate the pairs ``(x[..., i], x[..., i + D/2])`` by the angles behind ``cos``/``sin [T, D/2]``."""
+    """Rotate the pairs ``(x[..., i], x[..., i + D/2])`` by the angles behind ``cos``/``sin``
+    (``[T, D/2]``, or ``[B, 1, T, D/2]`` per row)."""
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
 
@@ -48,12 +50,18 @@ class Rotary(nn.Module):
         inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
         self.register_buffer("inv_freq", inv_freq, persistent=False)  # [D/2]
 
-    def angles(self, T: int, offset: int, like: Tensor) -> Tensor:
+    def positions(self, T: int, offset, like: Tensor) -> Tensor:
+        """``[T]`` from an int ``offset``, ``[B, 1, T]`` (broadcasting over heads) from ``[B, T]``."""
         dtype = compute_dtype(like.dtype)
-        pos = torch.arange(offset, offset + T, device=like.device, dtype=dtype)
-        return pos[:, None] * self.inv_freq.to(like.device, dtype)[None, :]  # [T, D/2]
+        if isinstance(offset, Tensor):
+            return offset.to(like.device, dtype)[:, None, :]
+        return torch.arange(offset, offset + T, device=like.device, dtype=dtype)
 
-    def forward(self, q: Tensor, k: Tensor, offset: int) -> tuple[Tensor, Tensor]:
+    def angles(self, T: int, offset, like: Tensor) -> Tensor:
+        pos = self.positions(T, offset, like)
+        return pos[..., None] * self.inv_freq.to(like.device, pos.dtype)  # [T, D/2] or [B, 1, T, D/2]
+
+    def forward(self, q: Tensor, k: Tensor, offset) -> tuple[Tensor, Tensor]:
         theta = self.angles(q.shape[-2], offset, q)
         cos, sin = theta.cos().to(q.dtype), theta.sin().to(q.dtype)
         return _rotate_half(q, cos, sin), _rotate_half(k, cos, sin)
@@ -80,8 +88,8 @@ class XPos(Rotary):
         T = q.shape[-2]
         theta = self.angles(T, offset, q)
         cos, sin = theta.cos(), theta.sin()
-        pos = torch.arange(offset, offset + T, device=q.device, dtype=theta.dtype)
-        scale = self.zeta.to(q.device, theta.dtype)[None, :] ** (pos[:, None] / self.scale_base)  # [T, D/2]
+        pos = self.positions(T, offset, q)
+        scale = self.zeta.to(q.device, theta.dtype) ** (pos[..., None] / self.scale_base)  # as theta
         q = _rotate_half(q, (cos * scale).to(q.dtype), (sin * scale).to(q.dtype))
         k = _rotate_half(k, (cos / scale).to(k.dtype), (sin / scale).to(k.dtype))
         return q, k

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from ..checks import check_divides, check_int
 from .init import init_linear
+from .protocol import NoExportForm, StateSpec, check_mask
 
 
 def sinusoid(n: int, dim: int, device, dtype) -> Tensor:
@@ -58,7 +59,16 @@ class TransformerXLAttention(nn.Module):
         nn.init.zeros_(self.u)
         nn.init.zeros_(self.v)
 
-    def forward(self, x: Tensor, state: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    def state_spec(self) -> list[StateSpec]:
+        """The memory ``[B, M, E]`` (``M`` grows to ``mem_len``); none with ``mem_len=0``."""
+        return [StateSpec("memory", ("B", "P", self.kv.in_features))] if self.mem_len > 0 else []
+
+    def forward(self, x: Tensor, state: Tensor | None = None, *,
+                mask: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        check_mask(mask, x)
+        if mask is not None:
+            raise NoExportForm("TransformerXLAttention takes no mask: its memory keeps the last mem_len "
+                               "inputs by count, which padding would make per-row")
         B, T, E = x.shape
         H, D = self.n_heads, self.head_dim
         # the memory is cast to x's float dtype (bf16 runs keep an fp32 memory); an integer one is

@@ -9,10 +9,17 @@ things a caller can get wrong are handled here, once, for every op:
   and the reason (e.g. ``recurrence_backend='triton' is not available on cpu: triton is not
   importable ...``) instead of an ``ImportError`` from deep inside;
 - ``"auto"``: the op's rule, given the device and whatever else the op passes as context.
+
+An op whose graph must also export (``torch.export`` -> ONNX / ExecuTorch, dynamic length) names
+one entry ``export_safe``. Inside :func:`export_safe` every registry resolves to that entry whatever
+name the layer was built with, so ``matrec.export`` runs the model's own forward; a registry without
+one raises :class:`NoExportForm` naming the argument.
 """
 from __future__ import annotations
 
-from typing import Callable, TypeVar
+import threading
+from contextlib import contextmanager
+from typing import Callable, Iterator, TypeVar
 
 import torch
 
@@ -21,6 +28,37 @@ from ..registry import Registry
 T = TypeVar("T")
 
 AUTO = "auto"
+
+
+class NoExportForm(NotImplementedError):
+    """An op, a construction or a layer option has no export-safe form (``matrec.export`` names the layer)."""
+
+
+_EXPORT = threading.local()
+
+
+@contextmanager
+def export_safe(unrolled: bool = False) -> Iterator[None]:
+    """Within: every :class:`BackendRegistry` resolves to its ``export_safe`` entry, and ops and
+    layers take their export-safe paths (:func:`exporting`). ``unrolled=True``: loops over time run
+    as Python loops (a static length: the one-token step graph) instead of PyTorch's ``scan`` op."""
+    before = getattr(_EXPORT, "mode", None)
+    _EXPORT.mode = (bool(unrolled),)
+    try:
+        yield
+    finally:
+        _EXPORT.mode = before
+
+
+def exporting() -> bool:
+    """Whether the caller runs inside :func:`export_safe`."""
+    return getattr(_EXPORT, "mode", None) is not None
+
+
+def export_unrolled() -> bool:
+    """Inside :func:`export_safe`: whether loops over time unroll (False outside)."""
+    mode = getattr(_EXPORT, "mode", None)
+    return bool(mode and mode[0])
 
 
 def always_available(device: torch.device) -> tuple[bool, str]:
@@ -37,12 +75,15 @@ class BackendRegistry(Registry[T]):
         kind: what the entries are, for messages (``"scan backend"``).
         argument: the argument users pass a name through (``"backend"``).
         auto: ``rule(device, **context) -> name``; None when the op has no ``"auto"``.
+        export_safe: the entry :func:`export_safe` selects (one that traces with a dynamic length);
+            None when the op has none.
     """
 
     def __init__(self, kind: str, *, argument: str | None = None,
-                 auto: Callable[..., str] | None = None) -> None:
+                 auto: Callable[..., str] | None = None, export_safe: str | None = None) -> None:
         super().__init__(kind, argument=argument)
         self._auto = auto
+        self.export_safe = export_safe
 
     def set_auto(self, rule: Callable[..., str]) -> Callable[..., str]:
         """Install ``rule(device, **context) -> name`` as ``"auto"`` (usable as a decorator)."""
@@ -81,6 +122,10 @@ class BackendRegistry(Registry[T]):
         argument = argument or self.argument
         self.check(name, argument)
         device = torch.device(device)
+        if exporting():
+            if self.export_safe is None:
+                raise NoExportForm(f"{argument} has no export-safe {self.kind} (registered: {self.names()})")
+            return self.export_safe, super().get(self.export_safe)
         if name == AUTO:
             name = self._auto(device, **context)
         ok, reason = self.available(name, device)

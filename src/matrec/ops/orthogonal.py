@@ -13,10 +13,20 @@ import torch
 from torch import Tensor
 
 from ..registry import Registry
+from . import export_linalg
+from .backends import exporting
 
 ORTHOGONAL_MAPS: Registry = Registry("orthogonal map", argument="orthogonal_map")
-# Each map takes its linear-algebra primitive as an argument (default: torch.linalg's), so the
-# export-only forms in state_matrix_export.py are these same maps with elementwise primitives.
+# Each map takes its linear-algebra primitive as an argument. Left None it is torch.linalg's, or,
+# inside matrec.ops.backends.export_safe(), the export-safe one of export_linalg.py: so every map
+# (and every construction built on one) is its own export-safe form.
+
+
+def _primitive(name: str) -> Callable:
+    if exporting():
+        return getattr(export_linalg, name)
+    return {"solve": torch.linalg.solve, "matrix_exp": torch.linalg.matrix_exp,
+            "householder_product": torch.linalg.householder_product}[name]
 
 
 def lower_numel(n: int) -> int:
@@ -31,6 +41,8 @@ def lower_to_square(x: Tensor, n: int) -> Tensor:
             f"expected the last dimension to hold n(n-1)/2 = {lower_numel(n)} entries for n = {n}, "
             f"got {x.shape[-1]}"
         )
+    if exporting():  # tril_indices and index assignment do not export
+        return export_linalg.lower_to_square(x, n)
     rows, cols = torch.tril_indices(n, n, offset=-1, device=x.device)
     out = x.new_zeros(*x.shape[:-1], n, n)
     out[..., rows, cols] = x
@@ -48,22 +60,21 @@ def _eye_like(X: Tensor) -> Tensor:
 
 
 @ORTHOGONAL_MAPS.register("expm")
-def expm(X: Tensor, matrix_exp: Callable[[Tensor], Tensor] = torch.linalg.matrix_exp) -> Tensor:
+def expm(X: Tensor, matrix_exp: Callable[[Tensor], Tensor] | None = None) -> Tensor:
     """``exp(A)`` with ``A = skew(X)``: a rotation (det 1)."""
-    return matrix_exp(skew(X))
+    return (matrix_exp or _primitive("matrix_exp"))(skew(X))
 
 
 @ORTHOGONAL_MAPS.register("cayley")
-def cayley(X: Tensor, solve: Callable[[Tensor, Tensor], Tensor] = torch.linalg.solve) -> Tensor:
+def cayley(X: Tensor, solve: Callable[[Tensor, Tensor], Tensor] | None = None) -> Tensor:
     """``(I - A)^-1 (I + A)`` with ``A = skew(X)``; ``I - A`` is invertible for every skew ``A``."""
     A = skew(X)
     eye = _eye_like(A)
-    return solve(eye - A, eye + A)
+    return (solve or _primitive("solve"))(eye - A, eye + A)
 
 
 @ORTHOGONAL_MAPS.register("householder")
-def householder(X: Tensor, householder_product: Callable[[Tensor, Tensor], Tensor]
-                = torch.linalg.householder_product) -> Tensor:
+def householder(X: Tensor, householder_product: Callable[[Tensor, Tensor], Tensor] | None = None) -> Tensor:
     """Product of ``n`` reflections ``I - tau v v^T``, ``v_k`` the k-th column of ``I + tril(X, -1)``.
 
     ``tau_k = 2 / ||v_k||^2`` makes each factor an exact reflection. At ``X = 0`` every ``v_k = e_k``
@@ -72,7 +83,7 @@ def householder(X: Tensor, householder_product: Callable[[Tensor, Tensor], Tenso
     """
     V = X.tril(-1) + _eye_like(X)
     tau = 2.0 / (V * V).sum(dim=-2)  # [..., n]: squared norm of each column
-    return -householder_product(V, tau)
+    return -(householder_product or _primitive("householder_product"))(V, tau)
 
 
 def orthogonal_from(X: Tensor, orthogonal_map: str = "expm") -> Tensor:

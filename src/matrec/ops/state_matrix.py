@@ -14,8 +14,12 @@ starts the MRU as the identity recurrence). The orthogonal ones reuse :mod:`matr
 | ldu         | d^2          | det 1 (default)                         |
 | ldu_ns      | d^2          | det 1 up to rounding, closer to orthogonal |
 
-Extend with ``STATE_MATRICES.register("mine", StateMatrix(build=fn, numel=lambda d: ...))`` where
-``fn(x [..., n], d) -> [..., d, d]``.
+Extend with ``STATE_MATRICES.register("mine", StateMatrix(build=fn, numel=lambda d: ..., export=fn))``
+where ``fn(x [..., n], d) -> [..., d, d]``; ``export`` is the construction's export-safe form (what
+``matrec.export`` runs, inside :func:`matrec.ops.backends.export_safe`), None when it has none. Every
+construction here is its own export-safe form: the linear-algebra primitives they use (``solve``,
+``slogdet``, ``matrix_exp``, ``householder_product``) switch to the elementwise ones of
+:mod:`.export_linalg` inside ``export_safe()``.
 
 ``STATE_NORMALIZATIONS`` holds the per-token normalisations the MRU can apply after a construction
 (``MRU(normalize=...)``): ``"spectral"`` divides every ``M_t`` by its largest singular value, so every
@@ -31,6 +35,8 @@ from torch import Tensor
 
 from ..checks import check_int
 from ..registry import Registry
+from . import export_linalg
+from .backends import NoExportForm, exporting
 from .orthogonal import cayley, lower_numel, lower_to_square, orthogonal_from
 
 __all__ = ["STATE_MATRICES", "STATE_NORMALIZATIONS", "StateMatrix", "spectral_normalize", "state_matrix",
@@ -39,13 +45,15 @@ __all__ = ["STATE_MATRICES", "STATE_NORMALIZATIONS", "StateMatrix", "spectral_no
 
 @dataclass(frozen=True)
 class StateMatrix:
-    """A construction: ``build(x [..., numel(d)], d) -> [..., d, d]``, identity at ``x = 0``."""
+    """A construction: ``build(x [..., numel(d)], d) -> [..., d, d]``, identity at ``x = 0``;
+    ``export``: the same map made of export-safe ops (None: the construction cannot be exported)."""
 
     build: Callable[[Tensor, int], Tensor]
     numel: Callable[[int], int]
     guarantee: str = "none"
     #: every ``M_t`` orthogonal, so every running product too: no growth at any length
     norm_preserving: bool = False
+    export: Callable[[Tensor, int], Tensor] | None = None
 
 
 STATE_MATRICES: Registry = Registry("state matrix construction", argument="state_matrix")
@@ -64,6 +72,8 @@ def _block(x: Tensor, d: int) -> Tensor:
 
 
 def _logabsdet(A: Tensor) -> Tensor:
+    if exporting():  # slogdet does not export
+        return export_linalg.logabsdet(A)
     return torch.linalg.slogdet(A).logabsdet  # [...]; -inf when A is singular (not masked)
 
 
@@ -77,8 +87,8 @@ def _identity(x: Tensor, d: int) -> Tensor:
     return _block(x, d) + _eye(x, d)
 
 
-# The constructions built on a linear-algebra primitive take it as an argument, so that their
-# export-only forms (state_matrix_export.py) are these same functions with elementwise primitives.
+# The constructions built on a linear-algebra primitive take it as an argument (tests pass the
+# export-safe ones directly); left default, it switches inside export_safe() by itself.
 def _scaled(x: Tensor, d: int, logabsdet: Callable[[Tensor], Tensor] = _logabsdet) -> Tensor:
     return _unit_det(_block(x, d) + _eye(x, d), logabsdet)
 
@@ -126,16 +136,19 @@ def _ldu_ns(x: Tensor, d: int, logabsdet: Callable[[Tensor], Tensor] = _logabsde
     return _unit_det(A + 0.5 * damp * (A @ E), logabsdet)
 
 
-STATE_MATRICES.register("identity", StateMatrix(_identity, _square, "none"))
-STATE_MATRICES.register("scaled", StateMatrix(_scaled, _square, "|det| = 1"))
-STATE_MATRICES.register("cayley", StateMatrix(_orthogonal("cayley"), lower_numel, "orthogonal", True))
-STATE_MATRICES.register("expm", StateMatrix(_orthogonal("expm"), lower_numel, "orthogonal, det 1", True))
-STATE_MATRICES.register(
-    "householder", StateMatrix(_orthogonal("householder"), lower_numel, "orthogonal", True)
-)
-STATE_MATRICES.register("cayley_qr", StateMatrix(_cayley_qr, _square, "det 1"))
-STATE_MATRICES.register("ldu", StateMatrix(_ldu, _square, "det 1"))
-STATE_MATRICES.register("ldu_ns", StateMatrix(_ldu_ns, _square, "det 1, near orthogonal"))
+def _construction(build, numel, guarantee, norm_preserving=False) -> StateMatrix:
+    # its own export-safe form: its primitives switch inside export_safe()
+    return StateMatrix(build, numel, guarantee, norm_preserving, export=build)
+
+
+STATE_MATRICES.register("identity", _construction(_identity, _square, "none"))
+STATE_MATRICES.register("scaled", _construction(_scaled, _square, "|det| = 1"))
+STATE_MATRICES.register("cayley", _construction(_orthogonal("cayley"), lower_numel, "orthogonal", True))
+STATE_MATRICES.register("expm", _construction(_orthogonal("expm"), lower_numel, "orthogonal, det 1", True))
+STATE_MATRICES.register("householder", _construction(_orthogonal("householder"), lower_numel, "orthogonal", True))
+STATE_MATRICES.register("cayley_qr", _construction(_cayley_qr, _square, "det 1"))
+STATE_MATRICES.register("ldu", _construction(_ldu, _square, "det 1"))
+STATE_MATRICES.register("ldu_ns", _construction(_ldu_ns, _square, "det 1, near orthogonal"))
 
 
 def spectral_normalize(M: Tensor) -> Tensor:
@@ -155,6 +168,16 @@ def spectral_normalize(M: Tensor) -> Tensor:
 
 STATE_NORMALIZATIONS: Registry = Registry("state matrix normalisation", argument="normalize")
 STATE_NORMALIZATIONS.register("spectral", spectral_normalize)
+
+
+def normalize_states(name: str, M: Tensor) -> Tensor:
+    """``STATE_NORMALIZATIONS[name](M)``; none has an export-safe form (sigma_max needs an
+    eigen-solver, and ONNX has no such operator), so inside ``export_safe()`` a NoExportForm."""
+    normalize = STATE_NORMALIZATIONS.get(name)
+    if exporting():
+        raise NoExportForm(f"normalize={name!r} has no export form (its per-token sigma_max needs an "
+                           f"eigen-solver)")
+    return normalize(M)
 
 
 def _check_order(d) -> None:
@@ -188,8 +211,14 @@ def state_matrix(name: str, x: Tensor, d: int) -> Tensor:
         raise ValueError(
             f"x must have shape [..., {n}] for state_matrix={name!r} and d={d}, got {tuple(x.shape)}"
         )
+    build = spec.build
+    if exporting():
+        if spec.export is None:
+            raise NoExportForm(f"state_matrix={name!r} has no export form (register it with "
+                               f"StateMatrix(..., export=fn), fn made of export-safe ops)")
+        build = spec.export
     try:
-        return spec.build(x, d)
+        return build(x, d)
     except torch.linalg.LinAlgError:
         # the Cayley solve of (I - A): never singular in exact arithmetic, only when x is so large
         # that I vanishes beside A in floating point; say so in terms of the caller's argument

@@ -1,10 +1,11 @@
 """One loop over time that exports with a dynamic length: PyTorch's ``scan`` higher-order op.
 
-The export-only forms of the recurrences (``scan_form.py`` beside each op's naive reference) run
-their step through :func:`time_scan`. Under ``torch.export`` it becomes one
-``torch.ops.higher_order.scan`` node whose length is a dynamic dimension, which ONNX translates to a
-``Scan`` node and ExecuTorch runs as a loop: one graph for a prompt of any length and a single step.
-A Python loop over ``T`` instead would be unrolled at the example's length (docs/deploy.md).
+Each recurrent op's export-safe backend (the ``export_safe`` entry of its registry,
+:mod:`matrec.ops.backends`) runs the step of its naive reference through :func:`time_scan`. Under
+``torch.export`` it becomes one ``torch.ops.higher_order.scan`` node whose length is a dynamic
+dimension, which ONNX translates to a ``Scan`` node and ExecuTorch runs as a loop: one graph for a
+prompt of any length and a single step. A Python loop over ``T`` instead would be unrolled at the
+example's length (docs/deploy.md).
 """
 from __future__ import annotations
 
@@ -14,14 +15,20 @@ import torch
 from torch._higher_order_ops.scan import scan
 from torch.utils._pytree import tree_map
 
+from .backends import export_unrolled, exporting
 
-def time_scan(step: Callable, carry, xs, *, unrolled: bool = False):
+
+def time_scan(step: Callable, carry, xs, *, unrolled: bool | None = None):
     """``carry, y_t = step(carry, x_t)`` over dim 0 of every tensor in ``xs``; returns ``(carry, ys)``.
 
     ``carry`` and ``xs`` are tensors or lists/tuples of them; ``ys`` stacks every ``y_t`` on a new
     dim 0. ``unrolled=True`` runs a plain Python loop (for a static length, the one-token step
-    graph, where a scan node would only add a loop around one iteration).
+    graph, where a scan node would only add a loop around one iteration); None: the scan op inside
+    :func:`matrec.ops.backends.export_safe` (unless it says unrolled), the plain loop outside it
+    (eagerly the scan op only adds a trace of its step, about a second per call).
     """
+    if unrolled is None:
+        unrolled = export_unrolled() or not exporting()
     if unrolled:
         T = torch.utils._pytree.tree_leaves(xs)[0].shape[0]
         ys = []

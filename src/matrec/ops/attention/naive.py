@@ -5,7 +5,7 @@ import math
 
 from torch import Tensor
 
-from .sdpa import causal_mask
+from .sdpa import causal_mask, padded_causal_mask
 
 
 def causal_attention_reference(q: Tensor, k: Tensor, v: Tensor, offset: int,
@@ -17,3 +17,10 @@ def causal_attention_reference(q: Tensor, k: Tensor, v: Tensor, offset: int,
     scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])  # [B, H, T, S]
     mask = causal_mask(q.shape[-2], k.shape[-2], offset, window, q.device)
     return scores.masked_fill(~mask, float("-inf")).softmax(-1) @ v
+
+
+def padded_causal_attention_reference(q: Tensor, k: Tensor, v: Tensor, valid: Tensor,
+                                      docs: Tensor | None = None) -> Tensor:
+    """Same contract as :func:`matrec.ops.attention.padded_causal_attention` (without dropout)."""
+    scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])  # [B, H, T, S]
+    return scores.masked_fill(~padded_causal_mask(valid, q.shape[-2], docs), float("-inf")).softmax(-1) @ v

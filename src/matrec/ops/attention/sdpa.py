@@ -32,3 +32,27 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, offset: int, window: int |
     # SDPA's is_causal aligns the mask top-left; with a cache it must align bottom-right.
     mask = causal_mask(T, S, offset, window, q.device)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+
+
+def padded_causal_mask(valid: Tensor, T: int, docs: Tensor | None = None) -> Tensor:
+    """``[B, 1, T, S]`` bool for a cache of ``S`` slots whose last ``T`` are this call's tokens:
+    query ``i`` (slot ``S - T + i``) sees the valid slots up to its own, and always itself (so a
+    padded query's row stays finite). ``valid [B, S]`` marks the slots that hold tokens; ``docs
+    [B, S]`` (optional, packed documents) the document of each slot: a query sees its own only (the
+    block-diagonal causal mask)."""
+    S = valid.shape[-1]
+    key = torch.arange(S, device=valid.device)  # [S]
+    query = key[S - T:, None]  # [T, 1]
+    see = (key[None, :] <= query) & (valid[:, None, :] | (key[None, :] == query))  # [B, T, S]
+    if docs is not None:
+        see = see & (docs[:, None, :] == docs[:, S - T:, None])
+    return see[:, None]
+
+
+def padded_causal_attention(q: Tensor, k: Tensor, v: Tensor, valid: Tensor, dropout_p: float = 0.0,
+                            docs: Tensor | None = None) -> Tensor:
+    """SDPA over a cache with padding: ``q [B, H, T, D]``, ``k, v [B, H, S, D]`` (the last ``T``
+    slots this call's), ``valid [B, S]``, ``docs [B, S]`` or None; see :func:`padded_causal_mask`.
+    Returns ``[B, H, T, D]``."""
+    mask = padded_causal_mask(valid, q.shape[-2], docs)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)

@@ -37,7 +37,8 @@ from ...checks import check_int
 from .. import kernel_guard
 from ..backends import BackendRegistry, always_available
 from ..precision import compute_dtype
-from .naive import naive_mru_scan
+from .naive import naive_mru_scan, scan_mru_scan
+from .segmented import SegmentedPatternScan
 from .patterns import brent_kung_scan, chunked_scan, hillis_steele_scan, sequential_scan, sklansky_scan
 
 __all__ = ["mru_scan", "naive_mru_scan", "SCAN_BACKENDS", "ScanBackend", "auto_backend"]
@@ -105,6 +106,8 @@ class ScanBackend:
         available: ``device -> (ok, reason)``.
         low_precision_io: a ``function`` backend that takes bf16/fp16 tensors as they are (and
             computes in float32 itself), saving the up-cast copy; otherwise it gets float32.
+        resets: a ``function`` backend that takes ``resets=`` (packed documents); every pattern
+            backend does, through the segmented scan of :mod:`.segmented`.
     """
 
     pattern: Optional[Callable[[Tensor, Optional[int]], Tensor]] = None
@@ -112,13 +115,15 @@ class ScanBackend:
     uses_chunk_size: bool = False
     available: Callable[[torch.device], tuple[bool, str]] = always_available
     low_precision_io: bool = False
+    resets: bool = False
 
     def __post_init__(self):
         if (self.pattern is None) == (self.function is None):
             raise ValueError("ScanBackend needs exactly one of pattern= or function=")
 
 
-SCAN_BACKENDS: BackendRegistry[ScanBackend] = BackendRegistry("scan backend", argument="backend")
+SCAN_BACKENDS: BackendRegistry[ScanBackend] = BackendRegistry("scan backend", argument="backend",
+                                                               export_safe="scan")
 SCAN_BACKENDS.register("sequential", ScanBackend(pattern=sequential_scan))
 SCAN_BACKENDS.register("hillis_steele", ScanBackend(pattern=hillis_steele_scan))
 SCAN_BACKENDS.register("brent_kung", ScanBackend(pattern=brent_kung_scan))
@@ -153,6 +158,9 @@ SCAN_BACKENDS.register(
         low_precision_io=True,
     ),
 )
+# the definition's step in PyTorch's scan op: what an exported graph runs (dynamic T); autograd
+# differentiates the loop (no fused backward), so it is the export path, not a training one
+SCAN_BACKENDS.register("scan", ScanBackend(function=scan_mru_scan, resets=True))
 
 
 
@@ -307,6 +315,7 @@ def mru_scan(
     *,
     backend: str = "auto",
     chunk_size: int | None = None,
+    resets: Tensor | None = None,
 ) -> Tensor:
     """All prefix products ``H_t = H_{t-1} @ M_t`` (``H_0 = initial_state``, identity if None).
 
@@ -318,6 +327,10 @@ def mru_scan(
             ``brent_kung``, ``sklansky``, ``chunked``, ``triton``).
         chunk_size: chunk length for the ``chunked`` backend (default ``ceil(sqrt(T))``); an error
             for backends that have no chunks.
+        resets: ``[..., T]`` bool or None: packed documents; where set a document starts and
+            ``H_t = M_t`` (the product restarts; ``initial_state`` only feeds the first document).
+            Every pattern backend and ``"scan"`` take it (:mod:`.segmented`); the Triton kernel
+            does not (NotImplementedError; ``"auto"`` then picks ``"sklansky"`` on CUDA).
     Returns:
         ``[..., T, d, d]``: every ``H_t``, in the dtype of ``states``. Differentiable wrt ``states``
         and ``initial_state`` (first order; the backward is itself an associative scan).
@@ -325,7 +338,16 @@ def mru_scan(
     _validate(states, initial_state, chunk_size)
     *lead, T, d, _ = states.shape
     N = math.prod(lead)
+    if resets is not None and (not isinstance(resets, Tensor) or resets.dtype != torch.bool
+                               or tuple(resets.shape) != (*lead, T)):
+        raise ValueError(f"resets must be None or a bool tensor {[*lead, T]} (states' batch dims + [T]), got "
+                         f"{getattr(resets, 'dtype', type(resets).__name__)} {list(getattr(resets, 'shape', []))}")
     name, spec = _resolve(backend, states)
+    if resets is not None and spec.function is not None and not spec.resets:
+        if backend != "auto":
+            raise NotImplementedError(f"backend {name!r} does not take resets (packed documents); the "
+                                      f"pattern backends ('sequential', 'sklansky', ...) and 'scan' do")
+        name, spec = AUTO_CUDA_FALLBACK, SCAN_BACKENDS.get(AUTO_CUDA_FALLBACK)
     if chunk_size is not None and not spec.uses_chunk_size:
         raise ValueError(f"chunk_size applies to backends with chunks only, not backend {name!r}")
 
@@ -337,10 +359,13 @@ def mru_scan(
     h0 = None
     if initial_state is not None:
         h0 = initial_state.reshape(N, d, d).to(compute).contiguous()  # [N, d, d]
+    r = None if resets is None else resets.reshape(N, T)
     with torch.autocast(device_type=states.device.type, enabled=False):
         if spec.function is not None:
             kw = {"chunk_size": chunk_size} if spec.uses_chunk_size else {}
-            H = spec.function(x, h0, **kw)
+            H = spec.function(x, h0, **kw) if r is None else spec.function(x, h0, resets=r, **kw)
+        elif r is not None:
+            H = SegmentedPatternScan.apply(x, h0, r, spec.pattern, chunk_size)
         else:
             H = _PatternScan.apply(x, h0, spec.pattern, chunk_size)
     return H.reshape(*lead, T, d, d).to(dtype)

@@ -23,7 +23,7 @@ from ..triton_support import device_available
 from .cpp import cpp_available, cpp_recurrence, cpp_supports
 from .chunked import _rnn_recurrence_chunked, _rnn_recurrence_chunked_or_loop
 from .fused import _rnn_recurrence
-from .naive import check_inputs, recurrence_reference
+from .naive import check_inputs, check_mask, recurrence_reference, recurrence_scan
 from .nonlinearities import modrelu
 
 
@@ -40,11 +40,14 @@ class RecurrenceBackend:
             differentiable on its own.
         available: ``device -> (ok, reason)``.
         supports: ``nonlinearity -> bool``; asked only once the backend is available.
+        masks: whether ``function`` takes ``mask=`` (padded steps that keep the state) and
+            ``resets=`` (packed documents).
     """
 
     function: Callable[..., Tensor]
     available: Callable[[torch.device], tuple[bool, str]] = always_available
     supports: Callable[[str], bool] = _all
+    masks: bool = False
 
 
 def _torch_backend(xproj, weight, h0, bias, nonlinearity):
@@ -188,8 +191,10 @@ def _rows_off_the_kinks(x: Tensor, W: Tensor, h0: Tensor, b: Tensor | None, eps:
 kernel_guard.KERNEL_CHECKS.register("rnn_recurrence", check_triton_kernel)
 
 
-def _auto_rule(device: torch.device, *, xproj: Tensor, nonlinearity: str) -> str:
-    return _auto_backend(xproj, nonlinearity)
+def _auto_rule(device: torch.device, *, xproj: Tensor, nonlinearity: str, masked: bool = False) -> str:
+    # with a padding mask or packed documents: the reference loop, the one training-capable backend
+    # that takes them
+    return "loop" if masked else _auto_backend(xproj, nonlinearity)
 
 
 def _identity_only(nonlinearity: str) -> bool:
@@ -201,23 +206,26 @@ def _triton_supports(nonlinearity: str) -> bool:
 
 
 RECURRENCE_BACKENDS: BackendRegistry[RecurrenceBackend] = BackendRegistry(
-    "recurrence backend", argument="recurrence_backend", auto=_auto_rule)
+    "recurrence backend", argument="recurrence_backend", auto=_auto_rule, export_safe="scan")
 RECURRENCE_BACKENDS.register("torch", RecurrenceBackend(_torch_backend))
 # the autograd loop: the reference, selectable so benchmarks time what the op replaces
-RECURRENCE_BACKENDS.register("loop", RecurrenceBackend(recurrence_reference))
+RECURRENCE_BACKENDS.register("loop", RecurrenceBackend(recurrence_reference, masks=True))
 # the compiled CPU loop; "auto" picks it on CPU whenever it builds (benchmarks/results/cpu_recurrence.md)
 RECURRENCE_BACKENDS.register("cpp", RecurrenceBackend(cpp_recurrence, available=cpp_available,
                                                      supports=cpp_supports))
 RECURRENCE_BACKENDS.register("chunked", RecurrenceBackend(_chunked_backend, supports=_identity_only))
 RECURRENCE_BACKENDS.register("triton", RecurrenceBackend(_triton_backend, available=_triton_available,
                                                          supports=_triton_supports))
+# the definition's step in PyTorch's scan op (a dynamic length under torch.export): the export path
+RECURRENCE_BACKENDS.register("scan", RecurrenceBackend(recurrence_scan, masks=True))
 # what "auto" runs when it picks "chunked": the same form, but it never refuses a W (it falls back
 # to the sequential loop instead)
 _AUTO_CHUNKED = RecurrenceBackend(_chunked_or_loop, supports=_identity_only)
 
 
 def recurrence(xproj: Tensor, weight: Tensor, h0: Tensor | None = None, bias: Tensor | None = None,
-               nonlinearity: str = "modrelu", *, backend: str = "auto") -> Tensor:
+               nonlinearity: str = "modrelu", *, backend: str = "auto", mask: Tensor | None = None,
+               resets: Tensor | None = None) -> Tensor:
     """Run ``h_t = phi(xproj_t + h_{t-1} @ weight^T (; bias))`` over time, fused forward and backward.
 
     Args:
@@ -238,25 +246,41 @@ def recurrence(xproj: Tensor, weight: Tensor, h0: Tensor | None = None, bias: Te
               :mod:`matrec.ops.rnn_recurrence.triton_split`);
             - "cpp": CPU only, the compiled loop of :mod:`matrec.ops.rnn_recurrence.cpp` (built at
               first use; every nonlinearity; bfloat16/float16 computed in float32);
-            - "auto": on CUDA "triton" for modrelu/identity (float32/bf16/fp16 I/O, H <= 512) once its
-              first-use check (:func:`check_triton_kernel`, :mod:`matrec.ops.kernel_guard`) has passed
-              for (device, dtype, H); on CPU "cpp" when it builds; otherwise "chunked" where measured faster than
-              "torch" (:func:`_auto_backend`: identity, CPU, H <= 128, T >= max(64, 4H),
+            - "scan": the definition's step in PyTorch's scan op, what an exported graph runs;
+            - "auto": with a ``mask`` or ``resets``, "loop"; on CUDA "triton" for modrelu/identity
+              (float32/bf16/fp16 I/O, H <= 512) once its first-use check (:func:`check_triton_kernel`,
+              :mod:`matrec.ops.kernel_guard`) has passed for (device, dtype, H); on CPU "cpp" when it
+              builds; otherwise "chunked" where measured faster than "torch" (:func:`_auto_backend`:
+              identity, CPU, H <= 128, T >= max(64, 4H),
               B*H^2 <= 32768; on a W the chunked form cannot take it falls back to the sequential
               loop inside the op, with no error), else "torch".
+
+        mask: ``[T, B]`` bool or None: where unset, the step keeps the state (and outputs it), so
+            ``h`` after a padded tail is the state after the valid prefix ("loop" and "scan").
+        resets: ``[T, B]`` bool or None: packed documents; where set, the step starts from
+            ``h = 0`` instead of the carried state ("loop" and "scan").
 
     Returns:
         ``[T, B, H]`` all states ``h_1..h_T``, in ``xproj``'s dtype.
     """
     check_inputs(xproj, weight, h0, bias, nonlinearity)
-    name, spec = _resolve(backend, xproj, nonlinearity)
+    check_mask(mask, xproj)
+    check_mask(resets, xproj, "resets")
+    name, spec = _resolve(backend, xproj, nonlinearity, mask is not None or resets is not None)
     if not spec.supports(nonlinearity):
         raise ValueError(f"nonlinearity {nonlinearity!r} is not supported by backend={name!r} "
                          f"(use backend='torch', which runs every registered nonlinearity)")
-    return spec.function(xproj, weight, h0, bias, nonlinearity)
+    if mask is None and resets is None:
+        return spec.function(xproj, weight, h0, bias, nonlinearity)
+    if not spec.masks:
+        raise ValueError(f"{'mask' if mask is not None else 'resets'} is not supported by backend={name!r} "
+                         f"(backends that take one: "
+                         f"{[n for n in RECURRENCE_BACKENDS.names() if RECURRENCE_BACKENDS.get(n).masks]})")
+    return spec.function(xproj, weight, h0, bias, nonlinearity, mask=mask, resets=resets)
 
 
-def _resolve(backend: str, xproj: Tensor, nonlinearity: str) -> tuple[str, RecurrenceBackend]:
+def _resolve(backend: str, xproj: Tensor, nonlinearity: str,
+             masked: bool = False) -> tuple[str, RecurrenceBackend]:
     name, spec = RECURRENCE_BACKENDS.resolve(backend, xproj.device, argument="backend",
-                                             xproj=xproj, nonlinearity=nonlinearity)
+                                             xproj=xproj, nonlinearity=nonlinearity, masked=masked)
     return name, (_AUTO_CHUNKED if backend == "auto" and name == "chunked" else spec)

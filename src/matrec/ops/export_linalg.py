@@ -1,11 +1,12 @@
-"""Export-only forms of the MRU's input-state constructions (:mod:`.state_matrix`, the reference).
+"""Export-safe linear algebra: the primitives of the MRU's constructions and the orthogonal maps,
+made of elementwise ops, matmuls, static indexing and loops unrolled over the (small, static) order.
 
 ``torch.export`` -> ONNX / ExecuTorch has no translation for ``linalg.solve``, ``slogdet``,
-``matrix_exp`` or ``householder_product``. Each construction here is its reference function with
-those primitives replaced by ones made of elementwise ops, matmuls, static indexing and loops
-unrolled over the (small, static) order ``d``; everything else is the reference code itself, so the
-forms agree with it up to float rounding. Inference only (what ``matrec.export`` puts in a graph);
-training uses the references, whose gradients come from torch.linalg.
+``matrix_exp`` or ``householder_product``. The constructions of :mod:`.state_matrix` and the maps of
+:mod:`.orthogonal` take their primitive as an argument, so each registered construction carries its
+export-safe form (``StateMatrix.export``) as the same function with a primitive from here; the forms
+agree with the references up to float rounding. Inference only (what ``matrec.export`` puts in a
+graph); training uses the references, whose gradients come from torch.linalg.
 
 | primitive            | form here                                                          |
 |----------------------|--------------------------------------------------------------------|
@@ -16,18 +17,10 @@ training uses the references, whose gradients come from torch.linalg.
 """
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 from torch import Tensor
 
-from ..registry import Registry
-from . import orthogonal, state_matrix as reference
-
-__all__ = ["STATE_MATRIX_FORMS", "state_matrix_form", "solve", "logabsdet", "matrix_exp",
-           "householder_product", "EXPM_MAX_SQUARINGS"]
-
-STATE_MATRIX_FORMS: Registry = Registry("exportable state matrix construction", argument="state_matrix")
+__all__ = ["solve", "logabsdet", "matrix_exp", "householder_product", "lower_to_square", "EXPM_MAX_SQUARINGS"]
 
 # matrix_exp: Taylor degree 12 on a matrix of 1-norm <= 1 leaves a remainder below e/13! ~ 4e-10,
 # far under float32 rounding; the 1-norm is brought there by 2^-s with s computed per matrix, and s
@@ -106,7 +99,7 @@ def householder_product(V: Tensor, tau: Tensor) -> Tensor:
     return Q
 
 
-def _lower_to_square(x: Tensor, d: int) -> Tensor:
+def lower_to_square(x: Tensor, d: int) -> Tensor:
     """:func:`matrec.ops.orthogonal.lower_to_square` without index assignment or ``tril_indices``
     (not core ATen, so ExecuTorch refuses it): row ``r`` is the next ``r`` entries, then zeros."""
     zeros = x.new_zeros(*x.shape[:-1], d)
@@ -115,32 +108,3 @@ def _lower_to_square(x: Tensor, d: int) -> Tensor:
         rows.append(torch.cat((x[..., start:start + r], zeros[..., r:]), dim=-1))
         start += r
     return torch.stack(rows, dim=-2)  # [..., d, d]
-
-
-def _cayley(X: Tensor) -> Tensor:
-    return orthogonal.cayley(X, solve)
-
-
-def _orthogonal(build: Callable[[Tensor], Tensor]) -> Callable[[Tensor, int], Tensor]:
-    return lambda x, d: build(_lower_to_square(x, d))
-
-
-STATE_MATRIX_FORMS.register("identity", reference._identity)
-STATE_MATRIX_FORMS.register("scaled", lambda x, d: reference._scaled(x, d, logabsdet))
-STATE_MATRIX_FORMS.register("cayley", _orthogonal(_cayley))
-STATE_MATRIX_FORMS.register("expm", _orthogonal(lambda X: orthogonal.expm(X, matrix_exp)))
-STATE_MATRIX_FORMS.register("householder", _orthogonal(lambda X: orthogonal.householder(X, householder_product)))
-STATE_MATRIX_FORMS.register("cayley_qr", lambda x, d: reference._cayley_qr(x, d, _cayley))
-STATE_MATRIX_FORMS.register("ldu", reference._ldu)
-STATE_MATRIX_FORMS.register("ldu_ns", lambda x, d: reference._ldu_ns(x, d, logabsdet))
-
-
-def state_matrix_form(name: str, x: Tensor, d: int) -> Tensor:
-    """The export form of :func:`matrec.ops.state_matrix.state_matrix`: same arguments, same result
-    up to float rounding. ``name`` must be in :data:`STATE_MATRIX_FORMS`."""
-    build = STATE_MATRIX_FORMS.get(name)
-    n = reference.state_matrix_numel(name, d)
-    if x.dim() < 1 or x.shape[-1] != n:
-        raise ValueError(
-            f"x must have shape [..., {n}] for state_matrix={name!r} and d={d}, got {tuple(x.shape)}")
-    return build(x, d)
