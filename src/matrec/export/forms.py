@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..models.mixers import MRUMixer, RNNMixer
+from ..models.mixers import RNNMixer
 from ..models.recurrent import RecurrentModel
 from ..models.sequence import SequenceModel
 from ..nn.attention import CausalSelfAttention
@@ -120,7 +120,7 @@ class _MRUForm(nn.Module):
         H, H_T = mru_scan_form(M, H0, mask, unrolled=self.unrolled)
         y = H @ m.down.unsqueeze(1)  # [B, h, T, d, E/(h d)]
         y = y.flatten(-2).transpose(1, 2).reshape(B, T, E)
-        return m.out_proj(y), [H_T]
+        return m.residual_proj(y), [H_T]
 
 
 class _LinearAttentionForm(nn.Module):
@@ -206,7 +206,7 @@ class _MLPForm(nn.Module):
 def _mixer_form(mixer: nn.Module, unrolled: bool) -> nn.Module:
     if isinstance(mixer, RNNMixer):
         return _RNNForm(mixer.rnn, unrolled)
-    for cls, form in ((MRUMixer, _MRUForm), (MRU, _MRUForm), (LinearAttention, _LinearAttentionForm),
+    for cls, form in ((MRU, _MRUForm), (LinearAttention, _LinearAttentionForm),
                       (CausalSelfAttention, _AttentionForm), (MLP, _MLPForm)):
         if type(mixer) is cls:
             return form(mixer, unrolled)
