@@ -231,7 +231,7 @@ def test_default_element_scale_keeps_ldu_training_finite():
 
 
 def test_element_scale_is_validated():
-    with pytest.raises(ValueError, match="element_scale must be a positive number"):
+    with pytest.raises(ValueError, match="element_scale must be a finite number > 0"):
         MRU(16, element_scale=0.0)
 
 

@@ -9,6 +9,7 @@ from typing import Callable
 
 from torch import Tensor, nn
 
+from ..checks import check_int
 from ..nn.gate_init import gated
 from ..nn.mornn import MORNN
 from .generate import Generates
@@ -49,10 +50,7 @@ def _encoder_width(vocab_size, input_size, embed_dim):
         return input_size
     if embed_dim is None:
         return 32
-    # an explicit 0 must not fall back to the default
-    if isinstance(embed_dim, bool) or not isinstance(embed_dim, int) or embed_dim < 1:
-        raise ValueError(f"embed_dim must be a positive int or None, got {embed_dim!r}")
-    return embed_dim
+    return check_int("embed_dim", embed_dim, allow_none=True)   # an explicit 0 must not fall back to the default
 
 
 def recurrent_factory(rnn_cls: Callable[..., nn.Module], default_hidden: int = 128, **rnn_defaults):
@@ -61,9 +59,8 @@ def recurrent_factory(rnn_cls: Callable[..., nn.Module], default_hidden: int = 1
     def build(*, vocab_size=None, input_size=None, output_size, hidden_size=default_hidden,
               num_layers=1, embed_dim=None, **rnn_kwargs):
         width = _encoder_width(vocab_size, input_size, embed_dim)
-        for arg, value in (("hidden_size", hidden_size), ("num_layers", num_layers)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{arg} must be a positive int, got {value!r}")
+        check_int("hidden_size", hidden_size)
+        check_int("num_layers", num_layers)
         # nn.RNN tests `if bidirectional`, so "no" would build a bidirectional network
         for arg in ("bidirectional", "bias", "batch_first"):
             if arg in rnn_kwargs and not isinstance(rnn_kwargs[arg], bool):

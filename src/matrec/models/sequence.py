@@ -14,6 +14,7 @@ from typing import Sequence
 
 from torch import Tensor, nn
 
+from ..checks import check_int
 from .generate import Generates
 from .mixers import MIXERS
 from .registry import embed_tokens
@@ -66,9 +67,8 @@ class SequenceModel(Generates, nn.Module):
         if (vocab_size is None) == (input_size is None):
             raise ValueError(f"exactly one of vocab_size and input_size must be given, got "
                              f"vocab_size={vocab_size}, input_size={input_size}")
-        for arg, value in (("d_model", d_model), ("n_heads", n_heads)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{arg} must be a positive int, got {value!r}")
+        check_int("d_model", d_model)
+        check_int("n_heads", n_heads)
         mixer_options = dict(mixer_options or {})
         unknown = sorted(set(mixer_options) - set(pattern))
         if unknown:

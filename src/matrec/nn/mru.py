@@ -7,7 +7,7 @@ import warnings
 import torch
 from torch import Tensor, nn
 
-from ..checks import check_int, check_number
+from ..checks import check_int, check_number, check_real
 from ..ops.mru_scan import SCAN_BACKENDS, mru_scan
 from ..ops.precision import compute_dtype
 from ..ops.state_matrix import STATE_MATRICES, STATE_NORMALIZATIONS, state_matrix, state_matrix_numel
@@ -126,9 +126,7 @@ class MRU(nn.Module):
         self._warned_long = False
         if element_scale is None:
             element_scale = 1.0 / embed_dim
-        if isinstance(element_scale, bool) or not isinstance(element_scale, (int, float)) or not element_scale > 0:
-            raise ValueError(f"element_scale must be a positive number or None, got {element_scale!r}")
-        self.element_scale = float(element_scale)
+        self.element_scale = check_real("element_scale", element_scale, minimum=0, open_min=True, allow_none=True)
         if not 0.0 <= check_number("dropout", dropout) < 1.0:   # TypeError naming it for a non-number
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
 
