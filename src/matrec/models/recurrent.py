@@ -56,9 +56,16 @@ def _encoder_width(vocab_size, input_size, embed_dim):
 def recurrent_factory(rnn_cls: Callable[..., nn.Module], default_hidden: int = 128, **rnn_defaults):
     """A ``build_model`` factory for an ``nn.RNN``-like class."""
 
-    def build(*, vocab_size=None, input_size=None, output_size, hidden_size=default_hidden,
-              num_layers=1, embed_dim=None, **rnn_kwargs):
-        width = _encoder_width(vocab_size, input_size, embed_dim)
+    def architecture(*, hidden_size=default_hidden, num_layers=1, embed_dim=None, **rnn_kwargs):
+        """``("recurrent", arguments)``: the sizes and the options given for the cell (its recipe's
+        defaults, such as MORNN's, are applied when building)."""
+        return "recurrent", dict(hidden_size=hidden_size, num_layers=num_layers, embed_dim=embed_dim,
+                                 **rnn_kwargs)
+
+    def build(*, vocab_size=None, input_size=None, output_size, **kwargs):
+        rnn_kwargs = architecture(**kwargs)[1]
+        hidden_size, num_layers = rnn_kwargs.pop("hidden_size"), rnn_kwargs.pop("num_layers")
+        width = _encoder_width(vocab_size, input_size, rnn_kwargs.pop("embed_dim"))
         check_int("hidden_size", hidden_size)
         check_int("num_layers", num_layers)
         # nn.RNN tests `if bidirectional`, so "no" would build a bidirectional network
@@ -70,6 +77,7 @@ def recurrent_factory(rnn_cls: Callable[..., nn.Module], default_hidden: int = 1
         return RecurrentModel(rnn, hidden_size=hidden_size, output_size=output_size,
                               vocab_size=vocab_size, input_size=input_size, embed_dim=width)
 
+    build.architecture, build.kind = architecture, "recurrent"
     return build
 
 

@@ -9,6 +9,7 @@ Every pattern entry is one residual sublayer named in ``MIXERS``: ``["mru", "mlp
 """
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Sequence
 
@@ -18,6 +19,14 @@ from ..checks import check_int
 from .generate import Generates
 from .mixers import MIXERS
 from .registry import embed_tokens
+
+
+def sequence_defaults() -> dict:
+    """SequenceModel's architecture arguments (all but the input/output sizes) and their defaults
+    (``pattern``: None, it has none): read from its signature, the one place they are defined."""
+    skip = {"self", "output_size", "vocab_size", "input_size"}
+    return {n: (None if p.default is inspect.Parameter.empty else p.default)
+            for n, p in inspect.signature(SequenceModel.__init__).parameters.items() if n not in skip}
 
 
 class Residual(nn.Module):
