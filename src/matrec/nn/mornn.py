@@ -9,7 +9,7 @@ working; an in-place write to what it returns (``.copy_``, ``.data.copy_``, ``nn
 ``all_weights``) is projected onto the orthogonal group and becomes the new base. This module holds
 the layers: nn.RNN's constructor, checks and parameter naming, and the forward.
 
-modrelu/identity run through :func:`matrec.ops.recurrence.recurrence` (no autograd loop over time);
+modrelu/identity run through :func:`matrec.ops.rnn_recurrence.recurrence` (no autograd loop over time);
 so do tanh/relu on CPU where its compiled loop ("cpp") builds, and elsewhere they run in PyTorch's
 fused RNN kernel (cuDNN on GPU) with the materialised weights.
 
@@ -125,7 +125,7 @@ class MORNN(_RNNBase):
         init: initial recurrent matrices, one of ``MORNN_INITS``: "henaff" (default), "cayley",
             "random", "identity".
         refold_every: fold ``A`` into the base every this many training forwards (0: never).
-        recurrence_backend: ``matrec.ops.recurrence.RECURRENCE_BACKENDS`` ("auto", "torch", "loop",
+        recurrence_backend: ``matrec.ops.rnn_recurrence.RECURRENCE_BACKENDS`` ("auto", "torch", "loop",
             "cpp", "chunked", "triton"; "loop" is the autograd reference, "chunked" identity only).
             modrelu/identity always run through it; tanh/relu run on the compiled CPU loop ("cpp")
             when that is chosen ("auto" on CPU with float32/float64 inputs where it builds, or
