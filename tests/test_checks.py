@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from matrec.checks import check_int
+from matrec.checks import check_int, check_real, is_int, is_real
 
 
 def test_check_int_accepts_integers_in_range_and_returns_a_python_int():
@@ -25,6 +25,31 @@ def test_check_int_accepts_integers_in_range_and_returns_a_python_int():
 def test_check_int_names_the_argument_and_the_expectation(kwargs, error, message):
     with pytest.raises(error, match=f"^{message}$"):
         check_int("n", **kwargs)
+
+
+def test_check_real_accepts_finite_numbers_in_range_and_returns_a_float():
+    assert check_real("x", 3) == 3.0 and type(check_real("x", np.float32(0.5), maximum=1)) is float
+    assert check_real("x", 0, minimum=0) == 0.0 and check_real("x", None, allow_none=True) is None
+    assert is_int(np.int64(3), 0) and not is_int(True) and not is_int(2.0) and not is_int(-1, 0)
+    assert is_real(float("nan")) and not is_real(False) and not is_real("1")
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    ({"value": -1, "minimum": 0}, ValueError, "x must be a finite number >= 0, got -1"),
+    ({"value": 2, "minimum": 2, "open_min": True}, ValueError, "x must be a finite number > 2, got 2"),
+    ({"value": 1, "minimum": 0, "maximum": 1, "open_max": True}, ValueError,
+     r"x must be a finite number in \[0, 1\), got 1"),
+    ({"value": float("nan"), "maximum": 5}, ValueError, "x must be a finite number <= 5, got nan"),
+    ({"value": float("inf")}, ValueError, "x must be a finite number, got inf"),
+    ({"value": True, "minimum": 0}, ValueError, "x must be a finite number >= 0, got True"),
+    ({"value": 0, "minimum": 0, "open_min": True, "allow_none": True}, ValueError,
+     "x must be a finite number > 0 or None, got 0"),
+    ({"value": "a", "type_error": True}, TypeError, "x must be a number, got 'a'"),
+    ({"value": "a"}, ValueError, "x must be a finite number, got 'a'"),
+])
+def test_check_real_names_the_argument_and_the_range(kwargs, error, message):
+    with pytest.raises(error, match=f"^{message}$"):
+        check_real("x", **kwargs)
 
 
 def test_library_leftovers_name_their_argument():

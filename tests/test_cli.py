@@ -282,7 +282,8 @@ def test_bench_runs_scripts_and_errors_clearly(tmp_path, capsys, monkeypatch):
     assert "benchmark must be one of ['hello']" in capsys.readouterr().err
     monkeypatch.chdir(tmp_path / "benchmarks")
     monkeypatch.setenv("MATREC_BENCHMARKS", str(tmp_path / "missing"))
-    monkeypatch.setattr(cli, "__file__", str(tmp_path / "x" / "a" / "b" / "cli.py"))
+    import matrec.bench
+    monkeypatch.setattr(matrec.bench, "__file__", str(tmp_path / "x" / "a" / "b" / "bench.py"))
     with pytest.raises(SystemExit):
         cli.main(["bench"])
     assert "no benchmarks/ folder found" in capsys.readouterr().err

@@ -23,8 +23,9 @@ _EXPORTS = {
     "MRU": "matrec.nn.mru",
     "MORNN": "matrec.nn.mornn",
     "MORNNCell": "matrec.nn.mornn",
-    "mornn_param_groups": "matrec.nn.mornn",
-    "orthogonality_report": "matrec.nn.mornn",
+    "mornn_param_groups": "matrec.nn.mornn_training",
+    "orthogonality_report": "matrec.nn.mornn_training",
+    "track_optimizer_steps": "matrec.nn.orthogonal",
     # models
     "build_model": "matrec.models",
     "MODELS": "matrec.models",

@@ -23,6 +23,47 @@ def check_int(argument: str, value, minimum: int = 1, *, maximum: int | None = N
     return int(value)
 
 
+def is_int(value, minimum: int | None = None) -> bool:
+    """Whether ``value`` is an integer (bools are not), at least ``minimum`` when given: for checks
+    that raise their own error (a spec path, a list of them)."""
+    return (not isinstance(value, bool) and isinstance(value, numbers.Integral)
+            and (minimum is None or value >= minimum))
+
+
+def is_real(value) -> bool:
+    """Whether ``value`` is a real number (bools are not; NaN and inf are)."""
+    return not isinstance(value, bool) and isinstance(value, numbers.Real)
+
+
+def check_real(argument: str, value, *, minimum: float | None = None, maximum: float | None = None,
+               open_min: bool = False, open_max: bool = False, allow_none: bool = False,
+               type_error: bool = False):
+    """``value`` as a float if it is a finite real number within the bounds (``open_*``: the bound
+    itself excluded), else a ValueError naming ``argument`` and the range (bools, NaN and inf are
+    refused; None too unless ``allow_none``). With ``type_error`` a value that is no number at all is
+    a TypeError instead."""
+    if value is None and allow_none:
+        return None
+    if type_error and not is_real(value):
+        raise TypeError(f"{argument} must be a number{' or None' if allow_none else ''}, got {value!r}")
+    low = None if minimum is None else (">" if open_min else ">=", minimum)
+    high = None if maximum is None else ("<" if open_max else "<=", maximum)
+    if low and high:
+        bound = f" in {'(' if open_min else '['}{minimum}, {maximum}{')' if open_max else ']'}"
+    elif low or high:
+        op, limit = low or high
+        bound = f" {op} {limit}"
+    else:
+        bound = ""
+    ok = is_real(value) and math.isfinite(value) and not (
+        (low and (value <= minimum if open_min else value < minimum))
+        or (high and (value >= maximum if open_max else value > maximum)))
+    if not ok:
+        raise ValueError(f"{argument} must be a finite number{bound}{' or None' if allow_none else ''}, "
+                         f"got {value!r}")
+    return float(value)
+
+
 def check_number(argument: str, value) -> float:
     """``value`` as a float if it is a real number (bools rejected), else a TypeError naming it."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):

@@ -6,20 +6,19 @@ task); every other use is ``matrec <command> --help``.
 from __future__ import annotations
 
 import argparse
-import ast
 import dataclasses
 import datetime as _dt
 import importlib.util
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .checks import check_int
+from .bench import add_parser as _add_bench, declares_quick, find_benchmarks  # noqa: F401 (importable here)
 from .experiment.cli import add_parser as add_experiment_parser
 
 if TYPE_CHECKING:
@@ -353,64 +352,6 @@ def cmd_sample(args) -> int:
     return 0
 
 
-def find_benchmarks(path: str | None = None) -> Path:
-    """The benchmarks/ folder: ``--dir``, ``$MATREC_BENCHMARKS``, ./benchmarks, or the source
-    checkout this package was installed from (editable installs)."""
-    if path is not None:   # asked for by name: never fall back to another folder
-        if not Path(path).is_dir():
-            raise FileNotFoundError(f"--dir {path!r} is not a folder (missing, or a file)")
-        return Path(path)
-    candidates = [os.environ.get("MATREC_BENCHMARKS"), Path.cwd() / "benchmarks",
-                  Path(__file__).resolve().parents[2] / "benchmarks"]
-    for c in candidates:
-        if c and Path(c).is_dir():
-            return Path(c)
-    raise FileNotFoundError(
-        "no benchmarks/ folder found (looked at --dir, $MATREC_BENCHMARKS, ./benchmarks and "
-        f"{Path(__file__).resolve().parents[2] / 'benchmarks'}); the benchmark scripts ship with the "
-        "source checkout: run `matrec bench` from the repository root or pass --dir")
-
-
-def declares_quick(script: Path) -> bool:
-    """Whether a benchmark script has a ``--quick`` mode: it assigns a module-level ``QUICK`` (what
-    the mode does; benchmarks/_harness.py's ``add_quick_argument`` adds the flag). Read from the
-    syntax tree, so the script is not run."""
-    tree = ast.parse(script.read_text(encoding="utf-8"), filename=str(script))
-    targets = [t for node in tree.body if isinstance(node, (ast.Assign, ast.AnnAssign))
-               for t in (node.targets if isinstance(node, ast.Assign) else [node.target])]
-    return any(isinstance(t, ast.Name) and t.id == "QUICK" for t in targets)
-
-
-def cmd_bench(args) -> int:
-    folder = find_benchmarks(args.dir)
-    scripts = {p.stem: p for p in sorted(folder.glob("*.py")) if not p.name.startswith("_")}
-    if args.list:
-        print("\n".join(scripts) or f"(no scripts in {folder})")
-        return 0
-    unknown = [n for n in args.names if n not in scripts]
-    if unknown:
-        raise ValueError(f"benchmark must be one of {sorted(scripts)}, got {unknown}")
-    if not scripts:
-        raise FileNotFoundError(f"no benchmark scripts (*.py) in {folder}")
-    env = {**os.environ}
-    src = Path(__file__).resolve().parents[1]
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(src), env.get("PYTHONPATH")]))
-    failed, skipped = [], []
-    for name in args.names or list(scripts):
-        if args.quick and not declares_quick(scripts[name]):
-            skipped.append(name)   # a full-size run is not what --quick asked for
-            print(f"== {name}: skipped (the script declares no QUICK mode)", flush=True)
-            continue
-        cmd = [sys.executable, str(scripts[name])] + (["--quick"] if args.quick else [])
-        print(f"== {name}: {' '.join(cmd[1:])}", flush=True)
-        if subprocess.run(cmd, env=env).returncode != 0:
-            failed.append(name)
-    if failed:
-        print(f"benchmarks failed: {failed}", file=sys.stderr)
-        return 1
-    return 0
-
-
 # ------------------------------------------------------------------------------------ parser
 
 
@@ -419,13 +360,7 @@ def _describe_tasks() -> str:
     return describe_tasks()
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="matrec", description="Train, evaluate, sample, compare and benchmark matrix "
-        "recurrences (MORNN, MRU) against LSTM/GRU/transformers. `matrec train` with no arguments "
-        "runs the default experiment: MORNN vs LSTM on the copy task (a table and a plot).")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-
+def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train one model on one task (no arguments: the default experiment)",
                        description="Train one model on one task into a run directory (config.json, "
                        "metrics.jsonl, tb/, plot.png, checkpoints/, summary.json). With no arguments "
@@ -439,6 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "--no-progress hides the bar)")
     p.set_defaults(func=cmd_train)
 
+
+def _add_eval(sub) -> None:
     p = sub.add_parser("eval", help="evaluate a checkpoint", description="Evaluate a checkpoint "
                        "on its task's validation batches and print the metrics as JSON.")
     p.add_argument("checkpoint", help="run directory, its checkpoints/ folder, or a step-* folder")
@@ -449,6 +386,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "for a model trained at 256: length extrapolation")
     p.set_defaults(func=cmd_eval)
 
+
+def _add_sample(sub) -> None:
     p = sub.add_parser("sample", help="generate text from a checkpoint of a text task",
                        description="Generate text from a language-model checkpoint, streaming the "
                        "recurrent state token by token (memory stays constant).")
@@ -460,6 +399,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.set_defaults(func=cmd_sample)
 
+
+def _add_compare(sub) -> None:
     p = sub.add_parser("compare", help="train several models on one task: one table and one plot",
                        description="Train each of --models with the same settings and data, then "
                        "print one table and write compare.png, results.json and results.md.")
@@ -468,16 +409,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_options(p)
     p.set_defaults(func=cmd_compare)
 
-    p = sub.add_parser("bench", help="run the benchmark scripts in benchmarks/",
-                       description="Run the repository's benchmark scripts (benchmarks/*.py); each "
-                       "prints its own table.")
-    p.add_argument("names", nargs="*", help="scripts to run (default all; see --list)")
-    p.add_argument("--quick", action="store_true", help="pass --quick to each script (small sizes); "
-                   "scripts that declare no QUICK mode are skipped")
-    p.add_argument("--list", action="store_true", help="list the scripts and exit")
-    p.add_argument("--dir", default=None, help="benchmarks folder (default: found automatically)")
-    p.set_defaults(func=cmd_bench)
 
+def _add_export_hf(sub) -> None:
     p = sub.add_parser("export-hf", help="convert a language-model checkpoint for Hugging Face transformers",
                        description="Write a run's latest checkpoint as a transformers directory "
                        "(config.json, model.safetensors, tokenizer); needs the hf extra.")
@@ -486,6 +419,8 @@ def build_parser() -> argparse.ArgumentParser:
     # matrec.hf imports transformers: only when this command runs, never for the others
     p.set_defaults(func=cmd_export_hf)
 
+
+def _add_export(sub) -> None:
     p = sub.add_parser("export", help="export a checkpoint to ONNX or ExecuTorch for edge inference",
                        description="Write a run's latest checkpoint as one ONNX model or ExecuTorch "
                        "program that takes and returns the recurrent state as plain tensors "
@@ -501,6 +436,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "graph accepts, 8 to 2^24; ExecuTorch plans memory for it, at most 4 GiB (default 4096)")
     p.set_defaults(func=cmd_export)
 
+
+def _add_import_hf(sub) -> None:
     p = sub.add_parser("import-hf", help="start a run from a transformers directory (to fine-tune it)",
                        description="Write RUN_DIR with a step-0 checkpoint holding HF_DIR's weights; "
                        "`matrec train --resume RUN_DIR --steps N` then trains it. The model comes "
@@ -510,7 +447,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="the run directory to create")
     _add_config_options(p)
     p.set_defaults(func=cmd_import_hf)
-    add_experiment_parser(sub)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="matrec", description="Train, evaluate, sample, compare and benchmark matrix "
+        "recurrences (MORNN, MRU) against LSTM/GRU/transformers. `matrec train` with no arguments "
+        "runs the default experiment: MORNN vs LSTM on the copy task (a table and a plot).")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    # one function per command, in the order `matrec --help` lists them
+    for add in (_add_train, _add_eval, _add_sample, _add_compare, _add_bench, _add_export_hf, _add_export,
+                _add_import_hf, add_experiment_parser):
+        add(sub)
     return parser
 
 

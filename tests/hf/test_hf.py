@@ -84,6 +84,26 @@ def test_auto_config_and_explicit_fields(tmp_path):
     assert (rnn.backbone, rnn.hidden_size, rnn.rnn_options) == ("mornn", 8, {"init": "identity"})
 
 
+@pytest.mark.parametrize("name", ["sequence", "mru", "mlp", "attn", "ablation-mru-ldu", "shakespeare-attn", "rnn",
+                                  "lstm", "gru", "mornn"])
+def test_config_from_the_model_spec_builds_the_same_architecture(name):
+    """The config is what the model's own factory writes out (models.registry.architecture): the
+    rebuilt backbone has the registry's parameters, names and shapes, for plain, preset, explicit
+    and recurrent models (hf restates none of the zoo's rules)."""
+    import matrec
+    from matrec.hf.configuration import recurrent_backbones
+
+    args = {"sequence": dict(pattern=["mru", "mlp", "lstm"], d_model=16, n_heads=2),
+            "mru": dict(d_model=16, n_layers=2, n_heads=2, state_matrix="cayley"),
+            "rnn": dict(hidden_size=6, num_layers=2), "mornn": dict(hidden_size=6, init="identity")}.get(name, {})
+    config = config_from_model_spec(name, vocab_size=V, **args)
+    want = matrec.build_model(name, vocab_size=V, output_size=V, **args)
+    shapes = lambda m: {k: tuple(v.shape) for k, v in m.state_dict().items()}  # noqa: E731
+    assert shapes(config.build()) == shapes(want)
+    assert set(recurrent_backbones()) >= {"rnn", "lstm", "gru", "mornn"}
+    assert config.backbone == (name if name in recurrent_backbones() else "sequence")
+
+
 def test_config_errors(tmp_path):
     with pytest.raises(ValueError, match="unknown mixer.*'mystery'"):
         MatrecConfig(pattern=["mru", "mystery"], vocab_size=V)
@@ -91,6 +111,8 @@ def test_config_errors(tmp_path):
         MatrecConfig(backbone="transformer")
     with pytest.raises(ValueError, match="model must be one of"):
         config_from_model_spec("nope", vocab_size=V)
+    with pytest.raises(ValueError, match="model 'seasonal_naive' has no written-out architecture"):
+        config_from_model_spec("seasonal_naive", vocab_size=V)
     make("mru").save_pretrained(tmp_path)
     data = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({k: v for k, v in data.items() if k != "pattern"}))

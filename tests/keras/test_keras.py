@@ -247,9 +247,9 @@ def test_options_that_break_orthogonality_are_refused(key, value):
     ({"orthogonal_map": "qr"}, "orthogonal_map must be one of"),
     ({"recurrent_init": "xavier"}, "recurrent_init must be one of"),
     ({"refold_every": -1}, "refold_every must be an int >= 0"),
-    ({"dropout": 1.5}, "dropout must be a number in"),
-    ({"recurrent_dropout": -0.1}, "recurrent_dropout must be a number in"),
-    ({"seed": "abc"}, "seed must be an int or None, got 'abc'"),
+    ({"dropout": 1.5}, "dropout must be a finite number in"),
+    ({"recurrent_dropout": -0.1}, "recurrent_dropout must be a finite number in"),
+    ({"seed": "abc"}, "seed must be an int >= 0 or None, got 'abc'"),
     ({"activation": keras.activations.sigmoid}, "activation must be one of .*keras.activations.tanh"),
 ])
 def test_bad_arguments(kwargs, match):
@@ -259,7 +259,7 @@ def test_bad_arguments(kwargs, match):
 
 @pytest.mark.parametrize("units", [0, -3, 2.5, True])
 def test_bad_units(units):
-    with pytest.raises(ValueError, match="units must be a positive int"):
+    with pytest.raises(ValueError, match="units must be an int >= 1"):
         MORNN(units)
 
 

@@ -24,13 +24,13 @@ def test_build_model_errors():
 
 
 @pytest.mark.parametrize("name, kwargs, err, match", [
-    ("lstm", {"embed_dim": 0}, ValueError, "embed_dim must be a positive int or None, got 0"),
-    ("gru", {"hidden_size": True}, ValueError, "hidden_size must be a positive int, got True"),
-    ("rnn", {"num_layers": 0}, ValueError, "num_layers must be a positive int, got 0"),
+    ("lstm", {"embed_dim": 0}, ValueError, "embed_dim must be an int >= 1 or None, got 0"),
+    ("gru", {"hidden_size": True}, ValueError, "hidden_size must be an int >= 1, got True"),
+    ("rnn", {"num_layers": 0}, ValueError, "num_layers must be an int >= 1, got 0"),
     ("lstm", {"bidirectional": "yes"}, TypeError, "bidirectional must be a bool, got 'yes'"),
-    ("attn", {"d_model": 0}, ValueError, "d_model must be a positive int, got 0"),
-    ("mlp", {"d_model": 0}, ValueError, "d_model must be a positive int, got 0"),
-    ("linear_attn", {"n_heads": 0}, ValueError, "n_heads must be a positive int, got 0"),
+    ("attn", {"d_model": 0}, ValueError, "d_model must be an int >= 1, got 0"),
+    ("mlp", {"d_model": 0}, ValueError, "d_model must be an int >= 1, got 0"),
+    ("linear_attn", {"n_heads": 0}, ValueError, "n_heads must be an int >= 1, got 0"),
 ])
 def test_build_model_names_the_bad_size(name, kwargs, err, match):
     with pytest.raises(err, match=match):

@@ -149,7 +149,7 @@ def test_hybrid_pattern_streams_like_one_call_and_generates_identically():
 
 # mixer -> name of its residual (output) projection, the layer GPT-2 scales down by depth
 RESIDUAL_PROJ = {"mlp": "residual_proj", "attn": "residual_proj", "linear_attn": "residual_proj",
-                 "txl": "residual_proj", "mru_rotary": "residual_proj", "mru": "out_proj",
+                 "txl": "residual_proj", "mru_rotary": "residual_proj", "mru": "residual_proj",
                  "lru": "residual_proj"}
 
 

@@ -64,12 +64,12 @@ def test_ablation_presets_pass_the_mrus_own_options_on():
         build_model("ablation-attn", vocab_size=V, output_size=V, element_scale=0.0625)
 
 
-def test_mru_keeps_its_init_but_out_proj_is_a_residual_projection():
+def test_mru_keeps_its_init_but_residual_proj_is_a_residual_projection():
     torch.manual_seed(0)
     model = build_model("shakespeare-mru", vocab_size=V, output_size=V)
     mru = model.layers[0].mixer
     assert torch.count_nonzero(mru.in_proj.weight) == 0  # every M_t starts at the identity
-    std = mru.out_proj.weight.std().item()  # 0.02 / sqrt(12 sublayers) = 0.0058
+    std = mru.residual_proj.weight.std().item()  # 0.02 / sqrt(12 sublayers) = 0.0058
     assert 0.0050 < std < 0.0066
 
 

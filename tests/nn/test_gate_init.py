@@ -112,7 +112,7 @@ def test_bad_options_are_named():
         matrec.build_model("lstm", vocab_size=5, output_size=5, init="henaff")
     with pytest.raises(ValueError, match="init='chrono' needs t_max"):
         matrec.build_model("lstm", vocab_size=5, output_size=5, init="chrono")
-    with pytest.raises(ValueError, match="t_max must be a number > 2"):
+    with pytest.raises(ValueError, match="t_max must be a finite number > 2"):
         init_gates(nn.LSTM(2, 4), "chrono", t_max=1)
     with pytest.raises(ValueError, match="t_max is chrono's option"):
         init_gates(nn.LSTM(2, 4), "forget_bias_1", t_max=100)

@@ -3,13 +3,14 @@ the precision's orthogonality bound, the matrix is an explicit property, the bui
 while nothing needs a gradient and is never stale, and MORNNCell constructs as nn.RNNCell does."""
 import copy
 import io
+import os
 import pickle
 
 import pytest
 import torch
 from torch import nn
 
-from matrec.nn.mornn import MORNN, MORNNCell, OrthogonalMatrixProperty
+from matrec.nn.mornn import MORNN, MORNNCell, OrthogonalMatrixProperty, track_optimizer_steps
 from matrec.ops.orthogonal import orthogonality_error, project_orthogonal
 from support import ROOT
 
@@ -131,18 +132,34 @@ def test_assignment_is_refused_with_the_in_place_alternative():
             cell.weight_hh = value
 
 
-def test_the_matrix_is_an_explicit_property_per_layer():
+def test_the_matrices_are_per_instance_and_no_instance_changes_its_class():
+    before = {cls: dict(vars(cls)) for cls in (MORNN, MORNNCell)}
     m = MORNN(3, 4, num_layers=3, bidirectional=True)
     for name in m._orthogonal_names:
-        assert isinstance(type(m).__dict__.get(name) or MORNN.__dict__[name], OrthogonalMatrixProperty)
-    assert "__getattr__" not in MORNN.__dict__ and "__setattr__" not in MORNN.__dict__
-    assert isinstance(MORNNCell.__dict__["weight_hh"], OrthogonalMatrixProperty)
+        torch.testing.assert_close(getattr(m, name), m.orthogonal_weight(name))
+        assert name not in vars(MORNN) and name not in vars(m)
+    assert {cls: dict(vars(cls)) for cls in (MORNN, MORNNCell)} == before
+    assert isinstance(MORNNCell.__dict__["weight_hh"], OrthogonalMatrixProperty)  # a fixed name: declared
     with pytest.raises(AttributeError, match="has no attribute 'weight_hh_l2'"):
         getattr(MORNN(3, 4), "weight_hh_l2")  # another instance's layer is not this one's
+    assert not hasattr(MORNN(3, 4), "weight_hh_l1")
+
+
+def test_importing_installs_no_process_wide_hook_and_the_opt_in_does():
+    """No optimiser hook is installed by importing matrec; track_optimizer_steps is the opt-in."""
+    import subprocess
+    import sys
+
+    code = ("import torch.optim.optimizer as o, matrec, matrec.nn.mornn, matrec.train; "
+            "assert not o._global_optimizer_post_hooks, o._global_optimizer_post_hooks; "
+            "handle = matrec.track_optimizer_steps(); assert len(o._global_optimizer_post_hooks) == 1; "
+            "handle.remove(); assert not o._global_optimizer_post_hooks")
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}   # this checkout's matrec
+    subprocess.run([sys.executable, "-c", code], check=True, env=env)
 
 
 def test_unpickled_in_a_fresh_process_still_reads_its_matrices():
-    """The properties live on the class; a fresh interpreter has none until unpickling installs them."""
+    """A fresh interpreter never built a 5-layer MORNN: the matrices' names come from the instance."""
     import subprocess
     import sys
 
@@ -151,7 +168,9 @@ def test_unpickled_in_a_fresh_process_still_reads_its_matrices():
     torch.save(m, buf)
     code = ("import io, sys, torch; m = torch.load(io.BytesIO(sys.stdin.buffer.read()), weights_only=False); "
             "print(float((m.weight_hh_l4 - m.weight_hh_l4_base).abs().max()))")
-    out = subprocess.run([sys.executable, "-c", code], input=buf.getvalue(), capture_output=True, check=True)
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}   # this checkout's matrec
+    out = subprocess.run([sys.executable, "-c", code], input=buf.getvalue(), capture_output=True, check=True,
+                         env=env)
     assert float(out.stdout) == 0.0
 
 
@@ -183,15 +202,15 @@ def test_to_empty_keeps_garbage_for_reset_parameters():
 # -- the kept matrix ---------------------------------------------------------------------------
 
 def count_builds(monkeypatch):
-    import matrec.nn.mornn as mornn_module
+    import matrec.nn.orthogonal as parametrisation
     calls = [0]
-    real = mornn_module.orthogonal_from
+    real = parametrisation.orthogonal_from
 
     def counting(*args, **kwargs):
         calls[0] += 1
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(mornn_module, "orthogonal_from", counting)
+    monkeypatch.setattr(parametrisation, "orthogonal_from", counting)
     return calls
 
 
@@ -233,9 +252,11 @@ OPTIMISERS = {
 
 @pytest.mark.parametrize("optimiser", list(OPTIMISERS))
 def test_an_optimiser_step_is_seen_by_the_next_forward(optimiser):
+    """With the opt-in (the Trainer's): a fused step bumps no version counter, the hook counts it."""
     torch.manual_seed(6)
     m = MORNN(3, 6)
     opt = OPTIMISERS[optimiser](m.parameters())
+    track_optimizer_steps(opt)
     x = torch.randn(4, 2, 3)
     m(x)[0].square().sum().backward()   # gradients first, then a no-grad forward fills the cache
     with torch.no_grad():

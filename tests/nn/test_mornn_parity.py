@@ -9,6 +9,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
 import matrec.nn.mornn as mornn_module
+import matrec.nn.orthogonal as parametrisation
 from matrec.nn.mornn import MORNN, MORNNCell
 from matrec.ops.orthogonal import orthogonality_error, project_orthogonal
 from support import orthogonal_rnn
@@ -215,7 +216,7 @@ def test_recurrent_matrix_built_once_per_forward_on_the_fast_path(nonlinearity, 
             return fn(*args, **kwargs)
         return wrapped
 
-    monkeypatch.setattr(mornn_module, "orthogonal_from", counting("map", mornn_module.orthogonal_from))
+    monkeypatch.setattr(parametrisation, "orthogonal_from", counting("map", parametrisation.orthogonal_from))
     monkeypatch.setattr(mornn_module, "recurrence", counting("recurrence", mornn_module.recurrence))
     for key, (seq, cell) in list(mornn_module._FUSED.items()):
         monkeypatch.setitem(mornn_module._FUSED, key, (counting("fused", seq), cell))

@@ -63,7 +63,7 @@ def test_matches_the_definition_head_by_head(name):
                 H = H @ state_matrix(name, raw[b, t, head * n:(head + 1) * n], 3)
                 want_y[b, t, head * 12:(head + 1) * 12] = (H @ m.down[head]).reshape(-1)
             torch.testing.assert_close(s[b, head], H, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(y, m.out_proj(want_y), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(y, m.residual_proj(want_y), rtol=1e-12, atol=1e-12)
     assert not torch.allclose(s, h0)  # the inputs really moved the state
 
 
@@ -231,7 +231,7 @@ def test_default_element_scale_keeps_ldu_training_finite():
 
 
 def test_element_scale_is_validated():
-    with pytest.raises(ValueError, match="element_scale must be a positive number"):
+    with pytest.raises(ValueError, match="element_scale must be a finite number > 0"):
         MRU(16, element_scale=0.0)
 
 
@@ -247,3 +247,26 @@ def test_quickstart_example_prints_true_claims():
     assert run.returncode == 0, run.stderr[-2000:]
     assert "matches the loop: True" in run.stdout and "stream == whole: True" in run.stdout, run.stdout
     assert "layer: (2, 50, 64) (2, 4, 4, 4)" in run.stdout, run.stdout
+
+
+def test_checkpoints_with_the_old_out_proj_name_still_load():
+    """The output projection was ``out_proj`` before it took every layer's name, ``residual_proj``:
+    state dicts saved under the old name load (strict) into the layer and into a model holding it."""
+    from matrec import build_model
+
+    torch.manual_seed(0)
+    src = MRU(8, num_heads=2)
+    old = {k.replace("residual_proj", "out_proj"): v for k, v in src.state_dict().items()}
+    assert "out_proj.weight" in old and "residual_proj.weight" not in old
+    dst = MRU(8, num_heads=2)
+    dst.load_state_dict(old)
+    x = torch.randn(2, 5, 8)
+    torch.testing.assert_close(dst(x)[0], src(x)[0], rtol=0, atol=0)
+    model = build_model("sequence", pattern=["mru", "mlp"], vocab_size=7, output_size=7, d_model=8)
+    saved = {k.replace("mixer.residual_proj", "mixer.out_proj") if k.startswith("layers.0.") else k: v
+             for k, v in model.state_dict().items()}
+    assert any(k.endswith("mixer.out_proj.weight") for k in saved)
+    fresh = build_model("sequence", pattern=["mru", "mlp"], vocab_size=7, output_size=7, d_model=8)
+    fresh.load_state_dict(saved)
+    tokens = torch.randint(0, 7, (2, 5))
+    torch.testing.assert_close(fresh(tokens)[0], model(tokens)[0], rtol=0, atol=0)

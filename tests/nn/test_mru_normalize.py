@@ -34,7 +34,7 @@ def reference(m, x, h0=None):
     M = M / torch.linalg.matrix_norm(M, ord=2)[..., None, None]
     H = naive_mru_scan(M, h0)                                                    # [B, h, T, d, d]
     y = (H @ m.down.unsqueeze(1)).flatten(-2).transpose(1, 2).reshape(B, T, E)
-    return m.out_proj(y), H[:, :, -1]
+    return m.residual_proj(y), H[:, :, -1]
 
 
 def test_spectral_normalize_properties():

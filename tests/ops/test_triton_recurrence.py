@@ -176,9 +176,12 @@ def test_bad_arguments(monkeypatch):
         tr.triton_recurrence(x, W, h0, b, weight_dtype=torch.float16)
     with pytest.raises(ValueError, match="nonlinearity must be one of"):
         tr.triton_recurrence(x, W, h0, b, "gelu")
-    monkeypatch.setattr(tr, "_CODES", {k: v for k, v in tr._CODES.items() if k != "identity"})
-    with pytest.raises(ValueError, match="for the Triton recurrence, got 'identity'"):
-        tr.triton_recurrence(x, W, h0, None, "identity")
+    # a nonlinearity registered after the kernel was written (no kernel code) is refused by name
+    from matrec.ops.rnn_recurrence import NONLINEARITIES, Phi
+    monkeypatch.setitem(NONLINEARITIES._items, "softsign",
+                        Phi(lambda z, b: z / (1 + z.abs()), lambda z, h, b: (1 - h.abs()) ** 2))
+    with pytest.raises(ValueError, match="for the Triton recurrence, got 'softsign'"):
+        tr.triton_recurrence(x, W, h0, None, "softsign")
     with pytest.raises(ValueError, match="at least one time step"):
         tr.triton_recurrence(x[:0], W, h0, b)
     huge = torch.zeros(1).expand(2**13, 2**9, 2**9)  # 2**31 elements, no memory

@@ -199,6 +199,9 @@ def test_mornn_groups_monitoring_and_exact_resume_across_refolds(tmp_path):
     full = Trainer(tiny(tmp_path, "full", **kw))
     groups = {g.get("name"): g for g in full.optimizer.param_groups}
     assert groups["orthogonal"]["base_lr"] == pytest.approx(2e-4) and groups["other"]["base_lr"] == 2e-3
+    # the Trainer opts its optimiser in to MORNN's step tracking (kept matrices rebuilt after a step)
+    from matrec.nn.orthogonal import _count_optimizer_step
+    assert _count_optimizer_step in full.optimizer._optimizer_step_post_hooks.values()
     full.train()
     record = json.loads((tmp_path / "full" / "metrics.jsonl").read_text().splitlines()[0])
     assert 0 <= record["mornn/rnn.weight_hh_l0/orth_error"] < 1e-5

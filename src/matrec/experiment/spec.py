@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from ..checks import check_int
+from ..checks import check_int, is_int, is_real
 from ..data.tasks import TASKS, build_task
 from ..models import MODELS, build_model, num_parameters
 from ..train.config import TrainConfig
@@ -158,159 +158,201 @@ def read_file(path: str | Path) -> dict:
     raise ExperimentError(f"experiment file {str(path)!r} must end in .toml or .json")
 
 
+class _Where:
+    """Error wording for one experiment file at one scale: every message names the file and the key
+    (``scales.<scale>.<key>`` where the scale's table set it)."""
+
+    def __init__(self, path: Path, scale: str, scale_table: dict | None = None) -> None:
+        self.text, self.scale, self.scale_table = f"experiment file {str(path)!r}", scale, scale_table or {}
+
+    def error(self, message: str) -> ExperimentError:
+        return ExperimentError(f"{self.text}: {message}")
+
+    def bad(self, key: str, expected: str, got) -> ExperimentError:
+        return self.error(f"{key} must be {expected}, got {got!r}")
+
+    def unknown(self, keys, allowed, prefix: str) -> None:
+        extra = sorted(set(keys) - set(allowed))
+        if extra:
+            raise self.error(f"unknown key(s) {[prefix + k for k in extra]}; valid keys are "
+                             f"{sorted(prefix + k for k in allowed)}")
+
+    def at(self, key: str) -> str:
+        return key if key not in self.scale_table else f"scales.{self.scale}.{key}"
+
+
 def load_experiment(path: str | Path, scale: str, out_dir: str | Path) -> Experiment:
     """Read ``path`` at ``scale`` and expand it into cells whose run directories lie in
     ``out_dir/<name>/<scale>/``; every key is checked (nothing is built yet: see :func:`check`)."""
     path = Path(path)
-    data = read_file(path)
-    where = f"experiment file {str(path)!r}"
+    spec, w = _spec_at_scale(read_file(path), path, scale)
+    name = spec.get("name", path.stem)
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][\w.-]*", name):
+        raise w.bad("name", "a folder name (letters, digits, _ . -)", name)
+    task = spec.get("task")
+    if task not in TASKS:
+        raise w.bad(w.at("task"), f"one of {list(TASKS)}", task)
+    for key in ("task_args", "train", "grid", "budget"):
+        if not isinstance(spec.get(key, {}), dict):
+            raise w.bad(w.at(key), "a table", spec[key])
+    own = sorted(set(spec.get("train", {})) & OWN_FIELDS)
+    if own:
+        raise w.error(f"train must not set {own}: the experiment sets them (task, models, seeds, budget.steps)")
+    steps, seconds = _budget(spec, w)
+    seeds = _seeds(spec.get("seeds", [0]), w.at("seeds"), w)
+    grid = _grid(spec.get("grid", {}), w)
+    models = _models(spec.get("models"), grid, seeds, w)
+    target, stop, metric = _target(spec, w)
+    exp = Experiment(name=name, scale=scale, path=str(path), description=spec.get("description", ""),
+                     task=task, metric=metric, target=target, stop_at_target=stop,
+                     seconds=None if seconds is None else float(seconds), matching=spec.get("matching", ""),
+                     position_eval=_position_eval(spec.get("position_eval"), w),
+                     eval_at=_eval_at(spec.get("eval_at", []), w))
+    exp.cells = _cells(spec, models, grid, seeds, steps, Path(out_dir) / name / scale, w)
+    return exp
 
-    def bad(key: str, expected: str, got) -> ExperimentError:
-        return ExperimentError(f"{where}: {key} must be {expected}, got {got!r}")
 
-    def unknown(keys, allowed, prefix: str) -> None:
-        extra = sorted(set(keys) - set(allowed))
-        if extra:
-            raise ExperimentError(f"{where}: unknown key(s) {[prefix + k for k in extra]}; valid keys are "
-                                  f"{sorted(prefix + k for k in allowed)}")
-
-    unknown(data, TOP_KEYS, "")
+def _spec_at_scale(data: dict, path: Path, scale: str) -> tuple[dict, _Where]:
+    """The file's top level deep-merged with its ``scales.<scale>`` table, and the wording for it."""
+    w = _Where(path, scale)
+    w.unknown(data, TOP_KEYS, "")
     scales = data.get("scales")
     if (not isinstance(scales, dict) or not set(SCALES) <= set(scales)
             or not set(scales) <= set(SCALES + OPTIONAL_SCALES)):
-        raise bad("scales", f"a table with the keys {list(SCALES)} (and optionally {list(OPTIONAL_SCALES)})",
-                  sorted(scales) if isinstance(scales, dict) else scales)
+        raise w.bad("scales", f"a table with the keys {list(SCALES)} (and optionally {list(OPTIONAL_SCALES)})",
+                    sorted(scales) if isinstance(scales, dict) else scales)
     if scale not in scales:
-        raise ExperimentError(f"{where}: this file has no {scale} scale; its scales are {sorted(scales)}")
+        raise w.error(f"this file has no {scale} scale; its scales are {sorted(scales)}")
     for s in scales:
         if not isinstance(scales[s], dict):
-            raise bad(f"scales.{s}", "a table", scales[s])
-        unknown(scales[s], TOP_KEYS - {"name", "scales"}, f"scales.{s}.")
+            raise w.bad(f"scales.{s}", "a table", scales[s])
+        w.unknown(scales[s], TOP_KEYS - {"name", "scales"}, f"scales.{s}.")
     spec = _merge({k: v for k, v in data.items() if k != "scales"}, scales[scale])
-    at = lambda key: key if key not in scales[scale] else f"scales.{scale}.{key}"   # noqa: E731
+    return spec, _Where(path, scale, scales[scale])
 
-    name = spec.get("name", path.stem)
-    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][\w.-]*", name):
-        raise bad("name", "a folder name (letters, digits, _ . -)", name)
-    task = spec.get("task")
-    if task not in TASKS:
-        raise bad(at("task"), f"one of {list(TASKS)}", task)
-    for key in ("task_args", "train", "grid", "budget"):
-        if not isinstance(spec.get(key, {}), dict):
-            raise bad(at(key), "a table", spec[key])
-    unknown(spec.get("budget", {}), BUDGET_KEYS, "budget.")
+
+def _budget(spec: dict, w: _Where) -> tuple[int, float | None]:
     budget = spec.get("budget", {})
-    train = spec.get("train", {})
-    own = sorted(set(train) & OWN_FIELDS)
-    if own:
-        raise ExperimentError(f"{where}: train must not set {own}: the experiment sets them (task, "
-                              f"models, seeds, budget.steps)")
+    w.unknown(budget, BUDGET_KEYS, "budget.")
     steps = budget.get("steps", 1000)
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise bad(at("budget") + ".steps", "an int >= 1", steps)
+    if not is_int(steps, 1):
+        raise w.bad(w.at("budget") + ".steps", "an int >= 1", steps)
     seconds = budget.get("seconds")
-    if seconds is not None and (isinstance(seconds, bool) or not isinstance(seconds, (int, float))
-                                or not math.isfinite(seconds) or seconds <= 0):
-        raise bad(at("budget") + ".seconds", "a number > 0", seconds)
+    if seconds is not None and not (is_real(seconds) and math.isfinite(seconds) and seconds > 0):
+        raise w.bad(w.at("budget") + ".seconds", "a number > 0", seconds)
+    return steps, seconds
 
-    seeds = spec.get("seeds", [0])
+
+def _seeds(seeds, key: str, w: _Where) -> list[int]:
     if (not isinstance(seeds, list) or not seeds or len(set(seeds)) != len(seeds)
-            or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds)):
-        raise bad(at("seeds"), "a non-empty list of distinct ints >= 0", seeds)
+            or not all(is_int(s, 0) for s in seeds)):
+        raise w.bad(key, "a non-empty list of distinct ints >= 0", seeds)
+    return seeds
 
-    grid = spec.get("grid", {})
+
+def _grid(grid: dict, w: _Where) -> dict:
     for key, values in grid.items():
         if not key.startswith(GRID_PREFIXES) or key.endswith("."):
-            raise ExperimentError(f"{where}: unknown grid key {key!r}; a grid key is task_args.<option>, "
-                                  f"model_args.<option> or train.<TrainConfig field>")
+            raise w.error(f"unknown grid key {key!r}; a grid key is task_args.<option>, "
+                          f"model_args.<option> or train.<TrainConfig field>")
         if key.startswith("train.") and key[6:] in OWN_FIELDS:
-            raise ExperimentError(f"{where}: grid key {key!r} is set by the experiment itself")
+            raise w.error(f"grid key {key!r} is set by the experiment itself")
         if not isinstance(values, list) or not values:
-            raise bad(f"{at('grid')}.{key}", "a non-empty list of values", values)
+            raise w.bad(f"{w.at('grid')}.{key}", "a non-empty list of values", values)
+    return grid
 
-    models = spec.get("models")
+
+def _models(models, grid: dict, seeds: list[int], w: _Where) -> dict:
     if not isinstance(models, dict) or not models:
-        raise bad(at("models"), "a table of model labels, e.g. [models.lstm] model = 'lstm'", models)
+        raise w.bad(w.at("models"), "a table of model labels, e.g. [models.lstm] model = 'lstm'", models)
     for label, m in models.items():
         # the label starts each run's folder name: a character no file name may hold fails here
         if not label.strip() or label in (".", "..") or any(c in label for c in "/\\") or any(
                 ord(c) < 32 or ord(c) == 127 for c in label):
-            raise ExperimentError(f"{where}: model label {label!r} cannot start a folder name (it is "
-                                  f"empty or holds a NUL, control character or slash); use letters, "
-                                  f"digits, _ . -")
+            raise w.error(f"model label {label!r} cannot start a folder name (it is empty or holds a NUL, "
+                          f"control character or slash); use letters, digits, _ . -")
         if not isinstance(m, dict):
-            raise bad(f"models.{label}", "a table", m)
-        unknown(m, MODEL_KEYS, f"models.{label}.")
-        if m.get("model", label) not in MODELS:
-            raise bad(f"models.{label}.model", f"one of {list(MODELS)}", m.get("model", label))
-        for key in ("model_args", "train"):
-            if not isinstance(m.get(key, {}), dict):
-                raise bad(f"models.{label}.{key}", "a table", m[key])
-        own = sorted(set(m.get("train", {})) & OWN_FIELDS)
-        if own:
-            raise ExperimentError(f"{where}: models.{label}.train must not set {own}")
-        # a model's own values of a swept key (e.g. attention only at the delays it fits in memory)
-        if not isinstance(m.get("grid", {}), dict):
-            raise bad(f"models.{label}.grid", "a table", m["grid"])
-        for key, values in m.get("grid", {}).items():
-            if key not in grid:
-                raise ExperimentError(f"{where}: models.{label}.grid key {key!r} is not a key of grid "
-                                      f"({sorted(grid)})")
-            if not isinstance(values, list) or not values:
-                raise bad(f"models.{label}.grid.{key}", "a non-empty list of values", values)
+            raise w.bad(f"models.{label}", "a table", m)
+        _model(label, m, grid, w)
         # a model's own seeds (e.g. one seed where three at shorter settings already show chance)
-        own_seeds = m.get("seeds", seeds)
-        if (not isinstance(own_seeds, list) or not own_seeds or len(set(own_seeds)) != len(own_seeds)
-                or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in own_seeds)):
-            raise bad(f"models.{label}.seeds", "a non-empty list of distinct ints >= 0", own_seeds)
+        _seeds(m.get("seeds", seeds), f"models.{label}.seeds", w)
+    return models
 
+
+def _model(label: str, m: dict, grid: dict, w: _Where) -> None:
+    w.unknown(m, MODEL_KEYS, f"models.{label}.")
+    if m.get("model", label) not in MODELS:
+        raise w.bad(f"models.{label}.model", f"one of {list(MODELS)}", m.get("model", label))
+    for key in ("model_args", "train"):
+        if not isinstance(m.get(key, {}), dict):
+            raise w.bad(f"models.{label}.{key}", "a table", m[key])
+    own = sorted(set(m.get("train", {})) & OWN_FIELDS)
+    if own:
+        raise w.error(f"models.{label}.train must not set {own}")
+    # a model's own values of a swept key (e.g. attention only at the delays it fits in memory)
+    if not isinstance(m.get("grid", {}), dict):
+        raise w.bad(f"models.{label}.grid", "a table", m["grid"])
+    for key, values in m.get("grid", {}).items():
+        if key not in grid:
+            raise w.error(f"models.{label}.grid key {key!r} is not a key of grid ({sorted(grid)})")
+        if not isinstance(values, list) or not values:
+            raise w.bad(f"models.{label}.grid.{key}", "a non-empty list of values", values)
+
+
+def _target(spec: dict, w: _Where) -> tuple[Target | None, bool, str]:
     target = None
     if spec.get("target") is not None:
         try:
-            target = parse_target(spec["target"], f"{where}: {at('target')}")
+            target = parse_target(spec["target"], f"{w.text}: {w.at('target')}")
         except ValueError as e:
             raise ExperimentError(str(e)) from None
     stop = spec.get("stop_at_target", False)
     if not isinstance(stop, bool):
-        raise bad(at("stop_at_target"), "true or false", stop)
+        raise w.bad(w.at("stop_at_target"), "true or false", stop)
     if stop and target is None:
-        raise ExperimentError(f"{where}: stop_at_target is true but no target is set")
+        raise w.error("stop_at_target is true but no target is set")
     metric = spec.get("metric", target.metric if target else "loss")
     if not isinstance(metric, str) or not metric:
-        raise bad(at("metric"), "a metric name", metric)
+        raise w.bad(w.at("metric"), "a metric name", metric)
     for key in ("description", "matching"):
         if not isinstance(spec.get(key, ""), str):
-            raise bad(key, "a string", spec[key])
+            raise w.bad(key, "a string", spec[key])
+    return target, stop, metric
 
-    position = spec.get("position_eval")
-    if position is not None:
-        if not isinstance(position, dict):
-            raise bad(at("position_eval"), "a table with bins (and optionally rows)", position)
-        unknown(position, POSITION_KEYS, "position_eval.")
-        try:
-            position = {"bins": check_bins(position.get("bins"), f"{at('position_eval')}.bins"),
-                        "rows": position.get("rows")}
-            check_int(f"{at('position_eval')}.rows", position["rows"], allow_none=True)
-        except ValueError as e:
-            raise ExperimentError(f"{where}: {e}") from None
-    eval_at = spec.get("eval_at", [])
+
+def _position_eval(position, w: _Where) -> dict | None:
+    if position is None:
+        return None
+    if not isinstance(position, dict):
+        raise w.bad(w.at("position_eval"), "a table with bins (and optionally rows)", position)
+    w.unknown(position, POSITION_KEYS, "position_eval.")
+    try:
+        position = {"bins": check_bins(position.get("bins"), f"{w.at('position_eval')}.bins"),
+                    "rows": position.get("rows")}
+        check_int(f"{w.at('position_eval')}.rows", position["rows"], allow_none=True)
+    except ValueError as e:
+        raise w.error(str(e)) from None
+    return position
+
+
+def _eval_at(eval_at, w: _Where) -> list[dict]:
     if not isinstance(eval_at, list) or any(not isinstance(o, dict) or not o for o in eval_at):
-        raise bad(at("eval_at"), "a list of non-empty tables of task options (e.g. [{ seq_len = 512 }])",
-                  eval_at)
+        raise w.bad(w.at("eval_at"), "a list of non-empty tables of task options (e.g. [{ seq_len = 512 }])",
+                    eval_at)
+    return eval_at
 
-    exp = Experiment(name=name, scale=scale, path=str(path), description=spec.get("description", ""),
-                     task=task, metric=metric, target=target, stop_at_target=stop,
-                     seconds=None if seconds is None else float(seconds), matching=spec.get("matching", ""),
-                     position_eval=position, eval_at=eval_at)
-    folder = Path(out_dir) / name / scale
-    keys = list(grid)
+
+def _cells(spec: dict, models: dict, grid: dict, seeds: list[int], steps: int, folder: Path,
+           w: _Where) -> list[Cell]:
+    """One cell per model, combination of grid values and seed, each a checked TrainConfig."""
+    train, keys, cells = spec.get("train", {}), list(grid), []
     for label, m in models.items():
         own_grid = {**grid, **m.get("grid", {})}
         for combo in itertools.product(*(own_grid[k] for k in keys)):
             swept = dict(zip(keys, combo))
             for seed in m.get("seeds", seeds):
                 config = {**RUN_DEFAULTS, **train, **m.get("train", {}),
-                          "task": task, "task_args": dict(spec.get("task_args", {})),
+                          "task": spec["task"], "task_args": dict(spec.get("task_args", {})),
                           "model": m.get("model", label), "model_args": dict(m.get("model_args", {})),
                           "steps": steps, "seed": seed, "out_dir": str(folder)}
                 for k, v in swept.items():
@@ -324,15 +366,13 @@ def load_experiment(path: str | Path, scale: str, out_dir: str | Path) -> Experi
                 try:
                     TrainConfig.from_dict(config)
                 except (TypeError, ValueError) as e:
-                    raise ExperimentError(f"{where}: the run {cell.name!r} (train, models.{label}.train, "
-                                          f"grid): {e}") from None
-                exp.cells.append(cell)
-    seen = collections.Counter(c.name for c in exp.cells)
+                    raise w.error(f"the run {cell.name!r} (train, models.{label}.train, grid): {e}") from None
+                cells.append(cell)
+    seen = collections.Counter(c.name for c in cells)
     dup = sorted(n for n, k in seen.items() if k > 1)
     if dup:
-        raise ExperimentError(f"{where}: grid values give the same run name twice: {dup}; use values "
-                              f"that differ as text")
-    return exp
+        raise w.error(f"grid values give the same run name twice: {dup}; use values that differ as text")
+    return cells
 
 
 def check(exp: Experiment) -> None:

@@ -17,11 +17,40 @@ from typing import Any
 
 from transformers import PretrainedConfig
 
-RECURRENT_BACKBONES = ("rnn", "lstm", "gru", "mornn")
-BACKBONES = ("sequence",) + RECURRENT_BACKBONES
-# the fields a config.json must hold (the rest have defaults)
+from ..checks import check_int
+from ..models import MODELS
+from ..models.registry import architecture, model_kind
+from ..models.sequence import sequence_defaults
+
+# the fields a config.json must hold (the rest have defaults), per kind of backbone
 REQUIRED_FIELDS = {"sequence": ("backbone", "vocab_size", "pattern", "d_model", "n_heads"),
-                   **{b: ("backbone", "vocab_size", "hidden_size", "num_layers") for b in RECURRENT_BACKBONES}}
+                   "recurrent": ("backbone", "vocab_size", "hidden_size", "num_layers")}
+_RECURRENT_FIELDS = ("hidden_size", "num_layers", "embed_dim")   # the rest of a recurrent spec: rnn_options
+
+
+def recurrent_backbones() -> list[str]:
+    """The registered recurrent models (``rnn``, ``lstm``, ``gru``, ``mornn`` and any added later)."""
+    return [n for n in MODELS.names() if model_kind(n) == "recurrent"]
+
+
+def backbones() -> list[str]:
+    return ["sequence"] + recurrent_backbones()
+
+
+def _check_backbone(backbone) -> None:
+    if backbone != "sequence" and (not isinstance(backbone, str) or backbone not in MODELS
+                                   or model_kind(backbone) != "recurrent"):
+        raise ValueError(f"MatrecConfig: backbone must be one of {backbones()}, got {backbone!r}")
+
+
+def _signature_defaults(fn) -> dict:
+    return {n: p.default for n, p in inspect.signature(fn).parameters.items()
+            if p.default is not inspect.Parameter.empty}
+
+
+# defaults of the default config (transformers builds one): SequenceModel's and the recurrent zoo's own
+_SEQUENCE = sequence_defaults()
+_RECURRENT = _signature_defaults(MODELS.get("rnn").architecture)
 
 
 class MatrecConfig(PretrainedConfig):
@@ -41,24 +70,22 @@ class MatrecConfig(PretrainedConfig):
     backbone: str = "sequence"
     vocab_size: int = 65
     pattern: list | None = None
-    d_model: int = 128
-    n_heads: int = 4
-    dropout: float = 0.0
-    tie_embeddings: bool = True
+    d_model: int = _SEQUENCE["d_model"]
+    n_heads: int = _SEQUENCE["n_heads"]
+    dropout: float = _SEQUENCE["dropout"]
+    tie_embeddings: bool = _SEQUENCE["tie_embeddings"]
     mixer_options: dict | None = None
-    context_length: int | None = None
-    hidden_size: int = 128
-    num_layers: int = 1
-    embed_dim: int | None = None
+    context_length: int | None = _SEQUENCE["context_length"]
+    hidden_size: int = _RECURRENT["hidden_size"]
+    num_layers: int = _RECURRENT["num_layers"]
+    embed_dim: int | None = _RECURRENT["embed_dim"]
     rnn_options: dict | None = None
     use_cache: bool = True
     tie_word_embeddings: bool = True
 
     def __post_init__(self, **kwargs):
-        if self.backbone not in BACKBONES:
-            raise ValueError(f"MatrecConfig: backbone must be one of {list(BACKBONES)}, got {self.backbone!r}")
-        if isinstance(self.vocab_size, bool) or not isinstance(self.vocab_size, int) or self.vocab_size < 1:
-            raise ValueError(f"MatrecConfig: vocab_size must be a positive int, got {self.vocab_size!r}")
+        _check_backbone(self.backbone)
+        check_int("vocab_size", self.vocab_size)
         if self.backbone == "sequence":
             if self.pattern is None:  # the default config (transformers builds one to diff against)
                 self.pattern = ["mru", "mlp", "mru", "mlp"]
@@ -80,25 +107,22 @@ class MatrecConfig(PretrainedConfig):
                              f"{config_dict['model_type']!r}, expected {cls.model_type!r}")
         if backbone is None:
             raise ValueError("not a matrec model config: the field 'backbone' is missing "
-                             f"(expected one of {list(BACKBONES)})")
-        if backbone not in BACKBONES:
-            raise ValueError(f"MatrecConfig: backbone must be one of {list(BACKBONES)}, got {backbone!r}")
-        missing = [f for f in REQUIRED_FIELDS[backbone] if f not in config_dict]
+                             f"(expected one of {backbones()})")
+        _check_backbone(backbone)
+        missing = [f for f in REQUIRED_FIELDS[model_kind(backbone) or backbone] if f not in config_dict]
         if missing:
             raise ValueError(f"matrec config (backbone {backbone!r}) is missing the field(s) {missing}")
         return super().from_dict(config_dict, **kwargs)
 
     def model_kwargs(self) -> tuple[str, dict]:
         """``(name, kwargs)`` such that ``matrec.build_model(name, **kwargs)`` builds the backbone."""
+        io = dict(vocab_size=self.vocab_size, output_size=self.vocab_size)
         if self.backbone == "sequence":
-            return "sequence", dict(
-                vocab_size=self.vocab_size, output_size=self.vocab_size, pattern=list(self.pattern),
-                d_model=self.d_model, n_heads=self.n_heads, dropout=self.dropout,
-                tie_embeddings=self.tie_embeddings, mixer_options=dict(self.mixer_options or {}),
-                context_length=self.context_length)
-        return self.backbone, dict(
-            vocab_size=self.vocab_size, output_size=self.vocab_size, hidden_size=self.hidden_size,
-            num_layers=self.num_layers, embed_dim=self.embed_dim, **(self.rnn_options or {}))
+            args = {k: getattr(self, k) for k in _SEQUENCE}
+            args.update(pattern=list(self.pattern), mixer_options=dict(self.mixer_options or {}))
+            return "sequence", {**io, **args}
+        return self.backbone, {**io, **{k: getattr(self, k) for k in _RECURRENT_FIELDS},
+                               **(self.rnn_options or {})}
 
     def build(self):
         """A freshly initialised backbone (``SequenceModel`` or recurrent model)."""
@@ -121,63 +145,14 @@ def _check_pattern(pattern, mixer_options) -> None:
         raise ValueError(f"MatrecConfig: mixer_options must be a dict of mixer -> options, got {mixer_options!r}")
 
 
-def _defaults(factory) -> dict:
-    return {n: p.default for n, p in inspect.signature(factory).parameters.items()
-            if p.default is not inspect.Parameter.empty}
-
-
 def config_from_model_spec(name: str, *, vocab_size: int, **model_args) -> MatrecConfig:
     """The explicit :class:`MatrecConfig` of ``matrec.build_model(name, vocab_size=vocab_size,
-    output_size=vocab_size, **model_args)`` (a registered model, preset, or ``"sequence"``).
-
-    The result is checked: it must build a model with the same parameter names and shapes.
-    """
-    from matrec.models import MODELS, PRESETS
-
-    factory = MODELS.get(name)  # unknown name: ValueError listing the registered models
-    args = dict(model_args)
-    if name in RECURRENT_BACKBONES:
-        d = _defaults(factory)
-        fields = dict(backbone=name, hidden_size=args.pop("hidden_size", d.get("hidden_size")),
-                      num_layers=args.pop("num_layers", d.get("num_layers")),
-                      embed_dim=args.pop("embed_dim", None), rnn_options=args)
-    else:
-        if name == "sequence":
-            spec = args
-        elif name in PRESETS:
-            spec = {**{k: v for k, v in PRESETS[name].items() if k != "description"}, **args}
-        else:  # a plain zoo model: n_layers x (mixer + MLP) ("mlp": n_layers MLPs)
-            d = _defaults(factory)
-            n_layers = args.pop("n_layers", d.get("n_layers"))
-            spec = {k: args.pop(k, d[k]) for k in ("d_model", "n_heads", "dropout", "tie_embeddings",
-                                                    "context_length") if k in d}
-            spec["pattern"] = [name, "mlp"] * n_layers if name != "mlp" else ["mlp"] * n_layers
-            spec["mixer_options"] = {name: args} if args else {}
-            args = {}
-        fields = dict(backbone="sequence", **spec)
-        if "pattern" not in fields:
-            raise ValueError(f"model {name!r}: cannot find its layer pattern (pass pattern=...)")
-        fields.setdefault("mixer_options", {})
-        for k in ("d_model", "n_heads", "dropout", "tie_embeddings", "context_length"):
-            if k not in fields:
-                fields[k] = _sequence_default(k)
-    config = MatrecConfig(vocab_size=vocab_size, **fields)
-    _check_same_architecture(name, config, vocab_size, model_args)
-    return config
-
-
-def _sequence_default(arg: str):
-    from matrec.models import SequenceModel
-
-    return inspect.signature(SequenceModel.__init__).parameters[arg].default
-
-
-def _check_same_architecture(name, config, vocab_size, model_args) -> None:
-    import matrec
-
-    want = matrec.build_model(name, vocab_size=vocab_size, output_size=vocab_size, **model_args)
-    got = config.build()
-    shapes = lambda m: {k: tuple(v.shape) for k, v in m.state_dict().items()}  # noqa: E731
-    if shapes(want) != shapes(got):
-        raise ValueError(f"model {name!r} with {model_args} cannot be expressed as a MatrecConfig: "
-                         f"the rebuilt model's parameters differ")
+    output_size=vocab_size, **model_args)`` (a registered sequence or recurrent model, a preset, or
+    ``"sequence"``): the architecture the model's own factory writes out
+    (:func:`matrec.models.registry.architecture`), so nothing about the zoo is restated here."""
+    kind, spec = architecture(name, **model_args)   # unknown name: ValueError listing the models
+    if kind == "recurrent":
+        fields = {k: spec.pop(k) for k in _RECURRENT_FIELDS}
+        return MatrecConfig(backbone=name, vocab_size=vocab_size, rnn_options=spec, **fields)
+    spec["mixer_options"] = spec.get("mixer_options") or {}
+    return MatrecConfig(backbone="sequence", vocab_size=vocab_size, **spec)

@@ -20,10 +20,9 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .configuration import RECURRENT_BACKBONES, MatrecConfig
+from ..models.mixers import RNNMixer
+from .configuration import MatrecConfig
 
-# mixers whose state is torch's RNN hidden state: [layers, B, H] (an LSTM: a pair of them)
-_RNN_MIXERS = frozenset(RECURRENT_BACKBONES)
 
 
 def _tree_map(fn, obj):
@@ -224,7 +223,8 @@ class MatrecForCausalLM(MatrecPreTrainedModel, GenerationMixin):
         # from_pretrained builds on the meta device: only then do unsaved buffers need restoring
         self.__dict__["_built_on_meta"] = any(t.is_meta for t in self.model.parameters())
         if config.backbone == "sequence":
-            self._rnn_layers = [name in _RNN_MIXERS for name in config.pattern]
+            # layers whose state is torch's RNN hidden state: [layers, B, H] (an LSTM: a pair of them)
+            self._rnn_layers = [isinstance(layer.mixer, RNNMixer) for layer in self.model.layers]
         self.post_init()
 
     def get_input_embeddings(self):
@@ -244,7 +244,7 @@ class MatrecForCausalLM(MatrecPreTrainedModel, GenerationMixin):
         swap = lambda t: t.transpose(0, 1).contiguous() if contiguous else t.transpose(0, 1)  # noqa: E731
         if state is None:
             return None
-        if self.config.backbone in _RNN_MIXERS:
+        if self.config.backbone != "sequence":   # a recurrent model: its state is the RNN's
             return _tree_map(swap, state)
         return [_tree_map(swap, s) if rnn else s for s, rnn in zip(state, self._rnn_layers)]
 

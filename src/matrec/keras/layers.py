@@ -22,6 +22,7 @@ from keras.src.backend import rnn as _backend_rnn
 # The mixin that gives keras.layers.SimpleRNNCell its per-sequence dropout masks (RNN resets them).
 from keras.src.layers.rnn.dropout_rnn_cell import DropoutRNNCell
 
+from ..checks import check_int, check_real
 from .orthogonal import (KERAS_MORNN_INITS, KERAS_ORTHOGONAL_MAPS, initial_matrix, lower_numel,
                          matmul2d, orthogonal_from, orthogonality_error_np, polar, project_orthogonal_np)
 
@@ -68,15 +69,11 @@ def _activation_name(activation) -> str:
 
 
 def _check_rate(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
-        raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
-    return float(value)
+    return check_real(name, value, minimum=0, maximum=1, open_max=True)
 
 
 def _check_seed(seed):
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
-        raise ValueError(f"seed must be an int or None, got {seed!r}")
-    return None if seed is None else int(seed)
+    return check_int("seed", seed, 0, allow_none=True)
 
 
 def _modrelu(z, b):
@@ -102,8 +99,7 @@ class MORNNCell(keras.layers.Layer, DropoutRNNCell):
                  orthogonal_map="cayley", recurrent_init="henaff", refold_every=100, seed=None, **kwargs):
         _check_refused(kwargs)
         super().__init__(**kwargs)
-        if not isinstance(units, (int, np.integer)) or isinstance(units, bool) or units <= 0:
-            raise ValueError(f"units must be a positive int, got {units!r}")
+        check_int("units", units)
         activation = _activation_name(activation)
         self.dropout = _check_rate("dropout", dropout)
         self.recurrent_dropout = _check_rate("recurrent_dropout", recurrent_dropout)
@@ -115,8 +111,7 @@ class MORNNCell(keras.layers.Layer, DropoutRNNCell):
                              f"{orthogonal_map!r}{extra}")
         if recurrent_init not in KERAS_MORNN_INITS:
             raise ValueError(f"recurrent_init must be one of {KERAS_MORNN_INITS}, got {recurrent_init!r}")
-        if not isinstance(refold_every, (int, np.integer)) or isinstance(refold_every, bool) or refold_every < 0:
-            raise ValueError(f"refold_every must be an int >= 0 (0: never), got {refold_every!r}")
+        check_int("refold_every", refold_every, 0)   # 0: never
         if not isinstance(use_bias, bool):
             raise ValueError(f"use_bias must be a bool, got {use_bias!r}")
         self.units = int(units)

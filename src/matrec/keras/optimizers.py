@@ -11,6 +11,7 @@ from __future__ import annotations
 import keras
 from keras import ops
 
+from ..checks import check_positive
 from .layers import MORNNCell
 from .orthogonal import orthogonality_error_np
 
@@ -26,9 +27,7 @@ class _OrthogonalMixin:
     """Splits each update: orthogonal variables at ``orthogonal_scale * lr``, the rest at ``lr``."""
 
     def __init__(self, *args, orthogonal_scale=0.1, **kwargs):
-        if isinstance(orthogonal_scale, bool) or not isinstance(orthogonal_scale, (int, float)) \
-                or not orthogonal_scale > 0:
-            raise ValueError(f"orthogonal_scale must be a positive number, got {orthogonal_scale!r}")
+        check_positive("orthogonal_scale", orthogonal_scale)
         super().__init__(*args, **kwargs)
         self.orthogonal_scale = float(orthogonal_scale)
 
@@ -82,8 +81,7 @@ def orthogonal_optimizer(optimizer: str = "rmsprop", learning_rate: float = 1e-3
     key = optimizer.lower() if isinstance(optimizer, str) else optimizer
     if key not in _BY_NAME:
         raise ValueError(f"optimizer must be one of {sorted(_BY_NAME)}, got {optimizer!r}")
-    if isinstance(learning_rate, bool) or not isinstance(learning_rate, (int, float)) or not learning_rate > 0:
-        raise ValueError(f"learning_rate must be a positive number, got {learning_rate!r}")
+    check_positive("learning_rate", learning_rate)
     return _BY_NAME[key](learning_rate=learning_rate, orthogonal_scale=orthogonal_scale, **kwargs)
 
 

@@ -2,13 +2,12 @@
 contract with token inputs."""
 from __future__ import annotations
 
-import math
 from typing import Iterator
 
 import torch
 from torch import Tensor, nn
 
-from ..checks import check_int
+from ..checks import check_int, check_real
 
 
 def sample_next(logits: Tensor, temperature: float = 1.0, top_k: int | None = None,
@@ -26,9 +25,7 @@ def sample_next(logits: Tensor, temperature: float = 1.0, top_k: int | None = No
 def _check(prompt, max_new_tokens, temperature, top_k) -> None:
     # bools are ints to Python, and nan compares False with everything: both would pass a range test
     check_int("max_new_tokens", max_new_tokens, 0)
-    if (isinstance(temperature, bool) or not isinstance(temperature, (int, float))
-            or not math.isfinite(temperature) or temperature < 0):
-        raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
+    check_real("temperature", temperature, minimum=0)
     check_int("top_k", top_k, allow_none=True)
     if not isinstance(prompt, Tensor):
         raise TypeError(f"prompt must be a Tensor of token ids, got {type(prompt).__name__}")

@@ -12,8 +12,8 @@ causal.
 Mixers are built by name as ``MIXERS.get(name)(d_model, n_heads=..., dropout=..., **options)``. The
 layers themselves live in :mod:`matrec.nn`; this file only names them. Every mixer defines
 ``init_weights(std, residual_std)`` (:mod:`matrec.nn.init`), which the sequence model calls for
-GPT-2-style initialisation; wrappers of layers with their own initialisation (the MRU, the RNNs)
-implement it for their residual-stream projection only, or as a no-op.
+GPT-2-style initialisation; layers with their own initialisation (the MRU, the RNNs) implement it
+for their residual-stream projection only, or as a no-op.
 """
 from __future__ import annotations
 
@@ -30,29 +30,19 @@ from ..nn.rnn_mixer import RNNMixer
 from ..nn.transformer_xl import TransformerXLAttention
 from ..registry import Registry
 
-__all__ = ["MIXERS", "MRUMixer", "RNNMixer", "mru_mixer"]
+__all__ = ["MIXERS", "RNNMixer", "mru_mixer"]
 from .recurrent import MORNN_RECIPE, mornn
 
 MIXERS: Registry = Registry("mixer", argument="mixer")
 
 
-class MRUMixer(MRU):
-    """:class:`matrec.MRU` as a mixer: its own initialisation, except that its output projection
-    writes into the residual stream and gets the residual init."""
-
-    def init_weights(self, std: float, residual_std: float) -> None:
-        nn.init.normal_(self.out_proj.weight, std=residual_std)
-        if self.out_proj.bias is not None:
-            nn.init.zeros_(self.out_proj.bias)
-
-
-def mru_mixer(d_model: int, *, n_heads: int = 1, dropout: float = 0.0, **options) -> MRUMixer:
+def mru_mixer(d_model: int, *, n_heads: int = 1, dropout: float = 0.0, **options) -> MRU:
     """:class:`matrec.MRU` (it already follows the mixer convention). ``options`` go to the MRU:
     ``state_size``, ``state_matrix`` (construction, default "ldu"), ``backend``.
 
     The MRU's own output dropout stays off: the residual wrapper applies ``dropout`` to every mixer.
     """
-    return MRUMixer(d_model, num_heads=n_heads, **options)
+    return MRU(d_model, num_heads=n_heads, **options)
 
 
 def _rnn_mixer(rnn_cls, **defaults):

@@ -9,6 +9,7 @@ from typing import Callable
 
 from torch import Tensor, nn
 
+from ..checks import check_int
 from ..nn.gate_init import gated
 from ..nn.mornn import MORNN
 from ..nn.rnn_mixer import run_rnn
@@ -56,21 +57,24 @@ def _encoder_width(vocab_size, input_size, embed_dim):
         return input_size
     if embed_dim is None:
         return 32
-    # an explicit 0 must not fall back to the default
-    if isinstance(embed_dim, bool) or not isinstance(embed_dim, int) or embed_dim < 1:
-        raise ValueError(f"embed_dim must be a positive int or None, got {embed_dim!r}")
-    return embed_dim
+    return check_int("embed_dim", embed_dim, allow_none=True)   # an explicit 0 must not fall back to the default
 
 
 def recurrent_factory(rnn_cls: Callable[..., nn.Module], default_hidden: int = 128, **rnn_defaults):
     """A ``build_model`` factory for an ``nn.RNN``-like class."""
 
-    def build(*, vocab_size=None, input_size=None, output_size, hidden_size=default_hidden,
-              num_layers=1, embed_dim=None, **rnn_kwargs):
-        width = _encoder_width(vocab_size, input_size, embed_dim)
-        for arg, value in (("hidden_size", hidden_size), ("num_layers", num_layers)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{arg} must be a positive int, got {value!r}")
+    def architecture(*, hidden_size=default_hidden, num_layers=1, embed_dim=None, **rnn_kwargs):
+        """``("recurrent", arguments)``: the sizes and the options given for the cell (its recipe's
+        defaults, such as MORNN's, are applied when building)."""
+        return "recurrent", dict(hidden_size=hidden_size, num_layers=num_layers, embed_dim=embed_dim,
+                                 **rnn_kwargs)
+
+    def build(*, vocab_size=None, input_size=None, output_size, **kwargs):
+        rnn_kwargs = architecture(**kwargs)[1]
+        hidden_size, num_layers = rnn_kwargs.pop("hidden_size"), rnn_kwargs.pop("num_layers")
+        width = _encoder_width(vocab_size, input_size, rnn_kwargs.pop("embed_dim"))
+        check_int("hidden_size", hidden_size)
+        check_int("num_layers", num_layers)
         # nn.RNN tests `if bidirectional`, so "no" would build a bidirectional network
         for arg in ("bidirectional", "bias", "batch_first"):
             if arg in rnn_kwargs and not isinstance(rnn_kwargs[arg], bool):
@@ -80,6 +84,7 @@ def recurrent_factory(rnn_cls: Callable[..., nn.Module], default_hidden: int = 1
         return RecurrentModel(rnn, hidden_size=hidden_size, output_size=output_size,
                               vocab_size=vocab_size, input_size=input_size, embed_dim=width)
 
+    build.architecture, build.kind = architecture, "recurrent"
     return build
 
 

@@ -30,6 +30,27 @@ def build_model(name: str, *, vocab_size: int | None = None, input_size: int | N
     return factory(vocab_size=vocab_size, input_size=input_size, output_size=output_size, **kwargs)
 
 
+def architecture(name: str, **kwargs) -> tuple[str, dict]:
+    """What ``build_model(name, **kwargs)`` builds, written out: ``("sequence", SequenceModel's
+    arguments)`` (defaults filled in: ``pattern``, ``d_model``, ...) or ``("recurrent", the recurrent
+    model's)`` (``hidden_size``, ``num_layers``, ``embed_dim`` and the options given for the cell),
+    sizes of inputs and outputs aside. It is what the factory itself builds from (its
+    ``architecture`` attribute), so the zoo's rules and presets live in one place; Hugging Face
+    configs (:mod:`matrec.hf`) are derived from it. A ValueError for models that have none
+    (``seasonal_naive``, ``linear_ar``)."""
+    factory = MODELS.get(name)
+    spec = getattr(factory, "architecture", None)
+    if spec is None:
+        raise ValueError(f"model {name!r} has no written-out architecture (only sequence and recurrent "
+                         f"models do)")
+    return spec(**kwargs)
+
+
+def model_kind(name: str) -> str | None:
+    """``"sequence"``, ``"recurrent"`` or None (a model without :func:`architecture`)."""
+    return getattr(MODELS.get(name), "kind", None)
+
+
 def embed_tokens(embedding: nn.Embedding, x: Tensor) -> Tensor:
     """``embedding(x)`` for a model's token input ``x [B, T]``, with its errors stated in the
     model's terms (torch says "index out of range in self" for an id outside the vocabulary)."""

@@ -9,15 +9,25 @@ Every pattern entry is one residual sublayer named in ``MIXERS``: ``["mru", "mlp
 """
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Sequence
 
 from torch import Tensor, nn
 
+from ..checks import check_int
 from ..nn.protocol import takes_starts
 from .generate import Generates
 from .mixers import MIXERS
 from .registry import embed_tokens
+
+
+def sequence_defaults() -> dict:
+    """SequenceModel's architecture arguments (all but the input/output sizes) and their defaults
+    (``pattern``: None, it has none): read from its signature, the one place they are defined."""
+    skip = {"self", "output_size", "vocab_size", "input_size"}
+    return {n: (None if p.default is inspect.Parameter.empty else p.default)
+            for n, p in inspect.signature(SequenceModel.__init__).parameters.items() if n not in skip}
 
 
 class Residual(nn.Module):
@@ -75,9 +85,8 @@ class SequenceModel(Generates, nn.Module):
         if (vocab_size is None) == (input_size is None):
             raise ValueError(f"exactly one of vocab_size and input_size must be given, got "
                              f"vocab_size={vocab_size}, input_size={input_size}")
-        for arg, value in (("d_model", d_model), ("n_heads", n_heads)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{arg} must be a positive int, got {value!r}")
+        check_int("d_model", d_model)
+        check_int("n_heads", n_heads)
         mixer_options = dict(mixer_options or {})
         unknown = sorted(set(mixer_options) - set(pattern))
         if unknown:

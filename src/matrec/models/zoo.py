@@ -17,7 +17,7 @@ from __future__ import annotations
 from ..checks import check_int
 from ..ops.state_matrix import STATE_MATRICES
 from .registry import MODELS, build_model
-from .sequence import SequenceModel, num_parameters
+from .sequence import SequenceModel, num_parameters, sequence_defaults
 
 # one ablation preset per registered state-matrix construction
 MRU_CONSTRUCTIONS = tuple(STATE_MATRICES.names())
@@ -25,28 +25,36 @@ MRU_CONSTRUCTIONS = tuple(STATE_MATRICES.names())
 PRESETS: dict[str, dict] = {}
 
 
-def _sequence(*, vocab_size=None, input_size=None, output_size, pattern, mixer_options=None, **kwargs):
-    return SequenceModel(pattern, vocab_size=vocab_size, input_size=input_size,
-                         output_size=output_size, mixer_options=mixer_options, **kwargs)
+def sequence_factory(architecture, doc: str):
+    """A ``build_model`` factory that builds the SequenceModel ``architecture(**kwargs)`` writes
+    out (``("sequence", arguments)``; :func:`matrec.models.registry.architecture` reads it back)."""
+    def build(*, vocab_size=None, input_size=None, output_size, **kwargs):
+        args = dict(architecture(**kwargs)[1])
+        return SequenceModel(args.pop("pattern"), vocab_size=vocab_size, input_size=input_size,
+                             output_size=output_size, **args)
+
+    build.architecture, build.kind, build.__doc__ = architecture, "sequence", doc
+    return build
 
 
-MODELS.register("sequence", _sequence)
+def _explicit(*, pattern, **kwargs) -> tuple[str, dict]:
+    return "sequence", {**sequence_defaults(), **kwargs, "pattern": pattern}
+
+
+MODELS.register("sequence", sequence_factory(_explicit, "A SequenceModel with an explicit ``pattern``."))
 
 
 def _plain(mixer: str | None):
-    def build(*, vocab_size=None, input_size=None, output_size, d_model=128, n_layers=2, n_heads=4,
-              dropout=0.0, tie_embeddings=True, context_length=None, **mixer_kwargs):
+    def architecture(*, d_model=128, n_layers=2, n_heads=4, dropout=0.0, tie_embeddings=True,
+                     context_length=None, **mixer_kwargs) -> tuple[str, dict]:
         check_int("n_layers", n_layers)   # named here: an empty pattern would not say why
         pattern = [mixer, "mlp"] * n_layers if mixer else ["mlp"] * n_layers
-        options = {mixer or "mlp": mixer_kwargs} if mixer_kwargs else None
-        return SequenceModel(pattern, vocab_size=vocab_size, input_size=input_size,
-                             output_size=output_size, d_model=d_model, n_heads=n_heads,
-                             dropout=dropout, tie_embeddings=tie_embeddings, mixer_options=options,
-                             context_length=context_length)
+        options = {mixer or "mlp": mixer_kwargs} if mixer_kwargs else {}
+        return _explicit(pattern=pattern, d_model=d_model, n_heads=n_heads, dropout=dropout,
+                         tie_embeddings=tie_embeddings, mixer_options=options, context_length=context_length)
 
-    build.__doc__ = (f"``n_layers`` x ({mixer} + MLP) sequence model." if mixer
-                     else "``n_layers`` MLP sublayers: no sequence mixing at all.")
-    return build
+    return sequence_factory(architecture, f"``n_layers`` x ({mixer} + MLP) sequence model." if mixer
+                            else "``n_layers`` MLP sublayers: no sequence mixing at all.")
 
 
 for _mixer in ("mru", "attn", "linear_attn", "txl", "mru_rotary", "lru", "mamba"):
@@ -66,18 +74,16 @@ def register_preset(name: str, pattern: list[str], *, d_model: int, n_heads: int
                   context_length=context_length, mixer_options=mixer_options or {}, dropout=dropout)
     PRESETS[name] = dict(config, description=description)
 
-    def build(*, vocab_size=None, input_size=None, output_size, **overrides):
+    def architecture(**overrides) -> tuple[str, dict]:
         cfg = {**config, **overrides}
         options = {k: dict(v) for k, v in cfg["mixer_options"].items()}
         for key, mixer in (mixer_args or {}).items():
             if key in cfg:
                 options.setdefault(mixer, {})[key] = cfg.pop(key)
         cfg["mixer_options"] = options
-        return SequenceModel(cfg.pop("pattern"), vocab_size=vocab_size, input_size=input_size,
-                             output_size=output_size, **cfg)
+        return _explicit(**cfg)
 
-    build.__doc__ = description
-    MODELS.register(name, build)
+    MODELS.register(name, sequence_factory(architecture, description))
 
 
 for _mixer in ("mru", "attn", "linear_attn"):

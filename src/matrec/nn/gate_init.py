@@ -23,6 +23,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..checks import check_real
 from ..registry import Registry
 
 GATE_INITS: Registry = Registry("gate initialisation", argument="init")
@@ -80,9 +81,7 @@ def chrono(rnn: nn.Module, t_max: float | None = None) -> None:
     if t_max is None:
         raise ValueError("init='chrono' needs t_max, the longest dependency expected (in steps), "
                          "e.g. t_max=1000 for a copy delay of 1000")
-    if isinstance(t_max, bool) or not isinstance(t_max, (int, float)) or not t_max > 2:
-        raise ValueError(f"t_max must be a number > 2 (the keep-gate biases are log U[1, t_max - 1]), "
-                         f"got {t_max!r}")
+    check_real("t_max", t_max, minimum=2, open_min=True)   # the keep-gate biases are log U[1, t_max - 1]
     dtype = next(rnn.parameters()).dtype
 
     def values():

@@ -1,110 +1,47 @@
-"""MORNN: a drop-in ``torch.nn.RNN`` whose recurrent matrices stay orthogonal.
+"""MORNN and MORNNCell: drop-ins for ``torch.nn.RNN`` / ``nn.RNNCell`` whose recurrent matrices stay
+orthogonal.
 
-Each recurrent matrix is ``W = B @ f(A)``: ``A`` holds the ``H(H-1)/2`` strictly-lower entries of a
-skew matrix (the trainable parameter ``weight_hh_l{k}[_reverse]_A``), ``f`` an orthogonal map from
-:mod:`matrec.ops.orthogonal`, and ``B`` an orthogonal base (the buffer ``..._base``). Every
-``refold_every`` training forwards the base absorbs ``f(A)`` (``B <- polar(B f(A))``, ``A <- 0``):
-``A`` stays small, where the maps are most accurate, and the polar step (float64) removes the
-rounding a long product of bases would accumulate ("dynamic trivialisation").
+Each recurrent matrix ``weight_hh_l{k}[_reverse]`` is ``base @ f(A)``, kept by the parametrisation
+in :mod:`matrec.nn.orthogonal` (trainable ``..._A``, buffer ``..._base``, refolded every
+``refold_every`` training forwards; built once for many forwards while no gradient is needed). It
+reads as the current matrix, so code written against ``nn.RNN`` that inspects weights keeps
+working; an in-place write to what it returns (``.copy_``, ``.data.copy_``, ``nn.init.*``, through
+``all_weights``) is projected onto the orthogonal group and becomes the new base. This module holds
+the layers: nn.RNN's constructor, checks and parameter naming, and the forward.
 
-``weight_hh_l{k}`` is a property per layer (:class:`OrthogonalMatrixProperty`) that reads as the
-current matrix, so code written against ``nn.RNN`` that inspects weights keeps working; an in-place
-write to what it returns (``.copy_``, ``.data.copy_``, ``nn.init.*``, through ``all_weights``) is
-taken over: the written matrix is projected onto the orthogonal group and becomes the new base.
-
-``W`` is built in float32 (float64 for float64 modules) even under autocast. While no gradient has
-to reach ``A`` (``torch.no_grad``, inference mode, or :meth:`freeze`), the built matrix is kept and
-reused until ``A`` or the base changes: autograd's version counters, the storage, an optimiser step
-anywhere and a state-dict load all invalidate it (a write through ``.data`` to ``A`` or the base is
-the one change they cannot see; docs/mornn.md, "Inference").
-
-modrelu/identity run through :func:`matrec.ops.recurrence.recurrence` (no autograd loop over time);
+modrelu/identity run through :func:`matrec.ops.rnn_recurrence.recurrence` (no autograd loop over time);
 so do tanh/relu on CPU where its compiled loop ("cpp") builds, and elsewhere they run in PyTorch's
 fused RNN kernel (cuDNN on GPU) with the materialised weights.
 
 The recipe that gives memory (copy task; see docs/mornn.md): ``nonlinearity="modrelu"``,
 ``init="henaff"``, RMSprop or Adam with :func:`mornn_param_groups` (orthogonal parameters at 1/10 of
-the learning rate), gradient clipping at 1.
+the learning rate, :mod:`matrec.nn.mornn_training`), gradient clipping at 1.
 """
 from __future__ import annotations
 
 import math
 import numbers
 import warnings
-import sys
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, _VF, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
-from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from ..checks import check_int, check_positive, check_type
-from ..ops.orthogonal import (ORTHOGONAL_MAPS, lower_numel, lower_to_square, orthogonal_from,
-                              orthogonality_error, project_orthogonal)
-from ..ops.precision import compute_dtype
+from ..checks import check_type
 from ..ops.rnn_recurrence import NONLINEARITIES, RECURRENCE_BACKENDS, recurrence
 from ..ops.rnn_recurrence.cpp import cpp_available, cpp_layers_forward, cpp_supports
-from ..registry import Registry
+# the parametrisation and the training helpers, importable from here as before the split
+from .mornn_training import mornn_param_groups, orthogonality_report
+from .orthogonal import (MORNN_INITS, OrthogonalMatrixProperty, OrthogonalRecurrent, track_optimizer_steps,
+                         _rotation_blocks, cayley_init, henaff_init, identity_init, random_init)  # noqa: F401
 
 __all__ = ["MORNN", "MORNNCell", "MORNN_INITS", "OrthogonalMatrixProperty", "mornn_param_groups",
-           "orthogonality_report"]
+           "orthogonality_report", "track_optimizer_steps"]
 
 # Nonlinearities with a fused PyTorch kernel; the others go through ops.recurrence.
 _FUSED = {"tanh": (_VF.rnn_tanh, _VF.rnn_tanh_cell), "relu": (_VF.rnn_relu, _VF.rnn_relu_cell)}
-
-MORNN_INITS: Registry = Registry("MORNN initialisation", argument="init")
-
-# Optimisers step anywhere in the process -> cached matrices are rebuilt. Version counters alone
-# miss fused optimiser kernels (torch.optim.Adam(fused=True) does not bump them).
-_optimizer_steps = [0]
-
-
-def _count_optimizer_step(optimizer, args, kwargs) -> None:
-    _optimizer_steps[0] += 1
-
-
-register_optimizer_step_post_hook(_count_optimizer_step)
-
-
-def _rotation_blocks(angles: Tensor, n: int) -> Tensor:
-    """Block-diagonal ``[n, n]`` with 2x2 rotations by ``angles [n // 2]`` (a 1 last when n is odd)."""
-    W = torch.eye(n, dtype=angles.dtype, device=angles.device)
-    c, s = angles.cos(), angles.sin()
-    i = torch.arange(0, 2 * (n // 2), 2, device=angles.device)
-    W[i, i], W[i, i + 1], W[i + 1, i], W[i + 1, i + 1] = c, -s, s, c
-    return W
-
-
-@MORNN_INITS.register("henaff")
-def henaff_init(n: int, dtype=torch.float64, device=None) -> Tensor:
-    """Henaff et al. 2016: 2x2 rotation blocks with angles uniform in [-pi, pi]."""
-    return _rotation_blocks(torch.empty(n // 2, dtype=dtype, device=device).uniform_(-math.pi, math.pi), n)
-
-
-@MORNN_INITS.register("cayley")
-def cayley_init(n: int, dtype=torch.float64, device=None) -> Tensor:
-    """scoRNN's Cayley init: ``cayley(A)``, A 2x2 skew blocks with entries ``tan(t/2)``, t ~ U[0, pi/2]
-    (the Cayley map of such a block is a rotation by t: near-identity, slowly mixing dynamics)."""
-    t = torch.empty(n // 2, dtype=dtype, device=device).uniform_(0, math.pi / 2)
-    A = torch.zeros(n, n, dtype=dtype, device=device)
-    i = torch.arange(0, 2 * (n // 2), 2, device=device)
-    A[i + 1, i] = torch.tan(t / 2)  # strictly lower entry; the map skews it
-    return orthogonal_from(A, "cayley")
-
-
-@MORNN_INITS.register("random")
-def random_init(n: int, dtype=torch.float64, device=None) -> Tensor:
-    """Haar-random orthogonal matrix (QR of a Gaussian with the sign of R's diagonal fixed)."""
-    Q, R = torch.linalg.qr(torch.randn(n, n, dtype=dtype, device=device))
-    return Q * torch.sign(torch.diagonal(R)).unsqueeze(0)
-
-
-@MORNN_INITS.register("identity")
-def identity_init(n: int, dtype=torch.float64, device=None) -> Tensor:
-    """The identity: every state is kept as is until training moves W."""
-    return torch.eye(n, dtype=dtype, device=device)
 
 
 class _Layer(NamedTuple):
@@ -117,77 +54,11 @@ class _Layer(NamedTuple):
     modrelu_bias: str | None
 
 
-class OrthogonalMatrixProperty:
-    """The class attribute behind ``weight_hh_l{k}[_reverse]`` (MORNN) and ``weight_hh`` (MORNNCell).
+class _RNNBase(OrthogonalRecurrent):
+    """What MORNN and MORNNCell share beyond the parametrisation: nn.RNN's parameter naming per
+    layer and direction (``_layers``), its initialisation, and the weights as its kernels take them."""
 
-    Reading gives the current orthogonal ``[H, H]`` matrix ``base @ f(A)`` (differentiable in ``A``
-    when autograd needs it). Writing in place to what was read, e.g. ``nn.init.orthogonal_(m.weight_hh_l0)``
-    or ``m.weight_hh_l0.data.copy_(W)``, sets the matrix to the polar factor of the written one (the
-    nearest orthogonal matrix) at the module's next use: forward, a read, ``state_dict``, ``refold``.
-    Assigning a new tensor is refused: it would not be a parameter of the module.
-    """
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.__doc__ = f"The current orthogonal recurrent matrix {name} [H, H] (computed; see the class)."
-
-    def __get__(self, module, owner=None):
-        if module is None:
-            return self
-        if self.name not in module.__dict__.get("_orthogonal_names", ()):
-            raise AttributeError(f"'{type(module).__name__}' object has no attribute '{self.name}'")
-        return module._read_matrix(self.name)
-
-    def __set__(self, module, value) -> None:
-        raise AttributeError(_assignment_message(self.name))
-
-
-def _assignment_message(name: str) -> str:
-    return (f"{name} is computed as {name}_base @ f({name}_A) and cannot be assigned (the assigned tensor "
-            f"would not be the module's parameter); write the matrix in place instead, it is projected "
-            f"onto the orthogonal group: `with torch.no_grad(): module.{name}.copy_(W)`")
-
-
-class _OrthogonalRecurrent(nn.Module):
-    """Shared machinery: orthogonal weights ``name`` = ``name_base @ f(name_A)``, read as ``name``."""
-
-    _orthogonal_names: list[str]
     _layers: list[_Layer]
-
-    def _init_orthogonal(self, orthogonal_map: str, init: str, refold_every: int) -> None:
-        ORTHOGONAL_MAPS.get(orthogonal_map)  # ValueError naming orthogonal_map
-        MORNN_INITS.get(init)                # ValueError naming init
-        check_int("refold_every", refold_every, 0)   # 0: never
-        self.orthogonal_map, self.init, self.refold_every = orthogonal_map, init, refold_every
-        self._orthogonal_names = []
-        self._layers = []
-        self._forwards = 0
-        self._reset_caches()
-        self.register_load_state_dict_post_hook(_reproject_after_load)
-        self.register_state_dict_pre_hook(_take_writes_before_save)
-
-    def _reset_caches(self) -> None:
-        # name -> (key, W): the matrix built while no gradient was needed, reused while key holds
-        self._matrix_cache: dict[str, tuple[tuple, Tensor]] = {}
-        # name -> [(a tensor handed out by weight_hh_l{k}, its version, data_ptr, a copy)]
-        self._handed_out: dict[str, list[tuple]] = {}
-
-    def _add_orthogonal(self, name: str, n: int, factory: dict) -> None:
-        self.register_parameter(f"{name}_A", nn.Parameter(torch.zeros(lower_numel(n), **factory)))
-        self.register_buffer(f"{name}_base", torch.eye(n, **factory))
-        self._orthogonal_names.append(name)
-
-    def _A(self, name: str) -> Tensor:
-        return self._parameters[f"{name}_A"]
-
-    def _base(self, name: str) -> Tensor:
-        return self._buffers[f"{name}_base"]
-
-    def register_parameter(self, name: str, param) -> None:
-        # `module.weight_hh_l0 = nn.Parameter(W)` lands here (nn.Module.__setattr__), not in the property
-        if name in self.__dict__.get("_orthogonal_names", ()):
-            raise AttributeError(_assignment_message(name))
-        super().register_parameter(name, param)
 
     def reset_parameters(self) -> None:
         """nn.RNN's U(-1/sqrt(H), 1/sqrt(H)) for input weights and biases; ``init`` for W_hh;
@@ -201,102 +72,6 @@ class _OrthogonalRecurrent(nn.Module):
             if layer.modrelu_bias is not None:
                 nn.init.uniform_(P[layer.modrelu_bias], -0.01, 0.01)
         self._reset_orthogonal()
-
-    @torch.no_grad()
-    def _reset_orthogonal(self) -> None:
-        make = MORNN_INITS.get(self.init)
-        for name in self._orthogonal_names:
-            base = self._base(name)
-            base.copy_(make(base.shape[0], dtype=torch.float64, device=base.device))
-            self._A(name).zero_()
-
-    # -- building the matrix ------------------------------------------------------------------
-
-    def _build(self, A: Tensor, base: Tensor) -> Tensor:
-        n = base.shape[0]
-        cdt = compute_dtype(A.dtype)
-        # In float32/64 whatever autocast says: bf16 would break orthogonality.
-        with torch.autocast(A.device.type, enabled=False):
-            # a copy of the base, so a refold (in place) while this graph is alive cannot invalidate it
-            W = base.to(cdt, copy=True) @ orthogonal_from(lower_to_square(A.to(cdt), n), self.orthogonal_map)
-        # A half-precision module gets a rounded W (its kernels need one dtype); under autocast the
-        # parameters stay float32 and so does W.
-        return W.to(A.dtype)
-
-    def orthogonal_weight(self, name: str) -> Tensor:
-        """The current orthogonal ``[H, H]`` matrix ``base @ f(A)``: differentiable in ``A`` when
-        autograd needs it, else the kept matrix while ``A`` and the base are unchanged."""
-        A, base = self._parameters[f"{name}_A"], self._buffers[f"{name}_base"]
-        if torch.compiler.is_compiling():
-            return self._build(A, base)
-        if self._handed_out:
-            self._take_writes()
-        if A.requires_grad and torch.is_grad_enabled():
-            # A training forward: parameters may have been changed behind the version counters
-            # (`p.data -= lr * p.grad` loops), so nothing built before it is reused after it.
-            if self._matrix_cache:
-                self._matrix_cache.clear()
-            return self._build(A, base)
-        key = (A._version, base._version, A.data_ptr(), base.data_ptr(), A.dtype, base.dtype, A.device,
-               _optimizer_steps[0])
-        kept = self._matrix_cache.get(name)
-        if kept is not None and kept[0] == key:
-            return kept[1]
-        with torch.inference_mode(False), torch.no_grad():  # a normal tensor even inside inference_mode
-            W = self._build(A, base)
-        self._matrix_cache[name] = (key, W)
-        return W
-
-    # -- the matrix as users read and write it -------------------------------------------------
-
-    def _read_matrix(self, name: str) -> Tensor:
-        """``weight_hh_l{k}`` as read: the current matrix, watched for in-place writes."""
-        W = self.orthogonal_weight(name)
-        if W.grad_fn is None:
-            W = W.clone()  # never hand out the kept matrix itself
-        # Kept until the module's next use after the reader drops W, since `m.weight_hh_l0.data.copy_(X)`
-        # (or `.data = X`) drops it at once and its write must not be lost with it; with a copy to
-        # compare to, since writes through `.data` leave the version counter as it was.
-        self._handed_out.setdefault(name, []).append((W, W._version, W.data_ptr(), W.detach().clone()))
-        return W
-
-    def _take_writes(self) -> None:
-        """Take over every in-place write to a matrix handed out by ``weight_hh_l{k}``."""
-        for name, entries in list(self._handed_out.items()):
-            written, kept = None, []
-            for entry in entries:
-                held = _held_elsewhere(entry)
-                W, version, ptr, snapshot = entry
-                if W._version != version or W.data_ptr() != ptr or not _same_bits(W.detach(), snapshot):
-                    written = W
-                    version, ptr, snapshot = W._version, W.data_ptr(), W.detach().clone()
-                if held:
-                    kept.append((W, version, ptr, snapshot))
-            if kept:
-                self._handed_out[name] = kept
-            else:
-                del self._handed_out[name]
-            if written is not None:
-                self._set_matrix(name, written, written_in_place=True)
-
-    @torch.no_grad()
-    def _set_matrix(self, name: str, W: Tensor, written_in_place: bool = False) -> None:
-        """Make ``name`` the nearest orthogonal matrix to ``W`` (polar factor, float64): base <- it, A <- 0."""
-        base = self._base(name)
-        what = f"the matrix written in place to {name}" if written_in_place else f"the matrix given for {name}"
-        outcome = f"; the write is discarded and {name} keeps its value" if written_in_place else ""
-        if W.shape != base.shape:
-            raise ValueError(f"{what} must be [H, H] = {list(base.shape)}, got {list(W.shape)}{outcome}")
-        W64 = W.detach().to(device=base.device, dtype=torch.float64)
-        if not torch.isfinite(W64).all():
-            raise ValueError(f"{what} holds non-finite values{outcome}")
-        if W64.numel():
-            s = torch.linalg.svdvals(W64)  # [H], descending
-            if s[-1] <= s[0] * W64.shape[0] * torch.finfo(torch.float64).eps:
-                raise ValueError(f"{what} is singular (rank {int((s > s[0] * 1e-12).sum())} < "
-                                 f"{W64.shape[0]}), so it has no nearest orthogonal matrix{outcome}")
-        base.copy_(project_orthogonal(W64))
-        self._A(name).zero_()
 
     @property
     def all_weights(self) -> list[list[Tensor]]:
@@ -318,126 +93,6 @@ class _OrthogonalRecurrent(nn.Module):
         P = self._parameters
         return [None if layer.modrelu_bias is None else P[layer.modrelu_bias] for layer in self._layers]
 
-    # -- training-time maintenance --------------------------------------------------------------
-
-    @torch.no_grad()
-    def refold(self) -> None:
-        """Fold ``f(A)`` into the base and zero ``A``; re-project the base (polar, float64)."""
-        self._take_writes()
-        for name in self._orthogonal_names:
-            A, base = self._A(name), self._base(name)
-            W = base.double() @ orthogonal_from(lower_to_square(A.double(), base.shape[0]),
-                                                self.orthogonal_map)
-            if not torch.isfinite(W).all():
-                # else the SVD below fails with a message that names neither the cause nor the tensor
-                raise RuntimeError(f"cannot refold {name}: {name}_A holds non-finite values (a diverged "
-                                   f"optimiser step?); the base is left unchanged")
-            base.copy_(project_orthogonal(W))
-            A.zero_()
-
-    def _maybe_refold(self) -> None:
-        # Inside torch.compile a Python counter would recompile every call; compiled training loops
-        # call refold() themselves (orthogonality does not depend on it, only A's size does).
-        if torch.compiler.is_compiling():
-            return
-        if self.training and self.refold_every and torch.is_grad_enabled() and self._trains_matrices():
-            self._forwards += 1
-            if self._forwards % self.refold_every == 0:
-                self.refold()
-
-    def _trains_matrices(self) -> bool:
-        return any(self._parameters[f"{name}_A"].requires_grad for name in self._orthogonal_names)
-
-    def freeze(self):
-        """Stop training the recurrent matrices (``*_A`` stop requiring grad): every forward then
-        reuses the built matrices until a parameter changes, as under ``torch.no_grad``. Drops the
-        matrices kept so far (a write through ``.data`` to ``*_A`` is seen from here). Returns self."""
-        for name in self._orthogonal_names:
-            self._A(name).requires_grad_(False)
-        self._matrix_cache.clear()
-        return self
-
-    def unfreeze(self):
-        """Undo :meth:`freeze`: the recurrent matrices train again. Returns self."""
-        for name in self._orthogonal_names:
-            self._A(name).requires_grad_(True)
-        self._matrix_cache.clear()
-        return self
-
-    # The refold counter travels in the state dict (as a tensor, so safetensors can hold it): a
-    # resumed run then refolds at the same steps as an uninterrupted one.
-    def get_extra_state(self) -> Tensor:
-        return torch.tensor(self._forwards, dtype=torch.int64)
-
-    def set_extra_state(self, state) -> None:
-        self._forwards = int(state)
-
-    def _apply(self, fn, recurse=True):
-        self._take_writes()
-        dtypes = {name: self._base(name).dtype for name in self._orthogonal_names}
-        super()._apply(fn, recurse)
-        self._matrix_cache.clear()
-        with torch.no_grad():
-            for name in self._orthogonal_names:
-                base = self._base(name)
-                # A base orthogonal to float32 rounding is not to float64's: `.double()` re-projects
-                # it, so the float64 bound holds from the first forward on (to_empty keeps the dtype).
-                if base.dtype != dtypes[name] and base.device.type != "meta":
-                    _reproject_if_needed(base)
-        return self
-
-    def __getstate__(self):
-        state = super().__getstate__()
-        del state["_matrix_cache"], state["_handed_out"]  # rebuilt on use
-        return state
-
-    def __setstate__(self, state) -> None:
-        super().__setstate__(state)
-        self._reset_caches()
-        self._declare_matrices()
-
-    def _declare_matrices(self) -> None:
-        """Install the class's :class:`OrthogonalMatrixProperty` for each matrix name it lacks."""
-
-
-def _references(entry: tuple) -> int:
-    return sys.getrefcount(entry[0])
-
-
-# what _references counts for an object that only its entry holds (how many references the call
-# itself adds is the interpreter's business, so it is measured)
-_REFS_OF_AN_UNHELD_ENTRY = _references((object(),))
-
-
-def _held_elsewhere(entry: tuple) -> bool:
-    """Whether anything besides ``entry`` references ``entry[0]`` (a reader who may still write to it)."""
-    return _references(entry) > _REFS_OF_AN_UNHELD_ENTRY
-
-
-def _same_bits(a: Tensor, b: Tensor) -> bool:
-    """Bitwise equality (NaN equals NaN), so a write of non-finite values is reported once."""
-    ints = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
-    return torch.equal(a.contiguous().view(ints), b.contiguous().view(ints))
-
-
-def _reproject_if_needed(base: Tensor) -> None:
-    # One that already is orthogonal (our own checkpoints) is kept bit for bit, so a resumed run is
-    # exact: projection leaves a base within ~16 eps of orthogonal (measured up to n = 512), hence 32.
-    if base.numel() and orthogonality_error(base) > 32 * torch.finfo(base.dtype).eps:
-        base.copy_(project_orthogonal(base))
-
-
-def _reproject_after_load(module: _OrthogonalRecurrent, incompatible_keys) -> None:
-    # A loaded base may come from another precision or a hand-edited file: make it exactly orthogonal.
-    with torch.no_grad():
-        for name in module._orthogonal_names:
-            _reproject_if_needed(module._base(name))
-    module._matrix_cache.clear()
-
-
-def _take_writes_before_save(module: _OrthogonalRecurrent, prefix, keep_vars) -> None:
-    module._take_writes()
-
 
 def _check_sizes(input_size, hidden_size, bias, batch_first=False):
     if not isinstance(bias, bool):
@@ -456,7 +111,7 @@ def _check_sizes(input_size, hidden_size, bias, batch_first=False):
         raise ValueError("hidden_size must be greater than zero")
 
 
-class MORNN(_OrthogonalRecurrent):
+class MORNN(_RNNBase):
     r"""Multi-layer Elman RNN ``h_t = phi(W_ih x_t + b_ih + W_hh h_{t-1} + b_hh)`` with every
     ``W_hh`` orthogonal. Same constructor, forward and parameter names as :class:`torch.nn.RNN`.
 
@@ -470,7 +125,7 @@ class MORNN(_OrthogonalRecurrent):
         init: initial recurrent matrices, one of ``MORNN_INITS``: "henaff" (default), "cayley",
             "random", "identity".
         refold_every: fold ``A`` into the base every this many training forwards (0: never).
-        recurrence_backend: ``matrec.ops.recurrence.RECURRENCE_BACKENDS`` ("auto", "torch", "loop",
+        recurrence_backend: ``matrec.ops.rnn_recurrence.RECURRENCE_BACKENDS`` ("auto", "torch", "loop",
             "cpp", "chunked", "triton"; "loop" is the autograd reference, "chunked" identity only).
             modrelu/identity always run through it; tanh/relu run on the compiled CPU loop ("cpp")
             when that is chosen ("auto" on CPU with float32/float64 inputs where it builds, or
@@ -522,6 +177,7 @@ class MORNN(_OrthogonalRecurrent):
         self.dropout, self.bidirectional = float(dropout), bidirectional
         self.proj_size = 0
         self._init_orthogonal(orthogonal_map, init, refold_every)
+        self._layers = []
         factory = {"device": device, "dtype": dtype}
         D = 2 if bidirectional else 1
         for layer in range(num_layers):
@@ -538,14 +194,7 @@ class MORNN(_OrthogonalRecurrent):
                     if b is not None:
                         self.register_parameter(b, nn.Parameter(torch.empty(hidden_size, **factory)))
                 self._layers.append(names)
-        self._declare_matrices()
         self.reset_parameters()
-
-    def _declare_matrices(self) -> None:
-        # On MORNN itself (subclasses inherit it); which names exist depends on num_layers/bidirectional.
-        for name in self._orthogonal_names:
-            if not isinstance(MORNN.__dict__.get(name), OrthogonalMatrixProperty):
-                setattr(MORNN, name, OrthogonalMatrixProperty(name))
 
     def flatten_parameters(self) -> None:
         """No-op kept for nn.RNN compatibility (the recurrent weights are rebuilt, not flattened)."""
@@ -762,7 +411,7 @@ def rnn_layers(x: Tensor, hx: Tensor, weights: list[list[Tensor]], modrelu_biase
     return layer_in, torch.stack(h_n)
 
 
-class MORNNCell(_OrthogonalRecurrent):
+class MORNNCell(_RNNBase):
     """One step ``h' = phi(W_ih x + b_ih + W_hh h + b_hh)`` with ``W_hh`` orthogonal; mirrors
     :class:`torch.nn.RNNCell`: same constructor (checked as loosely: ``bias`` is taken for its truth
     value, ``hidden_size=0`` gives ``[B, 0]`` outputs, an unknown ``nonlinearity`` raises at forward)
@@ -784,6 +433,7 @@ class MORNNCell(_OrthogonalRecurrent):
         super().__init__()
         self.input_size, self.hidden_size, self.bias, self.nonlinearity = input_size, hidden_size, bias, nonlinearity
         self._init_orthogonal(orthogonal_map, init, refold_every)
+        self._layers = []
         factory = {"device": device, "dtype": dtype}
         # weight_ih first: bad sizes then fail in torch.empty exactly as they do in nn.RNNCell
         self.weight_ih = nn.Parameter(torch.empty(hidden_size, input_size, **factory))
@@ -860,55 +510,3 @@ class MORNNCell(_OrthogonalRecurrent):
             s += f", bias={self.bias}"
         return s + (f", nonlinearity={self.nonlinearity!r}, orthogonal_map={self.orthogonal_map!r}, "
                     f"init={self.init!r}")
-
-
-# ---------------------------------------------------------------------------------------------
-# Training helpers: work on any model that contains MORNN / MORNNCell modules.
-# ---------------------------------------------------------------------------------------------
-
-def mornn_param_groups(model: nn.Module, lr: float, *, orthogonal_lr: float | None = None,
-                       orthogonal_scale: float = 0.1, **group_kwargs) -> list[dict]:
-    """Optimiser param groups: every orthogonal parameter (``*_A``) at ``orthogonal_lr`` (default
-    ``orthogonal_scale * lr``, 1/10 as in the orthogonal-RNN literature) with no weight decay, all
-    other trainable parameters at ``lr`` with ``group_kwargs`` (e.g. weight_decay). Empty groups are
-    left out. Each group has a ``"name"`` ("orthogonal" / "other") for logging.
-
-    Example::
-
-        opt = torch.optim.RMSprop(mornn_param_groups(model, 1e-3))
-    """
-    lr = check_positive("lr", lr)   # NaN and inf refused too: they would train nothing, silently
-    orth_lr = check_positive("orthogonal_lr", lr * check_positive("orthogonal_scale", orthogonal_scale)
-                             if orthogonal_lr is None else orthogonal_lr)
-    orth_ids = {id(m._A(n)) for m in model.modules()
-                if isinstance(m, _OrthogonalRecurrent) for n in m._orthogonal_names}
-    orth, other = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (orth if id(p) in orth_ids else other).append(p)
-    groups = []
-    if other:
-        groups.append({"params": other, "lr": lr, "name": "other", **group_kwargs})
-    if orth:
-        groups.append({"params": orth, "lr": orth_lr, "name": "orthogonal", "weight_decay": 0.0})
-    return groups
-
-
-@torch.no_grad()
-def orthogonality_report(model: nn.Module) -> dict[str, float]:
-    """Flat ``{key: float}`` for training logs, per MORNN layer and direction of ``model``:
-    ``"{module}.{weight_hh_lK}/orth_error"`` (max ``|W^T W - I|``), ``.../grad_norm`` (of its ``A``)
-    and ``"{module}.{param}/grad_norm"`` for its other parameters (where a gradient exists)."""
-    report: dict[str, float] = {}
-    for mname, m in model.named_modules():
-        if not isinstance(m, _OrthogonalRecurrent):
-            continue
-        prefix = f"{mname}." if mname else ""
-        # an orthogonal matrix's gradient is reported under the matrix's name, not its parameter's
-        matrix_of = {id(m._A(name)): name for name in m._orthogonal_names}
-        for name in m._orthogonal_names:
-            report[f"{prefix}{name}/orth_error"] = float(orthogonality_error(m.orthogonal_weight(name).double()))
-        for pname, p in m.named_parameters(recurse=False):
-            if p.grad is not None:
-                report[f"{prefix}{matrix_of.get(id(p), pname)}/grad_norm"] = float(p.grad.norm())
-    return report

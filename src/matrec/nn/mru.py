@@ -7,12 +7,13 @@ import warnings
 import torch
 from torch import Tensor, nn
 
-from ..checks import check_int, check_number
+from ..checks import check_int, check_number, check_real
 from ..ops.backends import exporting
 from ..ops.mru_scan import SCAN_BACKENDS, mru_scan
 from ..ops.precision import compute_dtype
 from ..ops.state_matrix import (STATE_MATRICES, STATE_NORMALIZATIONS, normalize_states, state_matrix,
                                 state_matrix_numel)
+from .init import init_linear
 from .protocol import StateSpec, check_mask
 
 
@@ -22,6 +23,16 @@ _AUTOCAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 #: product may grow: trained shearing constructions grew 0.012-0.017 decades per token and left
 #: float32's range after roughly 2,000-3,500 tokens (docs/results.md, "Stability").
 LONG_SEQUENCE_WARNING = 2048
+
+# keys of checkpoints saved before the output projection took every layer's name (residual_proj)
+_OLD_KEYS = {"out_proj.weight": "residual_proj.weight", "out_proj.bias": "residual_proj.bias"}
+
+
+def _rename_old_keys(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                     error_msgs) -> None:
+    for old, new in _OLD_KEYS.items():
+        if prefix + old in state_dict and prefix + new not in state_dict:
+            state_dict[prefix + new] = state_dict.pop(prefix + old)
 
 
 def default_order(embed_dim: int, num_heads: int) -> int:
@@ -43,9 +54,9 @@ class MRU(nn.Module):
     ``W_in: E -> h * n`` gives each head's raw elements (``n = state_matrix_numel(state_matrix, d)``),
     a construction of :data:`matrec.ops.state_matrix.STATE_MATRICES` turns them into ``M_t [d, d]``,
     :func:`matrec.mru_scan` forms all ``H_t``, the read-out ``H_t @ W_down[head]`` (``d x E/(h d)``)
-    is flattened back to ``E`` and an output projection ``E -> E`` follows. ``W_in`` starts at zero, so
-    every ``M_t`` starts as the identity. The scan runs in float32 for bf16/fp16 activations (also
-    under autocast).
+    is flattened back to ``E`` and an output projection ``E -> E`` (``residual_proj``) follows.
+    ``W_in`` starts at zero, so every ``M_t`` starts as the identity. The scan runs in float32 for
+    bf16/fp16 activations (also under autocast).
 
     Args:
         embed_dim: ``E``, input and output width.
@@ -120,9 +131,7 @@ class MRU(nn.Module):
         self._warned_long = False
         if element_scale is None:
             element_scale = 1.0 / embed_dim
-        if isinstance(element_scale, bool) or not isinstance(element_scale, (int, float)) or not element_scale > 0:
-            raise ValueError(f"element_scale must be a positive number or None, got {element_scale!r}")
-        self.element_scale = float(element_scale)
+        self.element_scale = check_real("element_scale", element_scale, minimum=0, open_min=True, allow_none=True)
         if not 0.0 <= check_number("dropout", dropout) < 1.0:   # TypeError naming it for a non-number
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
 
@@ -133,16 +142,23 @@ class MRU(nn.Module):
         self.numel = state_matrix_numel(state_matrix, d)
         self.in_proj = nn.Linear(embed_dim, num_heads * self.numel, **factory)  # W_in
         self.down = nn.Parameter(torch.empty(num_heads, d, embed_dim // (num_heads * d), **factory))
-        self.out_proj = nn.Linear(embed_dim, embed_dim, **factory)
+        self.residual_proj = nn.Linear(embed_dim, embed_dim, **factory)
         self.dropout = nn.Dropout(dropout)
         self.reset_parameters()
+        self.register_load_state_dict_pre_hook(_rename_old_keys)
 
     def reset_parameters(self) -> None:
         nn.init.zeros_(self.in_proj.weight)  # every M_t = identity at step 0
         nn.init.zeros_(self.in_proj.bias)
         # H_t is near-orthogonal-scale at init, so W_down like a Linear with fan-in d
         nn.init.uniform_(self.down, -1 / math.sqrt(self.order), 1 / math.sqrt(self.order))
-        self.out_proj.reset_parameters()
+        self.residual_proj.reset_parameters()
+
+    def init_weights(self, std: float, residual_std: float) -> None:
+        """GPT-2 init inside a :class:`~matrec.models.SequenceModel` (:mod:`matrec.nn.init`): the MRU
+        keeps its own initialisation (every ``M_t`` starts at the identity), except that
+        ``residual_proj`` writes into the residual stream and gets N(0, residual_std)."""
+        init_linear(self.residual_proj, residual_std)
 
     def extra_repr(self) -> str:
         return (
@@ -216,5 +232,5 @@ class MRU(nn.Module):
         # (in the parameters' dtype; under autocast the matmul itself drops to bf16/fp16 as usual)
         y = H.to(self.down.dtype) @ self.down.unsqueeze(1)
         y = y.flatten(-2).transpose(1, 2).reshape(B, T, E)  # [B, T, E]
-        y = self.dropout(self.out_proj(y))
+        y = self.dropout(self.residual_proj(y))
         return y, H[:, :, -1]

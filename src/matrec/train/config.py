@@ -3,15 +3,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
-import numbers
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from ..checks import check_int
+from ..checks import check_int, check_real
 
 
 @dataclass
@@ -74,10 +72,10 @@ class TrainConfig:
         # torch seeds take 64 bits; evaluation draws from seed + 1, so the top value is kept free
         _int(self, "seed", 0, 2 ** 63 - 1)
         for name in ("lr", "orthogonal_lr_scale"):
-            _real(self, name, "> 0", lambda v: v > 0)
+            _real(self, name, minimum=0, open_min=True)
         for name in ("weight_decay", "grad_clip"):
-            _real(self, name, ">= 0", lambda v: v >= 0)
-        _real(self, "min_lr_ratio", "in [0, 1]", lambda v: 0 <= v <= 1)
+            _real(self, name, minimum=0)
+        _real(self, "min_lr_ratio", minimum=0, maximum=1)
         for name in ("task", "model", "optimizer"):
             _text(self, name)
         for name in ("task_args", "model_args"):
@@ -140,14 +138,8 @@ def _int(cfg: TrainConfig, name: str, minimum: int, maximum: int | None = None) 
     setattr(cfg, name, check_int(name, getattr(cfg, name), minimum, maximum=maximum, type_error=True))
 
 
-def _real(cfg: TrainConfig, name: str, bound: str, ok) -> None:
-    value = getattr(cfg, name)
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a number, got {value!r}")
-    value = float(value)
-    if not math.isfinite(value) or not ok(value):
-        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
-    setattr(cfg, name, value)
+def _real(cfg: TrainConfig, name: str, **bounds) -> None:
+    setattr(cfg, name, check_real(name, getattr(cfg, name), type_error=True, **bounds))
 
 
 def _text(cfg: TrainConfig, name: str) -> None:

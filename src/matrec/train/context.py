@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..checks import check_int
+from ..checks import check_int, is_int
 from ..data.tasks import Task
 from .checkpoint import load_for_inference, write_json_atomic
 from .trainer import detach_state
@@ -29,7 +29,7 @@ CACHE_FILE = "position_eval.json"
 def check_bins(bins, argument: str = "bins") -> list[int]:
     """``bins`` if it is a list of >= 2 strictly increasing ints starting at 0, else a ValueError."""
     if (not isinstance(bins, (list, tuple)) or len(bins) < 2 or bins[0] != 0
-            or any(isinstance(b, bool) or not isinstance(b, int) for b in bins)
+            or not all(is_int(b) for b in bins)
             or any(b >= c for b, c in zip(bins, bins[1:]))):
         raise ValueError(f"{argument} must be a list of at least 2 strictly increasing ints starting at 0 "
                          f"(bin edges, e.g. [0, 256, 1024, 4096, 30000]), got {bins!r}")

@@ -6,7 +6,7 @@ import math
 import torch
 from torch import nn
 
-from ..nn.mornn import mornn_param_groups
+from ..nn.mornn_training import mornn_param_groups
 from ..registry import Registry
 from .config import TrainConfig
 

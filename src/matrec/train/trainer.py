@@ -26,7 +26,8 @@ from torch import Tensor, nn
 from ..checks import check_int
 from ..data.tasks import build_task
 from ..models import build_model, num_parameters
-from ..nn.mornn import orthogonality_report
+from ..nn.mornn_training import orthogonality_report
+from ..nn.orthogonal import track_optimizer_steps
 from .checkpoint import (CheckpointError, flatten_tensors, latest_step, load_checkpoint,
                          load_model_weights, optimizer_from_flat, optimizer_to_flat, resolve_checkpoint,
                          save_checkpoint, unflatten_tensors, write_json_atomic)
@@ -125,6 +126,9 @@ class Trainer:
         self.task = build_task(cfg.task, **cfg.task_args)
         self.model = build_model(cfg.model, **self.task.model_io(), **cfg.model_args).to(self.device)
         self.optimizer = OPTIMIZERS.get(cfg.optimizer)(param_groups(self.model, cfg), cfg)
+        # MORNN keeps built matrices across no-grad forwards (evaluation): this optimiser's steps
+        # must rebuild them even where a fused kernel bumps no version counter (the opt-in)
+        track_optimizer_steps(self.optimizer)
         self.data_gen = torch.Generator().manual_seed(cfg.seed)
         self.step = 0
         self.stream_state = None   # carried across batches on stream tasks

@@ -27,10 +27,9 @@ from torch import Tensor
 
 from ..precision import compute_dtype
 from .fused import weight_grad
+from .nonlinearities import NONLINEARITIES, kernel_code
 
 SOURCE = Path(__file__).with_name("cpu_kernel.cpp")
-# nonlinearity -> the kernel's code (the enum Phi in cpu_kernel.cpp)
-_CODES = {"tanh": 0, "relu": 1, "modrelu": 2, "identity": 3}
 DISABLE_ENV = "MATREC_CPP_RECURRENCE"
 DIR_ENV = "MATREC_EXTENSIONS_DIR"
 
@@ -140,14 +139,14 @@ def cpp_available(device: torch.device) -> tuple[bool, str]:
 
 def cpp_supports(nonlinearity: str) -> bool:
     """The kernel knows its nonlinearities by code; one registered later runs elsewhere."""
-    return nonlinearity in _CODES
+    return kernel_code(nonlinearity) is not None
 
 
 @torch.library.custom_op("matrec::rnn_recurrence_cpp", mutates_args=())
 def _rnn_recurrence_cpp(xproj: Tensor, weight: Tensor, h0: Tensor | None, bias: Tensor | None,
                         nonlinearity: str) -> Tensor:
     # all arguments contiguous, one float dtype (cpp_recurrence casts)
-    return torch.ops.matrec_cpu.forward(xproj, weight, h0, bias, _CODES[nonlinearity])
+    return torch.ops.matrec_cpu.forward(xproj, weight, h0, bias, kernel_code(nonlinearity))
 
 
 @_rnn_recurrence_cpp.register_fake
@@ -162,16 +161,13 @@ def _setup_context(ctx, inputs, output):
     ctx.has_h0, ctx.has_bias = h0 is not None, bias is not None
 
 
-# dh/dz read from h = phi(z) (see cpu_kernel.cpp), as differentiable torch ops
-_SLOPES = {"tanh": lambda h: 1 - h * h, "relu": lambda h: (h > 0).to(h.dtype),
-           "modrelu": lambda h: (h != 0).to(h.dtype), "identity": lambda h: torch.ones_like(h)}
 
 
 def _differentiable_backward(grad_out, out, weight, h0, nonlinearity):
     """The same reverse recurrence in torch ops, for a backward that is itself differentiated
     (``create_graph=True``: double backward, gradgradcheck) -- nn.RNN's kernel supports that, so
     tanh/relu on this backend must too. Slow (a few ops per step); only taken in that case."""
-    slope = _SLOPES[nonlinearity](out)  # [T, B, H]
+    slope = NONLINEARITIES.get(nonlinearity).slope_from_output(out)  # [T, B, H], as cpu_kernel.cpp
     T = out.shape[0]
     gz = [None] * T
     gh = grad_out[T - 1]
@@ -193,7 +189,7 @@ def _backward(ctx, grad_out):
                 grad_b if ctx.has_bias else None, None)
     # modReLU's dL/db comes out of the reverse loop (sign(h) standing in for sign(z): where
     # dL/dz != 0 the unit is live and they agree); dL/dW is one GEMM over all steps
-    gz, grad_h0, grad_b = torch.ops.matrec_cpu.backward(grad_out.contiguous(), out, weight, _CODES[nonlinearity])
+    gz, grad_h0, grad_b = torch.ops.matrec_cpu.backward(grad_out.contiguous(), out, weight, kernel_code(nonlinearity))
     grad_W = weight_grad(gz, out, h0)
     return gz, grad_W, grad_h0 if ctx.has_h0 else None, grad_b if ctx.has_bias else None, None
 
@@ -229,4 +225,4 @@ def cpp_layers_forward(x: Tensor, hx: Tensor, weights: list[list[Tensor]], phi_b
     b_hh = [ws[3].contiguous() if len(ws) == 4 else None for ws in weights]
     phi_b = [None if b is None else b.contiguous() for b in phi_biases]
     return torch.ops.matrec_cpu.layers_forward(x.contiguous(), hx.contiguous(), w_ih, w_hh, b_ih, b_hh, phi_b,
-                                               _CODES[nonlinearity])
+                                               kernel_code(nonlinearity))

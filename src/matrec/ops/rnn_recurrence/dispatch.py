@@ -24,7 +24,7 @@ from .cpp import cpp_available, cpp_recurrence, cpp_supports
 from .chunked import _rnn_recurrence_chunked, _rnn_recurrence_chunked_or_loop
 from .fused import _rnn_recurrence
 from .naive import check_inputs, check_mask, recurrence_reference, recurrence_scan
-from .nonlinearities import modrelu
+from .nonlinearities import kernel_code, modrelu
 
 
 def _all(nonlinearity: str) -> bool:
@@ -202,7 +202,7 @@ def _identity_only(nonlinearity: str) -> bool:
 
 
 def _triton_supports(nonlinearity: str) -> bool:
-    return nonlinearity in _triton_module()._CODES
+    return kernel_code(nonlinearity) is not None
 
 
 RECURRENCE_BACKENDS: BackendRegistry[RecurrenceBackend] = BackendRegistry(

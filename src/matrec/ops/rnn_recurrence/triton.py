@@ -44,11 +44,11 @@ from ..triton_support import compile_ahead, interpret_requested
 from ..triton_support import launchable as _launcher  # interpreted for CPU tensors, compiled for CUDA
 from .fused import parameter_grads, register_recurrence_autograd
 from .naive import check_inputs
+from .nonlinearities import kernel_code, kernel_nonlinearities
 
 # The largest H tested (interpreter) and checked with ptxas. The tiled kernel's on-chip footprint does not
 # depend on H, so the limit is what was verified, not what would compile.
 MAX_HIDDEN = 512
-_CODES = {"tanh": 0, "relu": 1, "modrelu": 2, "identity": 3}
 WEIGHT_DTYPES = (torch.float32, torch.bfloat16)
 
 # Kernel bodies are plain functions wrapped per call (see matrec.ops.triton_support.launchable), so they use only tl.*
@@ -249,7 +249,7 @@ def kernel_plan(hidden: int, weight_dtype: torch.dtype, backward: bool, nonlinea
     """``(kernel body, constexprs, num_warps)`` for one launch with ``config`` (default
     :func:`config_for`); shared by the ops and the ptxas benchmark."""
     cfg = config_for(hidden, weight_dtype, backward) if config is None else config
-    consts = dict(NL=_CODES[nonlinearity], BLOCK_B=cfg.block_b)
+    consts = dict(NL=kernel_code(nonlinearity), BLOCK_B=cfg.block_b)
     if not backward:
         consts["HAS_H0"] = has_h0
     if cfg.tiled:
@@ -340,8 +340,9 @@ def triton_recurrence(xproj: Tensor, weight: Tensor, h0: Tensor | None = None,
     float32 ``W``, else "rows".
     """
     check_inputs(xproj, weight, h0, bias, nonlinearity)
-    if nonlinearity not in _CODES:  # registered after this kernel was written
-        raise ValueError(f"nonlinearity must be one of {list(_CODES)} for the Triton recurrence, got {nonlinearity!r}")
+    if kernel_code(nonlinearity) is None:  # registered after this kernel was written
+        raise ValueError(f"nonlinearity must be one of {kernel_nonlinearities()} for the Triton recurrence, "
+                         f"got {nonlinearity!r}")
     config_for(xproj.shape[-1], weight_dtype)  # ValueError on a hidden size or weight dtype without kernels
     if xproj.numel() >= 2**31:  # the kernels index with 32-bit offsets
         raise ValueError(f"xproj must have fewer than 2**31 elements for the Triton recurrence, "

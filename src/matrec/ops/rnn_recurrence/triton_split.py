@@ -52,6 +52,7 @@ from ..triton_support import compile_ahead, interpret_requested
 from ..triton_support import launchable as _launcher
 from . import triton as rows_kernel
 from .fused import parameter_grads, register_recurrence_autograd
+from .nonlinearities import kernel_code
 
 # Spin budget of one wait: each spin is an acquire load served by L2 and a CTA barrier, so 2**20 of them
 # outlast any step (a few loads and one small dot) by orders of magnitude. Unmeasured on a GPU.
@@ -59,7 +60,6 @@ MAX_SPINS = 1 << 20
 BLOCK_B = 16  # tl.dot needs every dimension >= 16
 BLOCK_HS = (16, 32)  # column-slice widths tried, narrowest first (more programs, less W per program)
 NUM_WARPS = 8  # ptxas for sm_90: 4 warps spill in the BLOCK_H = 32 forward (H 256 and 512), 8 do not
-_CODES = rows_kernel._CODES
 # tl.atomic_load is the plain acquire load; a Triton release without it gets the same semantics from an acquire
 # read-modify-write of 0 (both forms are compiled by the tests; the H200 runs had Triton 3.6, pinned here: 3.9).
 _HAS_ATOMIC_LOAD = hasattr(tl, "atomic_load")
@@ -253,7 +253,7 @@ def plan(B: int, H: int, device: torch.device) -> SplitPlan:
 def kernel_consts(hidden: int, block_h: int, backward: bool, nonlinearity: str, *, has_h0: bool = True,
                   persistent: bool = True) -> dict:
     """The constexprs of one launch (shared by the ops and :func:`compile_report`)."""
-    consts = dict(NL=_CODES[nonlinearity], PERSISTENT=persistent, ATOMIC_LOAD=_HAS_ATOMIC_LOAD,
+    consts = dict(NL=kernel_code(nonlinearity), PERSISTENT=persistent, ATOMIC_LOAD=_HAS_ATOMIC_LOAD,
                   BLOCK_B=BLOCK_B, BLOCK_H=block_h, HP=max(16, triton.next_power_of_2(hidden)))
     if not backward:
         consts["HAS_H0"] = has_h0
