@@ -452,6 +452,7 @@ def test_text_task_refuses_binary_files_and_checks_the_cache_before_training(tmp
 
 
 def test_interrupts_and_system_refusals_are_reported_without_a_traceback(tmp_path, capsys, monkeypatch):
+    import matrec.bench  # the bench command lives there (cli.py imports it)
     def interrupted(args):
         raise KeyboardInterrupt
 
@@ -459,9 +460,9 @@ def test_interrupts_and_system_refusals_are_reported_without_a_traceback(tmp_pat
         raise OSError(28, "No space left on device", str(tmp_path / "x"))
 
     for func, status, message in ((interrupted, 130, "interrupted"), (disk_full, 1, "No space left on device")):
-        monkeypatch.setattr(cli, "cmd_bench", func)
+        monkeypatch.setattr(matrec.bench, "cmd_bench", func)
         assert message in fails(capsys, ["bench", "--list"], status=status)
-    monkeypatch.setattr(cli, "cmd_bench", lambda args: 1 / 0)   # a bug is not a user mistake: it propagates
+    monkeypatch.setattr(matrec.bench, "cmd_bench", lambda args: 1 / 0)   # a bug is not a user mistake: it propagates
     with pytest.raises(ZeroDivisionError):
         cli.main(["bench"])
 
