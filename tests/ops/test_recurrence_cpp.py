@@ -254,3 +254,29 @@ def test_double_backward(built, nonlinearity):
     in torch ops: gradgradcheck holds, as it does for nn.RNN's kernel."""
     args = make(4, 2, 3, nonlinearity, torch.float64, True, seed=5)
     assert torch.autograd.gradgradcheck(lambda *a: recurrence(*a, nonlinearity, backend="cpp"), args)
+
+
+def test_a_build_lock_left_by_a_killed_build_is_removed_and_a_live_one_waited_for(tmp_path):
+    """torch's build lock is never cleared when its process dies mid-build: an old one is removed
+    (with a warning), a fresh one is waited for until its build removes it."""
+    import threading
+    import time
+    import warnings
+
+    from matrec.ops.rnn_recurrence import cpp
+
+    lock = tmp_path / "lock"
+    lock.touch()
+    os.utime(lock, (time.time() - 30, time.time() - 30))
+    with pytest.warns(UserWarning, match="removing a build lock left for 3. s"):
+        cpp.clear_stale_lock(tmp_path, stale_after=20)
+    assert not lock.exists()
+
+    lock.touch()  # a live build: its lock goes away by itself after 0.3 s
+    threading.Timer(0.3, lock.unlink).start()
+    start = time.monotonic()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cpp.clear_stale_lock(tmp_path, stale_after=60, poll=0.05)
+    assert 0.25 < time.monotonic() - start < 30 and not lock.exists()
+    cpp.clear_stale_lock(tmp_path)  # no lock: returns at once

@@ -19,6 +19,7 @@ import os
 import shutil
 import sys
 import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -32,6 +33,10 @@ from .nonlinearities import NONLINEARITIES, kernel_code
 SOURCE = Path(__file__).with_name("cpu_kernel.cpp")
 DISABLE_ENV = "MATREC_CPP_RECURRENCE"
 DIR_ENV = "MATREC_EXTENSIONS_DIR"
+# torch's build lock (a file named "lock" in the build folder) is never cleared when the process that
+# holds it is killed mid-build, and every later process would wait on it forever: a lock older than
+# this is taken as left behind (a build takes about a minute, minutes on a loaded machine)
+STALE_LOCK_SECONDS = 600.0
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "ok": bool, "reason": str once a load was tried
@@ -103,6 +108,7 @@ def _load() -> tuple[bool, str]:
     directory = build_directory()
     try:
         directory.mkdir(parents=True, exist_ok=True)
+        clear_stale_lock(directory)
         cpp_extension.load(name="matrec_cpu_recurrence", sources=[str(SOURCE)], extra_cflags=_cflags(),
                            build_directory=str(directory), is_python_module=False, verbose=False)
         path = torch.ops.matrec_cpu.gemm_path()
@@ -111,6 +117,24 @@ def _load() -> tuple[bool, str]:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         return False, f"build failed in {directory}: {type(e).__name__}: {first}"
     return True, f"compiled C++ loop ({'BLAS' if path == 'blas' else 'ATen'} GEMMs), cached in {directory}"
+
+
+def clear_stale_lock(directory: Path, stale_after: float = STALE_LOCK_SECONDS, poll: float = 0.5) -> None:
+    """Wait while another process builds in ``directory`` (its ``lock`` file exists), and remove the
+    lock once it is ``stale_after`` seconds old: a build killed midway leaves it behind, and torch's
+    own wait on it never ends."""
+    lock = directory / "lock"
+    while True:
+        try:
+            age = time.time() - lock.stat().st_mtime
+        except FileNotFoundError:
+            return
+        if age >= stale_after:
+            warnings.warn(f"matrec: removing a build lock left for {age:.0f} s in {directory} (a build "
+                          f"that was stopped midway); building again", stacklevel=4)
+            lock.unlink(missing_ok=True)
+            return
+        time.sleep(min(poll, stale_after - age))
 
 
 def _register_fakes() -> None:
