@@ -54,10 +54,24 @@ class CumulativeMean(nn.Module):
         return self.proj(sums / counts.clamp(min=1)), (sums[:, -1], counts[:, -1])
 
 
-def test_add_a_mixer(registered):
+@pytest.fixture
+def mean_model(registered):
+    """The recipe's mixer registered, and a model built with it (tokens 0..10)."""
     registered(MIXERS, "cumulative_mean", CumulativeMean)
     torch.manual_seed(0)
-    model = build_model("sequence", pattern=["cumulative_mean", "mlp"], vocab_size=11, output_size=11)
+    return build_model("sequence", pattern=["cumulative_mean", "mlp"], vocab_size=11, output_size=11)
+
+
+def assert_same_with_grads(out, ref, inputs):
+    """Equal values, and equal gradients of every input under one random cotangent."""
+    torch.testing.assert_close(out, ref)
+    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype)
+    for a, b in zip(torch.autograd.grad(out, inputs, w), torch.autograd.grad(ref, inputs, w)):
+        torch.testing.assert_close(a, b)
+
+
+def test_add_a_mixer(mean_model):
+    model = mean_model
     x = torch.randint(0, 11, (2, 9))
     out, _ = model(x)
     assert out.shape == (2, 9, 11)
@@ -70,14 +84,12 @@ def test_add_a_mixer(registered):
     assert torch.equal(streamed, refed)
 
 
-def test_an_added_mixer_exports(registered):
+def test_an_added_mixer_exports(mean_model):
     """The mixer of the recipe exports as it is (export/ knows nothing of it): the export form is
     the model's own forward, streamed, with padding; below, its ONNX graph matches the model."""
     from matrec.export import exportable
 
-    registered(MIXERS, "cumulative_mean", CumulativeMean)
-    torch.manual_seed(0)
-    model = build_model("sequence", pattern=["cumulative_mean", "mlp"], vocab_size=11, output_size=11).eval()
+    model = mean_model.eval()
     x = torch.randint(0, 11, (1, 9))
     with torch.no_grad():
         want = model(x)[0]
@@ -92,12 +104,10 @@ def test_an_added_mixer_exports(registered):
 
 @pytest.mark.slow  # an ONNX export: ~10 s
 @pytest.mark.skipif(importlib.util.find_spec("onnxruntime") is None, reason="onnxruntime not installed (export extra)")
-def test_an_added_mixer_runs_in_onnx_runtime(registered, tmp_path):
+def test_an_added_mixer_runs_in_onnx_runtime(mean_model, tmp_path):
     from matrec.export import export, exportable, load
 
-    registered(MIXERS, "cumulative_mean", CumulativeMean)
-    torch.manual_seed(0)
-    model = build_model("sequence", pattern=["cumulative_mean", "mlp"], vocab_size=11, output_size=11).eval()
+    model = mean_model.eval()
     x = torch.randint(0, 11, (1, 9))
     with torch.no_grad():
         want = model(x)[0]
@@ -177,13 +187,7 @@ def test_add_a_scan_backend(registered):
     g = torch.Generator().manual_seed(0)
     M = torch.linalg.matrix_exp(0.1 * torch.randn(3, 7, 4, 4, generator=g, dtype=torch.float64))
     M.requires_grad_()
-    H = mru_scan(M, backend="mine")
-    ref = naive_mru_scan(M)
-    torch.testing.assert_close(H, ref)
-    w = torch.randn_like(H)
-    (grad,) = torch.autograd.grad((H * w).sum(), M)
-    (ref_grad,) = torch.autograd.grad((ref * w).sum(), M)
-    torch.testing.assert_close(grad, ref_grad)
+    assert_same_with_grads(mru_scan(M, backend="mine"), naive_mru_scan(M), [M])
     assert MRU(16, backend="mine").backend == "mine"
 
     def nowhere(device):
@@ -232,12 +236,7 @@ def test_add_a_nonlinearity(registered):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(7, 2, 3, generator=g, dtype=torch.float64, requires_grad=True)
     W = torch.linalg.qr(torch.randn(3, 3, generator=g, dtype=torch.float64))[0].requires_grad_()
-    out = recurrence(x, W, None, None, "softsign", backend="torch")
-    ref = recurrence_reference(x, W, None, None, "softsign")
-    torch.testing.assert_close(out, ref)
-    grads = torch.autograd.grad(out.sum(), [x, W])
-    refs = torch.autograd.grad(ref.sum(), [x, W])
-    for a, b in zip(grads, refs):
-        torch.testing.assert_close(a, b)
+    assert_same_with_grads(recurrence(x, W, None, None, "softsign", backend="torch"),
+                           recurrence_reference(x, W, None, None, "softsign"), [x, W])
     with pytest.raises(ValueError, match="nonlinearity 'softsign' is not supported by backend='chunked'"):
         recurrence(x, W, None, None, "softsign", backend="chunked")

@@ -336,10 +336,28 @@ def test_split_persistent_body_with_its_barrier_in_the_interpreter(monkeypatch):
 def test_split_bounded_wait_expires_in_the_interpreter(monkeypatch):
     """Two column slices run one after the other (the interpreter's order): the first program's wait at
     step 1 can never be met, so it must expire and say so (a target one arrival too low would not
-    wait at all), in the forward and the backward."""
-    monkeypatch.setattr(ts, "MAX_SPINS", 20)
-    ok_f, ok_b, *_ = run_split_kernels((1, 2), True, T=2, B=3, H=20)
+    wait at all), in the forward and the backward. Its later waits must not spin again (one acquire
+    load each): the call is recomputed anyway, and on a stalled GPU each would cost MAX_SPINS loads."""
+    spins, T = 20, 3
+    monkeypatch.setattr(ts, "MAX_SPINS", spins)
+    loads, per_launch = [], []
+    acquire, run = ts.acquire_load, ts._run
+    # an interpreted body looks its helpers up at each call, so this counts the acquire loads
+    monkeypatch.setattr(ts, "acquire_load", lambda *args: loads.append(1) or acquire(*args))
+
+    def counted_run(*args):
+        loads.clear()
+        ok = run(*args)
+        per_launch.append(len(loads))
+        return ok
+
+    monkeypatch.setattr(ts, "_run", counted_run)
+    ok_f, ok_b, *_ = run_split_kernels((1, 2), True, T=T, B=3, H=20)
     assert not ok_f and not ok_b
+    # forward T steps, backward T + 1; a wait before every step but the first. Program 0: its first wait
+    # spins out (1 + spins loads), each later one is a single load; program 1, run once program 0 has
+    # finished, finds every wait met at its first load.
+    assert per_launch == [(1 + spins + waits - 1) + waits for waits in (T - 1, T)]
 
 
 def test_split_bad_arguments():

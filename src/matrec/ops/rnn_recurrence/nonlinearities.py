@@ -53,7 +53,7 @@ def _modrelu_bias_grad(z, gz):
     return gz * torch.sign(z)
 
 
-# kernel codes: the compiled kernels' numbering (cpu_kernel.cpp's enum Phi, triton.py's NL branches)
+# kernel codes: the compiled kernels' numbering (cpu_kernel.cpp's enum Phi, triton.py's phi and phi_slope)
 NONLINEARITIES.register("tanh", Phi(lambda z, b: torch.tanh(z), lambda z, h, b: 1 - h * h,
                                     kernel_code=0, slope_from_output=lambda h: 1 - h * h))
 NONLINEARITIES.register("relu", Phi(lambda z, b: torch.relu(z), lambda z, h, b: (z > 0).to(z.dtype),

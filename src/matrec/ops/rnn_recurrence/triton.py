@@ -40,7 +40,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..triton_support import compile_ahead, interpret_requested
+from ..triton_support import compile_ahead, device_function, interpret_requested
 from ..triton_support import launchable as _launcher  # interpreted for CPU tensors, compiled for CUDA
 from .fused import parameter_grads, register_recurrence_autograd
 from .naive import check_inputs
@@ -52,8 +52,42 @@ MAX_HIDDEN = 512
 WEIGHT_DTYPES = (torch.float32, torch.bfloat16)
 
 # Kernel bodies are plain functions wrapped per call (see matrec.ops.triton_support.launchable), so they use only tl.*
-# builtins: triton.language.standard helpers (tl.zeros, tl.sigmoid, ...) are frozen in one mode at import. For the
-# same reason the nonlinearity is written out in each kernel (a kernel cannot call a plain helper function).
+# builtins (triton.language.standard helpers such as tl.zeros are frozen in one mode at import) and helpers made
+# with device_function, which run either way.
+
+
+def _phi(z, b, NL: tl.constexpr):
+    """``phi(z)`` for the nonlinearity numbered ``NL`` (:func:`.nonlinearities.kernel_code`); ``b`` [N]
+    is the modReLU bias of ``z``'s N columns (read only for modReLU)."""
+    if NL == 0:
+        h = 1.0 - 2.0 / (1.0 + tl.exp(2.0 * z))  # tanh; saturates cleanly at +-1
+    elif NL == 1:
+        h = tl.maximum(z, 0.0)
+    elif NL == 2:
+        h = tl.where(z > 0, 1.0, tl.where(z < 0, -1.0, 0.0)) * tl.maximum(tl.abs(z) + b[None, :], 0.0)
+    else:
+        h = z
+    return h
+
+
+def _phi_slope(z, b, H_PTRS, mask, NL: tl.constexpr):
+    """``phi'(z)``, as ``NONLINEARITIES`` defines the slope; tanh's is taken from its output, loaded from
+    ``H_PTRS`` (``mask``) only then: the others need ``z`` alone."""
+    if NL == 0:
+        h = tl.load(H_PTRS, mask=mask, other=0.0)
+        d = 1.0 - h * h
+    elif NL == 1:
+        d = tl.where(z > 0, 1.0, 0.0)
+    elif NL == 2:
+        s = tl.where(z > 0, 1.0, tl.where(z < 0, -1.0, 0.0))
+        d = tl.where(tl.abs(z) + b[None, :] > 0, s * s, 0.0)
+    else:
+        d = tl.full(z.shape, 1.0, tl.float32)
+    return d
+
+
+phi = device_function(_phi)
+phi_slope = device_function(_phi_slope)
 
 
 def _fwd_kernel(X, W, H0, BIAS, OUT, Z, T, B, H,
@@ -73,16 +107,7 @@ def _fwd_kernel(X, W, H0, BIAS, OUT, Z, T, B, H,
     for t in range(T):
         off = t * B * H + rb[:, None] * H + rh[None, :]
         z = tl.load(X + off, mask=m2, other=0.0) + tl.dot(h, wt.to(tl.float32), input_precision="ieee")
-        if NL == 0:
-            h = 1.0 - 2.0 / (1.0 + tl.exp(2.0 * z))  # tanh; saturates cleanly at +-1
-        elif NL == 1:
-            h = tl.maximum(z, 0.0)
-        elif NL == 2:
-            s = tl.where(z > 0, 1.0, tl.where(z < 0, -1.0, 0.0))
-            h = s * tl.maximum(tl.abs(z) + b[None, :], 0.0)
-        else:
-            h = z
-        h = tl.where(m2, h, 0.0)
+        h = tl.where(m2, phi(z, b, NL), 0.0)
         tl.store(Z + off, z, mask=m2)
         tl.store(OUT + off, h, mask=m2)
 
@@ -101,17 +126,7 @@ def _bwd_kernel(G, Z, OUT, W, BIAS, GZ, GH0, T, B, H,
         off = t * B * H + rb[:, None] * H + rh[None, :]
         gh = tl.load(G + off, mask=m2, other=0.0) + carry
         z = tl.load(Z + off, mask=m2, other=0.0)
-        h = tl.load(OUT + off, mask=m2, other=0.0)
-        if NL == 0:
-            d = 1.0 - h * h
-        elif NL == 1:
-            d = tl.where(z > 0, 1.0, 0.0)
-        elif NL == 2:
-            s = tl.where(z > 0, 1.0, tl.where(z < 0, -1.0, 0.0))
-            d = tl.where(tl.abs(z) + b[None, :] > 0, s * s, 0.0)
-        else:
-            d = tl.full(z.shape, 1.0, tl.float32)
-        gz = tl.where(m2, gh * d, 0.0)
+        gz = tl.where(m2, gh * phi_slope(z, b, OUT + off, m2, NL), 0.0)
         tl.store(GZ + off, gz, mask=m2)
         carry = tl.dot(gz, w.to(tl.float32), input_precision="ieee")
     tl.store(GH0 + rb[:, None] * H + rh[None, :], carry, mask=m2)
@@ -151,18 +166,9 @@ def _fwd_tiled_kernel(X, W, H0, BIAS, OUT, Z, T, B, H,
                 acc += tl.dot(hp, wt.to(tl.float32), input_precision="ieee")
             off = t * B * H + rb[:, None] * H + rn[None, :]
             z = tl.load(X + off, mask=m2, other=0.0) + acc
-            if NL == 0:
-                h = 1.0 - 2.0 / (1.0 + tl.exp(2.0 * z))  # tanh; saturates cleanly at +-1
-            elif NL == 1:
-                h = tl.maximum(z, 0.0)
-            elif NL == 2:
-                b = tl.load(BIAS + rn, mask=mn, other=0.0)
-                s = tl.where(z > 0, 1.0, tl.where(z < 0, -1.0, 0.0))
-                h = s * tl.maximum(tl.abs(z) + b[None, :], 0.0)
-            else:
-                h = z
+            b = tl.load(BIAS + rn, mask=mn, other=0.0) if NL == 2 else 0.0  # [BLOCK_N], modReLU only
             tl.store(Z + off, z, mask=m2)
-            tl.store(OUT + off, h, mask=m2)
+            tl.store(OUT + off, phi(z, b, NL), mask=m2)
         tl.debug_barrier()  # step t's OUT visible to every thread before step t+1 reads it
 
 
@@ -191,18 +197,8 @@ def _bwd_tiled_kernel(G, Z, OUT, W, BIAS, GZ, GH0, T, B, H,
                 off = t * B * H + rb[:, None] * H + rn[None, :]
                 gh = tl.load(G + off, mask=m2, other=0.0) + acc
                 z = tl.load(Z + off, mask=m2, other=0.0)
-                if NL == 0:
-                    h = tl.load(OUT + off, mask=m2, other=0.0)
-                    d = 1.0 - h * h
-                elif NL == 1:
-                    d = tl.where(z > 0, 1.0, 0.0)
-                elif NL == 2:
-                    b = tl.load(BIAS + rn, mask=mn, other=0.0)
-                    s = tl.where(z > 0, 1.0, tl.where(z < 0, -1.0, 0.0))
-                    d = tl.where(tl.abs(z) + b[None, :] > 0, s * s, 0.0)
-                else:
-                    d = tl.full((BLOCK_B, BLOCK_N), 1.0, tl.float32)
-                tl.store(GZ + off, gh * d, mask=m2)
+                b = tl.load(BIAS + rn, mask=mn, other=0.0) if NL == 2 else 0.0  # [BLOCK_N], modReLU only
+                tl.store(GZ + off, gh * phi_slope(z, b, OUT + off, m2, NL), mask=m2)
             else:
                 tl.store(GH0 + rb[:, None] * H + rn[None, :], acc, mask=m2)
         tl.debug_barrier()  # step t's GZ visible to every thread before step t-1 reads it

@@ -48,9 +48,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..triton_support import compile_ahead, interpret_requested
+from ..triton_support import compile_ahead, device_function, interpret_requested
 from ..triton_support import launchable as _launcher
 from . import triton as rows_kernel
+from .triton import phi, phi_slope
 from .fused import parameter_grads, register_recurrence_autograd
 from .nonlinearities import kernel_code
 
@@ -64,7 +65,37 @@ NUM_WARPS = 8  # ptxas for sm_90: 4 warps spill in the BLOCK_H = 32 forward (H 2
 # read-modify-write of 0 (both forms are compiled by the tests; the H200 runs had Triton 3.6, pinned here: 3.9).
 _HAS_ATOMIC_LOAD = hasattr(tl, "atomic_load")
 
-# As in .triton: plain kernel bodies of tl.* builtins, wrapped per call (interpreted or compiled).
+# As in .triton: plain kernel bodies of tl.* builtins and device_function helpers, wrapped per call (interpreted or
+# compiled).
+
+
+def _acquire_load(COUNT, ATOMIC_LOAD: tl.constexpr):
+    if ATOMIC_LOAD:
+        seen = tl.atomic_load(COUNT, sem="acquire", scope="gpu")
+    else:
+        seen = tl.atomic_add(COUNT, 0, sem="acquire", scope="gpu")
+    return seen
+
+
+def _wait_for(COUNT, target, limit, STATUS, ATOMIC_LOAD: tl.constexpr):
+    """Spin on acquire loads of the row block's counter ``COUNT`` until it reaches ``target``, at most
+    ``limit`` spins; returns the limit of the program's next wait. A wait that expires sets ``STATUS``
+    (the host recomputes the call with the row kernel, so this program's results no longer matter) and
+    returns 0: the program's later waits, which would expire too, do not spin again."""
+    seen = acquire_load(COUNT, ATOMIC_LOAD)
+    spins = 0
+    while (seen < target) & (spins < limit):
+        seen = acquire_load(COUNT, ATOMIC_LOAD)
+        spins += 1
+    if seen < target:  # not co-resident (or stalled)
+        tl.atomic_xchg(STATUS, 1, sem="relaxed", scope="gpu")
+        limit = 0
+    tl.debug_barrier()  # the acquiring thread's view is every thread's before the loads after the wait
+    return limit
+
+
+acquire_load = device_function(_acquire_load)
+wait_for = device_function(_wait_for)
 
 
 def _fwd_split_kernel(X, W, H0, BIAS, OUT, Z, COUNT, STATUS, T, B, H, t0, n_steps, max_spins,
@@ -88,22 +119,7 @@ def _fwd_split_kernel(X, W, H0, BIAS, OUT, Z, COUNT, STATUS, T, B, H, t0, n_step
         x = tl.load(X + off, mask=m2, other=0.0)  # independent of the barrier: issued before the wait
         if PERSISTENT:
             if s > 0:  # wait until the row block's n_col programs have published h_{t-1}
-                target = n_col * s
-                if ATOMIC_LOAD:
-                    seen = tl.atomic_load(COUNT + pb, sem="acquire", scope="gpu")
-                else:
-                    seen = tl.atomic_add(COUNT + pb, 0, sem="acquire", scope="gpu")
-                spins = 0
-                while (seen < target) & (spins < limit):
-                    if ATOMIC_LOAD:
-                        seen = tl.atomic_load(COUNT + pb, sem="acquire", scope="gpu")
-                    else:
-                        seen = tl.atomic_add(COUNT + pb, 0, sem="acquire", scope="gpu")
-                    spins += 1
-                if seen < target:  # not co-resident (or stalled): flag it; later steps do not wait
-                    tl.atomic_xchg(STATUS, 1, sem="relaxed", scope="gpu")
-                    limit = 0
-                tl.debug_barrier()  # the acquiring thread's view is every thread's before the loads below
+                limit = wait_for(COUNT + pb, n_col * s, limit, STATUS, ATOMIC_LOAD)
         if t > 0:
             hp = tl.load(OUT + (t - 1) * B * H + rb[:, None] * H + rk[None, :], mask=mbk, other=0.0,
                          cache_modifier=".cg")  # [BLOCK_B, HP], written by other programs: from L2
@@ -112,17 +128,8 @@ def _fwd_split_kernel(X, W, H0, BIAS, OUT, Z, COUNT, STATUS, T, B, H, t0, n_step
         else:
             hp = tl.full((BLOCK_B, HP), 0.0, tl.float32)
         z = x + tl.dot(hp, wt, input_precision="ieee")  # [BLOCK_B, BLOCK_H]
-        if NL == 0:
-            h = 1.0 - 2.0 / (1.0 + tl.exp(2.0 * z))  # tanh; saturates cleanly at +-1
-        elif NL == 1:
-            h = tl.maximum(z, 0.0)
-        elif NL == 2:
-            sg = tl.where(z > 0, 1.0, tl.where(z < 0, -1.0, 0.0))
-            h = sg * tl.maximum(tl.abs(z) + b[None, :], 0.0)
-        else:
-            h = z
         tl.store(Z + off, z, mask=m2)
-        tl.store(OUT + off, h, mask=m2)
+        tl.store(OUT + off, phi(z, b, NL), mask=m2)
         if PERSISTENT:
             tl.debug_barrier()  # every thread's stores of step t before the release below
             tl.atomic_add(COUNT + pb, 1, sem="release", scope="gpu")
@@ -151,40 +158,15 @@ def _bwd_split_kernel(G, Z, OUT, W, BIAS, GZ, GH0, COUNT, STATUS, T, B, H, t0, n
         g = tl.load(G + off, mask=m2, other=0.0)  # independent of the barrier: issued before the wait
         z = tl.load(Z + off, mask=m2, other=0.0)
         if PERSISTENT:
-            if s > 0:
-                target = n_col * s
-                if ATOMIC_LOAD:
-                    seen = tl.atomic_load(COUNT + pb, sem="acquire", scope="gpu")
-                else:
-                    seen = tl.atomic_add(COUNT + pb, 0, sem="acquire", scope="gpu")
-                spins = 0
-                while (seen < target) & (spins < limit):
-                    if ATOMIC_LOAD:
-                        seen = tl.atomic_load(COUNT + pb, sem="acquire", scope="gpu")
-                    else:
-                        seen = tl.atomic_add(COUNT + pb, 0, sem="acquire", scope="gpu")
-                    spins += 1
-                if seen < target:
-                    tl.atomic_xchg(STATUS, 1, sem="relaxed", scope="gpu")
-                    limit = 0
-                tl.debug_barrier()
+            if s > 0:  # wait until the row block's n_col programs have published dL/dz_{t+1}
+                limit = wait_for(COUNT + pb, n_col * s, limit, STATUS, ATOMIC_LOAD)
         acc = tl.full((BLOCK_B, BLOCK_H), 0.0, tl.float32)  # [BLOCK_B, BLOCK_H] dL/dz_{t+1} @ W[:, cols]
         if i > 0:
             gzn = tl.load(GZ + (t + 1) * B * H + rb[:, None] * H + rk[None, :], mask=mbk, other=0.0,
                           cache_modifier=".cg")
             acc = tl.dot(gzn, w, input_precision="ieee")
         if t >= 0:
-            if NL == 0:
-                h = tl.load(OUT + off, mask=m2, other=0.0)
-                d = 1.0 - h * h
-            elif NL == 1:
-                d = tl.where(z > 0, 1.0, 0.0)
-            elif NL == 2:
-                sg = tl.where(z > 0, 1.0, tl.where(z < 0, -1.0, 0.0))
-                d = tl.where(tl.abs(z) + b[None, :] > 0, sg * sg, 0.0)
-            else:
-                d = tl.full((BLOCK_B, BLOCK_H), 1.0, tl.float32)
-            tl.store(GZ + off, (g + acc) * d, mask=m2)
+            tl.store(GZ + off, (g + acc) * phi_slope(z, b, OUT + off, m2, NL), mask=m2)
         else:
             tl.store(GH0 + rb[:, None] * H + rn[None, :], acc, mask=m2)
         if PERSISTENT:
