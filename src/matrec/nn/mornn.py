@@ -40,7 +40,7 @@ from .orthogonal import (MORNN_INITS, OrthogonalMatrixProperty, OrthogonalRecurr
 __all__ = ["MORNN", "MORNNCell", "MORNN_INITS", "OrthogonalMatrixProperty", "mornn_param_groups",
            "orthogonality_report", "track_optimizer_steps"]
 
-# Nonlinearities with a fused PyTorch kernel; the others go through ops.recurrence.
+# Nonlinearities with a fused PyTorch kernel; the others go through ops.rnn_recurrence.
 _FUSED = {"tanh": (_VF.rnn_tanh, _VF.rnn_tanh_cell), "relu": (_VF.rnn_relu, _VF.rnn_relu_cell)}
 
 
