@@ -85,12 +85,14 @@ def run_restarting(rnn: nn.Module, x: Tensor, hx, starts: Tensor | None):
 
 def run_recurrent(rnn: nn.Module, x: Tensor, hx=None, *, mask: Tensor | None = None,
                   starts: Tensor | None = None):
-    """``rnn`` under the mixer protocol: as itself when nothing asks otherwise, a gated RNN's packed
-    documents through :func:`run_restarting`, the rest through :func:`run_rnn`."""
+    """``rnn`` under the mixer protocol: as itself when nothing asks otherwise; packed documents
+    through :func:`run_restarting` for a gated RNN, or for any RNN when no row starts after the
+    call's first step (one call of the RNN: a MORNN then refolds as often as without starts), the
+    rest through :func:`run_rnn`."""
     if mask is None and not exporting():
         if starts is None:
             return rnn(x, hx)
-        if not _is_elman(rnn):
+        if not _is_elman(rnn) or not bool(starts[:, 1:].any()):
             return run_restarting(rnn, x, hx, starts)
     return run_rnn(rnn, x, hx, mask, starts)
 
