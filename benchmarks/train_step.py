@@ -5,8 +5,10 @@
 
 One step is what the Trainer does per batch on CPU: forward, cross-entropy, backward, gradient clipping,
 AdamW step, on random tokens (vocabulary 65, batch 8, T 256; the MORNN hidden 256). Each (tree, model) runs
-in its own process with one thread; the trees alternate round by round (``--rounds``), so both see the same
-load, and the table keeps each one's median step over all its rounds.
+in its own process with one thread, timed by the CPU time of that process (``time.process_time``: on a
+shared machine other processes then add cache and memory contention, not waiting); the trees alternate
+round by round (``--rounds``), so both see the same load, and the table keeps each one's median step over
+all its rounds.
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 x = torch.randint(0, 65, (batch, T + 1))
 times = []
 for i in range(steps + 3):
-    t = time.perf_counter()
+    t = time.process_time()
     out, _ = model(x[:, :-1])
     loss = torch.nn.functional.cross_entropy(out.reshape(-1, 65), x[:, 1:].reshape(-1))
     opt.zero_grad(set_to_none=True)
@@ -41,7 +43,7 @@ for i in range(steps + 3):
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
     if i >= 3:
-        times.append(time.perf_counter() - t)
+        times.append(time.process_time() - t)
 print(json.dumps(times))
 """
 
