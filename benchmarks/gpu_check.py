@@ -395,7 +395,7 @@ def _recurrence_check(device, nonlinearity, backend, H):
     """None if ``backend`` agrees with the autograd loop on a small problem (outputs, every grad)."""
     import torch
 
-    from matrec.ops.recurrence import recurrence
+    from matrec.ops.rnn_recurrence import recurrence
 
     g = torch.Generator().manual_seed(0)
     T, B = 37, 3

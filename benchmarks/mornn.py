@@ -3,7 +3,7 @@
     PYTHONPATH=src python benchmarks/mornn.py         # (128, 1000, 256) and (128, 1000, 512), cuda if available
     PYTHONPATH=src python benchmarks/mornn.py --device cpu --batch 32 --seq 200 --hidden 128 --large-hidden 256
 
-Rows "modrelu (autograd loop)" time the plain Python loop that ops.recurrence replaces (the
+Rows "modrelu (autograd loop)" time the plain Python loop that ops.rnn_recurrence replaces (the
 reference), so the fused op's gain is measured, not claimed. "MORNN identity" runs what
 recurrence_backend="auto" picks; the "(torch op)" and "(chunked)" rows force each identity backend
 (benchmarks/recurrence_crossover.py maps where each wins). Prints a markdown table (milliseconds,

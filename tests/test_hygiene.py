@@ -24,6 +24,24 @@ def test_ruff_clean():
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+def test_size_and_complexity_limits_hold():
+    """No file in src/ over 600 lines, no function over 80, and ruff's McCabe rule (C901) on with a
+    limit of at most 20 (test_ruff_clean holds the code to it)."""
+    import ast
+    import tomllib
+    lint = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["ruff"]["lint"]
+    assert "C901" in lint["select"] and lint["mccabe"]["max-complexity"] <= 20
+    long_files, long_functions = [], []
+    for path in sorted(SRC.rglob("*.py")):
+        text = path.read_text()
+        if len(text.splitlines()) > 600:
+            long_files.append(str(path.relative_to(ROOT)))
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 80:
+                long_functions.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name}")
+    assert long_files == [] and long_functions == []
+
+
 def test_triton_tests_skip_cleanly_without_triton():
     """With triton unimportable, every Triton test is skipped or passes (none errors or fails)."""
     code = ("import sys; sys.modules['triton'] = None\n"

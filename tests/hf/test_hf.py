@@ -228,6 +228,26 @@ def test_left_padding_gives_the_unpadded_logits_and_generations(key):
     assert torch.equal(model.generate(ids, **kw), model.generate(ids, use_cache=False, **kw))
 
 
+@pytest.mark.parametrize("key", ["mru", "attn", "hybrid", "lstm"])
+def test_padding_is_read_from_the_attention_mask_not_from_the_pad_id(key):
+    """The pad id is a real token (2) that also starts and fills the prompts: only the attention
+    mask says which positions are padding, so each row computes and generates what it does alone."""
+    model = make(key, seed=3)
+    P = 2
+    rows = [torch.tensor([P, 5, P, 7, P]), torch.tensor([P, P, 4]), torch.tensor([P])]
+    ids, mask = _left_padded(rows, 5)
+    ids[mask == 0] = P
+    assert (ids == P).sum() > (mask == 0).sum()   # the pad id occurs at unpadded positions too
+    logits = model(ids, attention_mask=mask).logits
+    for i, r in enumerate(rows):
+        torch.testing.assert_close(logits[i, 5 - len(r):], model(r[None]).logits[0], atol=1e-5, rtol=0)
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=P)
+    for i, r in enumerate(rows):
+        alone = model.generate(r[None], attention_mask=torch.ones(1, len(r), dtype=torch.long),
+                               max_new_tokens=4, do_sample=False, pad_token_id=P)[0, len(r):]
+        assert torch.equal(out[i, 5:], alone), i
+
+
 def test_padded_prompt_groups_merge_for_recurrences_only():
     ids, mask = _left_padded([torch.arange(6), torch.arange(2)], 6)
     # fixed-size states (MRU, RNN): one batch after the prompt; KV caches keep one group per length

@@ -74,9 +74,13 @@ def test_mixer_model_and_matched_size():
 
 
 def test_bad_options_are_named():
-    with pytest.raises(ValueError, match="0 <= r_min < r_max < 1"):
+    with pytest.raises(ValueError, match=r"r_max must be a finite number in \[0, 1\)"):
         LRU(4, r_min=0.9, r_max=1.0)
-    with pytest.raises(ValueError, match="max_phase must be a positive number"):
+    with pytest.raises(ValueError, match="0 <= r_min < r_max < 1"):
+        LRU(4, r_min=0.9, r_max=0.5)
+    with pytest.raises(ValueError, match="r_min must be a finite number"):
+        LRU(4, r_min="0.5")
+    with pytest.raises(ValueError, match="max_phase must be a finite number > 0"):
         LRU(4, max_phase=0)
     with pytest.raises(ValueError, match="state_size must be an int"):
         LRU(4, state_size=0)

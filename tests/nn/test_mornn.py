@@ -441,7 +441,7 @@ def test_triton_recurrence_backend_in_mornn():
 
 @pytest.mark.parametrize("nonlinearity", ["modrelu", "identity"])
 def test_layouts_agree_for_the_fused_recurrence(nonlinearity):
-    """batch_first, time-major and unbatched inputs give the same numbers on the ops.recurrence path."""
+    """batch_first, time-major and unbatched inputs give the same numbers on the ops.rnn_recurrence path."""
     torch.manual_seed(17)
     tm = MORNN(3, 5, num_layers=2, nonlinearity=nonlinearity, bidirectional=True, dtype=torch.float64)
     bf = copy.deepcopy(tm)

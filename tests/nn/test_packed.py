@@ -14,7 +14,7 @@ from matrec.ops.rnn_recurrence import recurrence, recurrence_reference
 
 E = 8
 TOL = dict(atol=1e-10, rtol=1e-10)
-PACKED = ["mru", "linear_attn", "attn", "rnn", "mornn", "lru", "mlp"]
+PACKED = ["mru", "linear_attn", "attn", "rnn", "mornn", "lru", "mlp", "lstm", "gru", "txl"]
 LENGTHS = [(1, 5, 7), (6, 4, 3)]  # two rows of 13 tokens, three documents each, boundaries differ
 
 
@@ -38,9 +38,12 @@ def _grads(mixer, x, loss):
     return torch.autograd.grad(loss, [x, *mixer.parameters()], allow_unused=True)
 
 
-# the MORNN alone runs nn.RNN's fused recurrence ("torch"), packed the masked loop: two implementations
+# the MORNN alone runs nn.RNN's fused recurrence ("torch"), packed the layer driver (the op run
+# between restarts); an LSTM / GRU packed runs itself between restarts; sliding-window attention
+# (window 4 < the documents' 5 and 7 tokens) and Transformer-XL keep their own packed paths
 @pytest.mark.parametrize("name, options", [(n, {"recurrence_backend": "torch"} if n == "mornn" else {})
                                            for n in PACKED] + [
+    ("attn", {"window": 4}), ("txl", {"mem_len": 3}), ("mornn", {"recurrence_backend": "loop"}),
     ("linear_attn", {"form": "recurrent"}), ("linear_attn", {"chunk_size": 4}), ("mru", {"backend": "sequential"}),
     ("mru", {"backend": "chunked"}), ("mru", {"state_matrix": "cayley"})])
 def test_packed_documents_equal_each_document_alone(name, options):
@@ -67,18 +70,51 @@ def test_packed_documents_equal_each_document_alone(name, options):
             torch.testing.assert_close(got, want, **TOL)
 
 
-@pytest.mark.parametrize("name", ["mru", "linear_attn", "attn", "rnn", "lru"])
-def test_a_call_continues_the_last_document(name):
-    """Packed in one call then one more token: the token continues the row's last document alone."""
-    mixer = _mixer(name)
+@pytest.mark.parametrize("name, options", [(n, {}) for n in ["mru", "linear_attn", "attn", "rnn", "lru"]] + [
+    ("lstm", {}), ("gru", {}), ("txl", {}), ("txl", {"mem_len": 6}), ("attn", {"window": 3})])
+def test_a_call_continues_the_last_document(name, options):
+    """Packed in one call then one more token (with a mask where the mixer takes one, else with
+    starts all False or none): the token continues the row's last document alone."""
+    mixer = _mixer(name, **options)
     g = torch.Generator().manual_seed(3)
     x = torch.randn(1, 9, E, generator=g, dtype=torch.float64)
     starts = _starts([(4, 5)])
+    one = {"mask": torch.ones(1, 1, dtype=torch.bool)}
+    if name in ("lstm", "gru", "txl") or options.get("window"):  # no mask: a packed call, or a plain one
+        one = {"starts": torch.zeros(1, 1, dtype=torch.bool)} if name != "gru" else {}
     with torch.no_grad():
         _, state = mixer(x[:, :8], None, starts=starts[:, :8])
-        y, _ = mixer(x[:, 8:], state, mask=torch.ones(1, 1, dtype=torch.bool))
+        y, _ = mixer(x[:, 8:], state, **one)
         want, _ = mixer(x[:, 4:], None)
     torch.testing.assert_close(y[0, 0], want[0, -1], **TOL)
+
+
+@pytest.mark.parametrize("name, options", [("txl", {"mem_len": 3}), ("attn", {"window": 3}), ("lstm", {})])
+def test_packed_calls_in_chunks_equal_each_document_alone(name, options):
+    """Chunks of 5 tokens of rows of three documents read with the state carried: each document's
+    outputs are those of that document alone read in the same chunks (Transformer-XL's memory
+    depends on them), across chunk edges and with the memory or window cache holding earlier
+    documents' slots."""
+    mixer = _mixer(name, **options)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 17, E, generator=g, dtype=torch.float64)
+    starts = _starts([(8, 3, 6), (2, 11, 4)])
+    state, ys = None, []
+    with torch.no_grad():
+        for a in range(0, 17, 5):
+            y, state = mixer(x[:, a:a + 5], state, starts=starts[:, a:a + 5])
+            ys.append(y)
+        y = torch.cat(ys, 1)
+        for row, lengths in enumerate([(8, 3, 6), (2, 11, 4)]):
+            a = 0
+            for n in lengths:
+                edges = sorted({a, a + n, *range(5 * (a // 5 + 1), a + n, 5)})
+                alone, s = [], None
+                for lo, hi in zip(edges, edges[1:]):
+                    ya, s = mixer(x[row:row + 1, lo:hi], s)
+                    alone.append(ya[0])
+                torch.testing.assert_close(y[row, a:a + n], torch.cat(alone), **TOL)
+                a += n
 
 
 def test_starts_from_cu_seqlens_and_its_errors():
@@ -89,7 +125,7 @@ def test_starts_from_cu_seqlens_and_its_errors():
         starts_from_cu_seqlens(torch.tensor([0, 3, 8]), 9)
 
 
-@pytest.mark.parametrize("name", ["txl", "mru_rotary"])
+@pytest.mark.parametrize("name", ["mru_rotary"])
 def test_a_model_with_a_mixer_that_cannot_pack_says_so(name):
     model = build_model("sequence", pattern=[name], vocab_size=5, output_size=5, d_model=16, n_heads=2)
     with pytest.raises((ValueError, NotImplementedError),
@@ -165,8 +201,16 @@ def test_recurrence_restarts_at_resets(nonlinearity):
     out = recurrence(x, W, None, b, nonlinearity, backend="scan", resets=resets)
     torch.testing.assert_close(out, ref)
     torch.testing.assert_close(ref[6:13, 0], recurrence_reference(x[6:13, :1], W, None, b, nonlinearity)[:, 0])
-    with pytest.raises(ValueError, match="resets is not supported by backend='torch'"):
-        recurrence(x, W, None, b, nonlinearity, backend="torch", resets=resets)
+    # a backend without resets runs between the restarts: outputs and gradients as the reference
+    w = torch.randn_like(ref)
+    (want,) = torch.autograd.grad((ref * w).sum(), x)
+    for backend in ("torch", "auto"):
+        got = recurrence(x, W, None, b, nonlinearity, backend=backend, resets=resets)
+        torch.testing.assert_close(got, ref)
+        torch.testing.assert_close(torch.autograd.grad((got * w).sum(), x)[0], want)
+    with pytest.raises(ValueError, match="mask is not supported by backend='torch'"):
+        recurrence(x, W, None, b, nonlinearity, backend="torch", resets=resets,
+                   mask=torch.ones_like(resets))
 
 
 def test_block_diagonal_attention_against_reference():

@@ -298,7 +298,8 @@ def test_each_process_takes_its_own_rows_of_the_global_batch(tmp_path):
     trainer.local_batch = 4
     for rank in (0, 1):      # what rank r of a 2-process run draws (no process group needed here)
         trainer.dist = DistInfo(rank=rank, world_size=2)
-        x, y = trainer._batch("train", torch.Generator().manual_seed(5))
+        x, y, kwargs = trainer._batch("train", torch.Generator().manual_seed(5))
+        assert kwargs == {}
         assert torch.equal(x, x_all[4 * rank:4 * rank + 4]) and torch.equal(y, y_all[4 * rank:4 * rank + 4])
 
 

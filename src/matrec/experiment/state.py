@@ -12,6 +12,7 @@ import json
 import math
 from pathlib import Path
 
+from ..checks import is_int, is_real
 from ..train.config import TrainConfig
 from ..train.rundir import RunDirError, read_metrics
 from ..train.trainer import DeviceUnavailableError
@@ -87,20 +88,12 @@ def read_timing(path: Path, upto: int | None = None) -> list[dict]:
             if i == len(lines):
                 break
             row = None
-        if not (isinstance(row, dict) and _int(row.get("step")) and _number(row.get("train_seconds"))):
+        if not (isinstance(row, dict) and is_int(row.get("step")) and is_real(row.get("train_seconds"))):
             raise DamagedRun(f"{str(path)!r} line {i} is not a timing record "
                              f"({{\"step\": int, \"train_seconds\": number}}): {line[:60]!r}")
         if upto is None or row["step"] <= upto:
             rows.append(row)
     return rows
-
-
-def _int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def read_records(run_dir: Path) -> list[dict]:
@@ -111,7 +104,7 @@ def read_records(run_dir: Path) -> list[dict]:
     except (RunDirError, RecursionError) as e:
         raise DamagedRun(str(e) if isinstance(e, RunDirError) else f"{str(path)!r} is nested too deeply") from None
     for i, r in enumerate(records, 1):
-        bad = sorted(k for k, v in r.items() if k != "kind" and not _number(v))
+        bad = sorted(k for k, v in r.items() if k != "kind" and not is_real(v))
         if bad:
             raise DamagedRun(f"{str(path)!r} record {i} (step {r['step']}) has non-numeric {bad}")
     return records

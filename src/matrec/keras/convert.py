@@ -14,13 +14,12 @@ import keras
 import numpy as np
 from keras import ops
 
-from .layers import MORNN
+from .layers import MORNN, TORCH_NONLINEARITY
 from .orthogonal import project_orthogonal_np
 
 __all__ = ["from_torch", "load_from_torch", "load_simplernn_weights", "simplernn_weights", "to_torch"]
 
-_TO_TORCH_ACT = {"tanh": "tanh", "relu": "relu", "linear": "identity", "modrelu": "modrelu"}
-_TO_KERAS_ACT = {v: k for k, v in _TO_TORCH_ACT.items()}
+_TO_KERAS_ACT = {v: k for k, v in TORCH_NONLINEARITY.items()}
 
 
 def _np(t) -> np.ndarray:
@@ -178,7 +177,7 @@ def to_torch(layers, **module_kwargs):
                 raise ValueError("all layers must have the same units, activation, use_bias and number "
                                  "of directions to form one PyTorch MORNN")
     module = TorchMORNN(int(first.cell.kernel.shape[0]), first.units, len(layers),
-                        _TO_TORCH_ACT[first.activation], first.use_bias, True,
+                        TORCH_NONLINEARITY[first.activation], first.use_bias, True,
                         bidirectional=D == 2, **module_kwargs)
     values = {}
     for k, dirs in enumerate(per_layer):

@@ -28,9 +28,13 @@ from .orthogonal import (KERAS_MORNN_INITS, KERAS_ORTHOGONAL_MAPS, initial_matri
 
 __all__ = ["MORNN", "MORNNCell", "ACTIVATIONS"]
 
-ACTIVATIONS = ("tanh", "relu", "linear", "modrelu")
-# the Keras functions a user may pass instead of a name (keras.activations.get maps names to them)
-_ACTIVATION_FUNCTIONS = ("tanh", "relu", "linear")
+# the one table of the Keras activations: each one's name in matrec.ops.rnn_recurrence.NONLINEARITIES
+# (the PyTorch MORNN's nonlinearity; matrec.keras.convert maps through it)
+TORCH_NONLINEARITY = {"tanh": "tanh", "relu": "relu", "linear": "identity", "modrelu": "modrelu"}
+ACTIVATIONS = tuple(TORCH_NONLINEARITY)
+# the Keras functions a user may pass instead of a name (keras.activations.get maps names to them):
+# every activation but modReLU, which Keras does not have
+_ACTIVATION_FUNCTIONS = tuple(a for a in ACTIVATIONS if a != "modrelu")
 
 # SimpleRNN options that would make the recurrent matrix non-orthogonal, and why.
 _REFUSED = {

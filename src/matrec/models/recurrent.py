@@ -12,8 +12,7 @@ from torch import Tensor, nn
 from ..checks import check_int
 from ..nn.gate_init import gated
 from ..nn.mornn import MORNN
-from ..nn.rnn_mixer import run_rnn
-from ..ops.backends import exporting
+from ..nn.rnn_mixer import run_recurrent
 from .generate import Generates
 from .registry import MODELS, embed_tokens
 
@@ -42,13 +41,11 @@ class RecurrentModel(Generates, nn.Module):
         self.head = nn.Linear(hidden_size * num_directions, output_size)
 
     def forward(self, x: Tensor, state=None, *, mask: Tensor | None = None, starts: Tensor | None = None):
-        """``mask [B, T]`` (bool) marks padding, whose steps keep the state; ``starts [B, T]`` packed
-        documents, each from a zero state (Elman RNNs only: :func:`matrec.nn.rnn_mixer.run_rnn`)."""
+        """``mask [B, T]`` (bool) marks padding, whose steps keep the state (Elman RNNs only);
+        ``starts [B, T]`` packed documents, each from a zero state
+        (:func:`matrec.nn.rnn_mixer.run_recurrent`)."""
         inputs = embed_tokens(self.encoder, x) if self.vocab_size is not None else self.encoder(x)
-        if mask is None and starts is None and not exporting():
-            h, new_state = self.rnn(inputs, state)  # [B, T, H * directions]
-        else:
-            h, new_state = run_rnn(self.rnn, inputs, state, mask, starts)
+        h, new_state = run_recurrent(self.rnn, inputs, state, mask=mask, starts=starts)  # [B, T, H * dirs]
         return self.head(h), new_state
 
 

@@ -9,17 +9,20 @@ With a padding ``mask`` (the mixer protocol, :mod:`matrec.nn.protocol`) rows are
 so one position no longer fits all: the cache is then ``(k, v, valid)``, ``valid [B, S]`` marking the
 slots that hold tokens, and a token's position is the number of valid slots before it. A call with
 such a cache takes the masked path too (an ``(k, v, position)`` cache is accepted there, every slot
-valid).
+valid). Sliding-window attention with packed documents (``starts``, no mask) keeps absolute
+positions (every encoding here scores relative ones) and trims its cache to the window: its cache is
+``(k, v, position, valid)``, ``valid [B, S]`` marking each row's slots of its last document.
 """
 from __future__ import annotations
 
 import warnings
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..checks import check_divides, check_int
-from ..ops.attention import causal_attention, padded_causal_attention
+from ..ops.attention import causal_attention, causal_mask, padded_causal_attention
 from ..ops.mru_scan import mru_scan
 from ..ops.orthogonal import ORTHOGONAL_MAPS, lower_numel, lower_to_square, orthogonal_from
 from ..ops.precision import compute_dtype
@@ -92,6 +95,10 @@ class CausalSelfAttention(nn.Module):
         check_mask(starts, x, "starts")
         B, T, E = x.shape
         q, k, v = (self._heads(t) for t in self.qkv(x).split(E, dim=-1))  # [B, H, T, D] each
+        plain = type(self).encode_positions is CausalSelfAttention.encode_positions  # no positions' state
+        if self.window is not None and mask is None and plain and (starts is not None or (
+                state is not None and len(state) == 4)):
+            return self._forward_packed_window(x, q, k, v, state, starts)
         if mask is not None or starts is not None or (state is not None and state[2].dim() > 0):
             return self._forward_masked(x, q, k, v, state, mask, starts)
         past_k = past_v = None
@@ -109,6 +116,29 @@ class CausalSelfAttention(nn.Module):
             k, v = k[..., -self.window:, :], v[..., -self.window:, :]
         position = torch.tensor(offset + T, device=x.device)
         return y, (k, v, position, *extra)
+
+    def _forward_packed_window(self, x: Tensor, q: Tensor, k: Tensor, v: Tensor, state,
+                               starts: Tensor | None):
+        """Sliding-window attention over packed documents (see the module docstring): the window's
+        causal mask, and a query sees its own document only."""
+        B, T, E = x.shape
+        offset, past_valid = 0, x.new_ones(B, 0, dtype=torch.bool)
+        if state is not None:
+            past_k, past_v, position, *rest = state
+            offset = int(position)
+            past_valid = rest[0] if rest else x.new_ones(B, past_k.shape[-2], dtype=torch.bool)
+        q, k = self.position(q, k, offset)
+        if state is not None:
+            k, v = torch.cat((past_k, k), dim=-2), torch.cat((past_v, v), dim=-2)  # [B, H, S, D]
+        now = x.new_zeros(B, T, dtype=torch.long) if starts is None else starts.long().cumsum(-1)
+        docs = torch.cat((past_valid.long() - 1, now), dim=-1)  # [B, S]: -1 for slots of no query's
+        see = causal_mask(T, k.shape[-2], offset, self.window, x.device) & (docs[:, None, :] == now[:, :, None])
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=see[:, None],
+                                           dropout_p=self.dropout if self.training else 0.0)  # [B, H, T, D]
+        valid = (docs == docs[:, -1:])[:, -self.window:]
+        position = torch.tensor(offset + T, device=x.device)
+        return (self.residual_proj(y.transpose(1, 2).reshape(B, T, E)),
+                (k[..., -self.window:, :], v[..., -self.window:, :], position, valid))
 
     def _forward_masked(self, x: Tensor, q: Tensor, k: Tensor, v: Tensor, state, mask: Tensor | None,
                         starts: Tensor | None = None):

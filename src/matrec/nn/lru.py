@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..checks import check_int
+from ..checks import check_int, check_real
 from ..ops.diagonal_scan import diagonal_scan
 from ..ops.precision import compute_dtype
 from ..ops.backends import exporting
@@ -45,12 +45,12 @@ class LRU(nn.Module):
         super().__init__()
         check_int("d_model", d_model)
         N = check_int("state_size", state_size, allow_none=True) or d_model
-        if not (isinstance(r_min, (int, float)) and isinstance(r_max, (int, float))
-                and 0 <= r_min < r_max < 1):
+        check_real("r_min", r_min, minimum=0, maximum=1, open_max=True)
+        check_real("r_max", r_max, minimum=0, maximum=1, open_max=True)
+        if not r_min < r_max:
             raise ValueError(f"r_min and r_max must satisfy 0 <= r_min < r_max < 1, got r_min={r_min!r}, "
                              f"r_max={r_max!r}")
-        if not (isinstance(max_phase, (int, float)) and max_phase > 0):
-            raise ValueError(f"max_phase must be a positive number, got {max_phase!r}")
+        check_real("max_phase", max_phase, minimum=0, open_min=True)
         self.d_model, self.state_size = d_model, N
         self.r_min, self.r_max, self.max_phase = float(r_min), float(r_max), float(max_phase)
         self.nu_log = nn.Parameter(torch.empty(N))

@@ -40,7 +40,7 @@ from .orthogonal import (MORNN_INITS, OrthogonalMatrixProperty, OrthogonalRecurr
 __all__ = ["MORNN", "MORNNCell", "MORNN_INITS", "OrthogonalMatrixProperty", "mornn_param_groups",
            "orthogonality_report", "track_optimizer_steps"]
 
-# Nonlinearities with a fused PyTorch kernel; the others go through ops.recurrence.
+# Nonlinearities with a fused PyTorch kernel; the others go through ops.rnn_recurrence.
 _FUSED = {"tanh": (_VF.rnn_tanh, _VF.rnn_tanh_cell), "relu": (_VF.rnn_relu, _VF.rnn_relu_cell)}
 
 
@@ -275,14 +275,7 @@ class MORNN(_RNNBase):
             self._check_input(input, None)
             max_batch = input.size(0 if self.batch_first else 1)
             ref = input
-        expected_hx = (self.num_layers * D, max_batch, self.hidden_size)
-        if hx is None:
-            hx = ref.new_zeros(expected_hx)
-        elif hx.shape != expected_hx:
-            raise RuntimeError(f"Expected hidden size {expected_hx}, got {list(hx.shape)}")
-        elif hx.dtype != ref.dtype and not torch.is_autocast_enabled(ref.device.type):
-            # nn.RNN refuses this inside its kernel; the modrelu/identity recurrence would cast silently
-            raise RuntimeError(f"hx must have the input's dtype {ref.dtype}, got {hx.dtype}")
+        hx = self._initial_state(hx, ref, (self.num_layers * D, max_batch, self.hidden_size))
 
         if self.training:
             self._maybe_refold()
@@ -323,6 +316,18 @@ class MORNN(_RNNBase):
         if not is_batched:
             output, h_n = output.squeeze(0 if self.batch_first else 1), h_n.squeeze(1)
         return output, h_n
+
+    @staticmethod
+    def _initial_state(hx: Tensor | None, ref: Tensor, expected_hx: tuple[int, int, int]) -> Tensor:
+        """``hx`` checked as nn.RNN checks it (its shape ``expected_hx``, ``ref``'s dtype), zeros if None."""
+        if hx is None:
+            return ref.new_zeros(expected_hx)
+        if hx.shape != expected_hx:
+            raise RuntimeError(f"Expected hidden size {expected_hx}, got {list(hx.shape)}")
+        if hx.dtype != ref.dtype and not torch.is_autocast_enabled(ref.device.type):
+            # nn.RNN refuses this inside its kernel; the modrelu/identity recurrence would cast silently
+            raise RuntimeError(f"hx must have the input's dtype {ref.dtype}, got {hx.dtype}")
+        return hx
 
     def _inference_on_cpp(self, ref: Tensor, hx: Tensor, weights: list[list[Tensor]]) -> bool:
         """Whether the whole forward can be one C++ call (:func:`cpp_layers_forward`): the compiled

@@ -4,7 +4,9 @@ Unmasked, the RNN runs as itself (its own fused kernels). With a padding ``mask`
 protocol, :mod:`matrec.nn.protocol`), or inside :func:`matrec.ops.backends.export_safe`, an Elman
 RNN (one with ``nonlinearity`` and ``all_weights``: ``nn.RNN``, MORNN) runs through MORNN's layer
 driver and :func:`matrec.ops.rnn_recurrence.recurrence`, whose backends keep the state on padded
-steps; gated RNNs have no such path and say so.
+steps; gated RNNs have no such path and say so. Packed documents (``starts``) without a mask run
+every RNN: an Elman RNN through the same driver, a gated one (LSTM, GRU) as itself over the
+stretches between the steps where some row starts a document (:func:`run_restarting`).
 """
 from __future__ import annotations
 
@@ -14,12 +16,17 @@ from torch import Tensor, nn
 from ..ops.backends import exporting
 from ..ops.rnn_recurrence import RECURRENCE_BACKENDS
 from .mornn import rnn_layers
+from .orthogonal import OrthogonalRecurrent
 from .protocol import NoExportForm, StateSpec, check_mask
+
+
+def _is_elman(rnn: nn.Module) -> bool:
+    return hasattr(rnn, "nonlinearity") and hasattr(rnn, "all_weights")
 
 
 def _elman(rnn: nn.Module) -> None:
     """NoExportForm unless ``rnn`` is a one-direction Elman RNN with ``all_weights``."""
-    if not (hasattr(rnn, "nonlinearity") and hasattr(rnn, "all_weights")):
+    if not _is_elman(rnn):
         raise NoExportForm(f"{type(rnn).__name__} takes no mask (nor starts) and has no export form: matrec's "
                            f"recurrence op runs Elman RNNs (nn.RNN, MORNN) only")
     if getattr(rnn, "bidirectional", False):
@@ -39,10 +46,13 @@ def run_rnn(rnn: nn.Module, x: Tensor, hx: Tensor | None, mask: Tensor | None,
     if hx is None:
         hx = x.new_zeros(L, B, H)
     biases = [getattr(rnn, f"modrelu_bias_l{k}", None) for k in range(L)]
-    # the layer's backend if it takes masks and restarts, else "auto" (the reference loop)
+    # the layer's backend; with a mask, only one that takes masks, else "auto" (the reference
+    # loop). Restarts alone every backend takes (between restarts it runs as usual).
     backend = getattr(rnn, "recurrence_backend", "auto")
-    if backend != "auto" and not RECURRENCE_BACKENDS.get(backend).masks:
+    if mask is not None and backend != "auto" and not RECURRENCE_BACKENDS.get(backend).masks:
         backend = "auto"
+    if rnn.training and isinstance(rnn, OrthogonalRecurrent):
+        rnn._maybe_refold()  # as its forward does: a MORNN refolds every refold_every training calls
     out, h_n = rnn_layers(x.transpose(0, 1), hx, rnn.all_weights, biases, rnn.nonlinearity.lower(),
                           num_layers=L, bidirectional=False,
                           dropout=rnn.dropout if rnn.training else 0.0,
@@ -50,6 +60,41 @@ def run_rnn(rnn: nn.Module, x: Tensor, hx: Tensor | None, mask: Tensor | None,
                           mask=None if mask is None else mask.t(),
                           resets=None if starts is None else starts.t())
     return out.transpose(0, 1), h_n
+
+
+def run_restarting(rnn: nn.Module, x: Tensor, hx, starts: Tensor | None):
+    """``rnn`` (batch_first, one direction; any ``nn.RNN``-like module, an LSTM's ``(h, c)`` state
+    included) on ``x [B, T, I]`` from ``hx`` with packed documents ``starts [B, T]``: the RNN runs
+    as itself over each stretch between the steps where some row starts a document, and a row's
+    state is zeroed at its starts. Exact, and one call of the RNN's own kernel when no row starts
+    inside this call. -> ``(out [B, T, H], state)``."""
+    check_mask(starts, x, "starts")
+    if getattr(rnn, "bidirectional", False):
+        raise ValueError("a bidirectional RNN cannot take starts (it reads the future)")
+    cuts = set() if starts is None else set(starts.any(0).nonzero().flatten().tolist())
+    bounds = sorted(cuts | {0, x.shape[1]})
+    pieces = []
+    for a, b in zip(bounds, bounds[1:]):
+        if a in cuts and hx is not None:
+            keep = starts[None, :, a, None]  # [1, B, 1]: True where the row restarts
+            hx = tuple(h.masked_fill(keep, 0.0) for h in hx) if isinstance(hx, tuple) else hx.masked_fill(keep, 0.0)
+        y, hx = rnn(x[:, a:b], hx)  # [B, b - a, H]
+        pieces.append(y)
+    return (pieces[0] if len(pieces) == 1 else torch.cat(pieces, 1)), hx
+
+
+def run_recurrent(rnn: nn.Module, x: Tensor, hx=None, *, mask: Tensor | None = None,
+                  starts: Tensor | None = None):
+    """``rnn`` under the mixer protocol: as itself when nothing asks otherwise; packed documents
+    through :func:`run_restarting` for a gated RNN, or for any RNN when no row starts after the
+    call's first step (one call of the RNN: a MORNN then refolds as often as without starts), the
+    rest through :func:`run_rnn`."""
+    if mask is None and not exporting():
+        if starts is None:
+            return rnn(x, hx)
+        if not _is_elman(rnn) or not bool(starts[:, 1:].any()):
+            return run_restarting(rnn, x, hx, starts)
+    return run_rnn(rnn, x, hx, mask, starts)
 
 
 class InferenceRNN(nn.Module):
@@ -113,6 +158,4 @@ class RNNMixer(nn.Module):
             return self
 
     def forward(self, x: Tensor, state=None, *, mask: Tensor | None = None, starts: Tensor | None = None):
-        if mask is None and starts is None and not exporting():
-            return self.rnn(x, state)
-        return run_rnn(self.rnn, x, state, mask, starts)
+        return run_recurrent(self.rnn, x, state, mask=mask, starts=starts)

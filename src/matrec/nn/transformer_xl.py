@@ -8,6 +8,11 @@ this layer for the previous ``mem_len`` tokens. Scores use relative positions::
 with sinusoidal ``R`` and learned ``u, v`` per head. The new memory is the last ``mem_len`` rows of
 ``[memory; x]``, detached: gradients never cross a segment boundary (the stop-gradient of the
 paper), which is what lets training run segment by segment in constant memory.
+
+Packed documents (``starts [B, T]``, the mixer protocol): a query sees the keys of its own document
+only (memory slots included), so each document computes as if run alone (relative positions need
+no restart). The state is then ``(memory, valid)``, ``valid [B, M]`` marking the memory slots of
+each row's last document, which the next call continues; a plain memory counts as all valid.
 """
 from __future__ import annotations
 
@@ -63,13 +68,17 @@ class TransformerXLAttention(nn.Module):
         """The memory ``[B, M, E]`` (``M`` grows to ``mem_len``); none with ``mem_len=0``."""
         return [StateSpec("memory", ("B", "P", self.kv.in_features))] if self.mem_len > 0 else []
 
-    def forward(self, x: Tensor, state: Tensor | None = None, *,
-                mask: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    def forward(self, x: Tensor, state: Tensor | tuple | None = None, *, mask: Tensor | None = None,
+                starts: Tensor | None = None) -> tuple[Tensor, Tensor | tuple | None]:
         check_mask(mask, x)
+        check_mask(starts, x, "starts")
         if mask is not None:
             raise NoExportForm("TransformerXLAttention takes no mask: its memory keeps the last mem_len "
                                "inputs by count, which padding would make per-row")
         B, T, E = x.shape
+        valid = None  # [B, M]: the memory slots of each row's last document (packed documents)
+        if isinstance(state, tuple):
+            state, valid = state
         H, D = self.n_heads, self.head_dim
         # the memory is cast to x's float dtype (bf16 runs keep an fp32 memory); an integer one is
         # not a memory this layer returned
@@ -88,7 +97,19 @@ class TransformerXLAttention(nn.Module):
         position = by_dist.gather(-1, dist.clamp(min=0).expand(B, H, T, K))  # [B, H, T, K]
         scores = (content + position) / math.sqrt(D)
         scores = scores.masked_fill(dist < 0, float("-inf"))  # causal: no key after the query
+        docs = None
+        if starts is not None or valid is not None:
+            # memory slots: document 0 where valid, -1 (no query's) elsewhere; this call's tokens:
+            # the number of starts up to them
+            past = torch.zeros(B, M, dtype=torch.long, device=x.device) if valid is None else valid.long() - 1
+            now = torch.zeros(B, T, dtype=torch.long, device=x.device) if starts is None else starts.long().cumsum(-1)
+            docs = torch.cat((past, now), dim=-1)  # [B, K]
+            scores = scores.masked_fill((docs[:, None, :] != now[:, :, None])[:, None], float("-inf"))
         y = self.attn_dropout(scores.softmax(-1)) @ v  # [B, H, T, D]
         y = self.residual_proj(y.transpose(1, 2).reshape(B, T, E))
-        new_memory = h[:, -self.mem_len:].detach() if self.mem_len > 0 else None
-        return y, new_memory
+        if self.mem_len == 0:
+            return y, None
+        new_memory = h[:, -self.mem_len:].detach()
+        if docs is None:
+            return y, new_memory
+        return y, (new_memory, (docs == docs[:, -1:])[:, -self.mem_len:])

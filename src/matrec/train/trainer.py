@@ -8,7 +8,7 @@ Per step: lr from the schedule -> batch (this process's rows of the global batch
 bf16 autocast on CUDA -> NaN/Inf guard on the loss -> backward -> per-layer grad norms (log steps) ->
 clip -> NaN/Inf guard on the grad norm -> optimiser step. Periodic evaluation and checkpoints (never of
 non-finite weights); on a stream task the model's state is carried (detached) from one batch to the
-next.
+next, and a task that packs documents into rows passes their starts to the model (``starts=``).
 """
 from __future__ import annotations
 
@@ -80,6 +80,12 @@ def detach_state(state, device=None):
     if isinstance(state, dict):
         return {k: detach_state(v, device) for k, v in state.items()}
     return state
+
+
+def packed(starts: Tensor | None, device, rows: slice = slice(None)) -> dict:
+    """The model's keywords for a batch's ``starts`` (packed documents, :meth:`Task.get_packed_batch`):
+    ``{"starts": starts[rows]}`` on ``device``, or ``{}`` when the batch has none."""
+    return {} if starts is None else {"starts": starts[rows].to(device, non_blocking=True)}
 
 
 def layer_of(param_name: str) -> str:
@@ -286,12 +292,13 @@ class Trainer:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def _batch(self, split: str, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-        """This process's rows of the global batch (every process draws the same global batch)."""
-        x, y = self.task.get_batch(split, self.cfg.batch_size, generator)
+    def _batch(self, split: str, generator: torch.Generator) -> tuple[Tensor, Tensor, dict]:
+        """This process's rows of the global batch (every process draws the same global batch), and
+        the model's keywords for it: ``{"starts": ...}`` for packed documents, else none."""
+        x, y, starts = self.task.get_packed_batch(split, self.cfg.batch_size, generator)
         lo = self.dist.rank * self.local_batch
-        return (x[lo:lo + self.local_batch].to(self.device, non_blocking=True),
-                y[lo:lo + self.local_batch].to(self.device, non_blocking=True))
+        rows = [t[lo:lo + self.local_batch].to(self.device, non_blocking=True) for t in (x, y)]
+        return (*rows, packed(starts, self.device, slice(lo, lo + self.local_batch)))
 
     def _layer_grad_norms(self) -> dict[str, float]:
         sq = defaultdict(float)
@@ -336,10 +343,10 @@ class Trainer:
             if task.chunkable:
                 metrics = self._evaluate_chunked(task, gen, chunk)
             else:
-                x, y = task.get_batch("val", self.cfg.batch_size, gen)  # full batch on every rank
+                x, y, starts = task.get_packed_batch("val", self.cfg.batch_size, gen)  # full batch on every rank
                 x, y = x.to(self.device), y.to(self.device)
                 with self._autocast():
-                    out, new_state = self.model(x, state)
+                    out, new_state = self.model(x, state, **packed(starts, self.device))
                 if task.stream:
                     state = new_state
                 metrics = task.metrics(out.float(), y)
@@ -440,9 +447,9 @@ class Trainer:
                 factor = lr_factor(self.step, cfg)
                 for group in self.optimizer.param_groups:
                     group["lr"] = group["base_lr"] * factor
-                x, y = self._batch("train", self.data_gen)
+                x, y, kwargs = self._batch("train", self.data_gen)
                 with self._autocast():
-                    out, state = self.forward_module(x, self.stream_state if stream else None)
+                    out, state = self.forward_module(x, self.stream_state if stream else None, **kwargs)
                     loss = self.task.loss(out, y)
                 if stream:
                     self.stream_state = detach_state(state)

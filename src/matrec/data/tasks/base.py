@@ -56,6 +56,14 @@ class Task(abc.ABC):
     def get_batch(self, split: str, batch_size: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         """One batch ``(x, y)`` for ``split`` in {"train", "val"}, drawn with ``generator`` (CPU)."""
 
+    def get_packed_batch(self, split: str, batch_size: int, generator: torch.Generator
+                         ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """``(x, y, starts)``: :meth:`get_batch`'s batch (the same draw) and, for a task that packs
+        several documents into a row, ``starts [B, T]`` (bool, True at each document's first step:
+        the model restarts its state there, the mixer protocol's packed documents); None otherwise.
+        The trainer reads batches through it."""
+        return (*self.get_batch(split, batch_size, generator), None)
+
     @abc.abstractmethod
     def loss(self, output: Tensor, target: Tensor) -> Tensor:
         """Scalar training loss of ``output [B, T, output_size]`` against ``target``."""

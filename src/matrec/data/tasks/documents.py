@@ -46,11 +46,17 @@ class Documents(StreamMixin, TokenLM):
     (the ``val_every``-th, the ``2 val_every``-th, ...) is validation, the rest train (a fixed
     split by file). Vocabulary: the 256 byte values.
 
-    Train: the training files end to end, a NUL byte between them, read as ``batch_size`` streams
-    carried across batches (``stream = True``). Validation: each validation file's first
-    ``doc_len`` bytes rounded up to whole ``seq_len`` chunks, end to end, so a row of the loss by
-    position (``position_eval`` with bins ending at ``doc_len`` and ``rows`` unset) is one
-    document read from its first byte. Attributes: ``files`` (per split, relative paths),
+    Train: the training files end to end, each followed by a NUL byte (its end, a target predicted
+    from inside the file), read as ``batch_size`` streams carried across batches (``stream =
+    True``). Packed (``pack=True``, the default): :meth:`get_packed_batch` marks each file's first
+    byte in ``starts [B, T]``, and the trainer passes them to the model, which restarts its state
+    there (the mixer protocol's packed documents): no information crosses from one file into the
+    next, while the state is carried across chunks inside a file. ``pack=False`` gives no starts
+    (the state then runs on from one file into the next). Validation: each validation file's first
+    ``doc_len`` bytes rounded up to whole ``seq_len`` chunks, end to end, each file a document
+    (starts at its first byte), so a row of the loss by position (``position_eval`` with bins
+    ending at ``doc_len`` and ``rows`` unset) is one document read from its first byte with the
+    state carried, its one boundary where the row starts. Attributes: ``files`` (per split, relative paths),
     ``corpus`` (a sha256 of the file list and contents: the corpus differs between Python
     versions), ``baseline`` (training unigram entropy). Metrics as ``text``.
     """
@@ -58,10 +64,12 @@ class Documents(StreamMixin, TokenLM):
     name = "documents"
 
     def __init__(self, seq_len: int = 128, root: str | None = None, min_tokens: int = 32768,
-                 doc_len: int = 30000, val_every: int = 10, suffix: str = ".py") -> None:
+                 doc_len: int = 30000, val_every: int = 10, suffix: str = ".py", pack: bool = True) -> None:
         self.seq_len = check_int("seq_len", seq_len)
         check_int("min_tokens", min_tokens)
         check_int("val_every", val_every, 2)
+        if not isinstance(pack, bool):
+            raise TypeError(f"pack must be a bool, got {pack!r}")
         self.doc_len = math.ceil(check_int("doc_len", doc_len) / seq_len) * seq_len
         if self.doc_len + 1 > min_tokens:
             raise ValueError(f"min_tokens must be > doc_len rounded up to whole seq_len chunks "
@@ -90,6 +98,19 @@ class Documents(StreamMixin, TokenLM):
         # stream reads chunks of T + 1 steps, and a segment's last whole chunk ends one step early)
         val_ids = np.concatenate([texts[p][:self.doc_len + 1] for p in val] + [sep])
         self._set_ids(train_ids, val_ids, 256)
+        lengths = {"train": [len(texts[p]) + 1 for p in train], "val": [self.doc_len + 1] * len(val)}
+        self.doc_starts = {split: self._first_steps(lengths[split], len(self.ids[split])) for split in lengths}
+        self.pack = pack
+
+    @staticmethod
+    def _first_steps(lengths: list[int], total: int) -> np.ndarray:
+        """Bool ``[total]``: True at the first step of each of the documents of ``lengths``, end to end."""
+        marks = np.zeros(total, dtype=bool)
+        marks[np.cumsum([0] + lengths[:-1])] = True
+        return marks
+
+    def _starts(self, split: str) -> np.ndarray | None:
+        return self.doc_starts[split] if self.pack else None
 
     def encode(self, text: str) -> torch.Tensor:
         return torch.tensor(list(text.encode("utf-8")), dtype=torch.long)

@@ -7,6 +7,11 @@ is a pure function of ``(split, batch_size, index)`` (:meth:`StreamMixin.batch_a
 reads the next index from a per-split cursor, which ``state_dict``/``load_state_dict`` checkpoint.
 After the last whole chunk of a segment the cursor wraps to its start (one discontinuity per pass).
 
+A stream of packed documents (``_starts(split)`` an array of document starts, e.g. ``documents``)
+also gives, with :meth:`StreamMixin.get_packed_batch`, ``starts [B, T]``: True at the first step of
+each document and at the first step of each pass over a row's segment, where the model's state
+restarts (the mixer protocol's packed documents, :mod:`matrec.nn.protocol`).
+
 With several processes (DistributedDataParallel) every rank should ask for the global batch and
 keep its own rows (e.g. ``x[rank::world]``): the cursors then advance alike on every rank and each
 row stays one continuous stream, whatever the number of processes.
@@ -46,22 +51,48 @@ class StreamMixin:
                              f"({len(self._series(split)):,} steps), got {batch_size} * {self.seq_len}")
         return segment // self.seq_len
 
-    def batch_at(self, split: str, batch_size: int, index: int) -> tuple[Tensor, Tensor]:
-        """Batch number ``index`` of the stream (pure: no cursor, no randomness)."""
+    def _steps_at(self, split: str, batch_size: int, index: int) -> np.ndarray:
+        """The stream positions ``[B, T + 1]`` of batch number ``index``."""
         chunks = self.chunks_per_pass(split, batch_size)
         segment = (len(self._series(split)) - 1) // batch_size
-        starts = np.arange(batch_size) * segment + (check_int("index", index, 0) % chunks) * self.seq_len
-        chunk = self._series(split)[starts[:, None] + np.arange(self.seq_len + 1)]   # [B, T + 1]
-        return self._pair(chunk)
+        first = np.arange(batch_size) * segment + (check_int("index", index, 0) % chunks) * self.seq_len
+        return first[:, None] + np.arange(self.seq_len + 1)
+
+    def _starts(self, split: str) -> np.ndarray | None:
+        """Bool per step of ``split``'s stream: True where a document starts (None: one sequence)."""
+        return None
+
+    def batch_at(self, split: str, batch_size: int, index: int) -> tuple[Tensor, Tensor]:
+        """Batch number ``index`` of the stream (pure: no cursor, no randomness)."""
+        return self._pair(self._series(split)[self._steps_at(split, batch_size, index)])   # [B, T + 1]
+
+    def packed_batch_at(self, split: str, batch_size: int, index: int) -> tuple[Tensor, Tensor, Tensor | None]:
+        """``batch_at`` and its ``starts [B, T]`` (None for a stream of one sequence): True where a
+        document starts and, in the first batch of each pass, at every row's first step."""
+        marks = self._starts(check_split(split))
+        x, y = self.batch_at(split, batch_size, index)
+        if marks is None:
+            return x, y, None
+        starts = marks[self._steps_at(split, batch_size, index)[:, :-1]]   # [B, T]
+        if index % self.chunks_per_pass(split, batch_size) == 0:
+            starts[:, 0] = True
+        return x, y, torch.from_numpy(starts)
+
+    def _next_index(self, split: str) -> int:
+        cursor = self._cursor()
+        index = cursor[check_split(split)]
+        cursor[split] = index + 1
+        return index
 
     def get_batch(self, split: str, batch_size: int, generator: torch.Generator | None = None
                   ) -> tuple[Tensor, Tensor]:
         """The next batch of ``split``'s stream; ``generator`` is unused (the order is fixed)."""
-        cursor = self._cursor()
-        index = cursor[check_split(split)]
-        batch = self.batch_at(split, batch_size, index)
-        cursor[split] = index + 1
-        return batch
+        return self.batch_at(split, batch_size, self._next_index(split))
+
+    def get_packed_batch(self, split: str, batch_size: int, generator: torch.Generator | None = None
+                         ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """:meth:`get_batch` with its ``starts`` (:meth:`packed_batch_at`)."""
+        return self.packed_batch_at(split, batch_size, self._next_index(split))
 
     def reset(self, split: str | None = None) -> None:
         """Rewind ``split`` (or every split) to the start of its stream, e.g. before an evaluation."""

@@ -192,8 +192,8 @@ kernel_guard.KERNEL_CHECKS.register("rnn_recurrence", check_triton_kernel)
 
 
 def _auto_rule(device: torch.device, *, xproj: Tensor, nonlinearity: str, masked: bool = False) -> str:
-    # with a padding mask or packed documents: the reference loop, the one training-capable backend
-    # that takes them
+    # with a padding mask: the reference loop, the one training-capable backend that takes one
+    # (packed documents alone run the usual backend between restarts: see _restarting)
     return "loop" if masked else _auto_backend(xproj, nonlinearity)
 
 
@@ -247,7 +247,7 @@ def recurrence(xproj: Tensor, weight: Tensor, h0: Tensor | None = None, bias: Te
             - "cpp": CPU only, the compiled loop of :mod:`matrec.ops.rnn_recurrence.cpp` (built at
               first use; every nonlinearity; bfloat16/float16 computed in float32);
             - "scan": the definition's step in PyTorch's scan op, what an exported graph runs;
-            - "auto": with a ``mask`` or ``resets``, "loop"; on CUDA "triton" for modrelu/identity
+            - "auto": with a ``mask``, "loop"; on CUDA "triton" for modrelu/identity
               (float32/bf16/fp16 I/O, H <= 512) once its first-use check (:func:`check_triton_kernel`,
               :mod:`matrec.ops.kernel_guard`) has passed for (device, dtype, H); on CPU "cpp" when it
               builds; otherwise "chunked" where measured faster than "torch" (:func:`_auto_backend`:
@@ -258,7 +258,8 @@ def recurrence(xproj: Tensor, weight: Tensor, h0: Tensor | None = None, bias: Te
         mask: ``[T, B]`` bool or None: where unset, the step keeps the state (and outputs it), so
             ``h`` after a padded tail is the state after the valid prefix ("loop" and "scan").
         resets: ``[T, B]`` bool or None: packed documents; where set, the step starts from
-            ``h = 0`` instead of the carried state ("loop" and "scan").
+            ``h = 0`` instead of the carried state ("loop" and "scan" natively; any other backend,
+            without a ``mask``, runs once per stretch between the steps where some row restarts).
 
     Returns:
         ``[T, B, H]`` all states ``h_1..h_T``, in ``xproj``'s dtype.
@@ -266,17 +267,35 @@ def recurrence(xproj: Tensor, weight: Tensor, h0: Tensor | None = None, bias: Te
     check_inputs(xproj, weight, h0, bias, nonlinearity)
     check_mask(mask, xproj)
     check_mask(resets, xproj, "resets")
-    name, spec = _resolve(backend, xproj, nonlinearity, mask is not None or resets is not None)
+    name, spec = _resolve(backend, xproj, nonlinearity, mask is not None)
     if not spec.supports(nonlinearity):
         raise ValueError(f"nonlinearity {nonlinearity!r} is not supported by backend={name!r} "
                          f"(use backend='torch', which runs every registered nonlinearity)")
     if mask is None and resets is None:
         return spec.function(xproj, weight, h0, bias, nonlinearity)
+    if mask is None and not spec.masks:
+        return _restarting(spec.function, xproj, weight, h0, bias, nonlinearity, resets)
     if not spec.masks:
         raise ValueError(f"{'mask' if mask is not None else 'resets'} is not supported by backend={name!r} "
                          f"(backends that take one: "
                          f"{[n for n in RECURRENCE_BACKENDS.names() if RECURRENCE_BACKENDS.get(n).masks]})")
     return spec.function(xproj, weight, h0, bias, nonlinearity, mask=mask, resets=resets)
+
+
+def _restarting(function, xproj: Tensor, weight: Tensor, h0: Tensor | None, bias: Tensor | None,
+                nonlinearity: str, resets: Tensor) -> Tensor:
+    """``function`` (a backend without resets) over the stretches of time between the steps where
+    some row restarts, that row's state zeroed there: exact, and one call (the backend's own speed)
+    when no row restarts inside ``xproj [T, B, H]``. ``resets [T, B]``."""
+    cuts = set(resets.any(1).nonzero().flatten().tolist())  # one host sync per call
+    bounds = sorted(cuts | {0, xproj.shape[0]})
+    h, pieces = h0, []
+    for a, b in zip(bounds, bounds[1:]):
+        if a in cuts and h is not None:
+            h = h.masked_fill(resets[a, :, None], 0.0)  # [B, H]
+        pieces.append(function(xproj[a:b], weight, h, bias, nonlinearity))  # [b - a, B, H]
+        h = pieces[-1][-1]
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
 
 def _resolve(backend: str, xproj: Tensor, nonlinearity: str,
