@@ -225,10 +225,164 @@ def _graph_ms(states, G, device, repeats):
     return _per_call_ms(graph.replay, device, repeats)
 
 
+def _scan_targets(record, bench, bw):
+    """The Triton scan's targets (SCAN_TARGETS_US) beside this device's memory floor at each shape."""
+    for label, us in SCAN_TARGETS_US.items():
+        B, h, T, d = bench.parse_shape(label)
+        floor_us = 6 * B * h * T * d * d * 4 / bw * 1e6
+        record("scan: targets (Triton, one H200)", shape=label, fwd_bwd_kernel_us_max=us,
+               wall_over_kernel_max=SCAN_WALL_OVER_KERNEL, floor_fwd_bwd_us_here=round(floor_us, 1),
+               target_x_floor_here=round(us / floor_us, 2))
+
+
+def _scan_cost_records(record, shapes, cost, device):
+    """The analytic cost of every shape, as this device's launch plan runs it (no kernel needed)."""
+    for shape in shapes if cost else []:
+        B, h, T, d = shape
+        c = cost(B * h, T, d, 4, device)
+        record("scan: Triton kernel model", shape=",".join(map(str, shape)), n_chunks=c["n_chunks"],
+               chunk=c["chunk"], seq_per_program=c["seq_per_program"], programs=c["programs"],
+               floor_MB=round((c["floor_bytes"]["fwd"] + c["floor_bytes"]["bwd"]) / 1e6, 2),
+               kernel_MB_fwd=round(c["bytes"]["fwd"] / 1e6, 2), kernel_MB_bwd=round(c["bytes"]["bwd"] / 1e6, 2),
+               bytes_x_floor=round((c["bytes"]["fwd"] + c["bytes"]["bwd"])
+                                   / (c["floor_bytes"]["fwd"] + c["floor_bytes"]["bwd"]), 2),
+               GFMA_fwd=round(c["fmas"]["fwd"] / 1e9, 3), GFMA_bwd=round(c["fmas"]["bwd"] / 1e9, 3),
+               useful_GFMA=round((c["useful_fmas"]["fwd"] + c["useful_fmas"]["bwd"]) / 1e9, 3))
+
+
+def _scan_warm_up(record, shapes, device):
+    """Compile and warm the Triton kernel at every shape, so that no timing includes a compilation."""
+    import torch
+
+    from matrec.ops.mru_scan import mru_scan
+
+    for shape in shapes:
+        t0 = time.perf_counter()
+        try:
+            B, h, T, d = shape  # the values do not matter to a compilation: identities, no CPU work
+            x = torch.eye(d, device=device).expand(B, h, T, d, d).clone().requires_grad_()
+            mru_scan(x, backend="triton").backward(torch.ones_like(x))
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            note = "ok"
+        except Exception as err:
+            note = _short(err)
+        record("scan: warm-up (Triton compile)", shape=",".join(map(str, shape)),
+               seconds=round(time.perf_counter() - t0, 2), result=note)
+        x = None
+
+
+def _scan_correctness(record, bench, label, states, ref, device) -> list:
+    """Every scan backend against the float64 reference at one shape: the backends that passed."""
+    from matrec.ops.mru_scan import SCAN_BACKENDS
+
+    passed = []
+    for b in SCAN_BACKENDS.names():
+        ok, reason = SCAN_BACKENDS.get(b).available(device)
+        if not ok:
+            record("scan: correctness", shape=label, backend=b, result=f"unavailable: {reason}")
+            continue
+        try:
+            failure = bench.check(b, states, ref=ref)
+        except Exception as err:  # a kernel that does not compile or launch
+            failure = _short(err)
+        record("scan: correctness", shape=label, backend=b, result=failure or "ok")
+        if failure is None:
+            passed.append(b)
+    return passed
+
+
+def _scan_triton_extras(fwd_bwd, states, G, shape, device, repeats, cost, gpu_ms):
+    """The Triton kernel's per-call and CUDA-graph times and its analytic throughput at one shape:
+    ``(tri, extra)``, the figures the summary reads and the extra fields of its time record."""
+    extra = {}
+    tri = {"kernel_ms": gpu_ms, "call_ms": None, "graph_ms": None}
+    try:
+        tri["call_ms"] = _per_call_ms(fwd_bwd, device, repeats)
+        if device.type == "cuda":
+            tri["graph_ms"] = _graph_ms(states, G, device, repeats)
+    except Exception as err:  # recorded, never fatal: the plain timing above stands
+        extra["note"] = _short(err)
+    c = cost(shape[0] * shape[1], shape[2], shape[3], 4, device) if cost else None
+    extra.update(
+        call_ms=None if tri["call_ms"] is None else round(tri["call_ms"], 4),
+        graph_ms=None if tri["graph_ms"] is None else round(tri["graph_ms"], 4),
+        kernel_MB=None if c is None else round((c["bytes"]["fwd"] + c["bytes"]["bwd"]) / 1e6, 2),
+        kernel_TFMA_per_s=None if (c is None or not gpu_ms)
+        else round((c["fmas"]["fwd"] + c["fmas"]["bwd"]) / (gpu_ms / 1e3) / 1e12, 2),
+        kernel_GBps=None if (c is None or not gpu_ms)
+        else round((c["bytes"]["fwd"] + c["bytes"]["bwd"]) / (gpu_ms / 1e3) / 1e9, 1))
+    return tri, extra
+
+
+def _scan_time_backend(record, b, shape, label, states, G, device, repeats, cost, floors):
+    """Forward and forward+backward times of one backend at one shape, recorded: ``None`` if it was not
+    timed, else ``((fwd_ms, fwd_bwd_ms), tri)`` with ``tri`` the Triton figures (None for the others)."""
+    import torch
+
+    from matrec.ops.mru_scan import mru_scan
+
+    floor_f, floor_fb = floors
+    if b == "sequential" and device.type == "cuda" and shape[2] > 1024:  # 0.3-0.6 s a call
+        record("scan: time", shape=label, backend=b, fwd_ms=None, fwd_bwd_ms=None,
+               note="not timed: one launch per step, > 1024 steps")
+        return None
+    x = states.clone().requires_grad_()
+
+    def fwd(b=b):
+        with torch.no_grad():
+            mru_scan(states, backend=b)
+
+    def fwd_bwd(b=b, x=x):
+        mru_scan(x, backend=b).backward(G)
+        x.grad = None
+
+    try:
+        best_ms = _load_bench("_harness").best_ms
+        f_ms, fb_ms = best_ms(fwd, device, repeats), best_ms(fwd_bwd, device, repeats)
+    except Exception as err:
+        record("scan: time", shape=label, backend=b, fwd_ms=None, fwd_bwd_ms=None, note=_short(err))
+        return None
+    try:
+        gpu_ms = _kernel_ms(fwd_bwd, device)
+    except Exception:  # the profiler is a nicety here, never a failure of the part
+        gpu_ms = None
+    tri, extra = None, {}
+    if b == "triton":
+        tri, extra = _scan_triton_extras(fwd_bwd, states, G, shape, device, repeats, cost, gpu_ms)
+    record("scan: time", shape=label, backend=b, fwd_ms=round(f_ms, 3), fwd_bwd_ms=round(fb_ms, 3),
+           fwd_x_floor=round(f_ms / floor_f, 2), fwd_bwd_x_floor=round(fb_ms / floor_fb, 2),
+           fwd_bwd_kernel_ms=None if gpu_ms is None else round(gpu_ms, 3), **extra)
+    return (f_ms, fb_ms), tri
+
+
+def _scan_summary(record, label, times, tri, floor_f, floor_fb):
+    """One shape's summary: the Triton kernel against the floor, its target and the best PyTorch backend."""
+    torch_times = {b: t for b, t in times.items() if b != "triton"}
+    best = min(torch_times, key=lambda b: torch_times[b][1]) if torch_times else None
+    tri_t = times.get("triton")
+    kernel_ms, call_ms = tri.get("kernel_ms"), tri.get("call_ms")
+    target = SCAN_TARGETS_US.get(label)
+    met = None
+    if target is not None and kernel_ms and call_ms:
+        met = kernel_ms * 1e3 <= target and call_ms <= SCAN_WALL_OVER_KERNEL * kernel_ms
+    record("scan: summary", shape=label, floor_fwd_ms=round(floor_f, 4), floor_fwd_bwd_ms=round(floor_fb, 4),
+           triton_fwd_bwd_ms=round(tri_t[1], 3) if tri_t else None,
+           triton_x_floor=round(tri_t[1] / floor_fb, 2) if tri_t else None,
+           triton_kernel_us=None if not kernel_ms else round(kernel_ms * 1e3, 1),
+           triton_kernel_x_floor=None if not kernel_ms else round(kernel_ms / floor_fb, 2),
+           triton_call_over_kernel=None if not (kernel_ms and call_ms) else round(call_ms / kernel_ms, 2),
+           triton_graph_ms=None if tri.get("graph_ms") is None else round(tri["graph_ms"], 4),
+           target_kernel_us=target, target_met=met,
+           best_pytorch=best, best_pytorch_fwd_bwd_ms=round(torch_times[best][1], 3) if best else None,
+           best_pytorch_x_floor=round(torch_times[best][1] / floor_fb, 2) if best else None,
+           triton_speedup=round(torch_times[best][1] / tri_t[1], 2) if (tri_t and best) else None)
+
+
 def part_scan(record, device, quick):
     import torch
 
-    from matrec.ops.mru_scan import SCAN_BACKENDS, mru_scan
+    from matrec.ops.mru_scan import SCAN_BACKENDS
 
     bench = _load_bench("scan")
     bw = _bandwidth(device, quick)
@@ -241,128 +395,29 @@ def part_scan(record, device, quick):
         from matrec.ops.mru_scan.triton import scan_cost as cost
     except ImportError as err:  # triton missing: no kernel, no model
         tri_reason = tri_reason or _short(err)
-    for label, us in SCAN_TARGETS_US.items():
-        B, h, T, d = bench.parse_shape(label)
-        floor_us = 6 * B * h * T * d * d * 4 / bw * 1e6
-        record("scan: targets (Triton, one H200)", shape=label, fwd_bwd_kernel_us_max=us,
-               wall_over_kernel_max=SCAN_WALL_OVER_KERNEL, floor_fwd_bwd_us_here=round(floor_us, 1),
-               target_x_floor_here=round(us / floor_us, 2))
-    # the analytic cost of every shape, as this device's launch plan runs it (no kernel needed)
-    for shape in shapes if cost else []:
-        B, h, T, d = shape
-        c = cost(B * h, T, d, 4, device)
-        record("scan: Triton kernel model", shape=",".join(map(str, shape)), n_chunks=c["n_chunks"],
-               chunk=c["chunk"], seq_per_program=c["seq_per_program"], programs=c["programs"],
-               floor_MB=round((c["floor_bytes"]["fwd"] + c["floor_bytes"]["bwd"]) / 1e6, 2),
-               kernel_MB_fwd=round(c["bytes"]["fwd"] / 1e6, 2), kernel_MB_bwd=round(c["bytes"]["bwd"] / 1e6, 2),
-               bytes_x_floor=round((c["bytes"]["fwd"] + c["bytes"]["bwd"])
-                                   / (c["floor_bytes"]["fwd"] + c["floor_bytes"]["bwd"]), 2),
-               GFMA_fwd=round(c["fmas"]["fwd"] / 1e9, 3), GFMA_bwd=round(c["fmas"]["bwd"] / 1e9, 3),
-               useful_GFMA=round((c["useful_fmas"]["fwd"] + c["useful_fmas"]["bwd"]) / 1e9, 3))
-    # compile and warm the kernel at every shape first, so no timing below includes a compilation
-    if tri_ok:
-        for shape in shapes:
-            t0 = time.perf_counter()
-            try:
-                B, h, T, d = shape  # the values do not matter to a compilation: identities, no CPU work
-                x = torch.eye(d, device=device).expand(B, h, T, d, d).clone().requires_grad_()
-                mru_scan(x, backend="triton").backward(torch.ones_like(x))
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                note = "ok"
-            except Exception as err:
-                note = _short(err)
-            record("scan: warm-up (Triton compile)", shape=",".join(map(str, shape)),
-                   seconds=round(time.perf_counter() - t0, 2), result=note)
-            x = None
+    _scan_targets(record, bench, bw)
+    _scan_cost_records(record, shapes, cost, device)
+    if tri_ok:  # compile and warm the kernel at every shape first, so no timing below includes a compilation
+        _scan_warm_up(record, shapes, device)
     for shape in shapes:
         label = ",".join(map(str, shape))
         states = bench.make_states(shape, device)
         nbytes = states.numel() * states.element_size()
         floor_f, floor_fb = 2 * nbytes / bw * 1e3, 6 * nbytes / bw * 1e3
         ref = bench.reference(states)
-        passed = []
-        for b in SCAN_BACKENDS.names():
-            ok, reason = SCAN_BACKENDS.get(b).available(device)
-            if not ok:
-                record("scan: correctness", shape=label, backend=b, result=f"unavailable: {reason}")
-                continue
-            try:
-                failure = bench.check(b, states, ref=ref)
-            except Exception as err:  # a kernel that does not compile or launch
-                failure = _short(err)
-            record("scan: correctness", shape=label, backend=b, result=failure or "ok")
-            if failure is None:
-                passed.append(b)
+        passed = _scan_correctness(record, bench, label, states, ref, device)
         G = torch.randn_like(states)
         times, tri = {}, {}
         for b in passed:
-            if b == "sequential" and device.type == "cuda" and shape[2] > 1024:  # 0.3-0.6 s a call
-                record("scan: time", shape=label, backend=b, fwd_ms=None, fwd_bwd_ms=None,
-                       note="not timed: one launch per step, > 1024 steps")
+            timed = _scan_time_backend(record, b, shape, label, states, G, device, repeats, cost,
+                                       (floor_f, floor_fb))
+            if timed is None:
                 continue
-            x = states.clone().requires_grad_()
-
-            def fwd(b=b):
-                with torch.no_grad():
-                    mru_scan(states, backend=b)
-
-            def fwd_bwd(b=b, x=x):
-                mru_scan(x, backend=b).backward(G)
-                x.grad = None
-
-            try:
-                best_ms = _load_bench("_harness").best_ms
-                f_ms, fb_ms = best_ms(fwd, device, repeats), best_ms(fwd_bwd, device, repeats)
-            except Exception as err:
-                record("scan: time", shape=label, backend=b, fwd_ms=None, fwd_bwd_ms=None, note=_short(err))
-                continue
-            times[b] = (f_ms, fb_ms)
-            try:
-                gpu_ms = _kernel_ms(fwd_bwd, device)
-            except Exception:  # the profiler is a nicety here, never a failure of the part
-                gpu_ms = None
-            extra = {}
-            if b == "triton":
-                tri = {"kernel_ms": gpu_ms, "call_ms": None, "graph_ms": None}
-                try:
-                    tri["call_ms"] = _per_call_ms(fwd_bwd, device, repeats)
-                    if device.type == "cuda":
-                        tri["graph_ms"] = _graph_ms(states, G, device, repeats)
-                except Exception as err:  # recorded, never fatal: the plain timing above stands
-                    extra["note"] = _short(err)
-                c = cost(shape[0] * shape[1], shape[2], shape[3], 4, device) if cost else None
-                extra.update(
-                    call_ms=None if tri["call_ms"] is None else round(tri["call_ms"], 4),
-                    graph_ms=None if tri["graph_ms"] is None else round(tri["graph_ms"], 4),
-                    kernel_MB=None if c is None else round((c["bytes"]["fwd"] + c["bytes"]["bwd"]) / 1e6, 2),
-                    kernel_TFMA_per_s=None if (c is None or not gpu_ms)
-                    else round((c["fmas"]["fwd"] + c["fmas"]["bwd"]) / (gpu_ms / 1e3) / 1e12, 2),
-                    kernel_GBps=None if (c is None or not gpu_ms)
-                    else round((c["bytes"]["fwd"] + c["bytes"]["bwd"]) / (gpu_ms / 1e3) / 1e9, 1))
-            record("scan: time", shape=label, backend=b, fwd_ms=round(f_ms, 3), fwd_bwd_ms=round(fb_ms, 3),
-                   fwd_x_floor=round(f_ms / floor_f, 2), fwd_bwd_x_floor=round(fb_ms / floor_fb, 2),
-                   fwd_bwd_kernel_ms=None if gpu_ms is None else round(gpu_ms, 3), **extra)
-        torch_times = {b: t for b, t in times.items() if b != "triton"}
-        best = min(torch_times, key=lambda b: torch_times[b][1]) if torch_times else None
-        tri_t = times.get("triton")
-        kernel_ms, call_ms = tri.get("kernel_ms"), tri.get("call_ms")
-        target = SCAN_TARGETS_US.get(label)
-        met = None
-        if target is not None and kernel_ms and call_ms:
-            met = kernel_ms * 1e3 <= target and call_ms <= SCAN_WALL_OVER_KERNEL * kernel_ms
-        record("scan: summary", shape=label, floor_fwd_ms=round(floor_f, 4), floor_fwd_bwd_ms=round(floor_fb, 4),
-               triton_fwd_bwd_ms=round(tri_t[1], 3) if tri_t else None,
-               triton_x_floor=round(tri_t[1] / floor_fb, 2) if tri_t else None,
-               triton_kernel_us=None if not kernel_ms else round(kernel_ms * 1e3, 1),
-               triton_kernel_x_floor=None if not kernel_ms else round(kernel_ms / floor_fb, 2),
-               triton_call_over_kernel=None if not (kernel_ms and call_ms) else round(call_ms / kernel_ms, 2),
-               triton_graph_ms=None if tri.get("graph_ms") is None else round(tri["graph_ms"], 4),
-               target_kernel_us=target, target_met=met,
-               best_pytorch=best, best_pytorch_fwd_bwd_ms=round(torch_times[best][1], 3) if best else None,
-               best_pytorch_x_floor=round(torch_times[best][1] / floor_fb, 2) if best else None,
-               triton_speedup=round(torch_times[best][1] / tri_t[1], 2) if (tri_t and best) else None)
-        states = ref = G = None  # free this shape's tensors (a del would leave the closures above unbound)
+            times[b], tri_b = timed
+            if tri_b is not None:
+                tri = tri_b
+        _scan_summary(record, label, times, tri, floor_f, floor_fb)
+        states = ref = G = None  # free this shape's tensors before the next shape's are made
 
 
 def part_guard(record, device, quick):
@@ -453,23 +508,9 @@ def _tf32(on: bool) -> None:
     torch.backends.cudnn.allow_tf32 = on        # cuDNN's RNN/LSTM/GRU kernels (torch's default: on)
 
 
-def part_mornn(record, device, quick, shape=None):
-    """MORNN against cuDNN, then the recurrence kernels alone. Correctness first (each backend against the
-    autograd loop on a small problem; the column-split kernel against the torch op at the timed shape),
-    then every candidate compiled and warmed (auto's first-use check included), then timed round-robin
-    with TF32 off and on; analytic GFMA / HBM MB beside every time."""
-    import torch
-    from torch import nn
-
-    from matrec.nn.mornn import MORNN
-    from matrec.ops import kernel_guard
-    from matrec.ops.rnn_recurrence import dispatch, recurrence
-    from matrec.ops.rnn_recurrence import triton as tr
-
-    bench = _load_bench("mornn")
-    B, T, H = shape or ((4, 20, 16) if quick else (128, 1000, 256))  # shape: (B, T, H), for a dry run
-    reps = 2 if quick else 5
-    shape = f"B={B}, T={T}, H={H}"
+def _mornn_check_backends(record, device, quick) -> dict:
+    """Each recurrence backend against the autograd loop on a small problem: ``{(nonlinearity, backend):
+    passed}``."""
     backends = {"modrelu": ["torch", "triton"], "identity": ["torch", "chunked", "triton"]}
     usable = {}
     for nl, names in backends.items():
@@ -480,15 +521,15 @@ def part_mornn(record, device, quick, shape=None):
                 failure = _short(err)
             record("mornn: recurrence correctness", nonlinearity=nl, backend=b, result=failure or "ok")
             usable[(nl, b)] = failure is None
-    ts = None
-    if usable.get(("modrelu", "triton")):
-        from matrec.ops.rnn_recurrence import triton_split as ts
-    # the column-split kernel at the timed shape (its real grid and barrier) against the torch op
-    g = torch.Generator().manual_seed(0)
-    W = torch.linalg.qr(torch.randn(H, H, generator=g, dtype=torch.float64))[0].float().to(device)
-    xp = torch.randn(T, B, H, generator=g).to(device)
-    h0 = torch.randn(B, H, generator=g).to(device)
-    bias = (-0.1 * torch.rand(H, generator=g)).to(device)
+    return usable
+
+
+def _mornn_split_check(record, tr, ts, W, xp, h0, bias, shape):
+    """The column-split kernel at the timed shape (its real grid and barrier) against the torch op."""
+    import torch
+
+    from matrec.ops.rnn_recurrence import recurrence
+
     for nl in ("modrelu", "identity") if ts is not None else ():
         b = bias if nl == "modrelu" else None
         try:
@@ -505,7 +546,14 @@ def part_mornn(record, device, quick, shape=None):
         except Exception as err:
             record("mornn: split kernel at the timed shape", nonlinearity=nl, shape=shape, output=_short(err))
 
-    # MORNN and cuDNN: build, compile and warm everything, then time
+
+def _mornn_candidates(H, usable, quick) -> dict:
+    """The models to time: ``{name: (make, gates)}``, cuDNN's and MORNN's, and MORNN on every backend that
+    passed its check."""
+    from torch import nn
+
+    from matrec.nn.mornn import MORNN
+
     candidates = {"nn.RNN tanh": (lambda: nn.RNN(H, H), 1), "nn.LSTM": (lambda: nn.LSTM(H, H), 4),
                   "nn.GRU": (lambda: nn.GRU(H, H), 3), "MORNN tanh": (lambda: MORNN(H, H), 1),
                   "MORNN relu": (lambda: MORNN(H, H, nonlinearity="relu"), 1),
@@ -514,9 +562,13 @@ def part_mornn(record, device, quick, shape=None):
     for (nl, b), ok in usable.items():
         if ok and not (quick and b == "triton"):  # interpreted on CPU: the recurrence op rows below time it
             candidates[f"MORNN {nl} ({b})"] = (lambda nl=nl, b=b: MORNN(H, H, nonlinearity=nl, recurrence_backend=b), 1)
-    x = torch.randn(T, B, H, device=device)
+    return candidates
+
+
+def _mornn_warm(record, bench, candidates, x, device, quick, shape):
+    """Build, compile and warm every candidate (auto's first-use check included): ``(runs, gates)``, the
+    modules that ran and their gate counts."""
     runs, gates = {}, {}
-    kernel_guard.reset()
     for name, (make, k) in candidates.items():
         try:
             mod = make().to(device)
@@ -525,11 +577,24 @@ def part_mornn(record, device, quick, shape=None):
             runs[name], gates[name] = mod, k
         except Exception as err:
             record("mornn: fwd+bwd", model=name, shape=shape, tf32=None, ms=None, note=_short(err))
+    return runs, gates
+
+
+def _mornn_auto(record, x, shape):
+    """The backend ``auto`` picked per nonlinearity, and the first-use checks behind it."""
+    from matrec.ops import kernel_guard
+    from matrec.ops.rnn_recurrence import dispatch
+
     for nl in ("modrelu", "identity"):
         picked = dispatch._resolve("auto", x, nl)[0]
         verdicts = {k: v for k, v in kernel_guard.verdicts().items() if k[0] == "rnn_recurrence"}
         record("mornn: auto", nonlinearity=nl, shape=shape, backend=picked,
                check="; ".join(f"H={k[3]} {k[2]}: {v[1]}" for k, v in verdicts.items())[:200] or None)
+
+
+def _mornn_time_models(record, bench, runs, gates, x, device, reps, dims, shape):
+    """Every warmed model timed round-robin with TF32 off (and on, on CUDA), against cuDNN nn.RNN tanh."""
+    B, T, H = dims
     for tf32 in (False, True) if device.type == "cuda" else (False,):
         _tf32(tf32)
         best = {name: bench.fwd_bwd_once(mod, x) for name, mod in runs.items()}
@@ -551,9 +616,14 @@ def part_mornn(record, device, quick, shape=None):
                    else None)
     _tf32(False)
 
-    # the recurrence kernels alone (xproj given): what the issue's kernel targets are about
-    if ts is None:
-        return
+
+def _mornn_recurrence_ops(record, tr, ts, W, xp, h0, bias, device, quick, reps, dims, shape):
+    """The recurrence kernels alone (xproj given), timed: what the issue's kernel targets are about."""
+    import torch
+
+    from matrec.ops.rnn_recurrence import recurrence
+
+    B, T, H = dims
     gfma, mb = recurrence_costs(B, T, H)
     ops = {"triton split": lambda x, nl, b: tr.triton_recurrence(x, W, h0, b, nl, kernel="split"),
            "triton rows": lambda x, nl, b: tr.triton_recurrence(x, W, h0, b, nl, kernel="rows"),
@@ -585,6 +655,46 @@ def part_mornn(record, device, quick, shape=None):
             record("mornn: recurrence op", nonlinearity=nl, kernel=name, shape=shape, fwd_ms=round(f_ms, 2),
                    fwd_bwd_ms=round(fb_ms, 2), kernel_ms=None if k_ms is None else round(k_ms, 2),
                    us_step=round(1e3 * fb_ms / (2 * T), 2), gfma=gfma, hbm_mb=mb, ran=ran)
+
+
+def part_mornn(record, device, quick, shape=None):
+    """MORNN against cuDNN, then the recurrence kernels alone. Correctness first (each backend against the
+    autograd loop on a small problem; the column-split kernel against the torch op at the timed shape),
+    then every candidate compiled and warmed (auto's first-use check included), then timed round-robin
+    with TF32 off and on; analytic GFMA / HBM MB beside every time."""
+    import torch
+
+    from matrec.ops import kernel_guard
+    from matrec.ops.rnn_recurrence import triton as tr
+
+    bench = _load_bench("mornn")
+    B, T, H = shape or ((4, 20, 16) if quick else (128, 1000, 256))  # shape: (B, T, H), for a dry run
+    reps = 2 if quick else 5
+    shape = f"B={B}, T={T}, H={H}"
+    usable = _mornn_check_backends(record, device, quick)
+    ts = None
+    if usable.get(("modrelu", "triton")):
+        from matrec.ops.rnn_recurrence import triton_split as ts
+    # the timed shape's problem: the split kernel's check below and the recurrence op timings use it
+    g = torch.Generator().manual_seed(0)
+    W = torch.linalg.qr(torch.randn(H, H, generator=g, dtype=torch.float64))[0].float().to(device)
+    xp = torch.randn(T, B, H, generator=g).to(device)
+    h0 = torch.randn(B, H, generator=g).to(device)
+    bias = (-0.1 * torch.rand(H, generator=g)).to(device)
+    _mornn_split_check(record, tr, ts, W, xp, h0, bias, shape)
+
+    # MORNN and cuDNN: build, compile and warm everything, then time
+    candidates = _mornn_candidates(H, usable, quick)
+    x = torch.randn(T, B, H, device=device)
+    kernel_guard.reset()
+    runs, gates = _mornn_warm(record, bench, candidates, x, device, quick, shape)
+    _mornn_auto(record, x, shape)
+    _mornn_time_models(record, bench, runs, gates, x, device, reps, (B, T, H), shape)
+
+    # the recurrence kernels alone (xproj given): what the issue's kernel targets are about
+    if ts is None:
+        return
+    _mornn_recurrence_ops(record, tr, ts, W, xp, h0, bias, device, quick, reps, (B, T, H), shape)
 
 
 def part_copy(record, device, quick, deadline=None, budget=None):
