@@ -278,7 +278,7 @@ class MORNN(_RNNBase):
         hx = self._initial_state(hx, ref, (self.num_layers * D, max_batch, self.hidden_size))
 
         if self.training:
-            self._maybe_refold()
+            self.maybe_refold()
         weights = self._weights()
         if not packed and self._inference_on_cpp(ref, hx, weights):
             x = input.transpose(0, 1) if self.batch_first else input
@@ -475,7 +475,7 @@ class MORNNCell(_RNNBase):
             hx = hx.unsqueeze(0)
         self._check_step(input, hx)
         if self.training:
-            self._maybe_refold()
+            self.maybe_refold()
         P = self._parameters
         W = self.orthogonal_weight("weight_hh")
         if self.nonlinearity in _FUSED:

@@ -357,7 +357,9 @@ class OrthogonalRecurrent(nn.Module):
             base.copy_(project_orthogonal(W))
             A.zero_()
 
-    def _maybe_refold(self) -> None:
+    def maybe_refold(self) -> None:
+        """Count one training forward and refold every ``refold_every`` of them: what every driver
+        of the layer's weights (its own forwards, the mixer's masked/packed path) calls first."""
         # Inside torch.compile a Python counter would recompile every call; compiled training loops
         # call refold() themselves (orthogonality does not depend on it, only A's size does).
         if torch.compiler.is_compiling():

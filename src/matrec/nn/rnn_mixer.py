@@ -52,7 +52,7 @@ def run_rnn(rnn: nn.Module, x: Tensor, hx: Tensor | None, mask: Tensor | None,
     if mask is not None and backend != "auto" and not RECURRENCE_BACKENDS.get(backend).masks:
         backend = "auto"
     if rnn.training and isinstance(rnn, OrthogonalRecurrent):
-        rnn._maybe_refold()  # as its forward does: a MORNN refolds every refold_every training calls
+        rnn.maybe_refold()
     out, h_n = rnn_layers(x.transpose(0, 1), hx, rnn.all_weights, biases, rnn.nonlinearity.lower(),
                           num_layers=L, bidirectional=False,
                           dropout=rnn.dropout if rnn.training else 0.0,
