@@ -339,27 +339,37 @@ def test_rotary_encodings_equal_complex_rotation_reference(pos):
         torch.testing.assert_close(x2, torch.cat((z.real, z.imag), -1))
 
 
-def test_txl_scores_equal_the_spelled_out_relative_formula():
+def _txl_reference(mixer, x, mem):
     # score(i, j) = ((q_i + u) . k_j + (q_i + v) . W_r R_(i - j)) / sqrt(D), j <= i over [memory; x]
     from matrec.nn.transformer_xl import sinusoid
 
-    mixer = make("txl", mem_len=4)
-    mem = torch.randn(2, 4, E, dtype=torch.float64)
-    x = torch.randn(2, 3, E, dtype=torch.float64, requires_grad=True)
-    y, _ = mixer(x, mem)
-    h = torch.cat((mem, x), 1)  # [B, 7, E]; query i sits at position 4 + i
-    Hh, D = mixer.n_heads, mixer.head_dim
-    q = mixer.q(x).view(2, 3, Hh, D)
-    k, v = (t.view(2, 7, Hh, D) for t in mixer.kv(h).split(E, dim=-1))
-    r = mixer.r(sinusoid(7, E, x.device, x.dtype)).view(7, Hh, D)  # row = distance
-    out = torch.zeros(2, 3, Hh, D, dtype=torch.float64)
-    for i in range(3):
+    B, T, _ = x.shape
+    h = x if mem is None else torch.cat((mem, x), 1)  # [B, K, E]; query i sits at position M + i
+    K, Hh, D = h.shape[1], mixer.n_heads, mixer.head_dim
+    M = K - T
+    q = mixer.q(x).view(B, T, Hh, D)
+    k, v = (t.view(B, K, Hh, D) for t in mixer.kv(h).split(E, dim=-1))
+    r = mixer.r(sinusoid(K, E, x.device, x.dtype)).view(K, Hh, D)  # row = distance
+    out = torch.zeros(B, T, Hh, D, dtype=x.dtype)
+    for i in range(T):
         for n in range(Hh):
             scores = torch.stack([((q[:, i, n] + mixer.u[n]) * k[:, j, n]).sum(-1)
-                                  + ((q[:, i, n] + mixer.v[n]) * r[4 + i - j, n]).sum(-1)
-                                  for j in range(4 + i + 1)], -1) / D ** 0.5  # [B, j <= 4 + i]
-            out[:, i, n] = (scores.softmax(-1)[..., None] * v[:, : 4 + i + 1, n]).sum(1)
-    ref = mixer.residual_proj(out.reshape(2, 3, E))
+                                  + ((q[:, i, n] + mixer.v[n]) * r[M + i - j, n]).sum(-1)
+                                  for j in range(M + i + 1)], -1) / D ** 0.5  # [B, j <= M + i]
+            out[:, i, n] = (scores.softmax(-1)[..., None] * v[:, : M + i + 1, n]).sum(1)
+    return mixer.residual_proj(out.reshape(B, T, E))
+
+
+@pytest.mark.parametrize("T, M", [(3, 4), (1, 0), (1, 6), (7, 5), (7, 0), (10, 2)])
+def test_txl_scores_equal_the_spelled_out_relative_formula(T, M):
+    mixer = make("txl", mem_len=4)
+    with torch.no_grad():  # u and v start at zero: move them so that their terms count
+        mixer.u.normal_()
+        mixer.v.normal_()
+    mem = torch.randn(2, M, E, dtype=torch.float64) if M else None
+    x = torch.randn(2, T, E, dtype=torch.float64, requires_grad=True)
+    y, _ = mixer(x, mem)
+    ref = _txl_reference(mixer, x, mem)
     torch.testing.assert_close(y, ref)
     inputs, cot = [x] + list(mixer.parameters()), torch.randn_like(y)
     for g, g_ref in zip(torch.autograd.grad(y, inputs, cot), torch.autograd.grad(ref, inputs, cot)):

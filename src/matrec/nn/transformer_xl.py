@@ -20,6 +20,7 @@ import math
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from ..checks import check_divides, check_int
 from .init import init_linear
@@ -90,13 +91,19 @@ class TransformerXLAttention(nn.Module):
         M = K - T
         q = self.q(x).view(B, T, H, D).transpose(1, 2)  # [B, H, T, D]
         k, v = (t.view(B, K, H, D).transpose(1, 2) for t in self.kv(h).split(E, dim=-1))  # [B, H, K, D]
-        r = self.r(sinusoid(K, E, x.device, x.dtype)).view(K, H, D).transpose(0, 1)  # [H, K, D]: by distance
-        content = (q + self.u[:, None, :]) @ k.transpose(-1, -2)  # [B, H, T, K]
-        by_dist = (q + self.v[:, None, :]) @ r.transpose(-1, -2)  # [B, H, T, K]: column = distance
-        dist = (M + torch.arange(T, device=x.device))[:, None] - torch.arange(K, device=x.device)[None, :]
-        position = by_dist.gather(-1, dist.clamp(min=0).expand(B, H, T, K))  # [B, H, T, K]
-        scores = (content + position) / math.sqrt(D)
-        scores = scores.masked_fill(dist < 0, float("-inf"))  # causal: no key after the query
+        # R's rows run from distance K - 1 down to 0, which is what the skew below needs
+        r = self.r(sinusoid(K, E, x.device, x.dtype).flip(0)).view(K, H, D).transpose(0, 1)  # [H, K, D]
+        scale = 1 / math.sqrt(D)  # on the [B, H, T, D] queries, not the [B, H, T, K] scores
+        by_dist = ((q + self.v[:, None, :]) * scale) @ r.transpose(-1, -2)  # [B, H, T, K]: column c = distance K-1-c
+        # Query i sits at position M + i, so key j needs column K - 1 - (M + i - j) = j + (T - 1 - i):
+        # row i shifted left by T - 1 - i. With one pad column per row, laid out flat, that entry is at
+        # i * K + j + T - 1, so one slice and a view do the shift (views: the backward is a copy, not
+        # the scatter a gather would need). Entries with j > M + i read the pad or the next row: they
+        # are the causal mask's, set to -inf below.
+        position = F.pad(by_dist, (0, 1)).flatten(-2)[..., T - 1:T - 1 + T * K].view(B, H, T, K)
+        future = torch.ones(T, K, dtype=torch.bool, device=x.device).triu(M + 1)  # key after the query
+        scores = (((q + self.u[:, None, :]) * scale) @ k.transpose(-1, -2))  # [B, H, T, K]
+        scores = scores.add_(position).masked_fill_(future, float("-inf"))
         docs = None
         if starts is not None or valid is not None:
             # memory slots: document 0 where valid, -1 (no query's) elsewhere; this call's tokens:
