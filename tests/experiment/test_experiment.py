@@ -390,6 +390,30 @@ def test_shipped_experiment_files_are_valid_at_both_scales(path, tmp_path):
         assert all(c.config["device"] == ("cpu" if scale == "cpu" else "cuda") for c in exp.cells)
 
 
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=[p.stem for p in EXPERIMENTS])
+def test_every_mixer_of_a_shipped_experiment_builds_at_every_scale(path, tmp_path):
+    """Each sequence model's mixers, one layer each (cheap at any width), built as the runs will build
+    them: a layer that refuses its shape (e.g. an MRU whose heads would hold constant 1 x 1 matrices)
+    fails here, not hours into a run."""
+    from matrec.models import MIXERS
+    from matrec.models.registry import architecture, model_kind
+
+    scales = ["cpu", "gpu"] + (["gpu-full"] if "[scales.gpu-full" in path.read_text() else [])
+    built = set()
+    for scale in scales:
+        for cell in load_experiment(path, scale, tmp_path).cells:
+            model, args = cell.config["model"], cell.config["model_args"]
+            if model_kind(model) != "sequence":
+                continue
+            arch = architecture(model, **args)[1]
+            for mixer in dict.fromkeys(arch["pattern"]):
+                options = arch["mixer_options"].get(mixer, {})
+                key = json.dumps([mixer, arch["d_model"], arch["n_heads"], options], sort_keys=True, default=repr)
+                if key not in built:
+                    built.add(key)
+                    MIXERS.get(mixer)(arch["d_model"], n_heads=arch["n_heads"], **options)
+
+
 def test_per_model_seeds_and_an_optional_gpu_full_scale(tmp_path):
     path = write_experiment(tmp_path, models={"rnn": {"model": "rnn", "model_args": {"hidden_size": 8}},
                                               "gru": {"model": "gru", "seeds": [4]}},

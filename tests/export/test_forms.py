@@ -39,7 +39,7 @@ MODELS = {
     "zoo": zoo_model,
     "mornn": lambda: noisy(build_model("mornn", vocab_size=V, output_size=V, hidden_size=8, num_layers=2)),
     "rnn": lambda: noisy(build_model("rnn", vocab_size=V, output_size=V, hidden_size=8)),
-    "features": lambda: noisy(build_model("mru", input_size=3, output_size=2, d_model=8, n_layers=1)),
+    "features": lambda: noisy(build_model("mru", input_size=3, output_size=2, d_model=8, n_heads=2, n_layers=1)),
     # per-row positions (the masked path) serve xPos as they serve RoPE
     "xpos": lambda: noisy(build_model("attn", vocab_size=V, output_size=V, d_model=8, n_layers=1, pos="xpos")),
 }

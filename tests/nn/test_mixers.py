@@ -58,8 +58,10 @@ def test_chunked_calls_with_state_equal_one_call(name, chunks):
 
 @pytest.mark.parametrize("name", ALL_MIXERS)
 def test_odd_width_runs_causally_and_chunks_like_one_call(name):
-    # width 15 = 3 heads of 5 (odd head size: RoPE needs even, so attn runs without positions here)
-    options = {"attn": {"pos": "none"}, "mru_rotary": {"chunk_size": 5}, "txl": {"mem_len": 16}}
+    # width 15 = 3 heads of 5 (odd head size: RoPE needs even, so attn runs without positions here;
+    # the MRU's default order would be 1, whose det-1 matrices are constant: order 5 instead)
+    options = {"attn": {"pos": "none"}, "mru_rotary": {"chunk_size": 5}, "txl": {"mem_len": 16},
+               "mru": {"state_size": 75}}
     torch.manual_seed(0)
     mixer = MIXERS.get(name)(15, n_heads=3, **options.get(name, {}))
     with torch.no_grad():

@@ -262,11 +262,46 @@ def test_checkpoints_with_the_old_out_proj_name_still_load():
     dst.load_state_dict(old)
     x = torch.randn(2, 5, 8)
     torch.testing.assert_close(dst(x)[0], src(x)[0], rtol=0, atol=0)
-    model = build_model("sequence", pattern=["mru", "mlp"], vocab_size=7, output_size=7, d_model=8)
+    model = build_model("sequence", pattern=["mru", "mlp"], vocab_size=7, output_size=7, d_model=8, n_heads=2)
     saved = {k.replace("mixer.residual_proj", "mixer.out_proj") if k.startswith("layers.0.") else k: v
              for k, v in model.state_dict().items()}
     assert any(k.endswith("mixer.out_proj.weight") for k in saved)
-    fresh = build_model("sequence", pattern=["mru", "mlp"], vocab_size=7, output_size=7, d_model=8)
+    fresh = build_model("sequence", pattern=["mru", "mlp"], vocab_size=7, output_size=7, d_model=8, n_heads=2)
     fresh.load_state_dict(saved)
     tokens = torch.randint(0, 7, (2, 5))
     torch.testing.assert_close(fresh(tokens)[0], model(tokens)[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", STATE_MATRICES.names())
+def test_min_order_says_where_a_construction_stops_depending_on_its_input(name):
+    """``min_order`` 2 exactly for the constructions whose 1 x 1 matrices are +-1 for every input
+    (|det| = 1 or orthogonal leave nothing else; no gradient reaches the input), which the MRU then
+    refuses at order 1."""
+    spec = STATE_MATRICES.get(name)
+    torch.manual_seed(0)
+    M = matrec.ops.state_matrix.state_matrix(name, torch.randn(6, spec.numel(1)), 1) if spec.numel(1) else None
+    constant = M is None or bool((M.abs() - 1).abs().max() < 1e-12)
+    assert spec.min_order == (2 if constant else 1)
+    if spec.min_order == 2:
+        with pytest.raises(ValueError, match=r"embed_dim=52, num_heads=4 give order d=1 .* "
+                                             r"needs d >= 2.*num_heads=1 gives d=4"):
+            MRU(52, num_heads=4, state_matrix=name)
+        with pytest.raises(ValueError, match=r"state_size=3, num_heads=3 give order d=1"):
+            MRU(12, num_heads=3, state_size=3, state_matrix=name)
+    else:
+        MRU(52, num_heads=4, state_matrix=name)   # a scalar recurrence per head: allowed
+
+
+def test_order_one_carries_the_sequence_where_it_is_allowed():
+    # identity at d = 1 is a running product of scalars 1 + x_t: the output must depend on the past
+    torch.manual_seed(0)
+    layer = MRU(13, num_heads=13, state_matrix="identity").double()
+    assert layer.order == 1
+    with torch.no_grad():
+        layer.in_proj.weight.normal_()
+    x = torch.randn(1, 6, 13, dtype=torch.float64)
+    x2 = x.clone()
+    x2[:, 0] += 1.0
+    assert (layer(x)[0][:, -1] - layer(x2)[0][:, -1]).abs().max() > 1e-6
+    with pytest.raises(ValueError, match=r"normalize='spectral' needs d >= 2"):
+        MRU(13, num_heads=13, state_matrix="identity", normalize="spectral")

@@ -48,6 +48,29 @@ def default_order(embed_dim: int, num_heads: int) -> int:
     return d
 
 
+def _check_order(d: int, embed_dim: int, num_heads: int, state_size: int | None, state_matrix: str,
+                 construction, normalize: str | None) -> None:
+    """A ValueError when the heads' matrices are too small to depend on the input: a 1 x 1 matrix
+    with |det| = 1, orthogonal, or spectrally normalised is +-1 whatever the token (no gradient
+    reaches ``W_in``), and an MRU built from it passes nothing learnable along the sequence."""
+    floor = max(construction.min_order, 2 if normalize is not None else 1)
+    if d >= floor:
+        return
+    why = (f"state_matrix={state_matrix!r}" if normalize is None else f"normalize={normalize!r}")
+    if state_size is None:
+        given = (f"embed_dim={embed_dim}, num_heads={num_heads} give order d={d} (the largest divisor "
+                 f"of E/h = {embed_dim // num_heads} that is at most its square root)")
+    else:
+        given = f"state_size={state_size}, num_heads={num_heads} give order d={d}"
+    fits = [h for h in range(1, embed_dim + 1) if embed_dim % h == 0 and default_order(embed_dim, h) >= floor]
+    hint = ("; at this width " + ", ".join(f"num_heads={h} gives d={default_order(embed_dim, h)}" for h in fits)
+            if fits else "")
+    raise ValueError(
+        f"{given}, but {why} needs d >= {floor}: its 1 x 1 matrices are +-1 whatever the token, so the "
+        f"MRU would carry nothing learnable from one token to the next. Choose embed_dim and num_heads "
+        f"so that E/h has a divisor d >= {floor} with d * d <= E/h, or pass state_size{hint}")
+
+
 class MRU(nn.Module):
     """Matrix Recurrent Unit: per head, ``H_t = H_{t-1} @ M_t`` with ``M_t`` built from ``x_t``.
 
@@ -123,10 +146,11 @@ class MRU(nn.Module):
                 f"embed_dim must be divisible by num_heads * d = {num_heads * d} for the read-out, "
                 f"got embed_dim={embed_dim} (state_size={num_heads * d * d})"
             )
-        STATE_MATRICES.get(state_matrix)  # unknown name -> ValueError naming state_matrix
+        construction = STATE_MATRICES.get(state_matrix)  # unknown name -> ValueError naming state_matrix
         SCAN_BACKENDS.check(backend)
         if normalize is not None:
             STATE_NORMALIZATIONS.get(normalize)  # unknown name -> ValueError naming normalize
+        _check_order(d, embed_dim, num_heads, state_size, state_matrix, construction, normalize)
         self.normalize = normalize
         self._warned_long = False
         if element_scale is None:

@@ -102,7 +102,7 @@ class TransformerXLAttention(nn.Module):
         # are the causal mask's, set to -inf below.
         position = F.pad(by_dist, (0, 1)).flatten(-2)[..., T - 1:T - 1 + T * K].view(B, H, T, K)
         future = torch.ones(T, K, dtype=torch.bool, device=x.device).triu(M + 1)  # key after the query
-        scores = (((q + self.u[:, None, :]) * scale) @ k.transpose(-1, -2))  # [B, H, T, K]
+        scores = ((q + self.u[:, None, :]) * scale) @ k.transpose(-1, -2)  # [B, H, T, K]
         scores = scores.add_(position).masked_fill_(future, float("-inf"))
         docs = None
         if starts is not None or valid is not None:

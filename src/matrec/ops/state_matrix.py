@@ -54,6 +54,9 @@ class StateMatrix:
     #: every ``M_t`` orthogonal, so every running product too: no growth at any length
     norm_preserving: bool = False
     export: Callable[[Tensor, int], Tensor] | None = None
+    #: the smallest order ``d`` at which ``M_t`` depends on its input: a 1 x 1 matrix with
+    #: ``|det| = 1`` or orthogonal is +-1 whatever the input (no gradient), so those need ``d >= 2``
+    min_order: int = 1
 
 
 STATE_MATRICES: Registry = Registry("state matrix construction", argument="state_matrix")
@@ -136,12 +139,12 @@ def _ldu_ns(x: Tensor, d: int, logabsdet: Callable[[Tensor], Tensor] = _logabsde
     return _unit_det(A + 0.5 * damp * (A @ E), logabsdet)
 
 
-def _construction(build, numel, guarantee, norm_preserving=False) -> StateMatrix:
+def _construction(build, numel, guarantee, norm_preserving=False, min_order=2) -> StateMatrix:
     # its own export-safe form: its primitives switch inside export_safe()
-    return StateMatrix(build, numel, guarantee, norm_preserving, export=build)
+    return StateMatrix(build, numel, guarantee, norm_preserving, export=build, min_order=min_order)
 
 
-STATE_MATRICES.register("identity", _construction(_identity, _square, "none"))
+STATE_MATRICES.register("identity", _construction(_identity, _square, "none", min_order=1))
 STATE_MATRICES.register("scaled", _construction(_scaled, _square, "|det| = 1"))
 STATE_MATRICES.register("cayley", _construction(_orthogonal("cayley"), lower_numel, "orthogonal", True))
 STATE_MATRICES.register("expm", _construction(_orthogonal("expm"), lower_numel, "orthogonal, det 1", True))
