@@ -11,8 +11,8 @@ from ..checks import check_int, check_number, check_real
 from ..ops.backends import exporting
 from ..ops.mru_scan import SCAN_BACKENDS, mru_scan
 from ..ops.precision import compute_dtype
-from ..ops.state_matrix import (STATE_MATRICES, STATE_NORMALIZATIONS, normalize_states, state_matrix,
-                                state_matrix_numel)
+from ..ops.state_matrix import (STATE_MATRICES, STATE_NORMALIZATIONS, StateMatrix, normalize_states,
+                                state_matrix, state_matrix_numel)
 from .init import init_linear
 from .protocol import StateSpec, check_mask
 
@@ -49,7 +49,7 @@ def default_order(embed_dim: int, num_heads: int) -> int:
 
 
 def _check_order(d: int, embed_dim: int, num_heads: int, state_size: int | None, state_matrix: str,
-                 construction, normalize: str | None) -> None:
+                 construction: StateMatrix, normalize: str | None) -> None:
     """A ValueError when the heads' matrices are too small to depend on the input: a 1 x 1 matrix
     with |det| = 1, orthogonal, or spectrally normalised is +-1 whatever the token (no gradient
     reaches ``W_in``), and an MRU built from it passes nothing learnable along the sequence."""

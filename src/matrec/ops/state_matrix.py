@@ -140,7 +140,8 @@ def _ldu_ns(x: Tensor, d: int, logabsdet: Callable[[Tensor], Tensor] = _logabsde
 
 
 def _construction(build, numel, guarantee, norm_preserving=False, min_order=2) -> StateMatrix:
-    # its own export-safe form: its primitives switch inside export_safe()
+    # its own export-safe form: its primitives switch inside export_safe(). min_order 2 by default:
+    # every construction here but identity constrains |det| or orthogonality (see StateMatrix)
     return StateMatrix(build, numel, guarantee, norm_preserving, export=build, min_order=min_order)
 
 
