@@ -6,6 +6,7 @@ Mixers, each as the models build it (``matrec.models.MIXERS``), projections incl
 - ``mru``: the default construction (``ldu``), scan backend ``auto`` (its best measured choice on
   the device: docs/mru.md); the backend it picks is printed beside the time.
 - ``mru-spectral``: the same with ``normalize="spectral"`` (the cost of the bounded product).
+- ``mru-direction``: the same with ``normalize="direction"`` (the bounded product read out as directions).
 - ``attn``: causal self-attention through ``scaled_dot_product_attention`` with its q, k, v and
   output projections and RoPE.
 - ``linear_attn``: causal linear attention (its ``auto`` form).
@@ -41,6 +42,7 @@ QUICK = "toy sizes (width 24, T 16 and 64, batch 1 and 2)"
 MIXER_SPECS = {
     "mru": ("mru", {}, {"backend": "sequential"}, 1),
     "mru-spectral": ("mru", {"normalize": "spectral"}, {"normalize": "spectral", "backend": "sequential"}, 1),
+    "mru-direction": ("mru", {"normalize": "direction"}, {"normalize": "direction", "backend": "sequential"}, 1),
     "attn": ("attn", {}, None, 2),
     "linear_attn": ("linear_attn", {}, {"form": "recurrent"}, 1),
 }

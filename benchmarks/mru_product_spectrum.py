@@ -14,8 +14,9 @@ is the same computation on the inverses, ``sigma_min(P_t) = 1 / sigma_max(P_t^-1
 M_t^-1 ... M_1^-1``: renormalising a product by its largest singular value would push the smallest
 one below float64's range once the condition number passes about 1e300, the inverse product has
 no such limit. A singular ``M_t`` gives ``sigma_min = 0`` from then on (reported as -inf).
-Columns: log10 of the extreme singular values over all heads, steps t <= T and seeds, at t = T, and
-the largest at t = the run's training seq_len (what the model saw while it trained);
+Columns: log10 of the extreme singular values over all heads, steps t <= T and seeds, at t = T (with
+the smallest head's largest one: a head whose whole product fades), and the largest at t = the run's
+training seq_len (what the model saw while it trained);
 "float32 overflow" is whether sigma_max ever passed 3.4e38 (the model's scan would hold inf there).
 A layer trained with ``normalize=`` (docs/mru.md) is measured on its normalised matrices, the ones
 its scan multiplies.
@@ -131,10 +132,12 @@ def analyse(runs: Path | list[Path], length: int, chunk: int = 64) -> Table:
     """One row per model (construction) over the run directories under ``runs`` (a folder or several)."""
     table = Table({"construction": "construction", "seeds": "seeds", "max_top": "max log10 σ_max",
                    "min_bottom": "min log10 σ_min", "end_top": "log10 σ_max at T",
+                   "end_top_least": "least head's log10 σ_max at T",
                    "end_bottom": "log10 σ_min at T", "train_top": "log10 σ_max at the training length",
                    "f32": "float32 overflow"},
                   title=f"running products over T = {length:,} validation tokens",
-                  formats={k: "{:.1f}" for k in ("max_top", "min_bottom", "end_top", "end_bottom", "train_top")},
+                  formats={k: "{:.1f}" for k in ("max_top", "min_bottom", "end_top", "end_top_least", "end_bottom",
+                                                   "train_top")},
                   stream=True)
     groups: dict[str, list[Path]] = {}
     folders = [runs] if isinstance(runs, (str, Path)) else runs
@@ -152,13 +155,15 @@ def analyse(runs: Path | list[Path], length: int, chunk: int = 64) -> Table:
             for M in state_matrices_of_run(run_dir, length).values():
                 top, bottom = log_singular_extremes(M, chunk)                    # [h, T]
                 stats.append((top.max().item(), bottom.min().item(), top[:, -1].max().item(),
-                              bottom[:, -1].min().item(), top[:, min(trained, length) - 1].max().item()))
+                              bottom[:, -1].min().item(), top[:, min(trained, length) - 1].max().item(),
+                              top[:, -1].min().item()))
         if not stats:
             continue   # a model without an MRU layer
         ln10 = math.log(10)
         max_top = max(s[0] for s in stats) / ln10
         table.add(construction=label, seeds=len(run_dirs), max_top=max_top,
                   min_bottom=min(s[1] for s in stats) / ln10, end_top=max(s[2] for s in stats) / ln10,
+                  end_top_least=min(s[5] for s in stats) / ln10,
                   end_bottom=min(s[3] for s in stats) / ln10, train_top=max(s[4] for s in stats) / ln10,
                   f32="yes" if max_top > FLOAT32_MAX_LOG10 else "no")
     return table

@@ -118,6 +118,8 @@ def test_mornn_matrix_is_materialised_once():
     (lambda: build_model("lru", vocab_size=V, output_size=V, d_model=8, n_layers=1), "its state is complex"),
     (lambda: build_model("mru", vocab_size=V, output_size=V, d_model=8, n_layers=1, n_heads=1,
                          normalize="spectral"), "normalize='spectral' has no export form"),
+    (lambda: build_model("mru", vocab_size=V, output_size=V, d_model=8, n_layers=1, n_heads=1,
+                         normalize="direction"), "normalize='direction' has no export form"),
 ])
 def test_unsupported_models_are_refused_by_name(model, match):
     with pytest.raises(UnsupportedModelError, match=match):

@@ -51,7 +51,7 @@ def test_spectral_normalize_properties():
     P, N = naive_mru_scan(M), naive_mru_scan(N)
     assert torch.linalg.matrix_norm(P[-1], ord=2) > 1e10
     assert (torch.linalg.matrix_norm(N, ord=2) <= 1 + 1e-12).all()
-    assert STATE_NORMALIZATIONS.get("spectral") is spectral_normalize
+    assert STATE_NORMALIZATIONS.get("spectral").per_token is spectral_normalize
 
 
 @pytest.mark.parametrize("T", [1, 7, 100])
@@ -171,7 +171,7 @@ def test_long_sequence_warning_once(monkeypatch):
 
 
 def test_bad_normalize_and_repr():
-    with pytest.raises(ValueError, match=r"normalize must be one of \['spectral'\], got 'max'"):
+    with pytest.raises(ValueError, match=r"normalize must be one of \['spectral', 'direction'\], got 'max'"):
         MRU(8, normalize="max")
     assert "normalize='spectral'" in repr(MRU(8, normalize="spectral"))
     assert "normalize" not in repr(MRU(8))

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from ..checks import check_int, check_number, check_real
 from ..ops.backends import exporting
-from ..ops.mru_scan import SCAN_BACKENDS, mru_scan
+from ..ops.mru_scan import SCAN_BACKENDS, direction_scan, mru_scan
 from ..ops.precision import compute_dtype
 from ..ops.state_matrix import (STATE_MATRICES, STATE_NORMALIZATIONS, StateMatrix, normalize_states,
                                 state_matrix, state_matrix_numel)
@@ -98,7 +98,10 @@ class MRU(nn.Module):
         normalize: ``None`` (default) or a name in
             :data:`matrec.ops.state_matrix.STATE_NORMALIZATIONS`: ``"spectral"`` divides every
             ``M_t`` by its largest singular value, so the running product has spectral norm <= 1
-            at any length (docs/mru.md, "A running product that stays finite"). Without it, a
+            at any length (docs/mru.md, "A running product that stays finite"); ``"direction"``
+            does the same and reads out every ``H_t`` rescaled to ``||H_t||_F = sqrt(d)``, so a state
+            carried over a long stream neither overflows nor fades to zero (docs/mru.md, "Reading
+            out the state's direction"). Without either, a
             construction that is not orthogonal warns once when ``T`` exceeds
             :data:`LONG_SEQUENCE_WARNING`.
 
@@ -251,7 +254,9 @@ class MRU(nn.Module):
                 M = torch.where(mask[:, None, :, None, None], M, eye)
             h0 = None if state is None else state.to(compute)
             resets = None if starts is None else starts[:, None, :].expand(B, h, T)
-            H = mru_scan(M, h0, backend=self.backend, resets=resets)  # [B, h, T, d, d]
+            direction = self.normalize is not None and STATE_NORMALIZATIONS.get(self.normalize).direction
+            scan = direction_scan if direction else mru_scan
+            H = scan(M, h0, backend=self.backend, resets=resets)  # [B, h, T, d, d]
         # read-out per head: [B, h, T, d, d] @ [h, 1, d, E/(h d)] -> [B, h, T, d, E/(h d)]
         # (in the parameters' dtype; under autocast the matmul itself drops to bf16/fp16 as usual)
         y = H.to(self.down.dtype) @ self.down.unsqueeze(1)

@@ -21,9 +21,12 @@ construction here is its own export-safe form: the linear-algebra primitives the
 ``slogdet``, ``matrix_exp``, ``householder_product``) switch to the elementwise ones of
 :mod:`.export_linalg` inside ``export_safe()``.
 
-``STATE_NORMALIZATIONS`` holds the per-token normalisations the MRU can apply after a construction
-(``MRU(normalize=...)``): ``"spectral"`` divides every ``M_t`` by its largest singular value, so every
-running product has spectral norm at most 1 (docs/mru.md, "A running product that stays finite").
+``STATE_NORMALIZATIONS`` holds the normalisations the MRU can apply (``MRU(normalize=...)``), each a
+per-token step after the construction and, optionally, the read-out of the state's direction:
+``"spectral"`` divides every ``M_t`` by its largest singular value, so every running product has
+spectral norm at most 1 (docs/mru.md, "A running product that stays finite"); ``"direction"`` does the
+same and reads out ``H_t`` rescaled to the identity's norm, so a carried state cannot fade either
+(docs/mru.md, "Reading out the state's direction").
 """
 from __future__ import annotations
 
@@ -39,8 +42,8 @@ from . import export_linalg
 from .backends import NoExportForm, exporting
 from .orthogonal import cayley, lower_numel, lower_to_square, orthogonal_from
 
-__all__ = ["STATE_MATRICES", "STATE_NORMALIZATIONS", "StateMatrix", "spectral_normalize", "state_matrix",
-           "state_matrix_numel"]
+__all__ = ["STATE_MATRICES", "STATE_NORMALIZATIONS", "StateMatrix", "StateNormalization", "spectral_normalize",
+           "state_matrix", "state_matrix_numel"]
 
 
 @dataclass(frozen=True)
@@ -170,8 +173,23 @@ def spectral_normalize(M: Tensor) -> Tensor:
     return M * torch.rsqrt(top)[..., None, None]
 
 
-STATE_NORMALIZATIONS: Registry = Registry("state matrix normalisation", argument="normalize")
-STATE_NORMALIZATIONS.register("spectral", spectral_normalize)
+@dataclass(frozen=True)
+class StateNormalization:
+    """One entry of ``STATE_NORMALIZATIONS``: ``per_token(M [..., d, d])`` applied to every input
+    matrix, and whether the scan's ``H_t`` are read out as directions
+    (:func:`matrec.ops.mru_scan.direction_scan`) rather than as they are."""
+
+    per_token: Callable[[Tensor], Tensor]
+    direction: bool = False
+
+    def __call__(self, M: Tensor) -> Tensor:
+        return self.per_token(M)
+
+
+STATE_NORMALIZATIONS: Registry[StateNormalization] = Registry("state matrix normalisation", argument="normalize")
+STATE_NORMALIZATIONS.register("spectral", StateNormalization(spectral_normalize))
+# spectral per token keeps every block's product inside float32; the direction removes the fading
+STATE_NORMALIZATIONS.register("direction", StateNormalization(spectral_normalize, direction=True))
 
 
 def normalize_states(name: str, M: Tensor) -> Tensor:
