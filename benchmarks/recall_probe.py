@@ -7,7 +7,13 @@ accuracy of the last 8 batches (chance 1/8). The MRU variants differ only in the
 decide how a token changes the running product: the construction, the input scale (element_scale,
 1/E by default) and normalize.
 
+``--prefix N``: before every row the model reads N more random tokens (no loss, no gradient) and
+starts the row from the state they leave, as a model reading a long stream does with its carried
+state. A model that forgets what it no longer needs is unaffected; one whose state keeps a trace of
+everything it has read has to find the recent tokens under the old ones.
+
     PYTHONPATH=src python benchmarks/recall_probe.py --lags 3 20 --steps 400
+    PYTHONPATH=src python benchmarks/recall_probe.py --lags 3 --steps 400 --prefix 512 --models mru gru
     PYTHONPATH=src python benchmarks/recall_probe.py --quick
 """
 from __future__ import annotations
@@ -39,7 +45,7 @@ MODELS = {
 VOCAB, ROWS, LENGTH = 8, 32, 64
 
 
-def probe(label: str, lag: int, steps: int, lr: float, seed: int = 0) -> dict:
+def probe(label: str, lag: int, steps: int, lr: float, seed: int = 0, prefix: int = 0) -> dict:
     name, options = MODELS[label]
     torch.manual_seed(seed)
     model = build_model(name, vocab_size=VOCAB, output_size=VOCAB, **options)
@@ -48,7 +54,11 @@ def probe(label: str, lag: int, steps: int, lr: float, seed: int = 0) -> dict:
     hits, start = [], time.perf_counter()
     for step in range(steps):
         x = torch.randint(0, VOCAB, (ROWS, LENGTH), generator=data)               # [B, T]
-        out, _ = model(x)                                                          # [B, T, V]
+        state = None
+        if prefix:
+            with torch.no_grad():
+                _, state = model(torch.randint(0, VOCAB, (ROWS, prefix), generator=data))
+        out, _ = model(x, state)                                                   # [B, T, V]
         logits, target = out[:, lag:].reshape(-1, VOCAB), x[:, :-lag].reshape(-1)
         loss = F.cross_entropy(logits, target)
         opt.zero_grad()
@@ -58,7 +68,7 @@ def probe(label: str, lag: int, steps: int, lr: float, seed: int = 0) -> dict:
         if step >= steps - 8:
             hits.append((logits.argmax(-1) == target).float().mean().item())
     params = sum(p.numel() for p in model.parameters())
-    return {"model": label, "lag": lag, "params": params, "accuracy": sum(hits) / len(hits),
+    return {"model": label, "lag": lag, "prefix": prefix, "params": params, "accuracy": sum(hits) / len(hits),
             "loss": loss.item(), "seconds": time.perf_counter() - start}
 
 
@@ -67,6 +77,7 @@ def main(argv=None) -> Table:
     p.add_argument("--lags", type=int, nargs="+", default=[3, 20])
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--prefix", type=int, default=0, help="random tokens read (state carried) before every row")
     p.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     add_quick_argument(p, QUICK)
     add_json_argument(p)
@@ -75,14 +86,17 @@ def main(argv=None) -> Table:
         args.lags, args.steps, args.models = [2], 20, ["mru", "gru"]
     if min(args.lags) < 1 or max(args.lags) >= LENGTH:
         p.error(f"--lags must lie in [1, {LENGTH - 1}], got {args.lags}")
+    if args.prefix < 0:
+        p.error(f"--prefix must be >= 0, got {args.prefix}")
     torch.set_num_threads(1)
-    table = Table({"model": "model", "params": "parameters", "lag": "lag k", "accuracy": "accuracy (chance 0.125)",
+    table = Table({"model": "model", "params": "parameters", "lag": "lag k", "prefix": "prefix",
+                   "accuracy": "accuracy (chance 0.125)",
                    "loss": "last loss", "seconds": "seconds"},
                   title=f"recall of the token k steps back after {args.steps} steps (lr {args.lr:g})",
                   formats={"accuracy": "{:.3f}", "loss": "{:.3f}", "seconds": "{:.0f}"}, stream=True)
     for lag in args.lags:
         for label in args.models:
-            table.add(**probe(label, lag, args.steps, args.lr))
+            table.add(**probe(label, lag, args.steps, args.lr, prefix=args.prefix))
     write_json(args.json, [table], steps=args.steps, lr=args.lr)
     return table
 

@@ -17,6 +17,8 @@ def test_the_probe_can_tell_recall_from_chance(monkeypatch):
     sees one token at a time) stays near chance, so the accuracy measures memory."""
     row = probe.probe("gru", 1, 150, 1e-2)
     assert row["accuracy"] > 0.9
+    # a carried state from a prefix does not stop a model that forgets from learning
+    assert probe.probe("gru", 1, 150, 1e-2, prefix=16)["accuracy"] > 0.9
 
     class Memoryless(probe.torch.nn.Module):
         def __init__(self, vocab_size, output_size, **_):
@@ -24,7 +26,7 @@ def test_the_probe_can_tell_recall_from_chance(monkeypatch):
             self.net = probe.torch.nn.Sequential(probe.torch.nn.Embedding(vocab_size, 32),
                                                  probe.torch.nn.Linear(32, output_size))
 
-        def forward(self, x):
+        def forward(self, x, state=None):
             return self.net(x), None
 
     monkeypatch.setattr(probe, "build_model", lambda name, **kw: Memoryless(**kw))
@@ -32,6 +34,7 @@ def test_the_probe_can_tell_recall_from_chance(monkeypatch):
     assert row["accuracy"] < 0.2
 
 
-def test_bad_lag_is_refused():
+@pytest.mark.parametrize("argv", [["--lags", "64"], ["--prefix", "-1"]])
+def test_bad_arguments_are_refused(argv):
     with pytest.raises(SystemExit):
-        probe.main(["--lags", "64"])
+        probe.main(argv)
