@@ -74,4 +74,3 @@ def direction_scan(states: Tensor, initial_state: Tensor | None = None, *, backe
         out.append(Hb)
         H = Hb[..., -1, :, :]
     return out[0] if len(out) == 1 else torch.cat(out, -3)
-
