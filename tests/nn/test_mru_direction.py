@@ -1,5 +1,6 @@
-"""MRU(normalize="direction"): spectral per token, every H_t read out rescaled to ||H_t||_F = sqrt(d)
-(docs/mru.md, "Reading out the state's direction"); the op is matrec.ops.mru_scan.direction_scan."""
+"""The direction scan (matrec.ops.mru_scan.direction_scan) and what MRU(normalize="direction") does that
+"spectral" does not (docs/mru.md, "Reading out the state's direction"). The layer against its reference on
+every backend, gradcheck and streaming are in test_mru_normalize.py, for both normalisations."""
 import math
 import warnings
 
@@ -8,29 +9,10 @@ import torch
 
 from matrec.nn.mru import MRU
 from matrec.ops.mru_scan import SCAN_BACKENDS, direction_scan, naive_direction_scan
-from matrec.ops.state_matrix import state_matrix
+
+from test_mru_normalize import randomised
 
 CPU_BACKENDS = [b for b in SCAN_BACKENDS.names() if b != "triton"]
-
-
-def randomised(m, scale, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in (m.in_proj.weight, m.in_proj.bias):
-            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * scale)
-    return m
-
-
-def reference(m, x, h0=None):
-    """The layer by its definition: sigma_max from an SVD, then a step-by-step rescaled product."""
-    B, T, E = x.shape
-    h, d = m.num_heads, m.order
-    raw = (m.in_proj(x) * m.element_scale).view(B, T, h, m.numel).transpose(1, 2)
-    M = state_matrix(m.state_matrix, raw, d)                                     # [B, h, T, d, d]
-    M = M / torch.linalg.matrix_norm(M, ord=2)[..., None, None]
-    H = naive_direction_scan(M, h0)                                              # [B, h, T, d, d]
-    y = (H @ m.down.unsqueeze(1)).flatten(-2).transpose(1, 2).reshape(B, T, E)
-    return m.residual_proj(y), H[:, :, -1]
 
 
 def test_naive_is_the_rescaled_product():
@@ -66,40 +48,6 @@ def test_blocks_and_backends_match_the_definition(backend, block, T):
         torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
 
 
-@pytest.mark.parametrize("T", [1, 7, 100])
-def test_layer_matches_the_reference(T):
-    """Outputs, final state and every gradient (x, H_0, all parameters) against the definition."""
-    torch.manual_seed(0)
-    m = randomised(MRU(12, num_heads=2, state_size=8, state_matrix="ldu", normalize="direction",
-                       element_scale=1.0, dtype=torch.float64), 0.3)
-    x = torch.randn(2, T, 12, dtype=torch.float64, requires_grad=True)
-    h0 = torch.randn(2, 2, 2, 2, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(2, T, 12, dtype=torch.float64)
-    results = []
-    for fn in (m, lambda a, b: reference(m, a, b)):
-        y, s = fn(x, h0)
-        grads = torch.autograd.grad((y * w).sum() + s.square().sum(), [x, h0, *m.parameters()])
-        results.append([y, s, *grads])
-    for got, want in zip(*results):
-        torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
-    m.normalize = "spectral"  # the read-out did something: the spectral option alone differs
-    assert not torch.allclose(m(x, h0)[0], results[0][0])
-
-
-def test_gradcheck():
-    m = randomised(MRU(4, num_heads=1, state_size=4, state_matrix="ldu", normalize="direction",
-                       element_scale=1.0, dtype=torch.float64), 0.5)
-    x = torch.randn(1, 6, 4, dtype=torch.float64, requires_grad=True)
-    h0 = torch.randn(1, 1, 2, 2, dtype=torch.float64, requires_grad=True)
-    names = ["in_proj.weight", "in_proj.bias", "down"]
-    params = [dict(m.named_parameters())[n].detach().clone().requires_grad_() for n in names]
-
-    def f(a, b, *p):
-        return torch.func.functional_call(m, dict(zip(names, p)), (a, b))
-
-    assert torch.autograd.gradcheck(f, (x, h0, *params))
-
-
 def test_orthogonal_constructions_are_unchanged():
     """||Q||_F = sqrt(d) for every orthogonal Q: for cayley the option is the plain layer."""
     m = randomised(MRU(12, num_heads=2, state_size=18, state_matrix="cayley", element_scale=1.0,
@@ -110,19 +58,6 @@ def test_orthogonal_constructions_are_unchanged():
     y2, s2 = m(x)
     torch.testing.assert_close(y2, y, atol=1e-10, rtol=1e-10)
     torch.testing.assert_close(s2, s, atol=1e-10, rtol=1e-10)
-
-
-def test_streaming_equals_whole():
-    m = randomised(MRU(12, num_heads=2, state_size=8, state_matrix="identity", normalize="direction",
-                       element_scale=1.0, dtype=torch.float64), 0.5)
-    x = torch.randn(2, 40, 12, dtype=torch.float64)
-    y, s = m(x)
-    ys, state = [], None
-    for lo, hi in [(0, 1), (1, 17), (17, 40)]:
-        yi, state = m(x[:, lo:hi], state)
-        ys.append(yi)
-    torch.testing.assert_close(torch.cat(ys, 1), y, atol=1e-10, rtol=1e-10)
-    torch.testing.assert_close(state, s, atol=1e-10, rtol=1e-10)
 
 
 @pytest.mark.parametrize("name", ["ldu", "identity"])
