@@ -2,6 +2,7 @@
 import io
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -186,6 +187,50 @@ def test_report_loss_by_position_carried_vs_reset_from_checkpoints(tmp_path, cap
     naive = cells["naive"]["position"]
     assert naive["reset_minus_carried"][2]["mean"] > 0.1
     assert (moved / "tiny-cpu-position.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+def test_report_includes_an_earlier_report_for_runs_whose_directories_are_gone(tmp_path, capsys):
+    # seed 0 runs on one machine and is reported; its directories are lost; seed 1 runs on another:
+    # the report of seed 1 with the first report included equals the report of both run together
+    path = write_experiment(
+        tmp_path, task="forecast", metric="r2", grid={}, budget={"steps": 2},
+        task_args={"seq_len": 8, "length": 2048, "lag": 32, "periods": [4, 16]},
+        position_eval={"bins": [0, 8, 32, 128]}, seeds=[0, 1],
+        models={"naive": {"model": "seasonal_naive", "model_args": {"period": 32, "fit": False}},
+                "gru": {"model": "gru", "model_args": {"hidden_size": 4}}})
+    both, first, second = tmp_path / "both", tmp_path / "first", tmp_path / "second"
+    assert run_cli(capsys, "experiment", "run", str(path), "--out", str(both))[0] == 0
+    for out, seed in ((first, 0), (second, 1)):
+        assert run_cli(capsys, "experiment", "run", str(path), "--out", str(out),
+                       "--only", f"*-seed{seed}")[0] == 0
+    whole = write_report(both, tmp_path / "whole")["json"]["experiments"][0]
+    write_report(first, tmp_path / "report0")
+    shutil.rmtree(first)
+    status, text = run_cli(capsys, "experiment", "report", str(second), "--out", str(tmp_path / "merged"),
+                           "--include", str(tmp_path / "report0" / "report.json"))
+    assert status == 0 and "2 of these 4 runs are read from an earlier report" in text
+    merged = json.loads((tmp_path / "merged" / "report.json").read_text())["experiments"][0]
+    assert [c["label"] for c in merged["cells"]] == [c["label"] for c in whole["cells"]]
+    for a, b in zip(whole["cells"], merged["cells"]):
+        assert b["runs"] == b["done"] == 2 and [s["seed"] for s in b["seeds"]] == [0, 1]
+        for key in ("metric", "loss", "steps"):
+            assert b[key]["mean"] == pytest.approx(a[key]["mean"]) and b[key]["std"] == pytest.approx(a[key]["std"])
+        assert b["position"]["n"] == 2
+        carried = [[x["mean"] for x in c["position"]["carried"]] for c in (a, b)]
+        assert carried[1] == pytest.approx(carried[0])
+
+    # a run directory replaces its run's entry: `second` reported with a report of itself counts 1 run a cell
+    write_report(second, tmp_path / "report1")
+    again = write_report(second, tmp_path / "again", include=[tmp_path / "report1" / "report.json"])
+    assert all(c["runs"] == 1 for c in again["json"]["experiments"][0]["cells"])
+    assert "read from an earlier report" not in again["markdown"]
+
+    (tmp_path / "bad.json").write_text("[1, 2]")
+    status = cli.main(["experiment", "report", str(second), "--include", str(tmp_path / "bad.json")])
+    assert status == 2 and "include:" in capsys.readouterr().err
+    status = cli.main(["experiment", "report", str(second), "--include", str(tmp_path / "none.json")])
+    assert status == 2 and "expected an earlier report.json" in capsys.readouterr().err
+
+
 def test_eval_at_columns_in_the_report(tmp_path, capsys):
     # each done run is also evaluated at other task settings (length extrapolation: seq_len 2x, 4x)
     path = write_experiment(tmp_path, grid={}, eval_at=[{"delay": 7}, {"delay": 9}])

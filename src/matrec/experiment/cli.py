@@ -37,6 +37,9 @@ def add_parser(sub) -> None:
                         "`matrec train` runs) and write report.md, report.json and PNG plots.")
     r.add_argument("dir", help="folder holding run directories (searched recursively)")
     r.add_argument("--out", default=None, help="where to write the report (default DIR)")
+    r.add_argument("--include", metavar="REPORT_JSON", action="append", default=[],
+                   help="an earlier report.json whose runs count too (final numbers, no curves), for "
+                   "runs whose directories are gone; a run directory replaces its entry; repeatable")
     r.set_defaults(func=cmd_report)
 
 
@@ -129,7 +132,12 @@ def cmd_report(args) -> int:
     from .report import write_report
 
     import sys
-    result = write_report(args.dir, args.out, warn=lambda line: print(line, file=sys.stderr))
+    try:
+        result = write_report(args.dir, args.out, warn=lambda line: print(line, file=sys.stderr),
+                              include=args.include)
+    except ValueError as e:
+        print(f"matrec experiment report: {e}", file=sys.stderr)
+        return 2
     print(result["markdown"])
     print("wrote " + ", ".join(result["files"]))
     return 0

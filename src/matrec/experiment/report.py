@@ -4,6 +4,11 @@ alone (any folder holding them: runs made on another machine or a cluster report
 A run directory is a folder with ``config.json`` and ``metrics.jsonl``. Its ``cell.json`` (written
 by ``matrec experiment run``) places it in an experiment; a plain ``matrec train`` run is grouped
 by its parent folder, labelled by its model, with its task options as the swept values.
+
+An earlier ``report.json`` can be read in beside them (``include``): its per-seed entries count as
+runs whose directories are gone (made on another machine, or cleaned up), with their final numbers,
+evaluations at other settings and loss by position, but no curves. A run directory of the same
+experiment, scale, cell and seed replaces its entry, so a report grows run by run across machines.
 """
 from __future__ import annotations
 
@@ -95,6 +100,42 @@ def collect_runs(root: str | Path, warn=None) -> list[dict]:
             run["position"] = _position_of(run_dir, run["position_eval"])
         runs.append(run)
     return runs
+
+
+def runs_of_report(path: str | Path) -> list[dict]:
+    """The runs recorded in an earlier ``report.json`` (see the module's docstring), each marked
+    ``included`` with the file's path; :class:`ValueError` naming the file when it is no report."""
+    path = Path(path)
+    try:
+        data = read_json(path)
+    except DamagedRun as e:
+        raise ValueError(f"include: {e}") from None
+    if data is None:
+        raise ValueError(f"include: no file {str(path)!r} (expected an earlier report.json)")
+    experiments = data.get("experiments")
+    if not isinstance(experiments, list):
+        raise ValueError(f"include: {str(path)!r} has no 'experiments' list: not a report.json")
+    runs = []
+    for exp in experiments:
+        for cell in exp.get("cells", []):
+            for seed in cell.get("seeds", []):
+                runs.append({
+                    **{k: seed.get(k) for k in ("seed", "state", "reason", "step", "train_seconds",
+                                                "target_step", "target_seconds", "run_dir", "position")},
+                    "final": seed.get("final") or {}, "eval_at": seed.get("eval_at") or [],
+                    "loss_spikes": seed.get("loss_spikes") or [],
+                    "target_seconds_estimated": seed.get("target_seconds_estimated", False),
+                    "experiment": exp["name"], "scale": exp.get("scale", ""), "label": cell["label"],
+                    "swept": cell.get("swept", {}), "parameters": cell.get("parameters"),
+                    "metric": exp.get("metric", "loss"), "target": exp.get("target"),
+                    "matching": exp.get("matching", ""), "size": cell.get("size", ""),
+                    "position_eval": cell.get("position") is not None or None,
+                    "evals": [], "train_losses": [], "included": str(path)})
+    return runs
+
+
+def _run_key(run: dict) -> tuple:
+    return (run["experiment"], run["scale"], run["label"], json.dumps(run["swept"], sort_keys=True), run["seed"])
 
 
 def _cell_of_siblings(run_dir: Path, config: dict) -> dict | None:
@@ -307,10 +348,17 @@ def table(exp: dict) -> str:
     return "\n".join(lines)
 
 
-def write_report(root: str | Path, out: str | Path | None = None, warn=None) -> dict:
+def write_report(root: str | Path, out: str | Path | None = None, warn=None,
+                 include: list[str | Path] = ()) -> dict:
     """Write ``report.md``, ``report.json`` and the plots into ``out`` (default ``root``); each
-    damaged run is named in report.md (and to ``warn``)."""
+    damaged run is named in report.md (and to ``warn``). ``include``: earlier report.json files
+    whose runs count beside the directories' (a directory replaces the entry of its run)."""
     runs = collect_runs(root, warn)
+    live = {_run_key(r) for r in runs}
+    earlier = [r for path in include for r in runs_of_report(path) if _run_key(r) not in live]
+    # an entry in two included reports counts once (the first file's)
+    earlier = list({_run_key(r): r for r in reversed(earlier)}.values())[::-1]
+    runs += earlier
     if not runs:
         raise FileNotFoundError(f"no run directories (config.json + metrics.jsonl) under {str(root)!r}")
     out = Path(out or root)
@@ -326,6 +374,11 @@ def write_report(root: str | Path, out: str | Path | None = None, warn=None) -> 
         if sizes:
             md += ["Sizes as stated in the file: " + "; ".join(f"{k}: {v}" for k, v in sizes.items()), ""]
         md += [table(exp), ""]
+        included = [r for r in exp["_runs"] if r.get("included")]
+        if included:
+            sources = ", ".join(sorted({r["included"] for r in included}))
+            md += [f"{len(included)} of these {len(exp['_runs'])} runs are read from an earlier report "
+                   f"({sources}): final numbers only, no curves.", ""]
         damaged = [r for r in exp["_runs"] if r["state"] == "damaged"]
         if damaged:
             md += ["Damaged runs (counted, no numbers): " + "; ".join(
