@@ -215,6 +215,7 @@ def test_report_includes_an_earlier_report_for_runs_whose_directories_are_gone(t
         for key in ("metric", "loss", "steps"):
             assert b[key]["mean"] == pytest.approx(a[key]["mean"]) and b[key]["std"] == pytest.approx(a[key]["std"])
         assert b["position"]["n"] == 2
+        assert [s["evals"] for s in b["seeds"]] == [s["evals"] for s in a["seeds"]] != [[], []]
         carried = [[x["mean"] for x in c["position"]["carried"]] for c in (a, b)]
         assert carried[1] == pytest.approx(carried[0])
 

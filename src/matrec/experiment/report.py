@@ -7,7 +7,8 @@ by its parent folder, labelled by its model, with its task options as the swept 
 
 An earlier ``report.json`` can be read in beside them (``include``): its per-seed entries count as
 runs whose directories are gone (made on another machine, or cleaned up), with their final numbers,
-evaluations at other settings and loss by position, but no curves. A run directory of the same
+evaluations at other settings, loss by position and evaluation curves (kept per seed since reports
+could be included; no training-loss curves). A run directory of the same
 experiment, scale, cell and seed replaces its entry, so a report grows run by run across machines.
 """
 from __future__ import annotations
@@ -130,7 +131,7 @@ def runs_of_report(path: str | Path) -> list[dict]:
                     "metric": exp.get("metric", "loss"), "target": exp.get("target"),
                     "matching": exp.get("matching", ""), "size": cell.get("size", ""),
                     "position_eval": cell.get("position") is not None or None,
-                    "evals": [], "train_losses": [], "included": str(path)})
+                    "evals": seed.get("evals") or [], "train_losses": [], "included": str(path)})
     return runs
 
 
@@ -289,7 +290,8 @@ def summarise(runs: list[dict]) -> list[dict]:
                 "seeds": [{k: r.get(k, []) if k in ("eval_at", "loss_spikes") else r[k]
                            for k in ("seed", "state", "reason", "step", "train_seconds", "final", "eval_at",
                                      "loss_spikes", "target_step", "target_seconds",
-                                     "target_seconds_estimated", "run_dir")} | {"position": r.get("position")}
+                                     "target_seconds_estimated", "run_dir")}
+                          | {"position": r.get("position"), "evals": r.get("evals", [])}
                           for r in members]})
         # run folders list in name order (delay1000 before delay300); tables read by the numbers
         rows.sort(key=lambda r: (r["label"], sorted((k, _order(v)) for k, v in r["swept"].items())))
@@ -378,7 +380,7 @@ def write_report(root: str | Path, out: str | Path | None = None, warn=None,
         if included:
             sources = ", ".join(sorted({r["included"] for r in included}))
             md += [f"{len(included)} of these {len(exp['_runs'])} runs are read from an earlier report "
-                   f"({sources}): final numbers only, no curves.", ""]
+                   f"({sources}): no training-loss curves, and no evaluation curves from reports older than this option.", ""]
         damaged = [r for r in exp["_runs"] if r["state"] == "damaged"]
         if damaged:
             md += ["Damaged runs (counted, no numbers): " + "; ".join(
