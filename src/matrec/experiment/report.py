@@ -380,7 +380,8 @@ def write_report(root: str | Path, out: str | Path | None = None, warn=None,
         if included:
             sources = ", ".join(sorted({r["included"] for r in included}))
             md += [f"{len(included)} of these {len(exp['_runs'])} runs are read from an earlier report "
-                   f"({sources}): no training-loss curves, and no evaluation curves from reports older than this option.", ""]
+                   f"({sources}): no training-loss curves, and no evaluation curves from reports older "
+                   "than this option.", ""]
         damaged = [r for r in exp["_runs"] if r["state"] == "damaged"]
         if damaged:
             md += ["Damaged runs (counted, no numbers): " + "; ".join(
