@@ -188,6 +188,7 @@ def test_report_loss_by_position_carried_vs_reset_from_checkpoints(tmp_path, cap
     assert naive["reset_minus_carried"][2]["mean"] > 0.1
     assert (moved / "tiny-cpu-position.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
+
 def test_report_includes_an_earlier_report_for_runs_whose_directories_are_gone(tmp_path, capsys):
     # seed 0 runs on one machine and is reported; its directories are lost; seed 1 runs on another:
     # the report of seed 1 with the first report included equals the report of both run together

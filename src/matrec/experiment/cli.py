@@ -38,8 +38,8 @@ def add_parser(sub) -> None:
     r.add_argument("dir", help="folder holding run directories (searched recursively)")
     r.add_argument("--out", default=None, help="where to write the report (default DIR)")
     r.add_argument("--include", metavar="REPORT_JSON", action="append", default=[],
-                   help="an earlier report.json whose runs count too (final numbers, no curves), for "
-                   "runs whose directories are gone; a run directory replaces its entry; repeatable")
+                   help="an earlier report.json whose runs count too (final numbers, no training curves), "
+                   "for runs whose directories are gone; a run directory replaces its entry; repeatable")
     r.set_defaults(func=cmd_report)
 
 
