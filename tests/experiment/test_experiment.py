@@ -102,7 +102,7 @@ def test_interrupted_run_resumes_as_if_never_killed(tmp_path, capsys, monkeypatc
 def test_jobs_2_runs_in_parallel_processes_and_records_a_diverged_run(tmp_path, capsys):
     models = {"rnn": {"model": "rnn", "model_args": {"hidden_size": 8}},
               "boom": {"model": "rnn", "model_args": {"hidden_size": 8},
-                       "train": {"lr": 1e30, "grad_clip": 0.0}}}
+                       "train": {"lr": 1e36, "grad_clip": 0.0}}}
     path = write_experiment(tmp_path, seeds=[0], grid={}, models=models)
     out = tmp_path / "out"
     status, text = run_cli(capsys, "experiment", "run", str(path), "--out", str(out), "--jobs", "2")
@@ -111,7 +111,8 @@ def test_jobs_2_runs_in_parallel_processes_and_records_a_diverged_run(tmp_path, 
     good = json.loads((folder / "rnn-seed0" / "status.json").read_text())
     bad = json.loads((folder / "boom-seed0" / "status.json").read_text())
     assert good["state"] == "done" and good["step"] == 4
-    assert bad["state"] == "failed" and bad["reason"].startswith("diverged: the training loss is nan")
+    assert bad["state"] == "failed" and bad["reason"].startswith(("diverged: the training loss is nan",
+                                                                "diverged: the training loss is inf"))
     # each job got its share of the 2 cores... of this machine: cores // jobs, at least 1
     assert TrainConfig.from_json(folder / "rnn-seed0" / "config.json").threads == 1
     # a failed run is final: the next run neither drops nor retries it, and the report counts it
@@ -537,6 +538,15 @@ def test_dry_run_estimates_each_run_from_measured_step_times(tmp_path, capsys, m
     assert status == 0 and "rnn-delay6-seed0  (est. 1 s)" in text
     spec = {"run_dir": "r", "config": load_experiment(path, "cpu", tmp_path).cells[0].config}
     assert est.estimate([spec], [{"delay": 16}])["total"] == pytest.approx(1.0325)
+    # a seconds budget stops training at the first step past it: 0.003 s = 0.6 steps of 5 ms, so 1
+    # step and 2 evaluations (its last step, and the count of the full run's formula): 5 + 5 + 5 ms
+    capped = {**spec, "cell": {"seconds": 0.003}}
+    assert est.estimate([capped], [{"delay": 16}])["total"] == pytest.approx(1.015)
+    assert est.estimate([{**spec, "cell": {"seconds": 60}}], [{"delay": 16}])["total"] == pytest.approx(1.0325)
+    # a model with no figure: counted at its seconds budget + start-up when it has one, else not
+    gru = {"run_dir": "g", "config": load_experiment(path, "cpu", tmp_path).cells[1].config}
+    both = est.estimate([capped, {**gru, "cell": {"seconds": 2.0}}], [{"delay": 16}])
+    assert both["total"] == pytest.approx(1.015 + 3.0) and both["budgeted"] == ["g"] and not both["missing"]
     assert "no figure for 1 run(s), not counted" in text and "a test box" in text
     monkeypatch.setitem(est.TABLES, "cpu", tmp_path / "none.json")
     assert "no measured step times for this device" in run_cli(
@@ -550,6 +560,23 @@ def test_shipped_gpu_scales_of_the_memory_files_fit_one_8_minute_window(tmp_path
         exp = load_experiment(SRC.parent / "experiments" / f"{name}.toml", "gpu", tmp_path)
         result = estimate(specs_of(exp), exp.eval_at)
         assert not result["missing"] and result["total"] <= 8 * 60, (name, result["total"])
+
+
+def test_a_time_budget_ends_a_run_at_any_step_with_its_evaluation_there(tmp_path, capsys):
+    # evaluations every 10,000 steps: the budget of 0.3 s must still stop the run within a few
+    # hundred steps, and its final numbers are an evaluation at the step it stopped at
+    path = write_experiment(tmp_path, seeds=[0], grid={}, budget={"steps": 10000, "seconds": 0.3},
+                            train={**TRAIN, "eval_every": 10000, "ckpt_every": 10000, "log_every": 50},
+                            models={"rnn": {"model": "rnn", "model_args": {"hidden_size": 8}}})
+    out = tmp_path / "out"
+    assert run_cli(capsys, "experiment", "run", str(path), "--out", str(out))[0] == 0
+    run = out / "tiny" / "cpu" / "rnn-seed0"
+    status = json.loads((run / "status.json").read_text())
+    assert status["state"] == "done" and status["reason"] == "time budget"
+    assert 0 < status["step"] < 10000 and status["train_seconds"] >= 0.3
+    evals = [r for r in read_metrics(run / "metrics.jsonl") if r["kind"] == "eval"]
+    assert evals[-1]["step"] == status["step"] and evals[-1]["recall"] == status["eval"]["recall"]
+    assert "skip  rnn-seed0: done" in run_cli(capsys, "experiment", "run", str(path), "--out", str(out))[1]
 
 
 def test_only_runs_the_runs_whose_names_match(tmp_path, capsys):

@@ -52,6 +52,25 @@ def test_resume_of_a_finished_shorter_run_extends_it_exactly(tmp_path):
     assert (tmp_path / "full" / "metrics.jsonl").read_bytes() == (tmp_path / "short" / "metrics.jsonl").read_bytes()
 
 
+def test_a_time_budget_stops_at_the_step_that_reaches_it_evaluated_and_checkpointed(tmp_path, monkeypatch):
+    # a fake clock that moves 1 s per call: the budget of 5.5 s runs out within a few steps, at a
+    # step that is neither an evaluation (every 4) nor a checkpoint (every 4) step of the config
+    clock = iter(range(10**6))
+    monkeypatch.setattr("matrec.train.trainer.time.perf_counter", lambda: float(next(clock)))
+    trainer = Trainer(tiny(tmp_path, "timed", steps=12, eval_every=4, ckpt_every=4))
+    summary = trainer.train(seconds=5.5)
+    stop = trainer.step
+    assert summary["status"] == "paused" and 0 < stop < 12 and stop % 4 != 0
+    assert trainer.elapsed >= 5.5
+    records = [json.loads(line) for line in (tmp_path / "timed" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert evals[-1]["step"] == stop and trainer.last_eval == {k: v for k, v in evals[-1].items()
+                                                               if k not in ("kind", "step")}
+    assert load_checkpoint(tmp_path / "timed")[0]["step"] == stop
+    with pytest.raises(ValueError, match="seconds must be a number > 0"):
+        trainer.train(seconds=0)
+
+
 def test_nan_stops_cleanly_and_keeps_the_last_good_checkpoint(tmp_path):
     trainer = Trainer(tiny(tmp_path, "nan"))
     trainer.train(until=4)                       # checkpoint at step 4

@@ -100,7 +100,10 @@ def cmd_run(args) -> int:
             print("estimated time: no measured step times for this device")
         else:
             print(f"estimated time at --jobs 1: {est['total']:,.0f} s ({est['total'] / 60:.1f} min) for the "
-                  f"whole step budgets, from the step times measured on {est['machine']} ({est['table']})"
+                  f"step budgets (capped by any seconds budget), from the step times measured on "
+                  f"{est['machine']} ({est['table']})"
+                  + (f"; no figure for {len(est['budgeted'])} run(s), counted at their seconds budget "
+                     "+ start-up, their evaluations not" if est.get("budgeted") else "")
                   + (f"; no figure for {len(est['missing'])} run(s), not counted" if est["missing"] else ""))
         return 0
     if args.ray:

@@ -4,13 +4,17 @@ A table (JSON, ``benchmarks/results/gpu_check_h200/step_times.json`` for CUDA,
 ``benchmarks/results/step_times_cpu.json`` for the CPU) gives, per model, the measured milliseconds
 of one forward+backward per timestep of the sequence, the share of that an evaluation (forward only)
 costs, and a start-up cost per run. A run's estimate is its whole step budget (a run that stops at
-its target ends sooner) plus its evaluations and its ``eval_at`` settings:
+its target ends sooner; a seconds budget caps the steps, below) plus its evaluations and its
+``eval_at`` settings:
 
     steps * T * c + n_evals * eval_batches * T * c * share
                   + sum over eval_at of eval_batches * T' * c * share + startup
 
 with ``T`` the training sequence's length and ``T'`` each ``eval_at`` setting's. The recurrences
 are sequential in time, so the cost grows with ``T`` and is taken as independent of batch and width.
+A ``seconds`` budget is checked at every step (``Trainer.train``), so ``steps`` is then at most
+the first step whose training time reaches it; a model with no figure in the table is then counted
+at its budget plus the start-up (its evaluations not counted), and listed as such.
 """
 from __future__ import annotations
 
@@ -42,30 +46,41 @@ def sequence_length(task_name: str, task_args: dict) -> int:
     return int(x.shape[1])
 
 
-def estimate_cell(config: dict, eval_at: list, table: dict) -> float | None:
-    """Seconds for one run with TrainConfig fields ``config``; None when ``table`` has no figure for
-    its model."""
+def estimate_cell(config: dict, eval_at: list, table: dict, seconds: float | None = None) -> float | None:
+    """Seconds for one run with TrainConfig fields ``config`` (and a ``seconds`` budget); None when
+    ``table`` has no figure for its model."""
     cfg = TrainConfig.from_dict(config)
     c = table["fwd_bwd_ms_per_timestep"].get(cfg.model)
     if c is None:
         return None
     share = table.get("forward_share", 1 / 3)
     T = sequence_length(cfg.task, cfg.task_args)
-    evals = math.ceil(cfg.steps / cfg.eval_every) + 1
-    ms = cfg.steps * T * c + evals * cfg.eval_batches * T * c * share
+    steps = cfg.steps
+    if seconds is not None:
+        steps = min(steps, max(1, math.ceil(seconds * 1000 / (T * c))))
+    evals = math.ceil(steps / cfg.eval_every) + 1
+    ms = steps * T * c + evals * cfg.eval_batches * T * c * share
     for options in eval_at:
         ms += cfg.eval_batches * sequence_length(cfg.task, {**cfg.task_args, **options}) * c * share
     return ms / 1000 + table.get("startup_s", 0)
 
 
 def estimate(specs: list[dict], eval_at: list) -> dict:
-    """Per run (``run_dir`` -> seconds or None) and the total at one run at a time; the table used."""
+    """Per run (``run_dir`` -> seconds or None) and the total at one run at a time; the table used;
+    ``missing``: runs not counted; ``budgeted``: runs with no figure counted at their seconds budget."""
     devices = {str(s["config"].get("device", "cpu")) for s in specs}
     device = "cuda" if any(d.startswith("cuda") for d in devices) else "cpu"
     table = load_table(device)
     if table is None:
         return {"table": None, "runs": {}, "total": None, "missing": [s["run_dir"] for s in specs]}
-    runs = {s["run_dir"]: estimate_cell(s["config"], eval_at, table) for s in specs}
+    runs, budgeted = {}, []
+    for s in specs:
+        seconds = s.get("cell", {}).get("seconds")
+        runs[s["run_dir"]] = estimate_cell(s["config"], eval_at, table, seconds)
+        if runs[s["run_dir"]] is None and seconds is not None:
+            runs[s["run_dir"]] = seconds + table.get("startup_s", 0)
+            budgeted.append(s["run_dir"])
     missing = [r for r, v in runs.items() if v is None]
     return {"table": table["path"], "machine": table.get("machine", ""), "runs": runs,
-            "total": sum(v for v in runs.values() if v is not None), "missing": missing}
+            "total": sum(v for v in runs.values() if v is not None), "missing": missing,
+            "budgeted": budgeted}

@@ -158,21 +158,26 @@ def _train_cell(trainer: Trainer, run_dir: Path, cell: dict, target, retried: di
     timing_path = run_dir / "timing.jsonl"
     timing = read_timing(timing_path, trainer.step)
     reason = "steps"
+    seconds = cell.get("seconds")
     # with a target or a time budget the runner stops at each evaluation to record the time and
-    # check them (one extra checkpoint there); without, the Trainer runs to the end in one call
-    chunk = cfg.eval_every if target is not None or cell.get("seconds") is not None else cfg.steps
+    # check the target (one extra checkpoint there); without, the Trainer runs to the end in one
+    # call. The Trainer checks the time budget at every step (and evaluates where it stops it).
+    chunk = cfg.eval_every if target is not None or seconds is not None else cfg.steps
     try:
         if not (trainer.claim() / "cell.json").exists():   # at the start: a killed run is still placed
             write_json_atomic(run_dir / "cell.json", cell)
         while trainer.step < cfg.steps:
+            if seconds is not None and trainer.elapsed >= seconds:   # (a resume of a run out of time)
+                reason = "time budget"
+                break
             until = min(cfg.steps, (trainer.step // chunk + 1) * chunk)
-            trainer.train(until)
+            trainer.train(until, seconds=seconds)
             timing.append({"step": trainer.step, "train_seconds": round(trainer.elapsed, 4)})
             timing_path.write_text("".join(json.dumps(r) + "\n" for r in timing))
             if target is not None and cell.get("stop_at_target") and target.met(trainer.last_eval):
                 reason = "target"
                 break
-            if cell.get("seconds") is not None and trainer.elapsed >= cell["seconds"]:
+            if seconds is not None and trainer.elapsed >= seconds:
                 reason = "time budget"
                 break
         # the final model at other task settings (e.g. 2x and 4x the training context); a run killed

@@ -414,24 +414,28 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
 
-    def train(self, until: int | None = None) -> dict:
-        """Train to ``until`` (default ``config.steps``); returns the summary.
+    def train(self, until: int | None = None, seconds: float | None = None) -> dict:
+        """Train to ``until`` (default ``config.steps``), or until the training seconds (summed over
+        resumes) reach ``seconds``: then the run evaluates at the step it stopped at (unless that
+        step evaluated anyway) and checkpoints there. Returns the summary.
 
         Raises :class:`NonFiniteError` on a NaN/Inf loss or gradient, after writing the summary;
         the last checkpoint is left as it was.
         """
         cfg = self.cfg
         check_int("until", until, 0, allow_none=True)
+        if seconds is not None and not (isinstance(seconds, (int, float)) and seconds > 0):
+            raise ValueError(f"seconds must be a number > 0 or None, got {seconds!r}")
         until = cfg.steps if until is None else min(until, cfg.steps)
         claimed = getattr(self, "_claimed", False)   # by claim(): kept after this call
         self._acquire_run()
         try:
-            return self._train(until)
+            return self._train(until, seconds)
         finally:
             if not claimed:
                 self._release_run()
 
-    def _train(self, until: int) -> dict:
+    def _train(self, until: int, seconds: float | None = None) -> dict:
         cfg = self.cfg
         self._open_log()
         self.model.train()
@@ -475,11 +479,12 @@ class Trainer:
                     self.log.write({"kind": "train", "step": self.step, "loss": loss_value,
                                     "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": grad_norm,
                                     **layer_norms, **orthogonality_errors(self.model)})
-                if self._logs_at("eval", self.step):
+                out_of_time = seconds is not None and self.elapsed + time.perf_counter() - t0 >= seconds
+                if self._logs_at("eval", self.step) or out_of_time:
                     self.last_eval = self.evaluate()
                     if self.log is not None:
                         self.log.write({"kind": "eval", "step": self.step, **self.last_eval})
-                if self.step % cfg.ckpt_every == 0 or self.step == until:
+                if self.step % cfg.ckpt_every == 0 or self.step == until or out_of_time:
                     # a finite loss and gradient can still step the weights to Inf/NaN (a huge lr):
                     # such weights must not replace the last good checkpoint
                     bad = next((n for n, p in self.model.named_parameters()
@@ -492,6 +497,8 @@ class Trainer:
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
+                if out_of_time:
+                    break
         finally:
             if bar is not None:
                 bar.close()
