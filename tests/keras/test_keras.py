@@ -541,7 +541,9 @@ def test_readme_snippet_trains_and_stays_orthogonal(capsys):
     block = next(b for b in re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
                  if "from matrec.keras import" in b)
     exec(compile(block, "README.md[keras]", "exec"), {})
-    assert float(capsys.readouterr().out.split()[-1]) <= 2e-6
+    # the snippet's data is random, so the figure varies from run to run: 0.9e-6-2.5e-6 seen (float32
+    # rounding); a recurrent matrix that left the orthogonal group would be off by 1e-3 and more
+    assert float(capsys.readouterr().out.split()[-1]) <= 1e-5
 
 
 def test_fit_with_plain_rmsprop_refolds_and_saves(x, tmp_path):

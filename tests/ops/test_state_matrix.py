@@ -52,7 +52,9 @@ def test_unit_determinant(name, d):
     det = torch.linalg.det(M.double())
     if name == "scaled":
         det = det.abs()
-    assert (det - 1).abs().max() < 1e-4
+    # float32 matrices: the determinant's rounding error grows with d (1.01e-4 seen for scaled, d = 16,
+    # on one CPU), while a construction that misses det 1 is off by far more than 1e-3
+    assert (det - 1).abs().max() < (1e-4 if d < 16 else 3e-4)
     if name in ("cayley_qr", "ldu", "ldu_ns"):  # these can shear: not orthogonal in general
         assert orthogonality_error(M).max() > 1e-2
 

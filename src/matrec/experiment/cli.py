@@ -52,10 +52,9 @@ def cmd_run(args) -> int:
 
     import torch
 
-    from .estimate import estimate
     from .runner import InlineBackend, LocalBackend, RayBackend, run_experiment, specs_of
     from .spec import LARGE_GRID, OPTIONAL_SCALES, SCALES, check, load_experiment
-    from .state import check_settings, inspect
+    from .state import check_settings
 
     jobs = args.jobs
     try:
@@ -90,21 +89,7 @@ def cmd_run(args) -> int:
         print(f"  matched: {exp.matching}")
     if args.dry_run:
         check_settings(specs, f"experiment file {exp.path!r}")
-        est = estimate(specs, exp.eval_at)
-        for s in specs:
-            state, detail = inspect(s["run_dir"])
-            t = est["runs"].get(s["run_dir"])
-            print(f"{state:<8} {s['run_dir']}" + ("" if t is None else f"  (est. {t:,.0f} s)")
-                  + (f"  ({detail})" if detail else ""))
-        if est["table"] is None:
-            print("estimated time: no measured step times for this device")
-        else:
-            print(f"estimated time at --jobs 1: {est['total']:,.0f} s ({est['total'] / 60:.1f} min) for the "
-                  f"step budgets (capped by any seconds budget), from the step times measured on "
-                  f"{est['machine']} ({est['table']})"
-                  + (f"; no figure for {len(est['budgeted'])} run(s), counted at their seconds budget "
-                     "+ start-up, their evaluations not" if est.get("budgeted") else "")
-                  + (f"; no figure for {len(est['missing'])} run(s), not counted" if est["missing"] else ""))
+        _print_dry_run(specs, exp)
         return 0
     if args.ray:
         backend = RayBackend(args.ray)
@@ -129,6 +114,29 @@ def cmd_run(args) -> int:
               + ", ".join(f"{Path(r['run_dir']).name} -> {r['state']}" for r in retried))
     bad = count["failed"] + count["blocked"] + count["damaged"] + sum(r["state"] != "done" for r in by_other)
     return 1 if bad else 0
+
+
+
+def _print_dry_run(specs: list[dict], exp) -> None:
+    """Each run's state and estimated time, and the total at --jobs 1 (``matrec.experiment.estimate``)."""
+    from .estimate import estimate
+    from .state import inspect
+
+    est = estimate(specs, exp.eval_at)
+    for s in specs:
+        state, detail = inspect(s["run_dir"])
+        t = est["runs"].get(s["run_dir"])
+        print(f"{state:<8} {s['run_dir']}" + ("" if t is None else f"  (est. {t:,.0f} s)")
+              + (f"  ({detail})" if detail else ""))
+    if est["table"] is None:
+        print("estimated time: no measured step times for this device")
+    else:
+        print(f"estimated time at --jobs 1: {est['total']:,.0f} s ({est['total'] / 60:.1f} min) for the "
+              f"step budgets (capped by any seconds budget), from the step times measured on "
+              f"{est['machine']} ({est['table']})"
+              + (f"; no figure for {len(est['budgeted'])} run(s), counted at their seconds budget "
+                 "+ start-up, their evaluations not" if est.get("budgeted") else "")
+              + (f"; no figure for {len(est['missing'])} run(s), not counted" if est["missing"] else ""))
 
 
 def cmd_report(args) -> int:

@@ -20,6 +20,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from ..train.context import position_eval_of_run
+from .earlier import run_key, runs_of_report
 from .spec import parse_target
 from .state import (DamagedRun, check_finished, inspect, read_cell, read_json, read_records, read_status,
                     read_timing)
@@ -101,42 +102,6 @@ def collect_runs(root: str | Path, warn=None) -> list[dict]:
             run["position"] = _position_of(run_dir, run["position_eval"])
         runs.append(run)
     return runs
-
-
-def runs_of_report(path: str | Path) -> list[dict]:
-    """The runs recorded in an earlier ``report.json`` (see the module's docstring), each marked
-    ``included`` with the file's path; :class:`ValueError` naming the file when it is no report."""
-    path = Path(path)
-    try:
-        data = read_json(path)
-    except DamagedRun as e:
-        raise ValueError(f"include: {e}") from None
-    if data is None:
-        raise ValueError(f"include: no file {str(path)!r} (expected an earlier report.json)")
-    experiments = data.get("experiments")
-    if not isinstance(experiments, list):
-        raise ValueError(f"include: {str(path)!r} has no 'experiments' list: not a report.json")
-    runs = []
-    for exp in experiments:
-        for cell in exp.get("cells", []):
-            for seed in cell.get("seeds", []):
-                runs.append({
-                    **{k: seed.get(k) for k in ("seed", "state", "reason", "step", "train_seconds",
-                                                "target_step", "target_seconds", "run_dir", "position")},
-                    "final": seed.get("final") or {}, "eval_at": seed.get("eval_at") or [],
-                    "loss_spikes": seed.get("loss_spikes") or [],
-                    "target_seconds_estimated": seed.get("target_seconds_estimated", False),
-                    "experiment": exp["name"], "scale": exp.get("scale", ""), "label": cell["label"],
-                    "swept": cell.get("swept", {}), "parameters": cell.get("parameters"),
-                    "metric": exp.get("metric", "loss"), "target": exp.get("target"),
-                    "matching": exp.get("matching", ""), "size": cell.get("size", ""),
-                    "position_eval": cell.get("position") is not None or None,
-                    "evals": seed.get("evals") or [], "train_losses": [], "included": str(path)})
-    return runs
-
-
-def _run_key(run: dict) -> tuple:
-    return (run["experiment"], run["scale"], run["label"], json.dumps(run["swept"], sort_keys=True), run["seed"])
 
 
 def _cell_of_siblings(run_dir: Path, config: dict) -> dict | None:
@@ -356,10 +321,10 @@ def write_report(root: str | Path, out: str | Path | None = None, warn=None,
     damaged run is named in report.md (and to ``warn``). ``include``: earlier report.json files
     whose runs count beside the directories' (a directory replaces the entry of its run)."""
     runs = collect_runs(root, warn)
-    live = {_run_key(r) for r in runs}
-    earlier = [r for path in include for r in runs_of_report(path) if _run_key(r) not in live]
+    live = {run_key(r) for r in runs}
+    earlier = [r for path in include for r in runs_of_report(path) if run_key(r) not in live]
     # an entry in two included reports counts once (the first file's)
-    earlier = list({_run_key(r): r for r in reversed(earlier)}.values())[::-1]
+    earlier = list({run_key(r): r for r in reversed(earlier)}.values())[::-1]
     runs += earlier
     if not runs:
         raise FileNotFoundError(f"no run directories (config.json + metrics.jsonl) under {str(root)!r}")
