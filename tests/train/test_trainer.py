@@ -67,7 +67,7 @@ def test_a_time_budget_stops_at_the_step_that_reaches_it_evaluated_and_checkpoin
     assert evals[-1]["step"] == stop and trainer.last_eval == {k: v for k, v in evals[-1].items()
                                                                if k not in ("kind", "step")}
     assert load_checkpoint(tmp_path / "timed")[0]["step"] == stop
-    with pytest.raises(ValueError, match="seconds must be a number > 0"):
+    with pytest.raises(ValueError, match="seconds must be a finite number > 0"):
         trainer.train(seconds=0)
 
 

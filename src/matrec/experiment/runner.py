@@ -167,7 +167,8 @@ def _train_cell(trainer: Trainer, run_dir: Path, cell: dict, target, retried: di
         if not (trainer.claim() / "cell.json").exists():   # at the start: a killed run is still placed
             write_json_atomic(run_dir / "cell.json", cell)
         while trainer.step < cfg.steps:
-            if seconds is not None and trainer.elapsed >= seconds:   # (a resume of a run out of time)
+            # out of time after a chunk, or on resuming a run killed after it ran out
+            if seconds is not None and trainer.elapsed >= seconds:
                 reason = "time budget"
                 break
             until = min(cfg.steps, (trainer.step // chunk + 1) * chunk)
@@ -176,9 +177,6 @@ def _train_cell(trainer: Trainer, run_dir: Path, cell: dict, target, retried: di
             timing_path.write_text("".join(json.dumps(r) + "\n" for r in timing))
             if target is not None and cell.get("stop_at_target") and target.met(trainer.last_eval):
                 reason = "target"
-                break
-            if seconds is not None and trainer.elapsed >= seconds:
-                reason = "time budget"
                 break
         # the final model at other task settings (e.g. 2x and 4x the training context); a run killed
         # here stays partial and its resume, at the last step already, only evaluates

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ..checks import check_int
+from ..checks import check_int, check_real
 from ..data.tasks import build_task
 from ..models import build_model, num_parameters
 from ..nn.mornn_training import orthogonality_report
@@ -424,8 +424,7 @@ class Trainer:
         """
         cfg = self.cfg
         check_int("until", until, 0, allow_none=True)
-        if seconds is not None and not (isinstance(seconds, (int, float)) and seconds > 0):
-            raise ValueError(f"seconds must be a number > 0 or None, got {seconds!r}")
+        seconds = check_real("seconds", seconds, minimum=0, open_min=True, allow_none=True)
         until = cfg.steps if until is None else min(until, cfg.steps)
         claimed = getattr(self, "_claimed", False)   # by claim(): kept after this call
         self._acquire_run()
