@@ -226,6 +226,10 @@ def test_report_includes_an_earlier_report_for_runs_whose_directories_are_gone(t
     again = write_report(second, tmp_path / "again", include=[tmp_path / "report1" / "report.json"])
     assert all(c["runs"] == 1 for c in again["json"]["experiments"][0]["cells"])
     assert "read from an earlier report" not in again["markdown"]
+    # and a run held by two included reports counts once
+    twice = write_report(second, tmp_path / "twice", include=[tmp_path / "report0" / "report.json",
+                                                               tmp_path / "merged" / "report.json"])
+    assert all(c["runs"] == 2 for c in twice["json"]["experiments"][0]["cells"])
 
     (tmp_path / "bad.json").write_text("[1, 2]")
     status = cli.main(["experiment", "report", str(second), "--include", str(tmp_path / "bad.json")])

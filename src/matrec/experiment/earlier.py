@@ -38,7 +38,7 @@ def runs_of_report(path: str | Path) -> list[dict]:
                     "swept": cell.get("swept", {}), "parameters": cell.get("parameters"),
                     "metric": exp.get("metric", "loss"), "target": exp.get("target"),
                     "matching": exp.get("matching", ""), "size": cell.get("size", ""),
-                    "position_eval": cell.get("position") is not None or None,
+                    "position_eval": cell.get("position") is not None,
                     "evals": seed.get("evals") or [], "train_losses": [], "included": str(path)})
     return runs
 

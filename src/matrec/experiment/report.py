@@ -321,11 +321,12 @@ def write_report(root: str | Path, out: str | Path | None = None, warn=None,
     damaged run is named in report.md (and to ``warn``). ``include``: earlier report.json files
     whose runs count beside the directories' (a directory replaces the entry of its run)."""
     runs = collect_runs(root, warn)
-    live = {run_key(r) for r in runs}
-    earlier = [r for path in include for r in runs_of_report(path) if run_key(r) not in live]
-    # an entry in two included reports counts once (the first file's)
-    earlier = list({run_key(r): r for r in reversed(earlier)}.values())[::-1]
-    runs += earlier
+    seen = {run_key(r) for r in runs}
+    for path in include:   # a run counts once: its directory first, else the first file holding it
+        for r in runs_of_report(path):
+            if run_key(r) not in seen:
+                seen.add(run_key(r))
+                runs.append(r)
     if not runs:
         raise FileNotFoundError(f"no run directories (config.json + metrics.jsonl) under {str(root)!r}")
     out = Path(out or root)
