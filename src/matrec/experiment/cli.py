@@ -116,7 +116,6 @@ def cmd_run(args) -> int:
     return 1 if bad else 0
 
 
-
 def _print_dry_run(specs: list[dict], exp) -> None:
     """Each run's state and estimated time, and the total at --jobs 1 (``matrec.experiment.estimate``)."""
     from .estimate import estimate
