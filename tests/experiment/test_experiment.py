@@ -1,4 +1,5 @@
 """`matrec experiment run | report` end to end on tiny grids (a few steps per run)."""
+import fnmatch
 import io
 import json
 import os
@@ -17,7 +18,7 @@ from matrec.experiment.spec import ExperimentError, check, load_experiment
 from matrec.train import Trainer, TrainConfig
 from matrec.train.checkpoint import load_checkpoint, load_model_weights
 from matrec.train.rundir import read_metrics
-from support import SRC, kill_after_first_checkpoint
+from support import SHAKESPEARE_FILE, SRC, kill_after_first_checkpoint
 
 TRAIN = {"batch_size": 8, "eval_every": 2, "eval_batches": 1, "log_every": 1, "ckpt_every": 2, "threads": 1}
 
@@ -565,6 +566,27 @@ def test_shipped_gpu_scales_of_the_memory_files_fit_one_8_minute_window(tmp_path
         exp = load_experiment(SRC.parent / "experiments" / f"{name}.toml", "gpu", tmp_path)
         result = estimate(specs_of(exp), exp.eval_at)
         assert not result["missing"] and result["total"] <= 8 * 60, (name, result["total"])
+
+
+@pytest.mark.skipif(not SHAKESPEARE_FILE.exists(), reason="needs the tiny-shakespeare file")
+def test_gpu_scale_of_the_long_ablation_fits_8_minutes_and_the_sweeps_pieces_do(tmp_path, monkeypatch):
+    from matrec.experiment.estimate import estimate
+    from matrec.experiment.runner import specs_of
+    monkeypatch.setenv("MATREC_SHAKESPEARE", str(SHAKESPEARE_FILE))
+    exp = load_experiment(SRC.parent / "experiments" / "mru_ablation_long.toml", "gpu", tmp_path)
+    result = estimate(specs_of(exp), exp.eval_at)
+    assert len(result["runs"]) == 9 and not result["missing"] and result["total"] <= 8 * 60, result["total"]
+    # the sweep's 70 runs do not fit one window; the four pieces its header names each do
+    sweep = load_experiment(SRC.parent / "experiments" / "mru_ablation_sweep.toml", "gpu", tmp_path)
+    specs = specs_of(sweep)
+    pieces = ["mru-identity-*,mru-scaled-*", "mru-ldu-*", "mru-cayley_qr-*,mru-cayley-*", "mru-expm-*,attn,mlp"]
+    covered = set()
+    for piece in pieces:
+        chosen = [s for s in specs if any(s["cell"]["label"] == p or fnmatch.fnmatchcase(Path(s["run_dir"]).name, p)
+                                          for p in piece.split(","))]
+        covered |= {s["run_dir"] for s in chosen}
+        assert estimate(chosen, sweep.eval_at)["total"] <= 8 * 60, piece
+    assert covered == {s["run_dir"] for s in specs}
 
 
 def test_a_time_budget_ends_a_run_at_any_step_with_its_evaluation_there(tmp_path, capsys):
