@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from matrec import cli
+from matrec.experiment.paired import cell_name
 from matrec.experiment.report import loss_spikes, write_report
 from matrec.experiment.runner import RayBackend, _result_of, run_experiment, run_state
 from matrec.experiment.spec import ExperimentError, check, load_experiment
@@ -148,6 +149,13 @@ def test_report_tables_json_and_plots_from_run_directories_alone(tmp_path, capsy
     per_step = [1000 * seed["train_seconds"] / seed["step"] for seed in cell["seeds"]]
     assert cell["step_ms"]["mean"] == pytest.approx(statistics.fmean(per_step)) and "| ms / step |" in text
     assert "| rnn | 5 | 737 | 2/2 |" in text and "not reached" in text and "± " in text
+    # each cell minus the best cell (recall: the highest mean), seed by seed, in report.json and .md
+    finals = {cell_name(c): {s["seed"]: s["final"]["recall"] for s in c["seeds"]} for c in tiny["cells"]}
+    best = max(finals, key=lambda name: statistics.fmean(finals[name].values()))
+    assert tiny["paired"]["reference"] == best and len(tiny["paired"]["rows"]) == 3
+    for row in tiny["paired"]["rows"]:
+        assert row["differences"] == pytest.approx({str(s): finals[row["cell"]][s] - finals[best][s] for s in (0, 1)})
+    assert f"recall minus {best}'s (the best mean)" in text
     for name in ("tiny-cpu-recall.png", "tiny-cpu-curves.png", "stop-cpu-curves.png"):
         assert (moved / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from ..train.context import position_eval_of_run
 from .earlier import run_key, runs_of_report
+from .paired import paired_differences, paired_section
 from .spec import parse_target
 from .state import (DamagedRun, check_finished, inspect, read_cell, read_json, read_records, read_status,
                     read_timing)
@@ -342,6 +343,8 @@ def write_report(root: str | Path, out: str | Path | None = None, warn=None,
         if sizes:
             md += ["Sizes as stated in the file: " + "; ".join(f"{k}: {v}" for k, v in sizes.items()), ""]
         md += [table(exp), ""]
+        exp["paired"] = paired_differences(exp)
+        md += paired_section(exp["paired"])
         included = [r for r in exp["_runs"] if r.get("included")]
         if included:
             sources = ", ".join(sorted({r["included"] for r in included}))
