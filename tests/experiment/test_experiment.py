@@ -577,13 +577,14 @@ def test_shipped_gpu_scales_of_the_memory_files_fit_one_8_minute_window(tmp_path
 
 
 @pytest.mark.skipif(not SHAKESPEARE_FILE.exists(), reason="needs the tiny-shakespeare file")
-def test_gpu_scale_of_the_long_ablation_fits_8_minutes_and_the_sweeps_pieces_do(tmp_path, monkeypatch):
+def test_gpu_scales_of_the_mru_files_fit_8_minutes_and_the_sweeps_pieces_do(tmp_path, monkeypatch):
     from matrec.experiment.estimate import estimate
     from matrec.experiment.runner import specs_of
     monkeypatch.setenv("MATREC_SHAKESPEARE", str(SHAKESPEARE_FILE))
-    exp = load_experiment(SRC.parent / "experiments" / "mru_ablation_long.toml", "gpu", tmp_path)
-    result = estimate(specs_of(exp), exp.eval_at)
-    assert len(result["runs"]) == 9 and not result["missing"] and result["total"] <= 8 * 60, result["total"]
+    for name, runs in (("mru_ablation_long", 9), ("mru_ablation", 11), ("mru_bounded", 5), ("mru_shakespeare", 3)):
+        exp = load_experiment(SRC.parent / "experiments" / f"{name}.toml", "gpu", tmp_path)
+        result = estimate(specs_of(exp), exp.eval_at)
+        assert len(result["runs"]) == runs and not result["missing"] and result["total"] <= 8 * 60, name
     # the sweep's 70 runs do not fit one window; the four pieces its header names each do
     sweep = load_experiment(SRC.parent / "experiments" / "mru_ablation_sweep.toml", "gpu", tmp_path)
     specs = specs_of(sweep)
