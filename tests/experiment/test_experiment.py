@@ -156,6 +156,14 @@ def test_report_tables_json_and_plots_from_run_directories_alone(tmp_path, capsy
     for row in tiny["paired"]["rows"]:
         assert row["differences"] == pytest.approx({str(s): finals[row["cell"]][s] - finals[best][s] for s in (0, 1)})
     assert f"recall minus {best}'s (the best mean)" in text
+    # --pair tables the pairs named; a name that is no cell is refused, naming it
+    status, text = run_cli(capsys, "experiment", "report", str(moved), "--pair", "rnn delay=5:gru delay=5")
+    reported = json.loads((moved / "report.json").read_text())["experiments"]
+    pair = next(e for e in reported if e["name"] == "tiny")["pairs"]
+    assert status == 0 and "| rnn delay=5 − gru delay=5 |" in text and pair[0]["differences"] == pytest.approx(
+        {str(s): finals["rnn delay=5"][s] - finals["gru delay=5"][s] for s in (0, 1)})
+    assert cli.main(["experiment", "report", str(moved), "--pair", "rnn delay=5:lstm"]) == 2
+    assert "--pair names ['lstm'], not cells of this report" in capsys.readouterr().err
     for name in ("tiny-cpu-recall.png", "tiny-cpu-curves.png", "stop-cpu-curves.png"):
         assert (moved / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

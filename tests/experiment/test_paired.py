@@ -1,6 +1,7 @@
 import pytest
 
-from matrec.experiment.paired import cell_name, paired_differences, paired_section
+from matrec.experiment.paired import (cell_name, named_pairs, paired_differences, paired_section, pairs_section,
+                                     parse_pair)
 
 
 def _cell(label, values, swept=None, metric="loss", failed=()):
@@ -46,3 +47,18 @@ def test_a_metric_where_higher_is_better_picks_the_highest_and_an_unknown_one_no
 def test_cell_names_carry_the_swept_values():
     assert cell_name({"label": "mru", "swept": {"train.lr": 0.004, "task_args.delay": 100}}) == "mru delay=100 lr=0.004"
     assert cell_name({"label": "gru", "swept": {"model_args.mode": "fast"}}) == "gru mode=fast"
+
+
+def test_named_pairs_seed_by_seed_and_their_errors():
+    exp = {"metric": "loss", "cells": [_cell("a", {0: 2.0, 1: 2.5, 2: 2.1}),
+                                       _cell("b", {0: 1.9, 1: 2.3}, swept={"train.lr": 0.002})]}
+    rows = named_pairs(exp, [("a", "b lr=0.002"), ("b lr=0.002", "a"), ("a", "missing")])
+    assert [(r["a"], r["b"]) for r in rows] == [("a", "b lr=0.002"), ("b lr=0.002", "a")]
+    assert rows[0]["differences"] == pytest.approx({0: 0.1, 1: 0.2}) and rows[0]["mean"] == pytest.approx(0.15)
+    assert rows[1]["mean"] == pytest.approx(-0.15)
+    text = "\n".join(pairs_section("loss", rows))
+    assert "| a − b lr=0.002 | +0.1000 | +0.2000 | +0.1500 |" in text
+    assert parse_pair(" mru-identity : mru-scaled ") == ("mru-identity", "mru-scaled")
+    for bad in ("mru-identity", "a:b:c", ":b"):
+        with pytest.raises(ValueError, match="--pair must read A:B"):
+            parse_pair(bad)

@@ -40,6 +40,9 @@ def add_parser(sub) -> None:
     r.add_argument("--include", metavar="REPORT_JSON", action="append", default=[],
                    help="an earlier report.json whose runs count too (final numbers, no training curves), "
                    "for runs whose directories are gone; a run directory replaces its entry; repeatable")
+    r.add_argument("--pair", metavar="A:B", action="append", default=[],
+                   help="also table A's final metric minus B's, seed by seed (cell names as the paired table "
+                   "prints them, e.g. 'mru-identity:mru-scaled'); repeatable")
     r.set_defaults(func=cmd_report)
 
 
@@ -142,9 +145,11 @@ def cmd_report(args) -> int:
     from .report import write_report
 
     import sys
+    from .paired import parse_pair
     try:
+        pairs = [parse_pair(p) for p in args.pair]
         result = write_report(args.dir, args.out, warn=lambda line: print(line, file=sys.stderr),
-                              include=args.include)
+                              include=args.include, pairs=pairs)
     except ValueError as e:
         print(f"matrec experiment report: {e}", file=sys.stderr)
         return 2

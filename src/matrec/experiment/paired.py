@@ -51,6 +51,44 @@ def paired_differences(exp: dict) -> dict | None:
     return {"metric": metric, "reference": best, "rows": rows}
 
 
+def named_pairs(exp: dict, pairs: list[tuple[str, str]]) -> list[dict]:
+    """``A − B`` per shared seed for each named pair of cells (names as :func:`cell_name` gives them)
+    present in ``exp``; a pair naming a cell that ``exp`` lacks is left out."""
+    values = {cell_name(c): _per_seed(c, exp["metric"]) for c in exp["cells"]}
+    rows = []
+    for a, b in pairs:
+        if a not in values or b not in values:
+            continue
+        shared = sorted(set(values[a]) & set(values[b]))
+        diffs = {seed: values[a][seed] - values[b][seed] for seed in shared}
+        rows.append({"a": a, "b": b, "differences": diffs,
+                     "mean": statistics.fmean(diffs.values()) if diffs else None})
+    return rows
+
+
+def pairs_section(metric: str, rows: list[dict]) -> list[str]:
+    """report.md lines for :func:`named_pairs`."""
+    if not rows:
+        return []
+    seeds = sorted({s for r in rows for s in r["differences"]})
+    lines = [f"Named pairs: A's {metric} minus B's, on the same seed:", "",
+             "| A − B | " + " | ".join(f"seed {s}" for s in seeds) + " | mean |", "|" + "---|" * (len(seeds) + 2)]
+    for r in rows:
+        cells = [f"{r['differences'][s]:+.4f}" if s in r["differences"] else "-" for s in seeds]
+        mean = "-" if r["mean"] is None else f"{r['mean']:+.4f}"
+        lines.append(f"| {r['a']} − {r['b']} | " + " | ".join(cells) + f" | {mean} |")
+    return lines + [""]
+
+
+def parse_pair(text: str) -> tuple[str, str]:
+    """``"A:B"`` (two cell names) -> ``("A", "B")``."""
+    parts = [p.strip() for p in str(text).split(":")]
+    if len(parts) != 2 or not all(parts):
+        raise ValueError(f"--pair must read A:B with two cell names (a label, then any swept values as "
+                         f"'lr=0.001'), got {text!r}")
+    return parts[0], parts[1]
+
+
 def paired_section(paired: dict | None) -> list[str]:
     """report.md lines for :func:`paired_differences` (none when it is None)."""
     if not paired or not paired["rows"]:

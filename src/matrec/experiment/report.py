@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ..train.context import position_eval_of_run
 from .earlier import run_key, runs_of_report
-from .paired import paired_differences, paired_section
+from .paired import cell_name, named_pairs, paired_differences, paired_section, pairs_section
 from .spec import parse_target
 from .state import (DamagedRun, check_finished, inspect, read_cell, read_json, read_records, read_status,
                     read_timing)
@@ -317,10 +317,11 @@ def table(exp: dict) -> str:
 
 
 def write_report(root: str | Path, out: str | Path | None = None, warn=None,
-                 include: list[str | Path] = ()) -> dict:
+                 include: list[str | Path] = (), pairs: list[tuple[str, str]] = ()) -> dict:
     """Write ``report.md``, ``report.json`` and the plots into ``out`` (default ``root``); each
     damaged run is named in report.md (and to ``warn``). ``include``: earlier report.json files
-    whose runs count beside the directories' (a directory replaces the entry of its run)."""
+    whose runs count beside the directories' (a directory replaces the entry of its run). ``pairs``:
+    (A, B) cell names whose per-seed differences A − B are tabled too."""
     runs = collect_runs(root, warn)
     seen = {run_key(r) for r in runs}
     for path in include:   # a run counts once: its directory first, else the first file holding it
@@ -333,6 +334,10 @@ def write_report(root: str | Path, out: str | Path | None = None, warn=None,
     out = Path(out or root)
     out.mkdir(parents=True, exist_ok=True)
     experiments = summarise(runs)
+    names = {cell_name(c) for exp in experiments for c in exp["cells"]}
+    unknown = sorted({n for pair in pairs for n in pair} - names)
+    if unknown:
+        raise ValueError(f"--pair names {unknown}, not cells of this report; its cells: {sorted(names)}")
     md, plots = [], []
     for exp in experiments:
         title = exp["name"] + (f" ({exp['scale']} scale)" if exp["scale"] else "")
@@ -345,6 +350,8 @@ def write_report(root: str | Path, out: str | Path | None = None, warn=None,
         md += [table(exp), ""]
         exp["paired"] = paired_differences(exp)
         md += paired_section(exp["paired"])
+        exp["pairs"] = named_pairs(exp, pairs)
+        md += pairs_section(exp["metric"], exp["pairs"])
         included = [r for r in exp["_runs"] if r.get("included")]
         if included:
             sources = ", ".join(sorted({r["included"] for r in included}))
