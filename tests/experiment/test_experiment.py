@@ -574,14 +574,38 @@ def test_dry_run_estimates_each_run_from_measured_step_times(tmp_path, capsys, m
         capsys, "experiment", "run", str(path), "--out", str(tmp_path / "out"), "--dry-run")[1]
 
 
+def _assert_pieces_fit_and_cover(name, pieces, tmp_path):
+    """The gpu scale of experiments/<name>.toml run as `--only` pieces (each a comma-separated selection
+    as the file's header names it): every piece fits one 8-minute window and together they cover every run."""
+    from matrec.experiment.estimate import estimate
+    from matrec.experiment.runner import specs_of
+    exp = load_experiment(SRC.parent / "experiments" / f"{name}.toml", "gpu", tmp_path)
+    specs = specs_of(exp)
+    covered = set()
+    for piece in pieces:
+        chosen = [s for s in specs if any(s["cell"]["label"] == p or fnmatch.fnmatchcase(Path(s["run_dir"]).name, p)
+                                          for p in piece.split(","))]
+        covered |= {s["run_dir"] for s in chosen}
+        result = estimate(chosen, exp.eval_at)
+        assert chosen and not result["missing"] and result["total"] <= 8 * 60, (name, piece, result["total"])
+    assert covered == {s["run_dir"] for s in specs}, name
+
+
 def test_shipped_gpu_scales_of_the_memory_files_fit_one_8_minute_window(tmp_path):
     from matrec.experiment.estimate import estimate
     from matrec.experiment.runner import specs_of
     # (the long-memory designs' models without a measured step time count at their seconds budget)
-    for name in ("memory_long_delay", "memory_variable_delay", "forecast_regime", "stdlib_documents"):
+    for name in ("memory_long_delay", "memory_variable_delay", "forecast_regime", "stdlib_documents",
+                 "attention_copy", "forecast_long_horizon", "memory_horizon", "training_time_adding",
+                 "training_time_copy"):
         exp = load_experiment(SRC.parent / "experiments" / f"{name}.toml", "gpu", tmp_path)
         result = estimate(specs_of(exp), exp.eval_at)
         assert not result["missing"] and result["total"] <= 8 * 60, (name, result["total"])
+    # the sweeps with too many runs for one window: the pieces their headers name each fit
+    _assert_pieces_fit_and_cover("memory_lr_sweep", ["mornn,lstm,lstm_fb1,lstm_chrono,gru", "attn,txl", "mamba,lru"],
+                                 tmp_path)
+    _assert_pieces_fit_and_cover("forecast_regime_lr", ["mornn,mru,linear_ar", "lstm,gru,txl,window"], tmp_path)
+    _assert_pieces_fit_and_cover("stdlib_documents_lr", ["mornn,lstm,gru", "mru,mru-direction,txl,window"], tmp_path)
 
 
 @pytest.mark.skipif(not SHAKESPEARE_FILE.exists(), reason="needs the tiny-shakespeare file")
@@ -589,21 +613,15 @@ def test_gpu_scales_of_the_mru_files_fit_8_minutes_and_the_sweeps_pieces_do(tmp_
     from matrec.experiment.estimate import estimate
     from matrec.experiment.runner import specs_of
     monkeypatch.setenv("MATREC_SHAKESPEARE", str(SHAKESPEARE_FILE))
-    for name, runs in (("mru_ablation_long", 9), ("mru_ablation", 11), ("mru_bounded", 5), ("mru_shakespeare", 3)):
+    for name, runs in (("mru_ablation_long", 9), ("mru_ablation", 11), ("mru_bounded", 5), ("mru_shakespeare", 3),
+                       ("mru_rotary", 3), ("mru_rotary_long", 3), ("long_context_lm", 5)):
         exp = load_experiment(SRC.parent / "experiments" / f"{name}.toml", "gpu", tmp_path)
         result = estimate(specs_of(exp), exp.eval_at)
         assert len(result["runs"]) == runs and not result["missing"] and result["total"] <= 8 * 60, name
-    # the sweep's 70 runs do not fit one window; the four pieces its header names each do
-    sweep = load_experiment(SRC.parent / "experiments" / "mru_ablation_sweep.toml", "gpu", tmp_path)
-    specs = specs_of(sweep)
-    pieces = ["mru-identity-*,mru-scaled-*", "mru-ldu-*", "mru-cayley_qr-*,mru-cayley-*", "mru-expm-*,attn,mlp"]
-    covered = set()
-    for piece in pieces:
-        chosen = [s for s in specs if any(s["cell"]["label"] == p or fnmatch.fnmatchcase(Path(s["run_dir"]).name, p)
-                                          for p in piece.split(","))]
-        covered |= {s["run_dir"] for s in chosen}
-        assert estimate(chosen, sweep.eval_at)["total"] <= 8 * 60, piece
-    assert covered == {s["run_dir"] for s in specs}
+    # the sweeps' runs do not fit one window; the pieces their headers name each do
+    sweep_pieces = ["mru-identity-*,mru-scaled-*", "mru-ldu-*", "mru-cayley_qr-*,mru-cayley-*", "mru-expm-*,attn,mlp"]
+    _assert_pieces_fit_and_cover("mru_ablation_sweep", sweep_pieces, tmp_path)
+    _assert_pieces_fit_and_cover("passkey_retrieval_lr", ["mornn,mru,mru-fanin", "lstm,gru,txl,window"], tmp_path)
 
 
 def test_a_time_budget_ends_a_run_at_any_step_with_its_evaluation_there(tmp_path, capsys):
