@@ -1,6 +1,6 @@
 """Paired differences between a report's cells, seed by seed.
 
-Seed ``s`` gives every model of an experiment the same batches, so much of the seed-to-seed spread
+Seed ``s`` gives every model of an experiment the same batches, so much of the spread between seeds
 is shared: one seed is harder for all of them. The difference between two models on the same seed
 removes that shared part, and a difference with the same sign on every seed is a sharper result
 than two means whose ± overlap. Each cell is compared with the experiment's best cell (by mean).
