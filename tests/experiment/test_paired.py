@@ -17,6 +17,7 @@ def test_each_cell_minus_the_best_cell_seed_by_seed():
         _cell("c", {0: 1.8, 1: 2.4, 2: 2.2}),                              # better on seed 0 only
         _cell("d", {0: 1.0}),                                              # one seed: no pairs
         _cell("e", {0: 2.2, 1: 2.2}, failed=[2]),                          # seeds 0 and 1 only
+        _cell("f", {None: 0.5, 0: 0.5}),                                   # no seed: pairs with nothing
     ]}
     paired = paired_differences(exp)
     assert paired["reference"] == "b lr=0.002"

@@ -22,8 +22,9 @@ def cell_name(cell: dict) -> str:
 
 
 def _per_seed(cell: dict, metric: str) -> dict:
+    # (a run made without a seed, e.g. a plain `matrec train` run, pairs with nothing)
     return {s["seed"]: s["final"][metric] for s in cell["seeds"]
-            if s["state"] == "done" and s["final"].get(metric) is not None}
+            if s["state"] == "done" and s["seed"] is not None and s["final"].get(metric) is not None}
 
 
 def paired_differences(exp: dict) -> dict | None:
