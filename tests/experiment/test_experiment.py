@@ -1,5 +1,4 @@
 """`matrec experiment run | report` end to end on tiny grids (a few steps per run)."""
-import fnmatch
 import io
 import json
 import os
@@ -583,8 +582,8 @@ def _assert_pieces_fit_and_cover(name, pieces, tmp_path):
     specs = specs_of(exp)
     covered = set()
     for piece in pieces:
-        chosen = [s for s in specs if any(s["cell"]["label"] == p or fnmatch.fnmatchcase(Path(s["run_dir"]).name, p)
-                                          for p in piece.split(","))]
+        names = {c.name for c in exp.cells_matching(piece.split(","))}   # as --only picks them
+        chosen = [s for s in specs if Path(s["run_dir"]).name in names]
         covered |= {s["run_dir"] for s in chosen}
         result = estimate(chosen, exp.eval_at)
         assert chosen and not result["missing"] and result["total"] <= 8 * 60, (name, piece, result["total"])

@@ -51,7 +51,6 @@ def main(args) -> int:
 
 
 def cmd_run(args) -> int:
-    import fnmatch
 
     import torch
 
@@ -70,8 +69,7 @@ def cmd_run(args) -> int:
     if args.only:
         wanted = [w.strip() for arg in args.only for w in arg.split(",") if w.strip()]
         known = list(dict.fromkeys(c.label for c in exp.cells))
-        chosen = [c for c in exp.cells
-                  if any(c.label == w or fnmatch.fnmatchcase(c.name, w) for w in wanted)]
+        chosen = exp.cells_matching(wanted)
         if not chosen:
             raise ValueError(f"--only must name model labels of {exp.path!r} ({known}) or patterns of its "
                              f"run names, got {args.only!r}")

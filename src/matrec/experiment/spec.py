@@ -7,6 +7,7 @@ one model's size at that scale only). docs/experiments.md lists every key.
 from __future__ import annotations
 
 import collections
+import fnmatch
 import functools
 import itertools
 import json
@@ -111,6 +112,10 @@ class Experiment:
     position_eval: dict | None = None   # {"bins": [...], "rows": int | None}: the report's loss by position
     cells: list[Cell] = field(default_factory=list)
     parameters: dict = field(default_factory=dict)   # label -> count, filled by check()
+
+    def cells_matching(self, selection: list[str]) -> list[Cell]:
+        """The cells ``--only`` picks: a model label, or a shell pattern of the run's name."""
+        return [c for c in self.cells if any(c.label == w or fnmatch.fnmatchcase(c.name, w) for w in selection)]
 
     def cell_info(self, cell: Cell) -> dict:
         """What a run directory records about its place in the experiment (``cell.json``)."""
