@@ -51,7 +51,6 @@ def main(args) -> int:
 
 
 def cmd_run(args) -> int:
-
     import torch
 
     from .runner import InlineBackend, LocalBackend, RayBackend, run_experiment, specs_of
