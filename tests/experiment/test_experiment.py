@@ -573,6 +573,16 @@ def test_dry_run_estimates_each_run_from_measured_step_times(tmp_path, capsys, m
         capsys, "experiment", "run", str(path), "--out", str(tmp_path / "out"), "--dry-run")[1]
 
 
+def test_an_unmeasured_model_takes_the_figure_of_the_model_that_bounds_it():
+    from matrec.experiment.estimate import figure
+    table = {"fwd_bwd_ms_per_timestep": {"big": 0.5, "ablation-mru-ldu": 0.1},
+             "bounded_by": {"ablation-mru-*": "big", "orphan": "not-measured"}}
+    assert figure(table, "ablation-mru-ldu") == 0.1          # its own figure first
+    assert figure(table, "ablation-mru-expm") == 0.5         # else the bound's
+    assert figure(table, "orphan") is None and figure(table, "gru") is None
+    assert figure({"fwd_bwd_ms_per_timestep": {"gru": 0.2}}, "gru") == 0.2   # tables without bounds
+
+
 def _assert_pieces_fit_and_cover(name, pieces, tmp_path):
     """The gpu scale of experiments/<name>.toml run as `--only` pieces (each a comma-separated selection
     as the file's header names it): every piece fits one 8-minute window and together they cover every run."""

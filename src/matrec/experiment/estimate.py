@@ -2,7 +2,8 @@
 
 A table (JSON, ``benchmarks/results/gpu_check_h200/step_times.json`` for CUDA,
 ``benchmarks/results/step_times_cpu.json`` for the CPU) gives, per model, the measured milliseconds
-of one forward+backward per timestep of the sequence, the share of that an evaluation (forward only)
+of one forward+backward per timestep of the sequence (``bounded_by`` may give an unmeasured model the
+figure of a larger measured one), the share of that an evaluation (forward only)
 costs, and a start-up cost per run. A run's estimate is its whole step budget (a run that stops at
 its target ends sooner; a seconds budget caps the steps, below) plus its evaluations and its
 ``eval_at`` settings:
@@ -18,6 +19,7 @@ at its budget plus the start-up (its evaluations not counted), and listed as suc
 """
 from __future__ import annotations
 
+import fnmatch
 import json
 import math
 from pathlib import Path
@@ -40,6 +42,17 @@ def load_table(device: str) -> dict | None:
     return {**json.loads(path.read_text()), "path": str(path)}
 
 
+def figure(table: dict, model: str) -> float | None:
+    """The table's ms per timestep for ``model``: its own measured figure, else that of the measured
+    model its ``bounded_by`` entry names (a shell pattern of model names -> a model of the table: an
+    unmeasured model taken at a larger one's cost), else None."""
+    figures = table["fwd_bwd_ms_per_timestep"]
+    if model in figures:
+        return figures[model]
+    bound = next((m for pattern, m in table.get("bounded_by", {}).items() if fnmatch.fnmatchcase(model, pattern)), None)
+    return figures.get(bound)
+
+
 def sequence_length(task_name: str, task_args: dict) -> int:
     """Steps of one sequence of the task (one validation batch of one row, built and measured)."""
     x, _ = build_task(task_name, **task_args).get_batch("val", 1, torch.Generator().manual_seed(0))
@@ -50,7 +63,7 @@ def estimate_cell(config: dict, eval_at: list, table: dict, seconds: float | Non
     """Seconds for one run with TrainConfig fields ``config`` (and a ``seconds`` budget); None when
     ``table`` has no figure for its model."""
     cfg = TrainConfig.from_dict(config)
-    c = table["fwd_bwd_ms_per_timestep"].get(cfg.model)
+    c = figure(table, cfg.model)
     if c is None:
         return None
     share = table.get("forward_share", 1 / 3)
