@@ -27,6 +27,11 @@ def _per_seed(cell: dict, metric: str) -> dict:
             if s["state"] == "done" and s["seed"] is not None and s["final"].get(metric) is not None}
 
 
+def _differences(a: dict, b: dict) -> dict:
+    """seed -> a's value minus b's, over the seeds both have."""
+    return {seed: a[seed] - b[seed] for seed in sorted(set(a) & set(b))}
+
+
 def paired_differences(exp: dict) -> dict | None:
     """Each cell minus the best cell, per shared seed (``exp``: one experiment of ``summarise``).
     None when the metric's direction is unknown or fewer than two cells have two or more seeds."""
@@ -42,10 +47,9 @@ def paired_differences(exp: dict) -> dict | None:
     sign = 1 if metric in LOWER_IS_BETTER else -1   # sign * difference < 0: better than the reference
     rows = []
     for name, v in values.items():
-        shared = sorted(set(v) & set(values[best]))
-        if name == best or len(shared) < 2:
+        diffs = _differences(v, values[best])
+        if name == best or len(diffs) < 2:
             continue
-        diffs = {seed: v[seed] - values[best][seed] for seed in shared}
         rows.append({"cell": name, "differences": diffs, "mean": statistics.fmean(diffs.values()),
                      "seeds_better": sum(sign * d < 0 for d in diffs.values()), "seeds": len(diffs)})
     rows.sort(key=lambda r: sign * r["mean"])
@@ -60,8 +64,7 @@ def named_pairs(exp: dict, pairs: list[tuple[str, str]]) -> list[dict]:
     for a, b in pairs:
         if a not in values or b not in values:
             continue
-        shared = sorted(set(values[a]) & set(values[b]))
-        diffs = {seed: values[a][seed] - values[b][seed] for seed in shared}
+        diffs = _differences(values[a], values[b])
         rows.append({"a": a, "b": b, "differences": diffs,
                      "mean": statistics.fmean(diffs.values()) if diffs else None})
     return rows
